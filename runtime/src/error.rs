@@ -1,0 +1,253 @@
+//! The one error type of multiproc, and its `Result` alias.
+//!
+//! Every variant says what happened in words a user can act on: a child's
+//! panic message, a dead worker's pid and signal, which function was not
+//! registered. Queue and Pipe operations that hand the item back use their
+//! own small error enums (see [`crate::queue`]); everything else returns
+//! [`Result<T>`].
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+/// `Result<T, multiproc::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong in a multiproc operation.
+///
+/// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
+/// `_` arm. [`Error::is_timeout`], [`Error::is_disconnected`] and
+/// [`Error::panic_message`] answer the common questions without a match.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Error {
+    /// The function or task type has no registration: it is a closure, a
+    /// plain `fn` without `#[process_fn]`, or a type without
+    /// `#[derive(ProcessTask)]`. Detected in the parent, before any process
+    /// is started.
+    NotRegistered {
+        /// The Rust type name (for a lookup by value) or registered name
+        /// (for a lookup by name in a child).
+        name: String,
+    },
+    /// Two registrations share one name.
+    DuplicateName {
+        /// The name registered twice.
+        name: String,
+    },
+    /// The function panicked in the child process.
+    Panicked {
+        /// The panic's message (`"explicit panic"` when it had none that is a string).
+        message: String,
+        /// `file:line:column` of the panic, when known.
+        location: Option<String>,
+        /// The pid of the process that panicked.
+        pid: u32,
+        /// For a pool map: the index of the input item whose task panicked.
+        item: Option<usize>,
+    },
+    /// The process was killed by a signal before it returned a result.
+    Killed {
+        /// The pid of the process.
+        pid: u32,
+        /// The signal number (9 for SIGKILL, 15 for SIGTERM, ...).
+        signal: i32,
+    },
+    /// The process exited (for instance through `std::process::exit`)
+    /// without returning a result.
+    Exited {
+        /// The pid of the process.
+        pid: u32,
+        /// Its exit code.
+        code: i32,
+    },
+    /// A pool worker died while running this task; the pool replaced it.
+    WorkerDied {
+        /// The pid of the worker that died.
+        pid: u32,
+        /// The signal that killed it, if a signal did.
+        signal: Option<i32>,
+        /// Its exit code, if it exited instead.
+        code: Option<i32>,
+    },
+    /// The other end is gone (closed or its process died): Python's `EOFError`.
+    Disconnected,
+    /// The operation did not complete within its timeout.
+    Timeout,
+    /// The object was closed (a pool after `close()`, a closed queue...).
+    Closed,
+    /// A value could not be encoded.
+    Encode {
+        /// What the encoder said.
+        message: String,
+    },
+    /// Bytes could not be decoded into the expected type.
+    Decode {
+        /// What the decoder said.
+        message: String,
+    },
+    /// A message is larger than the configured limit.
+    MessageTooLarge {
+        /// Its size in bytes.
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The child was started from a different build of the program than the parent.
+    BuildMismatch {
+        /// The parent's build identity.
+        expected: u64,
+        /// The child's build identity.
+        found: u64,
+    },
+    /// `start()` was called on a process that was already started.
+    AlreadyStarted,
+    /// The operation needs a started process.
+    NotStarted,
+    /// An argument was out of range (`Pool::new(0)`...).
+    InvalidArgument {
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A pool's initializer panicked or failed.
+    InitializerFailed {
+        /// Why.
+        message: String,
+    },
+    /// A barrier was broken (a party timed out, died or reset it).
+    BrokenBarrier,
+    /// An operating-system call failed.
+    Io {
+        /// What multiproc was doing.
+        context: &'static str,
+        /// The underlying error.
+        source: Arc<io::Error>,
+    },
+}
+
+impl Error {
+    /// `true` for [`Error::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout)
+    }
+
+    /// `true` for [`Error::Disconnected`].
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, Error::Disconnected)
+    }
+
+    /// The panic message, for [`Error::Panicked`].
+    pub fn panic_message(&self) -> Option<&str> {
+        match self {
+            Error::Panicked { message, .. } => Some(message),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(context: &'static str, source: io::Error) -> Error {
+        Error::Io {
+            context,
+            source: Arc::new(source),
+        }
+    }
+
+    pub(crate) fn errno(context: &'static str, errno: nix::errno::Errno) -> Error {
+        Error::io(context, io::Error::from(errno))
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            message: message.into(),
+        }
+    }
+}
+
+/// The conventional name of a signal number (`SIGKILL` for 9).
+pub(crate) fn signal_name(signal: i32) -> String {
+    match nix::sys::signal::Signal::try_from(signal) {
+        Ok(sig) => sig.as_str().to_string(),
+        Err(_) => format!("signal {signal}"),
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NotRegistered { name } => write!(
+                f,
+                "`{name}` is not registered: add #[process_fn] to the function \
+                 (or #[derive(ProcessTask)] to the type); closures cannot run in another \
+                 process. If it is registered in a crate whose items nothing references, \
+                 the linker dropped that crate with its registrations: use one of its items"
+            ),
+            Error::DuplicateName { name } => write!(
+                f,
+                "two functions or tasks are registered as `{name}`: give one a different \
+                 name with #[process_fn(name = \"...\")]"
+            ),
+            Error::Panicked {
+                message,
+                location,
+                pid,
+                item,
+            } => {
+                write!(f, "process {pid} panicked")?;
+                if let Some(item) = item {
+                    write!(f, " on item {item}")?;
+                }
+                write!(f, ": {message}")?;
+                if let Some(location) = location {
+                    write!(f, " (at {location})")?;
+                }
+                Ok(())
+            }
+            Error::Killed { pid, signal } => write!(
+                f,
+                "process {pid} was killed by {} ({signal})",
+                signal_name(*signal)
+            ),
+            Error::Exited { pid, code } => write!(
+                f,
+                "process {pid} exited with code {code} before returning a result"
+            ),
+            Error::WorkerDied { pid, signal, code } => {
+                write!(f, "pool worker {pid} died")?;
+                match (signal, code) {
+                    (Some(sig), _) => write!(f, ", killed by {} ({sig})", signal_name(*sig))?,
+                    (None, Some(code)) => write!(f, ", exit code {code}")?,
+                    (None, None) => {}
+                }
+                write!(f, " while running this task; the pool replaced it")
+            }
+            Error::Disconnected => f.write_str("disconnected: the other end is closed or its process died"),
+            Error::Timeout => f.write_str("timed out"),
+            Error::Closed => f.write_str("closed"),
+            Error::Encode { message } => write!(f, "could not encode the value: {message}"),
+            Error::Decode { message } => write!(f, "could not decode the value: {message}"),
+            Error::MessageTooLarge { size, limit } => write!(
+                f,
+                "message of {size} bytes is larger than the limit of {limit} bytes"
+            ),
+            Error::BuildMismatch { expected, found } => write!(
+                f,
+                "the child runs a different build of the program (build {found:#x}, parent \
+                 has {expected:#x}): was the executable rebuilt while the parent ran?"
+            ),
+            Error::AlreadyStarted => f.write_str("the process was already started (a process can be started once)"),
+            Error::NotStarted => f.write_str("the process was not started: call start() first"),
+            Error::InvalidArgument { message } => write!(f, "invalid argument: {message}"),
+            Error::InitializerFailed { message } => write!(f, "the pool initializer failed: {message}"),
+            Error::BrokenBarrier => f.write_str("the barrier is broken (a party timed out, died or reset it)"),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(&**source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,536 @@
+//! `Process`: a function or task running in a child process, with Python's
+//! `multiprocessing.Process` API; and `spawn`, std::thread's shape across
+//! processes.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::child::{self, ChildProc, Mode};
+pub use crate::child::ExitStatus;
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::registry::{self, Entry};
+use crate::wire::Channel;
+
+/// A registered function (`#[process_fn]`) callable with the argument tuple
+/// `Args`: `fn(A, B) -> R` is `ProcessFn<(A, B)>`.
+///
+/// Implemented for every `Fn` of 0 to 8 arguments whose arguments are
+/// `Serialize` and whose result is `DeserializeOwned`; whether the function
+/// is *registered* is checked when it is used, before any process starts.
+pub trait ProcessFn<Args>: 'static {
+    /// What the function returns.
+    type Output;
+}
+
+macro_rules! impl_process_fn {
+    ($($arg:ident),*) => {
+        impl<F, R, $($arg,)*> ProcessFn<($($arg,)*)> for F
+        where
+            F: Fn($($arg),*) -> R + 'static,
+            $($arg: Serialize,)*
+        {
+            type Output = R;
+        }
+    };
+}
+
+impl_process_fn!();
+impl_process_fn!(A1);
+impl_process_fn!(A1, A2);
+impl_process_fn!(A1, A2, A3);
+impl_process_fn!(A1, A2, A3, A4);
+impl_process_fn!(A1, A2, A3, A4, A5);
+impl_process_fn!(A1, A2, A3, A4, A5, A6);
+impl_process_fn!(A1, A2, A3, A4, A5, A6, A7);
+impl_process_fn!(A1, A2, A3, A4, A5, A6, A7, A8);
+
+/// What a process will run: a registered entry and its encoded arguments.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) entry: &'static Entry,
+    pub(crate) args: Vec<u8>,
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+impl Target {
+    pub(crate) fn of_fn<F: ProcessFn<A>, A: Serialize>(_f: &F, args: &A) -> Result<Target> {
+        let entry = registry::lookup_type::<F>()?;
+        let mut bytes = Vec::new();
+        let mut fds = Vec::new();
+        codec::encode(args, &mut bytes, &mut fds)?;
+        Ok(Target { entry, args: bytes, fds })
+    }
+
+    pub(crate) fn of_task<T: crate::ProcessTask>(task: &T) -> Result<Target> {
+        let entry = registry::lookup_type::<T>()?;
+        let mut bytes = Vec::new();
+        let mut fds = Vec::new();
+        codec::encode(task, &mut bytes, &mut fds)?;
+        Ok(Target { entry, args: bytes, fds })
+    }
+}
+
+/// A started child with its bookkeeping, shared by its `Process` handle and
+/// the process table (which joins it at the end of `main`).
+#[derive(Debug)]
+struct Running {
+    child: ChildProc,
+    name: String,
+    daemon: bool,
+    // Held open so that the child's parent watch sees the parent alive.
+    _channel: Mutex<Channel>,
+}
+
+fn table() -> &'static Mutex<Vec<Arc<Running>>> {
+    static TABLE: Mutex<Vec<Arc<Running>>> = Mutex::new(Vec::new());
+    &TABLE
+}
+
+fn lock_table() -> std::sync::MutexGuard<'static, Vec<Arc<Running>>> {
+    table().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drops reaped children from the table (Python's `_cleanup`).
+fn sweep() {
+    lock_table().retain(|r| !matches!(r.child.try_wait(), Ok(Some(_))));
+}
+
+/// A function or task running in a child process: Python's
+/// `multiprocessing.Process`.
+///
+/// Build it with [`Process::new`] (a `#[process_fn]` function and its
+/// argument tuple), [`Process::from_task`] (a `#[derive(ProcessTask)]`
+/// value) or [`Process::builder`], then [`start`](Process::start) and
+/// [`join`](Process::join) it. A process that is dropped while running is
+/// not stopped: like Python, the end of `#[multiproc::main]` joins it (or
+/// terminates it if it is daemonic).
+///
+/// # Examples
+///
+/// ```no_run
+/// use multiproc::{process_fn, Process};
+///
+/// #[process_fn]
+/// fn greet(name: String) {
+///     println!("l am a {name}");
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// let mut p = Process::new(greet, ("snake".to_string(),));
+/// p.start()?;
+/// assert!(p.join()?.success());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    daemon: bool,
+    target: Option<Result<Target>>,
+    running: Option<Arc<Running>>,
+}
+
+impl Process {
+    /// A process that will run the registered function `f` with `args`, a
+    /// tuple matching `f`'s parameters (`()` for none, `(x,)` for one).
+    ///
+    /// Nothing starts until [`start`](Process::start); an unregistered `f`
+    /// (a closure, a fn without `#[process_fn]`) is reported there.
+    pub fn new<F, A>(f: F, args: A) -> Process
+    where
+        F: ProcessFn<A>,
+        A: Serialize,
+    {
+        Process::builder().target(f, args).build()
+    }
+
+    /// A process that will run `task`'s [`ProcessTask::run`](crate::ProcessTask::run),
+    /// like a Python `Process` subclass that overrides `run`. Its name is
+    /// `task.name()` if that returns one.
+    pub fn from_task<T: crate::ProcessTask>(task: T) -> Process {
+        Process::builder().task(task).build()
+    }
+
+    /// A builder to set the name and daemon flag.
+    pub fn builder() -> ProcessBuilder {
+        ProcessBuilder {
+            name: None,
+            daemon: false,
+            target: None,
+        }
+    }
+
+    /// Starts the child process.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyStarted`] on a second call; [`Error::NotRegistered`]
+    /// if the target is not registered; [`Error::Encode`] if the arguments
+    /// cannot be encoded; [`Error::Io`] if the OS refuses a new process.
+    pub fn start(&mut self) -> Result<()> {
+        if self.running.is_some() {
+            return Err(Error::AlreadyStarted);
+        }
+        let target = match self.target.take() {
+            None => return Err(Error::AlreadyStarted),
+            Some(Err(err)) => {
+                let again = err.clone();
+                self.target = Some(Err(err));
+                return Err(again);
+            }
+            Some(Ok(target)) => target,
+        };
+        sweep();
+        register_shutdown_at_exit();
+        let (child, channel) = child::start_child(target.entry.name(), &self.name, Mode::Process, &target.args, &target.fds)?;
+        let running = Arc::new(Running {
+            child,
+            name: self.name.clone(),
+            daemon: self.daemon,
+            _channel: Mutex::new(channel),
+        });
+        lock_table().push(Arc::clone(&running));
+        self.running = Some(running);
+        Ok(())
+    }
+
+    /// Waits for the process to end and returns how it ended. May be called
+    /// again: it returns the same status.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotStarted`] before [`start`](Process::start).
+    pub fn join(&mut self) -> Result<ExitStatus> {
+        let running = self.running.as_ref().ok_or(Error::NotStarted)?;
+        let status = running.child.wait(None)?.ok_or(Error::Timeout)?;
+        Ok(status)
+    }
+
+    /// Waits at most `timeout`: `Ok(None)` if the process still runs.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotStarted`] before [`start`](Process::start).
+    pub fn join_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let running = self.running.as_ref().ok_or(Error::NotStarted)?;
+        running.child.wait(Some(timeout))
+    }
+
+    /// `true` between `start` and the end of the child.
+    pub fn is_alive(&self) -> bool {
+        self.running
+            .as_ref()
+            .is_some_and(|r| matches!(r.child.try_wait(), Ok(None)))
+    }
+
+    /// The child's pid, once started.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|r| r.child.pid())
+    }
+
+    /// The process name (`Process-N` unless set).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the process is daemonic (terminated, not joined, at the end of main).
+    pub fn daemon(&self) -> bool {
+        self.daemon
+    }
+
+    /// Python's `exitcode`: `None` while running (or before start), the
+    /// exit code after, `-N` if killed by signal N.
+    pub fn exitcode(&self) -> Option<i32> {
+        let running = self.running.as_ref()?;
+        running.child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
+    /// Sends SIGTERM (Python's `terminate()`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotStarted`] before start; an OS error if the signal cannot be sent.
+    pub fn terminate(&self) -> Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Sends SIGKILL (Python's `kill()`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotStarted`] before start; an OS error if the signal cannot be sent.
+    pub fn kill(&self) -> Result<()> {
+        self.signal(Signal::SIGKILL)
+    }
+
+    fn signal(&self, signal: Signal) -> Result<()> {
+        self.running.as_ref().ok_or(Error::NotStarted)?.child.signal(signal)
+    }
+}
+
+/// Builds a [`Process`]: `Process::builder().name("worker").daemon(true).target(f, args).build()`.
+#[derive(Debug)]
+pub struct ProcessBuilder {
+    name: Option<String>,
+    daemon: bool,
+    target: Option<(Result<Target>, Option<String>)>,
+}
+
+impl ProcessBuilder {
+    /// The process name (`current_process().name()` in the child).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Daemonic processes are terminated, not joined, at the end of main.
+    pub fn daemon(mut self, daemon: bool) -> Self {
+        self.daemon = daemon;
+        self
+    }
+
+    /// Runs the registered function `f` with the argument tuple `args`.
+    pub fn target<F, A>(mut self, f: F, args: A) -> Self
+    where
+        F: ProcessFn<A>,
+        A: Serialize,
+    {
+        self.target = Some((Target::of_fn(&f, &args), None));
+        self
+    }
+
+    /// Runs `task`'s `run` method.
+    pub fn task<T: crate::ProcessTask>(mut self, task: T) -> Self {
+        let name = task.name();
+        self.target = Some((Target::of_task(&task), name));
+        self
+    }
+
+    /// The process, not yet started. A builder without a target gives a
+    /// process whose `start` fails with [`Error::InvalidArgument`].
+    pub fn build(self) -> Process {
+        let (target, task_name) = match self.target {
+            Some((target, name)) => (target, name),
+            None => (Err(Error::invalid("the process has no target: call .target(f, args) or .task(task)")), None),
+        };
+        Process {
+            name: self.name.or(task_name).unwrap_or_else(child::next_process_name),
+            daemon: self.daemon,
+            target: Some(target),
+            running: None,
+        }
+    }
+}
+
+/// A handle to a function running in a child process, from [`spawn`]:
+/// `join()` gives its return value, like `std::thread::JoinHandle`.
+#[derive(Debug)]
+#[must_use = "dropping a JoinHandle kills the child; call join()"]
+pub struct JoinHandle<R> {
+    child: ChildProc,
+    channel: Channel,
+    _result: std::marker::PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned> JoinHandle<R> {
+    /// Waits for the function to return and gives its value.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Panicked`] with the panic's message and location;
+    /// [`Error::Killed`] with the signal if the child was killed;
+    /// [`Error::Exited`] if it exited without returning;
+    /// [`Error::Decode`] if the value does not decode as `R`.
+    pub fn join(mut self) -> Result<R> {
+        child::read_outcome(&self.child, &mut self.channel, None)
+    }
+
+    /// Like [`join`](JoinHandle::join), but gives up after `timeout` with
+    /// [`Error::Timeout`] (the child is then killed when the handle drops).
+    ///
+    /// # Errors
+    ///
+    /// As [`join`](JoinHandle::join), plus [`Error::Timeout`].
+    pub fn join_timeout(mut self, timeout: Duration) -> Result<R> {
+        child::read_outcome(&self.child, &mut self.channel, Some(timeout))
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// `true` once the child has ended.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Sends SIGKILL to the child.
+    ///
+    /// # Errors
+    ///
+    /// An OS error if the signal cannot be sent.
+    pub fn kill(&self) -> Result<()> {
+        self.child.signal(Signal::SIGKILL)
+    }
+}
+
+/// Runs the registered function `f` with `args` in a new child process and
+/// returns a handle whose `join()` gives the function's return value:
+/// `std::thread::spawn`, across processes.
+///
+/// # Errors
+///
+/// [`Error::NotRegistered`] for a closure or a function without
+/// `#[process_fn]` (no process is started); [`Error::Encode`] if `args`
+/// cannot be encoded; [`Error::Io`] if the OS refuses a new process.
+///
+/// # Examples
+///
+/// ```no_run
+/// use multiproc::process_fn;
+///
+/// #[process_fn]
+/// fn add(a: u32, b: u32) -> u32 {
+///     a + b
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// let handle = multiproc::spawn(add, (2, 3))?;
+/// assert_eq!(handle.join()?, 5);
+/// # Ok(())
+/// # }
+/// ```
+pub fn spawn<F, A>(f: F, args: A) -> Result<JoinHandle<F::Output>>
+where
+    F: ProcessFn<A>,
+    A: Serialize,
+{
+    let target = Target::of_fn(&f, &args)?;
+    let name = child::next_process_name();
+    let (child, channel) = child::start_child(target.entry.name(), &name, Mode::Spawn, &target.args, &target.fds)?;
+    Ok(JoinHandle {
+        child,
+        channel,
+        _result: std::marker::PhantomData,
+    })
+}
+
+/// A process as `current_process()`, `parent_process()` and
+/// `active_children()` describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    name: String,
+    pid: u32,
+    daemon: bool,
+}
+
+impl ProcessInfo {
+    /// The process name (`MainProcess` for the main process).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether it is daemonic.
+    pub fn daemon(&self) -> bool {
+        self.daemon
+    }
+}
+
+/// This process: `MainProcess` in the parent, the name it was started with
+/// in a child.
+pub fn current_process() -> ProcessInfo {
+    ProcessInfo {
+        name: child::identity().name.clone(),
+        pid: std::process::id(),
+        daemon: false,
+    }
+}
+
+/// The process that started this one, or `None` in the main process.
+pub fn parent_process() -> Option<ProcessInfo> {
+    child::identity().parent.as_ref().map(|(name, pid)| ProcessInfo {
+        name: name.clone(),
+        pid: *pid,
+        daemon: false,
+    })
+}
+
+/// The children started with [`Process`] that are still running (reaping
+/// those that ended, as Python's `active_children()` does).
+pub fn active_children() -> Vec<ProcessInfo> {
+    sweep();
+    lock_table()
+        .iter()
+        .map(|r| ProcessInfo {
+            name: r.name.clone(),
+            pid: r.child.pid(),
+            daemon: r.daemon,
+        })
+        .collect()
+}
+
+/// The number of CPUs this process may run on.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Ends the program the way Python does at exit: daemonic children are
+/// terminated, the others joined. `#[multiproc::main]` calls this when
+/// `main` returns; call it yourself at the end of a hand-written `main`.
+pub fn shutdown() {
+    let children: Vec<Arc<Running>> = std::mem::take(&mut *lock_table());
+    for running in &children {
+        if running.daemon {
+            let _ = running.child.signal(Signal::SIGTERM);
+        }
+    }
+    for running in &children {
+        let _ = running.child.wait(None);
+    }
+}
+
+extern "C" fn shutdown_at_exit() {
+    // Unwinding out of an atexit handler would abort: contain it.
+    let _ = crate::registry::catch(shutdown);
+}
+
+/// Python joins non-daemonic children at exit even without an explicit
+/// join; so does multiproc, with or without `#[multiproc::main]`.
+fn register_shutdown_at_exit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = crate::sys::at_exit(shutdown_at_exit);
+    });
+}
+
+/// Used by `#[multiproc::main]`: calls [`shutdown`] when `main` ends,
+/// returning or panicking. Not public API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct MainGuard(());
+
+impl MainGuard {
+    /// Used by `#[multiproc::main]`.
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> MainGuard {
+        MainGuard(())
+    }
+}
+
+impl Drop for MainGuard {
+    fn drop(&mut self) {
+        shutdown();
+    }
+}

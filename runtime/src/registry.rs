@@ -1,0 +1,300 @@
+//! What the macros fill: the table of functions and task types that a child
+//! process can run, by name.
+//!
+//! `#[process_fn]` and `#[derive(ProcessTask)]` each submit one [`Entry`]
+//! with [`inventory`]. The table is turned into two maps (by name, for the
+//! child; by `TypeId`, for the parent) once, on first use. Registration has
+//! no order, entries are `const` values, and a child finds the same entries
+//! because it is the same executable.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::os::fd::OwnedFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::OnceLock;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::error::{Error, Result};
+
+/// One registered function or task type. Built by the macros; not public API.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Entry {
+    name: &'static str,
+    type_id: fn() -> TypeId,
+    invoke: fn(&mut Call<'_>) -> Result<()>,
+}
+
+impl Entry {
+    /// Used by the macros.
+    pub const fn new(name: &'static str, type_id: fn() -> TypeId, invoke: fn(&mut Call<'_>) -> Result<()>) -> Entry {
+        Entry { name, type_id, invoke }
+    }
+
+    /// The registered name (`module::path::function`).
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub(crate) fn invoke(&self, call: &mut Call<'_>) -> Result<()> {
+        (self.invoke)(call)
+    }
+}
+
+inventory::collect!(Entry);
+
+struct Registry {
+    by_name: HashMap<&'static str, &'static Entry>,
+    by_type: HashMap<TypeId, &'static Entry>,
+    duplicates: Vec<&'static str>,
+    fingerprint: u64,
+}
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut by_name = HashMap::new();
+        let mut by_type = HashMap::new();
+        let mut duplicates = Vec::new();
+        let mut names = Vec::new();
+        for entry in inventory::iter::<Entry> {
+            if by_name.insert(entry.name, entry).is_some() {
+                duplicates.push(entry.name);
+            }
+            by_type.insert((entry.type_id)(), entry);
+            names.push(entry.name);
+        }
+        names.sort_unstable();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        env!("CARGO_PKG_VERSION").hash(&mut hasher);
+        names.hash(&mut hasher);
+        Registry {
+            by_name,
+            by_type,
+            duplicates,
+            fingerprint: hasher.finish(),
+        }
+    })
+}
+
+/// The entry registered for the function item or task type `F`.
+pub(crate) fn lookup_type<F: 'static>() -> Result<&'static Entry> {
+    let reg = registry();
+    match reg.by_type.get(&TypeId::of::<F>()) {
+        Some(entry) if reg.duplicates.contains(&entry.name) => Err(Error::DuplicateName {
+            name: entry.name.to_string(),
+        }),
+        Some(entry) => Ok(entry),
+        None => Err(Error::NotRegistered {
+            name: std::any::type_name::<F>().to_string(),
+        }),
+    }
+}
+
+/// The entry registered under `name`.
+pub(crate) fn lookup_name(name: &str) -> Result<&'static Entry> {
+    let reg = registry();
+    if reg.duplicates.iter().any(|d| *d == name) {
+        return Err(Error::DuplicateName { name: name.to_string() });
+    }
+    reg.by_name
+        .get(name)
+        .copied()
+        .ok_or_else(|| Error::NotRegistered { name: name.to_string() })
+}
+
+/// Every registered name, sorted (for diagnostics).
+pub fn registered_names() -> Vec<&'static str> {
+    let mut names: Vec<_> = registry().by_name.keys().copied().collect();
+    names.sort_unstable();
+    names
+}
+
+/// An identity of this build: the crate version, the registered names and
+/// the executable file. A parent and its child must agree on it.
+pub(crate) fn build_id() -> u64 {
+    static ID: OnceLock<u64> = OnceLock::new();
+    *ID.get_or_init(|| {
+        use std::os::unix::fs::MetadataExt;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        registry().fingerprint.hash(&mut hasher);
+        if let Ok(meta) = std::fs::metadata("/proc/self/exe") {
+            (meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec()).hash(&mut hasher);
+        }
+        hasher.finish()
+    })
+}
+
+/// What a panic left behind: its message and location.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PanicRecord {
+    pub(crate) message: String,
+    pub(crate) location: Option<String>,
+}
+
+impl PanicRecord {
+    pub(crate) fn into_error(self, pid: u32, item: Option<usize>) -> Error {
+        Error::Panicked {
+            message: self.message,
+            location: self.location,
+            pid,
+            item,
+        }
+    }
+}
+
+// The panic hook records the location here; `catch_unwind` gives the message.
+thread_local! {
+    static LAST_PANIC_LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that records each panic's location and
+/// then defers to the previous hook, unless the thread asked for quiet
+/// panics (pool tasks: the parent reports them).
+pub(crate) fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            LAST_PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
+            if !QUIET_PANICS.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Makes panics on this thread silent (their record still reaches the parent).
+pub(crate) fn set_quiet_panics(quiet: bool) {
+    QUIET_PANICS.with(|q| q.set(quiet));
+}
+
+fn panic_record(payload: Box<dyn std::any::Any + Send>) -> PanicRecord {
+    let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "explicit panic (payload is not a string)".to_string()
+    };
+    let location = LAST_PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
+    PanicRecord { message, location }
+}
+
+/// Runs `f`, turning a panic into its record.
+pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, PanicRecord> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(panic_record)
+}
+
+/// Tag of one item's outcome in a chunk's output.
+pub(crate) const ITEM_OK: u8 = 0;
+/// Tag of one item's outcome in a chunk's output: a [`PanicRecord`] follows.
+pub(crate) const ITEM_PANIC: u8 = 1;
+
+enum Mode {
+    Single,
+    Chunk { count: usize },
+}
+
+/// One invocation of a registered function, in a child: the encoded
+/// arguments in, the encoded result out. Not public API.
+///
+/// In single mode the input is one argument tuple and the output one
+/// result; a panic is caught and returned as [`Error::Panicked`]. In chunk
+/// mode (pool tasks) the input is `count` argument tuples back to back and
+/// the output one outcome per item: [`ITEM_OK`] + result, or
+/// [`ITEM_PANIC`] + [`PanicRecord`]; a panic fails only its item.
+#[doc(hidden)]
+pub struct Call<'a> {
+    input: &'a [u8],
+    in_fds: Vec<OwnedFd>,
+    out: &'a mut Vec<u8>,
+    out_fds: &'a mut Vec<OwnedFd>,
+    mode: Mode,
+}
+
+impl std::fmt::Debug for Call<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call").field("input_len", &self.input.len()).finish_non_exhaustive()
+    }
+}
+
+impl<'a> Call<'a> {
+    pub(crate) fn single(input: &'a [u8], in_fds: Vec<OwnedFd>, out: &'a mut Vec<u8>, out_fds: &'a mut Vec<OwnedFd>) -> Self {
+        Call { input, in_fds, out, out_fds, mode: Mode::Single }
+    }
+
+    pub(crate) fn chunk(
+        input: &'a [u8],
+        count: usize,
+        in_fds: Vec<OwnedFd>,
+        out: &'a mut Vec<u8>,
+        out_fds: &'a mut Vec<OwnedFd>,
+    ) -> Self {
+        Call { input, in_fds, out, out_fds, mode: Mode::Chunk { count } }
+    }
+
+    /// Decodes the arguments, calls `f`, encodes the result(s).
+    pub fn run<A: DeserializeOwned, R: Serialize>(&mut self, mut f: impl FnMut(A) -> R) -> Result<()> {
+        let in_fds = std::mem::take(&mut self.in_fds);
+        match self.mode {
+            Mode::Single => {
+                let args: A = codec::decode(self.input, in_fds)?;
+                let result = catch(move || f(args)).map_err(|p| p.into_error(std::process::id(), None))?;
+                codec::encode(&result, self.out, self.out_fds)
+            }
+            Mode::Chunk { count } => {
+                let input = self.input;
+                let out = &mut *self.out;
+                let out_fds = &mut *self.out_fds;
+                codec::with_fd_source(in_fds, || {
+                    codec::with_fd_sink(out_fds, || {
+                        let mut dec = codec::SeqDecoder::new(input);
+                        let mut enc = codec::SeqEncoder::new(out);
+                        let mut done = 0;
+                        let mut mark = 0;
+                        while done < count {
+                            // One catch_unwind for a run of items: the happy
+                            // path pays nothing per item; after a panic the
+                            // run restarts at the next item.
+                            let run = catch(|| -> Result<()> {
+                                while done < count {
+                                    let args: A = dec.next()?;
+                                    done += 1;
+                                    mark = enc.out().len();
+                                    let r = f(args);
+                                    enc.out().push(ITEM_OK);
+                                    enc.push(&r)?;
+                                }
+                                Ok(())
+                            });
+                            match run {
+                                Ok(r) => r?,
+                                Err(record) => {
+                                    // Drop whatever the panicking item wrote.
+                                    enc.out().truncate(mark);
+                                    enc.out().push(ITEM_PANIC);
+                                    enc.push(&record)?;
+                                }
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// Used by the macros: the `TypeId` of a value's type (a function item's
+/// type cannot be named).
+#[doc(hidden)]
+pub fn type_id_of<T: 'static>(_: &T) -> TypeId {
+    TypeId::of::<T>()
+}

@@ -1,0 +1,347 @@
+//! The one place with `unsafe`: process creation, descriptor passing, the
+//! load-time constructor, and (in submodules) futexes and shared mappings.
+//!
+//! Every `unsafe` block makes one call and carries a `// SAFETY:` comment.
+//! Everything else goes through nix's safe wrappers.
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, OsString};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+
+/// The descriptor number at which a child finds its socket to the parent.
+pub(crate) const CHILD_FD: RawFd = 3;
+
+/// Most descriptors the kernel accepts in one SCM_RIGHTS message.
+pub(crate) const MAX_FDS_PER_MSG: usize = 253;
+
+// ---------------------------------------------------------------------
+// The load-time constructor.
+
+extern "C" fn on_load() {
+    crate::child::on_load();
+}
+
+// SAFETY: `.init_array` holds pointers to `extern "C" fn()` run by the
+// dynamic loader before `main`; `on_load` has exactly that type, and it
+// catches every panic (unwinding out of it would abort) and touches only
+// what is initialized by then (std's argv/env set-up runs at a higher
+// priority, and every crate that registers with `inventory` depends on
+// this one, so is linked, and initialized, before it).
+#[used]
+#[unsafe(link_section = ".init_array")]
+static ON_LOAD: extern "C" fn() = on_load;
+
+// ---------------------------------------------------------------------
+// Process creation.
+
+/// Starts `/proc/self/exe` with `child_end` as descriptor [`CHILD_FD`] and
+/// `extra_env` added to the environment. Standard streams are inherited;
+/// the signal mask is cleared.
+pub(crate) fn spawn_self(child_end: BorrowedFd<'_>, extra_env: &CStr) -> Result<Pid> {
+    use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+
+    let map = |e: Errno| Error::errno("could not start a child process", e);
+    let mut actions = PosixSpawnFileActions::init().map_err(map)?;
+    // dup2 onto another number clears close-on-exec on the copy; the caller
+    // guarantees `child_end` is not CHILD_FD itself.
+    actions.add_dup2(child_end.as_raw_fd(), CHILD_FD).map_err(map)?;
+    let mut attr = PosixSpawnAttr::init().map_err(map)?;
+    attr.set_sigmask(&SigSet::empty()).map_err(map)?;
+    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK).map_err(map)?;
+
+    let argv0 = std::env::args_os().next().unwrap_or_else(|| OsString::from("multiproc-child"));
+    let argv = [cstring(argv0)];
+    let mut envp: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != crate::child::ENV_VAR)
+        .map(|(mut k, v)| {
+            k.push("=");
+            k.push(v);
+            cstring(k)
+        })
+        .collect();
+    envp.push(extra_env.to_owned());
+    nix::spawn::posix_spawn(c"/proc/self/exe", &actions, &attr, &argv, &envp).map_err(map)
+}
+
+fn cstring(s: OsString) -> CString {
+    let mut bytes = s.into_vec();
+    bytes.retain(|b| *b != 0);
+    CString::new(bytes).unwrap_or_default()
+}
+
+/// A connected pair of close-on-exec Unix stream sockets.
+pub(crate) fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    socket::socketpair(
+        socket::AddressFamily::Unix,
+        socket::SockType::Stream,
+        None,
+        socket::SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::errno("could not create a socket pair", e))
+}
+
+/// A close-on-exec duplicate of `fd` numbered at least `min`.
+pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))
+        .map_err(|e| Error::errno("could not duplicate a descriptor", e))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Takes ownership of the descriptor inherited at [`CHILD_FD`], marking it
+/// close-on-exec so that the child's own children do not inherit it.
+/// Returns `None` if nothing valid is open there.
+pub(crate) fn take_inherited_child_fd() -> Option<OwnedFd> {
+    // SAFETY: CHILD_FD was placed by our parent's spawn for this process to
+    // own; it is taken once (the caller runs once per process) and checked
+    // to be open before use.
+    let fd = unsafe { BorrowedFd::borrow_raw(CHILD_FD) };
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).ok()?;
+    let mut flags = nix::fcntl::FdFlag::from_bits_truncate(flags);
+    flags.insert(nix::fcntl::FdFlag::FD_CLOEXEC);
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags)).ok()?;
+    // SAFETY: the descriptor is open (F_GETFD succeeded) and owned by this
+    // process alone, see above.
+    Some(unsafe { OwnedFd::from_raw_fd(CHILD_FD) })
+}
+
+/// Removes `key` from the environment. Called by the child's constructor,
+/// before any thread exists.
+pub(crate) fn remove_env_before_threads(key: &str) {
+    // SAFETY: called from the load-time constructor (or `init()` at the top
+    // of main), before this process has started any thread, so no other
+    // thread can be reading the environment.
+    unsafe { std::env::remove_var(key) };
+}
+
+/// Ignores SIGPIPE, as std does before `main` (the child runs before it):
+/// a write to a closed pipe is then an `EPIPE` error, not a silent death.
+pub(crate) fn ignore_sigpipe() {
+    // SAFETY: installing SIG_IGN runs no handler code, so it cannot violate
+    // async-signal-safety.
+    let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) };
+}
+
+/// Asks the kernel to SIGKILL this process when its parent thread exits.
+pub(crate) fn set_parent_death_signal() -> Result<()> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| Error::errno("prctl(PR_SET_PDEATHSIG)", e))
+}
+
+/// This process's parent pid.
+pub(crate) fn parent_pid() -> u32 {
+    nix::unistd::getppid().as_raw() as u32
+}
+
+/// The calling thread's id equals the process id (it is the main thread).
+pub(crate) fn is_main_thread() -> bool {
+    nix::unistd::gettid() == nix::unistd::getpid()
+}
+
+/// Ends this process at once with SIGKILL (the parent is gone).
+pub(crate) fn kill_self() -> ! {
+    let _ = nix::sys::signal::raise(Signal::SIGKILL);
+    std::process::abort()
+}
+
+/// Runs `f` when the process exits normally (`main` returns or
+/// `std::process::exit`), like Python's `atexit`.
+pub(crate) fn at_exit(f: extern "C" fn()) -> Result<()> {
+    // SAFETY: `f` is a plain `extern "C" fn()` that lives for the whole
+    // program; atexit stores the pointer and calls it once at exit.
+    let rc = unsafe { libc::atexit(f) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(Error::invalid("atexit refused another handler"))
+    }
+}
+
+// ---------------------------------------------------------------------
+// pidfds, signals, reaping.
+
+/// A descriptor that becomes readable when process `pid` exits.
+pub(crate) fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and a flags word and returns a new
+    // descriptor or -1; no memory is passed.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if raw < 0 {
+        return Err(Error::errno("pidfd_open", Errno::last()));
+    }
+    // SAFETY: the syscall succeeded, so `raw` is a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// Sends `signal` to the process behind `pidfd` (no pid-reuse race).
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> Result<()> {
+    // SAFETY: pidfd_send_signal takes a descriptor, a signal number, a null
+    // siginfo pointer (allowed: the kernel fills one in) and flags 0.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => match Errno::last() {
+            // Already exited (and maybe reaped): nothing to signal.
+            Errno::ESRCH => Ok(()),
+            e => Err(Error::errno("could not signal the process", e)),
+        },
+    }
+}
+
+/// Non-blocking reap of `pid`: `Some(status)` if it has exited.
+pub(crate) fn try_reap(pid: Pid) -> Result<Option<WaitStatus>> {
+    match nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => Ok(None),
+        Ok(status) => Ok(Some(status)),
+        Err(e) => Err(Error::errno("waitpid", e)),
+    }
+}
+
+/// Blocking reap of `pid`.
+pub(crate) fn reap(pid: Pid) -> Result<WaitStatus> {
+    loop {
+        match nix::sys::wait::waitpid(pid, None) {
+            Ok(WaitStatus::StillAlive) => continue,
+            Ok(status) => return Ok(status),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(Error::errno("waitpid", e)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// Polling and descriptor passing.
+
+/// Waits until `fd` shows one of `events` or `timeout` passes (`None`:
+/// forever). Returns the events seen (empty on timeout).
+pub(crate) fn poll_one(fd: BorrowedFd<'_>, events: PollFlags, timeout: Option<Duration>) -> Result<PollFlags> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let remaining = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                // Round up so that a short wait does not spin at 0 ms.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut fds = [PollFd::new(fd, events)];
+        match nix::poll::poll(&mut fds, remaining) {
+            Ok(0) => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Ok(PollFlags::empty());
+                }
+            }
+            Ok(_) => return Ok(fds[0].revents().unwrap_or(PollFlags::empty())),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Error::errno("poll", e)),
+        }
+    }
+}
+
+/// Waits until any of `fds` shows one of its events, or `timeout` passes.
+/// Returns the revents of each, in order (all empty on timeout).
+pub(crate) fn poll_many(fds: &[(BorrowedFd<'_>, PollFlags)], timeout: Option<Duration>) -> Result<Vec<PollFlags>> {
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let remaining = match deadline {
+            None => PollTimeout::NONE,
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let mut pfds: Vec<PollFd<'_>> = fds.iter().map(|(fd, ev)| PollFd::new(*fd, *ev)).collect();
+        match nix::poll::poll(&mut pfds, remaining) {
+            Ok(0) => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Ok(vec![PollFlags::empty(); fds.len()]);
+                }
+            }
+            Ok(_) => return Ok(pfds.iter().map(|p| p.revents().unwrap_or(PollFlags::empty())).collect()),
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Error::errno("poll", e)),
+        }
+    }
+}
+
+/// Sends the bytes of `bufs` (at least partly) with `fds` attached.
+/// Returns how many bytes went out.
+pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, bufs: &[IoSlice<'_>], fds: &[RawFd]) -> Result<usize, Errno> {
+    let cmsgs = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsgs };
+    loop {
+        match socket::sendmsg::<()>(sock.as_raw_fd(), bufs, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Receives bytes into `buf`, appending any descriptors that arrive to
+/// `fds`. Returns the byte count (0 at end of stream).
+pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, Errno> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(msg) => msg,
+        };
+        let bytes = msg.bytes;
+        for cmsg in msg.cmsgs().map_err(|_| Errno::EINVAL)? {
+            if let ControlMessageOwned::ScmRights(raws) = cmsg {
+                for raw in raws {
+                    // SAFETY: SCM_RIGHTS installed `raw` as a new descriptor
+                    // in this process; nothing else refers to it yet.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        return Ok(bytes);
+    }
+}
+
+/// `POLLRDHUP` (the peer closed its end), which nix does not name.
+pub(crate) const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(libc::POLLRDHUP);
+
+/// Marks `fd` non-blocking or blocking.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| Error::errno("fcntl(F_GETFL)", e))?;
+    let mut flags = OFlag::from_bits_truncate(flags);
+    flags.set(OFlag::O_NONBLOCK, on);
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| Error::errno("fcntl(F_SETFL)", e))?;
+    Ok(())
+}
+
+/// Counts this process's open descriptors (for tests and diagnostics).
+pub fn open_fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count().saturating_sub(1)).unwrap_or(0)
+}
+
+/// `fd` as a borrowed descriptor (convenience for the `AsFd` bound).
+pub(crate) fn borrowed(fd: &impl AsFd) -> BorrowedFd<'_> {
+    fd.as_fd()
+}
