@@ -1,0 +1,4 @@
+#[multiproc::main]
+fn main(args: Vec<String>) {
+    let _ = args;
+}

@@ -1,0 +1,5 @@
+#[multiproc::test]
+#[test]
+fn works() {}
+
+fn main() {}
