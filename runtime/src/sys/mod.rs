@@ -20,6 +20,9 @@ use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
 
+pub(crate) mod futex;
+pub(crate) mod shm;
+
 /// The descriptor number at which a child finds its socket to the parent.
 pub(crate) const CHILD_FD: RawFd = 3;
 
