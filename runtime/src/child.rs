@@ -192,7 +192,10 @@ fn run_child(value: OsString) -> i32 {
     };
     let expected = registry::build_id();
     if start.build_id != expected {
-        let err = Error::BuildMismatch { expected: start.build_id, found: expected };
+        let err = Error::BuildMismatch {
+            expected: start.build_id,
+            found: expected,
+        };
         eprintln!("multiproc: {err}");
         let _ = channel.send(TAG_FAILED, &[err.to_string().as_bytes()], &[]);
         return 2;
@@ -231,7 +234,9 @@ fn run_child(value: OsString) -> i32 {
             }
             0
         }
-        Err(Error::Panicked { message, location, .. }) => {
+        Err(Error::Panicked {
+            message, location, ..
+        }) => {
             if start.mode == Mode::Spawn {
                 let record = PanicRecord { message, location };
                 if let Ok(bytes) = codec::encode_plain(&record) {
@@ -288,7 +293,9 @@ impl ExitStatus {
     pub(crate) fn from_wait(status: WaitStatus) -> ExitStatus {
         match status {
             WaitStatus::Exited(_, code) => ExitStatus { code },
-            WaitStatus::Signaled(_, sig, _) => ExitStatus { code: -(sig as i32) },
+            WaitStatus::Signaled(_, sig, _) => ExitStatus {
+                code: -(sig as i32),
+            },
             // Stopped/continued are not final states; waitpid without
             // WUNTRACED does not report them.
             _ => ExitStatus { code: -1 },
@@ -313,7 +320,10 @@ impl ExitStatus {
     pub(crate) fn into_error(self, pid: u32) -> Error {
         match self.signal() {
             Some(signal) => Error::Killed { pid, signal },
-            None => Error::Exited { pid, code: self.code },
+            None => Error::Exited {
+                pid,
+                code: self.code,
+            },
         }
     }
 }
@@ -372,9 +382,16 @@ impl ChildProc {
             if let Some(s) = self.try_wait()? {
                 return Ok(Some(s));
             }
-            if self.status.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            if self
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+            {
                 // Exited but not reapable: someone else reaped it.
-                let s = sys::reap(self.pid).map(ExitStatus::from_wait).unwrap_or(ExitStatus { code: -1 });
+                let s = sys::reap(self.pid)
+                    .map(ExitStatus::from_wait)
+                    .unwrap_or(ExitStatus { code: -1 });
                 *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                 return Ok(Some(s));
             }
@@ -433,7 +450,12 @@ pub(crate) fn start_child(
         child_end
     };
     let deathsig = sys::is_main_thread();
-    let env = format!("{ENV_VAR}={}:{}:{}", sys::CHILD_FD, std::process::id(), u8::from(deathsig));
+    let env = format!(
+        "{ENV_VAR}={}:{}:{}",
+        sys::CHILD_FD,
+        std::process::id(),
+        u8::from(deathsig)
+    );
     let env = CString::new(env).map_err(|_| Error::invalid("environment entry with a NUL byte"))?;
     let pid = sys::spawn_self(child_end.as_fd(), &env)?;
     drop(child_end);
@@ -460,7 +482,8 @@ pub(crate) fn start_child(
         parent_pid: std::process::id(),
         mode,
     })?;
-    let header_len = u32::try_from(header.len()).map_err(|_| Error::invalid("process name too long"))?;
+    let header_len =
+        u32::try_from(header.len()).map_err(|_| Error::invalid("process name too long"))?;
     match channel.send(TAG_START, &[&header_len.to_le_bytes(), &header, args], fds) {
         // The child died at once; its exit status tells why.
         Ok(()) | Err(Error::Disconnected) => Ok((child, channel)),
@@ -470,11 +493,17 @@ pub(crate) fn start_child(
 
 /// Reads a spawned child's outcome: its return value (decoded as `R`), or
 /// the error that says why there is none. Reaps the child.
-pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(child: &ChildProc, channel: &mut Channel, timeout: Option<Duration>) -> Result<R> {
+pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(
+    child: &ChildProc,
+    channel: &mut Channel,
+    timeout: Option<Duration>,
+) -> Result<R> {
     let frame = match channel.recv(timeout) {
         Ok(frame) => frame,
         Err(Error::Disconnected) => {
-            let status = child.wait(Some(Duration::from_secs(5)))?.ok_or(Error::Disconnected)?;
+            let status = child
+                .wait(Some(Duration::from_secs(5)))?
+                .ok_or(Error::Disconnected)?;
             return Err(status.into_error(child.pid()));
         }
         Err(err) => return Err(err),
@@ -500,11 +529,20 @@ mod tests {
 
     #[test]
     fn internal_echo_child_round_trip() {
-        let (child, mut channel) =
-            start_child("__multiproc::test::echo", "echo", Mode::Internal, b"ping", &[]).expect("start");
+        let (child, mut channel) = start_child(
+            "__multiproc::test::echo",
+            "echo",
+            Mode::Internal,
+            b"ping",
+            &[],
+        )
+        .expect("start");
         let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
         assert_eq!((frame.tag, &frame.bytes[..]), (TAG_RETURNED, &b"ping"[..]));
-        let status = child.wait(Some(Duration::from_secs(20))).expect("wait").expect("exited");
+        let status = child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("exited");
         assert!(status.success(), "{status}");
     }
 

@@ -219,7 +219,9 @@ impl fmt::Display for Error {
                 }
                 write!(f, " while running this task; the pool replaced it")
             }
-            Error::Disconnected => f.write_str("disconnected: the other end is closed or its process died"),
+            Error::Disconnected => {
+                f.write_str("disconnected: the other end is closed or its process died")
+            }
             Error::Timeout => f.write_str("timed out"),
             Error::Closed => f.write_str("closed"),
             Error::Encode { message } => write!(f, "could not encode the value: {message}"),
@@ -233,11 +235,17 @@ impl fmt::Display for Error {
                 "the child runs a different build of the program (build {found:#x}, parent \
                  has {expected:#x}): was the executable rebuilt while the parent ran?"
             ),
-            Error::AlreadyStarted => f.write_str("the process was already started (a process can be started once)"),
+            Error::AlreadyStarted => {
+                f.write_str("the process was already started (a process can be started once)")
+            }
             Error::NotStarted => f.write_str("the process was not started: call start() first"),
             Error::InvalidArgument { message } => write!(f, "invalid argument: {message}"),
-            Error::InitializerFailed { message } => write!(f, "the pool initializer failed: {message}"),
-            Error::BrokenBarrier => f.write_str("the barrier is broken (a party timed out, died or reset it)"),
+            Error::InitializerFailed { message } => {
+                write!(f, "the pool initializer failed: {message}")
+            }
+            Error::BrokenBarrier => {
+                f.write_str("the barrier is broken (a party timed out, died or reset it)")
+            }
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }

@@ -58,7 +58,8 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-#[allow(unused_extern_crates)] // lets macro output (`::multiproc::...`) work inside this crate's tests
+#[allow(unused_extern_crates)]
+// lets macro output (`::multiproc::...`) work inside this crate's tests
 extern crate self as multiproc;
 
 mod child;
@@ -103,7 +104,9 @@ pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
 /// # Ok(())
 /// # }
 /// ```
-pub trait ProcessTask: __private::RegisteredTask + serde::Serialize + serde::de::DeserializeOwned + 'static {
+pub trait ProcessTask:
+    __private::RegisteredTask + serde::Serialize + serde::de::DeserializeOwned + 'static
+{
     /// The work, run in the child.
     fn run(self);
 

@@ -21,11 +21,23 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: t.subsec_nanos() as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a valid, aligned u32 for the duration of the call
     // (borrowed), and `ts_ptr` is null or points at a live timespec;
     // FUTEX_WAIT reads both and writes neither.
-    let rc = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, ts_ptr, 0usize, 0u32) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            0usize,
+            0u32,
+        )
+    };
     if rc == 0 {
         return Wake::Retry;
     }
@@ -40,7 +52,17 @@ pub(crate) fn wake(word: &AtomicU32, n: u32) -> usize {
     let n = n.min(i32::MAX as u32);
     // SAFETY: `word` is a valid, aligned u32 (borrowed); FUTEX_WAKE only
     // uses its address as a key.
-    let rc = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0usize, 0usize, 0u32) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n,
+            0usize,
+            0usize,
+            0u32,
+        )
+    };
     rc.max(0) as usize
 }
 
@@ -53,7 +75,10 @@ mod tests {
     #[test]
     fn wait_times_out_and_wake_wakes() {
         let word = Arc::new(AtomicU32::new(0));
-        assert_eq!(wait(&word, 0, Some(Duration::from_millis(5))), Wake::TimedOut);
+        assert_eq!(
+            wait(&word, 0, Some(Duration::from_millis(5))),
+            Wake::TimedOut
+        );
         assert_eq!(wait(&word, 1, Some(Duration::from_millis(5))), Wake::Retry);
         let w = Arc::clone(&word);
         let t = std::thread::spawn(move || {

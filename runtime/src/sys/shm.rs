@@ -29,10 +29,13 @@ impl Mapping {
     /// A new zero-filled shared mapping of `len` bytes (at least 1).
     pub(crate) fn create(name: &str, len: usize) -> Result<Mapping> {
         let len = len.max(1);
-        let cname = std::ffi::CString::new(name.replace('\0', "")).map_err(|_| Error::invalid("bad name"))?;
-        let fd = nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| Error::errno("memfd_create", e))?;
-        let off = libc::off_t::try_from(len).map_err(|_| Error::invalid("shared memory size too large"))?;
+        let cname = std::ffi::CString::new(name.replace('\0', ""))
+            .map_err(|_| Error::invalid("bad name"))?;
+        let fd =
+            nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|e| Error::errno("memfd_create", e))?;
+        let off = libc::off_t::try_from(len)
+            .map_err(|_| Error::invalid("shared memory size too large"))?;
         nix::unistd::ftruncate(&fd, off).map_err(|e| Error::errno("ftruncate", e))?;
         Mapping::map(fd, len)
     }
@@ -40,7 +43,8 @@ impl Mapping {
     /// Maps the whole memfd `fd` (received from another process).
     pub(crate) fn from_fd(fd: OwnedFd) -> Result<Mapping> {
         let stat = nix::sys::stat::fstat(&fd).map_err(|e| Error::errno("fstat", e))?;
-        let len = usize::try_from(stat.st_size).map_err(|_| Error::invalid("bad shared memory size"))?;
+        let len =
+            usize::try_from(stat.st_size).map_err(|_| Error::invalid("bad shared memory size"))?;
         if len == 0 {
             return Err(Error::invalid("empty shared memory object"));
         }
@@ -53,10 +57,21 @@ impl Mapping {
         // cannot overlap any Rust object; `fd` is a valid memfd of at least
         // `len` bytes.
         let ptr = unsafe {
-            nix::sys::mman::mmap(None, nz, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0)
+            nix::sys::mman::mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
         }
         .map_err(|e| Error::errno("mmap", e))?;
-        Ok(Mapping { ptr: ptr.cast(), len, fd })
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+            fd,
+        })
     }
 
     /// Size in bytes.
@@ -90,7 +105,13 @@ impl Mapping {
         // SAFETY: the range was checked to lie inside the mapping, `out` is
         // a distinct, valid buffer of that length (it cannot alias a shared
         // mapping the caller does not own).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
         Ok(())
     }
 
@@ -99,7 +120,9 @@ impl Mapping {
         self.check(offset, data.len())?;
         // SAFETY: the range was checked to lie inside the mapping; `data` is
         // a valid buffer that does not overlap it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
         Ok(())
     }
 
