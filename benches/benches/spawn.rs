@@ -38,12 +38,18 @@ fn time_median(n: usize, mut f: impl FnMut()) -> Duration {
 }
 
 fn bare_command(exe: &std::path::Path) {
-    let status = Command::new(exe).env(EXIT_NOW, "1").status().expect("bare spawn");
+    let status = Command::new(exe)
+        .env(EXIT_NOW, "1")
+        .status()
+        .expect("bare spawn");
     assert!(status.success());
 }
 
 fn multiproc_spawn() {
-    let v = multiproc::spawn(trivial_value, ()).expect("spawn").join().expect("join");
+    let v = multiproc::spawn(trivial_value, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
     assert_eq!(v, 7);
 }
 
@@ -55,7 +61,11 @@ fn multiproc_process() {
 
 fn python(method: &str) -> Option<f64> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/spawn.py");
-    let out = Command::new("python3").arg(script).arg(method).output().ok()?;
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(method)
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
@@ -72,7 +82,9 @@ fn main() {
     let mut group = c.benchmark_group("spawn_join");
     group.bench_function("bare_command_spawn_wait", |b| b.iter(|| bare_command(&exe)));
     group.bench_function("multiproc_spawn_join", |b| b.iter(multiproc_spawn));
-    group.bench_function("multiproc_process_start_join", |b| b.iter(multiproc_process));
+    group.bench_function("multiproc_process_start_join", |b| {
+        b.iter(multiproc_process)
+    });
     group.finish();
 
     // The ratio, from interleaved rounds so that drift in machine load
@@ -88,7 +100,10 @@ fn main() {
     let ours = median_of(&mut ours);
     let proc_ = median_of(&mut proc_);
     println!("\nspawn + join, medians of {rounds} interleaved rounds of 9:");
-    println!("  bare Command spawn+wait      {:>8.3} ms", bare.as_secs_f64() * 1e3);
+    println!(
+        "  bare Command spawn+wait      {:>8.3} ms",
+        bare.as_secs_f64() * 1e3
+    );
     println!(
         "  multiproc::spawn + join      {:>8.3} ms  ({:.3}x bare)",
         ours.as_secs_f64() * 1e3,

@@ -133,10 +133,8 @@ pub(crate) fn on_load() {
 /// # Examples
 ///
 /// ```no_run
-/// fn main() {
-///     multiproc::init();
-///     // ... start processes ...
-/// }
+/// multiproc::init(); // first line of main
+/// // ... start processes ...
 /// ```
 pub fn init() {
     on_load();

@@ -23,7 +23,18 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
-fn options() -> impl Options + Copy {
+type Opts = bincode::config::WithOtherTrailing<
+    bincode::config::WithOtherEndian<
+        bincode::config::WithOtherIntEncoding<
+            bincode::DefaultOptions,
+            bincode::config::FixintEncoding,
+        >,
+        bincode::config::LittleEndian,
+    >,
+    bincode::config::AllowTrailing,
+>;
+
+fn options() -> Opts {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_little_endian()
@@ -172,29 +183,13 @@ impl<'a> SeqEncoder<'a> {
 /// Decodes values written back to back by [`SeqEncoder`]. Call inside
 /// [`with_fd_source`] when values may carry handles.
 pub(crate) struct SeqDecoder<'de> {
-    de: bincode::Deserializer<
-        bincode::de::read::SliceReader<'de>,
-        bincode::config::WithOtherTrailing<
-            bincode::config::WithOtherEndian<
-                bincode::config::WithOtherIntEncoding<
-                    bincode::DefaultOptions,
-                    bincode::config::FixintEncoding,
-                >,
-                bincode::config::LittleEndian,
-            >,
-            bincode::config::AllowTrailing,
-        >,
-    >,
+    de: bincode::Deserializer<bincode::de::read::SliceReader<'de>, Opts>,
 }
 
 impl<'de> SeqDecoder<'de> {
     pub(crate) fn new(bytes: &'de [u8]) -> Self {
-        let opts = bincode::DefaultOptions::new()
-            .with_fixint_encoding()
-            .with_little_endian()
-            .allow_trailing_bytes();
         SeqDecoder {
-            de: bincode::Deserializer::from_slice(bytes, opts),
+            de: bincode::Deserializer::from_slice(bytes, options()),
         }
     }
 

@@ -106,7 +106,7 @@ pub(crate) fn lookup_type<F: 'static>() -> Result<&'static Entry> {
 /// The entry registered under `name`.
 pub(crate) fn lookup_name(name: &str) -> Result<&'static Entry> {
     let reg = registry();
-    if reg.duplicates.iter().any(|d| *d == name) {
+    if reg.duplicates.contains(&name) {
         return Err(Error::DuplicateName {
             name: name.to_string(),
         });

@@ -107,7 +107,7 @@ impl Mapping {
         // mapping the caller does not own).
         unsafe {
             std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
+                self.ptr.as_ptr().wrapping_add(offset),
                 out.as_mut_ptr(),
                 out.len(),
             )
@@ -121,7 +121,11 @@ impl Mapping {
         // SAFETY: the range was checked to lie inside the mapping; `data` is
         // a valid buffer that does not overlap it.
         unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.ptr.as_ptr().wrapping_add(offset),
+                data.len(),
+            )
         };
         Ok(())
     }
