@@ -440,6 +440,18 @@ pub(crate) fn start_child(
     args: &[u8],
     fds: &[OwnedFd],
 ) -> Result<(ChildProc, Channel)> {
+    start_child_as(registry::build_id(), name, process_name, mode, args, fds)
+}
+
+/// [`start_child`], claiming to be build `build_id` (tests use another).
+fn start_child_as(
+    build_id: u64,
+    name: &str,
+    process_name: &str,
+    mode: Mode,
+    args: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(ChildProc, Channel)> {
     ensure_ready()?;
     let (parent_end, child_end) = sys::socketpair()?;
     let child_end = if child_end.as_raw_fd() == sys::CHILD_FD {
@@ -473,7 +485,7 @@ pub(crate) fn start_child(
     let channel = Channel::new(parent_end);
     let me = identity();
     let header = codec::encode_plain(&Start {
-        build_id: registry::build_id(),
+        build_id,
         name: name.to_string(),
         process_name: process_name.to_string(),
         parent_name: me.name.clone(),
@@ -542,6 +554,27 @@ mod tests {
             .expect("wait")
             .expect("exited");
         assert!(status.success(), "{status}");
+    }
+
+    #[test]
+    fn a_child_of_another_build_refuses_with_exit_code_2() {
+        let (child, mut channel) = start_child_as(
+            0x5eed,
+            "__multiproc::test::echo",
+            "echo",
+            Mode::Internal,
+            b"",
+            &[],
+        )
+        .expect("start");
+        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
+        assert_eq!(frame.tag, TAG_FAILED);
+        assert!(String::from_utf8_lossy(&frame.bytes).contains("different build"));
+        let status = child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("exited");
+        assert_eq!(status.code(), 2);
     }
 
     #[test]

@@ -349,3 +349,26 @@ fn a_process_started_with_a_foreign_marker_refuses_to_run_as_a_child() {
     assert!(stderr.contains("refusing to run as a child"), "{stderr}");
     assert!(out.stdout.is_empty(), "the test harness did not run");
 }
+
+#[process_fn(name = "tests::duplicate")]
+fn first_of_two() -> u8 {
+    1
+}
+
+#[process_fn(name = "tests::duplicate")]
+fn second_of_two() -> u8 {
+    2
+}
+
+#[test]
+fn two_registrations_with_one_name_are_reported_not_guessed() {
+    for result in [
+        multiproc::spawn(first_of_two, ()).map(|_| ()),
+        multiproc::spawn(second_of_two, ()).map(|_| ()),
+    ] {
+        match result {
+            Err(Error::DuplicateName { name }) => assert_eq!(name, "tests::duplicate"),
+            other => panic!("expected a duplicate-name error, got {other:?}"),
+        }
+    }
+}
