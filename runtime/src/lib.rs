@@ -66,6 +66,8 @@ mod codec;
 pub mod error;
 pub mod process;
 pub mod registry;
+pub mod shared;
+pub mod sync;
 mod sys;
 mod wire;
 
@@ -73,6 +75,8 @@ pub use child::init;
 pub use error::{Error, Result};
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+pub use shared::{Array, Value};
+pub use sync::Lock;
 
 /// A type whose [`run`](ProcessTask::run) runs in a child process, like a
 /// Python class that overrides `Process.run`. Start it with
