@@ -51,12 +51,11 @@ pub(crate) const fn data_offset<T>(header: usize) -> usize {
 /// use multiproc::{process_fn, Array, Process, Value};
 ///
 /// #[process_fn]
-/// fn f(n: Value<f64>, a: Array<i32>) -> multiproc::Result<()> {
+/// fn f(n: Value<f64>, a: Array<i32>) {
 ///     n.set(3.1415927);
-///     for x in a.lock()?.iter_mut() {
+///     for x in a.lock().expect("not poisoned").iter_mut() {
 ///         *x = -*x;
 ///     }
-///     Ok(())
 /// }
 ///
 /// # fn main() -> multiproc::Result<()> {

@@ -39,9 +39,8 @@ const TIDS: usize = 8;
 /// use multiproc::{process_fn, sync::Barrier, Process};
 ///
 /// #[process_fn]
-/// fn party(barrier: Barrier) -> multiproc::Result<()> {
-///     barrier.wait()?;
-///     Ok(())
+/// fn party(barrier: Barrier) -> bool {
+///     barrier.wait().is_ok()
 /// }
 ///
 /// # fn main() -> multiproc::Result<()> {

@@ -31,11 +31,10 @@ const COND_BYTES: usize = 16;
 /// use multiproc::{process_fn, sync::Condition, Process, Value};
 ///
 /// #[process_fn]
-/// fn produce(cond: Condition, ready: Value<u32>) -> multiproc::Result<()> {
-///     let _guard = cond.acquire()?;
+/// fn produce(cond: Condition, ready: Value<u32>) {
+///     let _guard = cond.acquire().expect("not poisoned");
 ///     ready.store(1);
 ///     cond.notify_all();
-///     Ok(())
 /// }
 ///
 /// # fn main() -> multiproc::Result<()> {

@@ -35,10 +35,9 @@ use crate::sys::shm::Mapping;
 /// use multiproc::{process_fn, Lock, Process};
 ///
 /// #[process_fn]
-/// fn f(lock: Lock, i: u32) -> multiproc::Result<()> {
-///     let _guard = lock.acquire()?;
+/// fn f(lock: Lock, i: u32) {
+///     let _guard = lock.acquire().expect("a holder died holding the lock");
 ///     println!("hello world {i}");
-///     Ok(())
 /// }
 ///
 /// # fn main() -> multiproc::Result<()> {
