@@ -10,7 +10,9 @@ const EACH: u64 = 100_000;
 #[process_fn]
 fn with_lock(counter: Value<u64>) {
     for _ in 0..EACH {
-        *counter.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
+        *counter
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) += 1;
     }
 }
 
@@ -23,7 +25,9 @@ fn with_fetch_add(counter: Value<u64>) {
 
 fn run<F: ProcessFn<(Value<u64>,)> + Copy>(f: F, label: &str) -> multiproc::Result<()> {
     let counter = Value::new(0u64)?;
-    let mut procs: Vec<Process> = (0..PROCS).map(|_| Process::new(f, (counter.clone(),))).collect();
+    let mut procs: Vec<Process> = (0..PROCS)
+        .map(|_| Process::new(f, (counter.clone(),)))
+        .collect();
     let start = Instant::now();
     for p in &mut procs {
         p.start()?;
@@ -32,7 +36,10 @@ fn run<F: ProcessFn<(Value<u64>,)> + Copy>(f: F, label: &str) -> multiproc::Resu
         p.join()?;
     }
     let elapsed = start.elapsed();
-    println!("{label:>9}: {} in {elapsed:.2?} (process start included)", counter.get());
+    println!(
+        "{label:>9}: {} in {elapsed:.2?} (process start included)",
+        counter.get()
+    );
     Ok(())
 }
 

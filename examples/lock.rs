@@ -20,7 +20,9 @@ use multiproc::{Lock, Process, process_fn};
 fn f(lock: Lock, i: u32) {
     // Err only if a previous holder died holding the lock; printing is
     // still fine then, so take the guard either way.
-    let _guard = lock.acquire().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = lock
+        .acquire()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     println!("hello world {i}");
 }
 

@@ -20,6 +20,7 @@
 use multiproc::{Array, Process, Value, process_fn};
 
 #[process_fn]
+#[allow(clippy::approx_constant)] // the Python docs' literal
 fn f(n: Value<f64>, a: Array<i32>) {
     n.set(3.1415927);
     let mut a = a.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

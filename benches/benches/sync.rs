@@ -19,7 +19,10 @@ use multiproc::{Lock, Value, process_fn};
 /// The floor: a futex-style lock word with no owner identity and no poison
 /// check (uncontended: one CAS to take, one swap to release).
 fn bare_futex_lock(word: &AtomicU32) {
-    while word.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+    while word
+        .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
         std::hint::spin_loop();
     }
     // A real futex lock would wake a sleeper if this says contended.
@@ -29,11 +32,17 @@ fn bare_futex_lock(word: &AtomicU32) {
 fn uncontended(c: &mut Criterion) {
     let mut g = c.benchmark_group("uncontended acquire+release");
     let word = AtomicU32::new(0);
-    g.bench_function("bare futex word", |b| b.iter(|| bare_futex_lock(black_box(&word))));
+    g.bench_function("bare futex word", |b| {
+        b.iter(|| bare_futex_lock(black_box(&word)))
+    });
     let lock = Lock::new().expect("lock");
-    g.bench_function("multiproc Lock", |b| b.iter(|| drop(black_box(&lock).acquire())));
+    g.bench_function("multiproc Lock", |b| {
+        b.iter(|| drop(black_box(&lock).acquire()))
+    });
     let mutex = std::sync::Mutex::new(());
-    g.bench_function("std Mutex (one process)", |b| b.iter(|| drop(black_box(&mutex).lock())));
+    g.bench_function("std Mutex (one process)", |b| {
+        b.iter(|| drop(black_box(&mutex).lock()))
+    });
     g.finish();
 }
 
@@ -84,8 +93,12 @@ fn two_process_increments(iters: u64, atomic: bool) -> Duration {
 fn shared_counter(c: &mut Criterion) {
     let mut g = c.benchmark_group("Value<i64> += 1, 2 processes (per increment)");
     g.sample_size(10).measurement_time(Duration::from_secs(8));
-    g.bench_function("under its lock", |b| b.iter_custom(|iters| two_process_increments(iters, false)));
-    g.bench_function("fetch_add", |b| b.iter_custom(|iters| two_process_increments(iters, true)));
+    g.bench_function("under its lock", |b| {
+        b.iter_custom(|iters| two_process_increments(iters, false))
+    });
+    g.bench_function("fetch_add", |b| {
+        b.iter_custom(|iters| two_process_increments(iters, true))
+    });
     g.finish();
 }
 
@@ -102,7 +115,9 @@ fn event_echo(ping: Event, pong: Event, rounds: u64) {
 fn condition_echo(cond: Condition, turn: Value<u32>, rounds: u64) {
     for _ in 0..rounds {
         let g = cond.acquire().expect("not poisoned");
-        let _g = cond.wait_while(g, || turn.load() == 0).expect("not poisoned");
+        let _g = cond
+            .wait_while(g, || turn.load() == 0)
+            .expect("not poisoned");
         turn.store(0);
         cond.notify_all();
     }
@@ -111,7 +126,8 @@ fn condition_echo(cond: Condition, turn: Value<u32>, rounds: u64) {
 /// One round trip = two wake-ups between processes.
 fn event_round_trips(iters: u64) -> Duration {
     let (ping, pong) = (Event::new().expect("event"), Event::new().expect("event"));
-    let child = multiproc::spawn(event_echo, (ping.clone(), pong.clone(), iters + 1)).expect("spawn");
+    let child =
+        multiproc::spawn(event_echo, (ping.clone(), pong.clone(), iters + 1)).expect("spawn");
     let round = || {
         ping.set();
         assert!(pong.wait_timeout(Duration::from_secs(60)));
@@ -130,12 +146,16 @@ fn event_round_trips(iters: u64) -> Duration {
 fn condition_round_trips(iters: u64) -> Duration {
     let cond = Condition::new().expect("condition");
     let turn = Value::new(0u32).expect("value");
-    let child = multiproc::spawn(condition_echo, (cond.clone(), turn.clone(), iters + 1)).expect("spawn");
+    let child =
+        multiproc::spawn(condition_echo, (cond.clone(), turn.clone(), iters + 1)).expect("spawn");
     let round = || {
         let g = cond.acquire().expect("not poisoned");
         turn.store(1);
         cond.notify_all();
-        drop(cond.wait_while(g, || turn.load() == 1).expect("not poisoned"));
+        drop(
+            cond.wait_while(g, || turn.load() == 1)
+                .expect("not poisoned"),
+        );
     };
     round();
     let t = Instant::now();

@@ -15,7 +15,10 @@ fn run_all(mut procs: Vec<Process>) {
         p.start().expect("start");
     }
     for p in &mut procs {
-        let status = p.join_timeout(JOIN).expect("join").expect("the child did not end in time");
+        let status = p
+            .join_timeout(JOIN)
+            .expect("join")
+            .expect("the child did not end in time");
         assert!(status.success(), "child failed: {status:?}");
     }
 }
@@ -30,7 +33,11 @@ fn locked_adds(counter: Value<i64>, n: u32) {
 #[test]
 fn value_lock_four_processes_count_40000() {
     let counter = Value::new(0i64).expect("value");
-    run_all((0..4).map(|_| Process::new(locked_adds, (counter.clone(), 10_000))).collect());
+    run_all(
+        (0..4)
+            .map(|_| Process::new(locked_adds, (counter.clone(), 10_000)))
+            .collect(),
+    );
     assert_eq!(counter.get(), 40_000);
 }
 
@@ -44,11 +51,16 @@ fn atomic_adds(counter: Value<u64>, n: u32) {
 #[test]
 fn value_fetch_add_four_processes_count_40000() {
     let counter = Value::new(0u64).expect("value");
-    run_all((0..4).map(|_| Process::new(atomic_adds, (counter.clone(), 10_000))).collect());
+    run_all(
+        (0..4)
+            .map(|_| Process::new(atomic_adds, (counter.clone(), 10_000)))
+            .collect(),
+    );
     assert_eq!(counter.load(), 40_000);
 }
 
 #[process_fn]
+#[allow(clippy::approx_constant)] // the Python docs' literal
 fn python_docs_f(n: Value<f64>, a: Array<i32>) {
     n.set(3.1415927);
     for x in a.lock().expect("not poisoned").iter_mut() {
@@ -60,8 +72,13 @@ fn python_docs_f(n: Value<f64>, a: Array<i32>) {
 fn python_docs_value_and_array_example() {
     let num = Value::new(0.0f64).expect("value");
     let arr = Array::new(&(0..10).collect::<Vec<i32>>()).expect("array");
-    run_all(vec![Process::new(python_docs_f, (num.clone(), arr.clone()))]);
-    assert_eq!(num.get(), 3.1415927);
+    run_all(vec![Process::new(
+        python_docs_f,
+        (num.clone(), arr.clone()),
+    )]);
+    #[allow(clippy::approx_constant)]
+    let expected = 3.1415927;
+    assert_eq!(num.get(), expected);
     assert_eq!(arr.to_vec(), (0..10).map(|i| -i).collect::<Vec<i32>>());
 }
 
@@ -77,7 +94,11 @@ fn fill_half(arr: Array<f64>, half: usize) {
 #[test]
 fn array_of_a_million_f64_filled_by_two_processes() {
     let arr = Array::<f64>::zeroed(1_000_000).expect("array");
-    run_all((0..2).map(|half| Process::new(fill_half, (arr.clone(), half))).collect());
+    run_all(
+        (0..2)
+            .map(|half| Process::new(fill_half, (arr.clone(), half)))
+            .collect(),
+    );
     let sum: f64 = arr.lock().expect("not poisoned").iter().sum();
     assert_eq!(sum, 499_999_500_000.0);
     assert_eq!(arr.get(999_999).expect("in range"), 999_999.0);
@@ -93,7 +114,11 @@ fn raw_write(arr: RawArray<u32>, start: usize) {
 #[test]
 fn raw_array_disjoint_writes_by_two_processes() {
     let arr = RawArray::<u32>::zeroed(100).expect("array");
-    run_all((0..2).map(|i| Process::new(raw_write, (arr.clone(), i * 50))).collect());
+    run_all(
+        (0..2)
+            .map(|i| Process::new(raw_write, (arr.clone(), i * 50)))
+            .collect(),
+    );
     assert_eq!(arr.to_vec(), (0..100).collect::<Vec<u32>>());
 }
 
@@ -107,7 +132,11 @@ fn write_by_name(name: String) -> usize {
 /// Names of entries in /dev/shm (nothing of ours may ever appear there).
 fn dev_shm() -> Vec<String> {
     std::fs::read_dir("/dev/shm")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -160,6 +189,9 @@ fn shared_memory_name_disappears_when_its_creator_is_killed() {
     p.kill().expect("kill");
     p.join_timeout(JOIN).expect("join").expect("reaped");
     assert!(gone(&name), "the name outlived its creator");
-    assert_eq!(opened[0], 42, "a process that still maps it keeps the memory");
+    assert_eq!(
+        opened[0], 42,
+        "a process that still maps it keeps the memory"
+    );
     assert_eq!(dev_shm(), before, "nothing may be left in /dev/shm");
 }

@@ -13,7 +13,10 @@ use multiproc::{Error, Lock, Process, Value, process_fn};
 const JOIN: Duration = Duration::from_secs(30);
 
 fn join(p: &mut Process) {
-    let status = p.join_timeout(JOIN).expect("join").expect("the child did not end in time");
+    let status = p
+        .join_timeout(JOIN)
+        .expect("join")
+        .expect("the child did not end in time");
     assert!(status.success(), "child failed: {status:?}");
 }
 
@@ -74,13 +77,19 @@ fn lock_holder_killed_parent_acquires_poisoned() {
     // Not reaped yet on purpose: a zombie holder counts as dead too.
     match lock.acquire_timeout(Duration::from_secs(2)) {
         Err(TryLockError::Poisoned(poisoned)) => drop(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => panic!("the lock of a killed holder was not recovered within 2 s"),
+        Err(TryLockError::WouldBlock) => {
+            panic!("the lock of a killed holder was not recovered within 2 s")
+        }
         Ok(_) => panic!("the takeover was not reported as poisoning"),
     }
     p.join_timeout(JOIN).expect("join").expect("reaped");
     // Poisoning persists until cleared, and `?` maps it to Error::Poisoned.
     assert!(lock.is_poisoned());
-    let err = lock.acquire().map(drop).map_err(Error::from).expect_err("still poisoned");
+    let err = lock
+        .acquire()
+        .map(drop)
+        .map_err(Error::from)
+        .expect_err("still poisoned");
     assert!(matches!(err, Error::Poisoned), "{err}");
     lock.clear_poison();
     assert!(lock.acquire().is_ok());
@@ -97,7 +106,10 @@ fn event_set_by_child_wakes_parent() {
     assert!(!event.is_set());
     let mut p = Process::new(set_event, (event.clone(),));
     p.start().expect("start");
-    assert!(event.wait_timeout(JOIN), "the child's set() did not wake the parent");
+    assert!(
+        event.wait_timeout(JOIN),
+        "the child's set() did not wake the parent"
+    );
     assert!(event.is_set());
     join(&mut p);
     event.clear();
@@ -107,7 +119,10 @@ fn event_set_by_child_wakes_parent() {
 #[process_fn]
 fn admitted(sem: Semaphore, inside: Value<u32>, most: Value<u32>, rounds: u32) {
     for _ in 0..rounds {
-        assert!(sem.acquire_timeout(JOIN), "semaphore never admitted this process");
+        assert!(
+            sem.acquire_timeout(JOIN),
+            "semaphore never admitted this process"
+        );
         let now = inside.fetch_add(1) + 1;
         let mut seen = most.load();
         while now > seen {
@@ -137,7 +152,11 @@ fn semaphore_of_two_admits_at_most_two_of_five() {
     for p in &mut procs {
         join(p);
     }
-    assert!(most.load() <= 2, "{} processes were inside at once", most.load());
+    assert!(
+        most.load() <= 2,
+        "{} processes were inside at once",
+        most.load()
+    );
     assert!(most.load() >= 1);
     assert_eq!(inside.load(), 0);
     assert_eq!(sem.value(), 2);
@@ -166,11 +185,20 @@ fn barrier_of_three_releases_three_processes_together() {
     let barrier = Barrier::new(3).expect("barrier");
     let arrived = Value::new(0u32).expect("value");
     let handles: Vec<_> = (0..3)
-        .map(|_| multiproc::spawn(barrier_party, (barrier.clone(), arrived.clone())).expect("spawn"))
+        .map(|_| {
+            multiproc::spawn(barrier_party, (barrier.clone(), arrived.clone())).expect("spawn")
+        })
         .collect();
-    let results: Vec<(u32, bool)> = handles.into_iter().map(|h| h.join_timeout(JOIN).expect("join")).collect();
+    let results: Vec<(u32, bool)> = handles
+        .into_iter()
+        .map(|h| h.join_timeout(JOIN).expect("join"))
+        .collect();
     assert!(results.iter().all(|(seen, _)| *seen == 3), "{results:?}");
-    assert_eq!(results.iter().filter(|(_, leader)| *leader).count(), 1, "{results:?}");
+    assert_eq!(
+        results.iter().filter(|(_, leader)| *leader).count(),
+        1,
+        "{results:?}"
+    );
     assert!(!barrier.is_broken());
 }
 
@@ -187,21 +215,30 @@ fn barrier_party_killed_breaks_it_for_the_others() {
     let barrier = Barrier::new(3).expect("barrier");
     let mut victim = Process::new(wait_at_barrier, (barrier.clone(),));
     victim.start().expect("start");
-    eventually("the victim waits at the barrier", || barrier.n_waiting() == 1);
+    eventually("the victim waits at the barrier", || {
+        barrier.n_waiting() == 1
+    });
     victim.kill().expect("kill");
     victim.join_timeout(JOIN).expect("join").expect("reaped");
-    let err = barrier.wait_timeout(JOIN).expect_err("a dead party must break the barrier");
+    let err = barrier
+        .wait_timeout(JOIN)
+        .expect_err("a dead party must break the barrier");
     assert!(matches!(err, Error::BrokenBarrier), "{err}");
     assert!(barrier.is_broken());
     // A party arriving later is told at once instead of hanging.
     let late = multiproc::spawn(wait_at_barrier, (barrier.clone(),)).expect("spawn");
-    assert_eq!(late.join_timeout(JOIN).expect("join"), Error::BrokenBarrier.to_string());
+    assert_eq!(
+        late.join_timeout(JOIN).expect("join"),
+        Error::BrokenBarrier.to_string()
+    );
 }
 
 #[test]
 fn barrier_timeout_breaks_it() {
     let barrier = Barrier::new(2).expect("barrier");
-    let err = barrier.wait_timeout(Duration::from_millis(20)).expect_err("alone");
+    let err = barrier
+        .wait_timeout(Duration::from_millis(20))
+        .expect_err("alone");
     assert!(err.is_timeout(), "{err}");
     assert!(matches!(barrier.wait(), Err(Error::BrokenBarrier)));
 }
@@ -229,10 +266,16 @@ fn rlock_twice_in_one_process_and_excludes_others() {
     let b = rlock.acquire().expect("b");
     drop(a);
     let other = multiproc::spawn(rlock_try, (rlock.clone(),)).expect("spawn");
-    assert!(!other.join_timeout(JOIN).expect("join"), "held once more here: others must be excluded");
+    assert!(
+        !other.join_timeout(JOIN).expect("join"),
+        "held once more here: others must be excluded"
+    );
     drop(b);
     let other = multiproc::spawn(rlock_try, (rlock.clone(),)).expect("spawn");
-    assert!(other.join_timeout(JOIN).expect("join"), "released: others may take it");
+    assert!(
+        other.join_timeout(JOIN).expect("join"),
+        "released: others may take it"
+    );
 }
 
 #[process_fn]
@@ -256,7 +299,11 @@ fn condition_notify_wakes_a_waiting_process() {
     let cond = Condition::new().expect("condition");
     let flag = Value::new(0u32).expect("value");
     let waiting = Event::new().expect("event");
-    let child = multiproc::spawn(condition_waiter, (cond.clone(), flag.clone(), waiting.clone())).expect("spawn");
+    let child = multiproc::spawn(
+        condition_waiter,
+        (cond.clone(), flag.clone(), waiting.clone()),
+    )
+    .expect("spawn");
     assert!(waiting.wait_timeout(JOIN));
     {
         // Granted only once the child sleeps in wait (which releases it).
@@ -264,7 +311,10 @@ fn condition_notify_wakes_a_waiting_process() {
         flag.store(1);
         cond.notify();
     }
-    assert!(child.join_timeout(JOIN).expect("join"), "the waiter was not woken by notify");
+    assert!(
+        child.join_timeout(JOIN).expect("join"),
+        "the waiter was not woken by notify"
+    );
 }
 
 #[test]

@@ -33,7 +33,11 @@ fn create<T: Pod>(name: &str, data: usize, len: usize) -> Result<Mapping> {
     Ok(map)
 }
 
-fn arrive<'de, T: Pod, D: Deserializer<'de>>(deserializer: D, data: usize, what: &str) -> std::result::Result<(Arc<Mapping>, usize), D::Error> {
+fn arrive<'de, T: Pod, D: Deserializer<'de>>(
+    deserializer: D,
+    data: usize,
+    what: &str,
+) -> std::result::Result<(Arc<Mapping>, usize), D::Error> {
     use serde::de::Error as _;
     let map = deserialize_mapping(deserializer, HEADER, what)?;
     let len = map.atomics_u64()[LEN_WORD].load(Ordering::Relaxed);
@@ -50,7 +54,9 @@ fn arrive<'de, T: Pod, D: Deserializer<'de>>(deserializer: D, data: usize, what:
         .and_then(|b| b.checked_add(data))
         .is_some_and(|end| end <= map.len());
     if !fits {
-        return Err(D::Error::custom(format!("{what} shared memory too small for its length")));
+        return Err(D::Error::custom(format!(
+            "{what} shared memory too small for its length"
+        )));
     }
     Ok((map, len))
 }
@@ -147,7 +153,11 @@ impl<T: Pod> Array<T> {
 
     fn wrap<'a>(&'a self, raw: RawGuard<'a>, poisoned: bool) -> LockResult<ArrayGuard<'a, T>> {
         let guard = ArrayGuard { array: self, raw };
-        if poisoned { Err(PoisonError::new(guard)) } else { Ok(guard) }
+        if poisoned {
+            Err(PoisonError::new(guard))
+        } else {
+            Ok(guard)
+        }
     }
 
     /// Takes the array's lock; the guard derefs to `[T]`.
@@ -198,7 +208,10 @@ impl<T: Pod> Array<T> {
     ///
     /// [`Error::InvalidArgument`] if `i` is out of range.
     pub fn get(&self, i: usize) -> Result<T> {
-        self.locked().get(i).copied().ok_or_else(|| self.out_of_range(i))
+        self.locked()
+            .get(i)
+            .copied()
+            .ok_or_else(|| self.out_of_range(i))
     }
 
     /// Replaces element `i`, under the lock (poisoning ignored).
@@ -219,7 +232,10 @@ impl<T: Pod> Array<T> {
     }
 
     fn out_of_range(&self, i: usize) -> Error {
-        Error::invalid(format!("index {i} out of range for a shared array of length {}", self.len))
+        Error::invalid(format!(
+            "index {i} out of range for a shared array of length {}",
+            self.len
+        ))
     }
 
     /// `true` if a holder of the lock died or panicked holding it.
@@ -263,7 +279,9 @@ impl<T: Pod + fmt::Debug> fmt::Debug for ArrayGuard<'_, T> {
 
 impl<T: Pod> fmt::Debug for Array<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Array").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("Array")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 
@@ -417,7 +435,9 @@ impl<T: Pod> RawArray<T> {
 
 impl<T: Pod> fmt::Debug for RawArray<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawArray").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("RawArray")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 

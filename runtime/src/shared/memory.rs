@@ -7,7 +7,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
-use nix::sys::socket::{self, AddressFamily, Backlog, Shutdown, SockFlag, SockType, UnixAddr, sockopt};
+use nix::sys::socket::{
+    self, AddressFamily, Backlog, Shutdown, SockFlag, SockType, UnixAddr, sockopt,
+};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec;
@@ -78,8 +80,13 @@ fn address(name: &str) -> Result<UnixAddr> {
 }
 
 fn unix_socket() -> Result<OwnedFd> {
-    socket::socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
-        .map_err(|e| Error::errno("could not create a socket", e))
+    socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::errno("could not create a socket", e))
 }
 
 impl SharedMemory {
@@ -101,7 +108,9 @@ impl SharedMemory {
         match socket::bind(listener.as_raw_fd(), &addr) {
             Ok(()) => {}
             Err(Errno::EADDRINUSE) => {
-                return Err(Error::invalid(format!("shared memory named {name:?} already exists")));
+                return Err(Error::invalid(format!(
+                    "shared memory named {name:?} already exists"
+                )));
             }
             Err(e) => return Err(Error::errno("could not bind the shared memory name", e)),
         }
@@ -174,7 +183,12 @@ impl SharedMemory {
             // once both it and this handle have closed the socket.
             match socket::shutdown(listener.as_raw_fd(), Shutdown::Both) {
                 Ok(()) | Err(Errno::ENOTCONN) => {}
-                Err(e) => return Err(Error::errno("could not stop the shared memory name server", e)),
+                Err(e) => {
+                    return Err(Error::errno(
+                        "could not stop the shared memory name server",
+                        e,
+                    ));
+                }
             }
         }
         Ok(())
@@ -201,7 +215,8 @@ fn serve(listener: &OwnedFd, memfd: &OwnedFd) {
             // Shut down by `unlink`, or broken: either way stop serving.
             Err(_) => return,
         };
-        let same_user = socket::getsockopt(&conn, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == uid);
+        let same_user =
+            socket::getsockopt(&conn, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == uid);
         let fds = [memfd.as_raw_fd()];
         let fds: &[i32] = if same_user { &fds } else { &[] };
         let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[1])], fds);
@@ -231,7 +246,10 @@ impl fmt::Debug for SharedMemory {
     }
 }
 
-fn serialize_borrowed_fd<S: Serializer>(fd: &BorrowedFd<'_>, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+fn serialize_borrowed_fd<S: Serializer>(
+    fd: &BorrowedFd<'_>,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
     codec::serialize_fd(*fd, serializer)
 }
 

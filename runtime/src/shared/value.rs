@@ -127,7 +127,9 @@ impl<T: Pod> Value<T> {
     fn read(&self) -> T {
         let mut out = T::zeroed();
         // In range by construction (checked on creation and arrival).
-        let _ = self.map.load_pods(Self::DATA, std::slice::from_mut(&mut out));
+        let _ = self
+            .map
+            .load_pods(Self::DATA, std::slice::from_mut(&mut out));
         out
     }
 
@@ -155,7 +157,11 @@ impl<T: Pod> Value<T> {
         loop {
             if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
                 let guard = self.guard(raw);
-                return if poisoned { Err(PoisonError::new(guard)) } else { Ok(guard) };
+                return if poisoned {
+                    Err(PoisonError::new(guard))
+                } else {
+                    Ok(guard)
+                };
             }
         }
     }
@@ -268,7 +274,11 @@ pub trait AtomicInteger: Pod + sealed::Sealed {
     #[doc(hidden)]
     fn fetch_sub(value: &Value<Self>, v: Self) -> Self;
     #[doc(hidden)]
-    fn compare_exchange(value: &Value<Self>, current: Self, new: Self) -> std::result::Result<Self, Self>;
+    fn compare_exchange(
+        value: &Value<Self>,
+        current: Self,
+        new: Self,
+    ) -> std::result::Result<Self, Self>;
     #[doc(hidden)]
     fn swap(value: &Value<Self>, v: Self) -> Self;
     #[doc(hidden)]
@@ -432,13 +442,17 @@ impl<T: Pod> RawValue<T> {
     /// A copy of the value.
     pub fn get(&self) -> T {
         let mut out = T::zeroed();
-        let _ = self.map.load_pods(Self::DATA, std::slice::from_mut(&mut out));
+        let _ = self
+            .map
+            .load_pods(Self::DATA, std::slice::from_mut(&mut out));
         out
     }
 
     /// Replaces the value.
     pub fn set(&self, value: T) {
-        let _ = self.map.store_pods(Self::DATA, std::slice::from_ref(&value));
+        let _ = self
+            .map
+            .store_pods(Self::DATA, std::slice::from_ref(&value));
     }
 }
 
@@ -457,7 +471,11 @@ impl<T: Pod> Serialize for RawValue<T> {
 impl<'de, T: Pod> Deserialize<'de> for RawValue<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         Ok(RawValue {
-            map: deserialize_mapping(deserializer, Self::DATA + std::mem::size_of::<T>(), "RawValue")?,
+            map: deserialize_mapping(
+                deserializer,
+                Self::DATA + std::mem::size_of::<T>(),
+                "RawValue",
+            )?,
             _t: PhantomData,
         })
     }

@@ -176,7 +176,8 @@ impl Barrier {
                 futex::wake(generation, u32::MAX);
                 return Ok(BarrierWaitResult(true));
             }
-            self.word(TIDS + arrived as usize).store(me, Ordering::Relaxed);
+            self.word(TIDS + arrived as usize)
+                .store(me, Ordering::Relaxed);
             self.word(ARRIVED).store(arrived + 1, Ordering::Relaxed);
             generation.load(Ordering::SeqCst)
         };
@@ -237,7 +238,9 @@ impl<'de> Deserialize<'de> for Barrier {
         let map = deserialize_mapping(deserializer, TIDS * 4 + 4, "Barrier")?;
         let parties = map.atomics_u32()[PARTIES].load(Ordering::Relaxed) as usize;
         if map.len() < (TIDS + parties) * 4 {
-            return Err(D::Error::custom("barrier shared memory too small for its parties"));
+            return Err(D::Error::custom(
+                "barrier shared memory too small for its parties",
+            ));
         }
         Ok(Barrier { map })
     }

@@ -100,12 +100,19 @@ impl Condition {
         loop {
             if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
                 let guard = ConditionGuard { cond: self, raw };
-                return if poisoned { Err(PoisonError::new(guard)) } else { Ok(guard) };
+                return if poisoned {
+                    Err(PoisonError::new(guard))
+                } else {
+                    Ok(guard)
+                };
             }
         }
     }
 
-    fn wait_for(guard: ConditionGuard<'_>, timeout: Option<Duration>) -> LockResult<(ConditionGuard<'_>, bool)> {
+    fn wait_for(
+        guard: ConditionGuard<'_>,
+        timeout: Option<Duration>,
+    ) -> LockResult<(ConditionGuard<'_>, bool)> {
         let mut guard = guard;
         let (_, _, seq, sleepers) = guard.cond.words();
         let seen = seq.load(Ordering::SeqCst);
@@ -176,7 +183,11 @@ impl Condition {
                 }
             };
         }
-        if poisoned { Err(PoisonError::new(guard)) } else { Ok(guard) }
+        if poisoned {
+            Err(PoisonError::new(guard))
+        } else {
+            Ok(guard)
+        }
     }
 
     /// Wakes one waiter (if any).

@@ -89,7 +89,11 @@ impl Lock {
     #[inline]
     fn wrap<'a>(raw: RawGuard<'a>, poisoned: bool) -> LockResult<LockGuard<'a>> {
         let guard = LockGuard { _raw: raw };
-        if poisoned { Err(PoisonError::new(guard)) } else { Ok(guard) }
+        if poisoned {
+            Err(PoisonError::new(guard))
+        } else {
+            Ok(guard)
+        }
     }
 
     /// Waits for the lock and takes it.
@@ -366,7 +370,9 @@ impl Drop for RLockGuard<'_> {
 
 impl fmt::Debug for RLock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RLock").field("poisoned", &self.is_poisoned()).finish()
+        f.debug_struct("RLock")
+            .field("poisoned", &self.is_poisoned())
+            .finish()
     }
 }
 

@@ -42,7 +42,10 @@ use crate::codec;
 use crate::sys::shm::Mapping;
 
 /// Serializes a handle: its mapping's descriptor travels beside the bytes.
-pub(crate) fn serialize_mapping<S: Serializer>(map: &Mapping, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_mapping<S: Serializer>(
+    map: &Mapping,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     codec::serialize_fd(map.fd().as_fd(), serializer)
 }
 

@@ -69,7 +69,10 @@ impl Semaphore {
         loop {
             let c = count.load(Ordering::Relaxed);
             if c > 0 {
-                if count.compare_exchange(c, c - 1, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+                if count
+                    .compare_exchange(c, c - 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
                     return true;
                 }
                 continue;
@@ -145,7 +148,9 @@ impl Semaphore {
 
 impl fmt::Debug for Semaphore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Semaphore").field("value", &self.value()).finish()
+        f.debug_struct("Semaphore")
+            .field("value", &self.value())
+            .finish()
     }
 }
 
@@ -190,7 +195,9 @@ impl BoundedSemaphore {
     /// [`Error::InvalidArgument`] if `value` is 0 or above `i32::MAX`.
     pub fn new(value: u32) -> Result<BoundedSemaphore> {
         if value == 0 {
-            return Err(Error::invalid("a bounded semaphore needs a bound of at least 1"));
+            return Err(Error::invalid(
+                "a bounded semaphore needs a bound of at least 1",
+            ));
         }
         Ok(BoundedSemaphore {
             inner: Semaphore::with_bound(value, value)?,

@@ -60,8 +60,14 @@ pub(crate) fn is_dead(tid: u32) -> bool {
         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
         Ok(stat) => {
             // "pid (comm) S ...": the state follows the last ')'.
-            let after = stat.iter().rposition(|&b| b == b')').map_or(&stat[..0], |i| &stat[i + 1..]);
-            matches!(after.iter().find(|b| !b.is_ascii_whitespace()), Some(b'Z' | b'X' | b'x'))
+            let after = stat
+                .iter()
+                .rposition(|&b| b == b')')
+                .map_or(&stat[..0], |i| &stat[i + 1..]);
+            matches!(
+                after.iter().find(|b| !b.is_ascii_whitespace()),
+                Some(b'Z' | b'X' | b'x')
+            )
         }
     }
 }
@@ -86,7 +92,8 @@ pub(crate) enum Acquired {
 /// One CAS: takes the free `word` for the calling thread.
 #[inline]
 pub(crate) fn try_acquire(word: &AtomicU32) -> bool {
-    word.compare_exchange(0, tid(), Ordering::Acquire, Ordering::Relaxed).is_ok()
+    word.compare_exchange(0, tid(), Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
 }
 
 /// Takes `word` for the calling thread, waiting until `deadline` (`None`:
@@ -105,7 +112,10 @@ fn acquire_slow(word: &AtomicU32, deadline: Option<Instant>) -> Acquired {
     for _ in 0..SPINS {
         let v = word.load(Ordering::Relaxed);
         if v == 0 {
-            if word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            if word
+                .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
                 return Acquired::Free;
             }
         } else if v & CONTENDED != 0 {
@@ -126,7 +136,11 @@ fn acquire_slow(word: &AtomicU32, deadline: Option<Instant>) -> Acquired {
             continue;
         }
         let marked = v | CONTENDED;
-        if v != marked && word.compare_exchange(v, marked, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        if v != marked
+            && word
+                .compare_exchange(v, marked, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             continue;
         }
         let mut slice = CHECK_EVERY;
@@ -174,14 +188,21 @@ impl<'a> RawGuard<'a> {
     /// `poisoned` is true if a holder died holding it (now or before,
     /// until the flag is cleared) or panicked; `None` on timeout.
     #[inline]
-    pub(crate) fn lock(word: &'a AtomicU32, poison: &'a AtomicU32, deadline: Option<Instant>) -> Option<(Self, bool)> {
+    pub(crate) fn lock(
+        word: &'a AtomicU32,
+        poison: &'a AtomicU32,
+        deadline: Option<Instant>,
+    ) -> Option<(Self, bool)> {
         match acquire(word, deadline) {
             Acquired::TimedOut => None,
             Acquired::TakenOver => {
                 poison.store(1, Ordering::Relaxed);
                 Some((RawGuard { word, poison }, true))
             }
-            Acquired::Free => Some((RawGuard { word, poison }, poison.load(Ordering::Relaxed) != 0)),
+            Acquired::Free => Some((
+                RawGuard { word, poison },
+                poison.load(Ordering::Relaxed) != 0,
+            )),
         }
     }
 
@@ -189,7 +210,10 @@ impl<'a> RawGuard<'a> {
     #[inline]
     pub(crate) fn try_lock(word: &'a AtomicU32, poison: &'a AtomicU32) -> Option<(Self, bool)> {
         if try_acquire(word) {
-            Some((RawGuard { word, poison }, poison.load(Ordering::Relaxed) != 0))
+            Some((
+                RawGuard { word, poison },
+                poison.load(Ordering::Relaxed) != 0,
+            ))
         } else {
             None
         }

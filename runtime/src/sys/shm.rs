@@ -88,21 +88,23 @@ impl Mapping {
     }
 
     /// Copies `out.len()` bytes from `offset`. Out of range: an error.
+    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check(offset, out.len())?;
         // SAFETY: the range was checked to lie inside the mapping, `out` is
         // a distinct, valid buffer of that length (it cannot alias a shared
         // mapping the caller does not own).
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), out.as_mut_ptr(), out.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().wrapping_add(offset), out.as_mut_ptr(), out.len()) };
         Ok(())
     }
 
     /// Copies `data` to `offset`. Out of range: an error.
+    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check(offset, data.len())?;
         // SAFETY: the range was checked to lie inside the mapping; `data` is
         // a valid buffer that does not overlap it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len()) };
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().wrapping_add(offset), data.len()) };
         Ok(())
     }
 
@@ -137,7 +139,7 @@ impl Mapping {
         // of std's integer atomics (sealed trait), which have their
         // integer's layout and permit shared mutation through `&A`; the
         // mapping stays mapped while `&self` lives.
-        Ok(unsafe { &*self.ptr.as_ptr().add(offset).cast::<A>() })
+        Ok(unsafe { &*self.ptr.as_ptr().wrapping_add(offset).cast::<A>() })
     }
 
     /// Copies `out.len()` values of `T` from `offset` using relaxed atomic
@@ -215,7 +217,7 @@ impl Mapping {
         // processes; this shared borrow is tied to a shared borrow of the
         // guard, so no `&mut` from the same guard can coexist with it.
         // `T: Pod` makes every bit pattern valid.
-        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(offset).cast::<T>(), len) })
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len) })
     }
 
     /// `len` values of `T` at `offset`, mutably borrowed for as long as the
@@ -236,7 +238,7 @@ impl Mapping {
         // SAFETY: as for `locked_slice`; here the borrow is tied to an
         // exclusive borrow of the one guard that exists in all processes,
         // so this is the only reference to the range anywhere until it ends.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(offset).cast::<T>(), len) })
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len) })
     }
 
     fn check_locked<T: Pod>(&self, guard: &RawGuard<'_>, offset: usize, len: usize) -> Result<()> {
@@ -277,6 +279,7 @@ impl Mapping {
     }
 
     /// Raw base pointer, for sys-internal views.
+    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn base(&self) -> NonNull<u8> {
         self.ptr
     }
