@@ -22,10 +22,11 @@ use crate::sys::shm::Mapping;
 /// 100 ms and receives `Err(PoisonError)` holding the guard; see the
 /// [module docs](crate::sync) for the details and the limits.
 ///
-/// The guard is owned by the thread that acquired it (unlike Python's
-/// Lock, another thread cannot release it): drop the guard to release.
-/// Acquiring again from the thread that holds it waits forever (use
-/// [`RLock`] for re-entrance).
+/// Drop the guard to release (there is no free-standing `release`). The
+/// lock belongs to the *process* holding the guard: recovery happens when
+/// that process dies, while a guard leaked with `mem::forget` by a thread
+/// keeps the lock held, as with std's `Mutex`. Acquiring again while this
+/// process holds it waits (use [`RLock`] for re-entrance).
 ///
 /// # Examples
 ///
@@ -288,8 +289,8 @@ impl RLock {
             count.fetch_add(1, Ordering::Relaxed);
         } else {
             let got = if wait {
-                raw::acquire(word, deadline)
-            } else if raw::try_acquire(word) {
+                raw::acquire(word, me, deadline)
+            } else if raw::try_acquire(word, me) {
                 raw::Acquired::Free
             } else {
                 raw::Acquired::TimedOut
@@ -401,10 +402,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn poisoned_by_a_dead_thread_until_cleared() {
+    fn poisoned_by_a_panicking_thread_until_cleared() {
         let lock = Lock::new().expect("lock");
         std::thread::scope(|s| {
-            s.spawn(|| std::mem::forget(lock.acquire()));
+            let panicked = s
+                .spawn(|| {
+                    let _guard = lock.acquire();
+                    panic!("while holding the lock");
+                })
+                .join();
+            assert!(panicked.is_err());
         });
         let taken = lock.acquire_timeout(Duration::from_secs(20));
         assert!(matches!(taken, Err(TryLockError::Poisoned(_))));

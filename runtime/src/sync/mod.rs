@@ -10,8 +10,8 @@
 //! # Dead holders
 //!
 //! None of them is ever deadlocked by a process that dies. A lock word
-//! holds its holder's thread id; a waiter sleeps at most 100 ms at a time
-//! and then checks that the holder still runs. If it does not (killed,
+//! holds its holder's process id (thread id for [`RLock`]); a waiter sleeps
+//! at most 100 ms at a time and then checks that the holder still runs. If it does not (killed,
 //! crashed, a zombie not yet reaped), the waiter takes the lock over and is
 //! told: `acquire` returns `Err(PoisonError)` with the guard inside, as
 //! std's `Mutex` does after a panic. The lock then stays poisoned (every

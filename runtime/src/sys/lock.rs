@@ -3,18 +3,25 @@
 //! [`Mapping::locked_slice_mut`](super::shm::Mapping::locked_slice_mut)
 //! accepts).
 //!
-//! A lock word is `0` when free, else the holder's thread id (`gettid`,
-//! unique across processes in a pid namespace) with [`CONTENDED`] set when
-//! someone may be sleeping on it. Uncontended acquire is one CAS, release
+//! A lock word is `0` when free, else the holder's process id (or, for a
+//! re-entrant lock, thread id, unique across processes in a pid namespace)
+//! with [`CONTENDED`] set when someone may be sleeping on it. Uncontended acquire is one CAS, release
 //! one swap (plus a futex wake only if [`CONTENDED`] was set). A waiter
 //! spins briefly, then sleeps on the word with a bounded futex timeout
 //! ([`CHECK_EVERY`]); each time it wakes without the lock it asks whether
-//! the holder thread still exists (`/proc/<tid>/stat`: gone, zombie or
-//! dead means dead) and, if not, takes the lock over with a CAS and reports
-//! it. Detection is therefore only on the slow path and costs nothing when
+//! the holder still exists (`/proc/<id>/stat`: gone, zombie or dead means
+//! dead) and, if not, takes the lock over with a CAS and reports it.
+//! Detection is therefore only on the slow path and costs nothing when
 //! uncontended.
 //!
-//! Limits: a holder that died and whose thread id was reused by a new
+//! Why the *process* id for locks that guard data ([`RawGuard`]): when a
+//! process is dead, no reference into the mapping can survive in it, so a
+//! takeover can never create a second live `&mut` to the guarded data. A
+//! thread that exits in a live process after leaking a guard (`mem::forget`,
+//! `Box::leak`) may have handed a borrow of the data to another thread, so
+//! it leaves the lock held forever, as std's `Mutex` does.
+//!
+//! Limits: a holder that died and whose id was reused by a new process or
 //! thread before a waiter looked is taken for alive (pid_max is 4 194 304
 //! on 64-bit Linux, so this needs the id space to wrap while the lock is
 //! held by a dead thread).
@@ -36,6 +43,21 @@ const SPINS: u32 = 200;
 
 thread_local! {
     static TID: Cell<u32> = const { Cell::new(0) };
+}
+
+static PID: AtomicU32 = AtomicU32::new(0);
+
+/// This process's id, cached (the crate never forks without exec, so it
+/// cannot change under us).
+#[inline]
+pub(crate) fn pid() -> u32 {
+    let cached = PID.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    let pid = std::process::id();
+    PID.store(pid, Ordering::Relaxed);
+    pid
 }
 
 /// The calling thread's id, cached (a `gettid` syscall the first time).
@@ -89,26 +111,25 @@ pub(crate) enum Acquired {
     TimedOut,
 }
 
-/// One CAS: takes the free `word` for the calling thread.
+/// One CAS: takes the free `word` for holder `me` (a [`pid`] or [`tid`]).
 #[inline]
-pub(crate) fn try_acquire(word: &AtomicU32) -> bool {
-    word.compare_exchange(0, tid(), Ordering::Acquire, Ordering::Relaxed)
+pub(crate) fn try_acquire(word: &AtomicU32, me: u32) -> bool {
+    word.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()
 }
 
-/// Takes `word` for the calling thread, waiting until `deadline` (`None`:
-/// no limit), taking it over if its holder died.
+/// Takes `word` for holder `me` (a [`pid`] or [`tid`]), waiting until
+/// `deadline` (`None`: no limit), taking it over if its holder died.
 #[inline]
-pub(crate) fn acquire(word: &AtomicU32, deadline: Option<Instant>) -> Acquired {
-    if try_acquire(word) {
+pub(crate) fn acquire(word: &AtomicU32, me: u32, deadline: Option<Instant>) -> Acquired {
+    if try_acquire(word, me) {
         return Acquired::Free;
     }
-    acquire_slow(word, deadline)
+    acquire_slow(word, me, deadline)
 }
 
 #[cold]
-fn acquire_slow(word: &AtomicU32, deadline: Option<Instant>) -> Acquired {
-    let me = tid();
+fn acquire_slow(word: &AtomicU32, me: u32, deadline: Option<Instant>) -> Acquired {
     for _ in 0..SPINS {
         let v = word.load(Ordering::Relaxed);
         if v == 0 {
@@ -175,8 +196,9 @@ pub(crate) fn release(word: &AtomicU32) {
 
 /// A held lock: the lock word of a mapping (plus its poison flag), freed on
 /// drop. Only [`RawGuard::lock`] and [`RawGuard::try_lock`] make one, and
-/// only once the word holds the calling thread's id: having one proves that
-/// no other guard of the same word exists in any process.
+/// only once the word holds this process's id: having one proves that no
+/// other guard of the same word exists in any process (a takeover happens
+/// only when the holding process is dead, see the module docs).
 #[derive(Debug)]
 pub(crate) struct RawGuard<'a> {
     word: &'a AtomicU32,
@@ -193,7 +215,7 @@ impl<'a> RawGuard<'a> {
         poison: &'a AtomicU32,
         deadline: Option<Instant>,
     ) -> Option<(Self, bool)> {
-        match acquire(word, deadline) {
+        match acquire(word, pid(), deadline) {
             Acquired::TimedOut => None,
             Acquired::TakenOver => {
                 poison.store(1, Ordering::Relaxed);
@@ -209,7 +231,7 @@ impl<'a> RawGuard<'a> {
     /// One attempt, no waiting.
     #[inline]
     pub(crate) fn try_lock(word: &'a AtomicU32, poison: &'a AtomicU32) -> Option<(Self, bool)> {
-        if try_acquire(word) {
+        if try_acquire(word, pid()) {
             Some((
                 RawGuard { word, poison },
                 poison.load(Ordering::Relaxed) != 0,
@@ -230,7 +252,7 @@ impl<'a> RawGuard<'a> {
     pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> (R, bool) {
         release(self.word);
         let r = f();
-        let poisoned = acquire(self.word, None) == Acquired::TakenOver;
+        let poisoned = acquire(self.word, pid(), None) == Acquired::TakenOver;
         if poisoned {
             self.poison.store(1, Ordering::Relaxed);
         }
@@ -262,18 +284,25 @@ mod tests {
     }
 
     #[test]
-    fn takes_over_from_a_dead_thread() {
+    fn takes_over_from_a_dead_thread_id_but_not_from_a_leaked_guard() {
+        // Thread-owned words (RLock) are taken over when the thread is gone.
         let word = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(try_acquire(&word, tid())));
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        assert_eq!(acquire(&word, tid(), Some(deadline)), Acquired::TakenOver);
+        assert_eq!(owner(word.load(Ordering::Relaxed)), tid());
+        release(&word);
+        assert_eq!(word.load(Ordering::Relaxed), 0);
+        // Data guards belong to the process: a guard leaked by a thread
+        // that then exits keeps the lock (its borrows may still be alive).
         let poison = AtomicU32::new(0);
         std::thread::scope(|s| {
             s.spawn(|| std::mem::forget(RawGuard::lock(&word, &poison, None)));
         });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let (guard, poisoned) = RawGuard::lock(&word, &poison, Some(deadline)).expect("taken over");
-        assert!(poisoned);
-        assert_eq!(owner(guard.word().load(Ordering::Relaxed)), tid());
-        drop(guard);
-        assert_eq!(word.load(Ordering::Relaxed), 0);
+        let soon = Instant::now() + CHECK_EVERY * 2;
+        assert!(RawGuard::lock(&word, &poison, Some(soon)).is_none());
     }
 
     #[test]
