@@ -116,6 +116,10 @@ pub enum Error {
     },
     /// A barrier was broken (a party timed out, died or reset it).
     BrokenBarrier,
+    /// A lock was poisoned: a holder died (or panicked) while holding it,
+    /// so the data it protects may be half-updated. Produced by `?` on a
+    /// [`std::sync::PoisonError`] from [`crate::Lock::acquire`] and friends.
+    Poisoned,
     /// An operating-system call failed.
     Io {
         /// What multiproc was doing.
@@ -246,7 +250,30 @@ impl fmt::Display for Error {
             Error::BrokenBarrier => {
                 f.write_str("the barrier is broken (a party timed out, died or reset it)")
             }
+            Error::Poisoned => f.write_str(
+                "the lock is poisoned: a process or thread died or panicked while holding it, \
+                 so the data it protects may be inconsistent",
+            ),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl<T> From<std::sync::PoisonError<T>> for Error {
+    /// `?` on a poisoned acquire: [`Error::Poisoned`] (the guard inside is
+    /// dropped, which releases the lock).
+    fn from(_: std::sync::PoisonError<T>) -> Error {
+        Error::Poisoned
+    }
+}
+
+impl<T> From<std::sync::TryLockError<T>> for Error {
+    /// `?` on `try_acquire`/`acquire_timeout`: [`Error::Timeout`] when the
+    /// lock was busy, [`Error::Poisoned`] when it was poisoned.
+    fn from(err: std::sync::TryLockError<T>) -> Error {
+        match err {
+            std::sync::TryLockError::WouldBlock => Error::Timeout,
+            std::sync::TryLockError::Poisoned(_) => Error::Poisoned,
         }
     }
 }

@@ -67,6 +67,8 @@ mod codec;
 pub mod error;
 pub mod process;
 pub mod registry;
+pub mod shared;
+pub mod sync;
 mod sys;
 mod wire;
 
@@ -74,6 +76,8 @@ pub use child::init;
 pub use error::{Error, Result};
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+pub use shared::{Array, Value};
+pub use sync::Lock;
 
 /// What the macros expand to. Not public API: no stability guarantees.
 #[doc(hidden)]

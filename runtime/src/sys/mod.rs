@@ -21,6 +21,7 @@ use nix::unistd::Pid;
 use crate::error::{Error, Result};
 
 pub(crate) mod futex;
+pub(crate) mod lock;
 pub(crate) mod shm;
 
 /// The descriptor number at which a child finds its socket to the parent.

@@ -4,10 +4,13 @@
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use bytemuck::Pod;
 
 use nix::sys::mman::{MapFlags, ProtFlags};
 
+use super::lock::RawGuard;
 use crate::error::{Error, Result};
 
 /// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
@@ -100,6 +103,7 @@ impl Mapping {
     }
 
     /// Copies `out.len()` bytes from `offset`. Out of range: an error.
+    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check(offset, out.len())?;
         // SAFETY: the range was checked to lie inside the mapping, `out` is
@@ -116,6 +120,7 @@ impl Mapping {
     }
 
     /// Copies `data` to `offset`. Out of range: an error.
+    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check(offset, data.len())?;
         // SAFETY: the range was checked to lie inside the mapping; `data` is
@@ -141,11 +146,221 @@ impl Mapping {
         }
     }
 
+    /// The mapping as byte atomics.
+    pub(crate) fn atomics_u8(&self) -> &[AtomicU8] {
+        // SAFETY: `len` bytes lie inside the mapping, which stays mapped
+        // while `&self` lives; AtomicU8 has u8's layout and permits shared
+        // mutation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU8>(), self.len) }
+    }
+
+    /// The integer atomic `A` (one of std's `AtomicI32`, `AtomicU64`, ...)
+    /// at byte `offset`, which must be aligned for it and in range.
+    pub(crate) fn atomic_at<A: AtomicWord>(&self, offset: usize) -> Result<&A> {
+        self.check(offset, std::mem::size_of::<A>())?;
+        if offset % std::mem::align_of::<A>() != 0 {
+            return Err(Error::invalid("misaligned atomic in shared memory"));
+        }
+        // SAFETY: the range was checked to lie inside the mapping and the
+        // offset to be aligned for `A` (the base is page-aligned); `A` is one
+        // of std's integer atomics (sealed trait), which have their
+        // integer's layout and permit shared mutation through `&A`; the
+        // mapping stays mapped while `&self` lives.
+        Ok(unsafe { &*self.ptr.as_ptr().wrapping_add(offset).cast::<A>() })
+    }
+
+    /// Copies `out.len()` values of `T` from `offset` using relaxed atomic
+    /// loads of the widest word that divides `T`'s size and the offset, so
+    /// that a copy racing with another thread's copy or atomic operation is
+    /// a torn value at worst, never undefined behaviour.
+    pub(crate) fn load_pods<T: Pod>(&self, offset: usize, out: &mut [T]) -> Result<()> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        self.check(offset, bytes.len())?;
+        match word_width(std::mem::size_of::<T>(), offset) {
+            8 => {
+                let words = &self.atomics_u64()[offset / 8..][..bytes.len() / 8];
+                for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+                    chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+                }
+            }
+            4 => {
+                let words = &self.atomics_u32()[offset / 4..][..bytes.len() / 4];
+                for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+                    chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+                }
+            }
+            _ => {
+                let cells = &self.atomics_u8()[offset..][..bytes.len()];
+                for (byte, cell) in bytes.iter_mut().zip(cells) {
+                    *byte = cell.load(Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` with relaxed atomic stores (see
+    /// [`load_pods`](Mapping::load_pods)).
+    pub(crate) fn store_pods<T: Pod>(&self, offset: usize, data: &[T]) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check(offset, bytes.len())?;
+        match word_width(std::mem::size_of::<T>(), offset) {
+            8 => {
+                let words = &self.atomics_u64()[offset / 8..][..bytes.len() / 8];
+                for (chunk, word) in bytes.chunks_exact(8).zip(words) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(chunk);
+                    word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+                }
+            }
+            4 => {
+                let words = &self.atomics_u32()[offset / 4..][..bytes.len() / 4];
+                for (chunk, word) in bytes.chunks_exact(4).zip(words) {
+                    let mut b = [0u8; 4];
+                    b.copy_from_slice(chunk);
+                    word.store(u32::from_ne_bytes(b), Ordering::Relaxed);
+                }
+            }
+            _ => {
+                let cells = &self.atomics_u8()[offset..][..bytes.len()];
+                for (byte, cell) in bytes.iter().zip(cells) {
+                    cell.store(*byte, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `len` values of `T` at `offset`, borrowed for as long as `guard`
+    /// is: the data of a mapping whose lock is its word 0 (see
+    /// [`locked_slice_mut`](Mapping::locked_slice_mut)).
+    pub(crate) fn locked_slice<'g, T: Pod>(
+        &'g self,
+        guard: &'g RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> Result<&'g [T]> {
+        self.check_locked::<T>(guard, offset, len)?;
+        // SAFETY: `check_locked` proved the range lies inside the mapping,
+        // past the lock header, aligned for `T`, and that `guard` holds this
+        // mapping's lock (word 0). By the layout rule of this crate (see
+        // `locked_slice_mut`), every access to a locked region goes through
+        // a guard of that lock, and only one guard exists at a time in all
+        // processes; this shared borrow is tied to a shared borrow of the
+        // guard, so no `&mut` from the same guard can coexist with it.
+        // `T: Pod` makes every bit pattern valid.
+        Ok(unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
+        })
+    }
+
+    /// `len` values of `T` at `offset`, mutably borrowed for as long as the
+    /// guard is.
+    ///
+    /// The layout rule that makes this sound: a mapping used with this
+    /// function keeps its lock word at word 0 (poison flag at word 1) and
+    /// every byte past [`LOCK_HEADER`] is touched only while that lock is
+    /// held (Array's `lock`, `get`, `set`, `to_vec`: never the lock-free
+    /// copies of `RawArray` or `Value`'s atomics, which use other mappings).
+    pub(crate) fn locked_slice_mut<'g, T: Pod>(
+        &'g self,
+        guard: &'g mut RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> Result<&'g mut [T]> {
+        self.check_locked::<T>(guard, offset, len)?;
+        // SAFETY: as for `locked_slice`; here the borrow is tied to an
+        // exclusive borrow of the one guard that exists in all processes,
+        // so this is the only reference to the range anywhere until it ends.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
+        })
+    }
+
+    fn check_locked<T: Pod>(&self, guard: &RawGuard<'_>, offset: usize, len: usize) -> Result<()> {
+        let holds_ours = self
+            .atomics_u32()
+            .first()
+            .is_some_and(|w| std::ptr::eq(w, guard.word()));
+        if !holds_ours {
+            return Err(Error::invalid("guard of another lock"));
+        }
+        if offset < LOCK_HEADER || offset % std::mem::align_of::<T>() != 0 {
+            return Err(Error::invalid(
+                "locked data overlaps the lock header or is misaligned",
+            ));
+        }
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::invalid("shared array too large"))?;
+        self.check(offset, bytes)
+    }
+
+    /// The whole mapping as bytes, for `SharedMemory`'s `Deref`.
+    ///
+    /// Other processes (and other handles in this one) may write these bytes
+    /// while the borrow lives: `SharedMemory` documents that concurrent
+    /// writers must be coordinated by the user (a Lock), as with Python's
+    /// `SharedMemory.buf`.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes lie inside the mapping, which stays mapped
+        // while `&self` lives; u8 has no invalid values. Concurrent writers
+        // are excluded only by the caller's protocol, as documented on
+        // `SharedMemory` (the Python model this API reproduces).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The whole mapping as mutable bytes, for `SharedMemory`'s `DerefMut`
+    /// (`&mut` on a handle that is not `Clone`).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`; `&mut self` excludes every other borrow of
+        // this mapping in this process (the handle is not cloneable), other
+        // mappings of the same memory are the caller's protocol, documented.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
     /// Raw base pointer, for sys-internal views.
+    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn base(&self) -> NonNull<u8> {
         self.ptr
     }
 }
+
+/// Bytes at the start of a locked mapping: the lock word (word 0) and its
+/// poison flag (word 1); locked data starts at or after it.
+pub(crate) const LOCK_HEADER: usize = 8;
+
+fn word_width(size: usize, offset: usize) -> usize {
+    if size % 8 == 0 && offset % 8 == 0 {
+        8
+    } else if size % 4 == 0 && offset % 4 == 0 {
+        4
+    } else {
+        1
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// std's integer atomics, which may be viewed in a mapping.
+pub(crate) trait AtomicWord: sealed::Sealed + Sync {}
+
+macro_rules! atomic_word {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl AtomicWord for $t {}
+    )*};
+}
+atomic_word!(
+    std::sync::atomic::AtomicI32,
+    std::sync::atomic::AtomicU32,
+    std::sync::atomic::AtomicI64,
+    std::sync::atomic::AtomicU64,
+    std::sync::atomic::AtomicIsize,
+    std::sync::atomic::AtomicUsize
+);
 
 impl Drop for Mapping {
     fn drop(&mut self) {
