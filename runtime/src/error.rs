@@ -6,9 +6,12 @@
 //! own small error enums (see [`crate::queue`]); everything else returns
 //! [`Result<T>`].
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 /// `Result<T, multiproc::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -18,7 +21,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
 /// `_` arm. [`Error::is_timeout`], [`Error::is_disconnected`] and
 /// [`Error::panic_message`] answer the common questions without a match.
-#[derive(Debug, Clone)]
+///
+/// `Error` is `Serialize + Deserialize`, so a `#[process_fn]` may return
+/// `multiproc::Result<T>` (an OS error travels as its errno and message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Error {
     /// The function or task type has no registration: it is a closure, a
@@ -123,8 +129,9 @@ pub enum Error {
     /// An operating-system call failed.
     Io {
         /// What multiproc was doing.
-        context: &'static str,
+        context: Cow<'static, str>,
         /// The underlying error.
+        #[serde(with = "io_error_serde")]
         source: Arc<io::Error>,
     },
 }
@@ -150,7 +157,7 @@ impl Error {
 
     pub(crate) fn io(context: &'static str, source: io::Error) -> Error {
         Error::Io {
-            context,
+            context: Cow::Borrowed(context),
             source: Arc::new(source),
         }
     }
@@ -163,6 +170,26 @@ impl Error {
         Error::InvalidArgument {
             message: message.into(),
         }
+    }
+}
+
+/// An `io::Error` on the wire: its errno if it has one, else its message.
+mod io_error_serde {
+    use std::io;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(err: &Arc<io::Error>, s: S) -> Result<S::Ok, S::Error> {
+        (err.raw_os_error(), err.to_string()).serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<io::Error>, D::Error> {
+        let (errno, message) = <(Option<i32>, String)>::deserialize(d)?;
+        Ok(Arc::new(match errno {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::other(message),
+        }))
     }
 }
 

@@ -372,3 +372,19 @@ fn two_registrations_with_one_name_are_reported_not_guessed() {
         }
     }
 }
+
+#[process_fn]
+fn fails_with(message: String) -> multiproc::Result<u8> {
+    Err(Error::InvalidArgument { message })
+}
+
+#[test]
+fn a_process_fn_may_return_a_multiproc_result() {
+    match multiproc::spawn(fails_with, ("bad input".to_string(),))
+        .expect("spawn")
+        .join_timeout(LIMIT)
+    {
+        Ok(Err(Error::InvalidArgument { message })) => assert_eq!(message, "bad input"),
+        other => panic!("expected the child's own error, got {other:?}"),
+    }
+}
