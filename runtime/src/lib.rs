@@ -63,16 +63,20 @@ extern crate self as multiproc;
 
 mod child;
 mod codec;
+pub mod connection;
 pub mod error;
 pub mod process;
+pub mod queue;
 pub mod registry;
 mod sys;
 mod wire;
 
 pub use child::init;
+pub use connection::Pipe;
 pub use error::{Error, Result};
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+pub use queue::Queue;
 
 /// A type whose [`run`](ProcessTask::run) runs in a child process, like a
 /// Python class that overrides `Process.run`. Start it with

@@ -85,6 +85,13 @@ impl Channel {
         self.fd
     }
 
+    /// `true` when bytes or descriptors were read from the socket and not
+    /// yet handed out (a handle in that state cannot move to another
+    /// process without losing them).
+    pub(crate) fn has_buffered_data(&self) -> bool {
+        self.start != self.end || !self.fds.is_empty()
+    }
+
     /// Bytes already read from the socket and not yet handed out.
     pub(crate) fn has_buffered_frame(&self) -> bool {
         let n = self.end - self.start;
