@@ -14,7 +14,8 @@ use multiproc::{Pipe, Process, process_fn};
 
 #[process_fn]
 fn f(conn: Connection<(u32, String, String)>) {
-    conn.send(&(38, "snake".to_string(), "hello".to_string())).ok();
+    conn.send(&(38, "snake".to_string(), "hello".to_string()))
+        .ok();
     conn.close();
 }
 

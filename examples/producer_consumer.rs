@@ -26,7 +26,10 @@ fn main() -> multiproc::Result<()> {
     let results = Queue::new()?;
     let mut procs = Vec::new();
     for k in 0..3 {
-        procs.push(Process::new(produce, (tasks.clone(), k * 100, (k + 1) * 100)));
+        procs.push(Process::new(
+            produce,
+            (tasks.clone(), k * 100, (k + 1) * 100),
+        ));
     }
     for _ in 0..2 {
         procs.push(Process::new(consume, (tasks.clone(), results.clone())));

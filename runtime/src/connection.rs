@@ -116,7 +116,9 @@ pub struct Connection<T> {
 
 impl<T> fmt::Debug for Connection<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connection").field("fd", &self.channel.fd()).finish()
+        f.debug_struct("Connection")
+            .field("fd", &self.channel.fd())
+            .finish()
     }
 }
 
@@ -165,7 +167,8 @@ impl<T> Connection<T> {
     pub fn recv_bytes_timeout(&mut self, timeout: Duration) -> Result<Vec<u8>> {
         self.fds.clear();
         let mut out = Vec::new();
-        self.channel.recv_into(&mut out, &mut self.fds, Some(timeout))?;
+        self.channel
+            .recv_into(&mut out, &mut self.fds, Some(timeout))?;
         self.fds.clear();
         Ok(out)
     }
@@ -268,7 +271,8 @@ impl<T: DeserializeOwned> Connection<T> {
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T> {
         self.fds.clear();
-        self.channel.recv_into(&mut self.bytes, &mut self.fds, timeout)?;
+        self.channel
+            .recv_into(&mut self.bytes, &mut self.fds, timeout)?;
         let fds = std::mem::take(&mut self.fds);
         let value = codec::decode(&self.bytes, fds);
         if self.bytes.capacity() > 1 << 20 {
@@ -315,13 +319,17 @@ pub struct Sender<T> {
 
 impl<T> fmt::Debug for Receiver<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Receiver").field("fd", &self.conn.channel.fd()).finish()
+        f.debug_struct("Receiver")
+            .field("fd", &self.conn.channel.fd())
+            .finish()
     }
 }
 
 impl<T> fmt::Debug for Sender<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sender").field("fd", &self.conn.channel.fd()).finish()
+        f.debug_struct("Sender")
+            .field("fd", &self.conn.channel.fd())
+            .finish()
     }
 }
 
@@ -475,6 +483,10 @@ mod tests {
         x2.send(&99).expect("send");
         assert_eq!(y.recv().expect("recv"), 99);
         drop(x2);
-        assert!(y.recv_timeout(Duration::from_secs(5)).expect_err("eof").is_disconnected());
+        assert!(
+            y.recv_timeout(Duration::from_secs(5))
+                .expect_err("eof")
+                .is_disconnected()
+        );
     }
 }

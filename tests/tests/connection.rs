@@ -17,7 +17,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 #[process_fn]
 fn send_greeting(conn: Connection<(u32, String, String)>) {
-    conn.send(&(38, "snake".into(), "hello".into())).expect("send");
+    conn.send(&(38, "snake".into(), "hello".into()))
+        .expect("send");
 }
 
 #[test]
@@ -28,7 +29,12 @@ fn child_sends_parent_receives() {
     p.start().expect("start");
     let got = parent.recv_timeout(LONG).expect("recv");
     assert_eq!(got, (38, "snake".to_string(), "hello".to_string()));
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
 }
 
 #[process_fn]
@@ -49,7 +55,12 @@ fn duplex_round_trips() {
     assert_eq!(a.recv_timeout(LONG).expect("recv"), 2);
     a.send(&10).expect("send");
     assert_eq!(a.recv_timeout(LONG).expect("recv"), 11);
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
 }
 
 #[process_fn]
@@ -70,7 +81,12 @@ fn fifty_mib_message_through_a_pipe() {
     assert_eq!(got.len(), len);
     assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
     assert_eq!(rx.recv_bytes().expect("bytes"), got[..1000].to_vec());
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
 }
 
 #[test]
@@ -83,7 +99,10 @@ fn oversized_message_is_an_error_not_an_allocation() {
         a.send(&vec![1u8; 10]).expect("send");
     });
     let err = b.recv_timeout(LONG).expect_err("too large");
-    assert!(matches!(err, multiproc::Error::MessageTooLarge { .. }), "{err}");
+    assert!(
+        matches!(err, multiproc::Error::MessageTooLarge { .. }),
+        "{err}"
+    );
     assert_eq!(b.recv_timeout(LONG).expect("next"), vec![1u8; 10]);
     t.join().expect("thread");
 }
@@ -102,9 +121,16 @@ fn recv_after_peer_died_is_disconnected() {
     let (mut parent, child) = Pipe::new::<u8>().expect("pipe");
     let mut p = Process::new(hold_forever, (child,));
     p.start().expect("start");
-    assert!(parent.recv_timeout(Duration::from_millis(100)).expect_err("nothing yet").is_timeout());
+    assert!(
+        parent
+            .recv_timeout(Duration::from_millis(100))
+            .expect_err("nothing yet")
+            .is_timeout()
+    );
     p.kill().expect("kill");
-    let err = parent.recv_timeout(Duration::from_secs(2)).expect_err("peer died");
+    let err = parent
+        .recv_timeout(Duration::from_secs(2))
+        .expect_err("peer died");
     assert!(err.is_disconnected(), "{err}");
     p.join_timeout(LONG).expect("join").expect("exited");
 }
@@ -124,7 +150,12 @@ fn connection_through_a_queue_to_another_process() {
     p.start().expect("start");
     q.put(theirs).expect("put connection");
     assert_eq!(mine.recv_timeout(LONG).expect("recv"), "via queue");
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
     // Every copy of the other end is gone: end of stream.
     assert!(mine.recv_timeout(LONG).expect_err("eof").is_disconnected());
 }

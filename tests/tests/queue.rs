@@ -33,7 +33,12 @@ fn fifo_with_one_producer() {
     for i in 0..5_000 {
         assert_eq!(q.get_timeout(LONG).expect("get"), i);
     }
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
 }
 
 #[process_fn]
@@ -69,7 +74,12 @@ fn four_producers_two_consumers_every_item_once() {
         })
         .collect();
     for p in &mut producers {
-        assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+        assert!(
+            p.join_timeout(LONG)
+                .expect("join")
+                .expect("exited")
+                .success()
+        );
     }
     q.put(None).expect("sentinel");
     q.put(None).expect("sentinel");
@@ -90,13 +100,24 @@ fn bounded_try_put_on_full_and_get_timeout_on_empty() {
     let q = Queue::<u32>::bounded(2).expect("queue");
     let mut p = Process::new(fill_two, (q.clone(),));
     p.start().expect("start");
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
     assert!(q.full());
     assert!(matches!(q.try_put(3), Err(TryPutError::Full(3))));
-    assert!(matches!(q.put_timeout(4, Duration::from_millis(50)), Err(multiproc::queue::PutTimeoutError::Timeout(4))));
+    assert!(matches!(
+        q.put_timeout(4, Duration::from_millis(50)),
+        Err(multiproc::queue::PutTimeoutError::Timeout(4))
+    ));
     assert_eq!(q.get_timeout(LONG).expect("first"), 1);
     assert_eq!(q.get_timeout(LONG).expect("second"), 2);
-    assert!(matches!(q.get_timeout(Duration::from_millis(50)), Err(GetTimeoutError::Timeout)));
+    assert!(matches!(
+        q.get_timeout(Duration::from_millis(50)),
+        Err(GetTimeoutError::Timeout)
+    ));
     assert!(q.empty());
 }
 
@@ -128,8 +149,16 @@ fn joinable_queue_join_waits_for_task_done() {
     q.join_timeout(LONG).expect("join");
     // Every task was marked done, so every result is already there.
     assert_eq!(done.qsize(), 100);
-    assert!(q.task_done().is_err(), "task_done beyond the puts is an error");
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        q.task_done().is_err(),
+        "task_done beyond the puts is an error"
+    );
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -140,7 +169,9 @@ struct Checked {
 }
 
 fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[process_fn]
@@ -167,8 +198,16 @@ fn producer_killed_mid_put_leaves_queue_usable() {
         // Let the producer get well into its loop (the queue fills up).
         for _ in 0..200 {
             let m = q.get_timeout(LONG).expect("get while producing");
-            assert_eq!(checksum(&m.data), m.sum, "round {round}: message {} corrupt", m.seq);
-            assert!(last.is_none_or(|l| m.seq == l + 1), "round {round}: order or duplicate");
+            assert_eq!(
+                checksum(&m.data),
+                m.sum,
+                "round {round}: message {} corrupt",
+                m.seq
+            );
+            assert!(
+                last.is_none_or(|l| m.seq == l + 1),
+                "round {round}: order or duplicate"
+            );
             last = Some(m.seq);
         }
         p.kill().expect("kill");
@@ -178,8 +217,16 @@ fn producer_killed_mid_put_leaves_queue_usable() {
         loop {
             match q.get_timeout(Duration::from_secs(3)) {
                 Ok(m) => {
-                    assert_eq!(checksum(&m.data), m.sum, "round {round}: message {} corrupt", m.seq);
-                    assert!(last.is_none_or(|l| m.seq == l + 1), "round {round}: order or duplicate");
+                    assert_eq!(
+                        checksum(&m.data),
+                        m.sum,
+                        "round {round}: message {} corrupt",
+                        m.seq
+                    );
+                    assert!(
+                        last.is_none_or(|l| m.seq == l + 1),
+                        "round {round}: order or duplicate"
+                    );
                     last = Some(m.seq);
                 }
                 Err(GetTimeoutError::Timeout) => break,
@@ -188,7 +235,15 @@ fn producer_killed_mid_put_leaves_queue_usable() {
         }
         // Still usable by everyone.
         let data = vec![round as u8; 2000];
-        q.put_timeout(Checked { seq: u64::MAX, sum: checksum(&data), data }, LONG).expect("put after kill");
+        q.put_timeout(
+            Checked {
+                seq: u64::MAX,
+                sum: checksum(&data),
+                data,
+            },
+            LONG,
+        )
+        .expect("put after kill");
         let m = q.get_timeout(LONG).expect("get after kill");
         assert_eq!(m.seq, u64::MAX);
         assert!(q.empty());
@@ -209,7 +264,12 @@ fn fifty_mib_message_through_a_queue() {
     let mut p = Process::new(put_big, (q.clone(), len));
     p.start().expect("start");
     // The producer may exit before anyone reads: the message lives on.
-    assert!(p.join_timeout(LONG).expect("join").expect("exited").success());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
     let got = q.get_timeout(LONG).expect("get big");
     assert_eq!(got.len(), len);
     assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));

@@ -55,7 +55,9 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-pub use self::error::{GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError};
+pub use self::error::{
+    GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
+};
 use self::ring::{Put, Ring, Stall, Take};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -68,7 +70,10 @@ thread_local! {
     static DEC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn with_buf<R>(key: &'static std::thread::LocalKey<RefCell<Vec<u8>>>, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+fn with_buf<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
     key.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => {
             let r = f(&mut buf);
@@ -199,7 +204,12 @@ impl<T> Queue<T> {
 }
 
 impl<T: Serialize> Queue<T> {
-    fn put_inner(&self, item: T, deadline: Option<Instant>, wait: bool) -> Result<(), (T, PutFail)> {
+    fn put_inner(
+        &self,
+        item: T,
+        deadline: Option<Instant>,
+        wait: bool,
+    ) -> Result<(), (T, PutFail)> {
         let r = with_buf(&ENC, |buf| {
             buf.clear();
             let mut fds = Vec::new();
@@ -235,10 +245,11 @@ impl<T: Serialize> Queue<T> {
     /// [`PutError::Failed`] if the item cannot be encoded. Both hand the
     /// item back.
     pub fn put(&self, item: T) -> Result<(), PutError<T>> {
-        self.put_inner(item, None, true).map_err(|(item, f)| match f {
-            PutFail::Full | PutFail::Closed => PutError::Closed(item),
-            PutFail::Failed(e) => PutError::Failed(item, e),
-        })
+        self.put_inner(item, None, true)
+            .map_err(|(item, f)| match f {
+                PutFail::Full | PutFail::Closed => PutError::Closed(item),
+                PutFail::Failed(e) => PutError::Failed(item, e),
+            })
     }
 
     /// Like [`put`](Queue::put), waiting at most `timeout` for room.
@@ -249,11 +260,12 @@ impl<T: Serialize> Queue<T> {
     /// [`put`](Queue::put).
     pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), PutTimeoutError<T>> {
         let deadline = Instant::now() + timeout;
-        self.put_inner(item, Some(deadline), true).map_err(|(item, f)| match f {
-            PutFail::Full => PutTimeoutError::Timeout(item),
-            PutFail::Closed => PutTimeoutError::Closed(item),
-            PutFail::Failed(e) => PutTimeoutError::Failed(item, e),
-        })
+        self.put_inner(item, Some(deadline), true)
+            .map_err(|(item, f)| match f {
+                PutFail::Full => PutTimeoutError::Timeout(item),
+                PutFail::Closed => PutTimeoutError::Closed(item),
+                PutFail::Failed(e) => PutTimeoutError::Failed(item, e),
+            })
     }
 
     /// Puts `item` if there is room now (Python's `put_nowait`).
@@ -263,11 +275,12 @@ impl<T: Serialize> Queue<T> {
     /// [`TryPutError::Full`] if the queue is full; otherwise as
     /// [`put`](Queue::put).
     pub fn try_put(&self, item: T) -> Result<(), TryPutError<T>> {
-        self.put_inner(item, None, false).map_err(|(item, f)| match f {
-            PutFail::Full => TryPutError::Full(item),
-            PutFail::Closed => TryPutError::Closed(item),
-            PutFail::Failed(e) => TryPutError::Failed(item, e),
-        })
+        self.put_inner(item, None, false)
+            .map_err(|(item, f)| match f {
+                PutFail::Full => TryPutError::Full(item),
+                PutFail::Closed => TryPutError::Closed(item),
+                PutFail::Failed(e) => TryPutError::Failed(item, e),
+            })
     }
 }
 
@@ -279,7 +292,8 @@ impl<T: DeserializeOwned> Queue<T> {
             loop {
                 match self.ring.try_take(buf, &mut fds, &mut stall) {
                     Ok(Take::Got) => {
-                        return codec::decode(buf, std::mem::take(&mut fds)).map_err(GetFail::Failed);
+                        return codec::decode(buf, std::mem::take(&mut fds))
+                            .map_err(GetFail::Failed);
                     }
                     Ok(Take::Closed) => return Err(GetFail::Disconnected),
                     Ok(Take::Empty) => {
@@ -416,7 +430,9 @@ impl<T> Clone for SimpleQueue<T> {
 
 impl<T> fmt::Debug for SimpleQueue<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SimpleQueue").field("qsize", &self.inner.qsize()).finish()
+        f.debug_struct("SimpleQueue")
+            .field("qsize", &self.inner.qsize())
+            .finish()
     }
 }
 
@@ -427,7 +443,9 @@ impl<T> SimpleQueue<T> {
     ///
     /// As [`Queue::new`].
     pub fn new() -> Result<SimpleQueue<T>> {
-        Ok(SimpleQueue { inner: Queue::new()? })
+        Ok(SimpleQueue {
+            inner: Queue::new()?,
+        })
     }
 
     /// `true` if the queue holds no message.
@@ -508,7 +526,9 @@ impl<T> Clone for JoinableQueue<T> {
 
 impl<T> fmt::Debug for JoinableQueue<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinableQueue").field("qsize", &self.inner.qsize()).finish()
+        f.debug_struct("JoinableQueue")
+            .field("qsize", &self.inner.qsize())
+            .finish()
     }
 }
 

@@ -127,7 +127,12 @@ impl Ring {
             return Err(Error::invalid("not a multiproc queue"));
         }
         let cap = map.atomics_u64()[W_CAP].load(Ordering::Relaxed);
-        if cap == 0 || (cap as usize).saturating_mul(STRIDE).saturating_add(HEADER_BYTES) > map.len() {
+        if cap == 0
+            || (cap as usize)
+                .saturating_mul(STRIDE)
+                .saturating_add(HEADER_BYTES)
+                > map.len()
+        {
             return Err(Error::invalid("corrupt queue header"));
         }
         Ok(Ring {
@@ -214,10 +219,18 @@ impl Ring {
             let (lap, idx) = self.split(t);
             let seq = self.seq(idx).load(Ordering::Acquire);
             if seq == 2 * lap {
-                if tail.compare_exchange_weak(t, t + 1, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                if tail
+                    .compare_exchange_weak(t, t + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
                     let claimed = self
                         .stamp(idx)
-                        .compare_exchange(stamp(lap, PID_FREE), stamp(lap, self.pid), Ordering::AcqRel, Ordering::Relaxed)
+                        .compare_exchange(
+                            stamp(lap, PID_FREE),
+                            stamp(lap, self.pid),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
                         .is_ok();
                     if claimed {
                         if self.joinable() {
@@ -289,7 +302,13 @@ impl Ring {
 
     /// Spins briefly, then registers as a waiter and sleeps on `word` until
     /// `ready()` or `deadline`. `false` when the deadline passed.
-    fn wait_on(&self, word: usize, waiters: usize, deadline: Option<Instant>, ready: impl Fn() -> bool) -> bool {
+    fn wait_on(
+        &self,
+        word: usize,
+        waiters: usize,
+        deadline: Option<Instant>,
+        ready: impl Fn() -> bool,
+    ) -> bool {
         for i in 0..200u32 {
             if ready() {
                 return true;
@@ -330,14 +349,22 @@ impl Ring {
     /// One attempt to take a message into `out` (cleared), appending any
     /// descriptors it carries to `fds`. Handles a stalled or dead producer
     /// in front of the queue by turning its slot into a tombstone.
-    pub(crate) fn try_take(&self, out: &mut Vec<u8>, fds: &mut Vec<OwnedFd>, stall: &mut Stall) -> Result<Take> {
+    pub(crate) fn try_take(
+        &self,
+        out: &mut Vec<u8>,
+        fds: &mut Vec<OwnedFd>,
+        stall: &mut Stall,
+    ) -> Result<Take> {
         let head = self.u64w(W_HEAD);
         loop {
             let h = head.load(Ordering::Relaxed);
             let (lap, idx) = self.split(h);
             let seq = self.seq(idx).load(Ordering::Acquire);
             if seq == 2 * lap + 1 {
-                if head.compare_exchange_weak(h, h + 1, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+                if head
+                    .compare_exchange_weak(h, h + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                {
                     continue;
                 }
                 if self.stamp(idx).load(Ordering::Acquire) & PID_TOMB == PID_TOMB {
@@ -365,7 +392,11 @@ impl Ring {
             let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
             if tail <= h {
                 stall.clear();
-                return Ok(if self.is_closed() { Take::Closed } else { Take::Empty });
+                return Ok(if self.is_closed() {
+                    Take::Closed
+                } else {
+                    Take::Empty
+                });
             }
             // Reserved but not yet published: a producer is writing, or died.
             self.check_stalled(h, stall);
@@ -375,7 +406,8 @@ impl Ring {
 
     fn release(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
-        self.stamp(idx).store(stamp(lap + 1, PID_FREE), Ordering::Relaxed);
+        self.stamp(idx)
+            .store(stamp(lap + 1, PID_FREE), Ordering::Relaxed);
         self.seq(idx).store(2 * (lap + 1), Ordering::Release);
         fence(Ordering::SeqCst);
         if self.u32w(H_PROD_WAIT).load(Ordering::Relaxed) != 0 {
@@ -412,7 +444,12 @@ impl Ring {
         if give_up
             && self
                 .stamp(idx)
-                .compare_exchange(st, stamp(lap, PID_TOMB), Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange(
+                    st,
+                    stamp(lap, PID_TOMB),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             if pid != PID_FREE && self.joinable() {
@@ -425,7 +462,8 @@ impl Ring {
     /// Turns our own reserved position into a tombstone (a failed side send).
     fn tombstone(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
-        self.stamp(idx).store(stamp(lap, PID_TOMB), Ordering::Release);
+        self.stamp(idx)
+            .store(stamp(lap, PID_TOMB), Ordering::Release);
         if self.joinable() {
             self.task_done_internal();
         }
@@ -475,7 +513,9 @@ impl Ring {
         if self.task_done_internal() {
             Ok(())
         } else {
-            Err(Error::invalid("task_done() called more times than there were items put"))
+            Err(Error::invalid(
+                "task_done() called more times than there were items put",
+            ))
         }
     }
 
@@ -539,12 +579,17 @@ impl Ring {
     }
 
     fn send_dgram(&self, parts: &[&[u8]], raw: &[std::os::fd::RawFd]) -> Result<()> {
-        let slices: Vec<std::io::IoSlice<'_>> = parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
         loop {
             match sys::send_with_fds(self.tx.as_fd(), &slices, raw) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EAGAIN) => {
-                    sys::poll_one(self.tx.as_fd(), PollFlags::POLLOUT, Some(Duration::from_millis(100)))?;
+                    sys::poll_one(
+                        self.tx.as_fd(),
+                        PollFlags::POLLOUT,
+                        Some(Duration::from_millis(100)),
+                    )?;
                 }
                 Err(e) => return Err(Error::errno("queue side channel send", e)),
             }
@@ -567,7 +612,11 @@ impl Ring {
                             message: "a queue message was lost by a consumer that died".into(),
                         });
                     }
-                    sys::poll_one(self.rx.as_fd(), PollFlags::POLLIN, Some(Duration::from_millis(10)))?;
+                    sys::poll_one(
+                        self.rx.as_fd(),
+                        PollFlags::POLLIN,
+                        Some(Duration::from_millis(10)),
+                    )?;
                     continue;
                 }
                 Err(e) => return Err(Error::errno("queue side channel recv", e)),
