@@ -64,8 +64,10 @@ extern crate self as multiproc;
 
 mod child;
 mod codec;
+pub mod connection;
 pub mod error;
 pub mod process;
+pub mod queue;
 pub mod registry;
 pub mod shared;
 pub mod sync;
@@ -73,9 +75,11 @@ mod sys;
 mod wire;
 
 pub use child::init;
+pub use connection::Pipe;
 pub use error::{Error, Result};
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+pub use queue::Queue;
 pub use shared::{Array, Value};
 pub use sync::Lock;
 

@@ -85,6 +85,13 @@ impl Channel {
         self.fd
     }
 
+    /// `true` when bytes or descriptors were read from the socket and not
+    /// yet handed out (a handle in that state cannot move to another
+    /// process without losing them).
+    pub(crate) fn has_buffered_data(&self) -> bool {
+        self.start != self.end || !self.fds.is_empty()
+    }
+
     /// Bytes already read from the socket and not yet handed out.
     pub(crate) fn has_buffered_frame(&self) -> bool {
         let n = self.end - self.start;
@@ -235,32 +242,35 @@ impl Channel {
             });
         }
         let len = len as usize;
-        bytes.reserve(len);
-        let have = (self.end - self.start).min(len);
-        bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
-        self.start += have;
-        while bytes.len() < len {
-            // Large payload: read straight into the destination.
-            let want = len - bytes.len();
+        // Zero-fill the destination once, then read into it: a large
+        // payload goes straight from the socket to its place.
+        bytes.resize(len, 0);
+        let mut filled = (self.end - self.start).min(len);
+        bytes[..filled].copy_from_slice(&self.rbuf[self.start..self.start + filled]);
+        self.start += filled;
+        while filled < len {
+            let want = len - filled;
             if want >= READ_BUF / 2 {
                 self.wait_readable(deadline)?;
-                let old = bytes.len();
-                bytes.resize(old + want, 0);
                 let mut got = Vec::new();
-                let n = sys::recv_with_fds(self.fd.as_fd(), &mut bytes[old..], &mut got)
+                let n = sys::recv_with_fds(self.fd.as_fd(), &mut bytes[filled..], &mut got)
                     .map_err(|e| io_error("recv", e))?;
                 self.fds.extend(got);
-                bytes.truncate(old + n);
                 if n == 0 {
+                    bytes.truncate(filled);
                     return Err(Error::Disconnected);
                 }
+                filled += n;
             } else {
                 if !self.fill(deadline)? {
+                    bytes.truncate(filled);
                     return Err(Error::Disconnected);
                 }
-                let have = (self.end - self.start).min(len - bytes.len());
-                bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
+                let have = (self.end - self.start).min(want);
+                bytes[filled..filled + have]
+                    .copy_from_slice(&self.rbuf[self.start..self.start + have]);
                 self.start += have;
+                filled += have;
             }
         }
         for _ in 0..nfds {

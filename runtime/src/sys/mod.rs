@@ -21,8 +21,11 @@ use nix::unistd::Pid;
 use crate::error::{Error, Result};
 
 pub(crate) mod futex;
+pub(crate) mod ipc;
 pub(crate) mod lock;
 pub(crate) mod shm;
+
+pub(crate) use ipc::{pid_alive, socketpair_dgram};
 
 /// The descriptor number at which a child finds its socket to the parent.
 pub(crate) const CHILD_FD: RawFd = 3;
