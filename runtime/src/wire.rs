@@ -37,6 +37,7 @@ pub(crate) struct Frame {
 #[derive(Debug)]
 pub(crate) struct Channel {
     fd: OwnedFd,
+    /// Allocated on the first read: a Pipe's side channel may never read.
     rbuf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -55,7 +56,7 @@ impl Channel {
     pub(crate) fn new(fd: OwnedFd) -> Channel {
         Channel {
             fd,
-            rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            rbuf: Box::default(),
             start: 0,
             end: 0,
             fds: VecDeque::new(),
@@ -164,6 +165,9 @@ impl Channel {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if self.rbuf.is_empty() {
+                self.rbuf = vec![0u8; READ_BUF].into_boxed_slice();
+            }
         } else if self.end == self.rbuf.len() {
             self.rbuf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
