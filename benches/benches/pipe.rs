@@ -101,6 +101,30 @@ fn round_trips(c: &mut Criterion) {
     g.finish();
 }
 
+/// Send then receive in one thread, on one pipe: the per-message cost of
+/// the library (syscalls included) without the cross-process wake-up,
+/// which is most of a round trip and also the noisiest part on a shared VM.
+fn same_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pipe_same_thread");
+    let (mut a, b) = Pipe::new::<u64>().expect("pipe");
+    g.bench_function("connection_u64_send_recv", |bench| {
+        bench.iter(|| {
+            b.send(&42).expect("send");
+            black_box(a.recv().expect("recv"))
+        })
+    });
+    let (mut from, mut to) = std::io::pipe().expect("pipe");
+    g.bench_function("raw_pipe2_8_bytes_write_read", |bench| {
+        bench.iter(|| {
+            let mut buf = [0u8; 8];
+            to.write_all(&42u64.to_le_bytes()).expect("write");
+            from.read_exact(&mut buf).expect("read");
+            black_box(buf)
+        })
+    });
+    g.finish();
+}
+
 /// Echoes 8-byte messages from stdin to stdout (pipes) or back into stdin
 /// (a socket), with plain unbuffered `read`/`write`.
 fn raw_echo(socket: bool) {
@@ -130,6 +154,7 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .configure_from_args();
+    same_thread(&mut c);
     round_trips(&mut c);
     c.final_summary();
 }

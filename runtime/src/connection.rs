@@ -229,9 +229,10 @@ impl<T: Serialize> Connection<T> {
 
     fn send_with(&self, value: &T, buf: &mut Vec<u8>) -> Result<()> {
         buf.clear();
+        buf.resize(link::HEADER, 0);
         let mut fds = Vec::new();
         codec::encode(value, buf, &mut fds)?;
-        let result = self.link.send(TAG_VALUE, &[buf], &fds);
+        let result = self.link.send_framed(TAG_VALUE, buf, &fds);
         if buf.capacity() > 1 << 20 {
             *buf = Vec::new();
         }
@@ -646,6 +647,22 @@ mod tests {
         assert_eq!(b.recv_bytes().expect("recv bytes"), b"raw");
         assert!(!b.poll(Duration::ZERO).expect("poll"));
         assert!(b.try_recv().expect("try").is_none());
+    }
+
+    #[test]
+    fn wait_and_poll_see_a_message_already_buffered() {
+        let (a, mut b) = Pipe::new::<u8>().expect("pipe");
+        a.send(&1).expect("send");
+        a.send(&2).expect("send");
+        assert_eq!(b.recv().expect("recv"), 1);
+        // One read took both messages: the pipe itself is empty now.
+        let ev = sys::poll_one(b.as_fd(), PollFlags::POLLIN, Some(Duration::ZERO)).expect("poll");
+        assert!(ev.is_empty());
+        assert_eq!(wait(&[&b], Some(Duration::ZERO)).expect("wait"), vec![0]);
+        assert!(b.poll(Duration::ZERO).expect("poll"));
+        assert_eq!(b.recv().expect("recv"), 2);
+        assert!(wait(&[&b], Some(Duration::ZERO)).expect("wait").is_empty());
+        assert!(wait(&[], None).is_err());
     }
 
     #[test]

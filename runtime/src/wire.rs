@@ -64,7 +64,8 @@ impl Channel {
         }
     }
 
-    /// A connected pair.
+    /// A connected pair (in one process: tests, and the pool's own use).
+    #[allow(dead_code)]
     pub(crate) fn pair() -> Result<(Channel, Channel)> {
         let (a, b) = sys::socketpair()?;
         Ok((Channel::new(a), Channel::new(b)))

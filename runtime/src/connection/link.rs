@@ -37,7 +37,8 @@ use crate::error::{Error, Result};
 use crate::sys;
 use crate::wire::{Channel, DEFAULT_MAX_FRAME};
 
-const HEADER: usize = 16;
+/// Bytes of a frame header on the pipe.
+pub(crate) const HEADER: usize = 16;
 /// Writes up to this many bytes to a pipe are atomic (POSIX `PIPE_BUF`).
 const PIPE_BUF: usize = 4096;
 /// The largest payload carried on the pipe itself.
@@ -168,13 +169,33 @@ impl Link {
         self.end - self.start >= HEADER || self.pending_side
     }
 
+    /// Sends one message whose payload is `frame[HEADER..]`; the caller
+    /// leaves the first [`HEADER`] bytes free, so that a message that goes
+    /// on the pipe is one plain `write` (measured cheaper than `writev`).
+    pub(crate) fn send_framed(&self, tag: u32, frame: &mut [u8], fds: &[OwnedFd]) -> Result<()> {
+        let len = frame.len().saturating_sub(HEADER);
+        if !fds.is_empty() || len > INLINE_MAX || frame.len() < HEADER {
+            return self.send(tag, &[frame.get(HEADER..).unwrap_or(&[])], fds);
+        }
+        frame[..HEADER].copy_from_slice(&header(len as u64, tag, 0));
+        let n = sys::write(self.tx_fd()?, frame).map_err(|e| io_error("send", e))?;
+        // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
+        if n != frame.len() {
+            return Err(Error::invalid("a short write to a pipe"));
+        }
+        Ok(())
+    }
+
+    fn tx_fd(&self) -> Result<BorrowedFd<'_>> {
+        self.tx
+            .as_ref()
+            .map(AsFd::as_fd)
+            .ok_or_else(|| Error::invalid("this end of the pipe cannot send"))
+    }
+
     /// Sends one message whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
-        let tx = self
-            .tx
-            .as_ref()
-            .ok_or_else(|| Error::invalid("this end of the pipe cannot send"))?
-            .as_fd();
+        let tx = self.tx_fd()?;
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if fds.is_empty() && len <= INLINE_MAX && parts.len() < 8 {
             let h = header(len as u64, tag, 0);
@@ -312,5 +333,98 @@ impl Link {
         }
         self.pending_side = false;
         self.side.recv_into(bytes, fds, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LONG: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn recv(link: &mut Link, timeout: Option<Duration>) -> Result<(u32, Vec<u8>, usize)> {
+        let mut bytes = Vec::new();
+        let mut fds = Vec::new();
+        let tag = link.recv_into(&mut bytes, &mut fds, timeout)?;
+        Ok((tag, bytes, fds.len()))
+    }
+
+    #[test]
+    fn inline_side_and_large_messages_keep_their_order() {
+        let (a, mut b) = Link::duplex().expect("duplex");
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        let big = vec![5u8; 3 * INLINE_MAX];
+        let edge = vec![6u8; INLINE_MAX];
+        let mut framed = vec![0u8; HEADER + 3];
+        framed[HEADER..].copy_from_slice(b"abc");
+        let t = std::thread::spawn(move || {
+            a.send(1, &[b"one"], &[]).expect("inline");
+            a.send(2, &[b"two"], &[file]).expect("with a descriptor");
+            a.send(3, &[&big], &[]).expect("large");
+            a.send(4, &[&edge], &[]).expect("largest inline");
+            a.send_framed(5, &mut framed, &[]).expect("framed");
+            a.send(6, &[], &[]).expect("empty");
+            a
+        });
+        assert_eq!(recv(&mut b, LONG).expect("1"), (1, b"one".to_vec(), 0));
+        assert_eq!(recv(&mut b, LONG).expect("2"), (2, b"two".to_vec(), 1));
+        assert_eq!(
+            recv(&mut b, LONG).expect("3"),
+            (3, vec![5u8; 3 * INLINE_MAX], 0)
+        );
+        assert_eq!(
+            recv(&mut b, LONG).expect("4"),
+            (4, vec![6u8; INLINE_MAX], 0)
+        );
+        assert_eq!(recv(&mut b, LONG).expect("5"), (5, b"abc".to_vec(), 0));
+        assert_eq!(recv(&mut b, LONG).expect("6"), (6, Vec::new(), 0));
+        let a = t.join().expect("join");
+        drop(a);
+        assert!(recv(&mut b, LONG).expect_err("eof").is_disconnected());
+    }
+
+    #[test]
+    fn a_timeout_between_marker_and_side_frame_loses_nothing() {
+        let (mut b, a) = Link::simplex().expect("simplex");
+        let (b_rx, a_tx) = (&mut b, &a);
+        // Only the marker: the side frame has not been sent yet.
+        let marker = header(0, 9, SIDE);
+        sys::write(a_tx.tx_fd().expect("tx"), &marker).expect("marker");
+        let err = recv(b_rx, Some(Duration::from_millis(20))).expect_err("timeout");
+        assert!(err.is_timeout(), "{err}");
+        assert!(b_rx.ready_now() && b_rx.has_buffered_data());
+        a_tx.side.send(9, &[b"late"], &[]).expect("side frame");
+        a_tx.send(10, &[b"next"], &[]).expect("inline");
+        assert_eq!(recv(b_rx, LONG).expect("late"), (9, b"late".to_vec(), 0));
+        assert_eq!(recv(b_rx, LONG).expect("next"), (10, b"next".to_vec(), 0));
+    }
+
+    #[test]
+    fn limit_applies_on_both_paths_and_the_end_stays_usable() {
+        let (a, mut b) = Link::duplex().expect("duplex");
+        b.set_max_frame(4);
+        a.send(1, &[b"too long"], &[]).expect("inline");
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        a.send(2, &[b"too long too"], &[file]).expect("side");
+        a.send(3, &[b"ok"], &[]).expect("inline");
+        for size in [8, 12] {
+            let err = recv(&mut b, LONG).expect_err("too large");
+            assert!(
+                matches!(err, Error::MessageTooLarge { size: s, limit: 4 } if s == size),
+                "{err}"
+            );
+        }
+        assert_eq!(recv(&mut b, LONG).expect("ok"), (3, b"ok".to_vec(), 0));
+    }
+
+    #[test]
+    fn a_simplex_end_refuses_the_wrong_direction() {
+        let (rx, tx) = Link::simplex().expect("simplex");
+        assert!(rx.send(1, &[b"x"], &[]).is_err());
+        let mut tx = tx;
+        assert!(recv(&mut tx, Some(Duration::ZERO)).is_err());
+        drop(rx);
+        let err = tx.send(1, &[b"x"], &[]).expect_err("receiver gone");
+        assert!(err.is_disconnected(), "{err}");
     }
 }

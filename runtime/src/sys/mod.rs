@@ -123,6 +123,17 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
     }
 }
 
+/// `write(2)` of `buf`, retried on `EINTR`. Returns how many bytes went
+/// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
+pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
+    loop {
+        match nix::unistd::write(fd, buf) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
 /// `writev(2)` of `bufs`, retried on `EINTR`. Returns how many bytes went
 /// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
 pub(crate) fn writev(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
