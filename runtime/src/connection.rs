@@ -13,6 +13,11 @@
 //! [`wait`] waits on several connections and process sentinels at once
 //! (Python's `multiprocessing.connection.wait`).
 //!
+//! Sending to an end whose peer is gone is [`Error::Disconnected`] because
+//! SIGPIPE is ignored: Rust's `main` does that, and so does a multiproc
+//! child. A program that restores SIGPIPE's default action is killed by
+//! such a send instead (a pipe write has no `MSG_NOSIGNAL`).
+//!
 //! A `recv` after the other end was closed, or its process died, is
 //! [`Error::Disconnected`] (Python's `EOFError`), never a hang.
 //!
