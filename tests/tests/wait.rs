@@ -97,3 +97,18 @@ fn a_peer_that_closes_makes_the_connection_ready() {
     assert_eq!(wait(&[&d, &b], Some(LONG)).expect("wait"), vec![1]);
     assert!(b.recv_timeout(LONG).expect_err("eof").is_disconnected());
 }
+
+#[process_fn]
+fn double_when_told(mut conn: Connection<u64>) -> u64 {
+    conn.recv_timeout(LONG).map(|v| v * 2).unwrap_or(0)
+}
+
+#[test]
+fn a_join_handle_is_ready_when_its_function_returned() {
+    let (go, child_end) = Pipe::new::<u64>().expect("pipe");
+    let h = multiproc::spawn(double_when_told, (child_end,)).expect("spawn");
+    assert!(wait(&[&h], Some(Duration::ZERO)).expect("wait").is_empty());
+    go.send(&21).expect("go");
+    assert_eq!(wait(&[&h], Some(LONG)).expect("wait"), vec![0]);
+    assert_eq!(h.join_timeout(LONG).expect("join"), 42);
+}
