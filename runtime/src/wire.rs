@@ -64,7 +64,7 @@ impl Channel {
         }
     }
 
-    /// A connected pair (in one process: tests, and the pool's own use).
+    /// A connected pair in this process (tests use it).
     #[allow(dead_code)]
     pub(crate) fn pair() -> Result<(Channel, Channel)> {
         let (a, b) = sys::socketpair()?;
