@@ -1,12 +1,22 @@
 //! Pipes between processes: Python's `multiprocessing.Pipe`, typed.
 //!
 //! [`Pipe::new`] gives two duplex [`Connection`]s; [`Pipe::simplex`] gives a
-//! [`Receiver`] and a [`Sender`]. Both are a Unix stream socket pair
-//! carrying length-framed messages (a 64-bit length, so a message of any
-//! size up to the receiver's limit works) with the descriptors of any
-//! handles inside the message attached (SCM_RIGHTS). Each end is a handle:
-//! pass it to a [`Process`](crate::Process) or send it through a Queue or
-//! another Pipe, and it arrives working.
+//! [`Receiver`] and a [`Sender`]. Messages are length-framed (a 64-bit
+//! length, so a message of any size up to the receiver's limit works).
+//! Small messages travel over real pipes (a duplex pair is two of them),
+//! which is as fast as the OS allows; a message that carries handles, or a
+//! large one, travels over a side Unix socket with the handles'
+//! descriptors attached (SCM_RIGHTS). Each end is a handle: pass it to a
+//! [`Process`](crate::Process) or send it through a Queue or another Pipe,
+//! and it arrives working (its descriptors go along).
+//!
+//! [`wait`] waits on several connections and process sentinels at once
+//! (Python's `multiprocessing.connection.wait`).
+//!
+//! Sending to an end whose peer is gone is [`Error::Disconnected`] because
+//! SIGPIPE is ignored: Rust's `main` does that, and so does a multiproc
+//! child. A program that restores SIGPIPE's default action is killed by
+//! such a send instead (a pipe write has no `MSG_NOSIGNAL`).
 //!
 //! A `recv` after the other end was closed, or its process died, is
 //! [`Error::Disconnected`] (Python's `EOFError`), never a hang.
@@ -37,12 +47,17 @@ use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
+use nix::poll::PollFlags;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::wire::Channel;
+use crate::sys;
+
+mod link;
+use link::Link;
 
 const TAG_VALUE: u32 = 1;
 const TAG_BYTES: u32 = 2;
@@ -62,7 +77,7 @@ impl Pipe {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the OS refuses a socket pair.
+    /// [`Error::Io`] if the OS refuses a pipe or a socket pair.
     ///
     /// # Examples
     ///
@@ -75,8 +90,8 @@ impl Pipe {
     /// ```
     #[allow(clippy::new_ret_no_self)]
     pub fn new<T>() -> Result<(Connection<T>, Connection<T>)> {
-        let (a, b) = Channel::pair()?;
-        Ok((Connection::from_channel(a), Connection::from_channel(b)))
+        let (a, b) = Link::duplex()?;
+        Ok((Connection::from_link(a), Connection::from_link(b)))
     }
 
     /// A one-way pipe: a [`Receiver`] and a [`Sender`] (in Python's order,
@@ -84,7 +99,7 @@ impl Pipe {
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the OS refuses a socket pair.
+    /// [`Error::Io`] if the OS refuses a pipe or a socket pair.
     ///
     /// # Examples
     ///
@@ -96,8 +111,15 @@ impl Pipe {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn simplex<T>() -> Result<(Receiver<T>, Sender<T>)> {
-        let (a, b) = Pipe::new::<T>()?;
-        Ok((Receiver { conn: a }, Sender { conn: b }))
+        let (rx, tx) = Link::simplex()?;
+        Ok((
+            Receiver {
+                conn: Connection::from_link(rx),
+            },
+            Sender {
+                conn: Connection::from_link(tx),
+            },
+        ))
     }
 }
 
@@ -108,7 +130,7 @@ impl Pipe {
 /// closes it, and the other end's `recv` then returns
 /// [`Error::Disconnected`].
 pub struct Connection<T> {
-    channel: Channel,
+    link: Link,
     bytes: Vec<u8>,
     fds: Vec<OwnedFd>,
     _marker: PhantomData<fn(T) -> T>,
@@ -117,15 +139,15 @@ pub struct Connection<T> {
 impl<T> fmt::Debug for Connection<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
-            .field("fd", &self.channel.fd())
+            .field("fds", &self.link.fds())
             .finish()
     }
 }
 
 impl<T> Connection<T> {
-    fn from_channel(channel: Channel) -> Self {
+    fn from_link(link: Link) -> Self {
         Connection {
-            channel,
+            link,
             bytes: Vec::new(),
             fds: Vec::new(),
             _marker: PhantomData,
@@ -139,7 +161,7 @@ impl<T> Connection<T> {
     ///
     /// [`Error::Disconnected`] if the other end is closed.
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
-        self.channel.send(TAG_BYTES, &[bytes], &[])
+        self.link.send(TAG_BYTES, &[bytes], &[])
     }
 
     /// Receives one message as raw bytes (Python's `recv_bytes`).
@@ -153,7 +175,7 @@ impl<T> Connection<T> {
     pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
         self.fds.clear();
         let mut out = Vec::new();
-        self.channel.recv_into(&mut out, &mut self.fds, None)?;
+        self.link.recv_into(&mut out, &mut self.fds, None)?;
         self.fds.clear();
         Ok(out)
     }
@@ -167,7 +189,7 @@ impl<T> Connection<T> {
     pub fn recv_bytes_timeout(&mut self, timeout: Duration) -> Result<Vec<u8>> {
         self.fds.clear();
         let mut out = Vec::new();
-        self.channel
+        self.link
             .recv_into(&mut out, &mut self.fds, Some(timeout))?;
         self.fds.clear();
         Ok(out)
@@ -180,13 +202,13 @@ impl<T> Connection<T> {
     ///
     /// [`Error::Io`] if polling fails.
     pub fn poll(&self, timeout: Duration) -> Result<bool> {
-        self.channel.poll(Some(timeout))
+        self.link.poll(Some(timeout))
     }
 
     /// Sets the largest message this end accepts (default 1 GiB); a larger
     /// one is an error for that message, not an allocation.
     pub fn set_max_message_size(&mut self, bytes: u64) {
-        self.channel.set_max_frame(bytes);
+        self.link.set_max_frame(bytes);
     }
 
     /// Closes this end (dropping it does the same). The other end's
@@ -212,9 +234,10 @@ impl<T: Serialize> Connection<T> {
 
     fn send_with(&self, value: &T, buf: &mut Vec<u8>) -> Result<()> {
         buf.clear();
+        buf.resize(link::HEADER, 0);
         let mut fds = Vec::new();
         codec::encode(value, buf, &mut fds)?;
-        let result = self.channel.send(TAG_VALUE, &[buf], &fds);
+        let result = self.link.send_framed(TAG_VALUE, buf, &fds);
         if buf.capacity() > 1 << 20 {
             *buf = Vec::new();
         }
@@ -271,7 +294,7 @@ impl<T: DeserializeOwned> Connection<T> {
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T> {
         self.fds.clear();
-        self.channel
+        self.link
             .recv_into(&mut self.bytes, &mut self.fds, timeout)?;
         let fds = std::mem::take(&mut self.fds);
         let value = codec::decode(&self.bytes, fds);
@@ -282,28 +305,55 @@ impl<T: DeserializeOwned> Connection<T> {
     }
 }
 
+/// The descriptor that is readable when a message (or the end of stream)
+/// is there. Bytes already read into the connection's buffer do not show
+/// on it: use [`poll`](Connection::poll) or [`wait`], which know.
 impl<T> AsFd for Connection<T> {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.channel.fd()
+        self.link.read_fd()
     }
 }
 
+struct FdOut<'a>(BorrowedFd<'a>);
+
+impl Serialize for FdOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        codec::serialize_fd(self.0, serializer)
+    }
+}
+
+struct FdIn(OwnedFd);
+
+impl<'de> Deserialize<'de> for FdIn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        codec::deserialize_fd(deserializer).map(FdIn)
+    }
+}
+
+/// A connection travels as its three descriptors: the pipe it reads, the
+/// pipe it writes (either may be absent on a simplex end) and the side
+/// socket.
 impl<T> Serialize for Connection<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
-        if self.channel.has_buffered_data() {
+        if self.link.has_buffered_data() {
             return Err(S::Error::custom(
                 "a connection with received but unread data cannot move to another process",
             ));
         }
-        codec::serialize_fd(self.channel.fd(), serializer)
+        let (rx, tx, side) = self.link.fds();
+        (rx.map(FdOut), tx.map(FdOut), FdOut(side)).serialize(serializer)
     }
 }
 
 impl<'de, T> Deserialize<'de> for Connection<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let fd = codec::deserialize_fd(deserializer)?;
-        Ok(Connection::from_channel(Channel::new(fd)))
+        let (rx, tx, side) = <(Option<FdIn>, Option<FdIn>, FdIn)>::deserialize(deserializer)?;
+        Ok(Connection::from_link(Link::from_fds(
+            rx.map(|f| f.0),
+            tx.map(|f| f.0),
+            side.0,
+        )))
     }
 }
 
@@ -320,7 +370,7 @@ pub struct Sender<T> {
 impl<T> fmt::Debug for Receiver<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Receiver")
-            .field("fd", &self.conn.channel.fd())
+            .field("fds", &self.conn.link.fds())
             .finish()
     }
 }
@@ -328,7 +378,7 @@ impl<T> fmt::Debug for Receiver<T> {
 impl<T> fmt::Debug for Sender<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sender")
-            .field("fd", &self.conn.channel.fd())
+            .field("fds", &self.conn.link.fds())
             .finish()
     }
 }
@@ -422,9 +472,10 @@ impl<T> AsFd for Receiver<T> {
     }
 }
 
+/// The pipe this end writes to.
 impl<T> AsFd for Sender<T> {
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.conn.as_fd()
+        self.conn.link.write_fd()
     }
 }
 
@@ -456,6 +507,136 @@ impl<'de, T> Deserialize<'de> for Sender<T> {
     }
 }
 
+/// Something [`wait`] can wait on: Python's "object with a `fileno()`".
+///
+/// Implemented by [`Connection`], [`Receiver`], [`Sender`] (readable: the
+/// receiver is gone), [`Process`](crate::Process) (its sentinel: ready
+/// once the process has ended) and [`JoinHandle`](crate::JoinHandle).
+/// Implement it for your own descriptors (a socket, an eventfd, a
+/// `std::process::Child`'s pidfd...).
+///
+/// A [`Queue`](crate::Queue) is not `Waitable`: its fast path lives in
+/// shared memory and wakes sleepers with a futex, so no descriptor becomes
+/// readable when an item arrives. To wait on a queue and connections
+/// together, let a process forward the queue's items into a [`Pipe`], or
+/// use a Pipe where you need `wait`.
+pub trait Waitable {
+    /// The descriptor that becomes readable (or hangs up) when this object
+    /// is ready.
+    ///
+    /// # Errors
+    ///
+    /// When the object cannot be waited on (a process not yet started:
+    /// [`Error::NotStarted`]).
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>>;
+
+    /// `true` when the object is ready without its descriptor showing it
+    /// (a message already read into a buffer). The default says `false`.
+    fn ready_now(&self) -> bool {
+        false
+    }
+}
+
+impl<T> Waitable for Connection<T> {
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
+        Ok(self.link.read_fd())
+    }
+
+    fn ready_now(&self) -> bool {
+        self.link.ready_now()
+    }
+}
+
+impl<T> Waitable for Receiver<T> {
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
+        self.conn.wait_fd()
+    }
+
+    fn ready_now(&self) -> bool {
+        self.conn.ready_now()
+    }
+}
+
+/// Ready when the receiving end is gone (a send would fail).
+impl<T> Waitable for Sender<T> {
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
+        Ok(self.conn.link.write_fd())
+    }
+}
+
+impl<W: Waitable + ?Sized> Waitable for &W {
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
+        (**self).wait_fd()
+    }
+
+    fn ready_now(&self) -> bool {
+        (**self).ready_now()
+    }
+}
+
+/// Waits until at least one of `objects` is ready, or `timeout` passes
+/// (`None`: no limit), and returns the indices of the ready ones in
+/// ascending order (empty on timeout). Python's
+/// `multiprocessing.connection.wait`, with indices instead of the objects
+/// so that the caller keeps its own (mutable) handles.
+///
+/// Ready means: a connection or receiver has a message to read, or its
+/// peer is gone (`recv` then reports [`Error::Disconnected`] instead of
+/// blocking); a process has ended (join returns at once); a sender's
+/// receiver is gone.
+///
+/// # Errors
+///
+/// [`Error::NotStarted`] for a process not yet started;
+/// [`Error::InvalidArgument`] for no objects and no timeout; [`Error::Io`]
+/// if polling fails.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use multiproc::{connection::wait, Pipe};
+/// let (a, mut b) = Pipe::new::<u8>()?;
+/// let (c, d) = Pipe::new::<u8>()?;
+/// assert!(wait(&[&b, &d], Some(Duration::ZERO))?.is_empty());
+/// a.send(&1)?;
+/// assert_eq!(wait(&[&b, &d], None)?, vec![0]);
+/// assert_eq!(b.recv()?, 1);
+/// # drop(c);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub fn wait(objects: &[&dyn Waitable], timeout: Option<Duration>) -> Result<Vec<usize>> {
+    let mut fds = Vec::with_capacity(objects.len());
+    for object in objects {
+        fds.push((object.wait_fd()?, PollFlags::POLLIN));
+    }
+    let buffered: Vec<usize> = (0..objects.len())
+        .filter(|&i| objects[i].ready_now())
+        .collect();
+    // Something is ready already: report it with whatever else is ready
+    // now, without waiting.
+    let timeout = if buffered.is_empty() {
+        timeout
+    } else {
+        Some(Duration::ZERO)
+    };
+    if fds.is_empty() {
+        return match timeout {
+            Some(t) => {
+                std::thread::sleep(t);
+                Ok(Vec::new())
+            }
+            None => Err(Error::invalid(
+                "wait on no objects and no timeout would never return",
+            )),
+        };
+    }
+    let revents = sys::poll_many(&fds, timeout)?;
+    Ok((0..objects.len())
+        .filter(|&i| objects[i].ready_now() || !revents[i].is_empty())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +652,22 @@ mod tests {
         assert_eq!(b.recv_bytes().expect("recv bytes"), b"raw");
         assert!(!b.poll(Duration::ZERO).expect("poll"));
         assert!(b.try_recv().expect("try").is_none());
+    }
+
+    #[test]
+    fn wait_and_poll_see_a_message_already_buffered() {
+        let (a, mut b) = Pipe::new::<u8>().expect("pipe");
+        a.send(&1).expect("send");
+        a.send(&2).expect("send");
+        assert_eq!(b.recv().expect("recv"), 1);
+        // One read took both messages: the pipe itself is empty now.
+        let ev = sys::poll_one(b.as_fd(), PollFlags::POLLIN, Some(Duration::ZERO)).expect("poll");
+        assert!(ev.is_empty());
+        assert_eq!(wait(&[&b], Some(Duration::ZERO)).expect("wait"), vec![0]);
+        assert!(b.poll(Duration::ZERO).expect("poll"));
+        assert_eq!(b.recv().expect("recv"), 2);
+        assert!(wait(&[&b], Some(Duration::ZERO)).expect("wait").is_empty());
+        assert!(wait(&[], None).is_err());
     }
 
     #[test]

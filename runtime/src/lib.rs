@@ -75,7 +75,7 @@ mod sys;
 mod wire;
 
 pub use child::init;
-pub use connection::Pipe;
+pub use connection::{Pipe, Waitable, wait};
 pub use error::{Error, Result};
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};

@@ -2,7 +2,7 @@
 //! `multiprocessing.Process` API; and `spawn`, std::thread's shape across
 //! processes.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -293,6 +293,14 @@ impl Process {
         self.signal(Signal::SIGKILL)
     }
 
+    /// Python's `sentinel`: a descriptor that becomes readable when the
+    /// process ends (its pidfd), `None` before [`start`](Process::start).
+    /// Wait on it with [`wait`](crate::connection::wait), or with your own
+    /// `poll`/`epoll` loop; it stays valid as long as this `Process`.
+    pub fn sentinel(&self) -> Option<BorrowedFd<'_>> {
+        self.running.as_ref().map(|r| r.child.pidfd())
+    }
+
     fn signal(&self, signal: Signal) -> Result<()> {
         self.running
             .as_ref()
@@ -414,6 +422,20 @@ impl<R: DeserializeOwned> JoinHandle<R> {
     /// An OS error if the signal cannot be sent.
     pub fn kill(&self) -> Result<()> {
         self.child.signal(Signal::SIGKILL)
+    }
+}
+
+/// Ready once the process has ended (its [`sentinel`](Process::sentinel)).
+impl crate::connection::Waitable for Process {
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
+        self.sentinel().ok_or(Error::NotStarted)
+    }
+}
+
+/// Ready once the child has ended.
+impl<R> crate::connection::Waitable for JoinHandle<R> {
+    fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
+        Ok(self.child.pidfd())
     }
 }
 

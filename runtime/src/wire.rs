@@ -37,6 +37,7 @@ pub(crate) struct Frame {
 #[derive(Debug)]
 pub(crate) struct Channel {
     fd: OwnedFd,
+    /// Allocated on the first read: a Pipe's side channel may never read.
     rbuf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -55,7 +56,7 @@ impl Channel {
     pub(crate) fn new(fd: OwnedFd) -> Channel {
         Channel {
             fd,
-            rbuf: vec![0u8; READ_BUF].into_boxed_slice(),
+            rbuf: Box::default(),
             start: 0,
             end: 0,
             fds: VecDeque::new(),
@@ -63,7 +64,8 @@ impl Channel {
         }
     }
 
-    /// A connected pair.
+    /// A connected pair in this process (tests use it).
+    #[allow(dead_code)]
     pub(crate) fn pair() -> Result<(Channel, Channel)> {
         let (a, b) = sys::socketpair()?;
         Ok((Channel::new(a), Channel::new(b)))
@@ -164,6 +166,9 @@ impl Channel {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
+            if self.rbuf.is_empty() {
+                self.rbuf = vec![0u8; READ_BUF].into_boxed_slice();
+            }
         } else if self.end == self.rbuf.len() {
             self.rbuf.copy_within(self.start..self.end, 0);
             self.end -= self.start;

@@ -2,7 +2,7 @@
 //! end of stream when the peer dies, connections that travel.
 use std::time::Duration;
 
-use multiproc::connection::{Connection, Sender};
+use multiproc::connection::{Connection, Receiver, Sender};
 use multiproc::{Pipe, Process, Queue, process_fn};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -174,4 +174,35 @@ fn fd_count_unchanged_after_a_thousand_connection_transfers() {
         assert_eq!(b.recv().expect("recv"), 5);
     }
     assert_eq!(multiproc_tests::open_fds(), before);
+}
+
+#[process_fn]
+fn relay(mut inbox: Receiver<(String, Sender<String>)>) {
+    // The Sender inside the message arrives with its descriptors.
+    while let Ok((text, reply)) = inbox.recv_timeout(LONG) {
+        reply.send(&format!("{text}!")).expect("reply");
+    }
+}
+
+#[test]
+fn handles_inside_messages_reach_another_process() {
+    let _serial = serial();
+    let (inbox_rx, inbox_tx) = Pipe::simplex::<(String, Sender<String>)>().expect("pipe");
+    let mut p = Process::new(relay, (inbox_rx,));
+    p.start().expect("start");
+    for i in 0..20 {
+        let (mut rx, tx) = Pipe::simplex::<String>().expect("pipe");
+        // Plain messages and messages with handles interleave on one pipe.
+        inbox_tx.send(&(format!("hi {i}"), tx)).expect("send");
+        assert_eq!(rx.recv_timeout(LONG).expect("reply"), format!("hi {i}!"));
+        // The only copy of the sender was in the child, which dropped it.
+        assert!(rx.recv_timeout(LONG).expect_err("eof").is_disconnected());
+    }
+    drop(inbox_tx);
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
 }

@@ -107,6 +107,44 @@ pub(crate) fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     .map_err(|e| Error::errno("could not create a socket pair", e))
 }
 
+/// A close-on-exec pipe: `(read end, write end)`.
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::errno("could not create a pipe", e))
+}
+
+/// `read(2)` into `buf`, retried on `EINTR`. Returns 0 at end of stream.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    loop {
+        match nix::unistd::read(fd, buf) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `write(2)` of `buf`, retried on `EINTR`. Returns how many bytes went
+/// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
+pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
+    loop {
+        match nix::unistd::write(fd, buf) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `writev(2)` of `bufs`, retried on `EINTR`. Returns how many bytes went
+/// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
+pub(crate) fn writev(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+    loop {
+        match nix::sys::uio::writev(fd, bufs) {
+            Err(Errno::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
 /// A close-on-exec duplicate of `fd` numbered at least `min`.
 pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> Result<OwnedFd> {
     let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))

@@ -1,0 +1,160 @@
+//! Pipe round trips between real processes, with the OS floors measured in
+//! the same run: a raw `pipe(2)` ping-pong and a raw Unix-socket ping-pong
+//! (8 bytes each way, plain `read`/`write`). CPython's number comes from
+//! `benches/python/queue_bench.py`.
+//!
+//! Run: `cargo bench -p multiproc-benches --bench pipe`.
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use criterion::Criterion;
+use multiproc::connection::Connection;
+use multiproc::{Pipe, Process, process_fn};
+
+const ECHO_ENV: &str = "MULTIPROC_BENCH_RAW_ECHO";
+
+#[process_fn]
+fn echo(mut conn: Connection<u64>) {
+    while let Ok(v) = conn.recv() {
+        if conn.send(&v).is_err() {
+            return;
+        }
+    }
+}
+
+#[process_fn]
+fn echo_bytes(mut conn: Connection<()>) {
+    while let Ok(v) = conn.recv_bytes() {
+        if conn.send_bytes(&v).is_err() {
+            return;
+        }
+    }
+}
+
+fn round_trips(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pipe_round_trip");
+
+    let (mut mine, theirs) = Pipe::new::<u64>().expect("pipe");
+    let mut p = Process::new(echo, (theirs,));
+    p.start().expect("start");
+    g.bench_function("connection_u64", |b| {
+        b.iter(|| {
+            mine.send(&42).expect("send");
+            black_box(mine.recv().expect("recv"))
+        })
+    });
+    drop(mine);
+    p.join_timeout(Duration::from_secs(30)).expect("join");
+
+    let (mut mine, theirs) = Pipe::new::<()>().expect("pipe");
+    let mut p = Process::new(echo_bytes, (theirs,));
+    p.start().expect("start");
+    let kib = vec![7u8; 1024];
+    g.bench_function("connection_bytes_1KiB", |b| {
+        b.iter(|| {
+            mine.send_bytes(&kib).expect("send");
+            black_box(mine.recv_bytes().expect("recv"))
+        })
+    });
+    drop(mine);
+    p.join_timeout(Duration::from_secs(30)).expect("join");
+
+    let exe = std::env::current_exe().expect("exe");
+    let mut child = Command::new(&exe)
+        .env(ECHO_ENV, "pipe")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("raw echo child");
+    let mut to = child.stdin.take().expect("stdin");
+    let mut from = child.stdout.take().expect("stdout");
+    g.bench_function("raw_pipe2_8_bytes", |b| {
+        b.iter(|| {
+            let mut buf = [0u8; 8];
+            to.write_all(&42u64.to_le_bytes()).expect("write");
+            from.read_exact(&mut buf).expect("read");
+            black_box(buf)
+        })
+    });
+    drop(to);
+    child.wait().expect("wait raw echo");
+
+    let (mut mine, theirs) = UnixStream::pair().expect("socketpair");
+    let mut child = Command::new(&exe)
+        .env(ECHO_ENV, "socket")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .spawn()
+        .expect("raw socket echo child");
+    g.bench_function("raw_unix_socket_8_bytes", |b| {
+        b.iter(|| {
+            let mut buf = [0u8; 8];
+            mine.write_all(&42u64.to_le_bytes()).expect("write");
+            mine.read_exact(&mut buf).expect("read");
+            black_box(buf)
+        })
+    });
+    drop(mine);
+    child.wait().expect("wait raw socket echo");
+    g.finish();
+}
+
+/// Send then receive in one thread, on one pipe: the per-message cost of
+/// the library (syscalls included) without the cross-process wake-up,
+/// which is most of a round trip and also the noisiest part on a shared VM.
+fn same_thread(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pipe_same_thread");
+    let (mut a, b) = Pipe::new::<u64>().expect("pipe");
+    g.bench_function("connection_u64_send_recv", |bench| {
+        bench.iter(|| {
+            b.send(&42).expect("send");
+            black_box(a.recv().expect("recv"))
+        })
+    });
+    let (mut from, mut to) = std::io::pipe().expect("pipe");
+    g.bench_function("raw_pipe2_8_bytes_write_read", |bench| {
+        bench.iter(|| {
+            let mut buf = [0u8; 8];
+            to.write_all(&42u64.to_le_bytes()).expect("write");
+            from.read_exact(&mut buf).expect("read");
+            black_box(buf)
+        })
+    });
+    g.finish();
+}
+
+/// Echoes 8-byte messages from stdin to stdout (pipes) or back into stdin
+/// (a socket), with plain unbuffered `read`/`write`.
+fn raw_echo(socket: bool) {
+    use std::os::fd::AsFd;
+    let fd_in = std::io::stdin().as_fd().try_clone_to_owned().expect("dup");
+    let mut input = std::fs::File::from(fd_in);
+    let mut output = if socket {
+        input.try_clone().expect("dup")
+    } else {
+        std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().expect("dup"))
+    };
+    let mut buf = [0u8; 8];
+    while input.read_exact(&mut buf).is_ok() {
+        if output.write_all(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+fn main() {
+    if let Some(kind) = std::env::var_os(ECHO_ENV) {
+        raw_echo(kind == "socket");
+        return;
+    }
+    let mut c = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    same_thread(&mut c);
+    round_trips(&mut c);
+    c.final_summary();
+}
