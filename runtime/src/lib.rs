@@ -64,6 +64,7 @@ extern crate self as multiproc;
 mod child;
 mod codec;
 pub mod error;
+pub mod pool;
 pub mod process;
 pub mod registry;
 mod sys;
@@ -71,6 +72,7 @@ mod wire;
 
 pub use child::init;
 pub use error::{Error, Result};
+pub use pool::Pool;
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
 
