@@ -292,6 +292,7 @@ impl Core {
         // Results are as large as the user's data; the sender is our own worker.
         channel.set_max_frame(u64::MAX);
         let tx = Channel::new(channel.fd().try_clone_to_owned().map_err(|e| Error::io("dup", e))?);
+        worker::enlarge_send_buffer(tx.fd());
         let conn = Arc::new(Conn { pid: child.pid(), tx: Mutex::new(tx) });
         let mut st = lock(&self.state);
         if matches!(st.phase, Phase::Stopping) {

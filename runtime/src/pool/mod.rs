@@ -50,7 +50,7 @@ pub(crate) use self::worker::{ENTRY as WORKER_ENTRY, main as worker_main};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::process::{ProcessFn, Target};
-use crate::registry::{self, ITEM_OK, ITEM_PANIC, PanicRecord};
+use crate::registry::{self, PanicRecord};
 
 /// A pool of worker processes: Python's `multiprocessing.Pool`.
 ///
@@ -231,41 +231,43 @@ impl ChunkEncoder {
     }
 }
 
-/// Decodes one chunk's outcome, calling `emit` once per item in order.
-fn decode_chunk<R: DeserializeOwned>(info: ChunkInfo, outcome: Outcome, mut emit: impl FnMut(Result<R>)) {
+/// Decodes one chunk's outcome: the values of its successful items are
+/// appended to `out` in order; the failed items are returned as
+/// (position in the chunk, error), in order.
+fn decode_chunk<R: DeserializeOwned + 'static>(info: ChunkInfo, outcome: Outcome, out: &mut Vec<R>) -> Vec<(usize, Error)> {
     let (frame, offset, pid) = match outcome {
-        Outcome::Failed(err) => {
-            for _ in 0..info.count {
-                emit(Err(err.clone()));
-            }
-            return;
-        }
+        Outcome::Failed(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
         Outcome::Done { frame, offset, pid } => (frame, offset, pid),
     };
     let bytes = frame.bytes.get(offset..).unwrap_or(&[]);
-    let mut emitted = 0usize;
+    let mut errors = Vec::new();
+    let mut pos = 0usize;
     let result = codec::with_fd_source(frame.fds, || -> Result<()> {
         let mut dec = codec::SeqDecoder::new(bytes);
-        while emitted < info.count {
-            let tag: u8 = dec.next()?;
-            let item = match tag {
-                ITEM_OK => Ok(dec.next::<R>()?),
-                ITEM_PANIC => Err(dec.next::<PanicRecord>()?.into_error(pid, Some(info.first + emitted))),
-                _ => return Err(Error::Decode { message: format!("bad item tag {tag} in a pool result") }),
-            };
-            emitted += 1;
-            emit(item);
+        while pos < info.count {
+            // A run of results, then (if the chunk goes on) a panic record.
+            let run = dec.next::<u32>()? as usize;
+            if run > info.count - pos {
+                return Err(Error::Decode { message: format!("a pool result has {run} values where {} were left", info.count - pos) });
+            }
+            let before = out.len();
+            let decoded = dec.extend_into(run, out);
+            pos += out.len() - before;
+            decoded?;
+            if pos < info.count {
+                let record: PanicRecord = dec.next()?;
+                errors.push((pos, record.into_error(pid, Some(info.first + pos))));
+                pos += 1;
+            }
         }
         Ok(())
     });
     if let Err(err) = result {
         // The item that failed to decode, and the ones after it (their
         // bytes cannot be found any more), fail with the decode error.
-        while emitted < info.count {
-            emit(Err(err.clone()));
-            emitted += 1;
-        }
+        errors.extend((pos..info.count).map(|i| (i, err.clone())));
     }
+    errors
 }
 
 /// Cancels a job when the call that owns it returns or unwinds.
@@ -323,19 +325,21 @@ impl Pool {
             return Err(Error::invalid("chunksize must be at least 1"));
         }
         self.core.check_open()?;
-        let mut encoder = ChunkEncoder::new::<F>()?;
         let items = items.into_iter();
         // Python turns the input into a list to know its length; an
         // iterator that knows its exact length is not collected.
-        let (items, n): (Box<dyn Iterator<Item = T>>, usize) = match items.size_hint() {
-            (lo, Some(hi)) if lo == hi => (Box::new(items), lo),
+        match items.size_hint() {
+            (lo, Some(hi)) if lo == hi => self.submit_n::<F, T>(items, lo, chunksize),
             _ => {
                 let all: Vec<T> = items.collect();
                 let n = all.len();
-                (Box::new(all.into_iter()), n)
+                self.submit_n::<F, T>(all.into_iter(), n, chunksize)
             }
-        };
-        let mut items = items;
+        }
+    }
+
+    fn submit_n<F: 'static, T: Serialize>(&self, mut items: impl Iterator<Item = T>, n: usize, chunksize: Option<usize>) -> Result<(JobGuard, usize, usize)> {
+        let mut encoder = ChunkEncoder::new::<F>()?;
         let chunksize = chunksize.unwrap_or_else(|| default_chunksize(n, self.processes()));
         let job = JobGuard(Arc::new(Job::default()));
         let (mut chunks, mut first) = (0usize, 0usize);
@@ -349,18 +353,11 @@ impl Pool {
         Ok((job, chunks, first))
     }
 
-    fn collect_map<R: DeserializeOwned>(job: &Job, chunks: usize, items: usize, deadline: Option<Instant>) -> Result<Vec<R>> {
+    fn collect_map<R: DeserializeOwned + 'static>(job: &Job, chunks: usize, items: usize, deadline: Option<Instant>) -> Result<Vec<R>> {
         let mut out = Vec::with_capacity(items);
-        let mut first_err = None;
         for i in 0..chunks {
             let (info, outcome) = job.take(Some(i), deadline).ok_or(Error::Timeout)?;
-            decode_chunk::<R>(info, outcome, |r| match r {
-                Ok(v) => out.push(v),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
-            });
-            if let Some(err) = first_err {
+            if let Some((_, err)) = decode_chunk::<R>(info, outcome, &mut out).into_iter().next() {
                 return Err(err);
             }
         }
@@ -401,7 +398,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.map_async_impl::<F, A>(&f, iter, None)?.get()
     }
@@ -416,7 +413,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.map_async_impl::<F, A>(&f, iter, Some(chunksize))?.get()
     }
@@ -449,7 +446,7 @@ impl Pool {
         F: ProcessFn<T>,
         T: Serialize,
         I: IntoIterator<Item = T>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.starmap_async(f, iter)?.get()
     }
@@ -466,7 +463,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.map_async_impl::<F, A>(&f, iter, None)
     }
@@ -475,7 +472,7 @@ impl Pool {
     where
         F: ProcessFn<(A,)>,
         A: Serialize,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, A>(iter, chunksize)?;
         Ok(AsyncResult::new(job, chunks, items, Pool::collect_map::<F::Output>))
@@ -491,7 +488,7 @@ impl Pool {
         F: ProcessFn<T>,
         T: Serialize,
         I: IntoIterator<Item = T>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, T>(iter, None)?;
         Ok(AsyncResult::new(job, chunks, items, Pool::collect_map::<F::Output>))
@@ -506,7 +503,7 @@ impl Pool {
     where
         F: ProcessFn<T>,
         T: Serialize,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.apply_async(f, args)?.get()
     }
@@ -545,7 +542,7 @@ impl Pool {
     where
         F: ProcessFn<T>,
         T: Serialize,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, T>(std::iter::once(args), Some(1))?;
         Ok(AsyncResult::new(job, chunks, items, |job, chunks, items, deadline| {
@@ -586,7 +583,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.imap_impl(&f, iter, 1, true)
     }
@@ -601,7 +598,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.imap_impl(&f, iter, chunksize, true)
     }
@@ -617,7 +614,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         self.imap_impl(&f, iter, 1, false)
     }
@@ -627,7 +624,7 @@ impl Pool {
         F: ProcessFn<(A,)>,
         A: Serialize,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned,
+        F::Output: DeserializeOwned + 'static,
     {
         if chunksize == 0 {
             return Err(Error::invalid("chunksize must be at least 1"));
@@ -830,7 +827,7 @@ impl<I, R> Imap<'_, I, R>
 where
     I: Iterator,
     I::Item: Serialize,
-    R: DeserializeOwned,
+    R: DeserializeOwned + 'static,
 {
     /// Submits chunks until the window is full or the input ends.
     fn top_up(&mut self) {
@@ -861,7 +858,7 @@ impl<I, R> Iterator for Imap<'_, I, R>
 where
     I: Iterator,
     I::Item: Serialize,
-    R: DeserializeOwned,
+    R: DeserializeOwned + 'static,
 {
     type Item = Result<R>;
 
@@ -877,8 +874,15 @@ where
             let index = self.ordered.then_some(self.taken);
             let (info, outcome) = self.job.0.take(index, None)?;
             self.taken += 1;
-            let ready = &mut self.ready;
-            decode_chunk::<R>(info, outcome, |r| ready.push_back(r));
+            let mut values = Vec::with_capacity(info.count);
+            let mut errors = decode_chunk::<R>(info, outcome, &mut values).into_iter().peekable();
+            let mut values = values.into_iter();
+            for pos in 0..info.count {
+                match errors.next_if(|(at, _)| *at == pos) {
+                    Some((_, err)) => self.ready.push_back(Err(err)),
+                    None => self.ready.extend(values.next().map(Ok)),
+                }
+            }
         }
     }
 }

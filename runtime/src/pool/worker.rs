@@ -95,6 +95,13 @@ impl TaskFailure {
     }
 }
 
+/// Chunks are large: a send buffer that holds a good part of one means
+/// fewer wake-ups of the reader per chunk. The kernel caps it at
+/// `net.core.wmem_max`; failing to raise it only costs speed.
+pub(crate) fn enlarge_send_buffer(fd: std::os::fd::BorrowedFd<'_>) {
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &(1 << 20));
+}
+
 /// Reads a little-endian integer field of a task payload.
 pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
@@ -134,6 +141,7 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     };
     let mut input = channel;
     let channel = Channel::new(write_fd);
+    enlarge_send_buffer(channel.fd());
     let spawned = std::thread::Builder::new()
         .name("multiproc-pool-input".into())
         .stack_size(128 * 1024)
