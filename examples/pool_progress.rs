@@ -16,7 +16,10 @@ fn main() -> multiproc::Result<()> {
     let n = 200;
     let pool = Pool::new(multiproc::process::cpu_count())?;
     let bar = ProgressBar::new(n);
-    bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut total = 0;
     for result in pool.imap(slow_square, 0..n)? {
         total += result?;

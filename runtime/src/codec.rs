@@ -168,6 +168,7 @@ pub(crate) struct SeqDecoder<'de> {
 /// Appends `n` fixed-width little-endian numbers from `bytes` to `out`
 /// when `T` is a primitive number (a plain copy, no per-item decoding).
 /// Returns the bytes used, or `None` when `T` is not such a type.
+#[allow(clippy::ptr_arg)] // the Vec itself is downcast, then extended
 fn extend_primitive<T: 'static>(bytes: &[u8], n: usize, out: &mut Vec<T>) -> Option<Result<usize>> {
     macro_rules! primitive {
         ($($t:ty),*) => {$(

@@ -33,6 +33,14 @@
 //! `#[test]` functions can start processes. [`init`] and
 //! `#[multiproc::main]` remain as the explicit, documented way in.
 //!
+//! # Pools
+//!
+//! [`Pool`] keeps long-lived worker processes and runs a registered
+//! function over many inputs: `map`, `imap`, `starmap`, `apply_async`...
+//! A panic fails only its item; a worker that dies fails only the chunks
+//! it was running, with its pid and signal, and is replaced. See
+//! [`pool`] for how work travels.
+//!
 //! # Panics
 //!
 //! A panic in a child is caught there; [`spawn`]'s `join` returns

@@ -96,10 +96,22 @@ fn map_equals_sequential() {
         assert_eq!(got, want, "n = {n}");
     }
     // An input without an exact length, and explicit chunk sizes.
-    let odd: Vec<u64> = pool.map(cube, (0..100u64).filter(|x| x % 2 == 1)).expect("map filter");
-    assert_eq!(odd, (0..100u64).filter(|x| x % 2 == 1).map(cube).collect::<Vec<_>>());
+    let odd: Vec<u64> = pool
+        .map(cube, (0..100u64).filter(|x| x % 2 == 1))
+        .expect("map filter");
+    assert_eq!(
+        odd,
+        (0..100u64)
+            .filter(|x| x % 2 == 1)
+            .map(cube)
+            .collect::<Vec<_>>()
+    );
     for chunksize in [1, 7, 1000] {
-        assert_eq!(pool.map_chunked(cube, 0..500u64, chunksize).expect("map_chunked"), (0..500u64).map(cube).collect::<Vec<_>>());
+        assert_eq!(
+            pool.map_chunked(cube, 0..500u64, chunksize)
+                .expect("map_chunked"),
+            (0..500u64).map(cube).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -114,10 +126,26 @@ fn tutorial_map_with_five_workers() {
 fn starmap_and_apply() {
     let pool = pool2();
     let pairs: Vec<(u64, u64)> = (0..50).map(|i| (i, 2 * i)).collect();
-    assert_eq!(pool.starmap(add, pairs.clone()).expect("starmap"), pairs.iter().map(|(a, b)| a + b).collect::<Vec<_>>());
-    assert_eq!(pool.starmap_async(add, pairs).expect("submit").get().expect("get").len(), 50);
+    assert_eq!(
+        pool.starmap(add, pairs.clone()).expect("starmap"),
+        pairs.iter().map(|(a, b)| a + b).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        pool.starmap_async(add, pairs)
+            .expect("submit")
+            .get()
+            .expect("get")
+            .len(),
+        50
+    );
     assert_eq!(pool.apply(add, (2, 3)).expect("apply"), 5);
-    assert_eq!(pool.map_async(cube, 0..10).expect("submit").get().expect("get"), (0..10).map(cube).collect::<Vec<_>>());
+    assert_eq!(
+        pool.map_async(cube, 0..10)
+            .expect("submit")
+            .get()
+            .expect("get"),
+        (0..10).map(cube).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -125,23 +153,40 @@ fn imap_keeps_order() {
     let pool = pool2();
     // Earlier items sleep longer, so they finish later than later items.
     let input: Vec<u64> = (0..12).map(|i| (12 - i) * 5).collect();
-    let got: Vec<u64> = pool.imap(sleep_ms, input.clone()).expect("imap").map(|r| r.expect("item")).collect();
+    let got: Vec<u64> = pool
+        .imap(sleep_ms, input.clone())
+        .expect("imap")
+        .map(|r| r.expect("item"))
+        .collect();
     assert_eq!(got, input);
-    let chunked: Vec<u64> = pool.imap_chunked(cube, 0..1000u64, 64).expect("imap").map(|r| r.expect("item")).collect();
+    let chunked: Vec<u64> = pool
+        .imap_chunked(cube, 0..1000u64, 64)
+        .expect("imap")
+        .map(|r| r.expect("item"))
+        .collect();
     assert_eq!(chunked, (0..1000u64).map(cube).collect::<Vec<_>>());
 }
 
 #[test]
 fn imap_unordered_gives_every_result() {
     let pool = pool2();
-    let got: HashSet<u64> = pool.imap_unordered(cube, 0..200u64).expect("imap").map(|r| r.expect("item")).collect();
+    let got: HashSet<u64> = pool
+        .imap_unordered(cube, 0..200u64)
+        .expect("imap")
+        .map(|r| r.expect("item"))
+        .collect();
     assert_eq!(got, (0..200u64).map(cube).collect::<HashSet<_>>());
 }
 
 #[test]
 fn imap_over_an_endless_iterator() {
     let pool = pool2();
-    let got: Vec<u64> = pool.imap(cube, 0u64..).expect("imap").take(100).map(|r| r.expect("item")).collect();
+    let got: Vec<u64> = pool
+        .imap(cube, 0u64..)
+        .expect("imap")
+        .take(100)
+        .map(|r| r.expect("item"))
+        .collect();
     assert_eq!(got, (0..100u64).map(cube).collect::<Vec<_>>());
     // The pool is usable afterwards (the abandoned window is discarded).
     assert_eq!(pool.map(cube, 0..3).expect("map after"), vec![0, 1, 8]);
@@ -151,7 +196,9 @@ fn imap_over_an_endless_iterator() {
 fn apply_async_get_timeout_times_out_then_succeeds() {
     let pool = pool2();
     let mut result = pool.apply_async(sleep_ms, (1500,)).expect("submit");
-    let err = result.get_timeout(Duration::from_millis(10)).expect_err("not ready yet");
+    let err = result
+        .get_timeout(Duration::from_millis(10))
+        .expect_err("not ready yet");
     assert!(err.is_timeout(), "{err}");
     assert!(!result.ready());
     assert_eq!(result.successful(), None);
@@ -191,7 +238,10 @@ fn panic_fails_its_item_and_the_pool_lives_on() {
     let failed = pool.apply_async(fail_on, (5, 5)).expect("submit");
     assert!(failed.wait_timeout(LONG));
     assert_eq!(failed.successful(), Some(false));
-    assert_eq!(pool.map(cube, 0..5).expect("next map"), vec![0, 1, 8, 27, 64]);
+    assert_eq!(
+        pool.map(cube, 0..5).expect("next map"),
+        vec![0, 1, 8, 27, 64]
+    );
 }
 
 #[test]
@@ -200,7 +250,9 @@ fn a_killed_worker_fails_its_task_and_is_replaced() {
     let before = pool.worker_pids();
     let started = Instant::now();
     let mut result = pool.apply_async(kill_self, ()).expect("submit");
-    let err = result.get_timeout(Duration::from_secs(2)).expect_err("the worker died");
+    let err = result
+        .get_timeout(Duration::from_secs(2))
+        .expect_err("the worker died");
     let elapsed = started.elapsed();
     match err {
         Error::WorkerDied { pid, signal, .. } => {
@@ -209,33 +261,56 @@ fn a_killed_worker_fails_its_task_and_is_replaced() {
         }
         other => panic!("expected WorkerDied, got {other} after {elapsed:?}"),
     }
-    assert_eq!(pool.map(cube, 0..1000u64).expect("next map"), (0..1000u64).map(cube).collect::<Vec<_>>());
+    assert_eq!(
+        pool.map(cube, 0..1000u64).expect("next map"),
+        (0..1000u64).map(cube).collect::<Vec<_>>()
+    );
     assert_eq!(pool.worker_pids().len(), 2);
 }
 
 #[test]
 fn max_tasks_per_child_gives_fresh_workers() {
-    let pool = Pool::builder().processes(2).max_tasks_per_child(1).build().expect("pool");
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .expect("pool");
     let pids = pool.map_chunked(pid_of, 0..6u64, 1).expect("map");
     let distinct: HashSet<u32> = pids.iter().copied().collect();
     assert_eq!(distinct.len(), 6, "{pids:?}");
     // Retired workers keep being replaced: the next tasks run in new processes.
     let more = pool.map_chunked(pid_of, 0..2u64, 1).expect("second map");
-    assert!(more.iter().all(|p| !distinct.contains(p)), "{more:?} reused one of {pids:?}");
+    assert!(
+        more.iter().all(|p| !distinct.contains(p)),
+        "{more:?} reused one of {pids:?}"
+    );
     assert_ne!(more[0], more[1]);
 }
 
 #[test]
 fn initializer_runs_in_every_worker() {
-    let pool = Pool::builder().processes(2).initializer(set_seed, (1000,)).build().expect("pool");
-    assert_eq!(pool.map_chunked(seeded, 0..8u64, 1).expect("map"), (1000..1008).collect::<Vec<u64>>());
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(set_seed, (1000,))
+        .build()
+        .expect("pool");
+    assert_eq!(
+        pool.map_chunked(seeded, 0..8u64, 1).expect("map"),
+        (1000..1008).collect::<Vec<u64>>()
+    );
 }
 
 #[test]
 fn a_panicking_initializer_fails_build() {
-    let err = Pool::builder().processes(2).initializer(bad_initializer, ()).build().expect_err("initializer panics");
+    let err = Pool::builder()
+        .processes(2)
+        .initializer(bad_initializer, ())
+        .build()
+        .expect_err("initializer panics");
     match &err {
-        Error::InitializerFailed { message } => assert!(message.contains("initializer refuses"), "{message}"),
+        Error::InitializerFailed { message } => {
+            assert!(message.contains("initializer refuses"), "{message}")
+        }
         other => panic!("expected InitializerFailed, got {other}"),
     }
 }
@@ -252,9 +327,18 @@ fn undecodable_result_is_that_tasks_error() {
 fn misuse_is_reported() {
     assert!(matches!(Pool::new(0), Err(Error::InvalidArgument { .. })));
     let pool = pool2();
-    assert!(matches!(pool.map(not_registered, 0..3u64), Err(Error::NotRegistered { .. })));
-    assert!(matches!(pool.map(|x: u64| x, 0..3u64), Err(Error::NotRegistered { .. })));
-    assert!(matches!(pool.map_chunked(cube, 0..3u64, 0), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        pool.map(not_registered, 0..3u64),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(
+        pool.map(|x: u64| x, 0..3u64),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(
+        pool.map_chunked(cube, 0..3u64, 0),
+        Err(Error::InvalidArgument { .. })
+    ));
     assert!(pool.join().is_err(), "join before close is an error");
     pool.close();
     assert!(matches!(pool.map(cube, 0..3u64), Err(Error::Closed)));
@@ -266,13 +350,28 @@ fn misuse_is_reported() {
 fn close_then_join_finishes_outstanding_work() {
     let pool = pool2();
     let pids = pool.worker_pids();
-    let pending = pool.map_async(sleep_ms, [200u64, 200, 200]).expect("submit");
+    let pending = pool
+        .map_async(sleep_ms, [200u64, 200, 200])
+        .expect("submit");
     pool.close();
     pool.join().expect("join");
-    assert_eq!(pending.get().expect("finished before join returned"), vec![200, 200, 200]);
+    assert_eq!(
+        pending.get().expect("finished before join returned"),
+        vec![200, 200, 200]
+    );
     for pid in pids {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} still exists");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} still exists"
+        );
     }
+}
+
+#[test]
+fn pool_and_results_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Pool>();
+    shared::<multiproc::pool::AsyncResult<'static, Vec<u64>>>();
 }
 
 #[test]
@@ -287,7 +386,10 @@ fn several_threads_share_one_pool() {
             .collect();
         for (t, h) in handles.into_iter().enumerate() {
             let t = t as u64;
-            assert_eq!(h.join().expect("thread"), (t * 1000..(t + 1) * 1000).map(cube).collect::<Vec<_>>());
+            assert_eq!(
+                h.join().expect("thread"),
+                (t * 1000..(t + 1) * 1000).map(cube).collect::<Vec<_>>()
+            );
         }
     });
 }
@@ -297,12 +399,17 @@ fn dropping_a_busy_pool_leaves_no_child() {
     let pool = pool2();
     let pids = pool.worker_pids();
     assert_eq!(pids.len(), 2);
-    let busy = pool.map_async(sleep_ms, [20_000u64, 20_000]).expect("submit");
+    let busy = pool
+        .map_async(sleep_ms, [20_000u64, 20_000])
+        .expect("submit");
     // Both workers are now busy for 20 s; dropping must not wait for them.
     drop(busy);
     drop(pool);
     for pid in pids {
-        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} left behind");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} left behind"
+        );
     }
 }
 

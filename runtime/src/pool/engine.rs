@@ -50,7 +50,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub(crate) enum Outcome {
     /// The worker's result frame: outcomes of the items start at `offset`.
-    Done { frame: Frame, offset: usize, pid: u32 },
+    Done {
+        frame: Frame,
+        offset: usize,
+        pid: u32,
+    },
     /// Every item of the chunk fails with this error.
     Failed(Error),
 }
@@ -108,7 +112,11 @@ impl Job {
 
     /// Waits until chunk `index` (or, with `None`, any chunk) has an
     /// outcome and takes it. `Ok(None)` on timeout.
-    pub(crate) fn take(&self, index: Option<usize>, deadline: Option<Instant>) -> Option<(ChunkInfo, Outcome)> {
+    pub(crate) fn take(
+        &self,
+        index: Option<usize>,
+        deadline: Option<Instant>,
+    ) -> Option<(ChunkInfo, Outcome)> {
         let mut st = lock(&self.state);
         loop {
             let found = match index {
@@ -134,7 +142,10 @@ impl Job {
                     if left.is_zero() {
                         return None;
                     }
-                    self.cond.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0
+                    self.cond
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
             };
         }
@@ -151,7 +162,10 @@ impl Job {
                     if left.is_zero() {
                         return false;
                     }
-                    self.cond.wait_timeout(st, left).unwrap_or_else(|p| p.into_inner()).0
+                    self.cond
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
                 }
             };
         }
@@ -246,7 +260,8 @@ pub(crate) struct Waker(UnixStream);
 impl Core {
     pub(crate) fn new(config: Config) -> Result<(Arc<Core>, Waker)> {
         let init_bytes = codec::encode_plain(&config.init)?;
-        let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| Error::io("could not create a socket pair", e))?;
+        let (wake_tx, wake_rx) =
+            UnixStream::pair().map_err(|e| Error::io("could not create a socket pair", e))?;
         wake_rx
             .set_nonblocking(true)
             .and_then(|()| wake_tx.set_nonblocking(true))
@@ -286,14 +301,31 @@ impl Core {
     }
 
     fn spawn_worker(&self) -> Result<(u64, Channel)> {
-        let name = format!("PoolWorker-{}", WORKER_COUNTER.fetch_add(1, Ordering::Relaxed));
-        let (child, channel) = child::start_child(worker::ENTRY, &name, Mode::Internal, &self.init_bytes, &self.config.init_fds)?;
+        let name = format!(
+            "PoolWorker-{}",
+            WORKER_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let (child, channel) = child::start_child(
+            worker::ENTRY,
+            &name,
+            Mode::Internal,
+            &self.init_bytes,
+            &self.config.init_fds,
+        )?;
         let mut channel = channel;
         // Results are as large as the user's data; the sender is our own worker.
         channel.set_max_frame(u64::MAX);
-        let tx = Channel::new(channel.fd().try_clone_to_owned().map_err(|e| Error::io("dup", e))?);
+        let tx = Channel::new(
+            channel
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io("dup", e))?,
+        );
         worker::enlarge_send_buffer(tx.fd());
-        let conn = Arc::new(Conn { pid: child.pid(), tx: Mutex::new(tx) });
+        let conn = Arc::new(Conn {
+            pid: child.pid(),
+            tx: Mutex::new(tx),
+        });
         let mut st = lock(&self.state);
         if matches!(st.phase, Phase::Stopping) {
             // Dropping the child kills and reaps it.
@@ -301,7 +333,14 @@ impl Core {
         }
         let key = st.next_key;
         st.next_key += 1;
-        st.workers.push(Worker { key, conn, child, in_flight: Vec::new(), sent: 0, ready: false });
+        st.workers.push(Worker {
+            key,
+            conn,
+            child,
+            in_flight: Vec::new(),
+            sent: 0,
+            ready: false,
+        });
         Ok((key, channel))
     }
 
@@ -372,14 +411,20 @@ impl Core {
                 else {
                     break;
                 };
-                let Some(task) = st.queue.pop_front() else { break };
+                let Some(task) = st.queue.pop_front() else {
+                    break;
+                };
                 if lock(&task.job.state).cancelled {
                     task.job.complete(task.info, Outcome::Failed(Error::Closed));
                     continue;
                 }
                 let id = st.next_id;
                 st.next_id += 1;
-                w.in_flight.push(InFlight { id, job: Arc::clone(&task.job), info: task.info });
+                w.in_flight.push(InFlight {
+                    id,
+                    job: Arc::clone(&task.job),
+                    info: task.info,
+                });
                 w.sent += 1;
                 sends.push((Arc::clone(&w.conn), id, task));
             }
@@ -387,7 +432,11 @@ impl Core {
         for (conn, id, task) in sends {
             // A failed send means the worker died: the reader sees its end
             // of stream and fails this chunk with the worker's exit status.
-            let _ = lock(&conn.tx).send(worker::TAG_TASK, &[&id.to_le_bytes(), &task.payload], &task.fds);
+            let _ = lock(&conn.tx).send(
+                worker::TAG_TASK,
+                &[&id.to_le_bytes(), &task.payload],
+                &task.fds,
+            );
         }
     }
 
@@ -417,7 +466,8 @@ impl Core {
         let (workers, failed) = {
             let mut st = lock(&self.state);
             st.phase = Phase::Stopping;
-            let mut failed: Vec<(Arc<Job>, ChunkInfo)> = st.queue.drain(..).map(|t| (t.job, t.info)).collect();
+            let mut failed: Vec<(Arc<Job>, ChunkInfo)> =
+                st.queue.drain(..).map(|t| (t.job, t.info)).collect();
             let workers: Vec<Worker> = st.workers.drain(..).collect();
             for w in &workers {
                 failed.extend(w.in_flight.iter().map(|f| (Arc::clone(&f.job), f.info)));
@@ -470,7 +520,11 @@ impl Core {
 
     /// The pids of the current workers.
     pub(crate) fn pids(&self) -> Vec<u32> {
-        lock(&self.state).workers.iter().map(|w| w.conn.pid).collect()
+        lock(&self.state)
+            .workers
+            .iter()
+            .map(|w| w.conn.pid)
+            .collect()
     }
 
     /// Marks the pool broken and fails everything queued or in flight.
@@ -494,7 +548,13 @@ impl Core {
 
     /// One frame from worker `key`.
     fn on_frame(&self, key: u64, frame: Frame) {
-        let pid_of = |st: &State| st.workers.iter().find(|w| w.key == key).map(|w| w.conn.pid).unwrap_or(0);
+        let pid_of = |st: &State| {
+            st.workers
+                .iter()
+                .find(|w| w.key == key)
+                .map(|w| w.conn.pid)
+                .unwrap_or(0)
+        };
         match frame.tag {
             worker::TAG_READY => {
                 let mut st = lock(&self.state);
@@ -512,7 +572,9 @@ impl Core {
                 self.break_pool(Error::InitializerFailed { message });
             }
             worker::TAG_RESULT | worker::TAG_TASK_FAILED => {
-                let Some(id) = worker::read_u64(&frame.bytes, 0) else { return };
+                let Some(id) = worker::read_u64(&frame.bytes, 0) else {
+                    return;
+                };
                 let found = {
                     let mut st = lock(&self.state);
                     let pid = pid_of(&st);
@@ -524,7 +586,11 @@ impl Core {
                 };
                 let Some((done, pid)) = found else { return };
                 let outcome = if frame.tag == worker::TAG_RESULT {
-                    Outcome::Done { frame, offset: 8, pid }
+                    Outcome::Done {
+                        frame,
+                        offset: 8,
+                        pid,
+                    }
                 } else {
                     let err = match codec::decode_plain::<TaskFailure>(&frame.bytes[8..]) {
                         Ok(f) => f.into_error(pid, None),
@@ -553,7 +619,11 @@ impl Core {
             Ok(Some(s)) => Some(s),
             _ => {
                 let _ = worker.child.signal(Signal::SIGKILL);
-                worker.child.wait(Some(Duration::from_secs(5))).ok().flatten()
+                worker
+                    .child
+                    .wait(Some(Duration::from_secs(5)))
+                    .ok()
+                    .flatten()
             }
         };
         let err = Error::WorkerDied {
@@ -569,8 +639,14 @@ impl Core {
             // It died before it could take work (its start or initializer
             // failed): replacing it would only loop.
             self.break_pool(match err {
-                Error::WorkerDied { signal: None, code: Some(code), .. } => Error::InitializerFailed {
-                    message: format!("pool worker {pid} exited with code {code} before it was ready"),
+                Error::WorkerDied {
+                    signal: None,
+                    code: Some(code),
+                    ..
+                } => Error::InitializerFailed {
+                    message: format!(
+                        "pool worker {pid} exited with code {code} before it was ready"
+                    ),
                 },
                 other => other,
             });
@@ -598,7 +674,10 @@ impl Core {
         let err = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(err)) => err,
-            Err(record) => Error::invalid(format!("the pool's reader thread panicked: {}", record.message)),
+            Err(record) => Error::invalid(format!(
+                "the pool's reader thread panicked: {}",
+                record.message
+            )),
         };
         self.break_pool(err);
     }

@@ -141,7 +141,10 @@ impl PoolBuilder {
             return Err(Error::invalid("max_tasks_per_child must be at least 1"));
         }
         let (initializer, init_fds) = match self.initializer.transpose()? {
-            Some(target) => (Some((target.entry.name().to_string(), target.args)), target.fds),
+            Some(target) => (
+                Some((target.entry.name().to_string(), target.args)),
+                target.fds,
+            ),
             None => (None, Vec::new()),
         };
         let has_initializer = initializer.is_some();
@@ -180,6 +183,9 @@ fn default_chunksize(n: usize, workers: usize) -> usize {
     n.div_ceil(4 * workers).max(1)
 }
 
+/// One encoded task payload and the descriptors of the handles in it.
+type Encoded = (Vec<u8>, Vec<OwnedFd>);
+
 /// Encodes chunks of argument tuples for one registered function.
 struct ChunkEncoder {
     name: &'static str,
@@ -198,7 +204,11 @@ impl ChunkEncoder {
     /// Takes up to `max` items from `items` and encodes them as one task
     /// payload. `None` once `items` is exhausted; `(count, Err)` if an item
     /// failed to encode (the chunk's other items are still consumed).
-    fn next<T: Serialize>(&mut self, items: &mut impl Iterator<Item = T>, max: usize) -> Option<(usize, Result<(Vec<u8>, Vec<OwnedFd>)>)> {
+    fn next<T: Serialize>(
+        &mut self,
+        items: &mut impl Iterator<Item = T>,
+        max: usize,
+    ) -> Option<(usize, Result<Encoded>)> {
         let first = items.next()?;
         let mut buf = Vec::with_capacity(self.hint.max(64));
         buf.extend_from_slice(&[0u8; 4]);
@@ -234,7 +244,11 @@ impl ChunkEncoder {
 /// Decodes one chunk's outcome: the values of its successful items are
 /// appended to `out` in order; the failed items are returned as
 /// (position in the chunk, error), in order.
-fn decode_chunk<R: DeserializeOwned + 'static>(info: ChunkInfo, outcome: Outcome, out: &mut Vec<R>) -> Vec<(usize, Error)> {
+fn decode_chunk<R: DeserializeOwned + 'static>(
+    info: ChunkInfo,
+    outcome: Outcome,
+    out: &mut Vec<R>,
+) -> Vec<(usize, Error)> {
     let (frame, offset, pid) = match outcome {
         Outcome::Failed(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
         Outcome::Done { frame, offset, pid } => (frame, offset, pid),
@@ -248,7 +262,12 @@ fn decode_chunk<R: DeserializeOwned + 'static>(info: ChunkInfo, outcome: Outcome
             // A run of results, then (if the chunk goes on) a panic record.
             let run = dec.next::<u32>()? as usize;
             if run > info.count - pos {
-                return Err(Error::Decode { message: format!("a pool result has {run} values where {} were left", info.count - pos) });
+                return Err(Error::Decode {
+                    message: format!(
+                        "a pool result has {run} values where {} were left",
+                        info.count - pos
+                    ),
+                });
             }
             let before = out.len();
             let decoded = dec.extend_into(run, out);
@@ -320,7 +339,11 @@ impl Pool {
 
     /// Encodes `items` in chunks and submits them as one job.
     /// Returns the job and the number of chunks and items.
-    fn submit_all<F: 'static, T: Serialize>(&self, items: impl IntoIterator<Item = T>, chunksize: Option<usize>) -> Result<(JobGuard, usize, usize)> {
+    fn submit_all<F: 'static, T: Serialize>(
+        &self,
+        items: impl IntoIterator<Item = T>,
+        chunksize: Option<usize>,
+    ) -> Result<(JobGuard, usize, usize)> {
         if chunksize == Some(0) {
             return Err(Error::invalid("chunksize must be at least 1"));
         }
@@ -338,26 +361,48 @@ impl Pool {
         }
     }
 
-    fn submit_n<F: 'static, T: Serialize>(&self, mut items: impl Iterator<Item = T>, n: usize, chunksize: Option<usize>) -> Result<(JobGuard, usize, usize)> {
+    fn submit_n<F: 'static, T: Serialize>(
+        &self,
+        mut items: impl Iterator<Item = T>,
+        n: usize,
+        chunksize: Option<usize>,
+    ) -> Result<(JobGuard, usize, usize)> {
         let mut encoder = ChunkEncoder::new::<F>()?;
         let chunksize = chunksize.unwrap_or_else(|| default_chunksize(n, self.processes()));
         let job = JobGuard(Arc::new(Job::default()));
         let (mut chunks, mut first) = (0usize, 0usize);
         while let Some((count, encoded)) = encoder.next(&mut items, chunksize) {
             let (payload, fds) = encoded?;
-            let info = ChunkInfo { index: chunks, first, count };
-            self.core.submit([Task { job: Arc::clone(&job.0), info, payload, fds }])?;
+            let info = ChunkInfo {
+                index: chunks,
+                first,
+                count,
+            };
+            self.core.submit([Task {
+                job: Arc::clone(&job.0),
+                info,
+                payload,
+                fds,
+            }])?;
             chunks += 1;
             first += count;
         }
         Ok((job, chunks, first))
     }
 
-    fn collect_map<R: DeserializeOwned + 'static>(job: &Job, chunks: usize, items: usize, deadline: Option<Instant>) -> Result<Vec<R>> {
+    fn collect_map<R: DeserializeOwned + 'static>(
+        job: &Job,
+        chunks: usize,
+        items: usize,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<R>> {
         let mut out = Vec::with_capacity(items);
         for i in 0..chunks {
             let (info, outcome) = job.take(Some(i), deadline).ok_or(Error::Timeout)?;
-            if let Some((_, err)) = decode_chunk::<R>(info, outcome, &mut out).into_iter().next() {
+            if let Some((_, err)) = decode_chunk::<R>(info, outcome, &mut out)
+                .into_iter()
+                .next()
+            {
                 return Err(err);
             }
         }
@@ -415,7 +460,8 @@ impl Pool {
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
-        self.map_async_impl::<F, A>(&f, iter, Some(chunksize))?.get()
+        self.map_async_impl::<F, A>(&f, iter, Some(chunksize))?
+            .get()
     }
 
     /// Like [`map`](Pool::map) for a function of several arguments: each
@@ -468,14 +514,24 @@ impl Pool {
         self.map_async_impl::<F, A>(&f, iter, None)
     }
 
-    fn map_async_impl<F, A>(&self, _f: &F, iter: impl IntoIterator<Item = A>, chunksize: Option<usize>) -> Result<AsyncResult<'_, Vec<F::Output>>>
+    fn map_async_impl<F, A>(
+        &self,
+        _f: &F,
+        iter: impl IntoIterator<Item = A>,
+        chunksize: Option<usize>,
+    ) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
         F: ProcessFn<(A,)>,
         A: Serialize,
         F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, A>(iter, chunksize)?;
-        Ok(AsyncResult::new(job, chunks, items, Pool::collect_map::<F::Output>))
+        Ok(AsyncResult::new(
+            job,
+            chunks,
+            items,
+            Pool::collect_map::<F::Output>,
+        ))
     }
 
     /// Starts a [`starmap`](Pool::starmap) and returns at once.
@@ -491,7 +547,12 @@ impl Pool {
         F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, T>(iter, None)?;
-        Ok(AsyncResult::new(job, chunks, items, Pool::collect_map::<F::Output>))
+        Ok(AsyncResult::new(
+            job,
+            chunks,
+            items,
+            Pool::collect_map::<F::Output>,
+        ))
     }
 
     /// Runs `f(args...)` in a worker and waits for its result: Python's `apply`.
@@ -545,10 +606,17 @@ impl Pool {
         F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, T>(std::iter::once(args), Some(1))?;
-        Ok(AsyncResult::new(job, chunks, items, |job, chunks, items, deadline| {
-            let mut v: Vec<F::Output> = Pool::collect_map(job, chunks, items, deadline)?;
-            v.pop().ok_or_else(|| Error::Decode { message: "a pool task returned no result".into() })
-        }))
+        Ok(AsyncResult::new(
+            job,
+            chunks,
+            items,
+            |job, chunks, items, deadline| {
+                let mut v: Vec<F::Output> = Pool::collect_map(job, chunks, items, deadline)?;
+                v.pop().ok_or_else(|| Error::Decode {
+                    message: "a pool task returned no result".into(),
+                })
+            },
+        ))
     }
 
     /// A lazy iterator of `f(item)` results in input order: Python's `imap`.
@@ -593,7 +661,12 @@ impl Pool {
     /// # Errors
     ///
     /// As [`imap`](Pool::imap); [`Error::InvalidArgument`] for a chunksize of 0.
-    pub fn imap_chunked<F, A, I>(&self, f: F, iter: I, chunksize: usize) -> Result<Imap<'_, I::IntoIter, F::Output>>
+    pub fn imap_chunked<F, A, I>(
+        &self,
+        f: F,
+        iter: I,
+        chunksize: usize,
+    ) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
         F: ProcessFn<(A,)>,
         A: Serialize,
@@ -619,7 +692,13 @@ impl Pool {
         self.imap_impl(&f, iter, 1, false)
     }
 
-    fn imap_impl<F, A, I>(&self, _f: &F, iter: I, chunksize: usize, ordered: bool) -> Result<Imap<'_, I::IntoIter, F::Output>>
+    fn imap_impl<F, A, I>(
+        &self,
+        _f: &F,
+        iter: I,
+        chunksize: usize,
+        ordered: bool,
+    ) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
         F: ProcessFn<(A,)>,
         A: Serialize,
@@ -729,7 +808,9 @@ impl<'pool, R> AsyncResult<'pool, R> {
 
     fn take_value(&mut self, deadline: Option<Instant>) -> Result<R> {
         if self.taken {
-            return Err(Error::invalid("the value of this AsyncResult was already taken"));
+            return Err(Error::invalid(
+                "the value of this AsyncResult was already taken",
+            ));
         }
         let value = match lock(&self.value).take() {
             Some(v) => v,
@@ -790,7 +871,8 @@ impl<'pool, R> AsyncResult<'pool, R> {
             return None;
         }
         let mut value = lock(&self.value);
-        let value = value.get_or_insert_with(|| (self.finish)(&self.job.0, self.chunks, self.items, None));
+        let value =
+            value.get_or_insert_with(|| (self.finish)(&self.job.0, self.chunks, self.items, None));
         Some(value.is_ok())
     }
 }
@@ -832,16 +914,29 @@ where
     /// Submits chunks until the window is full or the input ends.
     fn top_up(&mut self) {
         while self.submitted - self.taken < self.window {
-            let Some(input) = self.input.as_mut() else { return };
+            let Some(input) = self.input.as_mut() else {
+                return;
+            };
             let Some((count, encoded)) = self.encoder.next(input, self.chunksize) else {
                 self.input = None;
                 return;
             };
-            let info = ChunkInfo { index: self.submitted, first: self.next_item, count };
+            let info = ChunkInfo {
+                index: self.submitted,
+                first: self.next_item,
+                count,
+            };
             self.submitted += 1;
             self.next_item += count;
             let job = Arc::clone(&self.job.0);
-            let submitted = encoded.and_then(|(payload, fds)| self.pool.core.submit([Task { job, info, payload, fds }]));
+            let submitted = encoded.and_then(|(payload, fds)| {
+                self.pool.core.submit([Task {
+                    job,
+                    info,
+                    payload,
+                    fds,
+                }])
+            });
             if let Err(err) = submitted {
                 // Not queued: the chunk's items report the error in place.
                 lock(&self.job.0.state).submitted += 1;
@@ -875,7 +970,9 @@ where
             let (info, outcome) = self.job.0.take(index, None)?;
             self.taken += 1;
             let mut values = Vec::with_capacity(info.count);
-            let mut errors = decode_chunk::<R>(info, outcome, &mut values).into_iter().peekable();
+            let mut errors = decode_chunk::<R>(info, outcome, &mut values)
+                .into_iter()
+                .peekable();
             let mut values = values.into_iter();
             for pos in 0..info.count {
                 match errors.next_if(|(at, _)| *at == pos) {

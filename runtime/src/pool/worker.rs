@@ -55,7 +55,10 @@ pub(crate) struct WorkerInit {
 /// Why a whole task (or the initializer) failed, as it travels back.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum TaskFailure {
-    Panicked { message: String, location: Option<String> },
+    Panicked {
+        message: String,
+        location: Option<String>,
+    },
     NotRegistered(String),
     Decode(String),
     Encode(String),
@@ -65,7 +68,9 @@ pub(crate) enum TaskFailure {
 impl TaskFailure {
     fn from_error(err: Error) -> TaskFailure {
         match err {
-            Error::Panicked { message, location, .. } => TaskFailure::Panicked { message, location },
+            Error::Panicked {
+                message, location, ..
+            } => TaskFailure::Panicked { message, location },
             Error::NotRegistered { name } => TaskFailure::NotRegistered(name),
             Error::Decode { message } => TaskFailure::Decode(message),
             Error::Encode { message } => TaskFailure::Encode(message),
@@ -76,7 +81,12 @@ impl TaskFailure {
     /// The error a whole chunk's items report.
     pub(crate) fn into_error(self, pid: u32, item: Option<usize>) -> Error {
         match self {
-            TaskFailure::Panicked { message, location } => Error::Panicked { message, location, pid, item },
+            TaskFailure::Panicked { message, location } => Error::Panicked {
+                message,
+                location,
+                pid,
+                item,
+            },
             TaskFailure::NotRegistered(name) => Error::NotRegistered { name },
             TaskFailure::Decode(message) => Error::Decode { message },
             TaskFailure::Encode(message) => Error::Encode { message },
@@ -87,9 +97,17 @@ impl TaskFailure {
     /// The message of a failed initializer.
     pub(crate) fn describe(&self) -> String {
         match self {
-            TaskFailure::Panicked { message, location: Some(at) } => format!("panicked at {at}: {message}"),
-            TaskFailure::Panicked { message, location: None } => format!("panicked: {message}"),
-            TaskFailure::NotRegistered(name) => Error::NotRegistered { name: name.clone() }.to_string(),
+            TaskFailure::Panicked {
+                message,
+                location: Some(at),
+            } => format!("panicked at {at}: {message}"),
+            TaskFailure::Panicked {
+                message,
+                location: None,
+            } => format!("panicked: {message}"),
+            TaskFailure::NotRegistered(name) => {
+                Error::NotRegistered { name: name.clone() }.to_string()
+            }
             TaskFailure::Decode(m) | TaskFailure::Encode(m) | TaskFailure::Other(m) => m.clone(),
         }
     }
@@ -116,7 +134,11 @@ fn send_failure(channel: &Channel, tag: u32, id: Option<u64>, failure: &TaskFail
         return false;
     };
     let id = id.map(u64::to_le_bytes);
-    let parts: Vec<&[u8]> = id.iter().map(|b| &b[..]).chain(std::iter::once(&body[..])).collect();
+    let parts: Vec<&[u8]> = id
+        .iter()
+        .map(|b| &b[..])
+        .chain(std::iter::once(&body[..]))
+        .collect();
     channel.send(tag, &parts, &[]).is_ok()
 }
 
@@ -127,7 +149,12 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     let init: WorkerInit = match codec::decode_plain(&args) {
         Ok(init) => init,
         Err(err) => {
-            send_failure(&channel, TAG_INIT_FAILED, None, &TaskFailure::from_error(err));
+            send_failure(
+                &channel,
+                TAG_INIT_FAILED,
+                None,
+                &TaskFailure::from_error(err),
+            );
             return 2;
         }
     };
@@ -166,7 +193,12 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
             entry.invoke(&mut Call::single(init_args, fds, &mut out, &mut out_fds))
         });
         if let Err(err) = outcome {
-            send_failure(&channel, TAG_INIT_FAILED, None, &TaskFailure::from_error(err));
+            send_failure(
+                &channel,
+                TAG_INIT_FAILED,
+                None,
+                &TaskFailure::from_error(err),
+            );
             return 1;
         }
     }
@@ -183,25 +215,42 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
             continue;
         }
         let bytes = &frame.bytes;
-        let (Some(id), Some(count), Some(name_len)) = (read_u64(bytes, 0), read_u32(bytes, 8), read_u32(bytes, 12)) else {
+        let (Some(id), Some(count), Some(name_len)) =
+            (read_u64(bytes, 0), read_u32(bytes, 8), read_u32(bytes, 12))
+        else {
             return 2;
         };
         let name_end = TASK_HEADER + name_len as usize;
-        let Some(name) = bytes.get(TASK_HEADER..name_end).and_then(|n| std::str::from_utf8(n).ok()) else {
+        let Some(name) = bytes
+            .get(TASK_HEADER..name_end)
+            .and_then(|n| std::str::from_utf8(n).ok())
+        else {
             return 2;
         };
         let entry = match &cached {
             Some((cached_name, entry)) if cached_name == name => Ok(*entry),
-            _ => registry::lookup_name(name).inspect(|entry| cached = Some((name.to_string(), entry))),
+            _ => registry::lookup_name(name)
+                .inspect(|entry| cached = Some((name.to_string(), entry))),
         };
         out.clear();
         out.extend_from_slice(&id.to_le_bytes());
         let result = entry.and_then(|entry| {
-            entry.invoke(&mut Call::chunk(&bytes[name_end..], count as usize, frame.fds, &mut out, &mut out_fds))
+            entry.invoke(&mut Call::chunk(
+                &bytes[name_end..],
+                count as usize,
+                frame.fds,
+                &mut out,
+                &mut out_fds,
+            ))
         });
         let sent = match result {
             Ok(()) => channel.send(TAG_RESULT, &[&out], &out_fds).is_ok(),
-            Err(err) => send_failure(&channel, TAG_TASK_FAILED, Some(id), &TaskFailure::from_error(err)),
+            Err(err) => send_failure(
+                &channel,
+                TAG_TASK_FAILED,
+                Some(id),
+                &TaskFailure::from_error(err),
+            ),
         };
         out_fds.clear();
         if !sent {
