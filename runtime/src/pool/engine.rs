@@ -111,7 +111,7 @@ impl Job {
     }
 
     /// Waits until chunk `index` (or, with `None`, any chunk) has an
-    /// outcome and takes it. `Ok(None)` on timeout.
+    /// outcome and takes it. `None` on timeout.
     pub(crate) fn take(
         &self,
         index: Option<usize>,
@@ -135,19 +135,7 @@ impl Job {
             if found.is_some() {
                 return found;
             }
-            st = match deadline {
-                None => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return None;
-                    }
-                    self.cond
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+            st = self.wait(st, deadline)?;
         }
     }
 
@@ -155,21 +143,35 @@ impl Job {
     pub(crate) fn wait_all(&self, deadline: Option<Instant>) -> bool {
         let mut st = lock(&self.state);
         while st.done < st.submitted {
-            st = match deadline {
-                None => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return false;
-                    }
+            match self.wait(st, deadline) {
+                Some(next) => st = next,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Waits for the next completion; `None` once `deadline` has passed.
+    fn wait<'a>(
+        &self,
+        st: MutexGuard<'a, JobState>,
+        deadline: Option<Instant>,
+    ) -> Option<MutexGuard<'a, JobState>> {
+        match deadline {
+            None => Some(self.cond.wait(st).unwrap_or_else(|p| p.into_inner())),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                Some(
                     self.cond
                         .wait_timeout(st, left)
                         .unwrap_or_else(|p| p.into_inner())
-                        .0
-                }
-            };
+                        .0,
+                )
+            }
         }
-        true
     }
 }
 
