@@ -11,7 +11,12 @@ struct Animal {
 impl ProcessTask for Animal {
     fn run(self) {
         let me = multiproc::process::current_process();
-        println!("l am a {} (process {}, pid {})", self.name, me.name(), me.pid());
+        println!(
+            "l am a {} (process {}, pid {})",
+            self.name,
+            me.name(),
+            me.pid()
+        );
     }
 }
 
@@ -19,7 +24,11 @@ impl ProcessTask for Animal {
 fn main() -> multiproc::Result<()> {
     let mut children: Vec<Process> = ["snake", "tom"]
         .into_iter()
-        .map(|name| Process::from_task(Animal { name: name.to_string() }))
+        .map(|name| {
+            Process::from_task(Animal {
+                name: name.to_string(),
+            })
+        })
         .collect();
     for child in &mut children {
         child.start()?;

@@ -25,7 +25,10 @@ fn main() -> multiproc::Result<()> {
 
     match multiproc::spawn(divide, (1, 0))?.join() {
         Ok(v) => println!("unexpected: {v}"),
-        Err(err) => println!("the child panicked, as expected: {}", err.panic_message().unwrap_or("?")),
+        Err(err) => println!(
+            "the child panicked, as expected: {}",
+            err.panic_message().unwrap_or("?")
+        ),
     }
     Ok(())
 }

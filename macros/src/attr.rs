@@ -257,7 +257,11 @@ impl Errors {
     }
 
     /// Records a new error at `spanned`.
-    pub(crate) fn spanned(&mut self, spanned: impl quote::ToTokens, message: impl std::fmt::Display) {
+    pub(crate) fn spanned(
+        &mut self,
+        spanned: impl quote::ToTokens,
+        message: impl std::fmt::Display,
+    ) {
         self.add(syn::Error::new_spanned(spanned, message));
     }
 
@@ -292,5 +296,16 @@ pub(crate) fn error_or<T>(error: Option<syn::Error>, value: T) -> syn::Result<T>
     match error {
         Some(e) => Err(e),
         None => Ok(value),
+    }
+}
+
+/// `error`, combined with `first` if there is one (reported first).
+pub(crate) fn all(first: Option<syn::Error>, error: syn::Error) -> syn::Error {
+    match first {
+        Some(mut all) => {
+            all.combine(error);
+            all
+        }
+        None => error,
     }
 }

@@ -25,9 +25,10 @@ pub(crate) fn process_fn(args: &ProcessFnArgs, f: &ProcessFn) -> TokenStream {
         }
     };
 
-    let arg_asserts = f.params.iter().map(|ty| {
-        quote_spanned!(ty.span()=> #krate::__private::assert_arg::<#ty>();)
-    });
+    let arg_asserts = f
+        .params
+        .iter()
+        .map(|ty| quote_spanned!(ty.span()=> #krate::__private::assert_arg::<#ty>();));
     let ret_assert = match &f.output {
         Some(ty) => quote_spanned!(ty.span()=> #krate::__private::assert_ret::<#ty>();),
         None => quote!(#krate::__private::assert_ret::<()>();),

@@ -43,7 +43,11 @@ pub(crate) fn entry(item: &ItemFn, error: &syn::Error) -> TokenStream {
 /// The error, then a stub `RegisteredTask` impl, so that the user's
 /// `impl ProcessTask for T` does not add a second, confusing error about the
 /// missing supertrait.
-pub(crate) fn process_task(krate: &CratePath, input: &DeriveInput, error: &syn::Error) -> TokenStream {
+pub(crate) fn process_task(
+    krate: &CratePath,
+    input: &DeriveInput,
+    error: &syn::Error,
+) -> TokenStream {
     let krate = krate.tokens();
     let error = error.to_compile_error();
     let ident = &input.ident;

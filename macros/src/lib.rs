@@ -25,8 +25,9 @@ use proc_macro::TokenStream;
 /// the same executable re-executed, finds the entry, decodes the arguments,
 /// calls the function and sends the result back.
 ///
-/// The function must be a plain, safe, synchronous, non-generic `fn` with at
-/// most 8 parameters, each bound to a name (`x: T` or `mut x: T`). Every
+/// The function must be a free function (in a module or a block, not an
+/// associated function in an `impl`), and a plain, safe, synchronous,
+/// non-generic `fn` with at most 8 parameters, each bound to a name (`x: T` or `mut x: T`). Every
 /// parameter type and the return type must implement `Serialize` and
 /// `DeserializeOwned`: they travel between processes. References therefore
 /// cannot be parameters; take `String` rather than `&str`. Each of these
@@ -156,24 +157,31 @@ pub fn process_fn(args: TokenStream, input: TokenStream) -> TokenStream {
 ///
 /// # Equivalent code without `#[derive(ProcessTask)]`
 ///
+/// The derive does not assert `Serialize` and `DeserializeOwned` itself:
+/// they are supertraits of `ProcessTask`, so a missing one is reported once,
+/// at your `impl ProcessTask`. The only bound the generated code adds is
+/// `Greeter: ProcessTask`, reported at the type's name if the impl is missing.
+///
 /// ```ignore
 /// const _: () = {
 ///     impl ::multiproc::__private::RegisteredTask for Greeter {
 ///         const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", "Greeter");
 ///     }
 ///
-///     fn __multiproc_assert() {
-///         ::multiproc::__private::assert_arg::<Greeter>();
-///     }
-///
 ///     fn __multiproc_type_id() -> ::core::any::TypeId {
 ///         ::core::any::TypeId::of::<Greeter>()
+///     }
+///
+///     fn __multiproc_invoke_task<T: ::multiproc::ProcessTask>(
+///         call: &mut ::multiproc::__private::Call<'_>,
+///     ) -> ::core::result::Result<(), ::multiproc::Error> {
+///         call.run(|task: T| <T as ::multiproc::ProcessTask>::run(task))
 ///     }
 ///
 ///     fn __multiproc_invoke(
 ///         call: &mut ::multiproc::__private::Call<'_>,
 ///     ) -> ::core::result::Result<(), ::multiproc::Error> {
-///         call.run(|task: Greeter| <Greeter as ::multiproc::ProcessTask>::run(task))
+///         __multiproc_invoke_task::<Greeter>(call)
 ///     }
 ///
 ///     ::multiproc::__private::inventory::submit! {
@@ -255,10 +263,12 @@ pub fn derive_process_task(input: TokenStream) -> TokenStream {
 pub fn main(args: TokenStream, input: TokenStream) -> TokenStream {
     let input = proc_macro2::TokenStream::from(input);
     let args = attr::main_args(args.into());
-    let item = parse::main_fn(input.clone());
-    match attr::both(args, item) {
-        Ok((args, item)) => expand::main(&args, &item),
-        Err(error) => fallback::item(input, &error),
+    match parse::main_fn(input.clone()) {
+        Ok(item) => match attr::both(args, parse::check_main(&item)) {
+            Ok((args, ())) => expand::main(&args, &item),
+            Err(error) => fallback::entry(&item, &error),
+        },
+        Err(error) => fallback::item(input, &attr::all(args.err(), error)),
     }
     .into()
 }

@@ -97,9 +97,16 @@ pub(crate) fn process_fn(input: TokenStream) -> syn::Result<ProcessFn> {
     })
 }
 
-/// Parses the item under `#[multiproc::main]`.
+/// Parses the item under `#[multiproc::main]`; see [`check_main`].
 pub(crate) fn main_fn(input: TokenStream) -> syn::Result<ItemFn> {
-    let item = parse_fn(input, "`#[multiproc::main]` can only be applied to `fn main`")?;
+    parse_fn(
+        input,
+        "`#[multiproc::main]` can only be applied to `fn main`",
+    )
+}
+
+/// Checks that `item` can be the program's entry point.
+pub(crate) fn check_main(item: &ItemFn) -> syn::Result<()> {
     let mut errors = Errors::default();
     let sig = &item.sig;
     if let Some(token) = &sig.asyncness {
@@ -110,12 +117,15 @@ pub(crate) fn main_fn(input: TokenStream) -> syn::Result<ItemFn> {
         );
     }
     check_entry_shape(&mut errors, sig, "`#[multiproc::main]`");
-    errors.finish(item)
+    errors.finish(())
 }
 
 /// Parses the item under `#[multiproc::test]`.
 pub(crate) fn test_fn(input: TokenStream) -> syn::Result<ItemFn> {
-    let item = parse_fn(input, "`#[multiproc::test]` can only be applied to a function")?;
+    let item = parse_fn(
+        input,
+        "`#[multiproc::test]` can only be applied to a function",
+    )?;
     let mut errors = Errors::default();
     for attr in &item.attrs {
         if is_test_attribute(attr) {
@@ -324,7 +334,9 @@ fn check_type(errors: &mut Errors, ty: &Type, position: Position) {
                     "take `PathBuf` instead of `&Path`"
                 }
                 Type::Slice(_) => "take `Vec<T>` instead of `&[T]`",
-                _ => "take the value itself, or an owned type such as `String`, `Vec<T>` or `Box<T>`",
+                _ => {
+                    "take the value itself, or an owned type such as `String`, `Vec<T>` or `Box<T>`"
+                }
             };
             let message = match self.position {
                 Position::Param => format!(

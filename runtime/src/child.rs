@@ -134,10 +134,8 @@ pub(crate) fn on_load() {
 /// # Examples
 ///
 /// ```no_run
-/// fn main() {
-///     multiproc::init();
-///     // ... start processes ...
-/// }
+/// multiproc::init(); // first line of main
+/// // ... start processes ...
 /// ```
 pub fn init() {
     on_load();
@@ -193,7 +191,10 @@ fn run_child(value: OsString) -> i32 {
     };
     let expected = registry::build_id();
     if start.build_id != expected {
-        let err = Error::BuildMismatch { expected: start.build_id, found: expected };
+        let err = Error::BuildMismatch {
+            expected: start.build_id,
+            found: expected,
+        };
         eprintln!("multiproc: {err}");
         let _ = channel.send(TAG_FAILED, &[err.to_string().as_bytes()], &[]);
         return 2;
@@ -232,7 +233,9 @@ fn run_child(value: OsString) -> i32 {
             }
             0
         }
-        Err(Error::Panicked { message, location, .. }) => {
+        Err(Error::Panicked {
+            message, location, ..
+        }) => {
             if start.mode == Mode::Spawn {
                 let record = PanicRecord { message, location };
                 if let Ok(bytes) = codec::encode_plain(&record) {
@@ -289,7 +292,9 @@ impl ExitStatus {
     pub(crate) fn from_wait(status: WaitStatus) -> ExitStatus {
         match status {
             WaitStatus::Exited(_, code) => ExitStatus { code },
-            WaitStatus::Signaled(_, sig, _) => ExitStatus { code: -(sig as i32) },
+            WaitStatus::Signaled(_, sig, _) => ExitStatus {
+                code: -(sig as i32),
+            },
             // Stopped/continued are not final states; waitpid without
             // WUNTRACED does not report them.
             _ => ExitStatus { code: -1 },
@@ -314,7 +319,10 @@ impl ExitStatus {
     pub(crate) fn into_error(self, pid: u32) -> Error {
         match self.signal() {
             Some(signal) => Error::Killed { pid, signal },
-            None => Error::Exited { pid, code: self.code },
+            None => Error::Exited {
+                pid,
+                code: self.code,
+            },
         }
     }
 }
@@ -373,9 +381,16 @@ impl ChildProc {
             if let Some(s) = self.try_wait()? {
                 return Ok(Some(s));
             }
-            if self.status.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            if self
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+            {
                 // Exited but not reapable: someone else reaped it.
-                let s = sys::reap(self.pid).map(ExitStatus::from_wait).unwrap_or(ExitStatus { code: -1 });
+                let s = sys::reap(self.pid)
+                    .map(ExitStatus::from_wait)
+                    .unwrap_or(ExitStatus { code: -1 });
                 *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
                 return Ok(Some(s));
             }
@@ -426,6 +441,18 @@ pub(crate) fn start_child(
     args: &[u8],
     fds: &[OwnedFd],
 ) -> Result<(ChildProc, Channel)> {
+    start_child_as(registry::build_id(), name, process_name, mode, args, fds)
+}
+
+/// [`start_child`], claiming to be build `build_id` (tests use another).
+fn start_child_as(
+    build_id: u64,
+    name: &str,
+    process_name: &str,
+    mode: Mode,
+    args: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(ChildProc, Channel)> {
     ensure_ready()?;
     let (parent_end, child_end) = sys::socketpair()?;
     let child_end = if child_end.as_raw_fd() == sys::CHILD_FD {
@@ -434,7 +461,12 @@ pub(crate) fn start_child(
         child_end
     };
     let deathsig = sys::is_main_thread();
-    let env = format!("{ENV_VAR}={}:{}:{}", sys::CHILD_FD, std::process::id(), u8::from(deathsig));
+    let env = format!(
+        "{ENV_VAR}={}:{}:{}",
+        sys::CHILD_FD,
+        std::process::id(),
+        u8::from(deathsig)
+    );
     let env = CString::new(env).map_err(|_| Error::invalid("environment entry with a NUL byte"))?;
     let pid = sys::spawn_self(child_end.as_fd(), &env)?;
     drop(child_end);
@@ -454,14 +486,15 @@ pub(crate) fn start_child(
     let channel = Channel::new(parent_end);
     let me = identity();
     let header = codec::encode_plain(&Start {
-        build_id: registry::build_id(),
+        build_id,
         name: name.to_string(),
         process_name: process_name.to_string(),
         parent_name: me.name.clone(),
         parent_pid: std::process::id(),
         mode,
     })?;
-    let header_len = u32::try_from(header.len()).map_err(|_| Error::invalid("process name too long"))?;
+    let header_len =
+        u32::try_from(header.len()).map_err(|_| Error::invalid("process name too long"))?;
     match channel.send(TAG_START, &[&header_len.to_le_bytes(), &header, args], fds) {
         // The child died at once; its exit status tells why.
         Ok(()) | Err(Error::Disconnected) => Ok((child, channel)),
@@ -471,11 +504,17 @@ pub(crate) fn start_child(
 
 /// Reads a spawned child's outcome: its return value (decoded as `R`), or
 /// the error that says why there is none. Reaps the child.
-pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(child: &ChildProc, channel: &mut Channel, timeout: Option<Duration>) -> Result<R> {
+pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(
+    child: &ChildProc,
+    channel: &mut Channel,
+    timeout: Option<Duration>,
+) -> Result<R> {
     let frame = match channel.recv(timeout) {
         Ok(frame) => frame,
         Err(Error::Disconnected) => {
-            let status = child.wait(Some(Duration::from_secs(5)))?.ok_or(Error::Disconnected)?;
+            let status = child
+                .wait(Some(Duration::from_secs(5)))?
+                .ok_or(Error::Disconnected)?;
             return Err(status.into_error(child.pid()));
         }
         Err(err) => return Err(err),
@@ -501,12 +540,42 @@ mod tests {
 
     #[test]
     fn internal_echo_child_round_trip() {
-        let (child, mut channel) =
-            start_child("__multiproc::test::echo", "echo", Mode::Internal, b"ping", &[]).expect("start");
+        let (child, mut channel) = start_child(
+            "__multiproc::test::echo",
+            "echo",
+            Mode::Internal,
+            b"ping",
+            &[],
+        )
+        .expect("start");
         let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
         assert_eq!((frame.tag, &frame.bytes[..]), (TAG_RETURNED, &b"ping"[..]));
-        let status = child.wait(Some(Duration::from_secs(20))).expect("wait").expect("exited");
+        let status = child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("exited");
         assert!(status.success(), "{status}");
+    }
+
+    #[test]
+    fn a_child_of_another_build_refuses_with_exit_code_2() {
+        let (child, mut channel) = start_child_as(
+            0x5eed,
+            "__multiproc::test::echo",
+            "echo",
+            Mode::Internal,
+            b"",
+            &[],
+        )
+        .expect("start");
+        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
+        assert_eq!(frame.tag, TAG_FAILED);
+        assert!(String::from_utf8_lossy(&frame.bytes).contains("different build"));
+        let status = child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("exited");
+        assert_eq!(status.code(), 2);
     }
 
     #[test]

@@ -23,7 +23,18 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
-fn options() -> impl Options + Copy {
+type Opts = bincode::config::WithOtherTrailing<
+    bincode::config::WithOtherEndian<
+        bincode::config::WithOtherIntEncoding<
+            bincode::DefaultOptions,
+            bincode::config::FixintEncoding,
+        >,
+        bincode::config::LittleEndian,
+    >,
+    bincode::config::AllowTrailing,
+>;
+
+fn options() -> Opts {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_little_endian()
@@ -75,7 +86,10 @@ pub(crate) fn with_fd_source<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
 
 /// Serializes a file descriptor as an index into the frame's descriptors.
 /// For use in the `Serialize` impls of handles.
-pub(crate) fn serialize_fd<S: Serializer>(fd: BorrowedFd<'_>, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_fd<S: Serializer>(
+    fd: BorrowedFd<'_>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
     let dup = fd
         .try_clone_to_owned()
@@ -98,7 +112,9 @@ pub(crate) fn serialize_fd<S: Serializer>(fd: BorrowedFd<'_>, serializer: S) -> 
 }
 
 /// Deserializes a file descriptor written by [`serialize_fd`].
-pub(crate) fn deserialize_fd<'de, D: Deserializer<'de>>(deserializer: D) -> Result<OwnedFd, D::Error> {
+pub(crate) fn deserialize_fd<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<OwnedFd, D::Error> {
     use serde::de::Error as _;
     let index = u32::deserialize(deserializer)? as usize;
     FD_SOURCE.with(|source| {
@@ -106,16 +122,21 @@ pub(crate) fn deserialize_fd<'de, D: Deserializer<'de>>(deserializer: D) -> Resu
         let slots = source.as_mut().ok_or_else(|| {
             D::Error::custom("multiproc handles can only be deserialized by multiproc itself")
         })?;
-        slots
-            .get_mut(index)
-            .and_then(Option::take)
-            .ok_or_else(|| D::Error::custom(format!("handle descriptor {index} missing from the message")))
+        slots.get_mut(index).and_then(Option::take).ok_or_else(|| {
+            D::Error::custom(format!(
+                "handle descriptor {index} missing from the message"
+            ))
+        })
     })
 }
 
 /// Appends the encoding of `value` to `out`; descriptors of handles inside
 /// `value` are appended to `fds`.
-pub(crate) fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> Result<()> {
+pub(crate) fn encode<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<()> {
     with_fd_sink(fds, || options().serialize_into(&mut *out, value)).map_err(encode_error)
 }
 
@@ -192,13 +213,19 @@ impl<'de> SeqDecoder<'de> {
     }
 
     pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
-        options().deserialize_from(&mut self.rest).map_err(decode_error)
+        options()
+            .deserialize_from(&mut self.rest)
+            .map_err(decode_error)
     }
 
     /// Decodes `n` values written back to back, appending them to `out`
     /// in one loop (a plain copy for primitive numbers). On error, the
     /// values decoded before the bad one are in `out`.
-    pub(crate) fn extend_into<T: DeserializeOwned + 'static>(&mut self, n: usize, out: &mut Vec<T>) -> Result<()> {
+    pub(crate) fn extend_into<T: DeserializeOwned + 'static>(
+        &mut self,
+        n: usize,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
         if let Some(used) = extend_primitive(self.rest, n, out) {
             self.rest = &self.rest[used?..];
             return Ok(());

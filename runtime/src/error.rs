@@ -6,9 +6,12 @@
 //! own small error enums (see [`crate::queue`]); everything else returns
 //! [`Result<T>`].
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 /// `Result<T, multiproc::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -18,7 +21,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
 /// `_` arm. [`Error::is_timeout`], [`Error::is_disconnected`] and
 /// [`Error::panic_message`] answer the common questions without a match.
-#[derive(Debug, Clone)]
+///
+/// `Error` is `Serialize + Deserialize`, so a `#[process_fn]` may return
+/// `multiproc::Result<T>` (an OS error travels as its errno and message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Error {
     /// The function or task type has no registration: it is a closure, a
@@ -116,11 +122,16 @@ pub enum Error {
     },
     /// A barrier was broken (a party timed out, died or reset it).
     BrokenBarrier,
+    /// A lock was poisoned: a holder died (or panicked) while holding it,
+    /// so the data it protects may be half-updated. Produced by `?` on a
+    /// [`std::sync::PoisonError`] from [`crate::Lock::acquire`] and friends.
+    Poisoned,
     /// An operating-system call failed.
     Io {
         /// What multiproc was doing.
-        context: &'static str,
+        context: Cow<'static, str>,
         /// The underlying error.
+        #[serde(with = "io_error_serde")]
         source: Arc<io::Error>,
     },
 }
@@ -146,7 +157,7 @@ impl Error {
 
     pub(crate) fn io(context: &'static str, source: io::Error) -> Error {
         Error::Io {
-            context,
+            context: Cow::Borrowed(context),
             source: Arc::new(source),
         }
     }
@@ -159,6 +170,26 @@ impl Error {
         Error::InvalidArgument {
             message: message.into(),
         }
+    }
+}
+
+/// An `io::Error` on the wire: its errno if it has one, else its message.
+mod io_error_serde {
+    use std::io;
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(err: &Arc<io::Error>, s: S) -> Result<S::Ok, S::Error> {
+        (err.raw_os_error(), err.to_string()).serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<io::Error>, D::Error> {
+        let (errno, message) = <(Option<i32>, String)>::deserialize(d)?;
+        Ok(Arc::new(match errno {
+            Some(errno) => io::Error::from_raw_os_error(errno),
+            None => io::Error::other(message),
+        }))
     }
 }
 
@@ -219,7 +250,9 @@ impl fmt::Display for Error {
                 }
                 write!(f, " while running this task; the pool replaced it")
             }
-            Error::Disconnected => f.write_str("disconnected: the other end is closed or its process died"),
+            Error::Disconnected => {
+                f.write_str("disconnected: the other end is closed or its process died")
+            }
             Error::Timeout => f.write_str("timed out"),
             Error::Closed => f.write_str("closed"),
             Error::Encode { message } => write!(f, "could not encode the value: {message}"),
@@ -233,12 +266,41 @@ impl fmt::Display for Error {
                 "the child runs a different build of the program (build {found:#x}, parent \
                  has {expected:#x}): was the executable rebuilt while the parent ran?"
             ),
-            Error::AlreadyStarted => f.write_str("the process was already started (a process can be started once)"),
+            Error::AlreadyStarted => {
+                f.write_str("the process was already started (a process can be started once)")
+            }
             Error::NotStarted => f.write_str("the process was not started: call start() first"),
             Error::InvalidArgument { message } => write!(f, "invalid argument: {message}"),
-            Error::InitializerFailed { message } => write!(f, "the pool initializer failed: {message}"),
-            Error::BrokenBarrier => f.write_str("the barrier is broken (a party timed out, died or reset it)"),
+            Error::InitializerFailed { message } => {
+                write!(f, "the pool initializer failed: {message}")
+            }
+            Error::BrokenBarrier => {
+                f.write_str("the barrier is broken (a party timed out, died or reset it)")
+            }
+            Error::Poisoned => f.write_str(
+                "the lock is poisoned: a process or thread died or panicked while holding it, \
+                 so the data it protects may be inconsistent",
+            ),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl<T> From<std::sync::PoisonError<T>> for Error {
+    /// `?` on a poisoned acquire: [`Error::Poisoned`] (the guard inside is
+    /// dropped, which releases the lock).
+    fn from(_: std::sync::PoisonError<T>) -> Error {
+        Error::Poisoned
+    }
+}
+
+impl<T> From<std::sync::TryLockError<T>> for Error {
+    /// `?` on `try_acquire`/`acquire_timeout`: [`Error::Timeout`] when the
+    /// lock was busy, [`Error::Poisoned`] when it was poisoned.
+    fn from(err: std::sync::TryLockError<T>) -> Error {
+        match err {
+            std::sync::TryLockError::WouldBlock => Error::Timeout,
+            std::sync::TryLockError::Poisoned(_) => Error::Poisoned,
         }
     }
 }

@@ -66,87 +66,37 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-#[allow(unused_extern_crates)] // lets macro output (`::multiproc::...`) work inside this crate's tests
+#[allow(unused_extern_crates)]
+// lets macro output (`::multiproc::...`) work inside this crate's tests
 extern crate self as multiproc;
 
 mod child;
 mod codec;
+pub mod connection;
 pub mod error;
 pub mod pool;
 pub mod process;
+pub mod queue;
 pub mod registry;
+pub mod shared;
+pub mod sync;
 mod sys;
 mod wire;
 
 pub use child::init;
+pub use connection::Pipe;
 pub use error::{Error, Result};
-pub use pool::Pool;
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
+pub use pool::Pool;
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
-
-/// A type whose [`run`](ProcessTask::run) runs in a child process, like a
-/// Python class that overrides `Process.run`. Start it with
-/// [`Process::from_task`].
-///
-/// Add `#[derive(ProcessTask)]` (which registers the type) and implement
-/// this trait by hand:
-///
-/// ```no_run
-/// use multiproc::{Process, ProcessTask};
-/// use serde::{Deserialize, Serialize};
-///
-/// #[derive(Serialize, Deserialize, ProcessTask)]
-/// struct Greeter {
-///     name: String,
-/// }
-///
-/// impl ProcessTask for Greeter {
-///     fn run(self) {
-///         println!("l am a {}", self.name);
-///     }
-/// }
-///
-/// # fn main() -> multiproc::Result<()> {
-/// let mut p = Process::from_task(Greeter { name: "tom".into() });
-/// p.start()?;
-/// p.join()?;
-/// # Ok(())
-/// # }
-/// ```
-pub trait ProcessTask: __private::RegisteredTask + serde::Serialize + serde::de::DeserializeOwned + 'static {
-    /// The work, run in the child.
-    fn run(self);
-
-    /// The process name to use; `None` gives Python's `Process-N`.
-    fn name(&self) -> Option<String> {
-        None
-    }
-}
+pub use queue::Queue;
+pub use shared::{Array, Value};
+pub use sync::Lock;
 
 /// What the macros expand to. Not public API: no stability guarantees.
 #[doc(hidden)]
-pub mod __private {
-    pub use inventory;
-    pub use serde;
+#[path = "private.rs"]
+pub mod __private;
+mod task;
 
-    pub use crate::child::init;
-    pub use crate::process::MainGuard;
-    pub use crate::registry::{Call, Entry, type_id_of};
-
-    /// Fails to compile unless `T` can travel as an argument.
-    pub fn assert_arg<T: serde::Serialize + serde::de::DeserializeOwned + 'static>() {}
-
-    /// Fails to compile unless `T` can travel as a result.
-    pub fn assert_ret<T: serde::Serialize + serde::de::DeserializeOwned + 'static>() {}
-
-    /// Implemented by `#[derive(ProcessTask)]`: the type is registered.
-    #[diagnostic::on_unimplemented(
-        message = "`{Self}` is not registered as a process task",
-        label = "add `#[derive(ProcessTask)]` to `{Self}`",
-        note = "`ProcessTask` needs `#[derive(ProcessTask)]` on the type, which registers it so a child process can run it"
-    )]
-    pub trait RegisteredTask {
-        /// The registered name.
-        const NAME: &'static str;
-    }
-}
+pub use task::ProcessTask;

@@ -10,8 +10,8 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::child::{self, ChildProc, Mode};
 pub use crate::child::ExitStatus;
+use crate::child::{self, ChildProc, Mode};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, Entry};
@@ -64,7 +64,11 @@ impl Target {
         let mut bytes = Vec::new();
         let mut fds = Vec::new();
         codec::encode(args, &mut bytes, &mut fds)?;
-        Ok(Target { entry, args: bytes, fds })
+        Ok(Target {
+            entry,
+            args: bytes,
+            fds,
+        })
     }
 
     pub(crate) fn of_task<T: crate::ProcessTask>(task: &T) -> Result<Target> {
@@ -72,7 +76,11 @@ impl Target {
         let mut bytes = Vec::new();
         let mut fds = Vec::new();
         codec::encode(task, &mut bytes, &mut fds)?;
-        Ok(Target { entry, args: bytes, fds })
+        Ok(Target {
+            entry,
+            args: bytes,
+            fds,
+        })
     }
 }
 
@@ -94,6 +102,11 @@ fn table() -> &'static Mutex<Vec<Arc<Running>>> {
 
 fn lock_table() -> std::sync::MutexGuard<'static, Vec<Arc<Running>>> {
     table().lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drops a joined child from the table (Python's `_children.discard`).
+fn forget(running: &Arc<Running>) {
+    lock_table().retain(|r| !Arc::ptr_eq(r, running));
 }
 
 /// Drops reaped children from the table (Python's `_cleanup`).
@@ -188,7 +201,13 @@ impl Process {
         };
         sweep();
         register_shutdown_at_exit();
-        let (child, channel) = child::start_child(target.entry.name(), &self.name, Mode::Process, &target.args, &target.fds)?;
+        let (child, channel) = child::start_child(
+            target.entry.name(),
+            &self.name,
+            Mode::Process,
+            &target.args,
+            &target.fds,
+        )?;
         let running = Arc::new(Running {
             child,
             name: self.name.clone(),
@@ -209,6 +228,7 @@ impl Process {
     pub fn join(&mut self) -> Result<ExitStatus> {
         let running = self.running.as_ref().ok_or(Error::NotStarted)?;
         let status = running.child.wait(None)?.ok_or(Error::Timeout)?;
+        forget(running);
         Ok(status)
     }
 
@@ -219,7 +239,11 @@ impl Process {
     /// [`Error::NotStarted`] before [`start`](Process::start).
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let running = self.running.as_ref().ok_or(Error::NotStarted)?;
-        running.child.wait(Some(timeout))
+        let status = running.child.wait(Some(timeout))?;
+        if status.is_some() {
+            forget(running);
+        }
+        Ok(status)
     }
 
     /// `true` between `start` and the end of the child.
@@ -270,7 +294,11 @@ impl Process {
     }
 
     fn signal(&self, signal: Signal) -> Result<()> {
-        self.running.as_ref().ok_or(Error::NotStarted)?.child.signal(signal)
+        self.running
+            .as_ref()
+            .ok_or(Error::NotStarted)?
+            .child
+            .signal(signal)
     }
 }
 
@@ -317,10 +345,18 @@ impl ProcessBuilder {
     pub fn build(self) -> Process {
         let (target, task_name) = match self.target {
             Some((target, name)) => (target, name),
-            None => (Err(Error::invalid("the process has no target: call .target(f, args) or .task(task)")), None),
+            None => (
+                Err(Error::invalid(
+                    "the process has no target: call .target(f, args) or .task(task)",
+                )),
+                None,
+            ),
         };
         Process {
-            name: self.name.or(task_name).unwrap_or_else(child::next_process_name),
+            name: self
+                .name
+                .or(task_name)
+                .unwrap_or_else(child::next_process_name),
             daemon: self.daemon,
             target: Some(target),
             running: None,
@@ -414,7 +450,13 @@ where
 {
     let target = Target::of_fn(&f, &args)?;
     let name = child::next_process_name();
-    let (child, channel) = child::start_child(target.entry.name(), &name, Mode::Spawn, &target.args, &target.fds)?;
+    let (child, channel) = child::start_child(
+        target.entry.name(),
+        &name,
+        Mode::Spawn,
+        &target.args,
+        &target.fds,
+    )?;
     Ok(JoinHandle {
         child,
         channel,
@@ -460,11 +502,14 @@ pub fn current_process() -> ProcessInfo {
 
 /// The process that started this one, or `None` in the main process.
 pub fn parent_process() -> Option<ProcessInfo> {
-    child::identity().parent.as_ref().map(|(name, pid)| ProcessInfo {
-        name: name.clone(),
-        pid: *pid,
-        daemon: false,
-    })
+    child::identity()
+        .parent
+        .as_ref()
+        .map(|(name, pid)| ProcessInfo {
+            name: name.clone(),
+            pid: *pid,
+            daemon: false,
+        })
 }
 
 /// The children started with [`Process`] that are still running (reaping
@@ -483,7 +528,9 @@ pub fn active_children() -> Vec<ProcessInfo> {
 
 /// The number of CPUs this process may run on.
 pub fn cpu_count() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Ends the program the way Python does at exit: daemonic children are
@@ -532,5 +579,35 @@ impl MainGuard {
 impl Drop for MainGuard {
     fn drop(&mut self) {
         shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[crate::process_fn]
+    fn double(x: i64) -> i64 {
+        x * 2
+    }
+
+    #[multiproc::test]
+    fn multiproc_test_attribute_works_in_a_unit_test() {
+        let handle = crate::spawn(double, (21,)).expect("spawn");
+        assert_eq!(
+            handle.join_timeout(Duration::from_secs(30)).expect("join"),
+            42
+        );
+    }
+
+    #[test]
+    fn plain_test_attribute_works_too() {
+        let mut p = crate::Process::new(double, (1,));
+        p.start().expect("start");
+        let status = p
+            .join_timeout(Duration::from_secs(30))
+            .expect("join")
+            .expect("ended");
+        assert!(status.success());
     }
 }

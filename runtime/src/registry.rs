@@ -31,8 +31,16 @@ pub struct Entry {
 
 impl Entry {
     /// Used by the macros.
-    pub const fn new(name: &'static str, type_id: fn() -> TypeId, invoke: fn(&mut Call<'_>) -> Result<()>) -> Entry {
-        Entry { name, type_id, invoke }
+    pub const fn new(
+        name: &'static str,
+        type_id: fn() -> TypeId,
+        invoke: fn(&mut Call<'_>) -> Result<()>,
+    ) -> Entry {
+        Entry {
+            name,
+            type_id,
+            invoke,
+        }
     }
 
     /// The registered name (`module::path::function`).
@@ -98,13 +106,17 @@ pub(crate) fn lookup_type<F: 'static>() -> Result<&'static Entry> {
 /// The entry registered under `name`.
 pub(crate) fn lookup_name(name: &str) -> Result<&'static Entry> {
     let reg = registry();
-    if reg.duplicates.iter().any(|d| *d == name) {
-        return Err(Error::DuplicateName { name: name.to_string() });
+    if reg.duplicates.contains(&name) {
+        return Err(Error::DuplicateName {
+            name: name.to_string(),
+        });
     }
     reg.by_name
         .get(name)
         .copied()
-        .ok_or_else(|| Error::NotRegistered { name: name.to_string() })
+        .ok_or_else(|| Error::NotRegistered {
+            name: name.to_string(),
+        })
 }
 
 /// Every registered name, sorted (for diagnostics).
@@ -123,7 +135,14 @@ pub(crate) fn build_id() -> u64 {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         registry().fingerprint.hash(&mut hasher);
         if let Ok(meta) = std::fs::metadata("/proc/self/exe") {
-            (meta.dev(), meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec()).hash(&mut hasher);
+            (
+                meta.dev(),
+                meta.ino(),
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+            )
+                .hash(&mut hasher);
         }
         hasher.finish()
     })
@@ -161,7 +180,9 @@ pub(crate) fn install_panic_hook() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
             LAST_PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
             if !QUIET_PANICS.with(|q| q.get()) {
                 previous(info);
@@ -222,13 +243,26 @@ pub struct Call<'a> {
 
 impl std::fmt::Debug for Call<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Call").field("input_len", &self.input.len()).finish_non_exhaustive()
+        f.debug_struct("Call")
+            .field("input_len", &self.input.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl<'a> Call<'a> {
-    pub(crate) fn single(input: &'a [u8], in_fds: Vec<OwnedFd>, out: &'a mut Vec<u8>, out_fds: &'a mut Vec<OwnedFd>) -> Self {
-        Call { input, in_fds, out, out_fds, mode: Mode::Single }
+    pub(crate) fn single(
+        input: &'a [u8],
+        in_fds: Vec<OwnedFd>,
+        out: &'a mut Vec<u8>,
+        out_fds: &'a mut Vec<OwnedFd>,
+    ) -> Self {
+        Call {
+            input,
+            in_fds,
+            out,
+            out_fds,
+            mode: Mode::Single,
+        }
     }
 
     pub(crate) fn chunk(
@@ -238,16 +272,26 @@ impl<'a> Call<'a> {
         out: &'a mut Vec<u8>,
         out_fds: &'a mut Vec<OwnedFd>,
     ) -> Self {
-        Call { input, in_fds, out, out_fds, mode: Mode::Chunk { count } }
+        Call {
+            input,
+            in_fds,
+            out,
+            out_fds,
+            mode: Mode::Chunk { count },
+        }
     }
 
     /// Decodes the arguments, calls `f`, encodes the result(s).
-    pub fn run<A: DeserializeOwned, R: Serialize>(&mut self, mut f: impl FnMut(A) -> R) -> Result<()> {
+    pub fn run<A: DeserializeOwned, R: Serialize>(
+        &mut self,
+        mut f: impl FnMut(A) -> R,
+    ) -> Result<()> {
         let in_fds = std::mem::take(&mut self.in_fds);
         match self.mode {
             Mode::Single => {
                 let args: A = codec::decode(self.input, in_fds)?;
-                let result = catch(move || f(args)).map_err(|p| p.into_error(std::process::id(), None))?;
+                let result =
+                    catch(move || f(args)).map_err(|p| p.into_error(std::process::id(), None))?;
                 codec::encode(&result, self.out, self.out_fds)
             }
             Mode::Chunk { count } => {
@@ -289,7 +333,8 @@ impl<'a> Call<'a> {
                             if panicked.is_some() {
                                 enc.out().truncate(mark);
                             }
-                            enc.out()[run_at..run_at + RUN_HEADER].copy_from_slice(&in_run.to_le_bytes());
+                            enc.out()[run_at..run_at + RUN_HEADER]
+                                .copy_from_slice(&in_run.to_le_bytes());
                             if let Some(record) = panicked {
                                 enc.push(&record)?;
                             }

@@ -85,6 +85,13 @@ impl Channel {
         self.fd
     }
 
+    /// `true` when bytes or descriptors were read from the socket and not
+    /// yet handed out (a handle in that state cannot move to another
+    /// process without losing them).
+    pub(crate) fn has_buffered_data(&self) -> bool {
+        self.start != self.end || !self.fds.is_empty()
+    }
+
     /// Bytes already read from the socket and not yet handed out.
     pub(crate) fn has_buffered_frame(&self) -> bool {
         let n = self.end - self.start;
@@ -104,7 +111,8 @@ impl Channel {
     /// Sends one frame whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
-        let nfds = u32::try_from(fds.len()).map_err(|_| Error::invalid("too many descriptors in one message"))?;
+        let nfds = u32::try_from(fds.len())
+            .map_err(|_| Error::invalid("too many descriptors in one message"))?;
         let mut header = [0u8; HEADER];
         header[..8].copy_from_slice(&len.to_le_bytes());
         header[8..12].copy_from_slice(&nfds.to_le_bytes());
@@ -118,7 +126,11 @@ impl Channel {
         let extra = raw.len().div_ceil(sys::MAX_FDS_PER_MSG).saturating_sub(1);
         while sent < total {
             let batch = batches.next().unwrap_or(&[]);
-            let limit = if (sent as usize) < extra { 1 } else { usize::MAX };
+            let limit = if (sent as usize) < extra {
+                1
+            } else {
+                usize::MAX
+            };
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
             let mut skip = sent;
             let mut room = limit;
@@ -139,7 +151,8 @@ impl Channel {
                     break;
                 }
             }
-            let n = sys::send_with_fds(self.fd.as_fd(), &slices, batch).map_err(|e| io_error("send", e))?;
+            let n = sys::send_with_fds(self.fd.as_fd(), &slices, batch)
+                .map_err(|e| io_error("send", e))?;
             sent += n as u64;
         }
         Ok(())
@@ -198,7 +211,12 @@ impl Channel {
 
     /// Like [`Channel::recv`], reusing `bytes` (cleared first) and appending
     /// descriptors to `fds`.
-    pub(crate) fn recv_into(&mut self, bytes: &mut Vec<u8>, fds: &mut Vec<OwnedFd>, timeout: Option<Duration>) -> Result<u32> {
+    pub(crate) fn recv_into(
+        &mut self,
+        bytes: &mut Vec<u8>,
+        fds: &mut Vec<OwnedFd>,
+        timeout: Option<Duration>,
+    ) -> Result<u32> {
         let deadline = timeout.map(|t| Instant::now() + t);
         while self.end - self.start < HEADER {
             if !self.fill(deadline)? {
@@ -218,41 +236,51 @@ impl Channel {
         if len > self.max_frame {
             self.skip(len, deadline)?;
             self.drop_fds(nfds);
-            return Err(Error::MessageTooLarge { size: len, limit: self.max_frame });
+            return Err(Error::MessageTooLarge {
+                size: len,
+                limit: self.max_frame,
+            });
         }
         let len = len as usize;
-        bytes.reserve(len);
-        let have = (self.end - self.start).min(len);
-        bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
-        self.start += have;
-        while bytes.len() < len {
-            // Large payload: read straight into the destination.
-            let want = len - bytes.len();
+        // Zero-fill the destination once, then read into it: a large
+        // payload goes straight from the socket to its place.
+        bytes.resize(len, 0);
+        let mut filled = (self.end - self.start).min(len);
+        bytes[..filled].copy_from_slice(&self.rbuf[self.start..self.start + filled]);
+        self.start += filled;
+        while filled < len {
+            let want = len - filled;
             if want >= READ_BUF / 2 {
                 self.wait_readable(deadline)?;
-                let old = bytes.len();
-                bytes.resize(old + want, 0);
                 let mut got = Vec::new();
-                let n = sys::recv_with_fds(self.fd.as_fd(), &mut bytes[old..], &mut got)
+                let n = sys::recv_with_fds(self.fd.as_fd(), &mut bytes[filled..], &mut got)
                     .map_err(|e| io_error("recv", e))?;
                 self.fds.extend(got);
-                bytes.truncate(old + n);
                 if n == 0 {
+                    bytes.truncate(filled);
                     return Err(Error::Disconnected);
                 }
+                filled += n;
             } else {
                 if !self.fill(deadline)? {
+                    bytes.truncate(filled);
                     return Err(Error::Disconnected);
                 }
-                let have = (self.end - self.start).min(len - bytes.len());
-                bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
+                let have = (self.end - self.start).min(want);
+                bytes[filled..filled + have]
+                    .copy_from_slice(&self.rbuf[self.start..self.start + have]);
                 self.start += have;
+                filled += have;
             }
         }
         for _ in 0..nfds {
             match self.fds.pop_front() {
                 Some(fd) => fds.push(fd),
-                None => return Err(Error::Decode { message: "a message's descriptors did not arrive".into() }),
+                None => {
+                    return Err(Error::Decode {
+                        message: "a message's descriptors did not arrive".into(),
+                    });
+                }
             }
         }
         Ok(tag)
@@ -296,7 +324,10 @@ mod tests {
         a.send(7, &[b"hello", b" world"], &[file]).expect("send");
         a.send(8, &[], &[]).expect("send empty");
         let f = b.recv(Some(Duration::from_secs(5))).expect("recv");
-        assert_eq!((f.tag, &f.bytes[..], f.fds.len()), (7, &b"hello world"[..], 1));
+        assert_eq!(
+            (f.tag, &f.bytes[..], f.fds.len()),
+            (7, &b"hello world"[..], 1)
+        );
         let f = b.recv(Some(Duration::from_secs(5))).expect("recv");
         assert_eq!((f.tag, f.bytes.len()), (8, 0));
     }
@@ -319,14 +350,22 @@ mod tests {
         a.send(4, &[b"ok"], &[]).expect("send");
         let _ = b.recv(Some(Duration::from_secs(5))).expect("small");
         let err = b.recv(Some(Duration::from_secs(5))).expect_err("too large");
-        assert!(matches!(err, Error::MessageTooLarge { size: 8, limit: 4 }), "{err}");
-        assert_eq!(b.recv(Some(Duration::from_secs(5))).expect("after").bytes, b"ok");
+        assert!(
+            matches!(err, Error::MessageTooLarge { size: 8, limit: 4 }),
+            "{err}"
+        );
+        assert_eq!(
+            b.recv(Some(Duration::from_secs(5))).expect("after").bytes,
+            b"ok"
+        );
     }
 
     #[test]
     fn eof_and_timeout() {
         let (a, mut b) = Channel::pair().expect("pair");
-        let err = b.recv(Some(Duration::from_millis(20))).expect_err("timeout");
+        let err = b
+            .recv(Some(Duration::from_millis(20)))
+            .expect_err("timeout");
         assert!(err.is_timeout());
         drop(a);
         let err = b.recv(Some(Duration::from_secs(5))).expect_err("eof");

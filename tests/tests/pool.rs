@@ -79,6 +79,12 @@ fn undecodable(x: u8) -> Undecodable {
     Undecodable(x)
 }
 
+#[process_fn]
+fn put_square(q: multiproc::Queue<u64>, x: u64) -> u64 {
+    q.put(x * x).expect("put");
+    x
+}
+
 fn not_registered(x: u64) -> u64 {
     x
 }
@@ -421,4 +427,19 @@ fn terminate_fails_pending_work() {
     assert!(matches!(pending.get(), Err(Error::Closed)));
     assert!(matches!(pool.map(cube, 0..3u64), Err(Error::Closed)));
     pool.join().expect("join after terminate");
+}
+
+#[test]
+fn handles_travel_as_task_arguments() {
+    let pool = pool2();
+    let q = multiproc::Queue::<u64>::new().expect("queue");
+    let args: Vec<(multiproc::Queue<u64>, u64)> = (0..20).map(|x| (q.clone(), x)).collect();
+    // Chunks of several items, each with its own copy of the queue's descriptors.
+    assert_eq!(
+        pool.starmap(put_square, args).expect("starmap"),
+        (0..20).collect::<Vec<u64>>()
+    );
+    let mut got: Vec<u64> = (0..20).map(|_| q.get_timeout(LONG).expect("get")).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
 }

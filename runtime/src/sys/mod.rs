@@ -12,13 +12,20 @@ use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::PollFlags;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
+
+pub(crate) mod futex;
+pub(crate) mod ipc;
+pub(crate) mod lock;
+pub(crate) mod shm;
+
+pub(crate) use ipc::{pid_alive, socketpair_dgram};
 
 /// The descriptor number at which a child finds its socket to the parent.
 pub(crate) const CHILD_FD: RawFd = 3;
@@ -30,15 +37,18 @@ pub(crate) const MAX_FDS_PER_MSG: usize = 253;
 // The load-time constructor.
 
 extern "C" fn on_load() {
-    crate::child::on_load();
+    // Hand the dispatch to `multiproc-ctor`, whose constructor runs after
+    // every registering crate's (see that crate). If it already ran (an
+    // unexpected link order), dispatch now rather than never.
+    if !multiproc_ctor::set_hook(crate::child::on_load) {
+        crate::child::on_load();
+    }
 }
 
 // SAFETY: `.init_array` holds pointers to `extern "C" fn()` run by the
-// dynamic loader before `main`; `on_load` has exactly that type, and it
-// catches every panic (unwinding out of it would abort) and touches only
-// what is initialized by then (std's argv/env set-up runs at a higher
-// priority, and every crate that registers with `inventory` depends on
-// this one, so is linked, and initialized, before it).
+// dynamic loader before `main`; `on_load` has exactly that type and only
+// stores a function pointer (the dispatch itself catches every panic:
+// unwinding out of a constructor would abort).
 #[used]
 #[unsafe(link_section = ".init_array")]
 static ON_LOAD: extern "C" fn() = on_load;
@@ -56,12 +66,17 @@ pub(crate) fn spawn_self(child_end: BorrowedFd<'_>, extra_env: &CStr) -> Result<
     let mut actions = PosixSpawnFileActions::init().map_err(map)?;
     // dup2 onto another number clears close-on-exec on the copy; the caller
     // guarantees `child_end` is not CHILD_FD itself.
-    actions.add_dup2(child_end.as_raw_fd(), CHILD_FD).map_err(map)?;
+    actions
+        .add_dup2(child_end.as_raw_fd(), CHILD_FD)
+        .map_err(map)?;
     let mut attr = PosixSpawnAttr::init().map_err(map)?;
     attr.set_sigmask(&SigSet::empty()).map_err(map)?;
-    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK).map_err(map)?;
+    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK)
+        .map_err(map)?;
 
-    let argv0 = std::env::args_os().next().unwrap_or_else(|| OsString::from("multiproc-child"));
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| OsString::from("multiproc-child"));
     let argv = [cstring(argv0)];
     let mut envp: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| k != crate::child::ENV_VAR)
@@ -131,12 +146,14 @@ pub(crate) fn remove_env_before_threads(key: &str) {
 pub(crate) fn ignore_sigpipe() {
     // SAFETY: installing SIG_IGN runs no handler code, so it cannot violate
     // async-signal-safety.
-    let _ = unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) };
+    let _ =
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) };
 }
 
 /// Asks the kernel to SIGKILL this process when its parent thread exits.
 pub(crate) fn set_parent_death_signal() -> Result<()> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| Error::errno("prctl(PR_SET_PDEATHSIG)", e))
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| Error::errno("prctl(PR_SET_PDEATHSIG)", e))
 }
 
 /// This process's parent pid.
@@ -231,63 +248,69 @@ pub(crate) fn reap(pid: Pid) -> Result<WaitStatus> {
 // Polling and descriptor passing.
 
 /// Waits until `fd` shows one of `events` or `timeout` passes (`None`:
-/// forever). Returns the events seen (empty on timeout).
-pub(crate) fn poll_one(fd: BorrowedFd<'_>, events: PollFlags, timeout: Option<Duration>) -> Result<PollFlags> {
-    let deadline = timeout.map(|t| std::time::Instant::now() + t);
-    loop {
-        let remaining = match deadline {
-            None => PollTimeout::NONE,
-            Some(deadline) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                // Round up so that a short wait does not spin at 0 ms.
-                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
-        };
-        let mut fds = [PollFd::new(fd, events)];
-        match nix::poll::poll(&mut fds, remaining) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                    return Ok(PollFlags::empty());
-                }
-            }
-            Ok(_) => return Ok(fds[0].revents().unwrap_or(PollFlags::empty())),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(Error::errno("poll", e)),
-        }
-    }
+/// forever). Returns the events seen (empty on timeout). Unlike nix's
+/// `PollFd::revents`, bits nix does not name (POLLRDHUP) are kept.
+pub(crate) fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    timeout: Option<Duration>,
+) -> Result<PollFlags> {
+    Ok(poll_many(&[(fd, events)], timeout)?[0])
 }
 
 /// Waits until any of `fds` shows one of its events, or `timeout` passes.
 /// Returns the revents of each, in order (all empty on timeout).
-pub(crate) fn poll_many(fds: &[(BorrowedFd<'_>, PollFlags)], timeout: Option<Duration>) -> Result<Vec<PollFlags>> {
+pub(crate) fn poll_many(
+    fds: &[(BorrowedFd<'_>, PollFlags)],
+    timeout: Option<Duration>,
+) -> Result<Vec<PollFlags>> {
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(fd, ev)| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: ev.bits(),
+            revents: 0,
+        })
+        .collect();
     loop {
-        let remaining = match deadline {
-            None => PollTimeout::NONE,
+        let ms: libc::c_int = match deadline {
+            None => -1,
             Some(deadline) => {
                 let left = deadline.saturating_duration_since(std::time::Instant::now());
-                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+                // Round up so that a short wait does not spin at 0 ms.
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
             }
         };
-        let mut pfds: Vec<PollFd<'_>> = fds.iter().map(|(fd, ev)| PollFd::new(*fd, *ev)).collect();
-        match nix::poll::poll(&mut pfds, remaining) {
-            Ok(0) => {
-                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                    return Ok(vec![PollFlags::empty(); fds.len()]);
-                }
+        // SAFETY: `pfds` is a live, exclusively borrowed array of
+        // `pfds.len()` pollfd structs; the borrowed descriptors outlive the call.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if rc > 0 {
+            return Ok(pfds
+                .iter()
+                .map(|p| PollFlags::from_bits_retain(p.revents))
+                .collect());
+        }
+        if rc == 0 {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(vec![PollFlags::empty(); fds.len()]);
             }
-            Ok(_) => return Ok(pfds.iter().map(|p| p.revents().unwrap_or(PollFlags::empty())).collect()),
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(Error::errno("poll", e)),
+            continue;
+        }
+        match Errno::last() {
+            Errno::EINTR => {}
+            e => return Err(Error::errno("poll", e)),
         }
     }
 }
 
 /// Sends the bytes of `bufs` (at least partly) with `fds` attached.
 /// Returns how many bytes went out.
-pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, bufs: &[IoSlice<'_>], fds: &[RawFd]) -> Result<usize, Errno> {
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+    fds: &[RawFd],
+) -> Result<usize, Errno> {
     let cmsgs = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsgs };
     loop {
@@ -300,11 +323,20 @@ pub(crate) fn send_with_fds(sock: BorrowedFd<'_>, bufs: &[IoSlice<'_>], fds: &[R
 
 /// Receives bytes into `buf`, appending any descriptors that arrive to
 /// `fds`. Returns the byte count (0 at end of stream).
-pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, Errno> {
+pub(crate) fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<usize, Errno> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
-        let msg = match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+        let msg = match socket::recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Err(Errno::EINTR) => continue,
             Err(e) => return Err(e),
             Ok(msg) => msg,
@@ -338,7 +370,9 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
 
 /// Counts this process's open descriptors (for tests and diagnostics).
 pub fn open_fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count().saturating_sub(1)).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count().saturating_sub(1))
+        .unwrap_or(0)
 }
 
 /// `fd` as a borrowed descriptor (convenience for the `AsFd` bound).

@@ -1,6 +1,7 @@
 use multiproc::ProcessTask;
+use serde::Serialize;
 
-#[derive(ProcessTask)]
+#[derive(Serialize, ProcessTask)]
 struct Job {
     id: u64,
 }

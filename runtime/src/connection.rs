@@ -1,0 +1,492 @@
+//! Pipes between processes: Python's `multiprocessing.Pipe`, typed.
+//!
+//! [`Pipe::new`] gives two duplex [`Connection`]s; [`Pipe::simplex`] gives a
+//! [`Receiver`] and a [`Sender`]. Both are a Unix stream socket pair
+//! carrying length-framed messages (a 64-bit length, so a message of any
+//! size up to the receiver's limit works) with the descriptors of any
+//! handles inside the message attached (SCM_RIGHTS). Each end is a handle:
+//! pass it to a [`Process`](crate::Process) or send it through a Queue or
+//! another Pipe, and it arrives working.
+//!
+//! A `recv` after the other end was closed, or its process died, is
+//! [`Error::Disconnected`] (Python's `EOFError`), never a hang.
+//!
+//! ```no_run
+//! use multiproc::{process_fn, Pipe, Process};
+//! use multiproc::connection::Connection;
+//!
+//! #[process_fn]
+//! fn child(conn: Connection<(u32, String)>) {
+//!     conn.send(&(42, "hello".to_string())).ok();
+//! }
+//!
+//! # fn main() -> multiproc::Result<()> {
+//! let (parent, child_end) = Pipe::new::<(u32, String)>()?;
+//! let mut p = Process::new(child, (child_end,));
+//! p.start()?;
+//! let mut parent = parent;
+//! assert_eq!(parent.recv()?, (42, "hello".to_string()));
+//! p.join()?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::wire::Channel;
+
+const TAG_VALUE: u32 = 1;
+const TAG_BYTES: u32 = 2;
+
+thread_local! {
+    /// Reused encode buffer: sending does not allocate once it has grown.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Creates pipes: [`Pipe::new`] (duplex) and [`Pipe::simplex`].
+#[derive(Debug, Clone, Copy)]
+pub struct Pipe(());
+
+impl Pipe {
+    /// Two connected duplex ends: what one sends, the other receives.
+    /// Python's `Pipe()`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the OS refuses a socket pair.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// let (a, mut b) = Pipe::new::<u64>()?;
+    /// a.send(&7)?;
+    /// assert_eq!(b.recv()?, 7);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new<T>() -> Result<(Connection<T>, Connection<T>)> {
+        let (a, b) = Channel::pair()?;
+        Ok((Connection::from_channel(a), Connection::from_channel(b)))
+    }
+
+    /// A one-way pipe: a [`Receiver`] and a [`Sender`] (in Python's order,
+    /// `Pipe(duplex=False)`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the OS refuses a socket pair.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// let (mut rx, tx) = Pipe::simplex::<String>()?;
+    /// tx.send(&"hi".to_string())?;
+    /// assert_eq!(rx.recv()?, "hi");
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn simplex<T>() -> Result<(Receiver<T>, Sender<T>)> {
+        let (a, b) = Pipe::new::<T>()?;
+        Ok((Receiver { conn: a }, Sender { conn: b }))
+    }
+}
+
+/// One end of a [`Pipe`]: sends and receives values of type `T`.
+///
+/// Connections are moved, not cloned; the reading state (a buffer) lives
+/// in the handle. Dropping the last handle to an end (in every process)
+/// closes it, and the other end's `recv` then returns
+/// [`Error::Disconnected`].
+pub struct Connection<T> {
+    channel: Channel,
+    bytes: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    _marker: PhantomData<fn(T) -> T>,
+}
+
+impl<T> fmt::Debug for Connection<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("fd", &self.channel.fd())
+            .finish()
+    }
+}
+
+impl<T> Connection<T> {
+    fn from_channel(channel: Channel) -> Self {
+        Connection {
+            channel,
+            bytes: Vec::new(),
+            fds: Vec::new(),
+            _marker: PhantomData,
+        }
+    }
+
+    /// Sends raw bytes as one message, without serde (Python's
+    /// `send_bytes`). Read them with [`recv_bytes`](Connection::recv_bytes).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] if the other end is closed.
+    pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
+        self.channel.send(TAG_BYTES, &[bytes], &[])
+    }
+
+    /// Receives one message as raw bytes (Python's `recv_bytes`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] when the other end is closed and nothing is
+    /// left to read; [`Error::MessageTooLarge`] for a message over
+    /// [`max_message_size`](Connection::set_max_message_size) (it is
+    /// skipped; the connection stays usable).
+    pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
+        self.fds.clear();
+        let mut out = Vec::new();
+        self.channel.recv_into(&mut out, &mut self.fds, None)?;
+        self.fds.clear();
+        Ok(out)
+    }
+
+    /// Like [`recv_bytes`](Connection::recv_bytes), waiting at most
+    /// `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_bytes`](Connection::recv_bytes), plus [`Error::Timeout`].
+    pub fn recv_bytes_timeout(&mut self, timeout: Duration) -> Result<Vec<u8>> {
+        self.fds.clear();
+        let mut out = Vec::new();
+        self.channel
+            .recv_into(&mut out, &mut self.fds, Some(timeout))?;
+        self.fds.clear();
+        Ok(out)
+    }
+
+    /// `true` if a message (or the end of the stream) can be read within
+    /// `timeout` (`Duration::ZERO`: do not wait). Python's `poll`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if polling fails.
+    pub fn poll(&self, timeout: Duration) -> Result<bool> {
+        self.channel.poll(Some(timeout))
+    }
+
+    /// Sets the largest message this end accepts (default 1 GiB); a larger
+    /// one is an error for that message, not an allocation.
+    pub fn set_max_message_size(&mut self, bytes: u64) {
+        self.channel.set_max_frame(bytes);
+    }
+
+    /// Closes this end (dropping it does the same). The other end's
+    /// `recv` then reports [`Error::Disconnected`] once every copy of this
+    /// end, in every process, is closed.
+    pub fn close(self) {}
+}
+
+impl<T: Serialize> Connection<T> {
+    /// Sends `value` as one message; handles inside it travel with their
+    /// descriptors.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] if `value` cannot be encoded (nothing is sent);
+    /// [`Error::Disconnected`] if the other end is closed.
+    pub fn send(&self, value: &T) -> Result<()> {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => self.send_with(value, &mut buf),
+            Err(_) => self.send_with(value, &mut Vec::new()),
+        })
+    }
+
+    fn send_with(&self, value: &T, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        let mut fds = Vec::new();
+        codec::encode(value, buf, &mut fds)?;
+        let result = self.channel.send(TAG_VALUE, &[buf], &fds);
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        result
+    }
+}
+
+impl<T: DeserializeOwned> Connection<T> {
+    /// Receives the next value, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] when the other end is closed (or its
+    /// process died) and nothing is left to read; [`Error::Decode`] if the
+    /// message is not a `T`; [`Error::MessageTooLarge`] for a message over
+    /// the limit (skipped).
+    pub fn recv(&mut self) -> Result<T> {
+        self.recv_inner(None)
+    }
+
+    /// Like [`recv`](Connection::recv), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Connection::recv), plus [`Error::Timeout`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use multiproc::Pipe;
+    /// let (a, mut b) = Pipe::new::<u8>()?;
+    /// assert!(b.recv_timeout(Duration::from_millis(10)).unwrap_err().is_timeout());
+    /// drop(a);
+    /// assert!(b.recv_timeout(Duration::from_secs(1)).unwrap_err().is_disconnected());
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T> {
+        self.recv_inner(Some(timeout))
+    }
+
+    /// The next value if one is ready now, `Ok(None)` otherwise.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Connection::recv).
+    pub fn try_recv(&mut self) -> Result<Option<T>> {
+        match self.recv_inner(Some(Duration::ZERO)) {
+            Ok(v) => Ok(Some(v)),
+            Err(Error::Timeout) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T> {
+        self.fds.clear();
+        self.channel
+            .recv_into(&mut self.bytes, &mut self.fds, timeout)?;
+        let fds = std::mem::take(&mut self.fds);
+        let value = codec::decode(&self.bytes, fds);
+        if self.bytes.capacity() > 1 << 20 {
+            self.bytes = Vec::new();
+        }
+        value
+    }
+}
+
+impl<T> AsFd for Connection<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.channel.fd()
+    }
+}
+
+impl<T> Serialize for Connection<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error as _;
+        if self.channel.has_buffered_data() {
+            return Err(S::Error::custom(
+                "a connection with received but unread data cannot move to another process",
+            ));
+        }
+        codec::serialize_fd(self.channel.fd(), serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Connection<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let fd = codec::deserialize_fd(deserializer)?;
+        Ok(Connection::from_channel(Channel::new(fd)))
+    }
+}
+
+/// The receiving end of [`Pipe::simplex`].
+pub struct Receiver<T> {
+    conn: Connection<T>,
+}
+
+/// The sending end of [`Pipe::simplex`].
+pub struct Sender<T> {
+    conn: Connection<T>,
+}
+
+impl<T> fmt::Debug for Receiver<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receiver")
+            .field("fd", &self.conn.channel.fd())
+            .finish()
+    }
+}
+
+impl<T> fmt::Debug for Sender<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sender")
+            .field("fd", &self.conn.channel.fd())
+            .finish()
+    }
+}
+
+impl<T: DeserializeOwned> Receiver<T> {
+    /// Receives the next value. See [`Connection::recv`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] once the sender is gone and nothing is left.
+    pub fn recv(&mut self) -> Result<T> {
+        self.conn.recv()
+    }
+
+    /// Receives, waiting at most `timeout`. See [`Connection::recv_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Receiver::recv), plus [`Error::Timeout`].
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T> {
+        self.conn.recv_timeout(timeout)
+    }
+
+    /// The next value if one is ready now. See [`Connection::try_recv`].
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Receiver::recv).
+    pub fn try_recv(&mut self) -> Result<Option<T>> {
+        self.conn.try_recv()
+    }
+}
+
+impl<T> Receiver<T> {
+    /// Receives one message as raw bytes. See [`Connection::recv_bytes`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::recv_bytes`].
+    pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
+        self.conn.recv_bytes()
+    }
+
+    /// `true` if a message can be read within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if polling fails.
+    pub fn poll(&self, timeout: Duration) -> Result<bool> {
+        self.conn.poll(timeout)
+    }
+
+    /// Sets the largest message accepted. See
+    /// [`Connection::set_max_message_size`].
+    pub fn set_max_message_size(&mut self, bytes: u64) {
+        self.conn.set_max_message_size(bytes);
+    }
+
+    /// Closes this end.
+    pub fn close(self) {}
+}
+
+impl<T: Serialize> Sender<T> {
+    /// Sends `value`. See [`Connection::send`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] or [`Error::Disconnected`].
+    pub fn send(&self, value: &T) -> Result<()> {
+        self.conn.send(value)
+    }
+}
+
+impl<T> Sender<T> {
+    /// Sends raw bytes. See [`Connection::send_bytes`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Disconnected`] if the receiver is gone.
+    pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
+        self.conn.send_bytes(bytes)
+    }
+
+    /// Closes this end; the receiver then sees [`Error::Disconnected`].
+    pub fn close(self) {}
+}
+
+impl<T> AsFd for Receiver<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
+}
+
+impl<T> AsFd for Sender<T> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
+}
+
+impl<T> Serialize for Receiver<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.conn.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Receiver<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Receiver {
+            conn: Connection::deserialize(deserializer)?,
+        })
+    }
+}
+
+impl<T> Serialize for Sender<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.conn.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Sender<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Sender {
+            conn: Connection::deserialize(deserializer)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplex_both_ways_and_bytes() {
+        let (mut a, mut b) = Pipe::new::<(u32, String)>().expect("pipe");
+        a.send(&(1, "x".into())).expect("send");
+        b.send(&(2, "y".into())).expect("send");
+        assert_eq!(b.recv().expect("recv"), (1, "x".to_string()));
+        assert_eq!(a.recv().expect("recv"), (2, "y".to_string()));
+        a.send_bytes(b"raw").expect("bytes");
+        assert_eq!(b.recv_bytes().expect("recv bytes"), b"raw");
+        assert!(!b.poll(Duration::ZERO).expect("poll"));
+        assert!(b.try_recv().expect("try").is_none());
+    }
+
+    #[test]
+    fn connection_travels_through_a_connection() {
+        let (a, mut b) = Pipe::new::<Connection<u64>>().expect("pipe");
+        let (x, mut y) = Pipe::new::<u64>().expect("pipe");
+        a.send(&x).expect("send conn");
+        drop(x);
+        let x2 = b.recv().expect("recv conn");
+        x2.send(&99).expect("send");
+        assert_eq!(y.recv().expect("recv"), 99);
+        drop(x2);
+        assert!(
+            y.recv_timeout(Duration::from_secs(5))
+                .expect_err("eof")
+                .is_disconnected()
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! Per-operation errors of queues. Those of `put` give the item back
+//! (crossbeam's `SendError` shape); all convert into [`crate::Error`] so
+//! that `?` works in a function returning [`crate::Result`].
+
+use std::fmt;
+
+use crate::error::Error;
+
+macro_rules! item_error {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $msg:expr, $to:expr;)* }) => {
+        $(#[$doc])*
+        #[non_exhaustive]
+        pub enum $name<T> {
+            $($(#[$vdoc])* $variant(T),)*
+            /// The item could not be encoded, or the OS refused an
+            /// operation; the item is handed back with the reason.
+            Failed(T, Error),
+        }
+
+        impl<T> $name<T> {
+            /// The item that was not put.
+            pub fn into_inner(self) -> T {
+                match self {
+                    $($name::$variant(item) => item,)*
+                    $name::Failed(item, _) => item,
+                }
+            }
+        }
+
+        impl<T> fmt::Debug for $name<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $($name::$variant(_) => f.write_str(concat!(stringify!($variant), "(..)")),)*
+                    $name::Failed(_, e) => write!(f, "Failed(.., {e:?})"),
+                }
+            }
+        }
+
+        impl<T> fmt::Display for $name<T> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $($name::$variant(_) => f.write_str($msg),)*
+                    $name::Failed(_, e) => write!(f, "could not put the item: {e}"),
+                }
+            }
+        }
+
+        impl<T> std::error::Error for $name<T> {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                match self {
+                    $name::Failed(_, e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+
+        impl<T> From<$name<T>> for Error {
+            fn from(err: $name<T>) -> Error {
+                match err {
+                    $($name::$variant(_) => $to,)*
+                    $name::Failed(_, e) => e,
+                }
+            }
+        }
+    };
+}
+
+item_error! {
+    /// Why [`Queue::put`](super::Queue::put) failed.
+    PutError {
+        /// The queue was closed.
+        Closed => "the queue is closed", Error::Closed;
+    }
+}
+
+item_error! {
+    /// Why [`Queue::try_put`](super::Queue::try_put) failed.
+    TryPutError {
+        /// The queue is full.
+        Full => "the queue is full", Error::Timeout;
+        /// The queue was closed.
+        Closed => "the queue is closed", Error::Closed;
+    }
+}
+
+item_error! {
+    /// Why [`Queue::put_timeout`](super::Queue::put_timeout) failed.
+    PutTimeoutError {
+        /// The queue stayed full for the whole timeout.
+        Timeout => "timed out waiting for room in the queue", Error::Timeout;
+        /// The queue was closed.
+        Closed => "the queue is closed", Error::Closed;
+    }
+}
+
+macro_rules! get_error {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $msg:expr, $to:expr;)* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        #[non_exhaustive]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+            /// The queue was closed and is empty.
+            Disconnected,
+            /// A message could not be decoded as the queue's type (it is
+            /// consumed), or the OS refused an operation.
+            Failed(Error),
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $($name::$variant => f.write_str($msg),)*
+                    $name::Disconnected => f.write_str("the queue is closed and empty"),
+                    $name::Failed(e) => write!(f, "could not get an item: {e}"),
+                }
+            }
+        }
+
+        impl std::error::Error for $name {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                match self {
+                    $name::Failed(e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+
+        impl From<$name> for Error {
+            fn from(err: $name) -> Error {
+                match err {
+                    $($name::$variant => $to,)*
+                    $name::Disconnected => Error::Disconnected,
+                    $name::Failed(e) => e,
+                }
+            }
+        }
+    };
+}
+
+get_error! {
+    /// Why [`Queue::get`](super::Queue::get) failed.
+    GetError {}
+}
+
+get_error! {
+    /// Why [`Queue::try_get`](super::Queue::try_get) failed.
+    TryGetError {
+        /// Nothing to get right now.
+        Empty => "the queue is empty", Error::Timeout;
+    }
+}
+
+get_error! {
+    /// Why [`Queue::get_timeout`](super::Queue::get_timeout) failed.
+    GetTimeoutError {
+        /// Nothing arrived within the timeout.
+        Timeout => "timed out waiting for an item", Error::Timeout;
+    }
+}

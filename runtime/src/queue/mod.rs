@@ -1,0 +1,682 @@
+//! Queues across processes: Python's `multiprocessing.Queue`,
+//! `SimpleQueue` and `JoinableQueue`, typed, crash-safe and fast.
+//!
+//! A queue is a ring of fixed-size slots in shared memory (a memfd mapped
+//! by every process that holds a handle), so a `put` and a `get` of a small
+//! message cost a few atomic operations and no system call while nobody
+//! sleeps; sleepers use futexes. Messages that do not fit a slot
+//! (over ~1 KiB encoded) or that carry handles travel beside the ring, each
+//! in a memfd of its own passed over a datagram socket, still in the
+//! ring's order.
+//!
+//! Guarantees:
+//! - any number of producer and consumer processes; a message is delivered
+//!   whole, exactly once;
+//! - a producer killed in the middle of a `put` neither corrupts nor blocks
+//!   the queue: consumers detect the dead writer and skip its slot (its
+//!   `put` never returned, so nothing that was put is lost);
+//! - a `put` that returned has placed the message in shared memory: the
+//!   producer may exit at once (no feeder thread, no flush at exit);
+//! - `put` reports encoding failures to its caller, with the item back.
+//!
+//! Limits: the queue holds at most its capacity of messages
+//! ([`Queue::new`]: 8192); a `put` beyond that waits, as on a bounded
+//! queue. A *consumer* killed between taking a message and copying it out
+//! loses that message and leaves its slot unreleased.
+//!
+//! ```no_run
+//! use multiproc::{process_fn, Process, Queue};
+//!
+//! #[process_fn]
+//! fn produce(q: Queue<(u32, String, String)>) {
+//!     q.put((38, "snake".into(), "hello".into())).ok();
+//! }
+//!
+//! # fn main() -> multiproc::Result<()> {
+//! let q = Queue::new()?;
+//! let mut p = Process::new(produce, (q.clone(),));
+//! p.start()?;
+//! println!("{:?}", q.get()?);
+//! p.join()?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+mod ring;
+
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use self::error::{
+    GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
+};
+use self::ring::{Put, Ring, Stall, Take};
+use crate::codec;
+use crate::error::{Error, Result};
+
+/// Capacity of [`Queue::new`], in messages.
+pub const DEFAULT_CAPACITY: usize = 8192;
+
+thread_local! {
+    static ENC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static DEC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_buf<R>(
+    key: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            let r = f(&mut buf);
+            if buf.capacity() > 1 << 20 {
+                *buf = Vec::new();
+            }
+            r
+        }
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+enum PutFail {
+    Full,
+    Closed,
+    Failed(Error),
+}
+
+enum GetFail {
+    Empty,
+    Disconnected,
+    Failed(Error),
+}
+
+/// A FIFO queue shared by any number of producer and consumer processes.
+///
+/// `Clone` gives another handle to the same queue. Pass a handle to a
+/// [`Process`](crate::Process), a pool task, or through another queue or
+/// pipe: it arrives working (its memfd and sockets travel with it). The
+/// queue's memory is freed when the last handle in every process is gone.
+///
+/// # Examples
+///
+/// ```
+/// use multiproc::Queue;
+/// let q = Queue::bounded(2)?;
+/// q.put(1u32)?;
+/// q.try_put(2).unwrap();
+/// assert!(q.try_put(3).is_err()); // full: the error hands 3 back
+/// assert_eq!(q.get()?, 1);
+/// assert_eq!(q.qsize(), 1);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct Queue<T> {
+    ring: Arc<Ring>,
+    _marker: PhantomData<fn(T) -> T>,
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            ring: Arc::clone(&self.ring),
+            _marker: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("capacity", &self.ring.capacity())
+            .field("qsize", &self.ring.len())
+            .finish()
+    }
+}
+
+impl<T> Queue<T> {
+    /// A queue holding up to [`DEFAULT_CAPACITY`] messages (a `put` beyond
+    /// that waits for room).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory or the sockets cannot be created.
+    pub fn new() -> Result<Queue<T>> {
+        Queue::bounded(DEFAULT_CAPACITY)
+    }
+
+    /// A queue holding at most `maxsize` messages: Python's
+    /// `Queue(maxsize)`. `put` waits (and `try_put` fails) while it is full.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for `maxsize == 0`; [`Error::Io`] as
+    /// [`Queue::new`].
+    pub fn bounded(maxsize: usize) -> Result<Queue<T>> {
+        Ok(Queue::from_ring(Ring::create(maxsize, false)?))
+    }
+
+    fn from_ring(ring: Ring) -> Queue<T> {
+        Queue {
+            ring: Arc::new(ring),
+            _marker: PhantomData,
+        }
+    }
+
+    /// The number of messages in the queue (approximate while other
+    /// processes use it, as in Python; it counts puts in progress).
+    pub fn qsize(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// `true` if the queue holds no message (approximate, as `qsize`).
+    pub fn empty(&self) -> bool {
+        self.ring.len() == 0
+    }
+
+    /// `true` if the queue is at capacity (approximate, as `qsize`).
+    pub fn full(&self) -> bool {
+        self.ring.len() >= self.ring.capacity()
+    }
+
+    /// The most messages the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity()
+    }
+
+    /// Closes the queue for every process: later puts fail with
+    /// `Closed` (the item handed back); gets return what is left, then
+    /// `Disconnected`. Waiting producers and consumers wake up.
+    pub fn close(&self) {
+        self.ring.close();
+    }
+
+    /// `true` once [`close`](Queue::close) was called (in any process).
+    pub fn is_closed(&self) -> bool {
+        self.ring.is_closed()
+    }
+}
+
+impl<T: Serialize> Queue<T> {
+    fn put_inner(
+        &self,
+        item: T,
+        deadline: Option<Instant>,
+        wait: bool,
+    ) -> Result<(), (T, PutFail)> {
+        let r = with_buf(&ENC, |buf| {
+            buf.clear();
+            let mut fds = Vec::new();
+            codec::encode(&item, buf, &mut fds).map_err(PutFail::Failed)?;
+            let side = if fds.is_empty() && buf.len() <= ring::INLINE_MAX {
+                None
+            } else {
+                Some(Ring::prepare_side(buf, fds).map_err(PutFail::Failed)?)
+            };
+            loop {
+                match self.ring.try_put(buf, side.as_ref()) {
+                    Ok(Put::Done) => return Ok(()),
+                    Ok(Put::Closed) => return Err(PutFail::Closed),
+                    Ok(Put::Full) => {
+                        if !wait || !self.ring.wait_not_full(deadline) {
+                            return Err(PutFail::Full);
+                        }
+                    }
+                    Err(e) => return Err(PutFail::Failed(e)),
+                }
+            }
+        });
+        r.map_err(|f| (item, f))
+    }
+
+    /// Puts `item` at the end of the queue, waiting while it is full.
+    /// When this returns `Ok`, the message is in shared memory: the process
+    /// may exit at once.
+    ///
+    /// # Errors
+    ///
+    /// [`PutError::Closed`] after [`close`](Queue::close);
+    /// [`PutError::Failed`] if the item cannot be encoded. Both hand the
+    /// item back.
+    pub fn put(&self, item: T) -> Result<(), PutError<T>> {
+        self.put_inner(item, None, true)
+            .map_err(|(item, f)| match f {
+                PutFail::Full | PutFail::Closed => PutError::Closed(item),
+                PutFail::Failed(e) => PutError::Failed(item, e),
+            })
+    }
+
+    /// Like [`put`](Queue::put), waiting at most `timeout` for room.
+    ///
+    /// # Errors
+    ///
+    /// [`PutTimeoutError::Timeout`] if the queue stayed full; otherwise as
+    /// [`put`](Queue::put).
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), PutTimeoutError<T>> {
+        let deadline = Instant::now() + timeout;
+        self.put_inner(item, Some(deadline), true)
+            .map_err(|(item, f)| match f {
+                PutFail::Full => PutTimeoutError::Timeout(item),
+                PutFail::Closed => PutTimeoutError::Closed(item),
+                PutFail::Failed(e) => PutTimeoutError::Failed(item, e),
+            })
+    }
+
+    /// Puts `item` if there is room now (Python's `put_nowait`).
+    ///
+    /// # Errors
+    ///
+    /// [`TryPutError::Full`] if the queue is full; otherwise as
+    /// [`put`](Queue::put).
+    pub fn try_put(&self, item: T) -> Result<(), TryPutError<T>> {
+        self.put_inner(item, None, false)
+            .map_err(|(item, f)| match f {
+                PutFail::Full => TryPutError::Full(item),
+                PutFail::Closed => TryPutError::Closed(item),
+                PutFail::Failed(e) => TryPutError::Failed(item, e),
+            })
+    }
+}
+
+impl<T: DeserializeOwned> Queue<T> {
+    fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
+        with_buf(&DEC, |buf| {
+            let mut fds: Vec<OwnedFd> = Vec::new();
+            let mut stall = Stall::new();
+            loop {
+                match self.ring.try_take(buf, &mut fds, &mut stall) {
+                    Ok(Take::Got) => {
+                        return codec::decode(buf, std::mem::take(&mut fds))
+                            .map_err(GetFail::Failed);
+                    }
+                    Ok(Take::Closed) => return Err(GetFail::Disconnected),
+                    Ok(Take::Empty) => {
+                        if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
+                            return Err(GetFail::Empty);
+                        }
+                    }
+                    Err(e) => return Err(GetFail::Failed(e)),
+                }
+            }
+        })
+    }
+
+    /// Removes and returns the first message, waiting as long as it takes.
+    ///
+    /// # Errors
+    ///
+    /// [`GetError::Disconnected`] once the queue is closed and empty;
+    /// [`GetError::Failed`] if the message does not decode as `T` (it is
+    /// consumed).
+    pub fn get(&self) -> Result<T, GetError> {
+        self.get_inner(None, true).map_err(|f| match f {
+            GetFail::Empty | GetFail::Disconnected => GetError::Disconnected,
+            GetFail::Failed(e) => GetError::Failed(e),
+        })
+    }
+
+    /// Like [`get`](Queue::get), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`GetTimeoutError::Timeout`] if nothing arrived; otherwise as
+    /// [`get`](Queue::get).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use multiproc::Queue;
+    /// use multiproc::queue::GetTimeoutError;
+    /// let q = Queue::<u8>::bounded(1)?;
+    /// assert!(matches!(q.get_timeout(Duration::from_millis(10)), Err(GetTimeoutError::Timeout)));
+    /// q.close();
+    /// assert!(matches!(q.get_timeout(Duration::from_secs(1)), Err(GetTimeoutError::Disconnected)));
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, GetTimeoutError> {
+        let deadline = Instant::now() + timeout;
+        self.get_inner(Some(deadline), true).map_err(|f| match f {
+            GetFail::Empty => GetTimeoutError::Timeout,
+            GetFail::Disconnected => GetTimeoutError::Disconnected,
+            GetFail::Failed(e) => GetTimeoutError::Failed(e),
+        })
+    }
+
+    /// Removes and returns the first message if there is one now (Python's
+    /// `get_nowait`).
+    ///
+    /// # Errors
+    ///
+    /// [`TryGetError::Empty`] if there is none; otherwise as
+    /// [`get`](Queue::get).
+    pub fn try_get(&self) -> Result<T, TryGetError> {
+        self.get_inner(None, false).map_err(|f| match f {
+            GetFail::Empty => TryGetError::Empty,
+            GetFail::Disconnected => TryGetError::Disconnected,
+            GetFail::Failed(e) => TryGetError::Failed(e),
+        })
+    }
+}
+
+struct FdOut<'a>(BorrowedFd<'a>);
+
+impl Serialize for FdOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        codec::serialize_fd(self.0, serializer)
+    }
+}
+
+struct FdIn(OwnedFd);
+
+impl<'de> Deserialize<'de> for FdIn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        codec::deserialize_fd(deserializer).map(FdIn)
+    }
+}
+
+fn serialize_ring<S: Serializer>(ring: &Ring, serializer: S) -> Result<S::Ok, S::Error> {
+    let [mem, tx, rx] = ring.fds();
+    (FdOut(mem), FdOut(tx), FdOut(rx)).serialize(serializer)
+}
+
+fn deserialize_ring<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ring, D::Error> {
+    use serde::de::Error as _;
+    let (mem, tx, rx) = <(FdIn, FdIn, FdIn)>::deserialize(deserializer)?;
+    Ring::from_fds(mem.0, tx.0, rx.0).map_err(|e| D::Error::custom(e.to_string()))
+}
+
+impl<T> Serialize for Queue<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_ring(&self.ring, serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for Queue<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Queue::from_ring(deserialize_ring(deserializer)?))
+    }
+}
+
+/// Python's `SimpleQueue`: `put`, `get`, `empty`, `close` only.
+///
+/// # Examples
+///
+/// ```
+/// use multiproc::queue::SimpleQueue;
+/// let q = SimpleQueue::new()?;
+/// q.put("hi".to_string())?;
+/// assert_eq!(q.get()?, "hi");
+/// assert!(q.empty());
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct SimpleQueue<T> {
+    inner: Queue<T>,
+}
+
+impl<T> Clone for SimpleQueue<T> {
+    fn clone(&self) -> Self {
+        SimpleQueue {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for SimpleQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimpleQueue")
+            .field("qsize", &self.inner.qsize())
+            .finish()
+    }
+}
+
+impl<T> SimpleQueue<T> {
+    /// A new queue (capacity [`DEFAULT_CAPACITY`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::new`].
+    pub fn new() -> Result<SimpleQueue<T>> {
+        Ok(SimpleQueue {
+            inner: Queue::new()?,
+        })
+    }
+
+    /// `true` if the queue holds no message.
+    pub fn empty(&self) -> bool {
+        self.inner.empty()
+    }
+
+    /// Closes the queue. See [`Queue::close`].
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}
+
+impl<T: Serialize> SimpleQueue<T> {
+    /// Puts `item`. See [`Queue::put`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::put`].
+    pub fn put(&self, item: T) -> Result<(), PutError<T>> {
+        self.inner.put(item)
+    }
+}
+
+impl<T: DeserializeOwned> SimpleQueue<T> {
+    /// Gets the first message, waiting. See [`Queue::get`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::get`].
+    pub fn get(&self) -> Result<T, GetError> {
+        self.inner.get()
+    }
+}
+
+impl<T> Serialize for SimpleQueue<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.inner.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(SimpleQueue {
+            inner: Queue::deserialize(deserializer)?,
+        })
+    }
+}
+
+/// Python's `JoinableQueue`: a [`Queue`] (it derefs to one) that counts
+/// unfinished tasks. Each `put` adds one; a consumer calls
+/// [`task_done`](JoinableQueue::task_done) when it has processed an item;
+/// [`join`](JoinableQueue::join) waits until the count is back to zero.
+///
+/// # Examples
+///
+/// ```
+/// use multiproc::queue::JoinableQueue;
+/// let q = JoinableQueue::new()?;
+/// q.put(5u32)?;
+/// let item = q.get()?;
+/// q.task_done()?;
+/// q.join()?;
+/// assert!(q.task_done().is_err()); // once more than there were items
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct JoinableQueue<T> {
+    inner: Queue<T>,
+}
+
+impl<T> Clone for JoinableQueue<T> {
+    fn clone(&self) -> Self {
+        JoinableQueue {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for JoinableQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JoinableQueue")
+            .field("qsize", &self.inner.qsize())
+            .finish()
+    }
+}
+
+impl<T> std::ops::Deref for JoinableQueue<T> {
+    type Target = Queue<T>;
+
+    fn deref(&self) -> &Queue<T> {
+        &self.inner
+    }
+}
+
+impl<T> JoinableQueue<T> {
+    /// A new joinable queue (capacity [`DEFAULT_CAPACITY`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::new`].
+    pub fn new() -> Result<JoinableQueue<T>> {
+        JoinableQueue::bounded(DEFAULT_CAPACITY)
+    }
+
+    /// A new joinable queue holding at most `maxsize` messages.
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::bounded`].
+    pub fn bounded(maxsize: usize) -> Result<JoinableQueue<T>> {
+        Ok(JoinableQueue {
+            inner: Queue::from_ring(Ring::create(maxsize, true)?),
+        })
+    }
+
+    /// Marks one item taken from the queue as processed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if called more times than items were put
+    /// (Python's `ValueError`).
+    pub fn task_done(&self) -> Result<()> {
+        self.inner.ring.task_done()
+    }
+
+    /// Waits until every item put has been marked done.
+    ///
+    /// # Errors
+    ///
+    /// None today; the `Result` leaves room for OS failures.
+    pub fn join(&self) -> Result<()> {
+        self.inner.ring.join(None)
+    }
+
+    /// Like [`join`](JoinableQueue::join), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] if tasks were still unfinished.
+    pub fn join_timeout(&self, timeout: Duration) -> Result<()> {
+        self.inner.ring.join(Some(Instant::now() + timeout))
+    }
+}
+
+impl<T> Serialize for JoinableQueue<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.inner.serialize(serializer)
+    }
+}
+
+impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(JoinableQueue {
+            inner: Queue::deserialize(deserializer)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_inline_and_side_messages() {
+        let q = Queue::<Vec<u8>>::new().expect("queue");
+        let big = vec![7u8; 100_000];
+        let mid = vec![3u8; 5_000];
+        q.put(vec![1]).expect("put");
+        q.put(big.clone()).expect("put big");
+        q.put(mid.clone()).expect("put mid");
+        q.put(vec![2]).expect("put");
+        assert_eq!(q.qsize(), 4);
+        assert_eq!(q.get().expect("get"), vec![1]);
+        assert_eq!(q.get().expect("get"), big);
+        assert_eq!(q.get().expect("get"), mid);
+        assert_eq!(q.get().expect("get"), vec![2]);
+        assert!(matches!(q.try_get(), Err(TryGetError::Empty)));
+    }
+
+    #[test]
+    fn bounded_full_and_wraparound() {
+        let q = Queue::<u64>::bounded(3).expect("queue");
+        for round in 0..10u64 {
+            for i in 0..3 {
+                q.try_put(round * 3 + i).expect("room");
+            }
+            assert!(q.full());
+            match q.try_put(99) {
+                Err(TryPutError::Full(99)) => {}
+                other => panic!("expected full, got {other:?}"),
+            }
+            for i in 0..3 {
+                assert_eq!(q.try_get().expect("item"), round * 3 + i);
+            }
+        }
+    }
+
+    #[test]
+    fn closed_queue_drains_then_disconnects() {
+        let q = Queue::<u32>::bounded(4).expect("queue");
+        q.put(1).expect("put");
+        q.close();
+        assert!(matches!(q.put(2), Err(PutError::Closed(2))));
+        assert_eq!(q.get().expect("left"), 1);
+        assert!(matches!(q.get(), Err(GetError::Disconnected)));
+    }
+
+    #[test]
+    fn queue_travels_through_a_queue() {
+        let outer = Queue::<Queue<String>>::new().expect("outer");
+        let inner = Queue::<String>::new().expect("inner");
+        outer.put(inner.clone()).expect("put handle");
+        let got = outer.get().expect("get handle");
+        got.put("through".into()).expect("put");
+        assert_eq!(inner.get().expect("get"), "through");
+    }
+
+    #[test]
+    fn encode_failure_hands_the_item_back() {
+        struct Bad;
+        impl Serialize for Bad {
+            fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("nope"))
+            }
+        }
+        let q = Queue::<Bad>::new().expect("queue");
+        match q.put(Bad) {
+            Err(PutError::Failed(Bad, Error::Encode { .. })) => {}
+            Err(e) => panic!("unexpected {e}"),
+            Ok(()) => panic!("encoded"),
+        }
+        assert!(q.empty());
+    }
+}

@@ -1,0 +1,697 @@
+//! The shared ring under every queue: a bounded MPMC queue of fixed-size
+//! slots in a memfd mapping (Vyukov's sequence-number design), with futex
+//! wake-ups that cost no syscall while nobody sleeps, and a side channel
+//! (a datagram socket pair carrying a memfd per message) for messages that
+//! do not fit a slot or carry descriptors.
+//!
+//! Crash safety. A producer reserves position `p` by a CAS on `tail`, then
+//! *stamps* the slot (a CAS of `lap | pid` over `lap | FREE`), writes, and
+//! publishes with the slot's sequence number. A consumer that finds the
+//! slot reserved but unpublished checks the stamp: a dead stamper's slot
+//! (or one never stamped for a long time) is turned into a *tombstone* by a
+//! CAS on the stamp, which a late live producer would fail (it then
+//! retries elsewhere): so a message is either published whole once, or
+//! dropped because its `put` never returned. The lap in the stamp rules out
+//! ABA. A consumer killed between taking and releasing a slot is not
+//! recovered (documented on `Queue`).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::PollFlags;
+
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::sys::futex;
+use crate::sys::shm::Mapping;
+
+const MAGIC: u64 = 0x6d70_7175_6575_6531; // "mpqueue1"
+const HEADER_BYTES: usize = 4096;
+/// Bytes per slot: a 24-byte header and the inline payload.
+pub(crate) const STRIDE: usize = 1088;
+const SLOT_HEADER: usize = 24;
+/// Largest message carried inline in a slot.
+pub(crate) const INLINE_MAX: usize = STRIDE - SLOT_HEADER;
+/// Largest side-channel message carried in the datagram itself.
+const DGRAM_INLINE_MAX: usize = 16 * 1024;
+const DGRAM_HEADER: usize = 24;
+
+// Header words (u64 indices).
+const W_MAGIC: usize = 0;
+const W_CAP: usize = 1;
+const W_TAIL: usize = 16; // byte 128
+const W_HEAD: usize = 32; // byte 256
+// Header words (u32 indices).
+const H_NOT_EMPTY: usize = 96; // byte 384
+const H_CONS_WAIT: usize = 112; // byte 448
+const H_NOT_FULL: usize = 128; // byte 512
+const H_PROD_WAIT: usize = 144; // byte 576
+const H_CLOSED: usize = 160; // byte 640
+const H_UNFINISHED: usize = 192; // byte 768
+const H_JOINABLE: usize = 224; // byte 896
+
+const KIND_INLINE: u32 = 0;
+const KIND_SIDE: u32 = 1;
+
+const PID_FREE: u64 = 0;
+const PID_TOMB: u64 = 0xffff_ffff;
+
+/// How long a reserved slot may stay unstamped before consumers give up on
+/// its producer (the stamp follows the reservation within instructions; a
+/// live producer that loses this race retries, so nothing is lost).
+const UNSTAMPED_GRACE: Duration = Duration::from_millis(500);
+/// How often a consumer stuck behind an unpublished slot checks its writer.
+const LIVENESS_EVERY: Duration = Duration::from_millis(5);
+/// How long a consumer waits for its side-channel message before deciding
+/// that the consumer who held it died.
+const SIDE_GIVE_UP: Duration = Duration::from_secs(30);
+
+fn stamp(lap: u64, pid: u64) -> u64 {
+    (lap << 32) | pid
+}
+
+/// The shared state of one queue.
+#[derive(Debug)]
+pub(crate) struct Ring {
+    map: Mapping,
+    tx: OwnedFd,
+    rx: OwnedFd,
+    cap: u64,
+    pid: u64,
+}
+
+/// The outcome of one attempt to take a message.
+pub(crate) enum Take {
+    Got,
+    Empty,
+    Closed,
+}
+
+/// The outcome of one attempt to put a message.
+pub(crate) enum Put {
+    Done,
+    Full,
+    Closed,
+}
+
+impl Ring {
+    pub(crate) fn create(cap: usize, joinable: bool) -> Result<Ring> {
+        if cap == 0 {
+            return Err(Error::invalid("a queue needs room for at least one item"));
+        }
+        let bytes = cap
+            .checked_mul(STRIDE)
+            .and_then(|b| b.checked_add(HEADER_BYTES))
+            .ok_or_else(|| Error::invalid("queue capacity too large"))?;
+        let map = Mapping::create("multiproc-queue", bytes)?;
+        map.atomics_u64()[W_MAGIC].store(MAGIC, Ordering::Relaxed);
+        map.atomics_u64()[W_CAP].store(cap as u64, Ordering::Relaxed);
+        map.atomics_u32()[H_JOINABLE].store(joinable as u32, Ordering::Relaxed);
+        let (tx, rx) = sys::socketpair_dgram()?;
+        sys::set_nonblocking(tx.as_fd(), true)?;
+        sys::set_nonblocking(rx.as_fd(), true)?;
+        Ok(Ring {
+            map,
+            tx,
+            rx,
+            cap: cap as u64,
+            pid: std::process::id() as u64,
+        })
+    }
+
+    pub(crate) fn from_fds(mem: OwnedFd, tx: OwnedFd, rx: OwnedFd) -> Result<Ring> {
+        let map = Mapping::from_fd(mem)?;
+        if map.len() < HEADER_BYTES || map.atomics_u64()[W_MAGIC].load(Ordering::Relaxed) != MAGIC {
+            return Err(Error::invalid("not a multiproc queue"));
+        }
+        let cap = map.atomics_u64()[W_CAP].load(Ordering::Relaxed);
+        if cap == 0
+            || (cap as usize)
+                .saturating_mul(STRIDE)
+                .saturating_add(HEADER_BYTES)
+                > map.len()
+        {
+            return Err(Error::invalid("corrupt queue header"));
+        }
+        Ok(Ring {
+            map,
+            tx,
+            rx,
+            cap,
+            pid: std::process::id() as u64,
+        })
+    }
+
+    pub(crate) fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 3] {
+        [self.map.fd(), self.tx.as_fd(), self.rx.as_fd()]
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.cap as usize
+    }
+
+    fn u64w(&self, i: usize) -> &AtomicU64 {
+        &self.map.atomics_u64()[i]
+    }
+
+    fn u32w(&self, i: usize) -> &AtomicU32 {
+        &self.map.atomics_u32()[i]
+    }
+
+    fn split(&self, pos: u64) -> (u64, usize) {
+        (pos / self.cap, (pos % self.cap) as usize)
+    }
+
+    fn slot_off(&self, idx: usize) -> usize {
+        HEADER_BYTES + idx * STRIDE
+    }
+
+    fn seq(&self, idx: usize) -> &AtomicU64 {
+        &self.map.atomics_u64()[self.slot_off(idx) / 8]
+    }
+
+    fn stamp(&self, idx: usize) -> &AtomicU64 {
+        &self.map.atomics_u64()[self.slot_off(idx) / 8 + 1]
+    }
+
+    fn meta(&self, idx: usize) -> (&AtomicU32, &AtomicU32) {
+        let w = self.slot_off(idx) / 4 + 4;
+        let words = self.map.atomics_u32();
+        (&words[w], &words[w + 1])
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.u32w(H_CLOSED).load(Ordering::Acquire) != 0
+    }
+
+    pub(crate) fn close(&self) {
+        self.u32w(H_CLOSED).store(1, Ordering::Release);
+        self.u32w(H_NOT_EMPTY).fetch_add(1, Ordering::SeqCst);
+        futex::wake(self.u32w(H_NOT_EMPTY), u32::MAX);
+        self.u32w(H_NOT_FULL).fetch_add(1, Ordering::SeqCst);
+        futex::wake(self.u32w(H_NOT_FULL), u32::MAX);
+    }
+
+    /// Messages in the queue (approximate under concurrency, like Python's).
+    pub(crate) fn len(&self) -> usize {
+        let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
+        let head = self.u64w(W_HEAD).load(Ordering::Acquire);
+        tail.saturating_sub(head) as usize
+    }
+
+    fn joinable(&self) -> bool {
+        self.u32w(H_JOINABLE).load(Ordering::Relaxed) != 0
+    }
+
+    // -----------------------------------------------------------------
+    // Producing.
+
+    /// Reserves and stamps a position. `Ok(None)`: full.
+    fn reserve(&self) -> Result<Option<u64>, Put> {
+        let tail = self.u64w(W_TAIL);
+        loop {
+            if self.is_closed() {
+                return Err(Put::Closed);
+            }
+            let t = tail.load(Ordering::Relaxed);
+            let (lap, idx) = self.split(t);
+            let seq = self.seq(idx).load(Ordering::Acquire);
+            if seq == 2 * lap {
+                if tail
+                    .compare_exchange_weak(t, t + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    let claimed = self
+                        .stamp(idx)
+                        .compare_exchange(
+                            stamp(lap, PID_FREE),
+                            stamp(lap, self.pid),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok();
+                    if claimed {
+                        if self.joinable() {
+                            self.u32w(H_UNFINISHED).fetch_add(1, Ordering::SeqCst);
+                        }
+                        return Ok(Some(t));
+                    }
+                    // A consumer gave up on us (we stalled past the grace
+                    // period): that position is a tombstone; take another.
+                }
+            } else if seq < 2 * lap {
+                if tail.load(Ordering::Relaxed) == t {
+                    return Ok(None);
+                }
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn publish(&self, pos: u64, kind: u32, len: u32) {
+        let (lap, idx) = self.split(pos);
+        let (klen, kkind) = self.meta(idx);
+        klen.store(len, Ordering::Relaxed);
+        kkind.store(kind, Ordering::Relaxed);
+        self.seq(idx).store(2 * lap + 1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.u32w(H_CONS_WAIT).load(Ordering::Relaxed) != 0 {
+            self.u32w(H_NOT_EMPTY).fetch_add(1, Ordering::SeqCst);
+            futex::wake(self.u32w(H_NOT_EMPTY), 1);
+        }
+    }
+
+    /// One attempt to put the encoded message `bytes` with descriptors `fds`.
+    /// `side` (prepared by [`Ring::prepare_side`]) is used when the message
+    /// does not fit a slot.
+    pub(crate) fn try_put(&self, bytes: &[u8], side: Option<&SideMsg>) -> Result<Put> {
+        let pos = match self.reserve() {
+            Ok(Some(pos)) => pos,
+            Ok(None) => return Ok(Put::Full),
+            Err(p) => return Ok(p),
+        };
+        let (_, idx) = self.split(pos);
+        match side {
+            None => {
+                self.map.write(self.slot_off(idx) + SLOT_HEADER, bytes)?;
+                self.publish(pos, KIND_INLINE, bytes.len() as u32);
+            }
+            Some(side) => {
+                if let Err(e) = self.send_side(pos, side) {
+                    // The slot must not stay reserved: publish a tombstone.
+                    self.tombstone(pos);
+                    return Err(e);
+                }
+                self.publish(pos, KIND_SIDE, 0);
+            }
+        }
+        Ok(Put::Done)
+    }
+
+    /// Sleeps until a slot may have been released, or `deadline`.
+    pub(crate) fn wait_not_full(&self, deadline: Option<Instant>) -> bool {
+        self.wait_on(H_NOT_FULL, H_PROD_WAIT, deadline, || {
+            let t = self.u64w(W_TAIL).load(Ordering::SeqCst);
+            let (lap, idx) = self.split(t);
+            self.seq(idx).load(Ordering::SeqCst) >= 2 * lap || self.is_closed()
+        })
+    }
+
+    /// Spins briefly, then registers as a waiter and sleeps on `word` until
+    /// `ready()` or `deadline`. `false` when the deadline passed.
+    fn wait_on(
+        &self,
+        word: usize,
+        waiters: usize,
+        deadline: Option<Instant>,
+        ready: impl Fn() -> bool,
+    ) -> bool {
+        for i in 0..200u32 {
+            if ready() {
+                return true;
+            }
+            if i < 100 {
+                for _ in 0..32 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let word = self.u32w(word);
+        let waiters = self.u32w(waiters);
+        waiters.fetch_add(1, Ordering::SeqCst);
+        let v = word.load(Ordering::SeqCst);
+        let mut ok = true;
+        if !ready() {
+            let mut slice = Duration::from_millis(100);
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    ok = false;
+                }
+                slice = slice.min(left);
+            }
+            if ok {
+                futex::wait(word, v, Some(slice));
+            }
+        }
+        waiters.fetch_sub(1, Ordering::SeqCst);
+        ok
+    }
+
+    // -----------------------------------------------------------------
+    // Consuming.
+
+    /// One attempt to take a message into `out` (cleared), appending any
+    /// descriptors it carries to `fds`. Handles a stalled or dead producer
+    /// in front of the queue by turning its slot into a tombstone.
+    pub(crate) fn try_take(
+        &self,
+        out: &mut Vec<u8>,
+        fds: &mut Vec<OwnedFd>,
+        stall: &mut Stall,
+    ) -> Result<Take> {
+        let head = self.u64w(W_HEAD);
+        loop {
+            let h = head.load(Ordering::Relaxed);
+            let (lap, idx) = self.split(h);
+            let seq = self.seq(idx).load(Ordering::Acquire);
+            if seq == 2 * lap + 1 {
+                if head
+                    .compare_exchange_weak(h, h + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                {
+                    continue;
+                }
+                if self.stamp(idx).load(Ordering::Acquire) & PID_TOMB == PID_TOMB {
+                    self.release(h);
+                    continue;
+                }
+                let (klen, kkind) = self.meta(idx);
+                let kind = kkind.load(Ordering::Relaxed);
+                out.clear();
+                let r = if kind == KIND_SIDE {
+                    self.recv_side(h, out, fds)
+                } else {
+                    let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
+                    out.resize(len, 0);
+                    self.map.read(self.slot_off(idx) + SLOT_HEADER, out)
+                };
+                self.release(h);
+                stall.clear();
+                r?;
+                return Ok(Take::Got);
+            }
+            if seq > 2 * lap + 1 || head.load(Ordering::Relaxed) != h {
+                continue;
+            }
+            let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
+            if tail <= h {
+                stall.clear();
+                return Ok(if self.is_closed() {
+                    Take::Closed
+                } else {
+                    Take::Empty
+                });
+            }
+            // Reserved but not yet published: a producer is writing, or died.
+            self.check_stalled(h, stall);
+            return Ok(Take::Empty);
+        }
+    }
+
+    fn release(&self, pos: u64) {
+        let (lap, idx) = self.split(pos);
+        self.stamp(idx)
+            .store(stamp(lap + 1, PID_FREE), Ordering::Relaxed);
+        self.seq(idx).store(2 * (lap + 1), Ordering::Release);
+        fence(Ordering::SeqCst);
+        if self.u32w(H_PROD_WAIT).load(Ordering::Relaxed) != 0 {
+            self.u32w(H_NOT_FULL).fetch_add(1, Ordering::SeqCst);
+            futex::wake(self.u32w(H_NOT_FULL), 1);
+        }
+    }
+
+    fn check_stalled(&self, pos: u64, stall: &mut Stall) {
+        let now = Instant::now();
+        if stall.pos != Some(pos) {
+            *stall = Stall {
+                pos: Some(pos),
+                since: now,
+                checked: now,
+            };
+            return;
+        }
+        if now.duration_since(stall.checked) < LIVENESS_EVERY {
+            return;
+        }
+        stall.checked = now;
+        let (lap, idx) = self.split(pos);
+        let st = self.stamp(idx).load(Ordering::Acquire);
+        if st >> 32 != lap & 0xffff_ffff {
+            return;
+        }
+        let pid = st & 0xffff_ffff;
+        let give_up = match pid {
+            PID_TOMB => false,
+            PID_FREE => now.duration_since(stall.since) > UNSTAMPED_GRACE,
+            pid => !sys::pid_alive(pid as u32),
+        };
+        if give_up
+            && self
+                .stamp(idx)
+                .compare_exchange(
+                    st,
+                    stamp(lap, PID_TOMB),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            if pid != PID_FREE && self.joinable() {
+                self.task_done_internal();
+            }
+            self.publish(pos, KIND_INLINE, 0);
+        }
+    }
+
+    /// Turns our own reserved position into a tombstone (a failed side send).
+    fn tombstone(&self, pos: u64) {
+        let (lap, idx) = self.split(pos);
+        self.stamp(idx)
+            .store(stamp(lap, PID_TOMB), Ordering::Release);
+        if self.joinable() {
+            self.task_done_internal();
+        }
+        self.publish(pos, KIND_INLINE, 0);
+    }
+
+    /// `true` if a `try_take` may find something (or the queue closed).
+    fn maybe_ready(&self) -> bool {
+        let h = self.u64w(W_HEAD).load(Ordering::SeqCst);
+        let t = self.u64w(W_TAIL).load(Ordering::SeqCst);
+        t > h || self.is_closed()
+    }
+
+    /// Sleeps until a message may have arrived, or `deadline`. When
+    /// `stalled`, wakes up soon to check the writer in front.
+    pub(crate) fn wait_not_empty(&self, deadline: Option<Instant>, stalled: bool) -> bool {
+        if stalled {
+            std::thread::yield_now();
+            return deadline.is_none_or(|dl| Instant::now() < dl);
+        }
+        self.wait_on(H_NOT_EMPTY, H_CONS_WAIT, deadline, || self.maybe_ready())
+    }
+
+    // -----------------------------------------------------------------
+    // Joinable queues.
+
+    fn task_done_internal(&self) -> bool {
+        let word = self.u32w(H_UNFINISHED);
+        let mut cur = word.load(Ordering::SeqCst);
+        loop {
+            if cur == 0 {
+                return false;
+            }
+            match word.compare_exchange_weak(cur, cur - 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    if cur == 1 {
+                        futex::wake(word, u32::MAX);
+                    }
+                    return true;
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub(crate) fn task_done(&self) -> Result<()> {
+        if self.task_done_internal() {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                "task_done() called more times than there were items put",
+            ))
+        }
+    }
+
+    pub(crate) fn join(&self, deadline: Option<Instant>) -> Result<()> {
+        let word = self.u32w(H_UNFINISHED);
+        loop {
+            let v = word.load(Ordering::SeqCst);
+            if v == 0 {
+                return Ok(());
+            }
+            let mut slice = Duration::from_millis(100);
+            if let Some(d) = deadline {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Timeout);
+                }
+                slice = slice.min(left);
+            }
+            futex::wait(word, v, Some(slice));
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // The side channel.
+
+    /// Prepares a message that travels beside the ring: in the datagram
+    /// itself when small, else in a memfd of its own.
+    pub(crate) fn prepare_side(bytes: &[u8], fds: Vec<OwnedFd>) -> Result<SideMsg> {
+        if bytes.len() <= DGRAM_INLINE_MAX {
+            return Ok(SideMsg {
+                inline: bytes.to_vec(),
+                len: bytes.len() as u64,
+                mem: None,
+                fds,
+            });
+        }
+        let mem = Mapping::create("multiproc-queue-message", bytes.len())?;
+        mem.write(0, bytes)?;
+        Ok(SideMsg {
+            inline: Vec::new(),
+            len: bytes.len() as u64,
+            mem: Some(mem),
+            fds,
+        })
+    }
+
+    fn send_side(&self, pos: u64, side: &SideMsg) -> Result<()> {
+        let mut head = [0u8; DGRAM_HEADER];
+        head[..8].copy_from_slice(&pos.to_le_bytes());
+        head[8..16].copy_from_slice(&side.len.to_le_bytes());
+        head[16..20].copy_from_slice(&(side.mem.is_some() as u32).to_le_bytes());
+        let mut raw = Vec::with_capacity(side.fds.len() + 1);
+        if let Some(mem) = &side.mem {
+            raw.push(std::os::fd::AsRawFd::as_raw_fd(&mem.fd()));
+        }
+        raw.extend(side.fds.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        if raw.len() > sys::MAX_FDS_PER_MSG {
+            return Err(Error::invalid("too many handles in one queue message"));
+        }
+        self.send_dgram(&[&head, &side.inline], &raw)
+    }
+
+    fn send_dgram(&self, parts: &[&[u8]], raw: &[std::os::fd::RawFd]) -> Result<()> {
+        let slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        loop {
+            match sys::send_with_fds(self.tx.as_fd(), &slices, raw) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EAGAIN) => {
+                    sys::poll_one(
+                        self.tx.as_fd(),
+                        PollFlags::POLLOUT,
+                        Some(Duration::from_millis(100)),
+                    )?;
+                }
+                Err(e) => return Err(Error::errno("queue side channel send", e)),
+            }
+        }
+    }
+
+    /// Receives the side-channel message of position `pos` (already taken
+    /// from the ring). Messages of other positions are passed back to the
+    /// channel, or dropped if their position was abandoned.
+    fn recv_side(&self, pos: u64, out: &mut Vec<u8>, fds: &mut Vec<OwnedFd>) -> Result<()> {
+        let mut buf = vec![0u8; DGRAM_HEADER + DGRAM_INLINE_MAX];
+        let start = Instant::now();
+        loop {
+            let mut got = Vec::new();
+            let n = match sys::recv_with_fds(self.rx.as_fd(), &mut buf, &mut got) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => {
+                    if start.elapsed() > SIDE_GIVE_UP {
+                        return Err(Error::Decode {
+                            message: "a queue message was lost by a consumer that died".into(),
+                        });
+                    }
+                    sys::poll_one(
+                        self.rx.as_fd(),
+                        PollFlags::POLLIN,
+                        Some(Duration::from_millis(10)),
+                    )?;
+                    continue;
+                }
+                Err(e) => return Err(Error::errno("queue side channel recv", e)),
+            };
+            if n < DGRAM_HEADER {
+                continue;
+            }
+            let word = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&buf[i..i + 8]);
+                u64::from_le_bytes(b)
+            };
+            let their = word(0);
+            let len = word(8);
+            let in_mem = buf[16] != 0;
+            if their != pos {
+                let (lap, idx) = self.split(their);
+                let abandoned = self.seq(idx).load(Ordering::Acquire) >= 2 * (lap + 1);
+                if !abandoned {
+                    let raw: Vec<_> = got.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+                    self.send_dgram(&[&buf[..n]], &raw)?;
+                }
+                continue;
+            }
+            let mut got = got.into_iter();
+            if in_mem {
+                let mem = got.next().ok_or_else(|| Error::Decode {
+                    message: "a large queue message arrived without its memory".into(),
+                })?;
+                let map = Mapping::from_fd(mem)?;
+                let len = usize::try_from(len).map_err(|_| Error::invalid("message too large"))?;
+                out.resize(len, 0);
+                map.read(0, out)?;
+            } else {
+                let len = (len as usize).min(n - DGRAM_HEADER);
+                out.extend_from_slice(&buf[DGRAM_HEADER..DGRAM_HEADER + len]);
+            }
+            fds.extend(got);
+            return Ok(());
+        }
+    }
+}
+
+/// A message prepared for the side channel.
+#[derive(Debug)]
+pub(crate) struct SideMsg {
+    inline: Vec<u8>,
+    len: u64,
+    mem: Option<Mapping>,
+    fds: Vec<OwnedFd>,
+}
+
+/// What a consumer remembers about the unpublished slot in front of it.
+#[derive(Debug)]
+pub(crate) struct Stall {
+    pos: Option<u64>,
+    since: Instant,
+    checked: Instant,
+}
+
+impl Stall {
+    pub(crate) fn new() -> Stall {
+        let now = Instant::now();
+        Stall {
+            pos: None,
+            since: now,
+            checked: now,
+        }
+    }
+
+    pub(crate) fn active(&self) -> bool {
+        self.pos.is_some()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.pos = None;
+    }
+}

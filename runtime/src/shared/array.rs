@@ -1,0 +1,475 @@
+//! [`Array`] and [`RawArray`].
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
+use std::time::Duration;
+
+use bytemuck::Pod;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::value::data_offset;
+use crate::error::{Error, Result};
+use crate::sync::{deadline, deserialize_mapping, serialize_mapping};
+use crate::sys::lock::RawGuard;
+use crate::sys::shm::Mapping;
+
+// Header: lock word, poison flag, then the length and element size as u64s
+// at bytes 8 and 16; data from byte 64 (aligned for T).
+const HEADER: usize = 64;
+const LEN_WORD: usize = 1;
+const SIZE_WORD: usize = 2;
+
+fn create<T: Pod>(name: &str, data: usize, len: usize) -> Result<Mapping> {
+    let bytes = len
+        .checked_mul(std::mem::size_of::<T>())
+        .and_then(|b| b.checked_add(data))
+        .ok_or_else(|| Error::invalid("shared array too large"))?;
+    let map = Mapping::create(name, bytes)?;
+    map.atomics_u64()[LEN_WORD].store(len as u64, Ordering::Relaxed);
+    map.atomics_u64()[SIZE_WORD].store(std::mem::size_of::<T>() as u64, Ordering::Relaxed);
+    Ok(map)
+}
+
+fn arrive<'de, T: Pod, D: Deserializer<'de>>(
+    deserializer: D,
+    data: usize,
+    what: &str,
+) -> std::result::Result<(Arc<Mapping>, usize), D::Error> {
+    use serde::de::Error as _;
+    let map = deserialize_mapping(deserializer, HEADER, what)?;
+    let len = map.atomics_u64()[LEN_WORD].load(Ordering::Relaxed);
+    let size = map.atomics_u64()[SIZE_WORD].load(Ordering::Relaxed);
+    if size != std::mem::size_of::<T>() as u64 {
+        return Err(D::Error::custom(format!(
+            "{what} of {size}-byte elements received as one of {}-byte elements",
+            std::mem::size_of::<T>()
+        )));
+    }
+    let len = usize::try_from(len).map_err(D::Error::custom)?;
+    let fits = len
+        .checked_mul(std::mem::size_of::<T>())
+        .and_then(|b| b.checked_add(data))
+        .is_some_and(|end| end <= map.len());
+    if !fits {
+        return Err(D::Error::custom(format!(
+            "{what} shared memory too small for its length"
+        )));
+    }
+    Ok((map, len))
+}
+
+/// A fixed-length array of `T` in shared memory with a lock: Python's
+/// `multiprocessing.Array`.
+///
+/// [`lock`](Array::lock) gives a guard that derefs to `[T]` (in place, no
+/// copy); [`get`](Array::get), [`set`](Array::set) and
+/// [`to_vec`](Array::to_vec) take the lock for one access. A clone is
+/// another handle to the same array; handles travel to other processes.
+///
+/// # Examples
+///
+/// ```
+/// let arr = multiproc::Array::new(&[1.0f64, 2.0, 3.0])?;
+/// for x in arr.lock()?.iter_mut() {
+///     *x = -*x;
+/// }
+/// assert_eq!(arr.to_vec(), [-1.0, -2.0, -3.0]);
+/// arr.set(0, 10.0)?;
+/// assert_eq!(arr.get(0)?, 10.0);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct Array<T: Pod> {
+    map: Arc<Mapping>,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> Clone for Array<T> {
+    fn clone(&self) -> Self {
+        Array {
+            map: Arc::clone(&self.map),
+            len: self.len,
+            _t: PhantomData,
+        }
+    }
+}
+
+/// The lock of an [`Array`], held; derefs to the elements, in place.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct ArrayGuard<'a, T: Pod> {
+    array: &'a Array<T>,
+    raw: RawGuard<'a>,
+}
+
+impl<T: Pod> Array<T> {
+    const DATA: usize = data_offset::<T>(HEADER);
+
+    /// A shared array holding a copy of `values`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created.
+    pub fn new(values: &[T]) -> Result<Array<T>> {
+        let map = create::<T>("multiproc-array", Self::DATA, values.len())?;
+        map.store_pods(Self::DATA, values)?;
+        Ok(Array {
+            map: Arc::new(map),
+            len: values.len(),
+            _t: PhantomData,
+        })
+    }
+
+    /// A shared array of `len` zeros (shared memory starts zero-filled).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created;
+    /// [`Error::InvalidArgument`] if the size overflows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let arr = multiproc::Array::<u64>::zeroed(1000)?;
+    /// assert_eq!(arr.len(), 1000);
+    /// assert!(arr.to_vec().iter().all(|&x| x == 0));
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn zeroed(len: usize) -> Result<Array<T>> {
+        let map = create::<T>("multiproc-array", Self::DATA, len)?;
+        Ok(Array {
+            map: Arc::new(map),
+            len,
+            _t: PhantomData,
+        })
+    }
+
+    fn words(&self) -> (&AtomicU32, &AtomicU32) {
+        let w = self.map.atomics_u32();
+        (&w[0], &w[1])
+    }
+
+    fn wrap<'a>(&'a self, raw: RawGuard<'a>, poisoned: bool) -> LockResult<ArrayGuard<'a, T>> {
+        let guard = ArrayGuard { array: self, raw };
+        if poisoned {
+            Err(PoisonError::new(guard))
+        } else {
+            Ok(guard)
+        }
+    }
+
+    /// Takes the array's lock; the guard derefs to `[T]`.
+    ///
+    /// # Errors
+    ///
+    /// `Err(PoisonError)` with the guard if a holder died or panicked
+    /// holding the lock (see [`Lock::acquire`](crate::Lock::acquire)).
+    pub fn lock(&self) -> LockResult<ArrayGuard<'_, T>> {
+        let (word, poison) = self.words();
+        loop {
+            if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
+                return self.wrap(raw, poisoned);
+            }
+        }
+    }
+
+    /// As [`lock`](Array::lock), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for `lock`.
+    pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ArrayGuard<'_, T>> {
+        let (word, poison) = self.words();
+        match RawGuard::lock(word, poison, deadline(timeout)) {
+            None => Err(TryLockError::WouldBlock),
+            Some((raw, poisoned)) => self.wrap(raw, poisoned).map_err(TryLockError::from),
+        }
+    }
+
+    fn locked(&self) -> ArrayGuard<'_, T> {
+        self.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` if the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A copy of element `i`, read under the lock (poisoning ignored).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `i` is out of range.
+    pub fn get(&self, i: usize) -> Result<T> {
+        self.locked()
+            .get(i)
+            .copied()
+            .ok_or_else(|| self.out_of_range(i))
+    }
+
+    /// Replaces element `i`, under the lock (poisoning ignored).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `i` is out of range.
+    pub fn set(&self, i: usize, value: T) -> Result<()> {
+        let mut guard = self.locked();
+        let slot = guard.get_mut(i).ok_or_else(|| self.out_of_range(i))?;
+        *slot = value;
+        Ok(())
+    }
+
+    /// A copy of every element, read under the lock (poisoning ignored).
+    pub fn to_vec(&self) -> Vec<T> {
+        self.locked().to_vec()
+    }
+
+    fn out_of_range(&self, i: usize) -> Error {
+        Error::invalid(format!(
+            "index {i} out of range for a shared array of length {}",
+            self.len
+        ))
+    }
+
+    /// `true` if a holder of the lock died or panicked holding it.
+    pub fn is_poisoned(&self) -> bool {
+        self.words().1.load(Ordering::Relaxed) != 0
+    }
+
+    /// Clears the poison flag.
+    pub fn clear_poison(&self) {
+        self.words().1.store(0, Ordering::Relaxed);
+    }
+}
+
+impl<T: Pod> Deref for ArrayGuard<'_, T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        // Cannot fail: range, alignment and lock identity are checked on
+        // creation and arrival; the empty fallback keeps this panic-free.
+        self.array
+            .map
+            .locked_slice(&self.raw, Array::<T>::DATA, self.array.len)
+            .unwrap_or_default()
+    }
+}
+
+impl<T: Pod> DerefMut for ArrayGuard<'_, T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.array
+            .map
+            .locked_slice_mut(&mut self.raw, Array::<T>::DATA, self.array.len)
+            .unwrap_or_default()
+    }
+}
+
+impl<T: Pod + fmt::Debug> fmt::Debug for ArrayGuard<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<T: Pod> fmt::Debug for Array<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Array")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Pod> Serialize for Array<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de, T: Pod> Deserialize<'de> for Array<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let (map, len) = arrive::<T, D>(deserializer, Self::DATA, "Array")?;
+        Ok(Array {
+            map,
+            len,
+            _t: PhantomData,
+        })
+    }
+}
+
+/// A fixed-length array of `T` in shared memory without a lock: Python's
+/// `RawArray`. Element reads and writes are copies made of relaxed atomic
+/// word accesses: concurrent access is never undefined behaviour, but
+/// coordinating it (disjoint ranges, a [`Lock`](crate::Lock)) is yours.
+///
+/// # Examples
+///
+/// ```
+/// let arr = multiproc::shared::RawArray::<i32>::zeroed(4)?;
+/// arr.set(2, 7)?;
+/// arr.write(0, &[1, 1])?;
+/// assert_eq!(arr.to_vec(), [1, 1, 7, 0]);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub struct RawArray<T: Pod> {
+    map: Arc<Mapping>,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Pod> Clone for RawArray<T> {
+    fn clone(&self) -> Self {
+        RawArray {
+            map: Arc::clone(&self.map),
+            len: self.len,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: Pod> RawArray<T> {
+    const DATA: usize = data_offset::<T>(HEADER);
+
+    /// A shared array holding a copy of `values`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created.
+    pub fn new(values: &[T]) -> Result<RawArray<T>> {
+        let map = create::<T>("multiproc-rawarray", Self::DATA, values.len())?;
+        map.store_pods(Self::DATA, values)?;
+        Ok(RawArray {
+            map: Arc::new(map),
+            len: values.len(),
+            _t: PhantomData,
+        })
+    }
+
+    /// A shared array of `len` zeros.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created;
+    /// [`Error::InvalidArgument`] if the size overflows.
+    pub fn zeroed(len: usize) -> Result<RawArray<T>> {
+        Ok(RawArray {
+            map: Arc::new(create::<T>("multiproc-rawarray", Self::DATA, len)?),
+            len,
+            _t: PhantomData,
+        })
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `true` if the array has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn offset(&self, start: usize, count: usize) -> Result<usize> {
+        match start.checked_add(count) {
+            Some(end) if end <= self.len => Ok(Self::DATA + start * std::mem::size_of::<T>()),
+            _ => Err(Error::invalid(format!(
+                "range {start}..{} out of range for a shared array of length {}",
+                start.saturating_add(count),
+                self.len
+            ))),
+        }
+    }
+
+    /// A copy of element `i`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `i` is out of range.
+    pub fn get(&self, i: usize) -> Result<T> {
+        let mut out = T::zeroed();
+        self.read(i, std::slice::from_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// Replaces element `i`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `i` is out of range.
+    pub fn set(&self, i: usize, value: T) -> Result<()> {
+        self.write(i, std::slice::from_ref(&value))
+    }
+
+    /// Copies elements `start..start + out.len()` into `out`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range is out of bounds.
+    pub fn read(&self, start: usize, out: &mut [T]) -> Result<()> {
+        let offset = self.offset(start, out.len())?;
+        self.map.load_pods(offset, out)
+    }
+
+    /// Copies `values` to elements `start..start + values.len()`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range is out of bounds.
+    pub fn write(&self, start: usize, values: &[T]) -> Result<()> {
+        let offset = self.offset(start, values.len())?;
+        self.map.store_pods(offset, values)
+    }
+
+    /// A copy of every element.
+    pub fn to_vec(&self) -> Vec<T> {
+        let mut out = vec![T::zeroed(); self.len];
+        let _ = self.read(0, &mut out);
+        out
+    }
+}
+
+impl<T: Pod> fmt::Debug for RawArray<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawArray")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Pod> Serialize for RawArray<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de, T: Pod> Deserialize<'de> for RawArray<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let (map, len) = arrive::<T, D>(deserializer, Self::DATA, "RawArray")?;
+        Ok(RawArray {
+            map,
+            len,
+            _t: PhantomData,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_is_in_place() {
+        let arr = Array::new(&[1u8, 2, 3]).expect("array");
+        let other = arr.clone();
+        other.lock().expect("lock")[1] = 20;
+        assert_eq!(arr.to_vec(), [1, 20, 3]);
+        assert!(arr.get(3).is_err());
+        let empty = Array::<u64>::zeroed(0).expect("empty");
+        assert!(empty.lock().expect("lock").is_empty());
+    }
+}

@@ -1,0 +1,247 @@
+//! [`Barrier`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{deadline, deserialize_mapping, serialize_mapping};
+use crate::error::{Error, Result};
+use crate::sys::futex;
+use crate::sys::lock::{self as raw, RawGuard};
+use crate::sys::shm::Mapping;
+
+// Words: lock, poison, arrived, generation, broken, parties, 2 spare, then
+// one thread id per party.
+const LOCK: usize = 0;
+const POISON: usize = 1;
+const ARRIVED: usize = 2;
+const GENERATION: usize = 3;
+const BROKEN: usize = 4;
+const PARTIES: usize = 5;
+const TIDS: usize = 8;
+
+/// A rendezvous point for a fixed number of parties (processes or
+/// threads): Python's `multiprocessing.Barrier` with std's shape.
+///
+/// A waiting party that dies (SIGKILL, a crash) breaks the barrier: every
+/// other party, waiting now or arriving later, gets
+/// [`Error::BrokenBarrier`] instead of hanging. So does a party whose
+/// [`wait_timeout`](Barrier::wait_timeout) runs out (it gets
+/// [`Error::Timeout`]), and [`abort`](Barrier::abort). A party that dies
+/// *before* arriving cannot be told from a slow one: use `wait_timeout`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use multiproc::{process_fn, sync::Barrier, Process};
+///
+/// #[process_fn]
+/// fn party(barrier: Barrier) -> bool {
+///     barrier.wait().is_ok()
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// let barrier = Barrier::new(3)?;
+/// let mut procs: Vec<Process> = (0..2).map(|_| Process::new(party, (barrier.clone(),))).collect();
+/// for p in &mut procs {
+///     p.start()?;
+/// }
+/// barrier.wait()?; // the third party: all three go on together
+/// for p in &mut procs {
+///     p.join()?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Barrier {
+    map: Arc<Mapping>,
+}
+
+/// What [`Barrier::wait`] tells a party.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarrierWaitResult(bool);
+
+impl BarrierWaitResult {
+    /// `true` for exactly one party per round: the last to arrive.
+    pub fn is_leader(&self) -> bool {
+        self.0
+    }
+}
+
+impl Barrier {
+    /// A barrier for `parties` parties.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `parties` is 0 or absurdly large;
+    /// [`Error::Io`] if the shared memory cannot be created.
+    pub fn new(parties: u32) -> Result<Barrier> {
+        if parties == 0 || parties > 1 << 20 {
+            return Err(Error::invalid("a barrier needs between 1 and 2^20 parties"));
+        }
+        let map = Mapping::create("multiproc-barrier", (TIDS + parties as usize) * 4)?;
+        map.atomics_u32()[PARTIES].store(parties, Ordering::Relaxed);
+        Ok(Barrier { map: Arc::new(map) })
+    }
+
+    fn word(&self, i: usize) -> &AtomicU32 {
+        &self.map.atomics_u32()[i]
+    }
+
+    fn lock(&self) -> RawGuard<'_> {
+        loop {
+            // Poisoning is irrelevant here: the state is repaired below by
+            // breaking the barrier when a party is found dead.
+            if let Some((guard, _)) = RawGuard::lock(self.word(LOCK), self.word(POISON), None) {
+                return guard;
+            }
+        }
+    }
+
+    /// The number of parties.
+    pub fn parties(&self) -> u32 {
+        self.word(PARTIES).load(Ordering::Relaxed)
+    }
+
+    /// How many parties are waiting now (Python's `n_waiting`).
+    pub fn n_waiting(&self) -> u32 {
+        self.word(ARRIVED).load(Ordering::Relaxed)
+    }
+
+    /// `true` once the barrier is broken.
+    pub fn is_broken(&self) -> bool {
+        self.word(BROKEN).load(Ordering::SeqCst) != 0
+    }
+
+    /// Breaks the barrier: every waiting and future party gets
+    /// [`Error::BrokenBarrier`] (Python's `abort()`).
+    pub fn abort(&self) {
+        let _guard = self.lock();
+        self.break_locked();
+    }
+
+    fn break_locked(&self) {
+        self.word(BROKEN).store(1, Ordering::SeqCst);
+        futex::wake(self.word(GENERATION), u32::MAX);
+    }
+
+    /// Waits until `parties` parties have called `wait`, then all go on.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::BrokenBarrier`] if the barrier is or becomes broken (a
+    /// waiting party died or timed out, or [`abort`](Barrier::abort)).
+    pub fn wait(&self) -> Result<BarrierWaitResult> {
+        self.wait_until(None)
+    }
+
+    /// As [`wait`](Barrier::wait), giving up after `timeout`, which breaks
+    /// the barrier for the others (as in Python).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Timeout`] for this party when its time is up;
+    /// [`Error::BrokenBarrier`] as for `wait`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Result<BarrierWaitResult> {
+        self.wait_until(deadline(timeout))
+    }
+
+    fn any_dead(&self, arrived: u32, me: u32) -> bool {
+        (0..arrived as usize)
+            .map(|i| self.word(TIDS + i).load(Ordering::Relaxed))
+            .any(|tid| tid != me && tid != 0 && raw::is_dead(tid))
+    }
+
+    fn wait_until(&self, deadline: Option<Instant>) -> Result<BarrierWaitResult> {
+        let me = raw::tid();
+        let generation = self.word(GENERATION);
+        let seen = {
+            let _guard = self.lock();
+            if self.is_broken() {
+                return Err(Error::BrokenBarrier);
+            }
+            let arrived = self.word(ARRIVED).load(Ordering::Relaxed);
+            let parties = self.parties();
+            if arrived + 1 >= parties {
+                if self.any_dead(arrived, me) {
+                    self.break_locked();
+                    return Err(Error::BrokenBarrier);
+                }
+                self.word(ARRIVED).store(0, Ordering::Relaxed);
+                generation.fetch_add(1, Ordering::SeqCst);
+                futex::wake(generation, u32::MAX);
+                return Ok(BarrierWaitResult(true));
+            }
+            self.word(TIDS + arrived as usize)
+                .store(me, Ordering::Relaxed);
+            self.word(ARRIVED).store(arrived + 1, Ordering::Relaxed);
+            generation.load(Ordering::SeqCst)
+        };
+        loop {
+            let mut slice = raw::CHECK_EVERY;
+            let mut last = false;
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left <= slice {
+                    slice = left;
+                    last = true;
+                }
+            }
+            let wake = futex::wait(generation, seen, Some(slice));
+            if generation.load(Ordering::SeqCst) != seen {
+                return Ok(BarrierWaitResult(false));
+            }
+            if self.is_broken() {
+                return Err(Error::BrokenBarrier);
+            }
+            if wake == futex::Wake::TimedOut {
+                let _guard = self.lock();
+                if generation.load(Ordering::SeqCst) != seen {
+                    return Ok(BarrierWaitResult(false));
+                }
+                if last {
+                    self.break_locked();
+                    return Err(Error::Timeout);
+                }
+                if self.any_dead(self.word(ARRIVED).load(Ordering::Relaxed), me) {
+                    self.break_locked();
+                    return Err(Error::BrokenBarrier);
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Barrier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Barrier")
+            .field("parties", &self.parties())
+            .field("n_waiting", &self.n_waiting())
+            .field("broken", &self.is_broken())
+            .finish()
+    }
+}
+
+impl Serialize for Barrier {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Barrier {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let map = deserialize_mapping(deserializer, TIDS * 4 + 4, "Barrier")?;
+        let parties = map.atomics_u32()[PARTIES].load(Ordering::Relaxed) as usize;
+        if map.len() < (TIDS + parties) * 4 {
+            return Err(D::Error::custom(
+                "barrier shared memory too small for its parties",
+            ));
+        }
+        Ok(Barrier { map })
+    }
+}

@@ -1,0 +1,136 @@
+//! [`Event`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{deadline, deserialize_mapping, serialize_mapping};
+use crate::error::Result;
+use crate::sys::futex;
+use crate::sys::shm::Mapping;
+
+// Words: flag, sleepers.
+const EVENT_BYTES: usize = 8;
+
+/// A flag that processes and threads can wait for: Python's
+/// `multiprocessing.Event`.
+///
+/// # Examples
+///
+/// ```no_run
+/// use multiproc::{process_fn, sync::Event, Process};
+/// use std::time::Duration;
+///
+/// #[process_fn]
+/// fn worker(ready: Event) {
+///     ready.set();
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// let ready = Event::new()?;
+/// let mut p = Process::new(worker, (ready.clone(),));
+/// p.start()?;
+/// assert!(ready.wait_timeout(Duration::from_secs(10)));
+/// p.join()?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Event {
+    map: Arc<Mapping>,
+}
+
+impl Event {
+    /// A new event, not set.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
+    pub fn new() -> Result<Event> {
+        Ok(Event {
+            map: Arc::new(Mapping::create("multiproc-event", EVENT_BYTES)?),
+        })
+    }
+
+    fn words(&self) -> (&AtomicU32, &AtomicU32) {
+        let w = self.map.atomics_u32();
+        (&w[0], &w[1])
+    }
+
+    /// Sets the flag and wakes every waiter.
+    pub fn set(&self) {
+        let (flag, sleepers) = self.words();
+        flag.store(1, Ordering::SeqCst);
+        if sleepers.load(Ordering::SeqCst) > 0 {
+            futex::wake(flag, u32::MAX);
+        }
+    }
+
+    /// Clears the flag.
+    pub fn clear(&self) {
+        self.words().0.store(0, Ordering::SeqCst);
+    }
+
+    /// `true` if the flag is set.
+    pub fn is_set(&self) -> bool {
+        self.words().0.load(Ordering::SeqCst) != 0
+    }
+
+    fn wait_until(&self, deadline: Option<Instant>) -> bool {
+        let (flag, sleepers) = self.words();
+        loop {
+            if flag.load(Ordering::SeqCst) != 0 {
+                return true;
+            }
+            let slice = match deadline {
+                None => None,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    Some(left)
+                }
+            };
+            sleepers.fetch_add(1, Ordering::SeqCst);
+            futex::wait(flag, 0, slice);
+            sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits until the flag is set.
+    pub fn wait(&self) {
+        self.wait_until(None);
+    }
+
+    /// Waits at most `timeout` for the flag; `false` if it was still not
+    /// set then (Python's `wait(timeout)`).
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.wait_until(deadline(timeout))
+    }
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Event")
+            .field("set", &self.is_set())
+            .finish()
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Ok(Event {
+            map: deserialize_mapping(deserializer, EVENT_BYTES, "Event")?,
+        })
+    }
+}

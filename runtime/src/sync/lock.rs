@@ -1,0 +1,441 @@
+//! [`Lock`] and [`RLock`].
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{deadline, deserialize_mapping, serialize_mapping};
+use crate::error::Result;
+use crate::sys::lock::{self as raw, RawGuard};
+use crate::sys::shm::Mapping;
+
+/// A mutual-exclusion lock shared by processes and threads: Python's
+/// `multiprocessing.Lock` with std's `Mutex` shape (an RAII guard, and
+/// poisoning when a holder dies).
+///
+/// An uncontended `acquire` + release is one compare-and-swap and one swap
+/// on a word in shared memory (tens of nanoseconds). If a holder dies while
+/// holding it (SIGKILL, a crash), the next acquirer gets it within about
+/// 100 ms and receives `Err(PoisonError)` holding the guard; see the
+/// [module docs](crate::sync) for the details and the limits.
+///
+/// Drop the guard to release (there is no free-standing `release`). The
+/// lock belongs to the *process* holding the guard: recovery happens when
+/// that process dies, while a guard leaked with `mem::forget` by a thread
+/// keeps the lock held, as with std's `Mutex`. Acquiring again while this
+/// process holds it waits (use [`RLock`] for re-entrance).
+///
+/// # Examples
+///
+/// The tutorial's example: ten processes print one at a time.
+///
+/// ```no_run
+/// use multiproc::{process_fn, Lock, Process};
+///
+/// #[process_fn]
+/// fn f(lock: Lock, i: u32) {
+///     let _guard = lock.acquire().expect("a holder died holding the lock");
+///     println!("hello world {i}");
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// let lock = Lock::new()?;
+/// let mut procs = Vec::new();
+/// for i in 0..10 {
+///     let mut p = Process::new(f, (lock.clone(), i));
+///     p.start()?;
+///     procs.push(p);
+/// }
+/// for p in &mut procs {
+///     p.join()?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Lock {
+    map: Arc<Mapping>,
+}
+
+/// Holds a [`Lock`]; dropping it releases the lock (and poisons it if the
+/// thread is panicking).
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct LockGuard<'a> {
+    _raw: RawGuard<'a>,
+}
+
+const LOCK_BYTES: usize = 8;
+
+impl Lock {
+    /// A new, free lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
+    pub fn new() -> Result<Lock> {
+        Ok(Lock {
+            map: Arc::new(Mapping::create("multiproc-lock", LOCK_BYTES)?),
+        })
+    }
+
+    #[inline]
+    fn words(&self) -> (&AtomicU32, &AtomicU32) {
+        let words = self.map.atomics_u32();
+        (&words[0], &words[1])
+    }
+
+    #[inline]
+    fn wrap<'a>(raw: RawGuard<'a>, poisoned: bool) -> LockResult<LockGuard<'a>> {
+        let guard = LockGuard { _raw: raw };
+        if poisoned {
+            Err(PoisonError::new(guard))
+        } else {
+            Ok(guard)
+        }
+    }
+
+    /// Waits for the lock and takes it.
+    ///
+    /// # Errors
+    ///
+    /// `Err(PoisonError)` (which holds the guard: the lock *is* held) if a
+    /// holder died or panicked while holding it, now or earlier, until
+    /// [`clear_poison`](Lock::clear_poison). `?` turns it into
+    /// [`Error::Poisoned`](crate::Error::Poisoned) (releasing the lock).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let lock = multiproc::Lock::new()?;
+    /// {
+    ///     let _guard = lock.acquire()?;
+    ///     // ... critical section ...
+    /// }
+    /// // A guard recovered from a poisoned lock:
+    /// let _guard = lock.acquire().unwrap_or_else(|poisoned| poisoned.into_inner());
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    #[inline]
+    pub fn acquire(&self) -> LockResult<LockGuard<'_>> {
+        let (word, poison) = self.words();
+        match RawGuard::lock(word, poison, None) {
+            Some((raw, poisoned)) => Self::wrap(raw, poisoned),
+            // Without a deadline the lock is always eventually taken.
+            None => self.acquire(),
+        }
+    }
+
+    /// Takes the lock if it is free, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// `Err(TryLockError::WouldBlock)` if another thread or process holds
+    /// it; `Err(TryLockError::Poisoned)` (with the guard) as for
+    /// [`acquire`](Lock::acquire).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let lock = multiproc::Lock::new()?;
+    /// let held = lock.acquire()?;
+    /// assert!(lock.try_acquire().is_err());
+    /// drop(held);
+    /// assert!(lock.try_acquire().is_ok());
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn try_acquire(&self) -> TryLockResult<LockGuard<'_>> {
+        let (word, poison) = self.words();
+        match RawGuard::try_lock(word, poison) {
+            Some((raw, poisoned)) => Self::wrap(raw, poisoned).map_err(TryLockError::from),
+            None => Err(TryLockError::WouldBlock),
+        }
+    }
+
+    /// Waits at most `timeout` for the lock.
+    ///
+    /// # Errors
+    ///
+    /// `Err(TryLockError::WouldBlock)` if the timeout passed (`?` makes it
+    /// [`Error::Timeout`](crate::Error::Timeout));
+    /// `Err(TryLockError::Poisoned)` (with the guard) as for
+    /// [`acquire`](Lock::acquire).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let lock = multiproc::Lock::new()?;
+    /// let _held = lock.acquire()?;
+    /// let err = lock.acquire_timeout(Duration::from_millis(10)).map(drop).map_err(multiproc::Error::from);
+    /// assert!(err.is_err_and(|e| e.is_timeout()));
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn acquire_timeout(&self, timeout: Duration) -> TryLockResult<LockGuard<'_>> {
+        let (word, poison) = self.words();
+        match RawGuard::lock(word, poison, deadline(timeout)) {
+            Some((raw, poisoned)) => Self::wrap(raw, poisoned).map_err(TryLockError::from),
+            None => Err(TryLockError::WouldBlock),
+        }
+    }
+
+    /// `true` if some thread or process holds the lock now (Python's
+    /// `locked()`); the answer may be stale as soon as it is returned.
+    pub fn is_locked(&self) -> bool {
+        self.words().0.load(Ordering::Relaxed) != 0
+    }
+
+    /// `true` if a holder died or panicked holding the lock and the poison
+    /// has not been cleared.
+    pub fn is_poisoned(&self) -> bool {
+        self.words().1.load(Ordering::Relaxed) != 0
+    }
+
+    /// Clears the poison flag, once the protected data has been repaired.
+    pub fn clear_poison(&self) {
+        self.words().1.store(0, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Lock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lock")
+            .field("locked", &self.is_locked())
+            .field("poisoned", &self.is_poisoned())
+            .finish()
+    }
+}
+
+impl fmt::Debug for LockGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LockGuard")
+    }
+}
+
+impl Serialize for Lock {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Lock {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Ok(Lock {
+            map: deserialize_mapping(deserializer, LOCK_BYTES, "Lock")?,
+        })
+    }
+}
+
+/// A re-entrant lock: the thread that holds it may acquire it again, and
+/// it is released when every guard is dropped. Python's
+/// `multiprocessing.RLock`; ownership is per process *and* thread.
+///
+/// A holder that dies is detected as for [`Lock`] (the lock is taken over
+/// and poisoned).
+///
+/// # Examples
+///
+/// ```
+/// let rlock = multiproc::sync::RLock::new()?;
+/// let outer = rlock.acquire()?;
+/// let inner = rlock.acquire()?; // the same thread: no deadlock
+/// drop(inner);
+/// drop(outer);
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct RLock {
+    map: Arc<Mapping>,
+}
+
+/// Holds an [`RLock`] once; the lock is free when every guard is dropped.
+#[must_use = "the lock is released as soon as the guard is dropped"]
+pub struct RLockGuard<'a> {
+    lock: &'a RLock,
+    // Guards of a re-entrant lock must stay on the thread that holds it.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+// Words: lock, poison, recursion count.
+const RLOCK_BYTES: usize = 12;
+
+impl RLock {
+    /// A new, free re-entrant lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
+    pub fn new() -> Result<RLock> {
+        Ok(RLock {
+            map: Arc::new(Mapping::create("multiproc-rlock", RLOCK_BYTES)?),
+        })
+    }
+
+    fn words(&self) -> (&AtomicU32, &AtomicU32, &AtomicU32) {
+        let w = self.map.atomics_u32();
+        (&w[0], &w[1], &w[2])
+    }
+
+    fn lock(&self, deadline: Option<Instant>, wait: bool) -> TryLockResult<RLockGuard<'_>> {
+        let (word, poison, count) = self.words();
+        let me = raw::tid();
+        let guard = RLockGuard {
+            lock: self,
+            _not_send: std::marker::PhantomData,
+        };
+        if raw::owner(word.load(Ordering::Relaxed)) == me {
+            count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let got = if wait {
+                raw::acquire(word, me, deadline)
+            } else if raw::try_acquire(word, me) {
+                raw::Acquired::Free
+            } else {
+                raw::Acquired::TimedOut
+            };
+            match got {
+                raw::Acquired::TimedOut => {
+                    std::mem::forget(guard);
+                    return Err(TryLockError::WouldBlock);
+                }
+                raw::Acquired::TakenOver => poison.store(1, Ordering::Relaxed),
+                raw::Acquired::Free => {}
+            }
+            count.store(1, Ordering::Relaxed);
+        }
+        if poison.load(Ordering::Relaxed) != 0 {
+            Err(TryLockError::Poisoned(PoisonError::new(guard)))
+        } else {
+            Ok(guard)
+        }
+    }
+
+    /// Takes the lock, or takes it once more if this thread holds it.
+    ///
+    /// # Errors
+    ///
+    /// `Err(PoisonError)` with the guard, as for [`Lock::acquire`].
+    pub fn acquire(&self) -> LockResult<RLockGuard<'_>> {
+        match self.lock(None, true) {
+            Ok(guard) => Ok(guard),
+            Err(TryLockError::Poisoned(p)) => Err(p),
+            // Without a deadline the lock is always eventually taken.
+            Err(TryLockError::WouldBlock) => self.acquire(),
+        }
+    }
+
+    /// As [`acquire`](RLock::acquire), without waiting.
+    ///
+    /// # Errors
+    ///
+    /// `Err(TryLockError::WouldBlock)` if another thread holds it; poisoning
+    /// as for [`Lock::acquire`].
+    pub fn try_acquire(&self) -> TryLockResult<RLockGuard<'_>> {
+        self.lock(None, false)
+    }
+
+    /// As [`acquire`](RLock::acquire), waiting at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for
+    /// [`Lock::acquire`].
+    pub fn acquire_timeout(&self, timeout: Duration) -> TryLockResult<RLockGuard<'_>> {
+        self.lock(deadline(timeout), true)
+    }
+
+    /// `true` if a holder died or panicked holding the lock.
+    pub fn is_poisoned(&self) -> bool {
+        self.words().1.load(Ordering::Relaxed) != 0
+    }
+
+    /// Clears the poison flag.
+    pub fn clear_poison(&self) {
+        self.words().1.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RLockGuard<'_> {
+    fn drop(&mut self) {
+        let (word, poison, count) = self.lock.words();
+        if std::thread::panicking() {
+            poison.store(1, Ordering::Relaxed);
+        }
+        if count.fetch_sub(1, Ordering::Relaxed) == 1 {
+            raw::release(word);
+        }
+    }
+}
+
+impl fmt::Debug for RLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RLock")
+            .field("poisoned", &self.is_poisoned())
+            .finish()
+    }
+}
+
+impl fmt::Debug for RLockGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RLockGuard")
+    }
+}
+
+impl Serialize for RLock {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for RLock {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Ok(RLock {
+            map: deserialize_mapping(deserializer, RLOCK_BYTES, "RLock")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisoned_by_a_panicking_thread_until_cleared() {
+        let lock = Lock::new().expect("lock");
+        std::thread::scope(|s| {
+            let panicked = s
+                .spawn(|| {
+                    let _guard = lock.acquire();
+                    panic!("while holding the lock");
+                })
+                .join();
+            assert!(panicked.is_err());
+        });
+        let taken = lock.acquire_timeout(Duration::from_secs(20));
+        assert!(matches!(taken, Err(TryLockError::Poisoned(_))));
+        drop(taken);
+        assert!(lock.is_poisoned());
+        lock.clear_poison();
+        assert!(lock.acquire().is_ok());
+    }
+
+    #[test]
+    fn rlock_excludes_other_threads() {
+        let rlock = RLock::new().expect("rlock");
+        let a = rlock.acquire().expect("a");
+        let b = rlock.acquire().expect("b");
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(matches!(rlock.try_acquire(), Err(TryLockError::WouldBlock))));
+        });
+        drop(a);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(matches!(rlock.try_acquire(), Err(TryLockError::WouldBlock))));
+        });
+        drop(b);
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(rlock.try_acquire().is_ok()));
+        });
+    }
+}

@@ -1,0 +1,214 @@
+//! [`Semaphore`] and [`BoundedSemaphore`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::{deadline, deserialize_mapping, serialize_mapping};
+use crate::error::{Error, Result};
+use crate::sys::futex;
+use crate::sys::shm::Mapping;
+
+// Words: count, sleepers, bound (0: unbounded).
+const SEM_BYTES: usize = 12;
+
+/// A counting semaphore shared by processes and threads: Python's
+/// `multiprocessing.Semaphore`, with its `acquire()` / `release()` pair.
+///
+/// A semaphore is not owned: any thread or process may release it. A
+/// process that dies between `acquire` and `release` therefore leaks its
+/// unit, as in Python (use a [`Lock`](crate::Lock) where ownership and
+/// dead-holder recovery matter).
+///
+/// # Examples
+///
+/// ```
+/// let sem = multiproc::sync::Semaphore::new(2)?;
+/// sem.acquire();
+/// assert!(sem.try_acquire());
+/// assert!(!sem.try_acquire());
+/// sem.release()?;
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Semaphore {
+    map: Arc<Mapping>,
+}
+
+impl Semaphore {
+    /// A semaphore holding `value` units.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created;
+    /// [`Error::InvalidArgument`] if `value` is above `i32::MAX`.
+    pub fn new(value: u32) -> Result<Semaphore> {
+        Self::with_bound(value, 0)
+    }
+
+    fn with_bound(value: u32, bound: u32) -> Result<Semaphore> {
+        if value > i32::MAX as u32 {
+            return Err(Error::invalid("a semaphore value must be at most i32::MAX"));
+        }
+        let map = Mapping::create("multiproc-semaphore", SEM_BYTES)?;
+        map.atomics_u32()[0].store(value, Ordering::Relaxed);
+        map.atomics_u32()[2].store(bound, Ordering::Relaxed);
+        Ok(Semaphore { map: Arc::new(map) })
+    }
+
+    fn words(&self) -> (&AtomicU32, &AtomicU32, &AtomicU32) {
+        let w = self.map.atomics_u32();
+        (&w[0], &w[1], &w[2])
+    }
+
+    fn take(&self, deadline: Option<Instant>, wait: bool) -> bool {
+        let (count, sleepers, _) = self.words();
+        loop {
+            let c = count.load(Ordering::Relaxed);
+            if c > 0 {
+                if count
+                    .compare_exchange(c, c - 1, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return true;
+                }
+                continue;
+            }
+            if !wait {
+                return false;
+            }
+            let slice = match deadline {
+                None => None,
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    Some(left)
+                }
+            };
+            sleepers.fetch_add(1, Ordering::SeqCst);
+            futex::wait(count, 0, slice);
+            sleepers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes one unit, waiting until one is available.
+    pub fn acquire(&self) {
+        self.take(None, true);
+    }
+
+    /// Takes one unit if one is available now; `false` otherwise.
+    pub fn try_acquire(&self) -> bool {
+        self.take(None, false)
+    }
+
+    /// Takes one unit, waiting at most `timeout`; `false` on timeout.
+    pub fn acquire_timeout(&self, timeout: Duration) -> bool {
+        self.take(deadline(timeout), true)
+    }
+
+    /// Gives one unit back, waking a waiter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] for a [`BoundedSemaphore`] released more
+    /// often than acquired (Python's `ValueError`), or past `i32::MAX`.
+    pub fn release(&self) -> Result<()> {
+        let (count, sleepers, bound) = self.words();
+        let limit = match bound.load(Ordering::Relaxed) {
+            0 => i32::MAX as u32,
+            b => b,
+        };
+        let mut c = count.load(Ordering::Relaxed);
+        loop {
+            if c >= limit {
+                return Err(Error::invalid("semaphore released too many times"));
+            }
+            match count.compare_exchange_weak(c, c + 1, Ordering::Release, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(now) => c = now,
+            }
+        }
+        if sleepers.load(Ordering::SeqCst) > 0 {
+            futex::wake(count, 1);
+        }
+        Ok(())
+    }
+
+    /// The units available now (Python's `get_value()`); may be stale as
+    /// soon as it is returned.
+    pub fn value(&self) -> u32 {
+        self.words().0.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Semaphore")
+            .field("value", &self.value())
+            .finish()
+    }
+}
+
+impl Serialize for Semaphore {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serialize_mapping(&self.map, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Semaphore {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        Ok(Semaphore {
+            map: deserialize_mapping(deserializer, SEM_BYTES, "Semaphore")?,
+        })
+    }
+}
+
+/// A [`Semaphore`] that refuses to be released above its initial value:
+/// Python's `BoundedSemaphore`. Derefs to [`Semaphore`] for `acquire`,
+/// `release` and the rest.
+///
+/// # Examples
+///
+/// ```
+/// let sem = multiproc::sync::BoundedSemaphore::new(1)?;
+/// assert!(sem.release().is_err()); // never acquired
+/// sem.acquire();
+/// sem.release()?;
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BoundedSemaphore {
+    inner: Semaphore,
+}
+
+impl BoundedSemaphore {
+    /// A semaphore holding, and bounded by, `value` units.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created;
+    /// [`Error::InvalidArgument`] if `value` is 0 or above `i32::MAX`.
+    pub fn new(value: u32) -> Result<BoundedSemaphore> {
+        if value == 0 {
+            return Err(Error::invalid(
+                "a bounded semaphore needs a bound of at least 1",
+            ));
+        }
+        Ok(BoundedSemaphore {
+            inner: Semaphore::with_bound(value, value)?,
+        })
+    }
+}
+
+impl std::ops::Deref for BoundedSemaphore {
+    type Target = Semaphore;
+
+    fn deref(&self) -> &Semaphore {
+        &self.inner
+    }
+}

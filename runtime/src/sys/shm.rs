@@ -1,0 +1,390 @@
+//! Shared mappings backed by memfd: anonymous files that exist only while
+//! a descriptor or a mapping refers to them, so nothing is ever left in
+//! `/dev/shm` after a crash. They travel between processes as descriptors.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+
+use bytemuck::Pod;
+
+use nix::sys::mman::{MapFlags, ProtFlags};
+
+use super::lock::RawGuard;
+use crate::error::{Error, Result};
+
+/// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+}
+
+// SAFETY: the mapping is plain memory shared by design; every access goes
+// through atomics or explicit copies, never through unsynchronised
+// references handed out to several threads.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: `&Mapping` only hands out atomics and copies.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// A new zero-filled shared mapping of `len` bytes (at least 1).
+    pub(crate) fn create(name: &str, len: usize) -> Result<Mapping> {
+        let len = len.max(1);
+        let cname = std::ffi::CString::new(name.replace('\0', ""))
+            .map_err(|_| Error::invalid("bad name"))?;
+        let fd =
+            nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|e| Error::errno("memfd_create", e))?;
+        let off = libc::off_t::try_from(len)
+            .map_err(|_| Error::invalid("shared memory size too large"))?;
+        nix::unistd::ftruncate(&fd, off).map_err(|e| Error::errno("ftruncate", e))?;
+        Mapping::map(fd, len)
+    }
+
+    /// Maps the whole memfd `fd` (received from another process).
+    pub(crate) fn from_fd(fd: OwnedFd) -> Result<Mapping> {
+        let stat = nix::sys::stat::fstat(&fd).map_err(|e| Error::errno("fstat", e))?;
+        let len =
+            usize::try_from(stat.st_size).map_err(|_| Error::invalid("bad shared memory size"))?;
+        if len == 0 {
+            return Err(Error::invalid("empty shared memory object"));
+        }
+        Mapping::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> Result<Mapping> {
+        let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| Error::invalid("empty mapping"))?;
+        // SAFETY: a fresh shared mapping at an address the kernel chooses
+        // cannot overlap any Rust object; `fd` is a valid memfd of at least
+        // `len` bytes.
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| Error::errno("mmap", e))?;
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+            fd,
+        })
+    }
+
+    /// Size in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The memfd, to send to another process.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The mapping as 32-bit atomics (lock words, counters).
+    pub(crate) fn atomics_u32(&self) -> &[AtomicU32] {
+        // SAFETY: the mapping is page-aligned, `len / 4` whole words lie
+        // inside it, it stays mapped while `&self` lives, and AtomicU32 has
+        // u32's layout and permits shared mutation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU32>(), self.len / 4) }
+    }
+
+    /// The mapping as 64-bit atomics.
+    pub(crate) fn atomics_u64(&self) -> &[AtomicU64] {
+        // SAFETY: as for `atomics_u32`, with 8-byte words (page alignment
+        // covers 8).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU64>(), self.len / 8) }
+    }
+
+    /// Copies `out.len()` bytes from `offset`. Out of range: an error.
+    #[allow(dead_code)] // used by the queue (its own branch)
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check(offset, out.len())?;
+        // SAFETY: the range was checked to lie inside the mapping, `out` is
+        // a distinct, valid buffer of that length (it cannot alias a shared
+        // mapping the caller does not own).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().wrapping_add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `data` to `offset`. Out of range: an error.
+    #[allow(dead_code)] // used by the queue (its own branch)
+    pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.check(offset, data.len())?;
+        // SAFETY: the range was checked to lie inside the mapping; `data` is
+        // a valid buffer that does not overlap it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.ptr.as_ptr().wrapping_add(offset),
+                data.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::invalid(format!(
+                "range {offset}..{} outside shared memory of {} bytes",
+                offset.saturating_add(len),
+                self.len
+            ))),
+        }
+    }
+
+    /// The mapping as byte atomics.
+    pub(crate) fn atomics_u8(&self) -> &[AtomicU8] {
+        // SAFETY: `len` bytes lie inside the mapping, which stays mapped
+        // while `&self` lives; AtomicU8 has u8's layout and permits shared
+        // mutation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU8>(), self.len) }
+    }
+
+    /// The integer atomic `A` (one of std's `AtomicI32`, `AtomicU64`, ...)
+    /// at byte `offset`, which must be aligned for it and in range.
+    pub(crate) fn atomic_at<A: AtomicWord>(&self, offset: usize) -> Result<&A> {
+        self.check(offset, std::mem::size_of::<A>())?;
+        if offset % std::mem::align_of::<A>() != 0 {
+            return Err(Error::invalid("misaligned atomic in shared memory"));
+        }
+        // SAFETY: the range was checked to lie inside the mapping and the
+        // offset to be aligned for `A` (the base is page-aligned); `A` is one
+        // of std's integer atomics (sealed trait), which have their
+        // integer's layout and permit shared mutation through `&A`; the
+        // mapping stays mapped while `&self` lives.
+        Ok(unsafe { &*self.ptr.as_ptr().wrapping_add(offset).cast::<A>() })
+    }
+
+    /// Copies `out.len()` values of `T` from `offset` using relaxed atomic
+    /// loads of the widest word that divides `T`'s size and the offset, so
+    /// that a copy racing with another thread's copy or atomic operation is
+    /// a torn value at worst, never undefined behaviour.
+    pub(crate) fn load_pods<T: Pod>(&self, offset: usize, out: &mut [T]) -> Result<()> {
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+        self.check(offset, bytes.len())?;
+        match word_width(std::mem::size_of::<T>(), offset) {
+            8 => {
+                let words = &self.atomics_u64()[offset / 8..][..bytes.len() / 8];
+                for (chunk, word) in bytes.chunks_exact_mut(8).zip(words) {
+                    chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+                }
+            }
+            4 => {
+                let words = &self.atomics_u32()[offset / 4..][..bytes.len() / 4];
+                for (chunk, word) in bytes.chunks_exact_mut(4).zip(words) {
+                    chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+                }
+            }
+            _ => {
+                let cells = &self.atomics_u8()[offset..][..bytes.len()];
+                for (byte, cell) in bytes.iter_mut().zip(cells) {
+                    *byte = cell.load(Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` with relaxed atomic stores (see
+    /// [`load_pods`](Mapping::load_pods)).
+    pub(crate) fn store_pods<T: Pod>(&self, offset: usize, data: &[T]) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check(offset, bytes.len())?;
+        match word_width(std::mem::size_of::<T>(), offset) {
+            8 => {
+                let words = &self.atomics_u64()[offset / 8..][..bytes.len() / 8];
+                for (chunk, word) in bytes.chunks_exact(8).zip(words) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(chunk);
+                    word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+                }
+            }
+            4 => {
+                let words = &self.atomics_u32()[offset / 4..][..bytes.len() / 4];
+                for (chunk, word) in bytes.chunks_exact(4).zip(words) {
+                    let mut b = [0u8; 4];
+                    b.copy_from_slice(chunk);
+                    word.store(u32::from_ne_bytes(b), Ordering::Relaxed);
+                }
+            }
+            _ => {
+                let cells = &self.atomics_u8()[offset..][..bytes.len()];
+                for (byte, cell) in bytes.iter().zip(cells) {
+                    cell.store(*byte, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `len` values of `T` at `offset`, borrowed for as long as `guard`
+    /// is: the data of a mapping whose lock is its word 0 (see
+    /// [`locked_slice_mut`](Mapping::locked_slice_mut)).
+    pub(crate) fn locked_slice<'g, T: Pod>(
+        &'g self,
+        guard: &'g RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> Result<&'g [T]> {
+        self.check_locked::<T>(guard, offset, len)?;
+        // SAFETY: `check_locked` proved the range lies inside the mapping,
+        // past the lock header, aligned for `T`, and that `guard` holds this
+        // mapping's lock (word 0). By the layout rule of this crate (see
+        // `locked_slice_mut`), every access to a locked region goes through
+        // a guard of that lock, and only one guard exists at a time in all
+        // processes; this shared borrow is tied to a shared borrow of the
+        // guard, so no `&mut` from the same guard can coexist with it.
+        // `T: Pod` makes every bit pattern valid.
+        Ok(unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
+        })
+    }
+
+    /// `len` values of `T` at `offset`, mutably borrowed for as long as the
+    /// guard is.
+    ///
+    /// The layout rule that makes this sound: a mapping used with this
+    /// function keeps its lock word at word 0 (poison flag at word 1) and
+    /// every byte past [`LOCK_HEADER`] is touched only while that lock is
+    /// held (Array's `lock`, `get`, `set`, `to_vec`: never the lock-free
+    /// copies of `RawArray` or `Value`'s atomics, which use other mappings).
+    pub(crate) fn locked_slice_mut<'g, T: Pod>(
+        &'g self,
+        guard: &'g mut RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> Result<&'g mut [T]> {
+        self.check_locked::<T>(guard, offset, len)?;
+        // SAFETY: as for `locked_slice`; here the borrow is tied to an
+        // exclusive borrow of the one guard that exists in all processes,
+        // so this is the only reference to the range anywhere until it ends.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
+        })
+    }
+
+    fn check_locked<T: Pod>(&self, guard: &RawGuard<'_>, offset: usize, len: usize) -> Result<()> {
+        let holds_ours = self
+            .atomics_u32()
+            .first()
+            .is_some_and(|w| std::ptr::eq(w, guard.word()));
+        if !holds_ours {
+            return Err(Error::invalid("guard of another lock"));
+        }
+        if offset < LOCK_HEADER || offset % std::mem::align_of::<T>() != 0 {
+            return Err(Error::invalid(
+                "locked data overlaps the lock header or is misaligned",
+            ));
+        }
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| Error::invalid("shared array too large"))?;
+        self.check(offset, bytes)
+    }
+
+    /// The whole mapping as bytes, for `SharedMemory`'s `Deref`.
+    ///
+    /// Other processes (and other handles in this one) may write these bytes
+    /// while the borrow lives: `SharedMemory` documents that concurrent
+    /// writers must be coordinated by the user (a Lock), as with Python's
+    /// `SharedMemory.buf`.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes lie inside the mapping, which stays mapped
+        // while `&self` lives; u8 has no invalid values. Concurrent writers
+        // are excluded only by the caller's protocol, as documented on
+        // `SharedMemory` (the Python model this API reproduces).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The whole mapping as mutable bytes, for `SharedMemory`'s `DerefMut`
+    /// (`&mut` on a handle that is not `Clone`).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`; `&mut self` excludes every other borrow of
+        // this mapping in this process (the handle is not cloneable), other
+        // mappings of the same memory are the caller's protocol, documented.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Raw base pointer, for sys-internal views.
+    #[allow(dead_code)] // used by the queue (its own branch)
+    pub(crate) fn base(&self) -> NonNull<u8> {
+        self.ptr
+    }
+}
+
+/// Bytes at the start of a locked mapping: the lock word (word 0) and its
+/// poison flag (word 1); locked data starts at or after it.
+pub(crate) const LOCK_HEADER: usize = 8;
+
+fn word_width(size: usize, offset: usize) -> usize {
+    if size % 8 == 0 && offset % 8 == 0 {
+        8
+    } else if size % 4 == 0 && offset % 4 == 0 {
+        4
+    } else {
+        1
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// std's integer atomics, which may be viewed in a mapping.
+pub(crate) trait AtomicWord: sealed::Sealed + Sync {}
+
+macro_rules! atomic_word {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl AtomicWord for $t {}
+    )*};
+}
+atomic_word!(
+    std::sync::atomic::AtomicI32,
+    std::sync::atomic::AtomicU32,
+    std::sync::atomic::AtomicI64,
+    std::sync::atomic::AtomicU64,
+    std::sync::atomic::AtomicIsize,
+    std::sync::atomic::AtomicUsize
+);
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned, and no borrow
+        // of the mapping outlives `self`.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn mapping_shares_through_its_fd() {
+        let a = Mapping::create("test", 4096).expect("create");
+        a.atomics_u32()[1].store(7, Ordering::SeqCst);
+        a.write(100, b"hello").expect("write");
+        let b = Mapping::from_fd(a.fd().try_clone_to_owned().expect("dup")).expect("map");
+        assert_eq!(b.atomics_u32()[1].load(Ordering::SeqCst), 7);
+        let mut out = [0u8; 5];
+        b.read(100, &mut out).expect("read");
+        assert_eq!(&out, b"hello");
+        assert!(b.read(4094, &mut out).is_err());
+    }
+}

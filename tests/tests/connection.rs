@@ -1,0 +1,177 @@
+//! Pipes across real processes: the tutorial's example, big messages,
+//! end of stream when the peer dies, connections that travel.
+use std::time::Duration;
+
+use multiproc::connection::{Connection, Sender};
+use multiproc::{Pipe, Process, Queue, process_fn};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// Tests in this file run one at a time: one of them counts the process's
+/// descriptors, which the others open and close.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[process_fn]
+fn send_greeting(conn: Connection<(u32, String, String)>) {
+    conn.send(&(38, "snake".into(), "hello".into()))
+        .expect("send");
+}
+
+#[test]
+fn child_sends_parent_receives() {
+    let _serial = serial();
+    let (mut parent, child) = Pipe::new().expect("pipe");
+    let mut p = Process::new(send_greeting, (child,));
+    p.start().expect("start");
+    let got = parent.recv_timeout(LONG).expect("recv");
+    assert_eq!(got, (38, "snake".to_string(), "hello".to_string()));
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+}
+
+#[process_fn]
+fn echo_twice(mut conn: Connection<u64>) {
+    for _ in 0..2 {
+        let v = conn.recv_timeout(LONG).expect("recv");
+        conn.send(&(v + 1)).expect("send");
+    }
+}
+
+#[test]
+fn duplex_round_trips() {
+    let _serial = serial();
+    let (mut a, b) = Pipe::new::<u64>().expect("pipe");
+    let mut p = Process::new(echo_twice, (b,));
+    p.start().expect("start");
+    a.send(&1).expect("send");
+    assert_eq!(a.recv_timeout(LONG).expect("recv"), 2);
+    a.send(&10).expect("send");
+    assert_eq!(a.recv_timeout(LONG).expect("recv"), 11);
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+}
+
+#[process_fn]
+fn send_big(tx: Sender<Vec<u8>>, len: usize) {
+    let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    tx.send(&data).expect("send big");
+    tx.send_bytes(&data[..1000]).expect("send bytes");
+}
+
+#[test]
+fn fifty_mib_message_through_a_pipe() {
+    let _serial = serial();
+    let len = 50 << 20;
+    let (mut rx, tx) = Pipe::simplex::<Vec<u8>>().expect("pipe");
+    let mut p = Process::new(send_big, (tx, len));
+    p.start().expect("start");
+    let got = rx.recv_timeout(LONG).expect("recv big");
+    assert_eq!(got.len(), len);
+    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 253) as u8));
+    assert_eq!(rx.recv_bytes().expect("bytes"), got[..1000].to_vec());
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+}
+
+#[test]
+fn oversized_message_is_an_error_not_an_allocation() {
+    let _serial = serial();
+    let (a, mut b) = Pipe::new::<Vec<u8>>().expect("pipe");
+    b.set_max_message_size(1024);
+    let t = std::thread::spawn(move || {
+        a.send(&vec![0u8; 1 << 20]).expect("send");
+        a.send(&vec![1u8; 10]).expect("send");
+    });
+    let err = b.recv_timeout(LONG).expect_err("too large");
+    assert!(
+        matches!(err, multiproc::Error::MessageTooLarge { .. }),
+        "{err}"
+    );
+    assert_eq!(b.recv_timeout(LONG).expect("next"), vec![1u8; 10]);
+    t.join().expect("thread");
+}
+
+#[process_fn]
+fn hold_forever(conn: Connection<u8>) {
+    let _keep = conn;
+    loop {
+        std::thread::park();
+    }
+}
+
+#[test]
+fn recv_after_peer_died_is_disconnected() {
+    let _serial = serial();
+    let (mut parent, child) = Pipe::new::<u8>().expect("pipe");
+    let mut p = Process::new(hold_forever, (child,));
+    p.start().expect("start");
+    assert!(
+        parent
+            .recv_timeout(Duration::from_millis(100))
+            .expect_err("nothing yet")
+            .is_timeout()
+    );
+    p.kill().expect("kill");
+    let err = parent
+        .recv_timeout(Duration::from_secs(2))
+        .expect_err("peer died");
+    assert!(err.is_disconnected(), "{err}");
+    p.join_timeout(LONG).expect("join").expect("exited");
+}
+
+#[process_fn]
+fn send_through_received(q: Queue<Connection<String>>) {
+    let conn = q.get_timeout(LONG).expect("get connection");
+    conn.send(&"via queue".to_string()).expect("send");
+}
+
+#[test]
+fn connection_through_a_queue_to_another_process() {
+    let _serial = serial();
+    let q = Queue::<Connection<String>>::new().expect("queue");
+    let (mut mine, theirs) = Pipe::new::<String>().expect("pipe");
+    let mut p = Process::new(send_through_received, (q.clone(),));
+    p.start().expect("start");
+    q.put(theirs).expect("put connection");
+    assert_eq!(mine.recv_timeout(LONG).expect("recv"), "via queue");
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+    // Every copy of the other end is gone: end of stream.
+    assert!(mine.recv_timeout(LONG).expect_err("eof").is_disconnected());
+}
+
+#[test]
+fn fd_count_unchanged_after_a_thousand_connection_transfers() {
+    let _serial = serial();
+    let (carrier_tx, mut carrier_rx) = Pipe::new::<Connection<u8>>().expect("carrier");
+    let before = multiproc_tests::open_fds();
+    for _ in 0..1_000 {
+        let (a, mut b) = Pipe::new::<u8>().expect("pipe");
+        carrier_tx.send(&a).expect("send");
+        drop(a);
+        let a = carrier_rx.recv().expect("recv");
+        a.send(&5).expect("send");
+        assert_eq!(b.recv().expect("recv"), 5);
+    }
+    assert_eq!(multiproc_tests::open_fds(), before);
+}

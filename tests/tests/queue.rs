@@ -1,0 +1,311 @@
+//! Queues across real processes: order, exactly-once delivery with many
+//! producers and consumers, bounds, JoinableQueue, producers killed in the
+//! middle of a put, big messages, handles that travel, no descriptor leaks.
+use std::time::Duration;
+
+use multiproc::queue::{GetTimeoutError, JoinableQueue, TryPutError};
+use multiproc::{Process, Queue, process_fn};
+use serde::{Deserialize, Serialize};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// Tests in this file run one at a time: one of them counts the process's
+/// descriptors, which the others open and close.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[process_fn]
+fn put_range(q: Queue<u64>, from: u64, to: u64) {
+    for i in from..to {
+        q.put(i).expect("put");
+    }
+}
+
+#[test]
+fn fifo_with_one_producer() {
+    let _serial = serial();
+    let q = Queue::<u64>::new().expect("queue");
+    let mut p = Process::new(put_range, (q.clone(), 0, 5_000));
+    p.start().expect("start");
+    for i in 0..5_000 {
+        assert_eq!(q.get_timeout(LONG).expect("get"), i);
+    }
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+}
+
+#[process_fn]
+fn consume_until_none(q: Queue<Option<u64>>) -> (u64, u64) {
+    let (mut count, mut sum) = (0, 0);
+    while let Some(v) = q.get_timeout(LONG).expect("get") {
+        count += 1;
+        sum += v;
+    }
+    (count, sum)
+}
+
+#[process_fn]
+fn put_some(q: Queue<Option<u64>>, from: u64, to: u64) {
+    for i in from..to {
+        q.put(Some(i)).expect("put");
+    }
+}
+
+#[test]
+fn four_producers_two_consumers_every_item_once() {
+    let _serial = serial();
+    const N: u64 = 10_000;
+    let q = Queue::<Option<u64>>::bounded(1024).expect("queue");
+    let consumers: Vec<_> = (0..2)
+        .map(|_| multiproc::spawn(consume_until_none, (q.clone(),)).expect("spawn consumer"))
+        .collect();
+    let mut producers: Vec<_> = (0..4u64)
+        .map(|k| {
+            let mut p = Process::new(put_some, (q.clone(), k * N, (k + 1) * N));
+            p.start().expect("start producer");
+            p
+        })
+        .collect();
+    for p in &mut producers {
+        assert!(
+            p.join_timeout(LONG)
+                .expect("join")
+                .expect("exited")
+                .success()
+        );
+    }
+    q.put(None).expect("sentinel");
+    q.put(None).expect("sentinel");
+    let (mut count, mut sum) = (0, 0);
+    for c in consumers {
+        let (n, s) = c.join_timeout(LONG).expect("consumer result");
+        count += n;
+        sum += s;
+    }
+    let total = 4 * N;
+    assert_eq!(count, total);
+    assert_eq!(sum, total * (total - 1) / 2);
+}
+
+#[test]
+fn bounded_try_put_on_full_and_get_timeout_on_empty() {
+    let _serial = serial();
+    let q = Queue::<u32>::bounded(2).expect("queue");
+    let mut p = Process::new(fill_two, (q.clone(),));
+    p.start().expect("start");
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+    assert!(q.full());
+    assert!(matches!(q.try_put(3), Err(TryPutError::Full(3))));
+    assert!(matches!(
+        q.put_timeout(4, Duration::from_millis(50)),
+        Err(multiproc::queue::PutTimeoutError::Timeout(4))
+    ));
+    assert_eq!(q.get_timeout(LONG).expect("first"), 1);
+    assert_eq!(q.get_timeout(LONG).expect("second"), 2);
+    assert!(matches!(
+        q.get_timeout(Duration::from_millis(50)),
+        Err(GetTimeoutError::Timeout)
+    ));
+    assert!(q.empty());
+}
+
+#[process_fn]
+fn fill_two(q: Queue<u32>) {
+    q.put(1).expect("put");
+    q.put(2).expect("put");
+}
+
+#[process_fn]
+fn work_and_mark_done(q: JoinableQueue<u64>, done: Queue<u64>, n: u64) {
+    for _ in 0..n {
+        let v = q.get_timeout(LONG).expect("get");
+        done.put(v * 2).expect("put result");
+        q.task_done().expect("task_done");
+    }
+}
+
+#[test]
+fn joinable_queue_join_waits_for_task_done() {
+    let _serial = serial();
+    let q = JoinableQueue::<u64>::new().expect("queue");
+    let done = Queue::<u64>::new().expect("results");
+    for i in 0..100 {
+        q.put(i).expect("put");
+    }
+    let mut p = Process::new(work_and_mark_done, (q.clone(), done.clone(), 100));
+    p.start().expect("start");
+    q.join_timeout(LONG).expect("join");
+    // Every task was marked done, so every result is already there.
+    assert_eq!(done.qsize(), 100);
+    assert!(
+        q.task_done().is_err(),
+        "task_done beyond the puts is an error"
+    );
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct Checked {
+    seq: u64,
+    data: Vec<u8>,
+    sum: u64,
+}
+
+fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[process_fn]
+fn put_forever(q: Queue<Checked>) {
+    let mut seq = 0u64;
+    loop {
+        // Sizes cross the inline/side-channel boundary.
+        let len = [8usize, 300, 1_000, 5_000, 40_000][(seq % 5) as usize];
+        let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ seq) as u8).collect();
+        let sum = checksum(&data);
+        q.put(Checked { seq, data, sum }).expect("put");
+        seq += 1;
+    }
+}
+
+#[test]
+fn producer_killed_mid_put_leaves_queue_usable() {
+    let _serial = serial();
+    let q = Queue::<Checked>::bounded(64).expect("queue");
+    for round in 0..5 {
+        let mut p = Process::new(put_forever, (q.clone(),));
+        p.start().expect("start");
+        let mut last = None;
+        // Let the producer get well into its loop (the queue fills up).
+        for _ in 0..200 {
+            let m = q.get_timeout(LONG).expect("get while producing");
+            assert_eq!(
+                checksum(&m.data),
+                m.sum,
+                "round {round}: message {} corrupt",
+                m.seq
+            );
+            assert!(
+                last.is_none_or(|l| m.seq == l + 1),
+                "round {round}: order or duplicate"
+            );
+            last = Some(m.seq);
+        }
+        p.kill().expect("kill");
+        let status = p.join_timeout(LONG).expect("join").expect("exited");
+        assert!(!status.success());
+        // Drain what it left: every message whole, none twice.
+        loop {
+            match q.get_timeout(Duration::from_secs(3)) {
+                Ok(m) => {
+                    assert_eq!(
+                        checksum(&m.data),
+                        m.sum,
+                        "round {round}: message {} corrupt",
+                        m.seq
+                    );
+                    assert!(
+                        last.is_none_or(|l| m.seq == l + 1),
+                        "round {round}: order or duplicate"
+                    );
+                    last = Some(m.seq);
+                }
+                Err(GetTimeoutError::Timeout) => break,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        // Still usable by everyone.
+        let data = vec![round as u8; 2000];
+        q.put_timeout(
+            Checked {
+                seq: u64::MAX,
+                sum: checksum(&data),
+                data,
+            },
+            LONG,
+        )
+        .expect("put after kill");
+        let m = q.get_timeout(LONG).expect("get after kill");
+        assert_eq!(m.seq, u64::MAX);
+        assert!(q.empty());
+    }
+}
+
+#[process_fn]
+fn put_big(q: Queue<Vec<u8>>, len: usize) {
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    q.put(data).expect("put big");
+}
+
+#[test]
+fn fifty_mib_message_through_a_queue() {
+    let _serial = serial();
+    let len = 50 << 20;
+    let q = Queue::<Vec<u8>>::new().expect("queue");
+    let mut p = Process::new(put_big, (q.clone(), len));
+    p.start().expect("start");
+    // The producer may exit before anyone reads: the message lives on.
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("exited")
+            .success()
+    );
+    let got = q.get_timeout(LONG).expect("get big");
+    assert_eq!(got.len(), len);
+    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+}
+
+#[process_fn]
+fn relay_from_outer(outer: Queue<Queue<u64>>) -> u64 {
+    let inner = outer.get_timeout(LONG).expect("get queue");
+    inner.get_timeout(LONG).expect("get value")
+}
+
+#[test]
+fn queue_passed_to_a_process_and_through_another_queue() {
+    let _serial = serial();
+    let outer = Queue::<Queue<u64>>::new().expect("outer");
+    let inner = Queue::<u64>::new().expect("inner");
+    let h = multiproc::spawn(relay_from_outer, (outer.clone(),)).expect("spawn");
+    outer.put(inner.clone()).expect("put queue");
+    inner.put(4242).expect("put value");
+    assert_eq!(h.join_timeout(LONG).expect("result"), 4242);
+}
+
+#[test]
+fn fd_count_unchanged_after_a_thousand_handle_transfers() {
+    let _serial = serial();
+    let carrier = Queue::<Queue<u8>>::new().expect("carrier");
+    let q = Queue::<u8>::new().expect("queue");
+    // Warm up (thread-local buffers, lazily opened descriptors).
+    carrier.put(q.clone()).expect("put");
+    drop(carrier.get().expect("get"));
+    let before = multiproc_tests::open_fds();
+    for _ in 0..1_000 {
+        carrier.put(q.clone()).expect("put");
+        let back = carrier.get().expect("get");
+        back.put(1).expect("use");
+        assert_eq!(q.get().expect("get"), 1);
+    }
+    assert_eq!(multiproc_tests::open_fds(), before);
+}

@@ -1,0 +1,197 @@
+//! Value, Array, RawArray and SharedMemory across real processes.
+//!
+//! Every wait is bounded; nothing sleeps to synchronise.
+
+use std::time::{Duration, Instant};
+
+use multiproc::shared::{RawArray, SharedMemory};
+use multiproc::sync::Event;
+use multiproc::{Array, Process, Value, process_fn};
+
+const JOIN: Duration = Duration::from_secs(30);
+
+fn run_all(mut procs: Vec<Process>) {
+    for p in &mut procs {
+        p.start().expect("start");
+    }
+    for p in &mut procs {
+        let status = p
+            .join_timeout(JOIN)
+            .expect("join")
+            .expect("the child did not end in time");
+        assert!(status.success(), "child failed: {status:?}");
+    }
+}
+
+#[process_fn]
+fn locked_adds(counter: Value<i64>, n: u32) {
+    for _ in 0..n {
+        *counter.lock().expect("not poisoned") += 1;
+    }
+}
+
+#[test]
+fn value_lock_four_processes_count_40000() {
+    let counter = Value::new(0i64).expect("value");
+    run_all(
+        (0..4)
+            .map(|_| Process::new(locked_adds, (counter.clone(), 10_000)))
+            .collect(),
+    );
+    assert_eq!(counter.get(), 40_000);
+}
+
+#[process_fn]
+fn atomic_adds(counter: Value<u64>, n: u32) {
+    for _ in 0..n {
+        counter.fetch_add(1);
+    }
+}
+
+#[test]
+fn value_fetch_add_four_processes_count_40000() {
+    let counter = Value::new(0u64).expect("value");
+    run_all(
+        (0..4)
+            .map(|_| Process::new(atomic_adds, (counter.clone(), 10_000)))
+            .collect(),
+    );
+    assert_eq!(counter.load(), 40_000);
+}
+
+#[process_fn]
+#[allow(clippy::approx_constant)] // the Python docs' literal
+fn python_docs_f(n: Value<f64>, a: Array<i32>) {
+    n.set(3.1415927);
+    for x in a.lock().expect("not poisoned").iter_mut() {
+        *x = -*x;
+    }
+}
+
+#[test]
+fn python_docs_value_and_array_example() {
+    let num = Value::new(0.0f64).expect("value");
+    let arr = Array::new(&(0..10).collect::<Vec<i32>>()).expect("array");
+    run_all(vec![Process::new(
+        python_docs_f,
+        (num.clone(), arr.clone()),
+    )]);
+    #[allow(clippy::approx_constant)]
+    let expected = 3.1415927;
+    assert_eq!(num.get(), expected);
+    assert_eq!(arr.to_vec(), (0..10).map(|i| -i).collect::<Vec<i32>>());
+}
+
+#[process_fn]
+fn fill_half(arr: Array<f64>, half: usize) {
+    let mut guard = arr.lock().expect("not poisoned");
+    let n = guard.len() / 2;
+    for (i, x) in guard[half * n..(half + 1) * n].iter_mut().enumerate() {
+        *x = (half * n + i) as f64;
+    }
+}
+
+#[test]
+fn array_of_a_million_f64_filled_by_two_processes() {
+    let arr = Array::<f64>::zeroed(1_000_000).expect("array");
+    run_all(
+        (0..2)
+            .map(|half| Process::new(fill_half, (arr.clone(), half)))
+            .collect(),
+    );
+    let sum: f64 = arr.lock().expect("not poisoned").iter().sum();
+    assert_eq!(sum, 499_999_500_000.0);
+    assert_eq!(arr.get(999_999).expect("in range"), 999_999.0);
+    assert!(arr.get(1_000_000).is_err());
+}
+
+#[process_fn]
+fn raw_write(arr: RawArray<u32>, start: usize) {
+    let values: Vec<u32> = (start as u32..start as u32 + 50).collect();
+    arr.write(start, &values).expect("in range");
+}
+
+#[test]
+fn raw_array_disjoint_writes_by_two_processes() {
+    let arr = RawArray::<u32>::zeroed(100).expect("array");
+    run_all(
+        (0..2)
+            .map(|i| Process::new(raw_write, (arr.clone(), i * 50)))
+            .collect(),
+    );
+    assert_eq!(arr.to_vec(), (0..100).collect::<Vec<u32>>());
+}
+
+#[process_fn]
+fn write_by_name(name: String) -> usize {
+    let mut shm = SharedMemory::open(&name).expect("open by name");
+    shm[..5].copy_from_slice(b"hello");
+    shm.len()
+}
+
+/// Names of entries in /dev/shm (nothing of ours may ever appear there).
+fn dev_shm() -> Vec<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Retries `open` until it fails, for at most 30 s: a name disappears when
+/// its server thread or process has closed the socket, which is asynchronous.
+fn gone(name: &str) -> bool {
+    let deadline = Instant::now() + JOIN;
+    while Instant::now() < deadline {
+        if SharedMemory::open(name).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+#[test]
+fn shared_memory_round_trip_by_name_and_gone_after_unlink() {
+    let name = format!("test-roundtrip-{}", std::process::id());
+    let shm = SharedMemory::create(&name, 4096).expect("create");
+    let child = multiproc::spawn(write_by_name, (name.clone(),)).expect("spawn");
+    assert_eq!(child.join_timeout(JOIN).expect("join"), 4096);
+    assert_eq!(&shm[..5], b"hello");
+    assert!(dev_shm().iter().all(|e| !e.contains(&name)));
+    shm.unlink().expect("unlink");
+    assert!(gone(&name), "the name outlived unlink");
+    assert_eq!(&shm[..5], b"hello", "open handles keep the memory");
+}
+
+#[process_fn]
+fn create_and_linger(name: String, ready: Event) {
+    let mut shm = SharedMemory::create(&name, 64).expect("create");
+    shm[0] = 42;
+    ready.set();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn shared_memory_name_disappears_when_its_creator_is_killed() {
+    let name = format!("test-killed-{}", std::process::id());
+    let ready = Event::new().expect("event");
+    let before = dev_shm();
+    let mut p = Process::new(create_and_linger, (name.clone(), ready.clone()));
+    p.start().expect("start");
+    assert!(ready.wait_timeout(JOIN));
+    let opened = SharedMemory::open(&name).expect("open while the creator lives");
+    assert_eq!(opened[0], 42);
+    p.kill().expect("kill");
+    p.join_timeout(JOIN).expect("join").expect("reaped");
+    assert!(gone(&name), "the name outlived its creator");
+    assert_eq!(
+        opened[0], 42,
+        "a process that still maps it keeps the memory"
+    );
+    assert_eq!(dev_shm(), before, "nothing may be left in /dev/shm");
+}
