@@ -86,6 +86,7 @@ type InternalMain = fn(Channel, Vec<u8>, Vec<OwnedFd>) -> i32;
 
 fn internal_entry(name: &str) -> Option<InternalMain> {
     match name {
+        crate::pool::WORKER_ENTRY => Some(crate::pool::worker_main),
         #[cfg(test)]
         "__multiproc::test::echo" => Some(test_echo_main),
         _ => None,

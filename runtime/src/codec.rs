@@ -183,18 +183,69 @@ impl<'a> SeqEncoder<'a> {
 /// Decodes values written back to back by [`SeqEncoder`]. Call inside
 /// [`with_fd_source`] when values may carry handles.
 pub(crate) struct SeqDecoder<'de> {
-    de: bincode::Deserializer<bincode::de::read::SliceReader<'de>, Opts>,
+    rest: &'de [u8],
+}
+
+/// Appends `n` fixed-width little-endian numbers from `bytes` to `out`
+/// when `T` is a primitive number (a plain copy, no per-item decoding).
+/// Returns the bytes used, or `None` when `T` is not such a type.
+#[allow(clippy::ptr_arg)] // the Vec itself is downcast, then extended
+fn extend_primitive<T: 'static>(bytes: &[u8], n: usize, out: &mut Vec<T>) -> Option<Result<usize>> {
+    macro_rules! primitive {
+        ($($t:ty),*) => {$(
+            if let Some(out) = (out as &mut dyn std::any::Any).downcast_mut::<Vec<$t>>() {
+                const SIZE: usize = std::mem::size_of::<$t>();
+                let Some(run) = n.checked_mul(SIZE).and_then(|len| bytes.get(..len)) else {
+                    return Some(Err(Error::Decode { message: format!("{n} values need more bytes than the message has") }));
+                };
+                out.extend(run.chunks_exact(SIZE).map(|c| <$t>::from_le_bytes(c.try_into().unwrap_or_default())));
+                return Some(Ok(run.len()));
+            }
+        )*};
+    }
+    primitive!(u64, i64, u32, i32, u16, i16, u128, i128, f64, f32);
+    None
 }
 
 impl<'de> SeqDecoder<'de> {
     pub(crate) fn new(bytes: &'de [u8]) -> Self {
-        SeqDecoder {
-            de: bincode::Deserializer::from_slice(bytes, options()),
-        }
+        SeqDecoder { rest: bytes }
     }
 
     pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
-        T::deserialize(&mut self.de).map_err(decode_error)
+        options()
+            .deserialize_from(&mut self.rest)
+            .map_err(decode_error)
+    }
+
+    /// Decodes `n` values written back to back, appending them to `out`
+    /// in one loop (a plain copy for primitive numbers). On error, the
+    /// values decoded before the bad one are in `out`.
+    pub(crate) fn extend_into<T: DeserializeOwned + 'static>(
+        &mut self,
+        n: usize,
+        out: &mut Vec<T>,
+    ) -> Result<()> {
+        if let Some(used) = extend_primitive(self.rest, n, out) {
+            self.rest = &self.rest[used?..];
+            return Ok(());
+        }
+        struct Append<'v, T>(&'v mut Vec<T>, usize);
+        impl<'de, T: DeserializeOwned> serde::de::Visitor<'de> for Append<'_, T> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{} values", self.1)
+            }
+            fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+                self.0.reserve(self.1);
+                while let Some(v) = seq.next_element()? {
+                    self.0.push(v);
+                }
+                Ok(())
+            }
+        }
+        let mut de = bincode::Deserializer::with_reader(&mut self.rest, options());
+        serde::Deserializer::deserialize_tuple(&mut de, n, Append(out, n)).map_err(decode_error)
     }
 }
 
@@ -224,6 +275,29 @@ mod tests {
         let mut dec = SeqDecoder::new(&out);
         let back: Vec<u64> = (0..10).map(|_| dec.next().expect("next")).collect();
         assert_eq!(back, (0..10).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn runs_decode_in_bulk_and_one_by_one() {
+        let mut out = Vec::new();
+        let mut enc = SeqEncoder::new(&mut out);
+        for i in 0..5u64 {
+            enc.push(&i).expect("push");
+        }
+        enc.push(&"tail".to_string()).expect("push");
+        for i in 0..3i32 {
+            enc.push(&(i, -i)).expect("push");
+        }
+        let mut dec = SeqDecoder::new(&out);
+        let mut nums: Vec<u64> = Vec::new();
+        dec.extend_into(5, &mut nums).expect("bulk");
+        assert_eq!(nums, vec![0, 1, 2, 3, 4]);
+        assert_eq!(dec.next::<String>().expect("string"), "tail");
+        let mut pairs: Vec<(i32, i32)> = Vec::new();
+        dec.extend_into(3, &mut pairs).expect("generic");
+        assert_eq!(pairs, vec![(0, 0), (1, -1), (2, -2)]);
+        let mut more: Vec<u64> = Vec::new();
+        assert!(dec.extend_into(1, &mut more).is_err(), "nothing left");
     }
 
     #[test]

@@ -33,6 +33,14 @@
 //! `#[test]` functions can start processes. [`init`] and
 //! `#[multiproc::main]` remain as the explicit, documented way in.
 //!
+//! # Pools
+//!
+//! [`Pool`] keeps long-lived worker processes and runs a registered
+//! function over many inputs: `map`, `imap`, `starmap`, `apply_async`...
+//! A panic fails only its item; a worker that dies fails only the chunks
+//! it was running, with its pid and signal, and is replaced. See
+//! [`pool`] for how work travels.
+//!
 //! # Panics
 //!
 //! A panic in a child is caught there; [`spawn`]'s `join` returns
@@ -66,6 +74,7 @@ mod child;
 mod codec;
 pub mod connection;
 pub mod error;
+pub mod pool;
 pub mod process;
 pub mod queue;
 pub mod registry;
@@ -78,6 +87,7 @@ pub use child::init;
 pub use connection::{Pipe, Waitable, wait};
 pub use error::{Error, Result};
 pub use multiproc_macros::{ProcessTask, main, process_fn, test};
+pub use pool::Pool;
 pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
 pub use queue::Queue;
 pub use shared::{Array, Value};

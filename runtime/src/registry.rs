@@ -213,10 +213,8 @@ pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, PanicRec
     catch_unwind(AssertUnwindSafe(f)).map_err(panic_record)
 }
 
-/// Tag of one item's outcome in a chunk's output.
-pub(crate) const ITEM_OK: u8 = 0;
-/// Tag of one item's outcome in a chunk's output: a [`PanicRecord`] follows.
-pub(crate) const ITEM_PANIC: u8 = 1;
+/// Bytes of the length that starts each run of results in a chunk's output.
+pub(crate) const RUN_HEADER: usize = 4;
 
 enum Mode {
     Single,
@@ -229,8 +227,11 @@ enum Mode {
 /// In single mode the input is one argument tuple and the output one
 /// result; a panic is caught and returned as [`Error::Panicked`]. In chunk
 /// mode (pool tasks) the input is `count` argument tuples back to back and
-/// the output one outcome per item: [`ITEM_OK`] + result, or
-/// [`ITEM_PANIC`] + [`PanicRecord`]; a panic fails only its item.
+/// the output a sequence of *runs*: a `u32` count `k` then `k` results
+/// back to back; when a run ends before the chunk does, the item after it
+/// panicked and its [`PanicRecord`] follows, then the next run. A panic
+/// fails only its item, and the parent decodes a run of plain results in
+/// one tight loop, with no per-item tag.
 #[doc(hidden)]
 pub struct Call<'a> {
     input: &'a [u8],
@@ -307,25 +308,35 @@ impl<'a> Call<'a> {
                             // One catch_unwind for a run of items: the happy
                             // path pays nothing per item; after a panic the
                             // run restarts at the next item.
+                            let run_at = enc.out().len();
+                            enc.out().extend_from_slice(&[0; RUN_HEADER]);
+                            let mut in_run: u32 = 0;
                             let run = catch(|| -> Result<()> {
                                 while done < count {
                                     let args: A = dec.next()?;
                                     done += 1;
                                     mark = enc.out().len();
                                     let r = f(args);
-                                    enc.out().push(ITEM_OK);
                                     enc.push(&r)?;
+                                    in_run += 1;
                                 }
                                 Ok(())
                             });
-                            match run {
-                                Ok(r) => r?,
-                                Err(record) => {
-                                    // Drop whatever the panicking item wrote.
-                                    enc.out().truncate(mark);
-                                    enc.out().push(ITEM_PANIC);
-                                    enc.push(&record)?;
+                            let panicked = match run {
+                                Ok(r) => {
+                                    r?;
+                                    None
                                 }
+                                // Drop whatever the panicking item wrote.
+                                Err(record) => Some(record),
+                            };
+                            if panicked.is_some() {
+                                enc.out().truncate(mark);
+                            }
+                            enc.out()[run_at..run_at + RUN_HEADER]
+                                .copy_from_slice(&in_run.to_le_bytes());
+                            if let Some(record) = panicked {
+                                enc.push(&record)?;
                             }
                         }
                         Ok(())

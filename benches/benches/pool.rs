@@ -1,0 +1,322 @@
+//! Pool benchmarks against their peers, in one run:
+//! `cargo bench -p multiproc-benches --bench pool`.
+//!
+//! 1. `map(cube, 0..1_000_000)` with 2 workers, warm and including pool
+//!    start; peers: sequential, rayon (2 threads), procspawn's Pool (2,
+//!    one hand-made chunk per worker: it has no map), CPython `Pool(2).map` (fork, spawn).
+//! 2. 200 tasks of ~8 ms CPU, 2 workers: speedup over sequential (runs
+//!    alternate, medians of 3), parent CPU time per task (getrusage of the
+//!    whole parent process, its pool thread included).
+//! 3. `map` of 10_000 items with chunksize 1: wall time per task.
+//!
+//! Criterion times each case (`iter_custom`); the same samples give the
+//! medians of the table printed at the end (also written to
+//! `target/pool-bench.md`).
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use multiproc::{Pool, process_fn};
+use rayon::prelude::*;
+
+const N: u64 = 1_000_000;
+
+#[process_fn]
+fn cube(x: u64) -> u64 {
+    x * x * x
+}
+
+/// About `iters` rounds of integer work (the 8 ms task).
+#[process_fn]
+fn burn(iters: u64) -> u64 {
+    let mut acc: u64 = 0;
+    for i in 0..iters {
+        acc = black_box(acc.wrapping_mul(31).wrapping_add(i) & 0xFFFF_FFFF);
+    }
+    acc
+}
+
+fn cube_chunk(v: Vec<u64>) -> Vec<u64> {
+    v.into_iter().map(cube).collect()
+}
+
+thread_local! {
+    static SAMPLES: RefCell<BTreeMap<&'static str, Vec<f64>>> = const { RefCell::new(BTreeMap::new()) };
+}
+
+fn record(name: &'static str, seconds: f64) {
+    SAMPLES.with(|s| s.borrow_mut().entry(name).or_default().push(seconds));
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn result(name: &str) -> f64 {
+    SAMPLES.with(|s| s.borrow().get(name).map(|v| median(v)).unwrap_or(f64::NAN))
+}
+
+/// Runs `f` under criterion and records each iteration's wall time.
+fn bench(c: &mut Criterion, name: &'static str, mut f: impl FnMut()) {
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Instant::now();
+                f();
+                let d = t.elapsed();
+                record(name, d.as_secs_f64());
+                total += d;
+            }
+            total
+        })
+    });
+}
+
+fn parent_cpu() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let us = |t: nix::sys::time::TimeVal| {
+                Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+            };
+            us(u.user_time()) + us(u.system_time())
+        }
+        Err(_) => Duration::ZERO,
+    }
+}
+
+/// Iterations of `burn` that take about 8 ms here.
+fn calibrate_burn() -> u64 {
+    let mut iters = 100_000u64;
+    loop {
+        let t = Instant::now();
+        black_box(burn(iters));
+        let d = t.elapsed();
+        if d >= Duration::from_millis(20) {
+            return (iters as f64 * 0.008 / d.as_secs_f64()) as u64;
+        }
+        iters *= 2;
+    }
+}
+
+struct Python {
+    medians: BTreeMap<String, f64>,
+    extra: BTreeMap<String, f64>,
+}
+
+fn run_python() -> Option<Python> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/pool_bench.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!("python3 failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    let mut medians = BTreeMap::new();
+    let mut extra = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let secs: Vec<f64> = v["seconds"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default();
+        for key in ["sequential", "parent_cpu_per_task_us"] {
+            if let Some(x) = v[key].as_f64() {
+                extra.insert(format!("{name}.{key}"), x);
+            }
+        }
+        medians.insert(name, median(&secs));
+    }
+    Some(Python { medians, extra })
+}
+
+fn main() {
+    procspawn::init();
+    // Profiling aid: `POOL_BENCH_PROFILE=300 perf record -g <bench binary>`.
+    if let Ok(n) = std::env::var("POOL_BENCH_PROFILE") {
+        let pool = Pool::new(2).expect("pool");
+        let n: usize = n.parse().unwrap_or(100);
+        let t = Instant::now();
+        for _ in 0..n {
+            black_box(pool.map(cube, 0..N).expect("map"));
+        }
+        println!(
+            "warm map: {:.2} ms",
+            t.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+        return;
+    }
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+
+    // Figure 1.
+    let seq_expected: Vec<u64> = (0..N).map(cube).collect();
+    bench(&mut c, "sequential_map_1m", || {
+        black_box((0..N).map(|x| cube(black_box(x))).collect::<Vec<u64>>());
+    });
+    let rayon2 = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("rayon pool");
+    bench(&mut c, "rayon2_map_1m", || {
+        black_box(rayon2.install(|| (0..N).into_par_iter().map(cube).collect::<Vec<u64>>()));
+    });
+    let pool = Pool::new(2).expect("pool");
+    assert_eq!(pool.map(cube, 0..N).expect("map"), seq_expected);
+    bench(&mut c, "multiproc_map_1m_warm", || {
+        black_box(pool.map(cube, 0..N).expect("map"));
+    });
+    bench(&mut c, "multiproc_map_1m_cold", || {
+        let pool = Pool::new(2).expect("pool");
+        black_box(pool.map(cube, 0..N).expect("map"));
+    });
+    let ps_pool = procspawn::Pool::new(2).expect("procspawn pool");
+    // One chunk per worker: procspawn's Pool::spawn blocks sending a large
+    // argument until a worker takes it, so more chunks than workers deadlock
+    // (8 chunks of 125_000 hang in the third spawn).
+    bench(&mut c, "procspawn2_map_1m_warm", || {
+        let per = N.div_ceil(2);
+        let handles: Vec<_> = (0..2u64)
+            .map(|k| {
+                ps_pool.spawn(
+                    (k * per..((k + 1) * per).min(N)).collect::<Vec<u64>>(),
+                    cube_chunk,
+                )
+            })
+            .collect();
+        let out: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("procspawn join"))
+            .collect();
+        black_box(out);
+    });
+
+    // Figure 3: per-task overhead.
+    bench(&mut c, "multiproc_map_10k_chunksize1", || {
+        black_box(pool.map_chunked(cube, 0..10_000u64, 1).expect("map"));
+    });
+
+    // Figure 2: 200 tasks of ~8 ms CPU (timed by hand: each run takes ~1 s).
+    // Sequential and pool runs alternate, so that both see the same load.
+    let iters = calibrate_burn();
+    let mut seq_runs = Vec::new();
+    let mut runs = Vec::new();
+    let mut cpu_per_task = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..200 {
+            black_box(burn(black_box(iters)));
+        }
+        seq_runs.push(t.elapsed().as_secs_f64());
+        let cpu0 = parent_cpu();
+        let t = Instant::now();
+        black_box(
+            pool.map(burn, std::iter::repeat_n(iters, 200))
+                .expect("map"),
+        );
+        runs.push(t.elapsed().as_secs_f64());
+        cpu_per_task.push((parent_cpu() - cpu0).as_secs_f64() / 200.0);
+    }
+    let seq_200 = median(&seq_runs);
+    let par_200 = median(&runs);
+    let cpu_200 = median(&cpu_per_task);
+    drop(pool);
+
+    let py = run_python();
+    let py_get = |k: &str| {
+        py.as_ref()
+            .and_then(|p| p.medians.get(k).copied())
+            .unwrap_or(f64::NAN)
+    };
+    let py_extra = |k: &str| {
+        py.as_ref()
+            .and_then(|p| p.extra.get(k).copied())
+            .unwrap_or(f64::NAN)
+    };
+
+    let warm = result("multiproc_map_1m_warm");
+    let ms = |s: f64| format!("{:.2} ms", s * 1e3);
+    let mut table = String::new();
+    table.push_str(
+        "| `map(cube, 0..1_000_000)`, 2 workers | median | vs multiproc warm |\n|---|---:|---:|\n",
+    );
+    let rows: Vec<(&str, f64)> = vec![
+        ("multiproc Pool, warm", warm),
+        (
+            "multiproc Pool, incl. pool start",
+            result("multiproc_map_1m_cold"),
+        ),
+        ("sequential (one thread)", result("sequential_map_1m")),
+        ("rayon par_iter, 2 threads", result("rayon2_map_1m")),
+        (
+            "procspawn Pool(2), warm, one hand-made chunk per worker",
+            result("procspawn2_map_1m_warm"),
+        ),
+        (
+            "CPython Pool(2).map, fork, warm",
+            py_get("cpython_fork_map_1m_warm"),
+        ),
+        (
+            "CPython Pool(2).map, fork, incl. pool start",
+            py_get("cpython_fork_map_1m_cold"),
+        ),
+        (
+            "CPython Pool(2).map, spawn, warm",
+            py_get("cpython_spawn_map_1m_warm"),
+        ),
+        (
+            "CPython Pool(2).map, spawn, incl. pool start",
+            py_get("cpython_spawn_map_1m_cold"),
+        ),
+    ];
+    for (name, secs) in rows {
+        table.push_str(&format!(
+            "| {name} | {} | {:.1}x |\n",
+            ms(secs),
+            secs / warm
+        ));
+    }
+    let per_task = result("multiproc_map_10k_chunksize1") / 10_000.0;
+    let py_per_task = py_get("cpython_fork_map_10k_chunksize1") / 10_000.0;
+    table.push_str(&format!(
+        "\n| 200 tasks of ~8 ms CPU, 2 workers | multiproc | CPython fork |\n|---|---:|---:|\n\
+         | sequential | {} | {} |\n| pool | {} | {} |\n| speedup | {:.2}x | {:.2}x |\n\
+         | parent CPU per task | {:.1} us | {:.1} us |\n",
+        ms(seq_200),
+        ms(py_extra("cpython_fork_200x8ms.sequential")),
+        ms(par_200),
+        ms(py_get("cpython_fork_200x8ms")),
+        seq_200 / par_200,
+        py_extra("cpython_fork_200x8ms.sequential") / py_get("cpython_fork_200x8ms"),
+        cpu_200 * 1e6,
+        py_extra("cpython_fork_200x8ms.parent_cpu_per_task_us"),
+    ));
+    table.push_str(&format!(
+        "\n| `map` of 10_000 items, chunksize 1 | per task |\n|---|---:|\n| multiproc | {:.1} us |\n| CPython fork | {:.1} us ({:.1}x) |\n",
+        per_task * 1e6,
+        py_per_task * 1e6,
+        py_per_task / per_task
+    ));
+    println!("\n{table}");
+    let _ = std::fs::write(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/pool-bench.md"),
+        &table,
+    );
+}

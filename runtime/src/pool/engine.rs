@@ -1,0 +1,736 @@
+//! The parent side of a pool: workers, the queue of encoded chunks, jobs
+//! that collect their chunks' outcomes, and the thread that reads results.
+//!
+//! Any thread may *dispatch*: under the state lock it assigns queued chunks
+//! to workers with a free slot (at most [`SLOTS`] chunks in flight per
+//! worker), then sends them with the lock released, each worker's socket
+//! behind its own lock. Submitting threads dispatch after queueing; the
+//! reader thread dispatches after each result frees a slot. Sends never
+//! wait on a busy worker (a worker reads its socket on a thread of its
+//! own), so the reader can send too.
+//!
+//! The reader thread polls every worker's socket (and a wake-up socket).
+//! A result goes to its job; end of stream means the worker died: every
+//! frame it sent before dying is still read and delivered, then it is
+//! reaped, exactly its in-flight chunks fail with [`Error::WorkerDied`],
+//! and a replacement starts. Jobs only collect raw frames; decoding into
+//! typed values happens in the thread that consumes the results, in
+//! parallel with the workers.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use nix::poll::PollFlags;
+use nix::sys::signal::Signal;
+
+use super::worker::{self, TaskFailure, WorkerInit};
+use crate::child::{self, ChildProc, Mode};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::sys;
+use crate::wire::{Channel, Frame};
+
+/// Chunks in flight per worker: one running, one waiting in the worker, so
+/// it never idles waiting for the parent, and the tail of a map stays
+/// balanced across workers.
+pub(crate) const SLOTS: usize = 2;
+
+static WORKER_COUNTER: AtomicUsize = AtomicUsize::new(1);
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one chunk came back as.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The worker's result frame: outcomes of the items start at `offset`.
+    Done {
+        frame: Frame,
+        offset: usize,
+        pid: u32,
+    },
+    /// Every item of the chunk fails with this error.
+    Failed(Error),
+}
+
+/// One chunk of a job: where its items start in the job's input.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChunkInfo {
+    pub(crate) index: usize,
+    pub(crate) first: usize,
+    pub(crate) count: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct JobState {
+    /// Outcome of chunk `i`, until the consumer takes it.
+    pub(crate) outcomes: Vec<Option<(ChunkInfo, Outcome)>>,
+    /// Chunk indices in the order they completed (for unordered consumers).
+    pub(crate) completed: VecDeque<usize>,
+    /// Chunks submitted and completed (taken or not).
+    pub(crate) submitted: usize,
+    pub(crate) done: usize,
+    /// Nobody will read the results: drop queued chunks and late results.
+    pub(crate) cancelled: bool,
+}
+
+/// The results of one call (`map`, `apply_async`, an `imap`...).
+#[derive(Debug, Default)]
+pub(crate) struct Job {
+    pub(crate) state: Mutex<JobState>,
+    pub(crate) cond: Condvar,
+}
+
+impl Job {
+    pub(crate) fn complete(&self, info: ChunkInfo, outcome: Outcome) {
+        let mut st = lock(&self.state);
+        st.done += 1;
+        if st.cancelled {
+            return;
+        }
+        if st.outcomes.len() <= info.index {
+            st.outcomes.resize_with(info.index + 1, || None);
+        }
+        st.outcomes[info.index] = Some((info, outcome));
+        st.completed.push_back(info.index);
+        drop(st);
+        self.cond.notify_all();
+    }
+
+    pub(crate) fn cancel(&self) {
+        let mut st = lock(&self.state);
+        st.cancelled = true;
+        st.outcomes.clear();
+        st.completed.clear();
+    }
+
+    /// Waits until chunk `index` (or, with `None`, any chunk) has an
+    /// outcome and takes it. `None` on timeout.
+    pub(crate) fn take(
+        &self,
+        index: Option<usize>,
+        deadline: Option<Instant>,
+    ) -> Option<(ChunkInfo, Outcome)> {
+        let mut st = lock(&self.state);
+        loop {
+            let found = match index {
+                Some(i) => st.outcomes.get_mut(i).and_then(Option::take),
+                None => loop {
+                    match st.completed.pop_front() {
+                        None => break None,
+                        Some(i) => {
+                            if let Some(o) = st.outcomes.get_mut(i).and_then(Option::take) {
+                                break Some(o);
+                            }
+                        }
+                    }
+                },
+            };
+            if found.is_some() {
+                return found;
+            }
+            st = self.wait(st, deadline)?;
+        }
+    }
+
+    /// Waits until every submitted chunk has an outcome; `false` on timeout.
+    pub(crate) fn wait_all(&self, deadline: Option<Instant>) -> bool {
+        let mut st = lock(&self.state);
+        while st.done < st.submitted {
+            match self.wait(st, deadline) {
+                Some(next) => st = next,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Waits for the next completion; `None` once `deadline` has passed.
+    fn wait<'a>(
+        &self,
+        st: MutexGuard<'a, JobState>,
+        deadline: Option<Instant>,
+    ) -> Option<MutexGuard<'a, JobState>> {
+        match deadline {
+            None => Some(self.cond.wait(st).unwrap_or_else(|p| p.into_inner())),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                Some(
+                    self.cond
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0,
+                )
+            }
+        }
+    }
+}
+
+/// An encoded chunk waiting for a worker.
+#[derive(Debug)]
+pub(crate) struct Task {
+    pub(crate) job: Arc<Job>,
+    pub(crate) info: ChunkInfo,
+    /// `count: u32`, `name_len: u32`, name, chunk (the id goes in front when sent).
+    pub(crate) payload: Vec<u8>,
+    pub(crate) fds: Vec<OwnedFd>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    job: Arc<Job>,
+    info: ChunkInfo,
+}
+
+/// The sending side of one worker's socket.
+#[derive(Debug)]
+struct Conn {
+    pid: u32,
+    tx: Mutex<Channel>,
+}
+
+#[derive(Debug)]
+struct Worker {
+    key: u64,
+    conn: Arc<Conn>,
+    child: ChildProc,
+    in_flight: Vec<InFlight>,
+    sent: u64,
+    ready: bool,
+}
+
+impl Worker {
+    fn accepts(&self, max_tasks: Option<u64>) -> bool {
+        self.in_flight.len() < SLOTS && max_tasks.is_none_or(|m| self.sent < m)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Phase {
+    Running,
+    /// `close()`: no new work; workers finish what is queued.
+    Closed,
+    /// `join()` saw the work done, or `terminate()`: the reader stops.
+    Stopping,
+}
+
+#[derive(Debug)]
+struct State {
+    workers: Vec<Worker>,
+    queue: VecDeque<Task>,
+    next_id: u64,
+    next_key: u64,
+    phase: Phase,
+    /// The pool cannot serve anymore (an initializer failed, a worker could not be replaced).
+    broken: Option<Error>,
+    /// Worker channels started by someone else than the reader, for it to adopt.
+    adopt: Vec<(u64, Channel)>,
+}
+
+/// Configuration a worker is started with.
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) processes: usize,
+    pub(crate) init: WorkerInit,
+    pub(crate) init_fds: Vec<OwnedFd>,
+}
+
+/// Everything the pool's threads share.
+#[derive(Debug)]
+pub(crate) struct Core {
+    state: Mutex<State>,
+    /// Signalled when a worker becomes ready, work drains, or the pool breaks.
+    changed: Condvar,
+    config: Config,
+    init_bytes: Vec<u8>,
+    wake_tx: UnixStream,
+}
+
+/// The reader thread's end of the wake-up socket.
+pub(crate) struct Waker(UnixStream);
+
+impl Core {
+    pub(crate) fn new(config: Config) -> Result<(Arc<Core>, Waker)> {
+        let init_bytes = codec::encode_plain(&config.init)?;
+        let (wake_tx, wake_rx) =
+            UnixStream::pair().map_err(|e| Error::io("could not create a socket pair", e))?;
+        wake_rx
+            .set_nonblocking(true)
+            .and_then(|()| wake_tx.set_nonblocking(true))
+            .map_err(|e| Error::io("fcntl", e))?;
+        let core = Arc::new(Core {
+            state: Mutex::new(State {
+                workers: Vec::new(),
+                queue: VecDeque::new(),
+                next_id: 0,
+                next_key: 0,
+                phase: Phase::Running,
+                broken: None,
+                adopt: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            config,
+            init_bytes,
+            wake_tx,
+        });
+        Ok((core, Waker(wake_rx)))
+    }
+
+    pub(crate) fn processes(&self) -> usize {
+        self.config.processes
+    }
+
+    fn wake(&self) {
+        let _ = (&self.wake_tx).write(&[1]);
+    }
+
+    /// Starts one worker and registers it; the reader adopts its channel.
+    pub(crate) fn start_worker(&self) -> Result<()> {
+        let (key, channel) = self.spawn_worker()?;
+        lock(&self.state).adopt.push((key, channel));
+        self.wake();
+        Ok(())
+    }
+
+    fn spawn_worker(&self) -> Result<(u64, Channel)> {
+        let name = format!(
+            "PoolWorker-{}",
+            WORKER_COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let (child, channel) = child::start_child(
+            worker::ENTRY,
+            &name,
+            Mode::Internal,
+            &self.init_bytes,
+            &self.config.init_fds,
+        )?;
+        let mut channel = channel;
+        // Results are as large as the user's data; the sender is our own worker.
+        channel.set_max_frame(u64::MAX);
+        let tx = Channel::new(
+            channel
+                .fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::io("dup", e))?,
+        );
+        worker::enlarge_send_buffer(tx.fd());
+        let conn = Arc::new(Conn {
+            pid: child.pid(),
+            tx: Mutex::new(tx),
+        });
+        let mut st = lock(&self.state);
+        if matches!(st.phase, Phase::Stopping) {
+            // Dropping the child kills and reaps it.
+            return Err(Error::Closed);
+        }
+        let key = st.next_key;
+        st.next_key += 1;
+        st.workers.push(Worker {
+            key,
+            conn,
+            child,
+            in_flight: Vec::new(),
+            sent: 0,
+            ready: false,
+        });
+        Ok((key, channel))
+    }
+
+    /// Waits until every worker ran its initializer; the error of one
+    /// that failed otherwise.
+    pub(crate) fn wait_ready(&self) -> Result<()> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(err) = &st.broken {
+                return Err(err.clone());
+            }
+            if st.workers.iter().all(|w| w.ready) {
+                return Ok(());
+            }
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// The error a new submission gets, if the pool cannot take one.
+    fn refuse(st: &State) -> Option<Error> {
+        if let Some(err) = &st.broken {
+            return Some(err.clone());
+        }
+        match st.phase {
+            Phase::Running => None,
+            Phase::Closed | Phase::Stopping => Some(Error::Closed),
+        }
+    }
+
+    /// Fails at once if the pool takes no new work.
+    pub(crate) fn check_open(&self) -> Result<()> {
+        match Core::refuse(&lock(&self.state)) {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues encoded chunks and dispatches what the workers can take.
+    pub(crate) fn submit(&self, tasks: impl IntoIterator<Item = Task>) -> Result<()> {
+        {
+            let mut st = lock(&self.state);
+            if let Some(err) = Core::refuse(&st) {
+                return Err(err);
+            }
+            for task in tasks {
+                lock(&task.job.state).submitted += 1;
+                st.queue.push_back(task);
+            }
+        }
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Assigns queued chunks to workers with a free slot and sends them.
+    pub(crate) fn dispatch(&self) {
+        let mut sends: Vec<(Arc<Conn>, u64, Task)> = Vec::new();
+        {
+            let mut st = lock(&self.state);
+            let st = &mut *st;
+            let max_tasks = self.config.init.max_tasks;
+            while !st.queue.is_empty() {
+                // The least loaded worker that can take one more chunk.
+                let Some(w) = st
+                    .workers
+                    .iter_mut()
+                    .filter(|w| w.accepts(max_tasks))
+                    .min_by_key(|w| w.in_flight.len())
+                else {
+                    break;
+                };
+                let Some(task) = st.queue.pop_front() else {
+                    break;
+                };
+                if lock(&task.job.state).cancelled {
+                    task.job.complete(task.info, Outcome::Failed(Error::Closed));
+                    continue;
+                }
+                let id = st.next_id;
+                st.next_id += 1;
+                w.in_flight.push(InFlight {
+                    id,
+                    job: Arc::clone(&task.job),
+                    info: task.info,
+                });
+                w.sent += 1;
+                sends.push((Arc::clone(&w.conn), id, task));
+            }
+        }
+        for (conn, id, task) in sends {
+            // A failed send means the worker died: the reader sees its end
+            // of stream and fails this chunk with the worker's exit status.
+            let _ = lock(&conn.tx).send(
+                worker::TAG_TASK,
+                &[&id.to_le_bytes(), &task.payload],
+                &task.fds,
+            );
+        }
+    }
+
+    /// `close()`: no new work; queued work still runs.
+    pub(crate) fn close(&self) {
+        let mut st = lock(&self.state);
+        if matches!(st.phase, Phase::Running) {
+            st.phase = Phase::Closed;
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        !matches!(lock(&self.state).phase, Phase::Running)
+    }
+
+    /// Waits until nothing is queued or in flight.
+    pub(crate) fn wait_idle(&self) {
+        let mut st = lock(&self.state);
+        while !(st.queue.is_empty() && st.workers.iter().all(|w| w.in_flight.is_empty())) {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Stops the reader and fails what is queued or in flight with
+    /// [`Error::Closed`]. Returns the workers, still to be stopped.
+    fn stop(&self) -> Vec<Worker> {
+        let (workers, failed) = {
+            let mut st = lock(&self.state);
+            st.phase = Phase::Stopping;
+            let mut failed: Vec<(Arc<Job>, ChunkInfo)> =
+                st.queue.drain(..).map(|t| (t.job, t.info)).collect();
+            let workers: Vec<Worker> = st.workers.drain(..).collect();
+            for w in &workers {
+                failed.extend(w.in_flight.iter().map(|f| (Arc::clone(&f.job), f.info)));
+            }
+            st.adopt.clear();
+            (workers, failed)
+        };
+        for (job, info) in failed {
+            job.complete(info, Outcome::Failed(Error::Closed));
+        }
+        self.changed.notify_all();
+        self.wake();
+        workers
+    }
+
+    /// `join()` after `close()`: waits for the work, then for the workers to exit.
+    pub(crate) fn shutdown_gracefully(&self, reader: Option<std::thread::JoinHandle<()>>) {
+        self.wait_idle();
+        let workers = self.stop();
+        if let Some(reader) = reader {
+            let _ = reader.join();
+        }
+        // The reader dropped its ends; dropping ours closes each socket,
+        // and an idle worker exits when its socket closes.
+        for w in workers {
+            drop(w.conn);
+            let _ = w.child.wait(Some(Duration::from_secs(5)));
+            // ChildProc's drop kills and reaps one that did not exit.
+        }
+    }
+
+    /// `terminate()` / drop: SIGTERM, a short grace, SIGKILL; every worker reaped.
+    pub(crate) fn terminate(&self, reader: Option<std::thread::JoinHandle<()>>) {
+        let workers = self.stop();
+        for w in &workers {
+            let _ = w.child.signal(Signal::SIGTERM);
+        }
+        if let Some(reader) = reader {
+            let _ = reader.join();
+        }
+        let grace = Instant::now() + Duration::from_millis(500);
+        for w in workers {
+            let left = grace.saturating_duration_since(Instant::now());
+            if !matches!(w.child.wait(Some(left)), Ok(Some(_))) {
+                let _ = w.child.signal(Signal::SIGKILL);
+                let _ = w.child.wait(Some(Duration::from_secs(10)));
+            }
+        }
+    }
+
+    /// The pids of the current workers.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        lock(&self.state)
+            .workers
+            .iter()
+            .map(|w| w.conn.pid)
+            .collect()
+    }
+
+    /// Marks the pool broken and fails everything queued or in flight.
+    fn break_pool(&self, err: Error) {
+        let failed: Vec<(Arc<Job>, ChunkInfo)> = {
+            let mut st = lock(&self.state);
+            if st.broken.is_none() {
+                st.broken = Some(err.clone());
+            }
+            let mut failed: Vec<_> = st.queue.drain(..).map(|t| (t.job, t.info)).collect();
+            for w in &mut st.workers {
+                failed.extend(w.in_flight.drain(..).map(|f| (f.job, f.info)));
+            }
+            failed
+        };
+        for (job, info) in failed {
+            job.complete(info, Outcome::Failed(err.clone()));
+        }
+        self.changed.notify_all();
+    }
+
+    /// One frame from worker `key`.
+    fn on_frame(&self, key: u64, frame: Frame) {
+        let pid_of = |st: &State| {
+            st.workers
+                .iter()
+                .find(|w| w.key == key)
+                .map(|w| w.conn.pid)
+                .unwrap_or(0)
+        };
+        match frame.tag {
+            worker::TAG_READY => {
+                let mut st = lock(&self.state);
+                if let Some(w) = st.workers.iter_mut().find(|w| w.key == key) {
+                    w.ready = true;
+                }
+                drop(st);
+                self.changed.notify_all();
+            }
+            worker::TAG_INIT_FAILED => {
+                let message = match codec::decode_plain::<TaskFailure>(&frame.bytes) {
+                    Ok(f) => f.describe(),
+                    Err(e) => e.to_string(),
+                };
+                self.break_pool(Error::InitializerFailed { message });
+            }
+            worker::TAG_RESULT | worker::TAG_TASK_FAILED => {
+                let Some(id) = worker::read_u64(&frame.bytes, 0) else {
+                    return;
+                };
+                let found = {
+                    let mut st = lock(&self.state);
+                    let pid = pid_of(&st);
+                    let done = st.workers.iter_mut().find(|w| w.key == key).and_then(|w| {
+                        let at = w.in_flight.iter().position(|f| f.id == id)?;
+                        Some(w.in_flight.swap_remove(at))
+                    });
+                    done.map(|d| (d, pid))
+                };
+                let Some((done, pid)) = found else { return };
+                let outcome = if frame.tag == worker::TAG_RESULT {
+                    Outcome::Done {
+                        frame,
+                        offset: 8,
+                        pid,
+                    }
+                } else {
+                    let err = match codec::decode_plain::<TaskFailure>(&frame.bytes[8..]) {
+                        Ok(f) => f.into_error(pid, None),
+                        Err(e) => e,
+                    };
+                    Outcome::Failed(err)
+                };
+                done.job.complete(done.info, outcome);
+                self.changed.notify_all();
+            }
+            _ => {}
+        }
+    }
+
+    /// Worker `key` closed its socket: reap it, fail its in-flight chunks,
+    /// replace it. Returns the replacement's channel.
+    fn on_death(&self, key: u64) -> Option<(u64, Channel)> {
+        let worker = {
+            let mut st = lock(&self.state);
+            let at = st.workers.iter().position(|w| w.key == key)?;
+            st.workers.swap_remove(at)
+        };
+        let pid = worker.conn.pid;
+        let was_ready = worker.ready;
+        let status = match worker.child.wait(Some(Duration::from_secs(5))) {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                let _ = worker.child.signal(Signal::SIGKILL);
+                worker
+                    .child
+                    .wait(Some(Duration::from_secs(5)))
+                    .ok()
+                    .flatten()
+            }
+        };
+        let err = Error::WorkerDied {
+            pid,
+            signal: status.and_then(|s| s.signal()),
+            code: status.filter(|s| s.signal().is_none()).map(|s| s.code()),
+        };
+        for f in worker.in_flight {
+            f.job.complete(f.info, Outcome::Failed(err.clone()));
+        }
+        self.changed.notify_all();
+        if !was_ready {
+            // It died before it could take work (its start or initializer
+            // failed): replacing it would only loop.
+            self.break_pool(match err {
+                Error::WorkerDied {
+                    signal: None,
+                    code: Some(code),
+                    ..
+                } => Error::InitializerFailed {
+                    message: format!(
+                        "pool worker {pid} exited with code {code} before it was ready"
+                    ),
+                },
+                other => other,
+            });
+            return None;
+        }
+        {
+            let st = lock(&self.state);
+            if st.broken.is_some() || matches!(st.phase, Phase::Stopping) {
+                return None;
+            }
+        }
+        match self.spawn_worker() {
+            Ok(new) => Some(new),
+            Err(Error::Closed) => None,
+            Err(e) => {
+                self.break_pool(e);
+                None
+            }
+        }
+    }
+
+    /// The reader thread: results in, deaths noticed, until `stop`.
+    pub(crate) fn read_loop(self: Arc<Self>, waker: Waker) {
+        let outcome = crate::registry::catch(|| self.read_loop_inner(&waker));
+        let err = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(err)) => err,
+            Err(record) => Error::invalid(format!(
+                "the pool's reader thread panicked: {}",
+                record.message
+            )),
+        };
+        self.break_pool(err);
+    }
+
+    fn read_loop_inner(&self, waker: &Waker) -> Result<()> {
+        let mut channels: Vec<(u64, Channel)> = Vec::new();
+        let mut scratch = [0u8; 64];
+        loop {
+            {
+                let mut st = lock(&self.state);
+                if matches!(st.phase, Phase::Stopping) {
+                    return Ok(());
+                }
+                channels.append(&mut st.adopt);
+            }
+            let mut fds = Vec::with_capacity(channels.len() + 1);
+            fds.push((waker.0.as_fd(), PollFlags::POLLIN));
+            fds.extend(channels.iter().map(|(_, c)| (c.fd(), PollFlags::POLLIN)));
+            let ready = sys::poll_many(&fds, None)?;
+            drop(fds);
+            if !ready[0].is_empty() {
+                while matches!((&waker.0).read(&mut scratch), Ok(n) if n > 0) {}
+            }
+            let mut dead = Vec::new();
+            for (i, (key, channel)) in channels.iter_mut().enumerate() {
+                if ready[i + 1].is_empty() {
+                    continue;
+                }
+                // Everything already buffered, then at most what one read brought.
+                loop {
+                    match channel.recv(None) {
+                        Ok(frame) => self.on_frame(*key, frame),
+                        Err(Error::MessageTooLarge { .. }) => {}
+                        Err(_) => {
+                            dead.push(i);
+                            break;
+                        }
+                    }
+                    if !channel.has_buffered_frame() {
+                        break;
+                    }
+                }
+            }
+            for i in dead.into_iter().rev() {
+                let (key, channel) = channels.swap_remove(i);
+                drop(channel);
+                if let Some(new) = self.on_death(key) {
+                    channels.push(new);
+                }
+            }
+            self.dispatch();
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The pool's wire protocol and the worker process's main loop.
+//!
+//! A worker is a re-executed child started into [`main`] (an internal entry
+//! of `child`). Its start arguments are a [`WorkerInit`] (the initializer's
+//! registered name and encoded arguments, the task limit); the descriptors
+//! of the initializer's arguments come with the start frame.
+//!
+//! Frames, parent to worker: [`TAG_TASK`], payload `id: u64`, `count: u32`,
+//! `name_len: u32`, the registered name, then `count` argument tuples back
+//! to back (the chunk), with the descriptors of handles inside them.
+//!
+//! Frames, worker to parent: [`TAG_READY`] once the initializer ran;
+//! [`TAG_INIT_FAILED`] (a [`TaskFailure`]) if it failed, then the worker
+//! exits; [`TAG_RESULT`], payload `id: u64` then one outcome per item
+//! (`registry::Call::chunk`'s format); [`TAG_TASK_FAILED`], payload
+//! `id: u64` then a [`TaskFailure`], when a whole chunk could not run.
+//!
+//! The worker reads its socket on a thread of its own, so the parent's
+//! writes never wait for the worker to finish a task: the parent can send
+//! from any thread, including the one that reads results, without the two
+//! processes ever waiting on each other. The parent bounds how many tasks
+//! it sends ahead, so this buffer stays small.
+
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec;
+use crate::error::Error;
+use crate::registry::{self, Call, Entry};
+use crate::wire::{Channel, Frame};
+
+/// The internal entry name a worker is started with.
+pub(crate) const ENTRY: &str = "__multiproc::pool::worker";
+
+pub(crate) const TAG_TASK: u32 = 0x5001;
+pub(crate) const TAG_READY: u32 = 0x5002;
+pub(crate) const TAG_INIT_FAILED: u32 = 0x5003;
+pub(crate) const TAG_RESULT: u32 = 0x5004;
+pub(crate) const TAG_TASK_FAILED: u32 = 0x5005;
+
+/// Bytes before the chunk in a task payload: id, count, name length.
+pub(crate) const TASK_HEADER: usize = 16;
+
+/// What a worker is started with.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct WorkerInit {
+    /// Registered name of the initializer and its encoded argument tuple.
+    pub(crate) initializer: Option<(String, Vec<u8>)>,
+    /// Exit after this many tasks (chunks).
+    pub(crate) max_tasks: Option<u64>,
+}
+
+/// Why a whole task (or the initializer) failed, as it travels back.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum TaskFailure {
+    Panicked {
+        message: String,
+        location: Option<String>,
+    },
+    NotRegistered(String),
+    Decode(String),
+    Encode(String),
+    Other(String),
+}
+
+impl TaskFailure {
+    fn from_error(err: Error) -> TaskFailure {
+        match err {
+            Error::Panicked {
+                message, location, ..
+            } => TaskFailure::Panicked { message, location },
+            Error::NotRegistered { name } => TaskFailure::NotRegistered(name),
+            Error::Decode { message } => TaskFailure::Decode(message),
+            Error::Encode { message } => TaskFailure::Encode(message),
+            other => TaskFailure::Other(other.to_string()),
+        }
+    }
+
+    /// The error a whole chunk's items report.
+    pub(crate) fn into_error(self, pid: u32, item: Option<usize>) -> Error {
+        match self {
+            TaskFailure::Panicked { message, location } => Error::Panicked {
+                message,
+                location,
+                pid,
+                item,
+            },
+            TaskFailure::NotRegistered(name) => Error::NotRegistered { name },
+            TaskFailure::Decode(message) => Error::Decode { message },
+            TaskFailure::Encode(message) => Error::Encode { message },
+            TaskFailure::Other(message) => Error::InvalidArgument { message },
+        }
+    }
+
+    /// The message of a failed initializer.
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            TaskFailure::Panicked {
+                message,
+                location: Some(at),
+            } => format!("panicked at {at}: {message}"),
+            TaskFailure::Panicked {
+                message,
+                location: None,
+            } => format!("panicked: {message}"),
+            TaskFailure::NotRegistered(name) => {
+                Error::NotRegistered { name: name.clone() }.to_string()
+            }
+            TaskFailure::Decode(m) | TaskFailure::Encode(m) | TaskFailure::Other(m) => m.clone(),
+        }
+    }
+}
+
+/// Chunks are large: a send buffer that holds a good part of one means
+/// fewer wake-ups of the reader per chunk. The kernel caps it at
+/// `net.core.wmem_max`; failing to raise it only costs speed.
+pub(crate) fn enlarge_send_buffer(fd: std::os::fd::BorrowedFd<'_>) {
+    let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &(1 << 20));
+}
+
+/// Reads a little-endian integer field of a task payload.
+pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn send_failure(channel: &Channel, tag: u32, id: Option<u64>, failure: &TaskFailure) -> bool {
+    let Ok(body) = codec::encode_plain(failure) else {
+        return false;
+    };
+    let id = id.map(u64::to_le_bytes);
+    let parts: Vec<&[u8]> = id
+        .iter()
+        .map(|b| &b[..])
+        .chain(std::iter::once(&body[..]))
+        .collect();
+    channel.send(tag, &parts, &[]).is_ok()
+}
+
+/// The worker process's main: run the initializer, then tasks until the
+/// parent closes the connection or the task limit is reached.
+pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
+    registry::set_quiet_panics(true);
+    let init: WorkerInit = match codec::decode_plain(&args) {
+        Ok(init) => init,
+        Err(err) => {
+            send_failure(
+                &channel,
+                TAG_INIT_FAILED,
+                None,
+                &TaskFailure::from_error(err),
+            );
+            return 2;
+        }
+    };
+
+    // Read tasks on a thread of its own (see the module docs). It keeps
+    // the start channel, whose buffer may already hold the first tasks;
+    // results go out through a duplicate of the socket.
+    let (tx, rx) = mpsc::channel::<Frame>();
+    let Ok(write_fd) = channel.fd().try_clone_to_owned() else {
+        return 2;
+    };
+    let mut input = channel;
+    let channel = Channel::new(write_fd);
+    enlarge_send_buffer(channel.fd());
+    let spawned = std::thread::Builder::new()
+        .name("multiproc-pool-input".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            input.set_max_frame(u64::MAX);
+            while let Ok(frame) = input.recv(None) {
+                if tx.send(frame).is_err() {
+                    break;
+                }
+            }
+        });
+    if spawned.is_err() {
+        return 2;
+    }
+
+    if let Some((name, init_args)) = &init.initializer {
+        let outcome = registry::lookup_name(name).and_then(|entry| {
+            let mut out = Vec::new();
+            let mut out_fds = Vec::new();
+            // A single call: a panic comes back as `Error::Panicked`.
+            registry::set_quiet_panics(true);
+            entry.invoke(&mut Call::single(init_args, fds, &mut out, &mut out_fds))
+        });
+        if let Err(err) = outcome {
+            send_failure(
+                &channel,
+                TAG_INIT_FAILED,
+                None,
+                &TaskFailure::from_error(err),
+            );
+            return 1;
+        }
+    }
+    if channel.send(TAG_READY, &[], &[]).is_err() {
+        return 0;
+    }
+
+    let mut cached: Option<(String, &'static Entry)> = None;
+    let mut out: Vec<u8> = Vec::new();
+    let mut out_fds: Vec<OwnedFd> = Vec::new();
+    let mut done: u64 = 0;
+    while let Ok(frame) = rx.recv() {
+        if frame.tag != TAG_TASK {
+            continue;
+        }
+        let bytes = &frame.bytes;
+        let (Some(id), Some(count), Some(name_len)) =
+            (read_u64(bytes, 0), read_u32(bytes, 8), read_u32(bytes, 12))
+        else {
+            return 2;
+        };
+        let name_end = TASK_HEADER + name_len as usize;
+        let Some(name) = bytes
+            .get(TASK_HEADER..name_end)
+            .and_then(|n| std::str::from_utf8(n).ok())
+        else {
+            return 2;
+        };
+        let entry = match &cached {
+            Some((cached_name, entry)) if cached_name == name => Ok(*entry),
+            _ => registry::lookup_name(name)
+                .inspect(|entry| cached = Some((name.to_string(), entry))),
+        };
+        out.clear();
+        out.extend_from_slice(&id.to_le_bytes());
+        let result = entry.and_then(|entry| {
+            entry.invoke(&mut Call::chunk(
+                &bytes[name_end..],
+                count as usize,
+                frame.fds,
+                &mut out,
+                &mut out_fds,
+            ))
+        });
+        let sent = match result {
+            Ok(()) => channel.send(TAG_RESULT, &[&out], &out_fds).is_ok(),
+            Err(err) => send_failure(
+                &channel,
+                TAG_TASK_FAILED,
+                Some(id),
+                &TaskFailure::from_error(err),
+            ),
+        };
+        out_fds.clear();
+        if !sent {
+            return 0;
+        }
+        // Keep a large buffer from one huge chunk from staying forever.
+        if out.capacity() > 64 << 20 {
+            out = Vec::new();
+        }
+        done += 1;
+        if init.max_tasks.is_some_and(|max| done >= max) {
+            return 0;
+        }
+    }
+    0
+}

@@ -1,0 +1,445 @@
+//! Pool: map, imap, starmap, apply_async; panics, dead workers,
+//! initializers, task limits, close/join/terminate. Every wait is bounded.
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use multiproc::{Error, Pool, process_fn};
+use serde::{Deserialize, Deserializer, Serialize};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[process_fn]
+fn cube(x: u64) -> u64 {
+    x * x * x
+}
+
+#[process_fn]
+fn add(a: u64, b: u64) -> u64 {
+    a + b
+}
+
+#[process_fn]
+fn pid_of(_x: u64) -> u32 {
+    std::process::id()
+}
+
+#[process_fn]
+fn sleep_ms(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[process_fn]
+fn fail_on(x: u64, bad: u64) -> u64 {
+    if x == bad {
+        panic!("item {x} is bad");
+    }
+    x
+}
+
+#[process_fn]
+fn kill_self() -> u32 {
+    let pid = std::process::id();
+    // SAFETY: kill(2) with our own pid and a valid signal number touches no memory.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_secs(60));
+    pid
+}
+
+static SEED: AtomicU64 = AtomicU64::new(0);
+
+#[process_fn]
+fn set_seed(seed: u64) {
+    SEED.store(seed, Ordering::SeqCst);
+}
+
+#[process_fn]
+fn seeded(x: u64) -> u64 {
+    SEED.load(Ordering::SeqCst) + x
+}
+
+#[process_fn]
+fn bad_initializer() {
+    panic!("initializer refuses");
+}
+
+/// Encodes fine in the worker, never decodes in the parent.
+#[derive(Debug, Serialize)]
+struct Undecodable(u8);
+
+impl<'de> Deserialize<'de> for Undecodable {
+    fn deserialize<D: Deserializer<'de>>(_: D) -> Result<Self, D::Error> {
+        Err(serde::de::Error::custom("this type never decodes"))
+    }
+}
+
+#[process_fn]
+fn undecodable(x: u8) -> Undecodable {
+    Undecodable(x)
+}
+
+#[process_fn]
+fn put_square(q: multiproc::Queue<u64>, x: u64) -> u64 {
+    q.put(x * x).expect("put");
+    x
+}
+
+fn not_registered(x: u64) -> u64 {
+    x
+}
+
+fn pool2() -> Pool {
+    Pool::new(2).expect("pool")
+}
+
+#[test]
+fn map_equals_sequential() {
+    let pool = pool2();
+    for n in [0u64, 1, 4, 10_000] {
+        let got = pool.map(cube, 0..n).expect("map");
+        let want: Vec<u64> = (0..n).map(cube).collect();
+        assert_eq!(got, want, "n = {n}");
+    }
+    // An input without an exact length, and explicit chunk sizes.
+    let odd: Vec<u64> = pool
+        .map(cube, (0..100u64).filter(|x| x % 2 == 1))
+        .expect("map filter");
+    assert_eq!(
+        odd,
+        (0..100u64)
+            .filter(|x| x % 2 == 1)
+            .map(cube)
+            .collect::<Vec<_>>()
+    );
+    for chunksize in [1, 7, 1000] {
+        assert_eq!(
+            pool.map_chunked(cube, 0..500u64, chunksize)
+                .expect("map_chunked"),
+            (0..500u64).map(cube).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn tutorial_map_with_five_workers() {
+    let pool = Pool::new(5).expect("pool");
+    assert_eq!(pool.map(cube, 0..4).expect("map"), vec![0, 1, 8, 27]);
+    assert_eq!(pool.processes(), 5);
+}
+
+#[test]
+fn starmap_and_apply() {
+    let pool = pool2();
+    let pairs: Vec<(u64, u64)> = (0..50).map(|i| (i, 2 * i)).collect();
+    assert_eq!(
+        pool.starmap(add, pairs.clone()).expect("starmap"),
+        pairs.iter().map(|(a, b)| a + b).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        pool.starmap_async(add, pairs)
+            .expect("submit")
+            .get()
+            .expect("get")
+            .len(),
+        50
+    );
+    assert_eq!(pool.apply(add, (2, 3)).expect("apply"), 5);
+    assert_eq!(
+        pool.map_async(cube, 0..10)
+            .expect("submit")
+            .get()
+            .expect("get"),
+        (0..10).map(cube).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn imap_keeps_order() {
+    let pool = pool2();
+    // Earlier items sleep longer, so they finish later than later items.
+    let input: Vec<u64> = (0..12).map(|i| (12 - i) * 5).collect();
+    let got: Vec<u64> = pool
+        .imap(sleep_ms, input.clone())
+        .expect("imap")
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(got, input);
+    let chunked: Vec<u64> = pool
+        .imap_chunked(cube, 0..1000u64, 64)
+        .expect("imap")
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(chunked, (0..1000u64).map(cube).collect::<Vec<_>>());
+}
+
+#[test]
+fn imap_unordered_gives_every_result() {
+    let pool = pool2();
+    let got: HashSet<u64> = pool
+        .imap_unordered(cube, 0..200u64)
+        .expect("imap")
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(got, (0..200u64).map(cube).collect::<HashSet<_>>());
+}
+
+#[test]
+fn imap_over_an_endless_iterator() {
+    let pool = pool2();
+    let got: Vec<u64> = pool
+        .imap(cube, 0u64..)
+        .expect("imap")
+        .take(100)
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(got, (0..100u64).map(cube).collect::<Vec<_>>());
+    // The pool is usable afterwards (the abandoned window is discarded).
+    assert_eq!(pool.map(cube, 0..3).expect("map after"), vec![0, 1, 8]);
+}
+
+#[test]
+fn apply_async_get_timeout_times_out_then_succeeds() {
+    let pool = pool2();
+    let mut result = pool.apply_async(sleep_ms, (1500,)).expect("submit");
+    let err = result
+        .get_timeout(Duration::from_millis(10))
+        .expect_err("not ready yet");
+    assert!(err.is_timeout(), "{err}");
+    assert!(!result.ready());
+    assert_eq!(result.successful(), None);
+    assert_eq!(result.get_timeout(LONG).expect("value"), 1500);
+    // The value was taken: asking again is an error, not a hang.
+    assert!(result.get_timeout(LONG).is_err());
+
+    let done = pool.apply_async(add, (1, 1)).expect("submit");
+    assert!(done.wait_timeout(LONG));
+    assert!(done.ready());
+    assert_eq!(done.successful(), Some(true));
+    assert_eq!(done.get().expect("value"), 2);
+}
+
+#[test]
+fn panic_fails_its_item_and_the_pool_lives_on() {
+    let pool = pool2();
+    let input: Vec<(u64, u64)> = (0..100).map(|i| (i, 37)).collect();
+    let err = pool.starmap(fail_on, input).expect_err("item 37 panics");
+    match &err {
+        Error::Panicked { message, item, .. } => {
+            assert_eq!(message, "item 37 is bad");
+            assert_eq!(*item, Some(37));
+        }
+        other => panic!("expected a panic error, got {other}"),
+    }
+    assert!(err.to_string().contains("item 37"), "{err}");
+    // Only that item failed: imap shows every other result.
+    let results: Vec<Result<u64, Error>> = pool.imap(cube, 0..10u64).expect("imap").collect();
+    assert!(results.iter().all(Result::is_ok));
+    let mixed: Vec<bool> = pool
+        .imap_chunked(sleep_ms, [0u64, 0, 0], 3)
+        .expect("imap")
+        .map(|r| r.is_ok())
+        .collect();
+    assert_eq!(mixed, vec![true, true, true]);
+    let failed = pool.apply_async(fail_on, (5, 5)).expect("submit");
+    assert!(failed.wait_timeout(LONG));
+    assert_eq!(failed.successful(), Some(false));
+    assert_eq!(
+        pool.map(cube, 0..5).expect("next map"),
+        vec![0, 1, 8, 27, 64]
+    );
+}
+
+#[test]
+fn a_killed_worker_fails_its_task_and_is_replaced() {
+    let pool = pool2();
+    let before = pool.worker_pids();
+    let started = Instant::now();
+    let mut result = pool.apply_async(kill_self, ()).expect("submit");
+    let err = result
+        .get_timeout(Duration::from_secs(2))
+        .expect_err("the worker died");
+    let elapsed = started.elapsed();
+    match err {
+        Error::WorkerDied { pid, signal, .. } => {
+            assert!(before.contains(&pid), "pid {pid} not one of {before:?}");
+            assert_eq!(signal, Some(9));
+        }
+        other => panic!("expected WorkerDied, got {other} after {elapsed:?}"),
+    }
+    assert_eq!(
+        pool.map(cube, 0..1000u64).expect("next map"),
+        (0..1000u64).map(cube).collect::<Vec<_>>()
+    );
+    assert_eq!(pool.worker_pids().len(), 2);
+}
+
+#[test]
+fn max_tasks_per_child_gives_fresh_workers() {
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(1)
+        .build()
+        .expect("pool");
+    let pids = pool.map_chunked(pid_of, 0..6u64, 1).expect("map");
+    let distinct: HashSet<u32> = pids.iter().copied().collect();
+    assert_eq!(distinct.len(), 6, "{pids:?}");
+    // Retired workers keep being replaced: the next tasks run in new processes.
+    let more = pool.map_chunked(pid_of, 0..2u64, 1).expect("second map");
+    assert!(
+        more.iter().all(|p| !distinct.contains(p)),
+        "{more:?} reused one of {pids:?}"
+    );
+    assert_ne!(more[0], more[1]);
+}
+
+#[test]
+fn initializer_runs_in_every_worker() {
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(set_seed, (1000,))
+        .build()
+        .expect("pool");
+    assert_eq!(
+        pool.map_chunked(seeded, 0..8u64, 1).expect("map"),
+        (1000..1008).collect::<Vec<u64>>()
+    );
+}
+
+#[test]
+fn a_panicking_initializer_fails_build() {
+    let err = Pool::builder()
+        .processes(2)
+        .initializer(bad_initializer, ())
+        .build()
+        .expect_err("initializer panics");
+    match &err {
+        Error::InitializerFailed { message } => {
+            assert!(message.contains("initializer refuses"), "{message}")
+        }
+        other => panic!("expected InitializerFailed, got {other}"),
+    }
+}
+
+#[test]
+fn undecodable_result_is_that_tasks_error() {
+    let pool = pool2();
+    let err = pool.map(undecodable, [1u8]).expect_err("cannot decode");
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+    assert_eq!(pool.map(cube, 0..2).expect("next"), vec![0, 1]);
+}
+
+#[test]
+fn misuse_is_reported() {
+    assert!(matches!(Pool::new(0), Err(Error::InvalidArgument { .. })));
+    let pool = pool2();
+    assert!(matches!(
+        pool.map(not_registered, 0..3u64),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(
+        pool.map(|x: u64| x, 0..3u64),
+        Err(Error::NotRegistered { .. })
+    ));
+    assert!(matches!(
+        pool.map_chunked(cube, 0..3u64, 0),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(pool.join().is_err(), "join before close is an error");
+    pool.close();
+    assert!(matches!(pool.map(cube, 0..3u64), Err(Error::Closed)));
+    assert!(matches!(pool.apply_async(add, (1, 2)), Err(Error::Closed)));
+    pool.join().expect("join after close");
+}
+
+#[test]
+fn close_then_join_finishes_outstanding_work() {
+    let pool = pool2();
+    let pids = pool.worker_pids();
+    let pending = pool
+        .map_async(sleep_ms, [200u64, 200, 200])
+        .expect("submit");
+    pool.close();
+    pool.join().expect("join");
+    assert_eq!(
+        pending.get().expect("finished before join returned"),
+        vec![200, 200, 200]
+    );
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} still exists"
+        );
+    }
+}
+
+#[test]
+fn pool_and_results_can_be_shared_across_threads() {
+    fn shared<T: Send + Sync>() {}
+    shared::<Pool>();
+    shared::<multiproc::pool::AsyncResult<'static, Vec<u64>>>();
+}
+
+#[test]
+fn several_threads_share_one_pool() {
+    let pool = pool2();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                let pool = &pool;
+                s.spawn(move || pool.map(cube, t * 1000..(t + 1) * 1000).expect("map"))
+            })
+            .collect();
+        for (t, h) in handles.into_iter().enumerate() {
+            let t = t as u64;
+            assert_eq!(
+                h.join().expect("thread"),
+                (t * 1000..(t + 1) * 1000).map(cube).collect::<Vec<_>>()
+            );
+        }
+    });
+}
+
+#[test]
+fn dropping_a_busy_pool_leaves_no_child() {
+    let pool = pool2();
+    let pids = pool.worker_pids();
+    assert_eq!(pids.len(), 2);
+    let busy = pool
+        .map_async(sleep_ms, [20_000u64, 20_000])
+        .expect("submit");
+    // Both workers are now busy for 20 s; dropping must not wait for them.
+    drop(busy);
+    drop(pool);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} left behind"
+        );
+    }
+}
+
+#[test]
+fn terminate_fails_pending_work() {
+    let pool = pool2();
+    let pending = pool.apply_async(sleep_ms, (20_000,)).expect("submit");
+    pool.terminate();
+    assert!(matches!(pending.get(), Err(Error::Closed)));
+    assert!(matches!(pool.map(cube, 0..3u64), Err(Error::Closed)));
+    pool.join().expect("join after terminate");
+}
+
+#[test]
+fn handles_travel_as_task_arguments() {
+    let pool = pool2();
+    let q = multiproc::Queue::<u64>::new().expect("queue");
+    let args: Vec<(multiproc::Queue<u64>, u64)> = (0..20).map(|x| (q.clone(), x)).collect();
+    // Chunks of several items, each with its own copy of the queue's descriptors.
+    assert_eq!(
+        pool.starmap(put_square, args).expect("starmap"),
+        (0..20).collect::<Vec<u64>>()
+    );
+    let mut got: Vec<u64> = (0..20).map(|_| q.get_timeout(LONG).expect("get")).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+}
