@@ -15,7 +15,7 @@
 //! instead of a descriptor that silently does not arrive.
 
 use std::cell::RefCell;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use bincode::Options;
 use serde::de::DeserializeOwned;
@@ -249,14 +249,10 @@ impl<'de> SeqDecoder<'de> {
     }
 }
 
-/// Keeps `fd` usable as `AsFd` for handles that store an `OwnedFd`.
-pub(crate) fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
-    fd.as_fd()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn round_trip_plain() {

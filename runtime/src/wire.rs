@@ -75,16 +75,8 @@ impl Channel {
         self.max_frame = max;
     }
 
-    pub(crate) fn max_frame(&self) -> u64 {
-        self.max_frame
-    }
-
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
-    }
-
-    pub(crate) fn into_fd(self) -> OwnedFd {
-        self.fd
     }
 
     /// `true` when bytes or descriptors were read from the socket and not

@@ -7,7 +7,7 @@
 
 use std::ffi::{CStr, CString, OsString};
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
 
@@ -404,16 +404,4 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
     flags.set(OFlag::O_NONBLOCK, on);
     fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| Error::errno("fcntl(F_SETFL)", e))?;
     Ok(())
-}
-
-/// Counts this process's open descriptors (for tests and diagnostics).
-pub fn open_fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count().saturating_sub(1))
-        .unwrap_or(0)
-}
-
-/// `fd` as a borrowed descriptor (convenience for the `AsFd` bound).
-pub(crate) fn borrowed(fd: &impl AsFd) -> BorrowedFd<'_> {
-    fd.as_fd()
 }
