@@ -183,6 +183,49 @@ fn default_chunksize(n: usize, workers: usize) -> usize {
     n.div_ceil(4 * workers).max(1)
 }
 
+/// The sizes of a map's chunks.
+///
+/// With an explicit chunksize every chunk has that size. Without one, the
+/// first chunks have Python's default size, `ceil(n / (4 * workers))`, and
+/// then shrink with what is left (guided self-scheduling: `ceil(left / (2 *
+/// workers))`), down to an eighth of the default. The end of a map is then
+/// made of small chunks, so a worker that is slowed down (by an uneven task
+/// or by the machine) holds up the end by a small chunk, not a large one,
+/// at the cost of a few more messages.
+#[derive(Debug)]
+struct ChunkPlan {
+    fixed: Option<usize>,
+    largest: usize,
+    smallest: usize,
+    left: usize,
+    workers: usize,
+}
+
+impl ChunkPlan {
+    fn new(n: usize, workers: usize, chunksize: Option<usize>) -> ChunkPlan {
+        let largest = default_chunksize(n, workers);
+        ChunkPlan {
+            fixed: chunksize,
+            largest,
+            smallest: largest.div_ceil(8),
+            left: n,
+            workers: workers.max(1),
+        }
+    }
+
+    fn next_size(&mut self) -> usize {
+        let size = match self.fixed {
+            Some(size) => size,
+            None => self
+                .left
+                .div_ceil(2 * self.workers)
+                .clamp(self.smallest, self.largest),
+        };
+        self.left = self.left.saturating_sub(size);
+        size.max(1)
+    }
+}
+
 /// One encoded task payload and the descriptors of the handles in it.
 type Encoded = (Vec<u8>, Vec<OwnedFd>);
 
@@ -368,10 +411,10 @@ impl Pool {
         chunksize: Option<usize>,
     ) -> Result<(JobGuard, usize, usize)> {
         let mut encoder = ChunkEncoder::new::<F>()?;
-        let chunksize = chunksize.unwrap_or_else(|| default_chunksize(n, self.processes()));
+        let mut plan = ChunkPlan::new(n, self.processes(), chunksize);
         let job = JobGuard(Arc::new(Job::default()));
         let (mut chunks, mut first) = (0usize, 0usize);
-        while let Some((count, encoded)) = encoder.next(&mut items, chunksize) {
+        while let Some((count, encoded)) = encoder.next(&mut items, plan.next_size()) {
             let (payload, fds) = encoded?;
             let info = ChunkInfo {
                 index: chunks,
@@ -411,7 +454,9 @@ impl Pool {
 
     /// Applies the registered function `f` to every item of `iter` in the
     /// workers and returns the results in input order: Python's `map`.
-    /// The chunksize is Python's default, `ceil(n / (4 * processes))`.
+    /// Chunks start at Python's default size, `ceil(n / (4 * processes))`,
+    /// and shrink towards the end of the input (down to an eighth of that)
+    /// so that the workers finish together.
     ///
     /// # Errors
     ///
@@ -981,5 +1026,43 @@ where
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChunkPlan;
+
+    fn sizes(n: usize, workers: usize, chunksize: Option<usize>) -> Vec<usize> {
+        let mut plan = ChunkPlan::new(n, workers, chunksize);
+        let mut left = n;
+        let mut out = Vec::new();
+        while left > 0 {
+            let size = plan.next_size().min(left);
+            left -= size;
+            out.push(size);
+        }
+        out
+    }
+
+    #[test]
+    fn default_plan_starts_at_pythons_size_and_shrinks_at_the_tail() {
+        let s = sizes(200, 2, None);
+        assert_eq!(s.iter().sum::<usize>(), 200);
+        assert_eq!(s[0], 25, "Python's ceil(200 / (4 * 2))");
+        assert!(s.windows(2).all(|w| w[0] >= w[1]), "non-increasing: {s:?}");
+        assert!(
+            *s.last().unwrap_or(&0) <= 4,
+            "small chunks at the end: {s:?}"
+        );
+        let big = sizes(1_000_000, 2, None);
+        assert_eq!(big.iter().sum::<usize>(), 1_000_000);
+        assert!(big.len() < 40, "few chunks for a big map: {}", big.len());
+    }
+
+    #[test]
+    fn explicit_chunksize_is_kept() {
+        assert_eq!(sizes(10, 2, Some(3)), vec![3, 3, 3, 1]);
+        assert_eq!(sizes(0, 2, None), Vec::<usize>::new());
     }
 }
