@@ -14,6 +14,7 @@
 //! run, so serializing a handle with any other serializer is an error
 //! instead of a descriptor that silently does not arrive.
 
+use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
@@ -140,6 +141,70 @@ pub(crate) fn encode<T: Serialize + ?Sized>(
     with_fd_sink(fds, || options().serialize_into(&mut *out, value)).map_err(encode_error)
 }
 
+/// Like [`encode`], with a one-copy path for byte buffers: serde hands a
+/// `Vec<u8>` (or `Box<[u8]>`) to bincode one element at a time (about a
+/// nanosecond per byte); this writes the same bytes bincode would (fixint:
+/// the length as a little-endian `u64`, then the bytes) with one memcpy.
+/// Every other type goes through [`encode`]. Needs `T: 'static` to
+/// recognise the type.
+pub(crate) fn encode_typed<T: Serialize + 'static>(
+    value: &T,
+    out: &mut Vec<u8>,
+    fds: &mut Vec<OwnedFd>,
+) -> Result<()> {
+    if let Some(bytes) = as_bytes(value) {
+        out.reserve(8 + bytes.len());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(bytes);
+        return Ok(());
+    }
+    encode(value, out, fds)
+}
+
+/// The bytes of `value` if it is a byte buffer with a fast path.
+fn as_bytes<T: 'static>(value: &T) -> Option<&[u8]> {
+    let any = value as &dyn Any;
+    if let Some(v) = any.downcast_ref::<Vec<u8>>() {
+        return Some(v);
+    }
+    any.downcast_ref::<Box<[u8]>>().map(|b| &b[..])
+}
+
+/// Like [`decode`], with the one-copy path of [`encode_typed`] for byte
+/// buffers (the same wire format, so either side may use either function).
+pub(crate) fn decode_typed<T: DeserializeOwned + 'static>(
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<T> {
+    let id = TypeId::of::<T>();
+    if id == TypeId::of::<Vec<u8>>() {
+        return cast(decode_byte_vec(bytes)?).map_or_else(|| decode(bytes, fds), Ok);
+    }
+    if id == TypeId::of::<Box<[u8]>>() {
+        let boxed = decode_byte_vec(bytes)?.into_boxed_slice();
+        return cast(boxed).map_or_else(|| decode(bytes, fds), Ok);
+    }
+    decode(bytes, fds)
+}
+
+/// `value` as a `T`, if it is one (no allocation, no unsafe).
+fn cast<T: 'static, U: 'static>(value: U) -> Option<T> {
+    let mut slot = Some(value);
+    (&mut slot as &mut dyn Any)
+        .downcast_mut::<Option<T>>()
+        .and_then(Option::take)
+}
+
+/// A bincode (fixint, little-endian) `Vec<u8>` from the front of `bytes`.
+fn decode_byte_vec(bytes: &[u8]) -> Result<Vec<u8>> {
+    let short = || Error::Decode {
+        message: "io error: unexpected end of file".into(),
+    };
+    let (len, rest) = bytes.split_first_chunk::<8>().ok_or_else(short)?;
+    let len = usize::try_from(u64::from_le_bytes(*len)).map_err(|_| short())?;
+    rest.get(..len).map(<[u8]>::to_vec).ok_or_else(short)
+}
+
 /// Encodes a value that carries no handles (internal protocol messages).
 pub(crate) fn encode_plain<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     options().serialize(value).map_err(encode_error)
@@ -231,6 +296,43 @@ mod tests {
         let bytes = encode_plain(&"hello".to_string()).expect("encode");
         let err = decode_plain::<String>(&bytes[..bytes.len() - 1]).expect_err("truncated");
         assert!(matches!(err, Error::Decode { .. }), "{err}");
+    }
+
+    #[test]
+    fn byte_fast_path_matches_bincode() {
+        for len in [0usize, 1, 7, 8, 1000, 1024, 70_000] {
+            let v: Vec<u8> = (0..len).map(|i| (i * 31 % 256) as u8).collect();
+            let reference = encode_plain(&v).expect("bincode");
+            let (mut fast, mut fds) = (Vec::new(), Vec::new());
+            encode_typed(&v, &mut fast, &mut fds).expect("fast");
+            assert_eq!(fast, reference, "Vec<u8> of {len}");
+            let boxed: Box<[u8]> = v.clone().into_boxed_slice();
+            let mut fast_box = Vec::new();
+            encode_typed(&boxed, &mut fast_box, &mut fds).expect("fast box");
+            assert_eq!(fast_box, reference, "Box<[u8]> of {len}");
+            assert!(fds.is_empty());
+            let back: Vec<u8> = decode_typed(&reference, Vec::new()).expect("decode");
+            assert_eq!(back, v);
+            let back: Box<[u8]> = decode_typed(&reference, Vec::new()).expect("decode box");
+            assert_eq!(back, boxed);
+            // Trailing bytes are allowed, as with bincode.
+            let mut padded = reference.clone();
+            padded.extend_from_slice(&[9, 9, 9]);
+            let back: Vec<u8> = decode_typed(&padded, Vec::new()).expect("padded");
+            assert_eq!(back, v);
+            if len > 0 {
+                let cut = &reference[..reference.len() - 1];
+                assert!(decode_typed::<Vec<u8>>(cut, Vec::new()).is_err());
+                assert!(decode_plain::<Vec<u8>>(cut).is_err());
+            }
+        }
+        assert!(decode_typed::<Vec<u8>>(&[1, 0, 0], Vec::new()).is_err());
+        // Other types take the ordinary path.
+        let (mut out, mut fds) = (Vec::new(), Vec::new());
+        encode_typed(&(5u64, vec![1u16, 2]), &mut out, &mut fds).expect("tuple");
+        assert_eq!(out, encode_plain(&(5u64, vec![1u16, 2])).expect("bincode"));
+        let back: (u64, Vec<u16>) = decode_typed(&out, Vec::new()).expect("tuple back");
+        assert_eq!(back, (5, vec![1, 2]));
     }
 
     #[test]

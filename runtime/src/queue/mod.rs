@@ -203,7 +203,7 @@ impl<T> Queue<T> {
     }
 }
 
-impl<T: Serialize> Queue<T> {
+impl<T: Serialize + 'static> Queue<T> {
     fn put_inner(
         &self,
         item: T,
@@ -213,7 +213,7 @@ impl<T: Serialize> Queue<T> {
         let r = with_buf(&ENC, |buf| {
             buf.clear();
             let mut fds = Vec::new();
-            codec::encode(&item, buf, &mut fds).map_err(PutFail::Failed)?;
+            codec::encode_typed(&item, buf, &mut fds).map_err(PutFail::Failed)?;
             let side = if fds.is_empty() && buf.len() <= ring::INLINE_MAX {
                 None
             } else {
@@ -284,7 +284,7 @@ impl<T: Serialize> Queue<T> {
     }
 }
 
-impl<T: DeserializeOwned> Queue<T> {
+impl<T: DeserializeOwned + 'static> Queue<T> {
     fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
         with_buf(&DEC, |buf| {
             let mut fds: Vec<OwnedFd> = Vec::new();
@@ -292,7 +292,7 @@ impl<T: DeserializeOwned> Queue<T> {
             loop {
                 match self.ring.try_take(buf, &mut fds, &mut stall) {
                     Ok(Take::Got) => {
-                        return codec::decode(buf, std::mem::take(&mut fds))
+                        return codec::decode_typed(buf, std::mem::take(&mut fds))
                             .map_err(GetFail::Failed);
                     }
                     Ok(Take::Closed) => return Err(GetFail::Disconnected),
@@ -459,7 +459,7 @@ impl<T> SimpleQueue<T> {
     }
 }
 
-impl<T: Serialize> SimpleQueue<T> {
+impl<T: Serialize + 'static> SimpleQueue<T> {
     /// Puts `item`. See [`Queue::put`].
     ///
     /// # Errors
@@ -470,7 +470,7 @@ impl<T: Serialize> SimpleQueue<T> {
     }
 }
 
-impl<T: DeserializeOwned> SimpleQueue<T> {
+impl<T: DeserializeOwned + 'static> SimpleQueue<T> {
     /// Gets the first message, waiting. See [`Queue::get`].
     ///
     /// # Errors

@@ -27,7 +27,7 @@ use crate::sys;
 use crate::sys::futex;
 use crate::sys::shm::Mapping;
 
-const MAGIC: u64 = 0x6d70_7175_6575_6531; // "mpqueue1"
+const MAGIC: u64 = 0x6d70_7175_6575_6532; // "mpqueue2"
 const HEADER_BYTES: usize = 4096;
 /// Bytes per slot: a 24-byte header and the inline payload.
 pub(crate) const STRIDE: usize = 1088;
@@ -49,8 +49,10 @@ const H_CONS_WAIT: usize = 112; // byte 448
 const H_NOT_FULL: usize = 128; // byte 512
 const H_PROD_WAIT: usize = 144; // byte 576
 const H_CLOSED: usize = 160; // byte 640
-const H_UNFINISHED: usize = 192; // byte 768
 const H_JOINABLE: usize = 224; // byte 896
+const W_DONE: usize = 128; // byte 1024: task_done calls (joinable queues)
+const W_TOMBS: usize = 136; // byte 1088: positions turned into tombstones
+const H_JOIN_SEQ: usize = 288; // byte 1152: bumped when the unfinished count may be zero
 
 const KIND_INLINE: u32 = 0;
 const KIND_SIDE: u32 = 1;
@@ -79,6 +81,11 @@ pub(crate) struct Ring {
     tx: OwnedFd,
     rx: OwnedFd,
     cap: u64,
+    /// Positions carry the lap above bit `shift` and the slot index below
+    /// (`mask`), as in crossbeam's `ArrayQueue`: no division on the fast
+    /// path for any capacity. Index values `cap..=mask` are skipped.
+    shift: u32,
+    mask: u64,
     pid: u64,
 }
 
@@ -112,13 +119,7 @@ impl Ring {
         let (tx, rx) = sys::socketpair_dgram()?;
         sys::set_nonblocking(tx.as_fd(), true)?;
         sys::set_nonblocking(rx.as_fd(), true)?;
-        Ok(Ring {
-            map,
-            tx,
-            rx,
-            cap: cap as u64,
-            pid: std::process::id() as u64,
-        })
+        Ok(Ring::assemble(map, tx, rx, cap as u64))
     }
 
     pub(crate) fn from_fds(mem: OwnedFd, tx: OwnedFd, rx: OwnedFd) -> Result<Ring> {
@@ -135,13 +136,20 @@ impl Ring {
         {
             return Err(Error::invalid("corrupt queue header"));
         }
-        Ok(Ring {
+        Ok(Ring::assemble(map, tx, rx, cap))
+    }
+
+    fn assemble(map: Mapping, tx: OwnedFd, rx: OwnedFd, cap: u64) -> Ring {
+        let one_lap = cap.next_power_of_two();
+        Ring {
             map,
             tx,
             rx,
             cap,
+            shift: one_lap.trailing_zeros(),
+            mask: one_lap - 1,
             pid: std::process::id() as u64,
-        })
+        }
     }
 
     pub(crate) fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 3] {
@@ -160,8 +168,25 @@ impl Ring {
         &self.map.atomics_u32()[i]
     }
 
+    /// `(lap, slot index)` of a position.
     fn split(&self, pos: u64) -> (u64, usize) {
-        (pos / self.cap, (pos % self.cap) as usize)
+        (pos >> self.shift, (pos & self.mask) as usize)
+    }
+
+    /// The position after `pos`.
+    fn next(&self, pos: u64) -> u64 {
+        if (pos & self.mask) + 1 < self.cap {
+            pos + 1
+        } else {
+            (pos | self.mask) + 1
+        }
+    }
+
+    /// How many positions come before `pos`.
+    fn count(&self, pos: u64) -> u64 {
+        (pos >> self.shift)
+            .wrapping_mul(self.cap)
+            .wrapping_add(pos & self.mask)
     }
 
     fn slot_off(&self, idx: usize) -> usize {
@@ -196,9 +221,9 @@ impl Ring {
 
     /// Messages in the queue (approximate under concurrency, like Python's).
     pub(crate) fn len(&self) -> usize {
-        let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
         let head = self.u64w(W_HEAD).load(Ordering::Acquire);
-        tail.saturating_sub(head) as usize
+        let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
+        self.count(tail).saturating_sub(self.count(head)) as usize
     }
 
     fn joinable(&self) -> bool {
@@ -220,7 +245,7 @@ impl Ring {
             let seq = self.seq(idx).load(Ordering::Acquire);
             if seq == 2 * lap {
                 if tail
-                    .compare_exchange_weak(t, t + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .compare_exchange_weak(t, self.next(t), Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
                 {
                     let claimed = self
@@ -233,9 +258,6 @@ impl Ring {
                         )
                         .is_ok();
                     if claimed {
-                        if self.joinable() {
-                            self.u32w(H_UNFINISHED).fetch_add(1, Ordering::SeqCst);
-                        }
                         return Ok(Some(t));
                     }
                     // A consumer gave up on us (we stalled past the grace
@@ -362,7 +384,7 @@ impl Ring {
             let seq = self.seq(idx).load(Ordering::Acquire);
             if seq == 2 * lap + 1 {
                 if head
-                    .compare_exchange_weak(h, h + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .compare_exchange_weak(h, self.next(h), Ordering::Relaxed, Ordering::Relaxed)
                     .is_err()
                 {
                     continue;
@@ -418,18 +440,19 @@ impl Ring {
 
     fn check_stalled(&self, pos: u64, stall: &mut Stall) {
         let now = Instant::now();
-        if stall.pos != Some(pos) {
-            *stall = Stall {
-                pos: Some(pos),
-                since: now,
-                checked: now,
-            };
-            return;
-        }
-        if now.duration_since(stall.checked) < LIVENESS_EVERY {
-            return;
-        }
-        stall.checked = now;
+        let since = match &mut stall.at {
+            Some((at, since, checked)) if *at == pos => {
+                if now.duration_since(*checked) < LIVENESS_EVERY {
+                    return;
+                }
+                *checked = now;
+                *since
+            }
+            _ => {
+                stall.at = Some((pos, now, now));
+                return;
+            }
+        };
         let (lap, idx) = self.split(pos);
         let st = self.stamp(idx).load(Ordering::Acquire);
         if st >> 32 != lap & 0xffff_ffff {
@@ -438,7 +461,7 @@ impl Ring {
         let pid = st & 0xffff_ffff;
         let give_up = match pid {
             PID_TOMB => false,
-            PID_FREE => now.duration_since(stall.since) > UNSTAMPED_GRACE,
+            PID_FREE => now.duration_since(since) > UNSTAMPED_GRACE,
             pid => !sys::pid_alive(pid as u32),
         };
         if give_up
@@ -452,9 +475,7 @@ impl Ring {
                 )
                 .is_ok()
         {
-            if pid != PID_FREE && self.joinable() {
-                self.task_done_internal();
-            }
+            self.count_tombstone();
             self.publish(pos, KIND_INLINE, 0);
         }
     }
@@ -464,9 +485,7 @@ impl Ring {
         let (lap, idx) = self.split(pos);
         self.stamp(idx)
             .store(stamp(lap, PID_TOMB), Ordering::Release);
-        if self.joinable() {
-            self.task_done_internal();
-        }
+        self.count_tombstone();
         self.publish(pos, KIND_INLINE, 0);
     }
 
@@ -490,40 +509,75 @@ impl Ring {
     // -----------------------------------------------------------------
     // Joinable queues.
 
-    fn task_done_internal(&self) -> bool {
-        let word = self.u32w(H_UNFINISHED);
-        let mut cur = word.load(Ordering::SeqCst);
-        loop {
-            if cur == 0 {
-                return false;
-            }
-            match word.compare_exchange_weak(cur, cur - 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => {
-                    if cur == 1 {
-                        futex::wake(word, u32::MAX);
-                    }
-                    return true;
-                }
-                Err(now) => cur = now,
-            }
+    //
+    // The unfinished-task count is not a counter that `put` increments: a
+    // producer killed between reserving its slot and counting would leave
+    // it off by one, whichever order the two steps come in. It is derived
+    // from three monotonic numbers instead,
+    //
+    //     unfinished = positions reserved - tombstones - task_done calls,
+    //
+    // where every reserved position ends exactly one way: published (a
+    // consumer takes it; the user calls `task_done`) or tombstoned (by the
+    // consumer who gave up on a dead or stalled writer, or by the writer
+    // itself), and the one who tombstones it counts it after the winning
+    // CAS. A put in progress counts as unfinished, as in Python (whose
+    // `put` counts before its feeder thread sends).
+
+    /// Unfinished tasks, never below the true value at the moment `tail` is
+    /// read: `done` and `tombs` only grow and are read first.
+    fn unfinished(&self) -> u64 {
+        let done = self.u64w(W_DONE).load(Ordering::SeqCst);
+        let tombs = self.u64w(W_TOMBS).load(Ordering::SeqCst);
+        let tail = self.u64w(W_TAIL).load(Ordering::SeqCst);
+        self.count(tail).saturating_sub(tombs).saturating_sub(done)
+    }
+
+    fn count_tombstone(&self) {
+        self.u64w(W_TOMBS).fetch_add(1, Ordering::SeqCst);
+        if self.joinable() {
+            self.wake_joiners_if_done();
+        }
+    }
+
+    fn wake_joiners_if_done(&self) {
+        if self.unfinished() == 0 {
+            let word = self.u32w(H_JOIN_SEQ);
+            word.fetch_add(1, Ordering::SeqCst);
+            futex::wake(word, u32::MAX);
         }
     }
 
     pub(crate) fn task_done(&self) -> Result<()> {
-        if self.task_done_internal() {
-            Ok(())
-        } else {
-            Err(Error::invalid(
-                "task_done() called more times than there were items put",
-            ))
+        let done = self.u64w(W_DONE);
+        let mut cur = done.load(Ordering::SeqCst);
+        loop {
+            let tombs = self.u64w(W_TOMBS).load(Ordering::SeqCst);
+            let put = self
+                .count(self.u64w(W_TAIL).load(Ordering::SeqCst))
+                .saturating_sub(tombs);
+            if cur >= put {
+                return Err(Error::invalid(
+                    "task_done() called more times than there were items put",
+                ));
+            }
+            match done.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
         }
+        self.wake_joiners_if_done();
+        Ok(())
     }
 
     pub(crate) fn join(&self, deadline: Option<Instant>) -> Result<()> {
-        let word = self.u32w(H_UNFINISHED);
+        // Lost wake-ups: `v` is read before the count; whoever brings the
+        // count to zero bumps `word` after its own update, so either we see
+        // zero or `futex::wait` sees a changed word.
+        let word = self.u32w(H_JOIN_SEQ);
         loop {
             let v = word.load(Ordering::SeqCst);
-            if v == 0 {
+            if self.unfinished() == 0 {
                 return Ok(());
             }
             let mut slice = Duration::from_millis(100);
@@ -672,26 +726,21 @@ pub(crate) struct SideMsg {
 /// What a consumer remembers about the unpublished slot in front of it.
 #[derive(Debug)]
 pub(crate) struct Stall {
-    pos: Option<u64>,
-    since: Instant,
-    checked: Instant,
+    /// The stalled position, when it was first seen, when last checked.
+    at: Option<(u64, Instant, Instant)>,
 }
 
 impl Stall {
+    /// No stall seen yet (reads no clock: this is on every `get`).
     pub(crate) fn new() -> Stall {
-        let now = Instant::now();
-        Stall {
-            pos: None,
-            since: now,
-            checked: now,
-        }
+        Stall { at: None }
     }
 
     pub(crate) fn active(&self) -> bool {
-        self.pos.is_some()
+        self.at.is_some()
     }
 
     pub(crate) fn clear(&mut self) {
-        self.pos = None;
+        self.at = None;
     }
 }
