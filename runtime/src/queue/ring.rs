@@ -29,9 +29,10 @@ use crate::sys::shm::Mapping;
 
 const MAGIC: u64 = 0x6d70_7175_6575_6532; // "mpqueue2"
 const HEADER_BYTES: usize = 4096;
-/// Bytes per slot: a 24-byte header and the inline payload.
+/// Bytes per slot: a 16-byte header (state word, length, kind) and the
+/// inline payload.
 pub(crate) const STRIDE: usize = 1088;
-const SLOT_HEADER: usize = 24;
+const SLOT_HEADER: usize = 16;
 /// Largest message carried inline in a slot.
 pub(crate) const INLINE_MAX: usize = STRIDE - SLOT_HEADER;
 /// Largest side-channel message carried in the datagram itself.
@@ -57,21 +58,30 @@ const H_JOIN_SEQ: usize = 288; // byte 1152: bumped when the unfinished count ma
 const KIND_INLINE: u32 = 0;
 const KIND_SIDE: u32 = 1;
 
-const PID_FREE: u64 = 0;
-const PID_TOMB: u64 = 0xffff_ffff;
-
-/// How long a reserved slot may stay unstamped before consumers give up on
-/// its producer (the stamp follows the reservation within instructions; a
-/// live producer that loses this race retries, so nothing is lost).
-const UNSTAMPED_GRACE: Duration = Duration::from_millis(500);
+// A slot's state word: the lap (low 32 bits of it) in bits 32..64, a tag
+// in bits 30..32, the writer's pid in bits 0..30 (Linux pids are below
+// 2^22). Free in lap L: the slot may be claimed for position L*one_lap+i;
+// writing: claimed by pid; ready: a message; tomb: a position to skip.
+// A consumer releases a slot by storing "free in lap L+1".
+const TAG_FREE: u64 = 0;
+const TAG_WRITING: u64 = 1 << 30;
+const TAG_READY: u64 = 2 << 30;
+const TAG_TOMB: u64 = 3 << 30;
+const TAG_MASK: u64 = 3 << 30;
+const PID_MASK: u64 = (1 << 30) - 1;
 /// How often a consumer stuck behind an unpublished slot checks its writer.
 const LIVENESS_EVERY: Duration = Duration::from_millis(5);
 /// How long a consumer waits for its side-channel message before deciding
 /// that the consumer who held it died.
 const SIDE_GIVE_UP: Duration = Duration::from_secs(30);
 
-fn stamp(lap: u64, pid: u64) -> u64 {
-    (lap << 32) | pid
+fn word(lap: u64, tag: u64, pid: u64) -> u64 {
+    (lap << 32) | tag | pid
+}
+
+/// The slot word's lap minus `lap`, modulo 2^32 (laps wrap in the word).
+fn lap_diff(s: u64, lap: u64) -> i32 {
+    ((s >> 32) as u32).wrapping_sub(lap as u32) as i32
 }
 
 /// The shared state of one queue.
@@ -119,7 +129,7 @@ impl Ring {
         let (tx, rx) = sys::socketpair_dgram()?;
         sys::set_nonblocking(tx.as_fd(), true)?;
         sys::set_nonblocking(rx.as_fd(), true)?;
-        Ok(Ring::assemble(map, tx, rx, cap as u64))
+        Ring::assemble(map, tx, rx, cap as u64)
     }
 
     pub(crate) fn from_fds(mem: OwnedFd, tx: OwnedFd, rx: OwnedFd) -> Result<Ring> {
@@ -136,20 +146,24 @@ impl Ring {
         {
             return Err(Error::invalid("corrupt queue header"));
         }
-        Ok(Ring::assemble(map, tx, rx, cap))
+        Ring::assemble(map, tx, rx, cap)
     }
 
-    fn assemble(map: Mapping, tx: OwnedFd, rx: OwnedFd, cap: u64) -> Ring {
+    fn assemble(map: Mapping, tx: OwnedFd, rx: OwnedFd, cap: u64) -> Result<Ring> {
+        let pid = u64::from(std::process::id());
+        if pid == 0 || pid > PID_MASK {
+            return Err(Error::invalid("process id does not fit a queue slot word"));
+        }
         let one_lap = cap.next_power_of_two();
-        Ring {
+        Ok(Ring {
             map,
             tx,
             rx,
             cap,
             shift: one_lap.trailing_zeros(),
             mask: one_lap - 1,
-            pid: std::process::id() as u64,
-        }
+            pid,
+        })
     }
 
     pub(crate) fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 3] {
@@ -193,16 +207,13 @@ impl Ring {
         HEADER_BYTES + idx * STRIDE
     }
 
-    fn seq(&self, idx: usize) -> &AtomicU64 {
+    /// The slot's state word (see [`word`]).
+    fn state(&self, idx: usize) -> &AtomicU64 {
         &self.map.atomics_u64()[self.slot_off(idx) / 8]
     }
 
-    fn stamp(&self, idx: usize) -> &AtomicU64 {
-        &self.map.atomics_u64()[self.slot_off(idx) / 8 + 1]
-    }
-
     fn meta(&self, idx: usize) -> (&AtomicU32, &AtomicU32) {
-        let w = self.slot_off(idx) / 4 + 4;
+        let w = self.slot_off(idx) / 4 + 2;
         let words = self.map.atomics_u32();
         (&words[w], &words[w + 1])
     }
@@ -233,43 +244,56 @@ impl Ring {
     // -----------------------------------------------------------------
     // Producing.
 
-    /// Reserves and stamps a position. `Ok(None)`: full.
+    /// Claims the slot at the tail. `Ok(None)`: full.
+    ///
+    /// The claim is one CAS on the slot's word, from "free in lap L" to
+    /// "written by pid P in lap L", so a slot is never reserved without
+    /// the name of its writer; the tail then moves by a CAS that anyone
+    /// who finds the slot claimed also attempts (helping), so a producer
+    /// that dies between the two steps blocks nobody.
     fn reserve(&self) -> Result<Option<u64>, Put> {
         let tail = self.u64w(W_TAIL);
+        let mut t = tail.load(Ordering::Relaxed);
         loop {
             if self.is_closed() {
                 return Err(Put::Closed);
             }
-            let t = tail.load(Ordering::Relaxed);
             let (lap, idx) = self.split(t);
-            let seq = self.seq(idx).load(Ordering::Acquire);
-            if seq == 2 * lap {
-                if tail
-                    .compare_exchange_weak(t, self.next(t), Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    let claimed = self
-                        .stamp(idx)
+            let slot = self.state(idx);
+            let s = slot.load(Ordering::Acquire);
+            let d = lap_diff(s, lap);
+            if d == 0 {
+                if s & TAG_MASK == TAG_FREE
+                    && slot
                         .compare_exchange(
-                            stamp(lap, PID_FREE),
-                            stamp(lap, self.pid),
-                            Ordering::AcqRel,
+                            s,
+                            word(lap, TAG_WRITING, self.pid),
+                            Ordering::Acquire,
                             Ordering::Relaxed,
                         )
-                        .is_ok();
-                    if claimed {
-                        return Ok(Some(t));
-                    }
-                    // A consumer gave up on us (we stalled past the grace
-                    // period): that position is a tombstone; take another.
+                        .is_ok()
+                {
+                    let _ = tail.compare_exchange(
+                        t,
+                        self.next(t),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    return Ok(Some(t));
                 }
-            } else if seq < 2 * lap {
-                if tail.load(Ordering::Relaxed) == t {
+                // Claimed by another producer: help it move the tail.
+                let _ =
+                    tail.compare_exchange(t, self.next(t), Ordering::Relaxed, Ordering::Relaxed);
+            } else if d < 0 {
+                // The previous lap's message is still in the slot.
+                let now = tail.load(Ordering::Relaxed);
+                if now == t {
                     return Ok(None);
                 }
-            } else {
-                std::hint::spin_loop();
+                t = now;
+                continue;
             }
+            t = tail.load(Ordering::Relaxed);
         }
     }
 
@@ -278,11 +302,24 @@ impl Ring {
         let (klen, kkind) = self.meta(idx);
         klen.store(len, Ordering::Relaxed);
         kkind.store(kind, Ordering::Relaxed);
-        self.seq(idx).store(2 * lap + 1, Ordering::Release);
+        self.state(idx)
+            .store(word(lap, TAG_READY, 0), Ordering::Release);
+        self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
+    }
+
+    /// Wakes one sleeper on `word` if any registered in `waiters`. The
+    /// caller has just made a change (a release store) that a sleeper
+    /// waits for. Lost wake-ups: a sleeper increments `waiters`, then
+    /// re-checks the change, then sleeps; we make the change, then read
+    /// `waiters`. With a SeqCst fence on both sides (the sleeper's SeqCst
+    /// RMW is one), at least one of the two reads sees the other's write:
+    /// either we see the waiter and wake it, or it sees the change and
+    /// does not sleep.
+    fn wake_one(&self, word: usize, waiters: usize) {
         fence(Ordering::SeqCst);
-        if self.u32w(H_CONS_WAIT).load(Ordering::Relaxed) != 0 {
-            self.u32w(H_NOT_EMPTY).fetch_add(1, Ordering::SeqCst);
-            futex::wake(self.u32w(H_NOT_EMPTY), 1);
+        if self.u32w(waiters).load(Ordering::Relaxed) != 0 {
+            self.u32w(word).fetch_add(1, Ordering::SeqCst);
+            futex::wake(self.u32w(word), 1);
         }
     }
 
@@ -298,7 +335,10 @@ impl Ring {
         let (_, idx) = self.split(pos);
         match side {
             None => {
-                self.map.write(self.slot_off(idx) + SLOT_HEADER, bytes)?;
+                if let Err(e) = self.map.write(self.slot_off(idx) + SLOT_HEADER, bytes) {
+                    self.tombstone(pos);
+                    return Err(e);
+                }
                 self.publish(pos, KIND_INLINE, bytes.len() as u32);
             }
             Some(side) => {
@@ -318,7 +358,7 @@ impl Ring {
         self.wait_on(H_NOT_FULL, H_PROD_WAIT, deadline, || {
             let t = self.u64w(W_TAIL).load(Ordering::SeqCst);
             let (lap, idx) = self.split(t);
-            self.seq(idx).load(Ordering::SeqCst) >= 2 * lap || self.is_closed()
+            lap_diff(self.state(idx).load(Ordering::SeqCst), lap) >= 0 || self.is_closed()
         })
     }
 
@@ -369,8 +409,13 @@ impl Ring {
     // Consuming.
 
     /// One attempt to take a message into `out` (cleared), appending any
-    /// descriptors it carries to `fds`. Handles a stalled or dead producer
-    /// in front of the queue by turning its slot into a tombstone.
+    /// descriptors it carries to `fds`. Handles a dead producer in front of
+    /// the queue by turning its slot into a tombstone.
+    ///
+    /// Emptiness is read from the slot at the head alone (free in this
+    /// lap, or still holding the previous lap): slots are claimed in
+    /// position order, so a free slot at the head means nothing behind it
+    /// is claimed either. Consumers never read the producers' tail line.
     pub(crate) fn try_take(
         &self,
         out: &mut Vec<u8>,
@@ -378,41 +423,17 @@ impl Ring {
         stall: &mut Stall,
     ) -> Result<Take> {
         let head = self.u64w(W_HEAD);
+        let mut h = head.load(Ordering::Relaxed);
         loop {
-            let h = head.load(Ordering::Relaxed);
             let (lap, idx) = self.split(h);
-            let seq = self.seq(idx).load(Ordering::Acquire);
-            if seq == 2 * lap + 1 {
-                if head
-                    .compare_exchange_weak(h, self.next(h), Ordering::Relaxed, Ordering::Relaxed)
-                    .is_err()
-                {
-                    continue;
-                }
-                if self.stamp(idx).load(Ordering::Acquire) & PID_TOMB == PID_TOMB {
-                    self.release(h);
-                    continue;
-                }
-                let (klen, kkind) = self.meta(idx);
-                let kind = kkind.load(Ordering::Relaxed);
-                out.clear();
-                let r = if kind == KIND_SIDE {
-                    self.recv_side(h, out, fds)
-                } else {
-                    let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
-                    out.resize(len, 0);
-                    self.map.read(self.slot_off(idx) + SLOT_HEADER, out)
-                };
-                self.release(h);
-                stall.clear();
-                r?;
-                return Ok(Take::Got);
-            }
-            if seq > 2 * lap + 1 || head.load(Ordering::Relaxed) != h {
+            let s = self.state(idx).load(Ordering::Acquire);
+            let d = lap_diff(s, lap);
+            if d > 0 {
+                h = head.load(Ordering::Relaxed);
                 continue;
             }
-            let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
-            if tail <= h {
+            let tag = s & TAG_MASK;
+            if d < 0 || tag == TAG_FREE {
                 stall.clear();
                 return Ok(if self.is_closed() {
                     Take::Closed
@@ -420,80 +441,109 @@ impl Ring {
                     Take::Empty
                 });
             }
-            // Reserved but not yet published: a producer is writing, or died.
-            self.check_stalled(h, stall);
-            return Ok(Take::Empty);
+            if tag == TAG_WRITING {
+                // A producer is writing, or died writing.
+                if self.check_stalled(h, s, stall) {
+                    continue;
+                }
+                return Ok(Take::Empty);
+            }
+            if let Err(now) =
+                head.compare_exchange_weak(h, self.next(h), Ordering::Relaxed, Ordering::Relaxed)
+            {
+                h = now;
+                continue;
+            }
+            stall.clear();
+            if tag == TAG_TOMB {
+                self.release(h);
+                h = self.next(h);
+                continue;
+            }
+            let (klen, kkind) = self.meta(idx);
+            let kind = kkind.load(Ordering::Relaxed);
+            out.clear();
+            let r = if kind == KIND_SIDE {
+                self.recv_side(h, out, fds)
+            } else {
+                let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
+                out.resize(len, 0);
+                self.map.read(self.slot_off(idx) + SLOT_HEADER, out)
+            };
+            self.release(h);
+            r?;
+            return Ok(Take::Got);
         }
     }
 
     fn release(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
-        self.stamp(idx)
-            .store(stamp(lap + 1, PID_FREE), Ordering::Relaxed);
-        self.seq(idx).store(2 * (lap + 1), Ordering::Release);
-        fence(Ordering::SeqCst);
-        if self.u32w(H_PROD_WAIT).load(Ordering::Relaxed) != 0 {
-            self.u32w(H_NOT_FULL).fetch_add(1, Ordering::SeqCst);
-            futex::wake(self.u32w(H_NOT_FULL), 1);
-        }
+        self.state(idx)
+            .store(word(lap.wrapping_add(1), TAG_FREE, 0), Ordering::Release);
+        self.wake_one(H_NOT_FULL, H_PROD_WAIT);
     }
 
-    fn check_stalled(&self, pos: u64, stall: &mut Stall) {
+    /// Called while the slot at `pos` (state `s`) is claimed but not
+    /// published: every few milliseconds, checks whether its writer is
+    /// alive, and if it died, turns the slot into a tombstone (`true`).
+    /// The CAS from the dead writer's own claim word cannot race with that
+    /// writer (it is dead), and a live writer's word is never touched, so
+    /// a message is either published whole once or dropped because its
+    /// `put` never returned.
+    fn check_stalled(&self, pos: u64, s: u64, stall: &mut Stall) -> bool {
         let now = Instant::now();
-        let since = match &mut stall.at {
-            Some((at, since, checked)) if *at == pos => {
+        match &mut stall.at {
+            Some((at, checked)) if *at == pos => {
                 if now.duration_since(*checked) < LIVENESS_EVERY {
-                    return;
+                    return false;
                 }
                 *checked = now;
-                *since
             }
             _ => {
-                stall.at = Some((pos, now, now));
-                return;
+                stall.at = Some((pos, now));
+                return false;
             }
-        };
+        }
+        let pid = s & PID_MASK;
+        if sys::pid_alive(pid as u32) {
+            return false;
+        }
+        // It may have died before moving the tail past its slot: move it,
+        // so the tail counts the position that is about to be a tombstone.
+        let _ = self.u64w(W_TAIL).compare_exchange(
+            pos,
+            self.next(pos),
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        );
         let (lap, idx) = self.split(pos);
-        let st = self.stamp(idx).load(Ordering::Acquire);
-        if st >> 32 != lap & 0xffff_ffff {
-            return;
-        }
-        let pid = st & 0xffff_ffff;
-        let give_up = match pid {
-            PID_TOMB => false,
-            PID_FREE => now.duration_since(since) > UNSTAMPED_GRACE,
-            pid => !sys::pid_alive(pid as u32),
-        };
-        if give_up
-            && self
-                .stamp(idx)
-                .compare_exchange(
-                    st,
-                    stamp(lap, PID_TOMB),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+        if self
+            .state(idx)
+            .compare_exchange(s, word(lap, TAG_TOMB, 0), Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
         {
+            stall.clear();
             self.count_tombstone();
-            self.publish(pos, KIND_INLINE, 0);
         }
+        true
     }
 
     /// Turns our own reserved position into a tombstone (a failed side send).
     fn tombstone(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
-        self.stamp(idx)
-            .store(stamp(lap, PID_TOMB), Ordering::Release);
+        self.state(idx)
+            .store(word(lap, TAG_TOMB, 0), Ordering::Release);
         self.count_tombstone();
-        self.publish(pos, KIND_INLINE, 0);
+        self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
     }
 
     /// `true` if a `try_take` may find something (or the queue closed).
     fn maybe_ready(&self) -> bool {
         let h = self.u64w(W_HEAD).load(Ordering::SeqCst);
-        let t = self.u64w(W_TAIL).load(Ordering::SeqCst);
-        t > h || self.is_closed()
+        let (lap, idx) = self.split(h);
+        let s = self.state(idx).load(Ordering::SeqCst);
+        let d = lap_diff(s, lap);
+        d > 0 || (d == 0 && s & TAG_MASK != TAG_FREE) || self.is_closed()
     }
 
     /// Sleeps until a message may have arrived, or `deadline`. When
@@ -688,7 +738,7 @@ impl Ring {
             let in_mem = buf[16] != 0;
             if their != pos {
                 let (lap, idx) = self.split(their);
-                let abandoned = self.seq(idx).load(Ordering::Acquire) >= 2 * (lap + 1);
+                let abandoned = lap_diff(self.state(idx).load(Ordering::Acquire), lap) > 0;
                 if !abandoned {
                     let raw: Vec<_> = got.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
                     self.send_dgram(&[&buf[..n]], &raw)?;
@@ -726,8 +776,8 @@ pub(crate) struct SideMsg {
 /// What a consumer remembers about the unpublished slot in front of it.
 #[derive(Debug)]
 pub(crate) struct Stall {
-    /// The stalled position, when it was first seen, when last checked.
-    at: Option<(u64, Instant, Instant)>,
+    /// The stalled position and when its writer was last checked.
+    at: Option<(u64, Instant)>,
 }
 
 impl Stall {
