@@ -161,6 +161,37 @@ pub(crate) fn encode_typed<T: Serialize + 'static>(
     encode(value, out, fds)
 }
 
+/// Encodes `value` straight into `buf` (a queue slot) if it fits:
+/// `Ok(Some(len))`; `Ok(None)` if it does not (what was written is
+/// garbage, the descriptors collected in `fds` are to be dropped). The
+/// bytes are those of [`encode_typed`].
+pub(crate) fn encode_typed_into<T: Serialize + 'static>(
+    value: &T,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> Result<Option<usize>> {
+    let room = buf.len();
+    if let Some(bytes) = as_bytes(value) {
+        let Some(dst) = buf.get_mut(..8 + bytes.len()) else {
+            return Ok(None);
+        };
+        let (len, rest) = dst.split_at_mut(8);
+        len.copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+        rest.copy_from_slice(bytes);
+        return Ok(Some(8 + bytes.len()));
+    }
+    let mut w: &mut [u8] = buf;
+    match with_fd_sink(fds, || options().serialize_into(&mut w, value)) {
+        Ok(()) => Ok(Some(room - w.len())),
+        Err(e) => match *e {
+            bincode::ErrorKind::Io(ref io) if io.kind() == std::io::ErrorKind::WriteZero => {
+                Ok(None)
+            }
+            _ => Err(encode_error(e)),
+        },
+    }
+}
+
 /// The bytes of `value` if it is a byte buffer with a fast path.
 fn as_bytes<T: 'static>(value: &T) -> Option<&[u8]> {
     let any = value as &dyn Any;
@@ -327,6 +358,21 @@ mod tests {
             }
         }
         assert!(decode_typed::<Vec<u8>>(&[1, 0, 0], Vec::new()).is_err());
+        // Straight into a buffer: the same bytes, or "does not fit".
+        let mut slot = [0u8; 64];
+        for v in [vec![1u8, 2, 3], vec![5u8; 56], vec![5u8; 57]] {
+            let reference = encode_plain(&v).expect("bincode");
+            match encode_typed_into(&v, &mut slot, &mut Vec::new()).expect("into") {
+                Some(n) => assert_eq!(&slot[..n], &reference[..]),
+                None => assert!(reference.len() > slot.len()),
+            }
+            let t = (7u32, v.clone());
+            let reference = encode_plain(&t).expect("bincode");
+            match encode_typed_into(&t, &mut slot, &mut Vec::new()).expect("into") {
+                Some(n) => assert_eq!(&slot[..n], &reference[..]),
+                None => assert!(reference.len() > slot.len()),
+            }
+        }
         // Other types take the ordinary path.
         let (mut out, mut fds) = (Vec::new(), Vec::new());
         encode_typed(&(5u64, vec![1u16, 2]), &mut out, &mut fds).expect("tuple");

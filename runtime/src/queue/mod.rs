@@ -45,7 +45,6 @@
 mod error;
 mod ring;
 
-use std::cell::RefCell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -58,33 +57,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
-use self::ring::{Put, Ring, Stall, Take};
+use self::ring::{Claimed, Ring, SideMsg, Stall, Taken};
 use crate::codec;
 use crate::error::{Error, Result};
 
 /// Capacity of [`Queue::new`], in messages.
 pub const DEFAULT_CAPACITY: usize = 8192;
-
-thread_local! {
-    static ENC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    static DEC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-fn with_buf<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
-    f: impl FnOnce(&mut Vec<u8>) -> R,
-) -> R {
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            let r = f(&mut buf);
-            if buf.capacity() > 1 << 20 {
-                *buf = Vec::new();
-            }
-            r
-        }
-        Err(_) => f(&mut Vec::new()),
-    })
-}
 
 enum PutFail {
     Full,
@@ -210,29 +188,54 @@ impl<T: Serialize + 'static> Queue<T> {
         deadline: Option<Instant>,
         wait: bool,
     ) -> Result<(), (T, PutFail)> {
-        let r = with_buf(&ENC, |buf| {
-            buf.clear();
-            let mut fds = Vec::new();
-            codec::encode_typed(&item, buf, &mut fds).map_err(PutFail::Failed)?;
-            let side = if fds.is_empty() && buf.len() <= ring::INLINE_MAX {
-                None
-            } else {
-                Some(Ring::prepare_side(buf, fds).map_err(PutFail::Failed)?)
-            };
-            loop {
-                match self.ring.try_put(buf, side.as_ref()) {
-                    Ok(Put::Done) => return Ok(()),
-                    Ok(Put::Closed) => return Err(PutFail::Closed),
-                    Ok(Put::Full) => {
-                        if !wait || !self.ring.wait_not_full(deadline) {
-                            return Err(PutFail::Full);
-                        }
+        self.put_ref(&item, deadline, wait).map_err(|f| (item, f))
+    }
+
+    /// Claims a slot, then encodes straight into it (no intermediate
+    /// buffer, no copy). A message that does not fit, or that carries
+    /// descriptors, travels beside the ring; one that does not fit gives
+    /// its slot back as a tombstone first and claims another once it is
+    /// encoded, so no slot is held while a big message is encoded.
+    fn put_ref(&self, item: &T, deadline: Option<Instant>, wait: bool) -> Result<(), PutFail> {
+        let mut side: Option<SideMsg> = None;
+        loop {
+            let claim = match self.ring.try_claim() {
+                Claimed::Slot(claim) => claim,
+                Claimed::Closed => return Err(PutFail::Closed),
+                Claimed::Full => {
+                    if !wait || !self.ring.wait_not_full(deadline) {
+                        return Err(PutFail::Full);
                     }
-                    Err(e) => return Err(PutFail::Failed(e)),
+                    continue;
+                }
+            };
+            if let Some(side) = &side {
+                return claim.publish_side(side).map_err(PutFail::Failed);
+            }
+            let mut fds = Vec::new();
+            let fit = claim
+                .write(|buf| codec::encode_typed_into(item, buf, &mut fds))
+                .and_then(|r| r)
+                .map_err(PutFail::Failed)?;
+            match fit {
+                Some(len) if fds.is_empty() => {
+                    claim.publish_inline(len);
+                    return Ok(());
+                }
+                Some(len) => {
+                    let bytes = claim.written(len).map_err(PutFail::Failed)?;
+                    let msg = Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?;
+                    return claim.publish_side(&msg).map_err(PutFail::Failed);
+                }
+                None => {
+                    drop(claim);
+                    drop(fds);
+                    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+                    codec::encode_typed(item, &mut bytes, &mut fds).map_err(PutFail::Failed)?;
+                    side = Some(Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?);
                 }
             }
-        });
-        r.map_err(|f| (item, f))
+        }
     }
 
     /// Puts `item` at the end of the queue, waiting while it is full.
@@ -286,25 +289,23 @@ impl<T: Serialize + 'static> Queue<T> {
 
 impl<T: DeserializeOwned + 'static> Queue<T> {
     fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
-        with_buf(&DEC, |buf| {
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            let mut stall = Stall::new();
-            loop {
-                match self.ring.try_take(buf, &mut fds, &mut stall) {
-                    Ok(Take::Got) => {
-                        return codec::decode_typed(buf, std::mem::take(&mut fds))
-                            .map_err(GetFail::Failed);
+        let mut stall = Stall::new();
+        loop {
+            match self.ring.try_take(&mut stall) {
+                Taken::Slot(held) => {
+                    return held
+                        .read(|bytes, fds| codec::decode_typed(bytes, fds))
+                        .and_then(|r| r)
+                        .map_err(GetFail::Failed);
+                }
+                Taken::Closed => return Err(GetFail::Disconnected),
+                Taken::Empty => {
+                    if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
+                        return Err(GetFail::Empty);
                     }
-                    Ok(Take::Closed) => return Err(GetFail::Disconnected),
-                    Ok(Take::Empty) => {
-                        if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
-                            return Err(GetFail::Empty);
-                        }
-                    }
-                    Err(e) => return Err(GetFail::Failed(e)),
                 }
             }
-        })
+        }
     }
 
     /// Removes and returns the first message, waiting as long as it takes.

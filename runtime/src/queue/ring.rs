@@ -54,6 +54,7 @@ const H_JOINABLE: usize = 224; // byte 896
 const W_DONE: usize = 128; // byte 1024: task_done calls (joinable queues)
 const W_TOMBS: usize = 136; // byte 1088: positions turned into tombstones
 const H_JOIN_SEQ: usize = 288; // byte 1152: bumped when the unfinished count may be zero
+const W_SKIPPED: usize = 152; // byte 1216: tombstones consumers have skipped
 
 const KIND_INLINE: u32 = 0;
 const KIND_SIDE: u32 = 1;
@@ -99,17 +100,8 @@ pub(crate) struct Ring {
     pid: u64,
 }
 
-/// The outcome of one attempt to take a message.
-pub(crate) enum Take {
-    Got,
-    Empty,
-    Closed,
-}
-
-/// The outcome of one attempt to put a message.
-pub(crate) enum Put {
-    Done,
-    Full,
+/// Why a claim failed.
+enum Put {
     Closed,
 }
 
@@ -230,11 +222,17 @@ impl Ring {
         futex::wake(self.u32w(H_NOT_FULL), u32::MAX);
     }
 
-    /// Messages in the queue (approximate under concurrency, like Python's).
+    /// Messages in the queue (approximate under concurrency, like Python's):
+    /// positions between head and tail, less the tombstones among them.
     pub(crate) fn len(&self) -> usize {
+        let skipped = self.u64w(W_SKIPPED).load(Ordering::Acquire);
         let head = self.u64w(W_HEAD).load(Ordering::Acquire);
         let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
-        self.count(tail).saturating_sub(self.count(head)) as usize
+        let tombs = self.u64w(W_TOMBS).load(Ordering::Acquire);
+        let live_tombs = tombs.saturating_sub(skipped);
+        self.count(tail)
+            .saturating_sub(self.count(head))
+            .saturating_sub(live_tombs) as usize
     }
 
     fn joinable(&self) -> bool {
@@ -323,34 +321,17 @@ impl Ring {
         }
     }
 
-    /// One attempt to put the encoded message `bytes` with descriptors `fds`.
-    /// `side` (prepared by [`Ring::prepare_side`]) is used when the message
-    /// does not fit a slot.
-    pub(crate) fn try_put(&self, bytes: &[u8], side: Option<&SideMsg>) -> Result<Put> {
-        let pos = match self.reserve() {
-            Ok(Some(pos)) => pos,
-            Ok(None) => return Ok(Put::Full),
-            Err(p) => return Ok(p),
-        };
-        let (_, idx) = self.split(pos);
-        match side {
-            None => {
-                if let Err(e) = self.map.write(self.slot_off(idx) + SLOT_HEADER, bytes) {
-                    self.tombstone(pos);
-                    return Err(e);
-                }
-                self.publish(pos, KIND_INLINE, bytes.len() as u32);
-            }
-            Some(side) => {
-                if let Err(e) = self.send_side(pos, side) {
-                    // The slot must not stay reserved: publish a tombstone.
-                    self.tombstone(pos);
-                    return Err(e);
-                }
-                self.publish(pos, KIND_SIDE, 0);
-            }
+    /// One attempt to claim the slot at the tail for a message.
+    pub(crate) fn try_claim(&self) -> Claimed<'_> {
+        match self.reserve() {
+            Ok(Some(pos)) => Claimed::Slot(Claim {
+                ring: self,
+                pos,
+                open: true,
+            }),
+            Ok(None) => Claimed::Full,
+            Err(_) => Claimed::Closed,
         }
-        Ok(Put::Done)
     }
 
     /// Sleeps until a slot may have been released, or `deadline`.
@@ -408,20 +389,14 @@ impl Ring {
     // -----------------------------------------------------------------
     // Consuming.
 
-    /// One attempt to take a message into `out` (cleared), appending any
-    /// descriptors it carries to `fds`. Handles a dead producer in front of
-    /// the queue by turning its slot into a tombstone.
+    /// One attempt to take the message at the head. Handles a dead
+    /// producer in front of the queue by turning its slot into a tombstone.
     ///
     /// Emptiness is read from the slot at the head alone (free in this
     /// lap, or still holding the previous lap): slots are claimed in
     /// position order, so a free slot at the head means nothing behind it
     /// is claimed either. Consumers never read the producers' tail line.
-    pub(crate) fn try_take(
-        &self,
-        out: &mut Vec<u8>,
-        fds: &mut Vec<OwnedFd>,
-        stall: &mut Stall,
-    ) -> Result<Take> {
+    pub(crate) fn try_take(&self, stall: &mut Stall) -> Taken<'_> {
         let head = self.u64w(W_HEAD);
         let mut h = head.load(Ordering::Relaxed);
         loop {
@@ -435,18 +410,18 @@ impl Ring {
             let tag = s & TAG_MASK;
             if d < 0 || tag == TAG_FREE {
                 stall.clear();
-                return Ok(if self.is_closed() {
-                    Take::Closed
+                return if self.is_closed() {
+                    Taken::Closed
                 } else {
-                    Take::Empty
-                });
+                    Taken::Empty
+                };
             }
             if tag == TAG_WRITING {
                 // A producer is writing, or died writing.
                 if self.check_stalled(h, s, stall) {
                     continue;
                 }
-                return Ok(Take::Empty);
+                return Taken::Empty;
             }
             if let Err(now) =
                 head.compare_exchange_weak(h, self.next(h), Ordering::Relaxed, Ordering::Relaxed)
@@ -456,23 +431,12 @@ impl Ring {
             }
             stall.clear();
             if tag == TAG_TOMB {
+                self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
                 self.release(h);
                 h = self.next(h);
                 continue;
             }
-            let (klen, kkind) = self.meta(idx);
-            let kind = kkind.load(Ordering::Relaxed);
-            out.clear();
-            let r = if kind == KIND_SIDE {
-                self.recv_side(h, out, fds)
-            } else {
-                let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
-                out.resize(len, 0);
-                self.map.read(self.slot_off(idx) + SLOT_HEADER, out)
-            };
-            self.release(h);
-            r?;
-            return Ok(Take::Got);
+            return Taken::Slot(Held { ring: self, pos: h });
         }
     }
 
@@ -519,7 +483,12 @@ impl Ring {
         let (lap, idx) = self.split(pos);
         if self
             .state(idx)
-            .compare_exchange(s, word(lap, TAG_TOMB, 0), Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(
+                s,
+                word(lap, TAG_TOMB, 0),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
             .is_ok()
         {
             stall.clear();
@@ -761,6 +730,108 @@ impl Ring {
             fds.extend(got);
             return Ok(());
         }
+    }
+}
+
+/// The outcome of one attempt to claim a slot.
+pub(crate) enum Claimed<'a> {
+    Slot(Claim<'a>),
+    Full,
+    Closed,
+}
+
+/// A slot claimed by this process for one message: published by
+/// [`Claim::publish_inline`] or [`Claim::publish_side`], or turned into a
+/// tombstone when dropped unpublished (an encoding error, a message that
+/// does not fit, a panic in a `Serialize` impl), so a live process never
+/// leaves a slot claimed.
+pub(crate) struct Claim<'a> {
+    ring: &'a Ring,
+    pos: u64,
+    open: bool,
+}
+
+impl Claim<'_> {
+    fn payload_off(&self) -> usize {
+        self.ring.slot_off(self.ring.split(self.pos).1) + SLOT_HEADER
+    }
+
+    /// Runs `f` on the slot's payload area ([`INLINE_MAX`] bytes).
+    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        self.ring
+            .map
+            .with_range_mut(self.payload_off(), INLINE_MAX, f)
+    }
+
+    /// A copy of the first `len` payload bytes written.
+    pub(crate) fn written(&self, len: usize) -> Result<Vec<u8>> {
+        Ok(self.ring.map.range(self.payload_off(), len)?.to_vec())
+    }
+
+    /// Publishes the `len` payload bytes written as the message.
+    pub(crate) fn publish_inline(mut self, len: usize) {
+        self.open = false;
+        self.ring
+            .publish(self.pos, KIND_INLINE, len.min(INLINE_MAX) as u32);
+    }
+
+    /// Sends `side` beside the ring and publishes the slot as its place in
+    /// the queue. On failure the slot becomes a tombstone.
+    pub(crate) fn publish_side(mut self, side: &SideMsg) -> Result<()> {
+        self.ring.send_side(self.pos, side)?;
+        self.open = false;
+        self.ring.publish(self.pos, KIND_SIDE, 0);
+        Ok(())
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.ring.tombstone(self.pos);
+        }
+    }
+}
+
+/// The outcome of one attempt to take a message.
+pub(crate) enum Taken<'a> {
+    Slot(Held<'a>),
+    Empty,
+    Closed,
+}
+
+/// A message taken from the head, still in its slot: released (the slot
+/// handed back to producers) when this is dropped, also on a panic while
+/// decoding.
+pub(crate) struct Held<'a> {
+    ring: &'a Ring,
+    pos: u64,
+}
+
+impl Held<'_> {
+    /// Runs `f` on the message's bytes and descriptors (read in place from
+    /// the slot for inline messages), then releases the slot.
+    pub(crate) fn read<R>(self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> R) -> Result<R> {
+        let ring = self.ring;
+        let idx = ring.split(self.pos).1;
+        let (klen, kkind) = ring.meta(idx);
+        if kkind.load(Ordering::Relaxed) == KIND_SIDE {
+            let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+            ring.recv_side(self.pos, &mut bytes, &mut fds)?;
+            drop(self);
+            return Ok(f(&bytes, fds));
+        }
+        let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
+        let bytes = ring.map.range(ring.slot_off(idx) + SLOT_HEADER, len)?;
+        let r = f(bytes, Vec::new());
+        drop(self);
+        Ok(r)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.ring.release(self.pos);
     }
 }
 
