@@ -72,6 +72,9 @@ const TAG_MASK: u64 = 3 << 30;
 const PID_MASK: u64 = (1 << 30) - 1;
 /// How often a consumer stuck behind an unpublished slot checks its writer.
 const LIVENESS_EVERY: Duration = Duration::from_millis(5);
+/// How long a sleeper that could not issue a global membarrier sleeps at a
+/// time (a wake-up may be lost to a waker that only used a compiler fence).
+const UNRELIABLE_SLEEP: Duration = Duration::from_millis(10);
 /// How long a consumer waits for its side-channel message before deciding
 /// that the consumer who held it died.
 const SIDE_GIVE_UP: Duration = Duration::from_secs(30);
@@ -98,6 +101,9 @@ pub(crate) struct Ring {
     shift: u32,
     mask: u64,
     pid: u64,
+    /// This process is registered for global membarriers: publishing needs
+    /// only a compiler fence before checking for sleepers (see `wake_one`).
+    light_wake: bool,
 }
 
 /// Why a claim failed.
@@ -155,6 +161,7 @@ impl Ring {
             shift: one_lap.trailing_zeros(),
             mask: one_lap - 1,
             pid,
+            light_wake: futex::barrier_registered(),
         })
     }
 
@@ -307,14 +314,38 @@ impl Ring {
 
     /// Wakes one sleeper on `word` if any registered in `waiters`. The
     /// caller has just made a change (a release store) that a sleeper
-    /// waits for. Lost wake-ups: a sleeper increments `waiters`, then
-    /// re-checks the change, then sleeps; we make the change, then read
-    /// `waiters`. With a SeqCst fence on both sides (the sleeper's SeqCst
-    /// RMW is one), at least one of the two reads sees the other's write:
-    /// either we see the waiter and wake it, or it sees the change and
-    /// does not sleep.
+    /// waits for.
+    ///
+    /// Lost wake-ups. A sleeper (`wait_on`) increments `waiters` (a SeqCst
+    /// RMW: a full fence), then re-checks the change, then sleeps; we make
+    /// the change, then read `waiters`. A Dekker pattern: it is safe when
+    /// each side has a full fence between its write and its read, for then
+    /// at least one read sees the other side's write (we wake it, or it
+    /// does not sleep).
+    ///
+    /// A full fence here costs the fast path dearly: it waits until the
+    /// slot's line, just written, is owned by this core (a cross-core
+    /// transfer per message). So when this process is registered for
+    /// global membarriers, the fence is asymmetric: only a compiler fence
+    /// here, and the sleeper calls `futex::global_barrier()` after
+    /// incrementing `waiters` and before re-checking. That barrier runs a
+    /// full fence on every running thread of every registered process (a
+    /// descheduled thread had one at its context switch), at some point B
+    /// of this thread's program. If our change came before B, it is
+    /// visible when the barrier returns, so the sleeper's re-check sees it.
+    /// If it came after B, our read of `waiters` also comes after B, which
+    /// follows the sleeper's increment (made visible by its RMW before the
+    /// barrier began), so we see the waiter and wake it. A process that
+    /// could not register fences fully here (standard Dekker with the
+    /// sleeper's RMW); a sleeper that cannot issue the barrier sleeps in
+    /// short slices, so a wake-up lost to a registered waker costs at most
+    /// one slice.
     fn wake_one(&self, word: usize, waiters: usize) {
-        fence(Ordering::SeqCst);
+        if self.light_wake {
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
         if self.u32w(waiters).load(Ordering::Relaxed) != 0 {
             self.u32w(word).fetch_add(1, Ordering::SeqCst);
             futex::wake(self.u32w(word), 1);
@@ -367,10 +398,16 @@ impl Ring {
         let word = self.u32w(word);
         let waiters = self.u32w(waiters);
         waiters.fetch_add(1, Ordering::SeqCst);
+        // See `wake_one` for why this barrier makes the re-check reliable.
+        let reliable = futex::global_barrier();
         let v = word.load(Ordering::SeqCst);
         let mut ok = true;
         if !ready() {
-            let mut slice = Duration::from_millis(100);
+            let mut slice = if reliable {
+                Duration::from_millis(100)
+            } else {
+                UNRELIABLE_SLEEP
+            };
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
