@@ -556,6 +556,18 @@ impl Ring {
     /// `stalled`, wakes up soon to check the writer in front.
     pub(crate) fn wait_not_empty(&self, deadline: Option<Instant>, stalled: bool) -> bool {
         if stalled {
+            // Usually a live producer between its claim and its publish (a
+            // few dozen nanoseconds): watch the slot a little before
+            // giving the CPU away.
+            let h = self.u64w(W_HEAD).load(Ordering::Relaxed);
+            let slot = self.state(self.split(h).1);
+            let s = slot.load(Ordering::Relaxed);
+            for _ in 0..64 {
+                std::hint::spin_loop();
+                if slot.load(Ordering::Relaxed) != s {
+                    return true;
+                }
+            }
             std::thread::yield_now();
             return deadline.is_none_or(|dl| Instant::now() < dl);
         }
