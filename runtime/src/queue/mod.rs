@@ -2,9 +2,10 @@
 //! `SimpleQueue` and `JoinableQueue`, typed, crash-safe and fast.
 //!
 //! A queue is a ring of fixed-size slots in shared memory (a memfd mapped
-//! by every process that holds a handle), so a `put` and a `get` of a small
-//! message cost a few atomic operations and no system call while nobody
-//! sleeps; sleepers use futexes. Messages that do not fit a slot
+//! by every process that holds a handle): a `put` claims a slot with one
+//! CAS and encodes straight into it, a `get` decodes in place, and neither
+//! makes a system call or a full memory fence while nobody sleeps;
+//! sleepers use futexes (and a `membarrier` before sleeping). Messages that do not fit a slot
 //! (over ~1 KiB encoded) or that carry handles travel beside the ring, each
 //! in a memfd of its own passed over a datagram socket, still in the
 //! ring's order.
@@ -19,10 +20,11 @@
 //!   producer may exit at once (no feeder thread, no flush at exit);
 //! - `put` reports encoding failures to its caller, with the item back.
 //!
-//! Limits: the queue holds at most its capacity of messages
-//! ([`Queue::new`]: 8192); a `put` beyond that waits, as on a bounded
-//! queue. A *consumer* killed between taking a message and copying it out
-//! loses that message and leaves its slot unreleased.
+//! Limits: unlike Python's, [`Queue::new`] is not unbounded: it holds
+//! [`DEFAULT_CAPACITY`] (8192) messages, and a `put` beyond that waits, as
+//! on a bounded queue (see [`DEFAULT_CAPACITY`] for why). A *consumer*
+//! killed between taking a message and decoding it loses that message and
+//! leaves its slot unreleased.
 //!
 //! ```no_run
 //! use multiproc::{process_fn, Process, Queue};
@@ -61,7 +63,17 @@ use self::ring::{Claimed, Ring, SideMsg, Stall, Taken};
 use crate::codec;
 use crate::error::{Error, Result};
 
-/// Capacity of [`Queue::new`], in messages.
+/// Capacity of [`Queue::new`], in messages: 8192.
+///
+/// Python's `Queue()` is unbounded; this one is bounded, deliberately.
+/// Each slot is 1088 bytes (a message up to about 1 KiB encoded travels in
+/// the slot itself, which is what makes 1 KiB messages fast), and a ring
+/// touches every slot once it has gone round, so a queue costs its
+/// capacity times 1088 bytes of shared memory: 8.5 MiB here; 64 Ki slots
+/// would be 68 MiB per queue. A growing chain of rings would have to hand
+/// each new memfd to every process holding the queue, crash-safely; not
+/// worth it against a bound that only a producer running 8192 messages
+/// ahead of its consumers ever meets. Need more? [`Queue::bounded`].
 pub const DEFAULT_CAPACITY: usize = 8192;
 
 enum PutFail {
@@ -82,6 +94,9 @@ enum GetFail {
 /// [`Process`](crate::Process), a pool task, or through another queue or
 /// pipe: it arrives working (its memfd and sockets travel with it). The
 /// queue's memory is freed when the last handle in every process is gone.
+///
+/// Capacity: [`Queue::new`] holds [`DEFAULT_CAPACITY`] (8192) messages,
+/// not an unbounded number as in Python; `put` waits when it is full.
 ///
 /// # Examples
 ///
@@ -119,8 +134,9 @@ impl<T> fmt::Debug for Queue<T> {
 }
 
 impl<T> Queue<T> {
-    /// A queue holding up to [`DEFAULT_CAPACITY`] messages (a `put` beyond
-    /// that waits for room).
+    /// A queue holding up to [`DEFAULT_CAPACITY`] (8192) messages: a `put`
+    /// beyond that waits for room. Python's `Queue()` is unbounded; this is
+    /// not (see [`DEFAULT_CAPACITY`] for the memory arithmetic).
     ///
     /// # Errors
     ///
