@@ -15,7 +15,7 @@
 //! instead of a descriptor that silently does not arrive.
 
 use std::any::{Any, TypeId};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use bincode::Options;
@@ -54,23 +54,65 @@ fn decode_error(err: bincode::Error) -> Error {
     }
 }
 
+/// The thread's fd sink: a stack of descriptors shared by nested
+/// [`with_fd_sink`] scopes (each takes what was pushed after it began), so
+/// entering and leaving a scope moves no vectors (this is on every queue
+/// `put`).
+struct Sink {
+    fds: RefCell<Vec<OwnedFd>>,
+    /// A scope is active: handles may serialize.
+    active: Cell<bool>,
+    /// Added to a descriptor's stack position to give its index in the
+    /// innermost scope's output (which may already hold descriptors).
+    offset: Cell<usize>,
+}
+
 thread_local! {
-    static FD_SINK: RefCell<Option<Vec<OwnedFd>>> = const { RefCell::new(None) };
+    static FD_SINK: Sink = const {
+        Sink {
+            fds: RefCell::new(Vec::new()),
+            active: Cell::new(false),
+            offset: Cell::new(0),
+        }
+    };
     static FD_SOURCE: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
 }
 
 /// Runs `f` with `fds` as this thread's fd sink; descriptors serialized by
 /// handles inside `f` are appended to `fds`.
 pub(crate) fn with_fd_sink<R>(fds: &mut Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
-    let previous = FD_SINK.with(|sink| sink.borrow_mut().replace(std::mem::take(fds)));
-    let result = f();
-    FD_SINK.with(|sink| {
-        let mut sink = sink.borrow_mut();
-        if let Some(collected) = sink.take() {
-            *fds = collected;
+    /// Restores the outer scope and collects this one's descriptors, also
+    /// when `f` panics.
+    struct Scope<'a> {
+        out: &'a mut Vec<OwnedFd>,
+        start: usize,
+        active: bool,
+        offset: usize,
+    }
+    impl Drop for Scope<'_> {
+        fn drop(&mut self) {
+            FD_SINK.with(|sink| {
+                sink.active.set(self.active);
+                sink.offset.set(self.offset);
+                if let Ok(mut pushed) = sink.fds.try_borrow_mut() {
+                    if pushed.len() > self.start {
+                        self.out.extend(pushed.drain(self.start..));
+                    }
+                }
+            });
         }
-        *sink = previous;
+    }
+    let scope = FD_SINK.with(|sink| {
+        let start = sink.fds.try_borrow().map_or(0, |v| v.len());
+        Scope {
+            start,
+            active: sink.active.replace(true),
+            offset: sink.offset.replace(fds.len().wrapping_sub(start)),
+            out: fds,
+        }
     });
+    let result = f();
+    drop(scope);
     result
 }
 
@@ -96,10 +138,13 @@ pub(crate) fn serialize_fd<S: Serializer>(
         .try_clone_to_owned()
         .map_err(|e| S::Error::custom(format!("could not duplicate a handle's descriptor: {e}")))?;
     let index = FD_SINK.with(|sink| {
-        sink.borrow_mut().as_mut().map(|fds| {
-            fds.push(dup);
-            fds.len() - 1
-        })
+        if !sink.active.get() {
+            return None;
+        }
+        let mut fds = sink.fds.try_borrow_mut().ok()?;
+        let index = fds.len().wrapping_add(sink.offset.get());
+        fds.push(dup);
+        Some(index)
     });
     match index {
         Some(index) => u32::try_from(index)
@@ -379,6 +424,36 @@ mod tests {
         assert_eq!(out, encode_plain(&(5u64, vec![1u16, 2])).expect("bincode"));
         let back: (u64, Vec<u16>) = decode_typed(&out, Vec::new()).expect("tuple back");
         assert_eq!(back, (5, vec![1, 2]));
+    }
+
+    #[test]
+    fn nested_sinks_index_into_their_own_output() {
+        struct Fd(OwnedFd);
+        impl Serialize for Fd {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                serialize_fd(self.0.as_fd(), s)
+            }
+        }
+        let open = || Fd(std::fs::File::open("/dev/null").expect("open").into());
+        let (a, b, c) = (open(), open(), open());
+        let mut outer: Vec<OwnedFd> = vec![open().0];
+        let (mut first, mut nested, mut last) = (Vec::new(), Vec::new(), Vec::new());
+        let mut inner = Vec::new();
+        with_fd_sink(&mut outer, || {
+            options().serialize_into(&mut first, &a).expect("first");
+            encode(&(&b, &c), &mut nested, &mut inner).expect("nested");
+            options().serialize_into(&mut last, &a).expect("last");
+        });
+        assert_eq!(decode_plain::<u32>(&first).expect("index"), 1);
+        assert_eq!(
+            decode_plain::<(u32, u32)>(&nested).expect("indices"),
+            (0, 1)
+        );
+        assert_eq!(decode_plain::<u32>(&last).expect("index"), 2);
+        assert_eq!(inner.len(), 2);
+        assert_eq!(outer.len(), 3);
+        // And no scope is left active.
+        assert!(bincode::serialize(&a).is_err());
     }
 
     #[test]
