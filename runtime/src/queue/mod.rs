@@ -681,6 +681,42 @@ mod tests {
     }
 
     #[test]
+    fn panic_in_serialize_leaves_no_slot_claimed() {
+        struct Boom;
+        impl Serialize for Boom {
+            fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                panic!("boom");
+            }
+        }
+        #[derive(Serialize, Deserialize)]
+        enum Msg {
+            Boom(#[serde(skip_deserializing)] Option<BoomBox>),
+            N(u32),
+        }
+        #[derive(Default)]
+        struct BoomBox;
+        impl Serialize for BoomBox {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                Boom.serialize(s)
+            }
+        }
+        let q = Queue::<Msg>::bounded(2).expect("queue");
+        for _ in 0..5 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = q.put(Msg::Boom(Some(BoomBox)));
+            }));
+            assert!(r.is_err());
+        }
+        assert!(q.empty());
+        q.try_put(Msg::N(7)).expect("room after panics");
+        q.try_put(Msg::N(8)).expect("all the room after panics");
+        match q.get_timeout(Duration::from_secs(5)).expect("get") {
+            Msg::N(7) => {}
+            _ => panic!("wrong message"),
+        }
+    }
+
+    #[test]
     fn encode_failure_hands_the_item_back() {
         struct Bad;
         impl Serialize for Bad {

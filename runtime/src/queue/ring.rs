@@ -534,13 +534,26 @@ impl Ring {
         true
     }
 
-    /// Turns our own reserved position into a tombstone (a failed side send).
+    /// Turns our own claimed position into a tombstone (an encoding error,
+    /// a message that did not fit, a failed side send). If it is at the
+    /// head, skips it at once as a consumer would (the CAS on the head
+    /// decides between us and any consumer), so failed puts on a queue
+    /// nobody reads do not fill it with tombstones.
     fn tombstone(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
         self.state(idx)
             .store(word(lap, TAG_TOMB, 0), Ordering::Release);
         self.count_tombstone();
-        self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
+        if self
+            .u64w(W_HEAD)
+            .compare_exchange(pos, self.next(pos), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
+            self.release(pos);
+        } else {
+            self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
+        }
     }
 
     /// `true` if a `try_take` may find something (or the queue closed).
