@@ -1,19 +1,25 @@
 //! The shared ring under every queue: a bounded MPMC queue of fixed-size
-//! slots in a memfd mapping (Vyukov's sequence-number design), with futex
-//! wake-ups that cost no syscall while nobody sleeps, and a side channel
-//! (a datagram socket pair carrying a memfd per message) for messages that
-//! do not fit a slot or carry descriptors.
+//! slots in a memfd mapping (after Vyukov's sequence-number design), with
+//! futex wake-ups that cost no syscall and no full fence while nobody
+//! sleeps, and a side channel (a datagram socket pair carrying a memfd per
+//! message) for messages that do not fit a slot or carry descriptors.
 //!
-//! Crash safety. A producer reserves position `p` by a CAS on `tail`, then
-//! *stamps* the slot (a CAS of `lap | pid` over `lap | FREE`), writes, and
-//! publishes with the slot's sequence number. A consumer that finds the
-//! slot reserved but unpublished checks the stamp: a dead stamper's slot
-//! (or one never stamped for a long time) is turned into a *tombstone* by a
-//! CAS on the stamp, which a late live producer would fail (it then
-//! retries elsewhere): so a message is either published whole once, or
-//! dropped because its `put` never returned. The lap in the stamp rules out
-//! ABA. A consumer killed between taking and releasing a slot is not
-//! recovered (documented on `Queue`).
+//! Each slot starts with one state word: (lap, tag, writer pid), the tag
+//! being free, writing, ready or tombstone.
+//!
+//! Crash safety. A producer claims the slot at the tail with one CAS from
+//! "free in lap L" to "writing, pid P, lap L", moves the tail (a CAS that
+//! others help with), writes the message into the slot and publishes it by
+//! storing "ready". A consumer that finds the head slot claimed but not
+//! published checks the writer's pid every few milliseconds: a dead
+//! writer's slot is turned into a *tombstone* by a CAS from the writer's
+//! own claim word, which cannot race with that writer (it is dead), while a
+//! live writer's slot is never touched. So a message is either published
+//! whole once, or dropped because its `put` never returned. The lap in the
+//! word rules out ABA. A live producer that fails (encode error, panic,
+//! oversized message) tombstones its own slot, and skips it at once when
+//! it is at the head. A consumer killed between taking and releasing a slot
+//! is not recovered (documented on `Queue`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
