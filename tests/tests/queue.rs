@@ -309,3 +309,49 @@ fn fd_count_unchanged_after_a_thousand_handle_transfers() {
     }
     assert_eq!(multiproc_tests::open_fds(), before);
 }
+
+#[process_fn]
+fn put_joinable_forever(q: JoinableQueue<u64>) {
+    let mut i = 0u64;
+    loop {
+        q.put(i).expect("put");
+        i += 1;
+    }
+}
+
+/// The unfinished-task count stays exact when producers die mid-put: after
+/// every delivered item is marked done, `join` returns (no count left over
+/// by a dead writer) and one more `task_done` is refused (none taken away
+/// twice). Several kills make a kill inside a put likely.
+#[test]
+fn joinable_count_exact_when_producers_are_killed() {
+    let _serial = serial();
+    let q = JoinableQueue::<u64>::bounded(16).expect("queue");
+    for round in 0..5 {
+        let mut p = Process::new(put_joinable_forever, (q.clone(),));
+        p.start().expect("start");
+        for _ in 0..100 {
+            q.get_timeout(LONG).expect("get while producing");
+            q.task_done().expect("task_done while producing");
+        }
+        p.kill().expect("kill");
+        assert!(
+            !p.join_timeout(LONG)
+                .expect("join")
+                .expect("exited")
+                .success()
+        );
+        loop {
+            match q.get_timeout(Duration::from_secs(3)) {
+                Ok(_) => q.task_done().expect("task_done while draining"),
+                Err(GetTimeoutError::Timeout) => break,
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+        q.join_timeout(LONG).expect("join after every task is done");
+        assert!(
+            q.task_done().is_err(),
+            "round {round}: the count went below zero"
+        );
+    }
+}

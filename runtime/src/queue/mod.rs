@@ -2,9 +2,10 @@
 //! `SimpleQueue` and `JoinableQueue`, typed, crash-safe and fast.
 //!
 //! A queue is a ring of fixed-size slots in shared memory (a memfd mapped
-//! by every process that holds a handle), so a `put` and a `get` of a small
-//! message cost a few atomic operations and no system call while nobody
-//! sleeps; sleepers use futexes. Messages that do not fit a slot
+//! by every process that holds a handle): a `put` claims a slot with one
+//! CAS and encodes straight into it, a `get` decodes in place, and neither
+//! makes a system call or a full memory fence while nobody sleeps;
+//! sleepers use futexes (and a `membarrier` before sleeping). Messages that do not fit a slot
 //! (over ~1 KiB encoded) or that carry handles travel beside the ring, each
 //! in a memfd of its own passed over a datagram socket, still in the
 //! ring's order.
@@ -19,10 +20,11 @@
 //!   producer may exit at once (no feeder thread, no flush at exit);
 //! - `put` reports encoding failures to its caller, with the item back.
 //!
-//! Limits: the queue holds at most its capacity of messages
-//! ([`Queue::new`]: 8192); a `put` beyond that waits, as on a bounded
-//! queue. A *consumer* killed between taking a message and copying it out
-//! loses that message and leaves its slot unreleased.
+//! Limits: unlike Python's, [`Queue::new`] is not unbounded: it holds
+//! [`DEFAULT_CAPACITY`] (8192) messages, and a `put` beyond that waits, as
+//! on a bounded queue (see [`DEFAULT_CAPACITY`] for why). A *consumer*
+//! killed between taking a message and decoding it loses that message and
+//! leaves its slot unreleased.
 //!
 //! ```no_run
 //! use multiproc::{process_fn, Process, Queue};
@@ -45,7 +47,6 @@
 mod error;
 mod ring;
 
-use std::cell::RefCell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -58,33 +59,22 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
-use self::ring::{Put, Ring, Stall, Take};
+use self::ring::{Claimed, Ring, SideMsg, Stall, Taken};
 use crate::codec;
 use crate::error::{Error, Result};
 
-/// Capacity of [`Queue::new`], in messages.
+/// Capacity of [`Queue::new`], in messages: 8192.
+///
+/// Python's `Queue()` is unbounded; this one is bounded, deliberately.
+/// Each slot is 1088 bytes (a message up to about 1 KiB encoded travels in
+/// the slot itself, which is what makes 1 KiB messages fast), and a ring
+/// touches every slot once it has gone round, so a queue costs its
+/// capacity times 1088 bytes of shared memory: 8.5 MiB here; 64 Ki slots
+/// would be 68 MiB per queue. A growing chain of rings would have to hand
+/// each new memfd to every process holding the queue, crash-safely; not
+/// worth it against a bound that only a producer running 8192 messages
+/// ahead of its consumers ever meets. Need more? [`Queue::bounded`].
 pub const DEFAULT_CAPACITY: usize = 8192;
-
-thread_local! {
-    static ENC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    static DEC: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-fn with_buf<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<u8>>>,
-    f: impl FnOnce(&mut Vec<u8>) -> R,
-) -> R {
-    key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            let r = f(&mut buf);
-            if buf.capacity() > 1 << 20 {
-                *buf = Vec::new();
-            }
-            r
-        }
-        Err(_) => f(&mut Vec::new()),
-    })
-}
 
 enum PutFail {
     Full,
@@ -104,6 +94,9 @@ enum GetFail {
 /// [`Process`](crate::Process), a pool task, or through another queue or
 /// pipe: it arrives working (its memfd and sockets travel with it). The
 /// queue's memory is freed when the last handle in every process is gone.
+///
+/// Capacity: [`Queue::new`] holds [`DEFAULT_CAPACITY`] (8192) messages,
+/// not an unbounded number as in Python; `put` waits when it is full.
 ///
 /// # Examples
 ///
@@ -141,8 +134,9 @@ impl<T> fmt::Debug for Queue<T> {
 }
 
 impl<T> Queue<T> {
-    /// A queue holding up to [`DEFAULT_CAPACITY`] messages (a `put` beyond
-    /// that waits for room).
+    /// A queue holding up to [`DEFAULT_CAPACITY`] (8192) messages: a `put`
+    /// beyond that waits for room. Python's `Queue()` is unbounded; this is
+    /// not (see [`DEFAULT_CAPACITY`] for the memory arithmetic).
     ///
     /// # Errors
     ///
@@ -203,36 +197,61 @@ impl<T> Queue<T> {
     }
 }
 
-impl<T: Serialize> Queue<T> {
+impl<T: Serialize + 'static> Queue<T> {
     fn put_inner(
         &self,
         item: T,
         deadline: Option<Instant>,
         wait: bool,
     ) -> Result<(), (T, PutFail)> {
-        let r = with_buf(&ENC, |buf| {
-            buf.clear();
-            let mut fds = Vec::new();
-            codec::encode(&item, buf, &mut fds).map_err(PutFail::Failed)?;
-            let side = if fds.is_empty() && buf.len() <= ring::INLINE_MAX {
-                None
-            } else {
-                Some(Ring::prepare_side(buf, fds).map_err(PutFail::Failed)?)
-            };
-            loop {
-                match self.ring.try_put(buf, side.as_ref()) {
-                    Ok(Put::Done) => return Ok(()),
-                    Ok(Put::Closed) => return Err(PutFail::Closed),
-                    Ok(Put::Full) => {
-                        if !wait || !self.ring.wait_not_full(deadline) {
-                            return Err(PutFail::Full);
-                        }
+        self.put_ref(&item, deadline, wait).map_err(|f| (item, f))
+    }
+
+    /// Claims a slot, then encodes straight into it (no intermediate
+    /// buffer, no copy). A message that does not fit, or that carries
+    /// descriptors, travels beside the ring; one that does not fit gives
+    /// its slot back as a tombstone first and claims another once it is
+    /// encoded, so no slot is held while a big message is encoded.
+    fn put_ref(&self, item: &T, deadline: Option<Instant>, wait: bool) -> Result<(), PutFail> {
+        let mut side: Option<SideMsg> = None;
+        loop {
+            let claim = match self.ring.try_claim() {
+                Claimed::Slot(claim) => claim,
+                Claimed::Closed => return Err(PutFail::Closed),
+                Claimed::Full => {
+                    if !wait || !self.ring.wait_not_full(deadline) {
+                        return Err(PutFail::Full);
                     }
-                    Err(e) => return Err(PutFail::Failed(e)),
+                    continue;
+                }
+            };
+            if let Some(side) = &side {
+                return claim.publish_side(side).map_err(PutFail::Failed);
+            }
+            let mut fds = Vec::new();
+            let fit = claim
+                .write(|buf| codec::encode_typed_into(item, buf, &mut fds))
+                .and_then(|r| r)
+                .map_err(PutFail::Failed)?;
+            match fit {
+                Some(len) if fds.is_empty() => {
+                    claim.publish_inline(len);
+                    return Ok(());
+                }
+                Some(len) => {
+                    let bytes = claim.written(len).map_err(PutFail::Failed)?;
+                    let msg = Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?;
+                    return claim.publish_side(&msg).map_err(PutFail::Failed);
+                }
+                None => {
+                    drop(claim);
+                    drop(fds);
+                    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+                    codec::encode_typed(item, &mut bytes, &mut fds).map_err(PutFail::Failed)?;
+                    side = Some(Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?);
                 }
             }
-        });
-        r.map_err(|f| (item, f))
+        }
     }
 
     /// Puts `item` at the end of the queue, waiting while it is full.
@@ -284,27 +303,25 @@ impl<T: Serialize> Queue<T> {
     }
 }
 
-impl<T: DeserializeOwned> Queue<T> {
+impl<T: DeserializeOwned + 'static> Queue<T> {
     fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
-        with_buf(&DEC, |buf| {
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            let mut stall = Stall::new();
-            loop {
-                match self.ring.try_take(buf, &mut fds, &mut stall) {
-                    Ok(Take::Got) => {
-                        return codec::decode(buf, std::mem::take(&mut fds))
-                            .map_err(GetFail::Failed);
+        let mut stall = Stall::new();
+        loop {
+            match self.ring.try_take(&mut stall) {
+                Taken::Slot(held) => {
+                    return held
+                        .read(|bytes, fds| codec::decode_typed(bytes, fds))
+                        .and_then(|r| r)
+                        .map_err(GetFail::Failed);
+                }
+                Taken::Closed => return Err(GetFail::Disconnected),
+                Taken::Empty => {
+                    if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
+                        return Err(GetFail::Empty);
                     }
-                    Ok(Take::Closed) => return Err(GetFail::Disconnected),
-                    Ok(Take::Empty) => {
-                        if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
-                            return Err(GetFail::Empty);
-                        }
-                    }
-                    Err(e) => return Err(GetFail::Failed(e)),
                 }
             }
-        })
+        }
     }
 
     /// Removes and returns the first message, waiting as long as it takes.
@@ -459,7 +476,7 @@ impl<T> SimpleQueue<T> {
     }
 }
 
-impl<T: Serialize> SimpleQueue<T> {
+impl<T: Serialize + 'static> SimpleQueue<T> {
     /// Puts `item`. See [`Queue::put`].
     ///
     /// # Errors
@@ -470,7 +487,7 @@ impl<T: Serialize> SimpleQueue<T> {
     }
 }
 
-impl<T: DeserializeOwned> SimpleQueue<T> {
+impl<T: DeserializeOwned + 'static> SimpleQueue<T> {
     /// Gets the first message, waiting. See [`Queue::get`].
     ///
     /// # Errors
@@ -661,6 +678,42 @@ mod tests {
         let got = outer.get().expect("get handle");
         got.put("through".into()).expect("put");
         assert_eq!(inner.get().expect("get"), "through");
+    }
+
+    #[test]
+    fn panic_in_serialize_leaves_no_slot_claimed() {
+        struct Boom;
+        impl Serialize for Boom {
+            fn serialize<S: Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                panic!("boom");
+            }
+        }
+        #[derive(Serialize, Deserialize)]
+        enum Msg {
+            Boom(#[serde(skip_deserializing)] Option<BoomBox>),
+            N(u32),
+        }
+        #[derive(Default)]
+        struct BoomBox;
+        impl Serialize for BoomBox {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                Boom.serialize(s)
+            }
+        }
+        let q = Queue::<Msg>::bounded(2).expect("queue");
+        for _ in 0..5 {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = q.put(Msg::Boom(Some(BoomBox)));
+            }));
+            assert!(r.is_err());
+        }
+        assert!(q.empty());
+        q.try_put(Msg::N(7)).expect("room after panics");
+        q.try_put(Msg::N(8)).expect("all the room after panics");
+        match q.get_timeout(Duration::from_secs(5)).expect("get") {
+            Msg::N(7) => {}
+            _ => panic!("wrong message"),
+        }
     }
 
     #[test]

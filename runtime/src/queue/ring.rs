@@ -1,19 +1,25 @@
 //! The shared ring under every queue: a bounded MPMC queue of fixed-size
-//! slots in a memfd mapping (Vyukov's sequence-number design), with futex
-//! wake-ups that cost no syscall while nobody sleeps, and a side channel
-//! (a datagram socket pair carrying a memfd per message) for messages that
-//! do not fit a slot or carry descriptors.
+//! slots in a memfd mapping (after Vyukov's sequence-number design), with
+//! futex wake-ups that cost no syscall and no full fence while nobody
+//! sleeps, and a side channel (a datagram socket pair carrying a memfd per
+//! message) for messages that do not fit a slot or carry descriptors.
 //!
-//! Crash safety. A producer reserves position `p` by a CAS on `tail`, then
-//! *stamps* the slot (a CAS of `lap | pid` over `lap | FREE`), writes, and
-//! publishes with the slot's sequence number. A consumer that finds the
-//! slot reserved but unpublished checks the stamp: a dead stamper's slot
-//! (or one never stamped for a long time) is turned into a *tombstone* by a
-//! CAS on the stamp, which a late live producer would fail (it then
-//! retries elsewhere): so a message is either published whole once, or
-//! dropped because its `put` never returned. The lap in the stamp rules out
-//! ABA. A consumer killed between taking and releasing a slot is not
-//! recovered (documented on `Queue`).
+//! Each slot starts with one state word: (lap, tag, writer pid), the tag
+//! being free, writing, ready or tombstone.
+//!
+//! Crash safety. A producer claims the slot at the tail with one CAS from
+//! "free in lap L" to "writing, pid P, lap L", moves the tail (a CAS that
+//! others help with), writes the message into the slot and publishes it by
+//! storing "ready". A consumer that finds the head slot claimed but not
+//! published checks the writer's pid every few milliseconds: a dead
+//! writer's slot is turned into a *tombstone* by a CAS from the writer's
+//! own claim word, which cannot race with that writer (it is dead), while a
+//! live writer's slot is never touched. So a message is either published
+//! whole once, or dropped because its `put` never returned. The lap in the
+//! word rules out ABA. A live producer that fails (encode error, panic,
+//! oversized message) tombstones its own slot, and skips it at once when
+//! it is at the head. A consumer killed between taking and releasing a slot
+//! is not recovered (documented on `Queue`).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
@@ -27,11 +33,12 @@ use crate::sys;
 use crate::sys::futex;
 use crate::sys::shm::Mapping;
 
-const MAGIC: u64 = 0x6d70_7175_6575_6531; // "mpqueue1"
+const MAGIC: u64 = 0x6d70_7175_6575_6532; // "mpqueue2"
 const HEADER_BYTES: usize = 4096;
-/// Bytes per slot: a 24-byte header and the inline payload.
+/// Bytes per slot: a 16-byte header (state word, length, kind) and the
+/// inline payload.
 pub(crate) const STRIDE: usize = 1088;
-const SLOT_HEADER: usize = 24;
+const SLOT_HEADER: usize = 16;
 /// Largest message carried inline in a slot.
 pub(crate) const INLINE_MAX: usize = STRIDE - SLOT_HEADER;
 /// Largest side-channel message carried in the datagram itself.
@@ -49,27 +56,42 @@ const H_CONS_WAIT: usize = 112; // byte 448
 const H_NOT_FULL: usize = 128; // byte 512
 const H_PROD_WAIT: usize = 144; // byte 576
 const H_CLOSED: usize = 160; // byte 640
-const H_UNFINISHED: usize = 192; // byte 768
 const H_JOINABLE: usize = 224; // byte 896
+const W_DONE: usize = 128; // byte 1024: task_done calls (joinable queues)
+const W_TOMBS: usize = 136; // byte 1088: positions turned into tombstones
+const H_JOIN_SEQ: usize = 288; // byte 1152: bumped when the unfinished count may be zero
+const W_SKIPPED: usize = 152; // byte 1216: tombstones consumers have skipped
 
 const KIND_INLINE: u32 = 0;
 const KIND_SIDE: u32 = 1;
 
-const PID_FREE: u64 = 0;
-const PID_TOMB: u64 = 0xffff_ffff;
-
-/// How long a reserved slot may stay unstamped before consumers give up on
-/// its producer (the stamp follows the reservation within instructions; a
-/// live producer that loses this race retries, so nothing is lost).
-const UNSTAMPED_GRACE: Duration = Duration::from_millis(500);
+// A slot's state word: the lap (low 32 bits of it) in bits 32..64, a tag
+// in bits 30..32, the writer's pid in bits 0..30 (Linux pids are below
+// 2^22). Free in lap L: the slot may be claimed for position L*one_lap+i;
+// writing: claimed by pid; ready: a message; tomb: a position to skip.
+// A consumer releases a slot by storing "free in lap L+1".
+const TAG_FREE: u64 = 0;
+const TAG_WRITING: u64 = 1 << 30;
+const TAG_READY: u64 = 2 << 30;
+const TAG_TOMB: u64 = 3 << 30;
+const TAG_MASK: u64 = 3 << 30;
+const PID_MASK: u64 = (1 << 30) - 1;
 /// How often a consumer stuck behind an unpublished slot checks its writer.
 const LIVENESS_EVERY: Duration = Duration::from_millis(5);
+/// How long a sleeper that could not issue a global membarrier sleeps at a
+/// time (a wake-up may be lost to a waker that only used a compiler fence).
+const UNRELIABLE_SLEEP: Duration = Duration::from_millis(10);
 /// How long a consumer waits for its side-channel message before deciding
 /// that the consumer who held it died.
 const SIDE_GIVE_UP: Duration = Duration::from_secs(30);
 
-fn stamp(lap: u64, pid: u64) -> u64 {
-    (lap << 32) | pid
+fn word(lap: u64, tag: u64, pid: u64) -> u64 {
+    (lap << 32) | tag | pid
+}
+
+/// The slot word's lap minus `lap`, modulo 2^32 (laps wrap in the word).
+fn lap_diff(s: u64, lap: u64) -> i32 {
+    ((s >> 32) as u32).wrapping_sub(lap as u32) as i32
 }
 
 /// The shared state of one queue.
@@ -79,20 +101,19 @@ pub(crate) struct Ring {
     tx: OwnedFd,
     rx: OwnedFd,
     cap: u64,
+    /// Positions carry the lap above bit `shift` and the slot index below
+    /// (`mask`), as in crossbeam's `ArrayQueue`: no division on the fast
+    /// path for any capacity. Index values `cap..=mask` are skipped.
+    shift: u32,
+    mask: u64,
     pid: u64,
+    /// This process is registered for global membarriers: publishing needs
+    /// only a compiler fence before checking for sleepers (see `wake_one`).
+    light_wake: bool,
 }
 
-/// The outcome of one attempt to take a message.
-pub(crate) enum Take {
-    Got,
-    Empty,
-    Closed,
-}
-
-/// The outcome of one attempt to put a message.
-pub(crate) enum Put {
-    Done,
-    Full,
+/// Why a claim failed.
+enum Put {
     Closed,
 }
 
@@ -112,13 +133,7 @@ impl Ring {
         let (tx, rx) = sys::socketpair_dgram()?;
         sys::set_nonblocking(tx.as_fd(), true)?;
         sys::set_nonblocking(rx.as_fd(), true)?;
-        Ok(Ring {
-            map,
-            tx,
-            rx,
-            cap: cap as u64,
-            pid: std::process::id() as u64,
-        })
+        Ring::assemble(map, tx, rx, cap as u64)
     }
 
     pub(crate) fn from_fds(mem: OwnedFd, tx: OwnedFd, rx: OwnedFd) -> Result<Ring> {
@@ -135,12 +150,24 @@ impl Ring {
         {
             return Err(Error::invalid("corrupt queue header"));
         }
+        Ring::assemble(map, tx, rx, cap)
+    }
+
+    fn assemble(map: Mapping, tx: OwnedFd, rx: OwnedFd, cap: u64) -> Result<Ring> {
+        let pid = u64::from(std::process::id());
+        if pid == 0 || pid > PID_MASK {
+            return Err(Error::invalid("process id does not fit a queue slot word"));
+        }
+        let one_lap = cap.next_power_of_two();
         Ok(Ring {
             map,
             tx,
             rx,
             cap,
-            pid: std::process::id() as u64,
+            shift: one_lap.trailing_zeros(),
+            mask: one_lap - 1,
+            pid,
+            light_wake: futex::barrier_registered(),
         })
     }
 
@@ -160,24 +187,38 @@ impl Ring {
         &self.map.atomics_u32()[i]
     }
 
+    /// `(lap, slot index)` of a position.
     fn split(&self, pos: u64) -> (u64, usize) {
-        (pos / self.cap, (pos % self.cap) as usize)
+        (pos >> self.shift, (pos & self.mask) as usize)
+    }
+
+    /// The position after `pos`.
+    fn next(&self, pos: u64) -> u64 {
+        if (pos & self.mask) + 1 < self.cap {
+            pos + 1
+        } else {
+            (pos | self.mask) + 1
+        }
+    }
+
+    /// How many positions come before `pos`.
+    fn count(&self, pos: u64) -> u64 {
+        (pos >> self.shift)
+            .wrapping_mul(self.cap)
+            .wrapping_add(pos & self.mask)
     }
 
     fn slot_off(&self, idx: usize) -> usize {
         HEADER_BYTES + idx * STRIDE
     }
 
-    fn seq(&self, idx: usize) -> &AtomicU64 {
+    /// The slot's state word (see [`word`]).
+    fn state(&self, idx: usize) -> &AtomicU64 {
         &self.map.atomics_u64()[self.slot_off(idx) / 8]
     }
 
-    fn stamp(&self, idx: usize) -> &AtomicU64 {
-        &self.map.atomics_u64()[self.slot_off(idx) / 8 + 1]
-    }
-
     fn meta(&self, idx: usize) -> (&AtomicU32, &AtomicU32) {
-        let w = self.slot_off(idx) / 4 + 4;
+        let w = self.slot_off(idx) / 4 + 2;
         let words = self.map.atomics_u32();
         (&words[w], &words[w + 1])
     }
@@ -194,11 +235,17 @@ impl Ring {
         futex::wake(self.u32w(H_NOT_FULL), u32::MAX);
     }
 
-    /// Messages in the queue (approximate under concurrency, like Python's).
+    /// Messages in the queue (approximate under concurrency, like Python's):
+    /// positions between head and tail, less the tombstones among them.
     pub(crate) fn len(&self) -> usize {
-        let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
+        let skipped = self.u64w(W_SKIPPED).load(Ordering::Acquire);
         let head = self.u64w(W_HEAD).load(Ordering::Acquire);
-        tail.saturating_sub(head) as usize
+        let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
+        let tombs = self.u64w(W_TOMBS).load(Ordering::Acquire);
+        let live_tombs = tombs.saturating_sub(skipped);
+        self.count(tail)
+            .saturating_sub(self.count(head))
+            .saturating_sub(live_tombs) as usize
     }
 
     fn joinable(&self) -> bool {
@@ -208,46 +255,56 @@ impl Ring {
     // -----------------------------------------------------------------
     // Producing.
 
-    /// Reserves and stamps a position. `Ok(None)`: full.
+    /// Claims the slot at the tail. `Ok(None)`: full.
+    ///
+    /// The claim is one CAS on the slot's word, from "free in lap L" to
+    /// "written by pid P in lap L", so a slot is never reserved without
+    /// the name of its writer; the tail then moves by a CAS that anyone
+    /// who finds the slot claimed also attempts (helping), so a producer
+    /// that dies between the two steps blocks nobody.
     fn reserve(&self) -> Result<Option<u64>, Put> {
         let tail = self.u64w(W_TAIL);
+        let mut t = tail.load(Ordering::Relaxed);
         loop {
             if self.is_closed() {
                 return Err(Put::Closed);
             }
-            let t = tail.load(Ordering::Relaxed);
             let (lap, idx) = self.split(t);
-            let seq = self.seq(idx).load(Ordering::Acquire);
-            if seq == 2 * lap {
-                if tail
-                    .compare_exchange_weak(t, t + 1, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    let claimed = self
-                        .stamp(idx)
+            let slot = self.state(idx);
+            let s = slot.load(Ordering::Acquire);
+            let d = lap_diff(s, lap);
+            if d == 0 {
+                if s & TAG_MASK == TAG_FREE
+                    && slot
                         .compare_exchange(
-                            stamp(lap, PID_FREE),
-                            stamp(lap, self.pid),
-                            Ordering::AcqRel,
+                            s,
+                            word(lap, TAG_WRITING, self.pid),
+                            Ordering::Acquire,
                             Ordering::Relaxed,
                         )
-                        .is_ok();
-                    if claimed {
-                        if self.joinable() {
-                            self.u32w(H_UNFINISHED).fetch_add(1, Ordering::SeqCst);
-                        }
-                        return Ok(Some(t));
-                    }
-                    // A consumer gave up on us (we stalled past the grace
-                    // period): that position is a tombstone; take another.
+                        .is_ok()
+                {
+                    let _ = tail.compare_exchange(
+                        t,
+                        self.next(t),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    return Ok(Some(t));
                 }
-            } else if seq < 2 * lap {
-                if tail.load(Ordering::Relaxed) == t {
+                // Claimed by another producer: help it move the tail.
+                let _ =
+                    tail.compare_exchange(t, self.next(t), Ordering::Relaxed, Ordering::Relaxed);
+            } else if d < 0 {
+                // The previous lap's message is still in the slot.
+                let now = tail.load(Ordering::Relaxed);
+                if now == t {
                     return Ok(None);
                 }
-            } else {
-                std::hint::spin_loop();
+                t = now;
+                continue;
             }
+            t = tail.load(Ordering::Relaxed);
         }
     }
 
@@ -256,39 +313,62 @@ impl Ring {
         let (klen, kkind) = self.meta(idx);
         klen.store(len, Ordering::Relaxed);
         kkind.store(kind, Ordering::Relaxed);
-        self.seq(idx).store(2 * lap + 1, Ordering::Release);
-        fence(Ordering::SeqCst);
-        if self.u32w(H_CONS_WAIT).load(Ordering::Relaxed) != 0 {
-            self.u32w(H_NOT_EMPTY).fetch_add(1, Ordering::SeqCst);
-            futex::wake(self.u32w(H_NOT_EMPTY), 1);
+        self.state(idx)
+            .store(word(lap, TAG_READY, 0), Ordering::Release);
+        self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
+    }
+
+    /// Wakes one sleeper on `word` if any registered in `waiters`. The
+    /// caller has just made a change (a release store) that a sleeper
+    /// waits for.
+    ///
+    /// Lost wake-ups. A sleeper (`wait_on`) increments `waiters` (a SeqCst
+    /// RMW: a full fence), then re-checks the change, then sleeps; we make
+    /// the change, then read `waiters`. A Dekker pattern: it is safe when
+    /// each side has a full fence between its write and its read, for then
+    /// at least one read sees the other side's write (we wake it, or it
+    /// does not sleep).
+    ///
+    /// A full fence here costs the fast path dearly: it waits until the
+    /// slot's line, just written, is owned by this core (a cross-core
+    /// transfer per message). So when this process is registered for
+    /// global membarriers, the fence is asymmetric: only a compiler fence
+    /// here, and the sleeper calls `futex::global_barrier()` after
+    /// incrementing `waiters` and before re-checking. That barrier runs a
+    /// full fence on every running thread of every registered process (a
+    /// descheduled thread had one at its context switch), at some point B
+    /// of this thread's program. If our change came before B, it is
+    /// visible when the barrier returns, so the sleeper's re-check sees it.
+    /// If it came after B, our read of `waiters` also comes after B, which
+    /// follows the sleeper's increment (made visible by its RMW before the
+    /// barrier began), so we see the waiter and wake it. A process that
+    /// could not register fences fully here (standard Dekker with the
+    /// sleeper's RMW); a sleeper that cannot issue the barrier sleeps in
+    /// short slices, so a wake-up lost to a registered waker costs at most
+    /// one slice.
+    fn wake_one(&self, word: usize, waiters: usize) {
+        if self.light_wake {
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+        if self.u32w(waiters).load(Ordering::Relaxed) != 0 {
+            self.u32w(word).fetch_add(1, Ordering::SeqCst);
+            futex::wake(self.u32w(word), 1);
         }
     }
 
-    /// One attempt to put the encoded message `bytes` with descriptors `fds`.
-    /// `side` (prepared by [`Ring::prepare_side`]) is used when the message
-    /// does not fit a slot.
-    pub(crate) fn try_put(&self, bytes: &[u8], side: Option<&SideMsg>) -> Result<Put> {
-        let pos = match self.reserve() {
-            Ok(Some(pos)) => pos,
-            Ok(None) => return Ok(Put::Full),
-            Err(p) => return Ok(p),
-        };
-        let (_, idx) = self.split(pos);
-        match side {
-            None => {
-                self.map.write(self.slot_off(idx) + SLOT_HEADER, bytes)?;
-                self.publish(pos, KIND_INLINE, bytes.len() as u32);
-            }
-            Some(side) => {
-                if let Err(e) = self.send_side(pos, side) {
-                    // The slot must not stay reserved: publish a tombstone.
-                    self.tombstone(pos);
-                    return Err(e);
-                }
-                self.publish(pos, KIND_SIDE, 0);
-            }
+    /// One attempt to claim the slot at the tail for a message.
+    pub(crate) fn try_claim(&self) -> Claimed<'_> {
+        match self.reserve() {
+            Ok(Some(pos)) => Claimed::Slot(Claim {
+                ring: self,
+                pos,
+                open: true,
+            }),
+            Ok(None) => Claimed::Full,
+            Err(_) => Claimed::Closed,
         }
-        Ok(Put::Done)
     }
 
     /// Sleeps until a slot may have been released, or `deadline`.
@@ -296,7 +376,7 @@ impl Ring {
         self.wait_on(H_NOT_FULL, H_PROD_WAIT, deadline, || {
             let t = self.u64w(W_TAIL).load(Ordering::SeqCst);
             let (lap, idx) = self.split(t);
-            self.seq(idx).load(Ordering::SeqCst) >= 2 * lap || self.is_closed()
+            lap_diff(self.state(idx).load(Ordering::SeqCst), lap) >= 0 || self.is_closed()
         })
     }
 
@@ -324,10 +404,16 @@ impl Ring {
         let word = self.u32w(word);
         let waiters = self.u32w(waiters);
         waiters.fetch_add(1, Ordering::SeqCst);
+        // See `wake_one` for why this barrier makes the re-check reliable.
+        let reliable = futex::global_barrier();
         let v = word.load(Ordering::SeqCst);
         let mut ok = true;
         if !ready() {
-            let mut slice = Duration::from_millis(100);
+            let mut slice = if reliable {
+                Duration::from_millis(100)
+            } else {
+                UNRELIABLE_SLEEP
+            };
             if let Some(d) = deadline {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -346,141 +432,161 @@ impl Ring {
     // -----------------------------------------------------------------
     // Consuming.
 
-    /// One attempt to take a message into `out` (cleared), appending any
-    /// descriptors it carries to `fds`. Handles a stalled or dead producer
-    /// in front of the queue by turning its slot into a tombstone.
-    pub(crate) fn try_take(
-        &self,
-        out: &mut Vec<u8>,
-        fds: &mut Vec<OwnedFd>,
-        stall: &mut Stall,
-    ) -> Result<Take> {
+    /// One attempt to take the message at the head. Handles a dead
+    /// producer in front of the queue by turning its slot into a tombstone.
+    ///
+    /// Emptiness is read from the slot at the head alone (free in this
+    /// lap, or still holding the previous lap): slots are claimed in
+    /// position order, so a free slot at the head means nothing behind it
+    /// is claimed either. Consumers never read the producers' tail line.
+    pub(crate) fn try_take(&self, stall: &mut Stall) -> Taken<'_> {
         let head = self.u64w(W_HEAD);
+        let mut h = head.load(Ordering::Relaxed);
         loop {
-            let h = head.load(Ordering::Relaxed);
             let (lap, idx) = self.split(h);
-            let seq = self.seq(idx).load(Ordering::Acquire);
-            if seq == 2 * lap + 1 {
-                if head
-                    .compare_exchange_weak(h, h + 1, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_err()
-                {
-                    continue;
-                }
-                if self.stamp(idx).load(Ordering::Acquire) & PID_TOMB == PID_TOMB {
-                    self.release(h);
-                    continue;
-                }
-                let (klen, kkind) = self.meta(idx);
-                let kind = kkind.load(Ordering::Relaxed);
-                out.clear();
-                let r = if kind == KIND_SIDE {
-                    self.recv_side(h, out, fds)
-                } else {
-                    let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
-                    out.resize(len, 0);
-                    self.map.read(self.slot_off(idx) + SLOT_HEADER, out)
-                };
-                self.release(h);
-                stall.clear();
-                r?;
-                return Ok(Take::Got);
-            }
-            if seq > 2 * lap + 1 || head.load(Ordering::Relaxed) != h {
+            let s = self.state(idx).load(Ordering::Acquire);
+            let d = lap_diff(s, lap);
+            if d > 0 {
+                h = head.load(Ordering::Relaxed);
                 continue;
             }
-            let tail = self.u64w(W_TAIL).load(Ordering::Acquire);
-            if tail <= h {
+            let tag = s & TAG_MASK;
+            if d < 0 || tag == TAG_FREE {
                 stall.clear();
-                return Ok(if self.is_closed() {
-                    Take::Closed
+                return if self.is_closed() {
+                    Taken::Closed
                 } else {
-                    Take::Empty
-                });
+                    Taken::Empty
+                };
             }
-            // Reserved but not yet published: a producer is writing, or died.
-            self.check_stalled(h, stall);
-            return Ok(Take::Empty);
+            if tag == TAG_WRITING {
+                // A producer is writing, or died writing.
+                if self.check_stalled(h, s, stall) {
+                    continue;
+                }
+                return Taken::Empty;
+            }
+            if let Err(now) =
+                head.compare_exchange_weak(h, self.next(h), Ordering::Relaxed, Ordering::Relaxed)
+            {
+                h = now;
+                continue;
+            }
+            stall.clear();
+            if tag == TAG_TOMB {
+                self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
+                self.release(h);
+                h = self.next(h);
+                continue;
+            }
+            return Taken::Slot(Held { ring: self, pos: h });
         }
     }
 
     fn release(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
-        self.stamp(idx)
-            .store(stamp(lap + 1, PID_FREE), Ordering::Relaxed);
-        self.seq(idx).store(2 * (lap + 1), Ordering::Release);
-        fence(Ordering::SeqCst);
-        if self.u32w(H_PROD_WAIT).load(Ordering::Relaxed) != 0 {
-            self.u32w(H_NOT_FULL).fetch_add(1, Ordering::SeqCst);
-            futex::wake(self.u32w(H_NOT_FULL), 1);
-        }
+        self.state(idx)
+            .store(word(lap.wrapping_add(1), TAG_FREE, 0), Ordering::Release);
+        self.wake_one(H_NOT_FULL, H_PROD_WAIT);
     }
 
-    fn check_stalled(&self, pos: u64, stall: &mut Stall) {
+    /// Called while the slot at `pos` (state `s`) is claimed but not
+    /// published: every few milliseconds, checks whether its writer is
+    /// alive, and if it died, turns the slot into a tombstone (`true`).
+    /// The CAS from the dead writer's own claim word cannot race with that
+    /// writer (it is dead), and a live writer's word is never touched, so
+    /// a message is either published whole once or dropped because its
+    /// `put` never returned.
+    fn check_stalled(&self, pos: u64, s: u64, stall: &mut Stall) -> bool {
         let now = Instant::now();
-        if stall.pos != Some(pos) {
-            *stall = Stall {
-                pos: Some(pos),
-                since: now,
-                checked: now,
-            };
-            return;
-        }
-        if now.duration_since(stall.checked) < LIVENESS_EVERY {
-            return;
-        }
-        stall.checked = now;
-        let (lap, idx) = self.split(pos);
-        let st = self.stamp(idx).load(Ordering::Acquire);
-        if st >> 32 != lap & 0xffff_ffff {
-            return;
-        }
-        let pid = st & 0xffff_ffff;
-        let give_up = match pid {
-            PID_TOMB => false,
-            PID_FREE => now.duration_since(stall.since) > UNSTAMPED_GRACE,
-            pid => !sys::pid_alive(pid as u32),
-        };
-        if give_up
-            && self
-                .stamp(idx)
-                .compare_exchange(
-                    st,
-                    stamp(lap, PID_TOMB),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            if pid != PID_FREE && self.joinable() {
-                self.task_done_internal();
+        match &mut stall.at {
+            Some((at, checked)) if *at == pos => {
+                if now.duration_since(*checked) < LIVENESS_EVERY {
+                    return false;
+                }
+                *checked = now;
             }
-            self.publish(pos, KIND_INLINE, 0);
+            _ => {
+                stall.at = Some((pos, now));
+                return false;
+            }
         }
+        let pid = s & PID_MASK;
+        if sys::pid_alive(pid as u32) {
+            return false;
+        }
+        // It may have died before moving the tail past its slot: move it,
+        // so the tail counts the position that is about to be a tombstone.
+        let _ = self.u64w(W_TAIL).compare_exchange(
+            pos,
+            self.next(pos),
+            Ordering::SeqCst,
+            Ordering::Relaxed,
+        );
+        let (lap, idx) = self.split(pos);
+        if self
+            .state(idx)
+            .compare_exchange(
+                s,
+                word(lap, TAG_TOMB, 0),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+        {
+            stall.clear();
+            self.count_tombstone();
+        }
+        true
     }
 
-    /// Turns our own reserved position into a tombstone (a failed side send).
+    /// Turns our own claimed position into a tombstone (an encoding error,
+    /// a message that did not fit, a failed side send). If it is at the
+    /// head, skips it at once as a consumer would (the CAS on the head
+    /// decides between us and any consumer), so failed puts on a queue
+    /// nobody reads do not fill it with tombstones.
     fn tombstone(&self, pos: u64) {
         let (lap, idx) = self.split(pos);
-        self.stamp(idx)
-            .store(stamp(lap, PID_TOMB), Ordering::Release);
-        if self.joinable() {
-            self.task_done_internal();
+        self.state(idx)
+            .store(word(lap, TAG_TOMB, 0), Ordering::Release);
+        self.count_tombstone();
+        if self
+            .u64w(W_HEAD)
+            .compare_exchange(pos, self.next(pos), Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
+            self.release(pos);
+        } else {
+            self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
         }
-        self.publish(pos, KIND_INLINE, 0);
     }
 
     /// `true` if a `try_take` may find something (or the queue closed).
     fn maybe_ready(&self) -> bool {
         let h = self.u64w(W_HEAD).load(Ordering::SeqCst);
-        let t = self.u64w(W_TAIL).load(Ordering::SeqCst);
-        t > h || self.is_closed()
+        let (lap, idx) = self.split(h);
+        let s = self.state(idx).load(Ordering::SeqCst);
+        let d = lap_diff(s, lap);
+        d > 0 || (d == 0 && s & TAG_MASK != TAG_FREE) || self.is_closed()
     }
 
     /// Sleeps until a message may have arrived, or `deadline`. When
     /// `stalled`, wakes up soon to check the writer in front.
     pub(crate) fn wait_not_empty(&self, deadline: Option<Instant>, stalled: bool) -> bool {
         if stalled {
+            // Usually a live producer between its claim and its publish (a
+            // few dozen nanoseconds): watch the slot a little before
+            // giving the CPU away.
+            let h = self.u64w(W_HEAD).load(Ordering::Relaxed);
+            let slot = self.state(self.split(h).1);
+            let s = slot.load(Ordering::Relaxed);
+            for _ in 0..64 {
+                std::hint::spin_loop();
+                if slot.load(Ordering::Relaxed) != s {
+                    return true;
+                }
+            }
             std::thread::yield_now();
             return deadline.is_none_or(|dl| Instant::now() < dl);
         }
@@ -490,40 +596,75 @@ impl Ring {
     // -----------------------------------------------------------------
     // Joinable queues.
 
-    fn task_done_internal(&self) -> bool {
-        let word = self.u32w(H_UNFINISHED);
-        let mut cur = word.load(Ordering::SeqCst);
-        loop {
-            if cur == 0 {
-                return false;
-            }
-            match word.compare_exchange_weak(cur, cur - 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => {
-                    if cur == 1 {
-                        futex::wake(word, u32::MAX);
-                    }
-                    return true;
-                }
-                Err(now) => cur = now,
-            }
+    //
+    // The unfinished-task count is not a counter that `put` increments: a
+    // producer killed between reserving its slot and counting would leave
+    // it off by one, whichever order the two steps come in. It is derived
+    // from three monotonic numbers instead,
+    //
+    //     unfinished = positions reserved - tombstones - task_done calls,
+    //
+    // where every reserved position ends exactly one way: published (a
+    // consumer takes it; the user calls `task_done`) or tombstoned (by the
+    // consumer who gave up on a dead or stalled writer, or by the writer
+    // itself), and the one who tombstones it counts it after the winning
+    // CAS. A put in progress counts as unfinished, as in Python (whose
+    // `put` counts before its feeder thread sends).
+
+    /// Unfinished tasks, never below the true value at the moment `tail` is
+    /// read: `done` and `tombs` only grow and are read first.
+    fn unfinished(&self) -> u64 {
+        let done = self.u64w(W_DONE).load(Ordering::SeqCst);
+        let tombs = self.u64w(W_TOMBS).load(Ordering::SeqCst);
+        let tail = self.u64w(W_TAIL).load(Ordering::SeqCst);
+        self.count(tail).saturating_sub(tombs).saturating_sub(done)
+    }
+
+    fn count_tombstone(&self) {
+        self.u64w(W_TOMBS).fetch_add(1, Ordering::SeqCst);
+        if self.joinable() {
+            self.wake_joiners_if_done();
+        }
+    }
+
+    fn wake_joiners_if_done(&self) {
+        if self.unfinished() == 0 {
+            let word = self.u32w(H_JOIN_SEQ);
+            word.fetch_add(1, Ordering::SeqCst);
+            futex::wake(word, u32::MAX);
         }
     }
 
     pub(crate) fn task_done(&self) -> Result<()> {
-        if self.task_done_internal() {
-            Ok(())
-        } else {
-            Err(Error::invalid(
-                "task_done() called more times than there were items put",
-            ))
+        let done = self.u64w(W_DONE);
+        let mut cur = done.load(Ordering::SeqCst);
+        loop {
+            let tombs = self.u64w(W_TOMBS).load(Ordering::SeqCst);
+            let put = self
+                .count(self.u64w(W_TAIL).load(Ordering::SeqCst))
+                .saturating_sub(tombs);
+            if cur >= put {
+                return Err(Error::invalid(
+                    "task_done() called more times than there were items put",
+                ));
+            }
+            match done.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
         }
+        self.wake_joiners_if_done();
+        Ok(())
     }
 
     pub(crate) fn join(&self, deadline: Option<Instant>) -> Result<()> {
-        let word = self.u32w(H_UNFINISHED);
+        // Lost wake-ups: `v` is read before the count; whoever brings the
+        // count to zero bumps `word` after its own update, so either we see
+        // zero or `futex::wait` sees a changed word.
+        let word = self.u32w(H_JOIN_SEQ);
         loop {
             let v = word.load(Ordering::SeqCst);
-            if v == 0 {
+            if self.unfinished() == 0 {
                 return Ok(());
             }
             let mut slice = Duration::from_millis(100);
@@ -634,7 +775,7 @@ impl Ring {
             let in_mem = buf[16] != 0;
             if their != pos {
                 let (lap, idx) = self.split(their);
-                let abandoned = self.seq(idx).load(Ordering::Acquire) >= 2 * (lap + 1);
+                let abandoned = lap_diff(self.state(idx).load(Ordering::Acquire), lap) > 0;
                 if !abandoned {
                     let raw: Vec<_> = got.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
                     self.send_dgram(&[&buf[..n]], &raw)?;
@@ -660,6 +801,108 @@ impl Ring {
     }
 }
 
+/// The outcome of one attempt to claim a slot.
+pub(crate) enum Claimed<'a> {
+    Slot(Claim<'a>),
+    Full,
+    Closed,
+}
+
+/// A slot claimed by this process for one message: published by
+/// [`Claim::publish_inline`] or [`Claim::publish_side`], or turned into a
+/// tombstone when dropped unpublished (an encoding error, a message that
+/// does not fit, a panic in a `Serialize` impl), so a live process never
+/// leaves a slot claimed.
+pub(crate) struct Claim<'a> {
+    ring: &'a Ring,
+    pos: u64,
+    open: bool,
+}
+
+impl Claim<'_> {
+    fn payload_off(&self) -> usize {
+        self.ring.slot_off(self.ring.split(self.pos).1) + SLOT_HEADER
+    }
+
+    /// Runs `f` on the slot's payload area ([`INLINE_MAX`] bytes).
+    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        self.ring
+            .map
+            .with_range_mut(self.payload_off(), INLINE_MAX, f)
+    }
+
+    /// A copy of the first `len` payload bytes written.
+    pub(crate) fn written(&self, len: usize) -> Result<Vec<u8>> {
+        Ok(self.ring.map.range(self.payload_off(), len)?.to_vec())
+    }
+
+    /// Publishes the `len` payload bytes written as the message.
+    pub(crate) fn publish_inline(mut self, len: usize) {
+        self.open = false;
+        self.ring
+            .publish(self.pos, KIND_INLINE, len.min(INLINE_MAX) as u32);
+    }
+
+    /// Sends `side` beside the ring and publishes the slot as its place in
+    /// the queue. On failure the slot becomes a tombstone.
+    pub(crate) fn publish_side(mut self, side: &SideMsg) -> Result<()> {
+        self.ring.send_side(self.pos, side)?;
+        self.open = false;
+        self.ring.publish(self.pos, KIND_SIDE, 0);
+        Ok(())
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.ring.tombstone(self.pos);
+        }
+    }
+}
+
+/// The outcome of one attempt to take a message.
+pub(crate) enum Taken<'a> {
+    Slot(Held<'a>),
+    Empty,
+    Closed,
+}
+
+/// A message taken from the head, still in its slot: released (the slot
+/// handed back to producers) when this is dropped, also on a panic while
+/// decoding.
+pub(crate) struct Held<'a> {
+    ring: &'a Ring,
+    pos: u64,
+}
+
+impl Held<'_> {
+    /// Runs `f` on the message's bytes and descriptors (read in place from
+    /// the slot for inline messages), then releases the slot.
+    pub(crate) fn read<R>(self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> R) -> Result<R> {
+        let ring = self.ring;
+        let idx = ring.split(self.pos).1;
+        let (klen, kkind) = ring.meta(idx);
+        if kkind.load(Ordering::Relaxed) == KIND_SIDE {
+            let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+            ring.recv_side(self.pos, &mut bytes, &mut fds)?;
+            drop(self);
+            return Ok(f(&bytes, fds));
+        }
+        let len = (klen.load(Ordering::Relaxed) as usize).min(INLINE_MAX);
+        let bytes = ring.map.range(ring.slot_off(idx) + SLOT_HEADER, len)?;
+        let r = f(bytes, Vec::new());
+        drop(self);
+        Ok(r)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.ring.release(self.pos);
+    }
+}
+
 /// A message prepared for the side channel.
 #[derive(Debug)]
 pub(crate) struct SideMsg {
@@ -672,26 +915,21 @@ pub(crate) struct SideMsg {
 /// What a consumer remembers about the unpublished slot in front of it.
 #[derive(Debug)]
 pub(crate) struct Stall {
-    pos: Option<u64>,
-    since: Instant,
-    checked: Instant,
+    /// The stalled position and when its writer was last checked.
+    at: Option<(u64, Instant)>,
 }
 
 impl Stall {
+    /// No stall seen yet (reads no clock: this is on every `get`).
     pub(crate) fn new() -> Stall {
-        let now = Instant::now();
-        Stall {
-            pos: None,
-            since: now,
-            checked: now,
-        }
+        Stall { at: None }
     }
 
     pub(crate) fn active(&self) -> bool {
-        self.pos.is_some()
+        self.at.is_some()
     }
 
     pub(crate) fn clear(&mut self) {
-        self.pos = None;
+        self.at = None;
     }
 }

@@ -66,11 +66,66 @@ pub(crate) fn wake(word: &AtomicU32, n: u32) -> usize {
     rc.max(0) as usize
 }
 
+// membarrier(2) commands (linux/membarrier.h).
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_GLOBAL_EXPEDITED: libc::c_int = 1 << 1;
+const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_int = 1 << 2;
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes integers only (cmd, flags = 0, cpu_id = 0)
+    // and reads or writes no user memory.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        )
+    }
+}
+
+/// `true` if this process takes part in [`global_barrier`]: registered
+/// once per process (the first call), `false` where the kernel or a
+/// seccomp filter does not offer expedited global membarriers.
+///
+/// A registered process may replace the store-load fence of a Dekker-style
+/// "publish, then check for sleepers" by a compiler fence, provided every
+/// sleeper calls [`global_barrier`] between registering as a sleeper and
+/// re-checking: the barrier runs a full fence on every running thread of
+/// every registered process (a thread that is not running passed through
+/// one when it was switched out).
+pub(crate) fn barrier_registered() -> bool {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        let need = MEMBARRIER_CMD_GLOBAL_EXPEDITED | MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED;
+        let cmds = membarrier(MEMBARRIER_CMD_QUERY);
+        cmds > 0
+            && (cmds as libc::c_int) & need == need
+            && membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) == 0
+    })
+}
+
+/// Runs a full memory barrier on every running thread of every process
+/// registered by [`barrier_registered`] (costs interrupts to the CPUs
+/// running them: microseconds; for the slow path only). `false` if this
+/// process could not register or the call failed.
+pub(crate) fn global_barrier() -> bool {
+    barrier_registered() && membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn global_barrier_when_registered() {
+        // Not every kernel or sandbox offers it; when registered, it works.
+        if barrier_registered() {
+            assert!(global_barrier());
+        }
+    }
 
     #[test]
     fn wait_times_out_and_wake_wakes() {

@@ -296,6 +296,38 @@ impl Mapping {
         self.check(offset, bytes)
     }
 
+    /// `len` bytes at `offset`, borrowed, for reading a range that the
+    /// caller's protocol keeps unchanged while the borrow lives (a queue
+    /// slot its consumer has taken: no writer may touch it before the
+    /// consumer releases it). Out of range: an error.
+    pub(crate) fn range(&self, offset: usize, len: usize) -> Result<&[u8]> {
+        self.check(offset, len)?;
+        // SAFETY: the range was checked to lie inside the mapping, which
+        // stays mapped while `&self` lives; u8 has no invalid values.
+        // Concurrent writers are excluded by the caller's protocol (as for
+        // `bytes`).
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset), len) })
+    }
+
+    /// Runs `f` on `len` bytes at `offset` as a mutable slice, for writing
+    /// a range that the caller's protocol gives to it alone while `f` runs
+    /// (a queue slot its producer has claimed). Out of range: an error.
+    pub(crate) fn with_range_mut<R>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R> {
+        self.check(offset, len)?;
+        // SAFETY: the range was checked to lie inside the mapping, which
+        // stays mapped while `&self` lives; the slice does not outlive `f`;
+        // every other access to the range (in this process or another) is
+        // excluded by the caller's protocol for that time.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().wrapping_add(offset), len) };
+        Ok(f(bytes))
+    }
+
     /// The whole mapping as bytes, for `SharedMemory`'s `Deref`.
     ///
     /// Other processes (and other handles in this one) may write these bytes
