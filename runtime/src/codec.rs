@@ -311,6 +311,15 @@ impl<'a> SeqEncoder<'a> {
         SeqEncoder { out }
     }
 
+    /// [`push`](SeqEncoder::push), with one copy for primitive numbers.
+    #[inline]
+    pub(crate) fn push_value<T: Serialize + 'static>(&mut self, value: &T) -> Result<()> {
+        if push_primitive(self.out, value) {
+            return Ok(());
+        }
+        self.push(value)
+    }
+
     pub(crate) fn push<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
         let mut serializer = bincode::Serializer::new(&mut *self.out, options());
         value.serialize(&mut serializer).map_err(encode_error)
@@ -319,6 +328,72 @@ impl<'a> SeqEncoder<'a> {
     pub(crate) fn out(&mut self) -> &mut Vec<u8> {
         self.out
     }
+}
+
+/// Writes `value` exactly as bincode (fixint, little endian) would, with
+/// one copy, when `T` is a fixed-width primitive number or a 1-tuple of one
+/// (a pool task's argument tuple); returns `false` and writes nothing
+/// otherwise. The type tests are on constants and fold away.
+#[inline]
+pub(crate) fn push_primitive<T: 'static>(out: &mut Vec<u8>, value: &T) -> bool {
+    let any = value as &dyn Any;
+    macro_rules! primitive {
+        ($($t:ty => $w:ty),*) => {$(
+            if let Some(v) = any.downcast_ref::<$t>() {
+                out.extend_from_slice(&(*v as $w).to_le_bytes());
+                return true;
+            }
+            if let Some(v) = any.downcast_ref::<($t,)>() {
+                out.extend_from_slice(&(v.0 as $w).to_le_bytes());
+                return true;
+            }
+        )*};
+    }
+    primitive!(u64 => u64, i64 => i64, u32 => u32, i32 => i32, f64 => f64, f32 => f32,
+        usize => u64, isize => i64, u16 => u16, i16 => i16, u8 => u8, i8 => i8, u128 => u128, i128 => i128);
+    false
+}
+
+/// Reads one value written by [`push_primitive`] (or by bincode) from the
+/// front of `rest` when `T` is a fixed-width primitive number or a 1-tuple
+/// of one; `None` (nothing read) otherwise.
+#[inline]
+fn read_primitive<T: 'static>(rest: &mut &[u8]) -> Option<Result<T>> {
+    macro_rules! primitive {
+        ($($t:ty => $w:ty),*) => {$(
+            let id = TypeId::of::<T>();
+            if id == TypeId::of::<$t>() || id == TypeId::of::<($t,)>() {
+                const SIZE: usize = std::mem::size_of::<$w>();
+                let Some((head, tail)) = rest.split_first_chunk::<SIZE>() else {
+                    return Some(Err(Error::Decode { message: "io error: unexpected end of file".into() }));
+                };
+                *rest = tail;
+                let wide = <$w>::from_le_bytes(*head);
+                let Some(v) = <$t>::try_from(wide).ok() else {
+                    return Some(Err(Error::Decode { message: format!("{wide} does not fit a {}", stringify!($t)) }));
+                };
+                return cast::<T, $t>(v).or_else(|| cast::<T, ($t,)>((v,))).map(Ok);
+            }
+        )*};
+    }
+    primitive!(u64 => u64, i64 => i64, u32 => u32, i32 => i32, usize => u64, isize => i64,
+        u16 => u16, i16 => i16, u8 => u8, i8 => i8, u128 => u128, i128 => i128);
+    macro_rules! float {
+        ($($t:ty),*) => {$(
+            let id = TypeId::of::<T>();
+            if id == TypeId::of::<$t>() || id == TypeId::of::<($t,)>() {
+                const SIZE: usize = std::mem::size_of::<$t>();
+                let Some((head, tail)) = rest.split_first_chunk::<SIZE>() else {
+                    return Some(Err(Error::Decode { message: "io error: unexpected end of file".into() }));
+                };
+                *rest = tail;
+                let v = <$t>::from_le_bytes(*head);
+                return cast::<T, $t>(v).or_else(|| cast::<T, ($t,)>((v,))).map(Ok);
+            }
+        )*};
+    }
+    float!(f64, f32);
+    None
 }
 
 /// Decodes values written back to back by [`SeqEncoder`]. Call inside
@@ -353,7 +428,10 @@ impl<'de> SeqDecoder<'de> {
         SeqDecoder { rest: bytes }
     }
 
-    pub(crate) fn next<T: DeserializeOwned>(&mut self) -> Result<T> {
+    pub(crate) fn next<T: DeserializeOwned + 'static>(&mut self) -> Result<T> {
+        if let Some(value) = read_primitive::<T>(&mut self.rest) {
+            return value;
+        }
         options()
             .deserialize_from(&mut self.rest)
             .map_err(decode_error)

@@ -282,7 +282,7 @@ impl<'a> Call<'a> {
     }
 
     /// Decodes the arguments, calls `f`, encodes the result(s).
-    pub fn run<A: DeserializeOwned, R: Serialize>(
+    pub fn run<A: DeserializeOwned + 'static, R: Serialize + 'static>(
         &mut self,
         mut f: impl FnMut(A) -> R,
     ) -> Result<()> {
@@ -317,7 +317,7 @@ impl<'a> Call<'a> {
                                     done += 1;
                                     mark = enc.out().len();
                                     let r = f(args);
-                                    enc.push(&r)?;
+                                    enc.push_value(&r)?;
                                     in_run += 1;
                                 }
                                 Ok(())

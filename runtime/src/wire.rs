@@ -239,35 +239,28 @@ impl Channel {
             });
         }
         let len = len as usize;
-        // Zero-fill the destination once, then read into it: a large
-        // payload goes straight from the socket to its place.
-        bytes.resize(len, 0);
-        let mut filled = (self.end - self.start).min(len);
-        bytes[..filled].copy_from_slice(&self.rbuf[self.start..self.start + filled]);
-        self.start += filled;
-        while filled < len {
-            let want = len - filled;
+        // A large payload goes straight from the socket into the spare
+        // capacity of its destination: no zero-filling, no second copy.
+        bytes.reserve(len);
+        let have = (self.end - self.start).min(len);
+        bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
+        self.start += have;
+        while bytes.len() < len {
+            let want = len - bytes.len();
             if want >= READ_BUF / 2 {
                 self.wait_readable(deadline)?;
-                let mut got = Vec::new();
-                let n = sys::recv_with_fds(self.fd.as_fd(), &mut bytes[filled..], &mut got)
+                let n = sys::read_to_spare(self.fd.as_fd(), bytes, want)
                     .map_err(|e| io_error("recv", e))?;
-                self.fds.extend(got);
                 if n == 0 {
-                    bytes.truncate(filled);
                     return Err(Error::Disconnected);
                 }
-                filled += n;
             } else {
                 if !self.fill(deadline)? {
-                    bytes.truncate(filled);
                     return Err(Error::Disconnected);
                 }
                 let have = (self.end - self.start).min(want);
-                bytes[filled..filled + have]
-                    .copy_from_slice(&self.rbuf[self.start..self.start + have]);
+                bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
                 self.start += have;
-                filled += have;
             }
         }
         for _ in 0..nfds {

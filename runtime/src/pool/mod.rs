@@ -108,7 +108,7 @@ impl PoolBuilder {
     pub fn initializer<F, A>(mut self, f: F, args: A) -> Self
     where
         F: ProcessFn<A>,
-        A: Serialize,
+        A: Serialize + 'static,
     {
         self.initializer = Some(Target::of_fn(&f, &args));
         self
@@ -247,7 +247,7 @@ impl ChunkEncoder {
     /// Takes up to `max` items from `items` and encodes them as one task
     /// payload. `None` once `items` is exhausted; `(count, Err)` if an item
     /// failed to encode (the chunk's other items are still consumed).
-    fn next<T: Serialize>(
+    fn next<T: Serialize + 'static>(
         &mut self,
         items: &mut impl Iterator<Item = T>,
         max: usize,
@@ -261,12 +261,12 @@ impl ChunkEncoder {
         let mut count = 0usize;
         let result = codec::with_fd_sink(&mut fds, || {
             let mut enc = codec::SeqEncoder::new(&mut buf);
-            enc.push(&first)?;
+            enc.push_value(&first)?;
             count = 1;
             while count < max {
                 let Some(item) = items.next() else { break };
                 count += 1;
-                enc.push(&item)?;
+                enc.push_value(&item)?;
             }
             Ok(())
         });
@@ -382,7 +382,7 @@ impl Pool {
 
     /// Encodes `items` in chunks and submits them as one job.
     /// Returns the job and the number of chunks and items.
-    fn submit_all<F: 'static, T: Serialize>(
+    fn submit_all<F: 'static, T: Serialize + 'static>(
         &self,
         items: impl IntoIterator<Item = T>,
         chunksize: Option<usize>,
@@ -404,7 +404,7 @@ impl Pool {
         }
     }
 
-    fn submit_n<F: 'static, T: Serialize>(
+    fn submit_n<F: 'static, T: Serialize + 'static>(
         &self,
         mut items: impl Iterator<Item = T>,
         n: usize,
@@ -486,7 +486,7 @@ impl Pool {
     pub fn map<F, A, I>(&self, f: F, iter: I) -> Result<Vec<F::Output>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -501,7 +501,7 @@ impl Pool {
     pub fn map_chunked<F, A, I>(&self, f: F, iter: I, chunksize: usize) -> Result<Vec<F::Output>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -535,7 +535,7 @@ impl Pool {
     pub fn starmap<F, T, I>(&self, f: F, iter: I) -> Result<Vec<F::Output>>
     where
         F: ProcessFn<T>,
-        T: Serialize,
+        T: Serialize + 'static,
         I: IntoIterator<Item = T>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -552,7 +552,7 @@ impl Pool {
     pub fn map_async<F, A, I>(&self, f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -567,7 +567,7 @@ impl Pool {
     ) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, A>(iter, chunksize)?;
@@ -587,7 +587,7 @@ impl Pool {
     pub fn starmap_async<F, T, I>(&self, _f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
         F: ProcessFn<T>,
-        T: Serialize,
+        T: Serialize + 'static,
         I: IntoIterator<Item = T>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -608,7 +608,7 @@ impl Pool {
     pub fn apply<F, T>(&self, f: F, args: T) -> Result<F::Output>
     where
         F: ProcessFn<T>,
-        T: Serialize,
+        T: Serialize + 'static,
         F::Output: DeserializeOwned + 'static,
     {
         self.apply_async(f, args)?.get()
@@ -647,7 +647,7 @@ impl Pool {
     pub fn apply_async<F, T>(&self, _f: F, args: T) -> Result<AsyncResult<'_, F::Output>>
     where
         F: ProcessFn<T>,
-        T: Serialize,
+        T: Serialize + 'static,
         F::Output: DeserializeOwned + 'static,
     {
         let (job, chunks, items) = self.submit_all::<F, T>(std::iter::once(args), Some(1))?;
@@ -694,7 +694,7 @@ impl Pool {
     pub fn imap<F, A, I>(&self, f: F, iter: I) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -714,7 +714,7 @@ impl Pool {
     ) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -730,7 +730,7 @@ impl Pool {
     pub fn imap_unordered<F, A, I>(&self, f: F, iter: I) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -746,7 +746,7 @@ impl Pool {
     ) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
         F: ProcessFn<(A,)>,
-        A: Serialize,
+        A: Serialize + 'static,
         I: IntoIterator<Item = A>,
         F::Output: DeserializeOwned + 'static,
     {
@@ -953,7 +953,7 @@ impl<I, R> std::fmt::Debug for Imap<'_, I, R> {
 impl<I, R> Imap<'_, I, R>
 where
     I: Iterator,
-    I::Item: Serialize,
+    I::Item: Serialize + 'static,
     R: DeserializeOwned + 'static,
 {
     /// Submits chunks until the window is full or the input ends.
@@ -997,7 +997,7 @@ where
 impl<I, R> Iterator for Imap<'_, I, R>
 where
     I: Iterator,
-    I::Item: Serialize,
+    I::Item: Serialize + 'static,
     R: DeserializeOwned + 'static,
 {
     type Item = Result<R>;

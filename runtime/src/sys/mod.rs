@@ -396,6 +396,38 @@ pub(crate) fn recv_with_fds(
 /// `POLLRDHUP` (the peer closed its end), which nix does not name.
 pub(crate) const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(libc::POLLRDHUP);
 
+/// Reads at most `max` bytes from `fd` into the spare capacity of `buf`
+/// (no zero-filling first) and extends `buf` by what arrived. Plain
+/// `read`: for the rest of a frame's payload, whose descriptors arrived
+/// with its first bytes. Returns the byte count (0 at end of stream).
+pub(crate) fn read_to_spare(
+    fd: BorrowedFd<'_>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<usize, Errno> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let n = max.min(spare.len());
+    let ptr = spare.as_mut_ptr().cast::<libc::c_void>();
+    loop {
+        // SAFETY: `ptr` points at `n` writable bytes of `buf`'s spare
+        // capacity (reserved above, not aliased), and read writes at most
+        // `n` bytes there.
+        let rc = unsafe { libc::read(fd.as_raw_fd(), ptr, n) };
+        if rc < 0 {
+            match Errno::last() {
+                Errno::EINTR => continue,
+                e => return Err(e),
+            }
+        }
+        let got = rc as usize;
+        // SAFETY: read initialized the first `got` (<= n <= spare) bytes
+        // after the current length.
+        unsafe { buf.set_len(buf.len() + got) };
+        return Ok(got);
+    }
+}
+
 /// Marks `fd` non-blocking or blocking.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
