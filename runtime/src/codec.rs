@@ -176,6 +176,25 @@ pub(crate) fn deserialize_fd<'de, D: Deserializer<'de>>(
     })
 }
 
+/// A borrowed descriptor that serializes through [`serialize_fd`]: a
+/// field of a handle's serialized form.
+pub(crate) struct FdOut<'a>(pub(crate) BorrowedFd<'a>);
+
+impl Serialize for FdOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_fd(self.0, serializer)
+    }
+}
+
+/// A received descriptor, deserialized through [`deserialize_fd`].
+pub(crate) struct FdIn(pub(crate) OwnedFd);
+
+impl<'de> Deserialize<'de> for FdIn {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_fd(deserializer).map(FdIn)
+    }
+}
+
 /// Appends the encoding of `value` to `out`; descriptors of handles inside
 /// `value` are appended to `fds`.
 pub(crate) fn encode<T: Serialize + ?Sized>(

@@ -52,7 +52,7 @@ use nix::poll::PollFlags;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec;
+use crate::codec::{self, FdIn, FdOut};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -311,22 +311,6 @@ impl<T: DeserializeOwned> Connection<T> {
 impl<T> AsFd for Connection<T> {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.link.read_fd()
-    }
-}
-
-struct FdOut<'a>(BorrowedFd<'a>);
-
-impl Serialize for FdOut<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        codec::serialize_fd(self.0, serializer)
-    }
-}
-
-struct FdIn(OwnedFd);
-
-impl<'de> Deserialize<'de> for FdIn {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        codec::deserialize_fd(deserializer).map(FdIn)
     }
 }
 

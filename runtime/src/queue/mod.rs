@@ -49,7 +49,6 @@ mod ring;
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,7 +59,7 @@ pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
 use self::ring::{Claimed, Ring, SideMsg, Stall, Taken};
-use crate::codec;
+use crate::codec::{self, FdIn, FdOut};
 use crate::error::{Error, Result};
 
 /// Capacity of [`Queue::new`], in messages: 8192.
@@ -379,22 +378,6 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
             GetFail::Disconnected => TryGetError::Disconnected,
             GetFail::Failed(e) => TryGetError::Failed(e),
         })
-    }
-}
-
-struct FdOut<'a>(BorrowedFd<'a>);
-
-impl Serialize for FdOut<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        codec::serialize_fd(self.0, serializer)
-    }
-}
-
-struct FdIn(OwnedFd);
-
-impl<'de> Deserialize<'de> for FdIn {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        codec::deserialize_fd(deserializer).map(FdIn)
     }
 }
 

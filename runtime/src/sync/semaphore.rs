@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{deadline, deserialize_mapping, serialize_mapping};
 use crate::error::{Error, Result};
-use crate::sys::futex;
+use crate::sys::futex::{self, Wake};
 use crate::sys::shm::Mapping;
 
 // Words: count, sleepers, bound (0: unbounded).
@@ -80,19 +80,9 @@ impl Semaphore {
             if !wait {
                 return false;
             }
-            let slice = match deadline {
-                None => None,
-                Some(deadline) => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return false;
-                    }
-                    Some(left)
-                }
-            };
-            sleepers.fetch_add(1, Ordering::SeqCst);
-            futex::wait(count, 0, slice);
-            sleepers.fetch_sub(1, Ordering::SeqCst);
+            if futex::wait_counted(count, 0, sleepers, deadline) == Wake::TimedOut {
+                return false;
+            }
         }
     }
 

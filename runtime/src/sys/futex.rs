@@ -2,7 +2,7 @@
 //! `FUTEX_PRIVATE_FLAG`), the sleeping half of every lock and queue.
 
 use std::sync::atomic::AtomicU32;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
@@ -45,6 +45,32 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -
         Errno::ETIMEDOUT => Wake::TimedOut,
         _ => Wake::Retry,
     }
+}
+
+/// Sleeps on `word` while it holds `expected`, counted in `sleepers` (so
+/// that wakers skip the wake syscall when nobody sleeps), at most until
+/// `deadline`. [`Wake::TimedOut`] only when the deadline had already
+/// passed (nothing slept): the caller re-checks its condition otherwise.
+pub(crate) fn wait_counted(
+    word: &AtomicU32,
+    expected: u32,
+    sleepers: &AtomicU32,
+    deadline: Option<Instant>,
+) -> Wake {
+    let slice = match deadline {
+        None => None,
+        Some(deadline) => {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Wake::TimedOut;
+            }
+            Some(left)
+        }
+    };
+    sleepers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let woke = wait(word, expected, slice);
+    sleepers.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    woke
 }
 
 /// Wakes at most `n` waiters sleeping on `word`; returns how many woke.
