@@ -235,6 +235,13 @@ pub(crate) fn encode_typed_into<T: Serialize + 'static>(
     fds: &mut Vec<OwnedFd>,
 ) -> Result<Option<usize>> {
     let room = buf.len();
+    if let Some((small, len)) = primitive_bytes(value) {
+        let Some(dst) = buf.get_mut(..len) else {
+            return Ok(None);
+        };
+        dst.copy_from_slice(&small[..len]);
+        return Ok(Some(len));
+    }
     if let Some(bytes) = as_bytes(value) {
         let Some(dst) = buf.get_mut(..8 + bytes.len()) else {
             return Ok(None);
@@ -271,6 +278,10 @@ pub(crate) fn decode_typed<T: DeserializeOwned + 'static>(
     bytes: &[u8],
     fds: Vec<OwnedFd>,
 ) -> Result<T> {
+    let mut rest = bytes;
+    if let Some(value) = read_primitive::<T>(&mut rest) {
+        return value;
+    }
     let id = TypeId::of::<T>();
     if id == TypeId::of::<Vec<u8>>() {
         return cast(decode_byte_vec(bytes)?).map_or_else(|| decode(bytes, fds), Ok);
@@ -349,28 +360,40 @@ impl<'a> SeqEncoder<'a> {
     }
 }
 
-/// Writes `value` exactly as bincode (fixint, little endian) would, with
-/// one copy, when `T` is a fixed-width primitive number or a 1-tuple of one
-/// (a pool task's argument tuple); returns `false` and writes nothing
-/// otherwise. The type tests are on constants and fold away.
+/// The bytes bincode (fixint, little endian) writes for `value` when `T`
+/// is a fixed-width primitive number or a 1-tuple of one (a pool task's
+/// argument tuple), in a stack buffer with their length; `None` otherwise.
+/// The type tests are on constants and fold away.
 #[inline]
-pub(crate) fn push_primitive<T: 'static>(out: &mut Vec<u8>, value: &T) -> bool {
+fn primitive_bytes<T: 'static>(value: &T) -> Option<([u8; 16], usize)> {
     let any = value as &dyn Any;
     macro_rules! primitive {
         ($($t:ty => $w:ty),*) => {$(
-            if let Some(v) = any.downcast_ref::<$t>() {
-                out.extend_from_slice(&(*v as $w).to_le_bytes());
-                return true;
-            }
-            if let Some(v) = any.downcast_ref::<($t,)>() {
-                out.extend_from_slice(&(v.0 as $w).to_le_bytes());
-                return true;
+            let v = any.downcast_ref::<$t>().copied().or_else(|| any.downcast_ref::<($t,)>().map(|t| t.0));
+            if let Some(v) = v {
+                let le = (v as $w).to_le_bytes();
+                let mut buf = [0u8; 16];
+                buf[..le.len()].copy_from_slice(&le);
+                return Some((buf, le.len()));
             }
         )*};
     }
     primitive!(u64 => u64, i64 => i64, u32 => u32, i32 => i32, f64 => f64, f32 => f32,
         usize => u64, isize => i64, u16 => u16, i16 => i16, u8 => u8, i8 => i8, u128 => u128, i128 => i128);
-    false
+    None
+}
+
+/// Appends what [`primitive_bytes`] gives for `value`; `false` (nothing
+/// written) when `T` is not such a type.
+#[inline]
+pub(crate) fn push_primitive<T: 'static>(out: &mut Vec<u8>, value: &T) -> bool {
+    match primitive_bytes(value) {
+        Some((buf, len)) => {
+            out.extend_from_slice(&buf[..len]);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Reads one value written by [`push_primitive`] (or by bincode) from the
@@ -539,6 +562,43 @@ mod tests {
         let bytes = encode_plain(&"hello".to_string()).expect("encode");
         let err = decode_plain::<String>(&bytes[..bytes.len() - 1]).expect_err("truncated");
         assert!(matches!(err, Error::Decode { .. }), "{err}");
+    }
+
+    fn same_as_bincode<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug + 'static>(
+        value: T,
+    ) {
+        let mut fast = Vec::new();
+        assert!(
+            push_primitive(&mut fast, &value),
+            "{value:?} takes the fast path"
+        );
+        assert_eq!(fast, encode_plain(&value).expect("bincode"), "{value:?}");
+        let mut rest = &fast[..];
+        let back = read_primitive::<T>(&mut rest)
+            .expect("fast path")
+            .expect("decodes");
+        assert_eq!((back, rest.len()), (value, 0));
+    }
+
+    #[test]
+    fn primitive_fast_path_matches_bincode() {
+        same_as_bincode(u64::MAX - 7);
+        same_as_bincode((42u64,));
+        same_as_bincode(-5i32);
+        same_as_bincode((-1i8,));
+        same_as_bincode(3.25f64);
+        same_as_bincode(usize::MAX);
+        same_as_bincode(i128::MIN);
+        let mut out = Vec::new();
+        assert!(!push_primitive(&mut out, &"text".to_string()));
+        assert!(!push_primitive(&mut out, &(1u64, 2u64)));
+        assert!(out.is_empty());
+        let value: u32 = decode_typed(&7u32.to_le_bytes(), Vec::new()).expect("typed");
+        assert_eq!(value, 7);
+        assert!(
+            decode_typed::<u64>(&[1, 2, 3], Vec::new()).is_err(),
+            "short input is an error"
+        );
     }
 
     #[test]
