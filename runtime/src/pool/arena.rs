@@ -1,0 +1,264 @@
+//! Shared-memory arenas for large chunk payloads.
+//!
+//! Each worker gets two memfd mappings from the parent, sent with the
+//! first control frame ([`TAG_ARENAS`](super::worker::TAG_ARENAS)): an
+//! *input* arena (parent writes, worker reads) and an *output* arena
+//! (worker writes, parent reads). A chunk whose payload is at least
+//! [`SHM_MIN`] bytes and carries no descriptors goes through its arena and
+//! only `(offset, len)` travels on the socket; anything else (no room,
+//! descriptors, small payloads, no arenas) uses the socket as before, so a
+//! full arena never blocks anyone.
+//!
+//! Input arena: allocated by the parent alone ([`InArena`]); a region is
+//! freed when its chunk's result (or failure) arrives, i.e. after the
+//! worker stopped reading it. The worker reads it in place.
+//!
+//! Output arena: allocated by the worker ([`OutWriter`]) at monotonic
+//! positions (`pos % cap` is the place in the data area); the parent
+//! decodes a region in place, then releases it ([`Lease`]'s drop), which
+//! advances the shared `consumed` counter (word 0) once every earlier
+//! region was released. The worker never writes past `consumed + cap`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::engine::lock;
+use crate::error::{Error, Result};
+use crate::sys::shm::Mapping;
+
+/// Size of each arena. Pages never touched cost nothing.
+pub(crate) const ARENA_BYTES: usize = 32 << 20;
+
+/// Smallest payload worth moving through an arena.
+pub(crate) const SHM_MIN: usize = 64 << 10;
+
+/// Bytes before the output arena's data: the `consumed` counter.
+const OUT_HEADER: usize = 64;
+
+/// The parent's allocator over one worker's input arena.
+#[derive(Debug)]
+pub(crate) struct InArena {
+    map: Arc<Mapping>,
+    /// Live regions in allocation order: (chunk id, start, len).
+    live: Vec<(u64, usize, usize)>,
+}
+
+impl InArena {
+    pub(crate) fn create() -> Result<InArena> {
+        Ok(InArena {
+            map: Arc::new(Mapping::create("multiproc-pool-in", ARENA_BYTES)?),
+            live: Vec::new(),
+        })
+    }
+
+    pub(crate) fn mapping(&self) -> &Arc<Mapping> {
+        &self.map
+    }
+
+    /// A region of `len` bytes for chunk `id`, if there is room. Live
+    /// regions always lie, in allocation order, on the ring segment from
+    /// the first one's start to the last one's end.
+    pub(crate) fn alloc(&mut self, id: u64, len: usize) -> Option<usize> {
+        let cap = self.map.len();
+        let start = match (self.live.first(), self.live.last()) {
+            (Some(&(_, first, _)), Some(&(_, last, last_len))) => {
+                let end = last + last_len;
+                if last >= first {
+                    if cap - end >= len {
+                        end
+                    } else if first >= len {
+                        0
+                    } else {
+                        return None;
+                    }
+                } else if first - end >= len {
+                    end
+                } else {
+                    return None;
+                }
+            }
+            _ if len <= cap => 0,
+            _ => return None,
+        };
+        self.live.push((id, start, len));
+        Some(start)
+    }
+
+    /// Chunk `id` is done: its region may be reused.
+    pub(crate) fn free(&mut self, id: u64) {
+        self.live.retain(|&(i, _, _)| i != id);
+    }
+}
+
+/// The parent's side of one worker's output arena.
+#[derive(Debug)]
+pub(crate) struct OutArena {
+    map: Mapping,
+    /// Regions delivered and not yet consumed, in the worker's order:
+    /// (end position, released).
+    pending: Mutex<VecDeque<(u64, bool)>>,
+}
+
+impl OutArena {
+    pub(crate) fn create() -> Result<OutArena> {
+        Ok(OutArena {
+            map: Mapping::create("multiproc-pool-out", ARENA_BYTES)?,
+            pending: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// Takes charge of the region `start..start + len` that the worker
+    /// just announced (called in the order the worker sent them).
+    pub(crate) fn lease(self: &Arc<Self>, start: u64, len: u64) -> Result<Lease> {
+        let cap = (self.map.len() - OUT_HEADER) as u64;
+        let offset = start % cap;
+        if len == 0 || len > cap - offset {
+            return Err(Error::Decode {
+                message: format!("a pool result region {start}+{len} is outside its arena"),
+            });
+        }
+        let end = start + len;
+        lock(&self.pending).push_back((end, false));
+        Ok(Lease {
+            arena: Arc::clone(self),
+            offset: OUT_HEADER + offset as usize,
+            len: len as usize,
+            end,
+        })
+    }
+
+    fn release(&self, end: u64) {
+        let mut pending = lock(&self.pending);
+        if let Some(entry) = pending.iter_mut().find(|e| e.0 == end) {
+            entry.1 = true;
+        }
+        let mut consumed = None;
+        while let Some(&(e, true)) = pending.front() {
+            consumed = Some(e);
+            pending.pop_front();
+        }
+        if let (Some(c), Ok(word)) = (consumed, self.map.atomic_at::<AtomicU64>(0)) {
+            word.store(c, Ordering::Release);
+        }
+    }
+}
+
+/// One result region of an output arena, released when dropped.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    arena: Arc<OutArena>,
+    offset: usize,
+    len: usize,
+    end: u64,
+}
+
+impl Lease {
+    /// The result bytes, read in place: the worker does not write this
+    /// region again before the lease is dropped.
+    pub(crate) fn bytes(&self) -> Result<&[u8]> {
+        self.arena.map.arena_view(self.offset, self.len)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.arena.release(self.end);
+    }
+}
+
+/// The worker's allocator over its output arena.
+#[derive(Debug)]
+pub(crate) struct OutWriter {
+    map: Mapping,
+    head: u64,
+}
+
+impl OutWriter {
+    pub(crate) fn new(map: Mapping) -> Result<OutWriter> {
+        if map.len() <= OUT_HEADER {
+            return Err(Error::invalid("pool output arena too small"));
+        }
+        Ok(OutWriter { map, head: 0 })
+    }
+
+    /// Copies `data` into the arena if there is room; its start position.
+    pub(crate) fn put(&mut self, data: &[u8]) -> Option<u64> {
+        let cap = (self.map.len() - OUT_HEADER) as u64;
+        let len = data.len() as u64;
+        if len == 0 || len > cap {
+            return None;
+        }
+        let consumed = self
+            .map
+            .atomic_at::<AtomicU64>(0)
+            .ok()?
+            .load(Ordering::Acquire);
+        let phys = self.head % cap;
+        let start = if consumed >= self.head {
+            // Everything was consumed: start again at the beginning.
+            self.head + (cap - phys) % cap
+        } else {
+            let start = if phys + len > cap {
+                self.head + (cap - phys)
+            } else {
+                self.head
+            };
+            if start + len - consumed > cap {
+                return None;
+            }
+            start
+        };
+        self.map
+            .write(OUT_HEADER + (start % cap) as usize, data)
+            .ok()?;
+        self.head = start + len;
+        Some(start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_ring_reuses_freed_space_and_refuses_when_full() {
+        let mut a = InArena::create().expect("arena");
+        let cap = a.mapping().len();
+        let big = cap / 2 - 10;
+        assert_eq!(a.alloc(1, big), Some(0));
+        assert_eq!(a.alloc(2, big), Some(big));
+        assert_eq!(a.alloc(3, big), None);
+        a.free(1);
+        assert_eq!(a.alloc(3, big), Some(0));
+        assert_eq!(a.alloc(4, 30), None);
+        a.free(2);
+        a.free(3);
+        assert_eq!(a.alloc(5, cap), Some(0));
+    }
+
+    #[test]
+    fn output_ring_round_trips_and_waits_for_release() {
+        let parent = Arc::new(OutArena::create().expect("arena"));
+        let fd = parent
+            .mapping()
+            .fd()
+            .try_clone_to_owned()
+            .expect("dup");
+        let mut w = OutWriter::new(Mapping::from_fd(fd).expect("map")).expect("writer");
+        let cap = ARENA_BYTES - OUT_HEADER;
+        let big = vec![7u8; cap / 2 + 1];
+        let s1 = w.put(&big).expect("first");
+        let l1 = parent.lease(s1, big.len() as u64).expect("lease");
+        assert_eq!(l1.bytes().expect("view"), &big[..]);
+        assert_eq!(w.put(&big), None, "no room until released");
+        drop(l1);
+        let s2 = w.put(&[1, 2, 3]).expect("after release");
+        let l2 = parent.lease(s2, 3).expect("lease");
+        assert_eq!(l2.bytes().expect("view"), &[1, 2, 3]);
+    }
+}
