@@ -176,6 +176,8 @@ impl Drop for Lease {
 pub(crate) struct OutWriter {
     map: Mapping,
     head: u64,
+    /// Regions written and not yet known to be consumed: (start, end).
+    live: VecDeque<(u64, u64)>,
 }
 
 impl OutWriter {
@@ -183,10 +185,18 @@ impl OutWriter {
         if map.len() <= OUT_HEADER {
             return Err(Error::invalid("pool output arena too small"));
         }
-        Ok(OutWriter { map, head: 0 })
+        Ok(OutWriter {
+            map,
+            head: 0,
+            live: VecDeque::new(),
+        })
     }
 
     /// Copies `data` into the arena if there is room; its start position.
+    ///
+    /// Every live region lies in `oldest start..head`; a new region is
+    /// safe when the span from the oldest live start to its end is at most
+    /// the capacity (positions are taken modulo the capacity).
     pub(crate) fn put(&mut self, data: &[u8]) -> Option<u64> {
         let cap = (self.map.len() - OUT_HEADER) as u64;
         let len = data.len() as u64;
@@ -198,25 +208,31 @@ impl OutWriter {
             .atomic_at::<AtomicU64>(0)
             .ok()?
             .load(Ordering::Acquire);
+        while self.live.front().is_some_and(|&(_, end)| end <= consumed) {
+            self.live.pop_front();
+        }
         let phys = self.head % cap;
-        let start = if consumed >= self.head {
-            // Everything was consumed: start again at the beginning.
-            self.head + (cap - phys) % cap
-        } else {
-            let start = if phys + len > cap {
-                self.head + (cap - phys)
-            } else {
-                self.head
-            };
-            if start + len - consumed > cap {
-                return None;
+        let start = match self.live.front() {
+            // Everything was consumed: start again at the beginning, where
+            // the pages are warm.
+            None => self.head + (cap - phys) % cap,
+            Some(&(oldest, _)) => {
+                let start = if phys + len > cap {
+                    self.head + (cap - phys)
+                } else {
+                    self.head
+                };
+                if start + len - oldest > cap {
+                    return None;
+                }
+                start
             }
-            start
         };
         self.map
             .write(OUT_HEADER + (start % cap) as usize, data)
             .ok()?;
         self.head = start + len;
+        self.live.push_back((start, self.head));
         Some(start)
     }
 }
@@ -260,5 +276,15 @@ mod tests {
         let s2 = w.put(&[1, 2, 3]).expect("after release");
         let l2 = parent.lease(s2, 3).expect("lease");
         assert_eq!(l2.bytes().expect("view"), &[1, 2, 3]);
+        // A restart at the beginning leaves no phantom occupied space.
+        let third = vec![9u8; cap / 3];
+        let s3 = w.put(&third).expect("third");
+        let s4 = w.put(&third).expect("fourth");
+        let l3 = parent.lease(s3, third.len() as u64).expect("lease");
+        let l4 = parent.lease(s4, third.len() as u64).expect("lease");
+        assert_eq!(l4.bytes().expect("view"), &third[..]);
+        drop((l2, l3, l4));
+        let s5 = w.put(&big).expect("after all released");
+        assert_eq!(s5 % cap as u64, 0);
     }
 }
