@@ -277,7 +277,9 @@ fn a_killed_worker_fails_its_task_and_is_replaced() {
 /// 256 KiB of the letter `n % 26` (a string encodes as one bulk copy).
 #[process_fn]
 fn blob(n: u64) -> String {
-    char::from(b'a' + (n % 26) as u8).to_string().repeat(256 << 10)
+    char::from(b'a' + (n % 26) as u8)
+        .to_string()
+        .repeat(256 << 10)
 }
 
 #[process_fn]
@@ -332,7 +334,16 @@ fn a_worker_killed_mid_chunk_of_shared_memory_payloads_is_replaced() {
     let err = pool
         .starmap(cube_or_die_at, (0..n).map(|x| (x, 250_000u64)))
         .expect_err("a worker died");
-    assert!(matches!(err, Error::WorkerDied { signal: Some(9), .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::WorkerDied {
+                signal: Some(9),
+                ..
+            }
+        ),
+        "{err}"
+    );
     for _ in 0..3 {
         assert_eq!(
             pool.map(cube, 0..n).expect("map after the death"),

@@ -260,11 +260,7 @@ mod tests {
     #[test]
     fn output_ring_round_trips_and_waits_for_release() {
         let parent = Arc::new(OutArena::create().expect("arena"));
-        let fd = parent
-            .mapping()
-            .fd()
-            .try_clone_to_owned()
-            .expect("dup");
+        let fd = parent.mapping().fd().try_clone_to_owned().expect("dup");
         let mut w = OutWriter::new(Mapping::from_fd(fd).expect("map")).expect("writer");
         let cap = ARENA_BYTES - OUT_HEADER;
         let big = vec![7u8; cap / 2 + 1];

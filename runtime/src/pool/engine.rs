@@ -652,7 +652,9 @@ impl Core {
                     });
                     done.map(|d| (d, pid, lease))
                 };
-                let Some((done, pid, lease)) = found else { return };
+                let Some((done, pid, lease)) = found else {
+                    return;
+                };
                 let outcome = if let Some(lease) = lease {
                     match lease {
                         Ok(lease) => Outcome::Shared { lease, pid },
