@@ -56,33 +56,25 @@ impl InArena {
         &self.map
     }
 
-    /// A region of `len` bytes for chunk `id`, if there is room. Live
-    /// regions always lie, in allocation order, on the ring segment from
-    /// the first one's start to the last one's end.
+    /// A region of `len` bytes for chunk `id`, if there is room: the
+    /// lowest gap that fits (first fit), so a pool keeps reusing the same
+    /// few pages, which are then already mapped in both processes.
     pub(crate) fn alloc(&mut self, id: u64, len: usize) -> Option<usize> {
         let cap = self.map.len();
-        let start = match (self.live.first(), self.live.last()) {
-            (Some(&(_, first, _)), Some(&(_, last, last_len))) => {
-                let end = last + last_len;
-                if last >= first {
-                    if cap - end >= len {
-                        end
-                    } else if first >= len {
-                        0
-                    } else {
-                        return None;
-                    }
-                } else if first - end >= len {
-                    end
-                } else {
-                    return None;
-                }
+        let mut used: Vec<(usize, usize)> = self.live.iter().map(|&(_, s, l)| (s, s + l)).collect();
+        used.sort_unstable();
+        let mut at = 0usize;
+        for (start, end) in used {
+            if start.saturating_sub(at) >= len {
+                break;
             }
-            _ if len <= cap => 0,
-            _ => return None,
-        };
-        self.live.push((id, start, len));
-        Some(start)
+            at = at.max(end);
+        }
+        if cap.checked_sub(at)? < len {
+            return None;
+        }
+        self.live.push((id, at, len));
+        Some(at)
     }
 
     /// Chunk `id` is done: its region may be reused.
@@ -212,20 +204,21 @@ impl OutWriter {
             self.live.pop_front();
         }
         let phys = self.head % cap;
+        // The beginning of the data area, where the pages are warm, if
+        // there is room before the oldest live region; else right after
+        // the newest one (or the beginning, if it does not fit before the end).
+        let wrapped = self.head + (cap - phys) % cap;
         let start = match self.live.front() {
-            // Everything was consumed: start again at the beginning, where
-            // the pages are warm.
-            None => self.head + (cap - phys) % cap,
+            None => wrapped,
             Some(&(oldest, _)) => {
-                let start = if phys + len > cap {
-                    self.head + (cap - phys)
+                let next = if phys + len > cap { wrapped } else { self.head };
+                if wrapped + len - oldest <= cap {
+                    wrapped
+                } else if next + len - oldest <= cap {
+                    next
                 } else {
-                    self.head
-                };
-                if start + len - oldest > cap {
                     return None;
                 }
-                start
             }
         };
         self.map
@@ -251,10 +244,14 @@ mod tests {
         assert_eq!(a.alloc(3, big), None);
         a.free(1);
         assert_eq!(a.alloc(3, big), Some(0));
-        assert_eq!(a.alloc(4, 30), None);
+        assert_eq!(a.alloc(4, 20), Some(2 * big));
+        assert_eq!(a.alloc(5, 1), None);
         a.free(2);
+        assert_eq!(a.alloc(6, 30), Some(big), "lowest gap first");
         a.free(3);
-        assert_eq!(a.alloc(5, cap), Some(0));
+        a.free(4);
+        a.free(6);
+        assert_eq!(a.alloc(7, cap), Some(0));
     }
 
     #[test]
