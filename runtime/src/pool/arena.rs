@@ -107,9 +107,9 @@ impl OutArena {
     /// Takes charge of the region `start..start + len` that the worker
     /// just announced (called in the order the worker sent them).
     pub(crate) fn lease(self: &Arc<Self>, start: u64, len: u64) -> Result<Lease> {
-        let cap = (self.map.len() - OUT_HEADER) as u64;
-        let offset = start % cap;
-        if len == 0 || len > cap - offset {
+        let cap = self.map.len().saturating_sub(OUT_HEADER) as u64;
+        let offset = start.checked_rem(cap).unwrap_or(0);
+        if len == 0 || len > cap.saturating_sub(offset) {
             return Err(Error::Decode {
                 message: format!("a pool result region {start}+{len} is outside its arena"),
             });
