@@ -146,6 +146,30 @@ fn run_python() -> Option<Python> {
 
 fn main() {
     procspawn::init();
+    // Profiling aid: `POOL_BENCH_COLD=20 <bench binary>`: pool start, first
+    // map and drop timed separately (medians).
+    if let Ok(n) = std::env::var("POOL_BENCH_COLD") {
+        let n: usize = n.parse().unwrap_or(20);
+        let (mut start, mut first, mut stop) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..n {
+            let t = Instant::now();
+            let pool = Pool::new(2).expect("pool");
+            start.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            black_box(pool.map(cube, 0..N).expect("map"));
+            first.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            drop(pool);
+            stop.push(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "cold: start {:.2} ms, first map {:.2} ms, drop {:.2} ms",
+            median(&start) * 1e3,
+            median(&first) * 1e3,
+            median(&stop) * 1e3
+        );
+        return;
+    }
     // Profiling aid: `POOL_BENCH_PROFILE=300 perf record -g <bench binary>`.
     if let Ok(n) = std::env::var("POOL_BENCH_PROFILE") {
         let pool = Pool::new(2).expect("pool");

@@ -274,6 +274,85 @@ fn a_killed_worker_fails_its_task_and_is_replaced() {
     assert_eq!(pool.worker_pids().len(), 2);
 }
 
+/// 256 KiB of the letter `n % 26` (a string encodes as one bulk copy).
+#[process_fn]
+fn blob(n: u64) -> String {
+    char::from(b'a' + (n % 26) as u8)
+        .to_string()
+        .repeat(256 << 10)
+}
+
+#[process_fn]
+fn blob_sum(v: String) -> u64 {
+    (v.len() as u64) << 8 | v.bytes().next().map_or(0, u64::from)
+}
+
+#[process_fn]
+fn cube_or_die_at(x: u64, die: u64) -> u64 {
+    if x == die {
+        kill_self();
+    }
+    x * x * x
+}
+
+#[test]
+fn results_larger_than_the_shared_arena_still_arrive() {
+    // Chunks of 100 results of 256 KiB: 25 MiB each, so a worker's two
+    // chunks in flight do not both fit its 32 MiB output arena (one goes
+    // through the socket), and a 160-item chunk (40 MiB) never fits.
+    let pool = pool2();
+    for chunksize in [100, 160] {
+        let out = pool
+            .map_chunked(blob, 0..400u64, chunksize)
+            .expect("map of large results");
+        assert_eq!(out.len(), 400);
+        for (i, v) in out.iter().enumerate() {
+            assert!(*v == blob(i as u64), "item {i}");
+        }
+    }
+}
+
+#[test]
+fn arguments_larger_than_the_shared_arena_still_arrive() {
+    let pool = pool2();
+    let args: Vec<String> = (0..400u64).map(blob).collect();
+    let want: Vec<u64> = args.iter().map(|v| blob_sum(v.clone())).collect();
+    for chunksize in [100, 160] {
+        assert_eq!(
+            pool.map_chunked(blob_sum, args.clone(), chunksize)
+                .expect("map of large arguments"),
+            want
+        );
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_chunk_of_shared_memory_payloads_is_replaced() {
+    let pool = pool2();
+    // 50_000 items of 8 bytes per chunk: the chunks go through the arenas.
+    let n = 400_000u64;
+    let err = pool
+        .starmap(cube_or_die_at, (0..n).map(|x| (x, 250_000u64)))
+        .expect_err("a worker died");
+    assert!(
+        matches!(
+            err,
+            Error::WorkerDied {
+                signal: Some(9),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            pool.map(cube, 0..n).expect("map after the death"),
+            (0..n).map(cube).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(pool.worker_pids().len(), 2);
+}
+
 #[test]
 fn max_tasks_per_child_gives_fresh_workers() {
     let pool = Pool::builder()

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use nix::poll::PollFlags;
 use nix::sys::signal::Signal;
 
+use super::arena::{InArena, Lease, OutArena, SHM_MIN};
 use super::worker::{self, TaskFailure, WorkerInit};
 use crate::child::{self, ChildProc, Mode};
 use crate::codec;
@@ -55,6 +56,8 @@ pub(crate) enum Outcome {
         offset: usize,
         pid: u32,
     },
+    /// The worker's result, in its output arena (released when dropped).
+    Shared { lease: Lease, pid: u32 },
     /// Every item of the chunk fails with this error.
     Failed(Error),
 }
@@ -207,6 +210,9 @@ struct Worker {
     in_flight: Vec<InFlight>,
     sent: u64,
     ready: bool,
+    /// Shared-memory arenas for large payloads (`None`: socket only).
+    input: Option<InArena>,
+    output: Option<Arc<OutArena>>,
 }
 
 impl Worker {
@@ -324,6 +330,7 @@ impl Core {
                 .map_err(|e| Error::io("dup", e))?,
         );
         worker::enlarge_send_buffer(tx.fd());
+        let (input, output) = Core::send_arenas(&tx);
         let conn = Arc::new(Conn {
             pid: child.pid(),
             tx: Mutex::new(tx),
@@ -342,8 +349,26 @@ impl Core {
             in_flight: Vec::new(),
             sent: 0,
             ready: false,
+            input,
+            output,
         });
         Ok((key, channel))
+    }
+
+    /// Creates a worker's arenas and sends them as its first frame. Any
+    /// failure leaves that worker on the socket-only path.
+    fn send_arenas(tx: &Channel) -> (Option<InArena>, Option<Arc<OutArena>>) {
+        let (Ok(input), Ok(output)) = (InArena::create(), OutArena::create()) else {
+            return (None, None);
+        };
+        let fds: std::io::Result<Vec<OwnedFd>> = [input.mapping().fd(), output.mapping().fd()]
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect();
+        match fds.map(|fds| tx.send(worker::TAG_ARENAS, &[], &fds)) {
+            Ok(Ok(())) => (Some(input), Some(Arc::new(output))),
+            _ => (None, None),
+        }
     }
 
     /// Waits until every worker ran its initializer; the error of one
@@ -398,7 +423,7 @@ impl Core {
 
     /// Assigns queued chunks to workers with a free slot and sends them.
     pub(crate) fn dispatch(&self) {
-        let mut sends: Vec<(Arc<Conn>, u64, Task)> = Vec::new();
+        let mut sends: Vec<(Arc<Conn>, u64, Task, Option<Placed>)> = Vec::new();
         {
             let mut st = lock(&self.state);
             let st = &mut *st;
@@ -428,12 +453,33 @@ impl Core {
                     info: task.info,
                 });
                 w.sent += 1;
-                sends.push((Arc::clone(&w.conn), id, task));
+                let placed = match &mut w.input {
+                    Some(arena) if task.fds.is_empty() && task.payload.len() >= SHM_MIN => arena
+                        .alloc(id, task.payload.len())
+                        .map(|start| (Arc::clone(arena.mapping()), start)),
+                    _ => None,
+                };
+                sends.push((Arc::clone(&w.conn), id, task, placed));
             }
         }
-        for (conn, id, task) in sends {
+        for (conn, id, task, placed) in sends {
             // A failed send means the worker died: the reader sees its end
             // of stream and fails this chunk with the worker's exit status.
+            if let Some((arena, start)) = placed {
+                // The region is this chunk's alone until its result arrives.
+                if arena.write(start, &task.payload).is_ok() {
+                    let _ = lock(&conn.tx).send(
+                        worker::TAG_TASK_SHM,
+                        &[
+                            &id.to_le_bytes(),
+                            &(start as u64).to_le_bytes(),
+                            &(task.payload.len() as u64).to_le_bytes(),
+                        ],
+                        &[],
+                    );
+                    continue;
+                }
+            }
             let _ = lock(&conn.tx).send(
                 worker::TAG_TASK,
                 &[&id.to_le_bytes(), &task.payload],
@@ -573,21 +619,48 @@ impl Core {
                 };
                 self.break_pool(Error::InitializerFailed { message });
             }
-            worker::TAG_RESULT | worker::TAG_TASK_FAILED => {
+            worker::TAG_RESULT | worker::TAG_TASK_FAILED | worker::TAG_RESULT_SHM => {
                 let Some(id) = worker::read_u64(&frame.bytes, 0) else {
                     return;
                 };
                 let found = {
                     let mut st = lock(&self.state);
                     let pid = pid_of(&st);
+                    let mut lease = None;
                     let done = st.workers.iter_mut().find(|w| w.key == key).and_then(|w| {
+                        if let Some(arena) = &mut w.input {
+                            arena.free(id);
+                        }
+                        if frame.tag == worker::TAG_RESULT_SHM {
+                            // Accounted for even if the chunk is unknown,
+                            // so the arena's consumed counter moves on.
+                            lease = match (
+                                &w.output,
+                                worker::read_u64(&frame.bytes, 8),
+                                worker::read_u64(&frame.bytes, 16),
+                            ) {
+                                (Some(arena), Some(start), Some(len)) => {
+                                    Some(arena.lease(start, len))
+                                }
+                                _ => Some(Err(Error::Decode {
+                                    message: "a pool result frame is malformed".into(),
+                                })),
+                            };
+                        }
                         let at = w.in_flight.iter().position(|f| f.id == id)?;
                         Some(w.in_flight.swap_remove(at))
                     });
-                    done.map(|d| (d, pid))
+                    done.map(|d| (d, pid, lease))
                 };
-                let Some((done, pid)) = found else { return };
-                let outcome = if frame.tag == worker::TAG_RESULT {
+                let Some((done, pid, lease)) = found else {
+                    return;
+                };
+                let outcome = if let Some(lease) = lease {
+                    match lease {
+                        Ok(lease) => Outcome::Shared { lease, pid },
+                        Err(err) => Outcome::Failed(err),
+                    }
+                } else if frame.tag == worker::TAG_RESULT {
                     Outcome::Done {
                         frame,
                         offset: 8,
@@ -734,3 +807,6 @@ impl Core {
         }
     }
 }
+
+/// Where a chunk's payload was placed in its worker's input arena.
+type Placed = (Arc<sys::shm::Mapping>, usize);

@@ -34,6 +34,7 @@
 //! naming its pid and signal, and is replaced. Nothing in a pool waits
 //! forever on a dead worker.
 
+mod arena;
 mod engine;
 mod worker;
 
@@ -292,14 +293,23 @@ fn decode_chunk<R: DeserializeOwned + 'static>(
     outcome: Outcome,
     out: &mut Vec<R>,
 ) -> Vec<(usize, Error)> {
-    let (frame, offset, pid) = match outcome {
+    // Results come in a frame (with the descriptors of their handles) or
+    // in the worker's output arena, read in place and released on return.
+    let (frame_bytes, fds, lease, offset, pid) = match outcome {
         Outcome::Failed(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
-        Outcome::Done { frame, offset, pid } => (frame, offset, pid),
+        Outcome::Done { frame, offset, pid } => (frame.bytes, frame.fds, None, offset, pid),
+        Outcome::Shared { lease, pid } => (Vec::new(), Vec::new(), Some(lease), 0, pid),
     };
-    let bytes = frame.bytes.get(offset..).unwrap_or(&[]);
+    let bytes: &[u8] = match &lease {
+        None => frame_bytes.get(offset..).unwrap_or(&[]),
+        Some(lease) => match lease.bytes() {
+            Ok(bytes) => bytes,
+            Err(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
+        },
+    };
     let mut errors = Vec::new();
     let mut pos = 0usize;
-    let result = codec::with_fd_source(frame.fds, || -> Result<()> {
+    let result = codec::with_fd_source(fds, || -> Result<()> {
         let mut dec = codec::SeqDecoder::new(bytes);
         while pos < info.count {
             // A run of results, then (if the chunk goes on) a panic record.

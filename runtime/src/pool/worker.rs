@@ -15,6 +15,13 @@
 //! (`registry::Call::chunk`'s format); [`TAG_TASK_FAILED`], payload
 //! `id: u64` then a [`TaskFailure`], when a whole chunk could not run.
 //!
+//! Shared memory (see [`arena`](super::arena)): [`TAG_ARENAS`], parent to
+//! worker, first frame after the start, carries the input and output
+//! arenas' descriptors; [`TAG_TASK_SHM`] (`id`, `start: u64`, `len: u64`)
+//! is a [`TAG_TASK`] whose payload after the id lies in the input arena;
+//! [`TAG_RESULT_SHM`] (same fields) is a [`TAG_RESULT`] whose outcomes
+//! lie in the output arena.
+//!
 //! The worker reads its socket on a thread of its own, so the parent's
 //! writes never wait for the worker to finish a task: the parent can send
 //! from any thread, including the one that reads results, without the two
@@ -26,9 +33,11 @@ use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 
+use super::arena::{OutWriter, SHM_MIN};
 use crate::codec;
 use crate::error::Error;
 use crate::registry::{self, Call, Entry};
+use crate::sys::shm::Mapping;
 use crate::wire::{Channel, Frame};
 
 /// The internal entry name a worker is started with.
@@ -39,9 +48,13 @@ pub(crate) const TAG_READY: u32 = 0x5002;
 pub(crate) const TAG_INIT_FAILED: u32 = 0x5003;
 pub(crate) const TAG_RESULT: u32 = 0x5004;
 pub(crate) const TAG_TASK_FAILED: u32 = 0x5005;
+pub(crate) const TAG_ARENAS: u32 = 0x5006;
+pub(crate) const TAG_TASK_SHM: u32 = 0x5007;
+pub(crate) const TAG_RESULT_SHM: u32 = 0x5008;
 
-/// Bytes before the chunk in a task payload: id, count, name length.
-pub(crate) const TASK_HEADER: usize = 16;
+/// Bytes before the name in a task body (the payload after the id):
+/// count, name length.
+pub(crate) const TASK_HEADER: usize = 8;
 
 /// What a worker is started with.
 #[derive(Debug, Serialize, Deserialize)]
@@ -210,18 +223,53 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     let mut out: Vec<u8> = Vec::new();
     let mut out_fds: Vec<OwnedFd> = Vec::new();
     let mut done: u64 = 0;
+    let mut input_arena: Option<Mapping> = None;
+    let mut output_arena: Option<OutWriter> = None;
     while let Ok(frame) = rx.recv() {
-        if frame.tag != TAG_TASK {
+        let Frame { tag, bytes, fds } = frame;
+        if tag == TAG_ARENAS {
+            let mut fds = fds.into_iter();
+            input_arena = fds.next().and_then(|fd| Mapping::from_fd(fd).ok());
+            output_arena = fds
+                .next()
+                .and_then(|fd| Mapping::from_fd(fd).ok())
+                .and_then(|m| OutWriter::new(m).ok());
             continue;
         }
-        let bytes = &frame.bytes;
-        let (Some(id), Some(count), Some(name_len)) =
-            (read_u64(bytes, 0), read_u32(bytes, 8), read_u32(bytes, 12))
-        else {
+        let Some(id) = read_u64(&bytes, 0) else {
+            return 2;
+        };
+        let body: Result<&[u8], Error> = match tag {
+            TAG_TASK => Ok(&bytes[8..]),
+            TAG_TASK_SHM => match (&input_arena, read_u64(&bytes, 8), read_u64(&bytes, 16)) {
+                (Some(arena), Some(start), Some(len)) => {
+                    arena.arena_view(start as usize, len as usize)
+                }
+                _ => Err(Error::invalid(
+                    "a pool task came through shared memory the worker does not have",
+                )),
+            },
+            _ => continue,
+        };
+        let body = match body {
+            Ok(body) => body,
+            Err(err) => {
+                if !send_failure(
+                    &channel,
+                    TAG_TASK_FAILED,
+                    Some(id),
+                    &TaskFailure::from_error(err),
+                ) {
+                    return 0;
+                }
+                continue;
+            }
+        };
+        let (Some(count), Some(name_len)) = (read_u32(body, 0), read_u32(body, 4)) else {
             return 2;
         };
         let name_end = TASK_HEADER + name_len as usize;
-        let Some(name) = bytes
+        let Some(name) = body
             .get(TASK_HEADER..name_end)
             .and_then(|n| std::str::from_utf8(n).ok())
         else {
@@ -236,15 +284,36 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         out.extend_from_slice(&id.to_le_bytes());
         let result = entry.and_then(|entry| {
             entry.invoke(&mut Call::chunk(
-                &bytes[name_end..],
+                &body[name_end..],
                 count as usize,
-                frame.fds,
+                fds,
                 &mut out,
                 &mut out_fds,
             ))
         });
         let sent = match result {
-            Ok(()) => channel.send(TAG_RESULT, &[&out], &out_fds).is_ok(),
+            Ok(()) => {
+                let results = &out[8..];
+                let in_arena = if out_fds.is_empty() && results.len() >= SHM_MIN {
+                    output_arena.as_mut().and_then(|a| a.put(results))
+                } else {
+                    None
+                };
+                match in_arena {
+                    Some(start) => channel
+                        .send(
+                            TAG_RESULT_SHM,
+                            &[
+                                &id.to_le_bytes(),
+                                &start.to_le_bytes(),
+                                &(results.len() as u64).to_le_bytes(),
+                            ],
+                            &[],
+                        )
+                        .is_ok(),
+                    None => channel.send(TAG_RESULT, &[&out], &out_fds).is_ok(),
+                }
+            }
             Err(err) => send_failure(
                 &channel,
                 TAG_TASK_FAILED,

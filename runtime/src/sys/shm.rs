@@ -351,6 +351,28 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// `len` bytes at `offset` of a pool arena, borrowed for reading in
+    /// place (a chunk's arguments in the worker, a chunk's results in the
+    /// parent). Out of range: an error.
+    ///
+    /// The pool's arena protocol keeps the range unchanged while the view
+    /// lives: the writer of a region (the parent for input, the worker for
+    /// output) fills it completely before announcing it on the socket, and
+    /// does not write it again until the reader gives it back (input: the
+    /// chunk's result frame arrived, sent after the worker's last read;
+    /// output: the parent released it after decoding). Other regions of
+    /// the arena may be written meanwhile; they do not overlap this one.
+    pub(crate) fn arena_view(&self, offset: usize, len: usize) -> Result<&[u8]> {
+        self.check(offset, len)?;
+        // SAFETY: the range was checked to lie inside the mapping, which
+        // stays mapped while `&self` lives; u8 has no invalid values; no
+        // process writes the range while the borrow lives (the arena
+        // protocol above: a region is rewritten only after its reader
+        // handed it back, which the reader does after its last use of the
+        // view).
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset), len) })
+    }
+
     /// Raw base pointer, for sys-internal views.
     #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn base(&self) -> NonNull<u8> {

@@ -1,0 +1,283 @@
+//! Shared-memory arenas for large chunk payloads.
+//!
+//! Each worker gets two memfd mappings from the parent, sent with the
+//! first control frame ([`TAG_ARENAS`](super::worker::TAG_ARENAS)): an
+//! *input* arena (parent writes, worker reads) and an *output* arena
+//! (worker writes, parent reads). A chunk whose payload is at least
+//! [`SHM_MIN`] bytes and carries no descriptors goes through its arena and
+//! only `(offset, len)` travels on the socket; anything else (no room,
+//! descriptors, small payloads, no arenas) uses the socket as before, so a
+//! full arena never blocks anyone.
+//!
+//! Input arena: allocated by the parent alone ([`InArena`]); a region is
+//! freed when its chunk's result (or failure) arrives, i.e. after the
+//! worker stopped reading it. The worker reads it in place.
+//!
+//! Output arena: allocated by the worker ([`OutWriter`]) at monotonic
+//! positions (`pos % cap` is the place in the data area); the parent
+//! decodes a region in place, then releases it ([`Lease`]'s drop), which
+//! advances the shared `consumed` counter (word 0) once every earlier
+//! region was released. The worker never writes past `consumed + cap`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::engine::lock;
+use crate::error::{Error, Result};
+use crate::sys::shm::Mapping;
+
+/// Size of each arena. Pages never touched cost nothing.
+pub(crate) const ARENA_BYTES: usize = 32 << 20;
+
+/// Smallest payload worth moving through an arena.
+pub(crate) const SHM_MIN: usize = 64 << 10;
+
+/// Bytes before the output arena's data: the `consumed` counter.
+const OUT_HEADER: usize = 64;
+
+/// The parent's allocator over one worker's input arena.
+#[derive(Debug)]
+pub(crate) struct InArena {
+    map: Arc<Mapping>,
+    /// Live regions in allocation order: (chunk id, start, len).
+    live: Vec<(u64, usize, usize)>,
+}
+
+impl InArena {
+    pub(crate) fn create() -> Result<InArena> {
+        Ok(InArena {
+            map: Arc::new(Mapping::create("multiproc-pool-in", ARENA_BYTES)?),
+            live: Vec::new(),
+        })
+    }
+
+    pub(crate) fn mapping(&self) -> &Arc<Mapping> {
+        &self.map
+    }
+
+    /// A region of `len` bytes for chunk `id`, if there is room: the
+    /// lowest gap that fits (first fit), so a pool keeps reusing the same
+    /// few pages, which are then already mapped in both processes.
+    pub(crate) fn alloc(&mut self, id: u64, len: usize) -> Option<usize> {
+        let cap = self.map.len();
+        let mut used: Vec<(usize, usize)> = self.live.iter().map(|&(_, s, l)| (s, s + l)).collect();
+        used.sort_unstable();
+        let mut at = 0usize;
+        for (start, end) in used {
+            if start.saturating_sub(at) >= len {
+                break;
+            }
+            at = at.max(end);
+        }
+        if cap.checked_sub(at)? < len {
+            return None;
+        }
+        self.live.push((id, at, len));
+        Some(at)
+    }
+
+    /// Chunk `id` is done: its region may be reused.
+    pub(crate) fn free(&mut self, id: u64) {
+        self.live.retain(|&(i, _, _)| i != id);
+    }
+}
+
+/// The parent's side of one worker's output arena.
+#[derive(Debug)]
+pub(crate) struct OutArena {
+    map: Mapping,
+    /// Regions delivered and not yet consumed, in the worker's order:
+    /// (end position, released).
+    pending: Mutex<VecDeque<(u64, bool)>>,
+}
+
+impl OutArena {
+    pub(crate) fn create() -> Result<OutArena> {
+        Ok(OutArena {
+            map: Mapping::create("multiproc-pool-out", ARENA_BYTES)?,
+            pending: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    pub(crate) fn mapping(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// Takes charge of the region `start..start + len` that the worker
+    /// just announced (called in the order the worker sent them).
+    pub(crate) fn lease(self: &Arc<Self>, start: u64, len: u64) -> Result<Lease> {
+        let cap = self.map.len().saturating_sub(OUT_HEADER) as u64;
+        let offset = start.checked_rem(cap).unwrap_or(0);
+        if len == 0 || len > cap.saturating_sub(offset) {
+            return Err(Error::Decode {
+                message: format!("a pool result region {start}+{len} is outside its arena"),
+            });
+        }
+        let end = start + len;
+        lock(&self.pending).push_back((end, false));
+        Ok(Lease {
+            arena: Arc::clone(self),
+            offset: OUT_HEADER + offset as usize,
+            len: len as usize,
+            end,
+        })
+    }
+
+    fn release(&self, end: u64) {
+        let mut pending = lock(&self.pending);
+        if let Some(entry) = pending.iter_mut().find(|e| e.0 == end) {
+            entry.1 = true;
+        }
+        let mut consumed = None;
+        while let Some(&(e, true)) = pending.front() {
+            consumed = Some(e);
+            pending.pop_front();
+        }
+        if let (Some(c), Ok(word)) = (consumed, self.map.atomic_at::<AtomicU64>(0)) {
+            word.store(c, Ordering::Release);
+        }
+    }
+}
+
+/// One result region of an output arena, released when dropped.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    arena: Arc<OutArena>,
+    offset: usize,
+    len: usize,
+    end: u64,
+}
+
+impl Lease {
+    /// The result bytes, read in place: the worker does not write this
+    /// region again before the lease is dropped.
+    pub(crate) fn bytes(&self) -> Result<&[u8]> {
+        self.arena.map.arena_view(self.offset, self.len)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.arena.release(self.end);
+    }
+}
+
+/// The worker's allocator over its output arena.
+#[derive(Debug)]
+pub(crate) struct OutWriter {
+    map: Mapping,
+    head: u64,
+    /// Regions written and not yet known to be consumed: (start, end).
+    live: VecDeque<(u64, u64)>,
+}
+
+impl OutWriter {
+    pub(crate) fn new(map: Mapping) -> Result<OutWriter> {
+        if map.len() <= OUT_HEADER {
+            return Err(Error::invalid("pool output arena too small"));
+        }
+        Ok(OutWriter {
+            map,
+            head: 0,
+            live: VecDeque::new(),
+        })
+    }
+
+    /// Copies `data` into the arena if there is room; its start position.
+    ///
+    /// Every live region lies in `oldest start..head`; a new region is
+    /// safe when the span from the oldest live start to its end is at most
+    /// the capacity (positions are taken modulo the capacity).
+    pub(crate) fn put(&mut self, data: &[u8]) -> Option<u64> {
+        let cap = (self.map.len() - OUT_HEADER) as u64;
+        let len = data.len() as u64;
+        if len == 0 || len > cap {
+            return None;
+        }
+        let consumed = self
+            .map
+            .atomic_at::<AtomicU64>(0)
+            .ok()?
+            .load(Ordering::Acquire);
+        while self.live.front().is_some_and(|&(_, end)| end <= consumed) {
+            self.live.pop_front();
+        }
+        let phys = self.head % cap;
+        // The beginning of the data area, where the pages are warm, if
+        // there is room before the oldest live region; else right after
+        // the newest one (or the beginning, if it does not fit before the end).
+        let wrapped = self.head + (cap - phys) % cap;
+        let start = match self.live.front() {
+            None => wrapped,
+            Some(&(oldest, _)) => {
+                let next = if phys + len > cap { wrapped } else { self.head };
+                if wrapped + len - oldest <= cap {
+                    wrapped
+                } else if next + len - oldest <= cap {
+                    next
+                } else {
+                    return None;
+                }
+            }
+        };
+        self.map
+            .write(OUT_HEADER + (start % cap) as usize, data)
+            .ok()?;
+        self.head = start + len;
+        self.live.push_back((start, self.head));
+        Some(start)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_ring_reuses_freed_space_and_refuses_when_full() {
+        let mut a = InArena::create().expect("arena");
+        let cap = a.mapping().len();
+        let big = cap / 2 - 10;
+        assert_eq!(a.alloc(1, big), Some(0));
+        assert_eq!(a.alloc(2, big), Some(big));
+        assert_eq!(a.alloc(3, big), None);
+        a.free(1);
+        assert_eq!(a.alloc(3, big), Some(0));
+        assert_eq!(a.alloc(4, 20), Some(2 * big));
+        assert_eq!(a.alloc(5, 1), None);
+        a.free(2);
+        assert_eq!(a.alloc(6, 30), Some(big), "lowest gap first");
+        a.free(3);
+        a.free(4);
+        a.free(6);
+        assert_eq!(a.alloc(7, cap), Some(0));
+    }
+
+    #[test]
+    fn output_ring_round_trips_and_waits_for_release() {
+        let parent = Arc::new(OutArena::create().expect("arena"));
+        let fd = parent.mapping().fd().try_clone_to_owned().expect("dup");
+        let mut w = OutWriter::new(Mapping::from_fd(fd).expect("map")).expect("writer");
+        let cap = ARENA_BYTES - OUT_HEADER;
+        let big = vec![7u8; cap / 2 + 1];
+        let s1 = w.put(&big).expect("first");
+        let l1 = parent.lease(s1, big.len() as u64).expect("lease");
+        assert_eq!(l1.bytes().expect("view"), &big[..]);
+        assert_eq!(w.put(&big), None, "no room until released");
+        drop(l1);
+        let s2 = w.put(&[1, 2, 3]).expect("after release");
+        let l2 = parent.lease(s2, 3).expect("lease");
+        assert_eq!(l2.bytes().expect("view"), &[1, 2, 3]);
+        // A restart at the beginning leaves no phantom occupied space.
+        let third = vec![9u8; cap / 3];
+        let s3 = w.put(&third).expect("third");
+        let s4 = w.put(&third).expect("fourth");
+        let l3 = parent.lease(s3, third.len() as u64).expect("lease");
+        let l4 = parent.lease(s4, third.len() as u64).expect("lease");
+        assert_eq!(l4.bytes().expect("view"), &third[..]);
+        drop((l2, l3, l4));
+        let s5 = w.put(&big).expect("after all released");
+        assert_eq!(s5 % cap as u64, 0);
+    }
+}
