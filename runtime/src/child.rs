@@ -13,8 +13,8 @@
 //!
 //! The child dies with its parent: `PR_SET_PDEATHSIG(SIGKILL)` when it was
 //! started from the parent's main thread (the signal follows the thread),
-//! and in every case a watcher thread that sees the parent's end of the
-//! socket close.
+//! otherwise a watcher thread that sees the parent's end of the socket
+//! close. Pool workers also see that end close in their input loop.
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -203,7 +203,14 @@ fn run_child(value: OsString) -> i32 {
         name: start.process_name.clone(),
         parent: Some((start.parent_name.clone(), start.parent_pid)),
     });
-    watch_parent(&channel);
+    if !deathsig {
+        // Started from a thread other than the parent's main thread: the
+        // death signal would follow that thread, so it was not armed, and a
+        // watcher thread sees the parent's end of the socket close instead.
+        // (With the signal armed the kernel does it, and the child saves a
+        // thread's start and teardown.)
+        watch_parent(&channel);
+    }
     registry::install_panic_hook();
 
     if start.mode == Mode::Internal {

@@ -55,9 +55,13 @@ impl Entry {
 
 inventory::collect!(Entry);
 
+/// The maps are built from compile-time names, not input: a fixed hasher
+/// is enough and spares every child a `getrandom` call at start.
+type FixedState = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
 struct Registry {
-    by_name: HashMap<&'static str, &'static Entry>,
-    by_type: HashMap<TypeId, &'static Entry>,
+    by_name: HashMap<&'static str, &'static Entry, FixedState>,
+    by_type: HashMap<TypeId, &'static Entry, FixedState>,
     duplicates: Vec<&'static str>,
     fingerprint: u64,
 }
@@ -65,8 +69,8 @@ struct Registry {
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
     REGISTRY.get_or_init(|| {
-        let mut by_name = HashMap::new();
-        let mut by_type = HashMap::new();
+        let mut by_name = HashMap::default();
+        let mut by_type = HashMap::default();
         let mut duplicates = Vec::new();
         let mut names = Vec::new();
         for entry in inventory::iter::<Entry> {

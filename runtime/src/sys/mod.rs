@@ -161,11 +161,14 @@ pub(crate) fn take_inherited_child_fd() -> Option<OwnedFd> {
     // own; it is taken once (the caller runs once per process) and checked
     // to be open before use.
     let fd = unsafe { BorrowedFd::borrow_raw(CHILD_FD) };
-    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).ok()?;
-    let mut flags = nix::fcntl::FdFlag::from_bits_truncate(flags);
-    flags.insert(nix::fcntl::FdFlag::FD_CLOEXEC);
-    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags)).ok()?;
-    // SAFETY: the descriptor is open (F_GETFD succeeded) and owned by this
+    // FD_CLOEXEC is the only descriptor flag: set it outright (one call,
+    // which also proves the descriptor is open).
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .ok()?;
+    // SAFETY: the descriptor is open (F_SETFD succeeded) and owned by this
     // process alone, see above.
     Some(unsafe { OwnedFd::from_raw_fd(CHILD_FD) })
 }
