@@ -14,7 +14,7 @@ use criterion::Criterion;
 use multiproc::connection::Connection;
 use multiproc::{Pipe, Process, process_fn};
 
-const ECHO_ENV: &str = "MULTIPROC_BENCH_RAW_ECHO";
+use multiproc_benches::{ECHO_ENV, RawPipeEcho, raw_echo};
 
 #[process_fn]
 fn echo(mut conn: Connection<u64>) {
@@ -62,27 +62,12 @@ fn round_trips(c: &mut Criterion) {
     drop(mine);
     p.join_timeout(Duration::from_secs(30)).expect("join");
 
-    let exe = std::env::current_exe().expect("exe");
-    let mut child = Command::new(&exe)
-        .env(ECHO_ENV, "pipe")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("raw echo child");
-    let mut to = child.stdin.take().expect("stdin");
-    let mut from = child.stdout.take().expect("stdout");
-    g.bench_function("raw_pipe2_8_bytes", |b| {
-        b.iter(|| {
-            let mut buf = [0u8; 8];
-            to.write_all(&42u64.to_le_bytes()).expect("write");
-            from.read_exact(&mut buf).expect("read");
-            black_box(buf)
-        })
-    });
-    drop(to);
-    child.wait().expect("wait raw echo");
+    let mut echo = RawPipeEcho::start();
+    g.bench_function("raw_pipe2_8_bytes", |b| b.iter(|| black_box(echo.ping())));
+    echo.stop();
 
     let (mut mine, theirs) = UnixStream::pair().expect("socketpair");
+    let exe = std::env::current_exe().expect("exe");
     let mut child = Command::new(&exe)
         .env(ECHO_ENV, "socket")
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
@@ -123,25 +108,6 @@ fn same_thread(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-/// Echoes 8-byte messages from stdin to stdout (pipes) or back into stdin
-/// (a socket), with plain unbuffered `read`/`write`.
-fn raw_echo(socket: bool) {
-    use std::os::fd::AsFd;
-    let fd_in = std::io::stdin().as_fd().try_clone_to_owned().expect("dup");
-    let mut input = std::fs::File::from(fd_in);
-    let mut output = if socket {
-        input.try_clone().expect("dup")
-    } else {
-        std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().expect("dup"))
-    };
-    let mut buf = [0u8; 8];
-    while input.read_exact(&mut buf).is_ok() {
-        if output.write_all(&buf).is_err() {
-            return;
-        }
-    }
 }
 
 fn main() {

@@ -4,15 +4,13 @@
 //!
 //! Run: `cargo bench -p multiproc-benches --bench queue`.
 use std::hint::black_box;
-use std::io::{Read, Write};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use multiproc::connection::Connection;
 use multiproc::{Pipe, Process, Queue, process_fn};
 
-const ECHO_ENV: &str = "MULTIPROC_BENCH_RAW_ECHO";
+use multiproc_benches::{ECHO_ENV, RawPipeEcho, raw_echo};
 
 #[process_fn]
 fn produce_u64(ctrl: Queue<u64>, q: Queue<u64>) {
@@ -159,42 +157,15 @@ fn pipe_round_trip(c: &mut Criterion) {
     drop(mine);
     p.join_timeout(Duration::from_secs(30)).expect("join");
 
-    let exe = std::env::current_exe().expect("exe");
-    let mut child = Command::new(exe)
-        .env(ECHO_ENV, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("raw echo child");
-    let mut to = child.stdin.take().expect("stdin");
-    let mut from = child.stdout.take().expect("stdout");
-    g.bench_function("raw_pipe2_8_bytes", |b| {
-        b.iter(|| {
-            let mut buf = [0u8; 8];
-            to.write_all(&42u64.to_le_bytes()).expect("write");
-            from.read_exact(&mut buf).expect("read");
-            black_box(buf)
-        })
-    });
-    drop(to);
-    child.wait().expect("wait raw echo");
+    let mut echo = RawPipeEcho::start();
+    g.bench_function("raw_pipe2_8_bytes", |b| b.iter(|| black_box(echo.ping())));
+    echo.stop();
     g.finish();
-}
-
-fn raw_echo() {
-    let mut stdin = std::io::stdin().lock();
-    let mut stdout = std::io::stdout().lock();
-    let mut buf = [0u8; 8];
-    while stdin.read_exact(&mut buf).is_ok() {
-        if stdout.write_all(&buf).and_then(|_| stdout.flush()).is_err() {
-            return;
-        }
-    }
 }
 
 fn main() {
     if std::env::var_os(ECHO_ENV).is_some() {
-        raw_echo();
+        raw_echo(false);
         return;
     }
     let mut c = Criterion::default()
