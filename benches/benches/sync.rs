@@ -99,7 +99,35 @@ fn shared_counter(c: &mut Criterion) {
     g.bench_function("fetch_add", |b| {
         b.iter_custom(|iters| two_process_increments(iters, true))
     });
+    // The reference: std's Mutex, two threads of one process, same work.
+    g.bench_function("std Mutex, 2 threads (reference)", |b| {
+        b.iter_custom(two_thread_std_mutex_increments)
+    });
     g.finish();
+}
+
+/// `iters` increments split over two threads under one `std::sync::Mutex`.
+fn two_thread_std_mutex_increments(iters: u64) -> Duration {
+    let counter = std::sync::Arc::new(std::sync::Mutex::new(0i64));
+    let half = iters / 2;
+    let start = std::time::Instant::now();
+    let threads: Vec<_> = [half, iters - half]
+        .into_iter()
+        .map(|n| {
+            let counter = std::sync::Arc::clone(&counter);
+            std::thread::spawn(move || {
+                for _ in 0..n {
+                    *counter.lock().expect("not poisoned") += 1;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(*counter.lock().expect("not poisoned"), iters as i64);
+    elapsed
 }
 
 #[process_fn]
