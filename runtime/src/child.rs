@@ -373,35 +373,25 @@ impl ChildProc {
 
     /// Waits for the child to end, at most `timeout` (`None`: forever).
     pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<Option<ExitStatus>> {
-        let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        loop {
-            if let Some(s) = self.try_wait()? {
-                return Ok(Some(s));
-            }
-            let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
-            let ev = sys::poll_one(self.pidfd.as_fd(), PollFlags::POLLIN, left)?;
-            if ev.is_empty() {
-                return self.try_wait();
-            }
-            // Readable: the child has exited; the next try_wait reaps it
-            // (unless another thread did, which is fine too).
-            if let Some(s) = self.try_wait()? {
-                return Ok(Some(s));
-            }
-            if self
-                .status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_none()
-            {
-                // Exited but not reapable: someone else reaped it.
-                let s = sys::reap(self.pid)
-                    .map(ExitStatus::from_wait)
-                    .unwrap_or(ExitStatus { code: -1 });
-                *self.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-                return Ok(Some(s));
-            }
+        if let Some(s) = self.try_wait()? {
+            return Ok(Some(s));
         }
+        let ev = sys::poll_one(self.pidfd.as_fd(), PollFlags::POLLIN, timeout)?;
+        if ev.is_empty() {
+            return self.try_wait();
+        }
+        // Readable: the child has exited, so a blocking reap returns at
+        // once. Under the status lock, so that two waiters cannot both call
+        // waitpid.
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = *status {
+            return Ok(Some(s));
+        }
+        let s = sys::reap(self.pid)
+            .map(ExitStatus::from_wait)
+            .unwrap_or(ExitStatus { code: -1 });
+        *status = Some(s);
+        Ok(Some(s))
     }
 
     /// Sends `signal` unless the child was already reaped.
