@@ -25,6 +25,23 @@ const READ_BUF: usize = 64 * 1024;
 /// Default largest payload accepted by a receiver: 1 GiB.
 pub(crate) const DEFAULT_MAX_FRAME: u64 = 1 << 30;
 
+/// Prepares a read buffer whose unread bytes are `buf[*start..*end]` to
+/// take more input: allocated (`size` bytes) on first use, rewound when
+/// empty, compacted when full. Used by `Channel` and by the Pipe link.
+pub(crate) fn make_room(buf: &mut Box<[u8]>, start: &mut usize, end: &mut usize, size: usize) {
+    if *start == *end {
+        *start = 0;
+        *end = 0;
+        if buf.is_empty() {
+            *buf = vec![0u8; size].into_boxed_slice();
+        }
+    } else if *end == buf.len() {
+        buf.copy_within(*start..*end, 0);
+        *end -= *start;
+        *start = 0;
+    }
+}
+
 /// One received message.
 #[derive(Debug)]
 pub(crate) struct Frame {
@@ -64,8 +81,8 @@ impl Channel {
         }
     }
 
-    /// A connected pair in this process (tests use it).
-    #[allow(dead_code)]
+    /// A connected pair in this process.
+    #[cfg(test)]
     pub(crate) fn pair() -> Result<(Channel, Channel)> {
         let (a, b) = sys::socketpair()?;
         Ok((Channel::new(a), Channel::new(b)))
@@ -155,17 +172,7 @@ impl Channel {
     /// Fills the read buffer with at least one more byte. `Ok(false)` at
     /// end of stream, `Err(Timeout)` when the deadline passes.
     fn fill(&mut self, deadline: Option<Instant>) -> Result<bool> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            if self.rbuf.is_empty() {
-                self.rbuf = vec![0u8; READ_BUF].into_boxed_slice();
-            }
-        } else if self.end == self.rbuf.len() {
-            self.rbuf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
+        make_room(&mut self.rbuf, &mut self.start, &mut self.end, READ_BUF);
         self.wait_readable(deadline)?;
         let mut fds = Vec::new();
         let n = sys::recv_with_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)

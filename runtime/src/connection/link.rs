@@ -35,7 +35,7 @@ use nix::poll::PollFlags;
 
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::wire::{Channel, DEFAULT_MAX_FRAME};
+use crate::wire::{self, Channel, DEFAULT_MAX_FRAME};
 
 /// Bytes of a frame header on the pipe.
 pub(crate) const HEADER: usize = 16;
@@ -237,17 +237,7 @@ impl Link {
             .rx
             .as_ref()
             .ok_or_else(|| Error::invalid("this end of the pipe cannot receive"))?;
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-            if self.rbuf.is_empty() {
-                self.rbuf = vec![0u8; READ_BUF].into_boxed_slice();
-            }
-        } else if self.end == self.rbuf.len() {
-            self.rbuf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
+        wire::make_room(&mut self.rbuf, &mut self.start, &mut self.end, READ_BUF);
         if let Some(left) = remaining(deadline) {
             let ev = sys::poll_one(rx.as_fd(), PollFlags::POLLIN, Some(left))?;
             if ev.is_empty() {

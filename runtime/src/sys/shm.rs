@@ -103,7 +103,6 @@ impl Mapping {
     }
 
     /// Copies `out.len()` bytes from `offset`. Out of range: an error.
-    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check(offset, out.len())?;
         // SAFETY: the range was checked to lie inside the mapping, `out` is
@@ -120,7 +119,6 @@ impl Mapping {
     }
 
     /// Copies `data` to `offset`. Out of range: an error.
-    #[allow(dead_code)] // used by the queue (its own branch)
     pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         self.check(offset, data.len())?;
         // SAFETY: the range was checked to lie inside the mapping; `data` is
@@ -371,12 +369,6 @@ impl Mapping {
         // handed it back, which the reader does after its last use of the
         // view).
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset), len) })
-    }
-
-    /// Raw base pointer, for sys-internal views.
-    #[allow(dead_code)] // used by the queue (its own branch)
-    pub(crate) fn base(&self) -> NonNull<u8> {
-        self.ptr
     }
 }
 
