@@ -24,7 +24,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 ///
 /// `Error` is `Serialize + Deserialize`, so a `#[process_fn]` may return
 /// `multiproc::Result<T>` (an OS error travels as its errno and message).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Error {
     /// The function or task type has no registration: it is a closure, a
@@ -35,6 +35,16 @@ pub enum Error {
         /// The Rust type name (for a lookup by value) or registered name
         /// (for a lookup by name in a child).
         name: String,
+    },
+    /// The child process could not find the registration its parent asked
+    /// for (the executable is the same: this is not a rebuild).
+    RegistrationMissing {
+        /// The registered name the parent asked for.
+        name: String,
+        /// How many registrations the parent has.
+        parent_registrations: u32,
+        /// How many the child has.
+        child_registrations: u32,
     },
     /// Two registrations share one name.
     DuplicateName {
@@ -204,12 +214,31 @@ pub(crate) fn signal_name(signal: i32) -> String {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::NotRegistered { name } if name.contains("{{closure}}") => {
+                let place = name.split("::{{closure}}").next().unwrap_or(name);
+                write!(
+                    f,
+                    "closures cannot run in another process; use a `#[process_fn]` fn \
+                     (a closure in `{place}` was given where a registered function is needed)"
+                )
+            }
+            Error::RegistrationMissing {
+                name,
+                parent_registrations,
+                child_registrations,
+            } => write!(
+                f,
+                "the child process has no registration named `{name}` (the parent has \
+                 {parent_registrations} registrations, the child {child_registrations}). A crate \
+                 whose items nothing references is dropped by the linker with its registrations: \
+                 use one of its items"
+            ),
             Error::NotRegistered { name } => write!(
                 f,
                 "`{name}` is not registered: add #[process_fn] to the function \
-                 (or #[derive(ProcessTask)] to the type); closures cannot run in another \
-                 process. If it is registered in a crate whose items nothing references, \
-                 the linker dropped that crate with its registrations: use one of its items"
+                 (or #[derive(ProcessTask)] to the type). If it is registered in a crate whose \
+                 items nothing references, the linker dropped that crate with its \
+                 registrations: use one of its items"
             ),
             Error::DuplicateName { name } => write!(
                 f,
@@ -283,6 +312,59 @@ impl fmt::Display for Error {
             ),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
+    }
+}
+
+/// The message a user can act on, as `Display` gives it, so that a `main`
+/// returning `multiproc::Result` prints it (`{:#?}` adds the variant).
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            write!(f, "Error::{}: ", self.variant())?;
+        }
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Error {
+    fn variant(&self) -> &'static str {
+        match self {
+            Error::NotRegistered { .. } => "NotRegistered",
+            Error::RegistrationMissing { .. } => "RegistrationMissing",
+            Error::DuplicateName { .. } => "DuplicateName",
+            Error::Panicked { .. } => "Panicked",
+            Error::Killed { .. } => "Killed",
+            Error::Exited { .. } => "Exited",
+            Error::WorkerDied { .. } => "WorkerDied",
+            Error::Disconnected => "Disconnected",
+            Error::Timeout => "Timeout",
+            Error::Closed => "Closed",
+            Error::Encode { .. } => "Encode",
+            Error::Decode { .. } => "Decode",
+            Error::MessageTooLarge { .. } => "MessageTooLarge",
+            Error::BuildMismatch { .. } => "BuildMismatch",
+            Error::AlreadyStarted => "AlreadyStarted",
+            Error::NotStarted => "NotStarted",
+            Error::InvalidArgument { .. } => "InvalidArgument",
+            Error::InitializerFailed { .. } => "InitializerFailed",
+            Error::BrokenBarrier => "BrokenBarrier",
+            Error::Poisoned => "Poisoned",
+            Error::Io { .. } => "Io",
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    /// An error of the OS layer without more context: [`Error::Io`] for an
+    /// OS error, [`Error::InvalidArgument`] for a refusal that says why in
+    /// words (a range outside a mapping...).
+    fn from(err: io::Error) -> Error {
+        if err.raw_os_error().is_none() && err.kind() == io::ErrorKind::InvalidInput {
+            return Error::InvalidArgument {
+                message: err.to_string(),
+            };
+        }
+        Error::io("an operating-system call failed", err)
     }
 }
 

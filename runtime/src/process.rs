@@ -10,7 +10,6 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use crate::child::ExitStatus;
 use crate::child::{self, ChildProc, Mode};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -81,6 +80,43 @@ impl Target {
             args: bytes,
             fds,
         })
+    }
+}
+
+/// How a child process ended, in Python's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExitStatus {
+    code: i32,
+}
+
+impl ExitStatus {
+    /// From Python's `exitcode`: the exit code, or `-N` for signal N.
+    pub(crate) fn from_code(code: i32) -> ExitStatus {
+        ExitStatus { code }
+    }
+
+    /// `true` if the process exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+
+    /// Python's `exitcode`: the exit code, or `-N` when killed by signal N.
+    pub fn code(&self) -> i32 {
+        self.code
+    }
+
+    /// The signal that killed the process, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        (self.code < 0).then_some(-self.code)
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.signal() {
+            Some(sig) => write!(f, "killed by {} ({sig})", crate::error::signal_name(sig)),
+            None => write!(f, "exit code {}", self.code),
+        }
     }
 }
 
@@ -227,9 +263,9 @@ impl Process {
     /// [`Error::NotStarted`] before [`start`](Process::start).
     pub fn join(&mut self) -> Result<ExitStatus> {
         let running = self.running.as_ref().ok_or(Error::NotStarted)?;
-        let status = running.child.wait(None)?.ok_or(Error::Timeout)?;
+        let code = running.child.wait(None)?.ok_or(Error::Timeout)?;
         forget(running);
-        Ok(status)
+        Ok(ExitStatus::from_code(code))
     }
 
     /// Waits at most `timeout`: `Ok(None)` if the process still runs.
@@ -239,11 +275,11 @@ impl Process {
     /// [`Error::NotStarted`] before [`start`](Process::start).
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
         let running = self.running.as_ref().ok_or(Error::NotStarted)?;
-        let status = running.child.wait(Some(timeout))?;
-        if status.is_some() {
+        let code = running.child.wait(Some(timeout))?;
+        if code.is_some() {
             forget(running);
         }
-        Ok(status)
+        Ok(code.map(ExitStatus::from_code))
     }
 
     /// `true` between `start` and the end of the child.
@@ -272,7 +308,7 @@ impl Process {
     /// exit code after, `-N` if killed by signal N.
     pub fn exitcode(&self) -> Option<i32> {
         let running = self.running.as_ref()?;
-        running.child.try_wait().ok().flatten().map(|s| s.code())
+        running.child.try_wait().ok().flatten()
     }
 
     /// Sends SIGTERM (Python's `terminate()`).

@@ -19,15 +19,35 @@ use serde::de::DeserializeOwned;
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::wire::Channel;
 
 /// One registered function or task type. Built by the macros; not public API.
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct Entry {
     name: &'static str,
-    type_id: fn() -> TypeId,
-    invoke: fn(&mut Call<'_>) -> Result<()>,
+    kind: Kind,
 }
+
+#[derive(Debug)]
+enum Kind {
+    /// A `#[process_fn]` or a `#[derive(ProcessTask)]` type.
+    User {
+        type_id: fn() -> TypeId,
+        invoke: fn(&mut Call<'_>) -> Result<()>,
+    },
+    /// A runtime-internal entry point (the pool worker), under
+    /// [`RESERVED_PREFIX`].
+    Internal(InternalMain),
+}
+
+/// A runtime-internal entry point: the child's socket to its parent, the
+/// start arguments and their descriptors in; the exit code out.
+pub(crate) type InternalMain = fn(Channel, Vec<u8>, Vec<OwnedFd>) -> i32;
+
+/// Names that start with this are the runtime's own entry points; the
+/// macros refuse them for user functions.
+pub(crate) const RESERVED_PREFIX: &str = "__multiproc::";
 
 impl Entry {
     /// Used by the macros.
@@ -38,8 +58,16 @@ impl Entry {
     ) -> Entry {
         Entry {
             name,
-            type_id,
-            invoke,
+            kind: Kind::User { type_id, invoke },
+        }
+    }
+
+    /// A runtime-internal entry point; `name` must start with
+    /// [`RESERVED_PREFIX`].
+    pub(crate) const fn internal(name: &'static str, main: InternalMain) -> Entry {
+        Entry {
+            name,
+            kind: Kind::Internal(main),
         }
     }
 
@@ -48,8 +76,22 @@ impl Entry {
         self.name
     }
 
+    /// The entry point, for a runtime-internal entry.
+    pub(crate) fn internal_main(&self) -> Option<InternalMain> {
+        match self.kind {
+            Kind::Internal(main) => Some(main),
+            Kind::User { .. } => None,
+        }
+    }
+
     pub(crate) fn invoke(&self, call: &mut Call<'_>) -> Result<()> {
-        (self.invoke)(call)
+        match self.kind {
+            Kind::User { invoke, .. } => invoke(call),
+            Kind::Internal(_) => Err(Error::invalid(format!(
+                "`{}` is a runtime entry point, not a function to call",
+                self.name
+            ))),
+        }
     }
 }
 
@@ -63,7 +105,15 @@ struct Registry {
     by_name: HashMap<&'static str, &'static Entry, FixedState>,
     by_type: HashMap<TypeId, &'static Entry, FixedState>,
     duplicates: Vec<&'static str>,
-    fingerprint: u64,
+    fingerprint: Fingerprint,
+}
+
+/// What a parent and its child compare to tell whether they registered
+/// the same entries: how many, and a hash of their sorted names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Fingerprint {
+    pub(crate) count: u32,
+    pub(crate) hash: u64,
 }
 
 fn registry() -> &'static Registry {
@@ -77,7 +127,15 @@ fn registry() -> &'static Registry {
             if by_name.insert(entry.name, entry).is_some() {
                 duplicates.push(entry.name);
             }
-            by_type.insert((entry.type_id)(), entry);
+            match entry.kind {
+                // The macros refuse reserved names; a user entry that has
+                // one anyway is never found from its function.
+                Kind::User { .. } if entry.name.starts_with(RESERVED_PREFIX) => {}
+                Kind::User { type_id, .. } => {
+                    by_type.insert(type_id(), entry);
+                }
+                Kind::Internal(_) => {}
+            }
             names.push(entry.name);
         }
         names.sort_unstable();
@@ -88,9 +146,17 @@ fn registry() -> &'static Registry {
             by_name,
             by_type,
             duplicates,
-            fingerprint: hasher.finish(),
+            fingerprint: Fingerprint {
+                count: u32::try_from(names.len()).unwrap_or(u32::MAX),
+                hash: hasher.finish(),
+            },
         }
     })
+}
+
+/// This process's [`Fingerprint`].
+pub(crate) fn fingerprint() -> Fingerprint {
+    registry().fingerprint
 }
 
 /// The entry registered for the function item or task type `F`.
@@ -102,9 +168,15 @@ pub(crate) fn lookup_type<F: 'static>() -> Result<&'static Entry> {
         }),
         Some(entry) => Ok(entry),
         None => Err(Error::NotRegistered {
-            name: std::any::type_name::<F>().to_string(),
+            name: user_type_name(std::any::type_name::<F>()),
         }),
     }
+}
+
+/// A type name as the user wrote it: without the inner function that
+/// `#[multiproc::main]` wraps `main`'s body in.
+fn user_type_name(name: &str) -> String {
+    name.replace("::__multiproc_main", "")
 }
 
 /// The entry registered under `name`.
@@ -128,28 +200,6 @@ pub fn registered_names() -> Vec<&'static str> {
     let mut names: Vec<_> = registry().by_name.keys().copied().collect();
     names.sort_unstable();
     names
-}
-
-/// An identity of this build: the crate version, the registered names and
-/// the executable file. A parent and its child must agree on it.
-pub(crate) fn build_id() -> u64 {
-    static ID: OnceLock<u64> = OnceLock::new();
-    *ID.get_or_init(|| {
-        use std::os::unix::fs::MetadataExt;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        registry().fingerprint.hash(&mut hasher);
-        if let Ok(meta) = std::fs::metadata("/proc/self/exe") {
-            (
-                meta.dev(),
-                meta.ino(),
-                meta.size(),
-                meta.mtime(),
-                meta.mtime_nsec(),
-            )
-                .hash(&mut hasher);
-        }
-        hasher.finish()
-    })
 }
 
 /// What a panic left behind: its message and location.
@@ -179,6 +229,11 @@ thread_local! {
 /// Installs (once) a panic hook that records each panic's location and
 /// then defers to the previous hook, unless the thread asked for quiet
 /// panics (pool tasks: the parent reports them).
+///
+/// Under `panic = "abort"` nothing can catch a panic, so the hook is the
+/// last code that runs: it hands the record to the reporter set with
+/// [`set_abort_reporter`], which sends it to the parent and exits (see
+/// `child`), so that the parent sees the panic as it would with unwinding.
 pub(crate) fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -187,12 +242,33 @@ pub(crate) fn install_panic_hook() {
             let location = info
                 .location()
                 .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
-            LAST_PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
             if !QUIET_PANICS.with(|q| q.get()) {
                 previous(info);
             }
+            if cfg!(panic = "abort") {
+                let reporter = ABORT_REPORTER.try_lock().ok().and_then(|r| *r);
+                if let Some(report) = reporter {
+                    let message = payload_message(info.payload());
+                    report(PanicRecord { message, location });
+                }
+                return;
+            }
+            LAST_PANIC_LOCATION.with(|slot| *slot.borrow_mut() = location);
         }));
     });
+}
+
+/// What the panic hook calls under `panic = "abort"`: sends the record to
+/// the parent and ends the process (returning lets the abort happen).
+pub(crate) type AbortReporter = fn(PanicRecord);
+
+static ABORT_REPORTER: std::sync::Mutex<Option<AbortReporter>> = std::sync::Mutex::new(None);
+
+/// Sets this process's [`AbortReporter`] (used only under `panic = "abort"`).
+pub(crate) fn set_abort_reporter(report: AbortReporter) {
+    if let Ok(mut slot) = ABORT_REPORTER.lock() {
+        *slot = Some(report);
+    }
 }
 
 /// Makes panics on this thread silent (their record still reaches the parent).
@@ -200,14 +276,19 @@ pub(crate) fn set_quiet_panics(quiet: bool) {
     QUIET_PANICS.with(|q| q.set(quiet));
 }
 
-fn panic_record(payload: Box<dyn std::any::Any + Send>) -> PanicRecord {
-    let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
+/// A panic payload's message.
+fn payload_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
         "explicit panic (payload is not a string)".to_string()
-    };
+    }
+}
+
+fn panic_record(payload: Box<dyn std::any::Any + Send>) -> PanicRecord {
+    let message = payload_message(&*payload);
     let location = LAST_PANIC_LOCATION.with(|slot| slot.borrow_mut().take());
     PanicRecord { message, location }
 }

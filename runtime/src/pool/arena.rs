@@ -153,7 +153,7 @@ impl Lease {
     /// The result bytes, read in place: the worker does not write this
     /// region again before the lease is dropped.
     pub(crate) fn bytes(&self) -> Result<&[u8]> {
-        self.arena.map.arena_view(self.offset, self.len)
+        Ok(self.arena.map.arena_view(self.offset, self.len)?)
     }
 }
 

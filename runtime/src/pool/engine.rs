@@ -690,8 +690,8 @@ impl Core {
         };
         let pid = worker.conn.pid;
         let was_ready = worker.ready;
-        let status = match worker.child.wait(Some(Duration::from_secs(5))) {
-            Ok(Some(s)) => Some(s),
+        let code = match worker.child.wait(Some(Duration::from_secs(5))) {
+            Ok(Some(code)) => Some(code),
             _ => {
                 let _ = worker.child.signal(Signal::SIGKILL);
                 worker
@@ -703,8 +703,8 @@ impl Core {
         };
         let err = Error::WorkerDied {
             pid,
-            signal: status.and_then(|s| s.signal()),
-            code: status.filter(|s| s.signal().is_none()).map(|s| s.code()),
+            signal: code.filter(|c| *c < 0).map(|c| -c),
+            code: code.filter(|c| *c >= 0),
         };
         for f in worker.in_flight {
             f.job.complete(f.info, Outcome::Failed(err.clone()));

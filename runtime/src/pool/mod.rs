@@ -47,7 +47,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use self::engine::{ChunkInfo, Config, Core, Job, Outcome, Task, lock};
-pub(crate) use self::worker::{ENTRY as WORKER_ENTRY, main as worker_main};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::process::{ProcessFn, Target};

@@ -43,6 +43,10 @@ use crate::wire::{Channel, Frame};
 /// The internal entry name a worker is started with.
 pub(crate) const ENTRY: &str = "__multiproc::pool::worker";
 
+inventory::submit! {
+    Entry::internal(ENTRY, main)
+}
+
 pub(crate) const TAG_TASK: u32 = 0x5001;
 pub(crate) const TAG_READY: u32 = 0x5002;
 pub(crate) const TAG_INIT_FAILED: u32 = 0x5003;
@@ -242,9 +246,9 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         let body: Result<&[u8], Error> = match tag {
             TAG_TASK => Ok(&bytes[8..]),
             TAG_TASK_SHM => match (&input_arena, read_u64(&bytes, 8), read_u64(&bytes, 16)) {
-                (Some(arena), Some(start), Some(len)) => {
-                    arena.arena_view(start as usize, len as usize)
-                }
+                (Some(arena), Some(start), Some(len)) => arena
+                    .arena_view(start as usize, len as usize)
+                    .map_err(Error::from),
                 _ => Err(Error::invalid(
                     "a pool task came through shared memory the worker does not have",
                 )),

@@ -826,9 +826,10 @@ impl Claim<'_> {
 
     /// Runs `f` on the slot's payload area ([`INLINE_MAX`] bytes).
     pub(crate) fn write<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
-        self.ring
+        Ok(self
+            .ring
             .map
-            .with_range_mut(self.payload_off(), INLINE_MAX, f)
+            .with_range_mut(self.payload_off(), INLINE_MAX, f)?)
     }
 
     /// A copy of the first `len` payload bytes written.

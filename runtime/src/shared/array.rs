@@ -412,7 +412,7 @@ impl<T: Pod> RawArray<T> {
     /// [`Error::InvalidArgument`] if the range is out of bounds.
     pub fn read(&self, start: usize, out: &mut [T]) -> Result<()> {
         let offset = self.offset(start, out.len())?;
-        self.map.load_pods(offset, out)
+        Ok(self.map.load_pods(offset, out)?)
     }
 
     /// Copies `values` to elements `start..start + values.len()`.
@@ -422,7 +422,7 @@ impl<T: Pod> RawArray<T> {
     /// [`Error::InvalidArgument`] if the range is out of bounds.
     pub fn write(&self, start: usize, values: &[T]) -> Result<()> {
         let offset = self.offset(start, values.len())?;
-        self.map.store_pods(offset, values)
+        Ok(self.map.store_pods(offset, values)?)
     }
 
     /// A copy of every element.

@@ -338,7 +338,7 @@ atomic_integer!(
 impl<T: Pod> Value<T> {
     #[inline]
     fn atomic<A: AtomicWord>(&self) -> Result<&A> {
-        self.map.atomic_at::<A>(Self::DATA)
+        Ok(self.map.atomic_at::<A>(Self::DATA)?)
     }
 }
 

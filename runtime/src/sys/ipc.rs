@@ -5,17 +5,16 @@ use std::os::fd::OwnedFd;
 
 use nix::sys::socket;
 
-use crate::error::{Error, Result};
+use std::io;
 
 /// A connected pair of close-on-exec Unix datagram sockets.
-pub(crate) fn socketpair_dgram() -> Result<(OwnedFd, OwnedFd)> {
-    socket::socketpair(
+pub(crate) fn socketpair_dgram() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socket::socketpair(
         socket::AddressFamily::Unix,
         socket::SockType::Datagram,
         None,
         socket::SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| Error::errno("could not create a datagram socket pair", e))
+    )?)
 }
 
 /// `false` once process `pid` has exited (including as an unreaped

@@ -1,8 +1,12 @@
-//! The one place with `unsafe`: process creation, descriptor passing, the
-//! load-time constructor, and (in submodules) futexes and shared mappings.
+//! The one place with `unsafe`, and the only one that speaks to the OS:
+//! process creation, descriptor passing, polling, and (in submodules) the
+//! load-time hook, futexes, lock words and shared mappings.
 //!
-//! Every `unsafe` block makes one call and carries a `// SAFETY:` comment.
-//! Everything else goes through nix's safe wrappers.
+//! This layer knows nothing of the rest of the crate: it takes names,
+//! numbers and descriptors as arguments and returns `io::Result` (or nix's
+//! `Errno` on the hot I/O paths, whose callers match on it). Every `unsafe`
+//! block makes one call and carries a `// SAFETY:` comment. Everything else
+//! goes through nix's safe wrappers.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsString};
@@ -18,8 +22,9 @@ use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::error::{Error, Result};
+use std::io;
 
+pub(crate) mod boot;
 pub(crate) mod futex;
 pub(crate) mod ipc;
 pub(crate) mod lock;
@@ -27,94 +32,63 @@ pub(crate) mod shm;
 
 pub(crate) use ipc::{pid_alive, socketpair_dgram};
 
-/// The descriptor number at which a child finds its socket to the parent.
-pub(crate) const CHILD_FD: RawFd = 3;
-
 /// Most descriptors the kernel accepts in one SCM_RIGHTS message.
 pub(crate) const MAX_FDS_PER_MSG: usize = 253;
 
 // ---------------------------------------------------------------------
-// The load-time constructor.
-
-extern "C" fn on_load() {
-    // Hand the dispatch to `multiproc-ctor`, whose constructor runs after
-    // every registering crate's (see that crate). If it already ran (an
-    // unexpected link order), dispatch now rather than never.
-    if !multiproc_ctor::set_hook(crate::child::on_load) {
-        crate::child::on_load();
-    }
-}
-
-// SAFETY: `.init_array` holds pointers to `extern "C" fn()` run by the
-// dynamic loader before `main`; `on_load` has exactly that type and only
-// stores a function pointer (the dispatch itself catches every panic:
-// unwinding out of a constructor would abort).
-#[used]
-#[unsafe(link_section = ".init_array")]
-static ON_LOAD: extern "C" fn() = on_load;
-
-// ---------------------------------------------------------------------
 // Process creation.
 
-/// Starts `/proc/self/exe` with `child_end` as descriptor [`CHILD_FD`] and
-/// `extra_env` added to the environment. Standard streams are inherited;
-/// the signal mask is cleared.
-pub(crate) fn spawn_self(child_end: BorrowedFd<'_>, extra_env: &CStr) -> Result<Pid> {
+/// Starts the executable `exe` with `argv` and exactly the environment
+/// `envp`, `child_end` as descriptor `child_fd` (which `child_end` must not
+/// already be), `/dev/null` as standard input, standard output and error
+/// inherited, and an empty signal mask.
+pub(crate) fn spawn(
+    exe: &CStr,
+    argv: &[CString],
+    envp: &[CString],
+    child_end: BorrowedFd<'_>,
+    child_fd: RawFd,
+) -> io::Result<Pid> {
+    use nix::fcntl::OFlag;
     use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
+    use nix::sys::stat::Mode;
 
-    let map = |e: Errno| Error::errno("could not start a child process", e);
-    let mut actions = PosixSpawnFileActions::init().map_err(map)?;
-    // dup2 onto another number clears close-on-exec on the copy; the caller
-    // guarantees `child_end` is not CHILD_FD itself.
-    actions
-        .add_dup2(child_end.as_raw_fd(), CHILD_FD)
-        .map_err(map)?;
-    let mut attr = PosixSpawnAttr::init().map_err(map)?;
-    attr.set_sigmask(&SigSet::empty()).map_err(map)?;
-    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK)
-        .map_err(map)?;
-
-    let argv0 = std::env::args_os()
-        .next()
-        .unwrap_or_else(|| OsString::from("multiproc-child"));
-    let argv = [cstring(argv0)];
-    let mut envp: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != crate::child::ENV_VAR)
-        .map(|(mut k, v)| {
-            k.push("=");
-            k.push(v);
-            cstring(k)
-        })
-        .collect();
-    envp.push(extra_env.to_owned());
-    nix::spawn::posix_spawn(c"/proc/self/exe", &actions, &attr, &argv, &envp).map_err(map)
+    let mut actions = PosixSpawnFileActions::init()?;
+    // dup2 onto another number clears close-on-exec on the copy.
+    actions.add_dup2(child_end.as_raw_fd(), child_fd)?;
+    actions.add_open(0, c"/dev/null", OFlag::O_RDONLY, Mode::empty())?;
+    let mut attr = PosixSpawnAttr::init()?;
+    attr.set_sigmask(&SigSet::empty())?;
+    attr.set_flags(PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK)?;
+    Ok(nix::spawn::posix_spawn(exe, &actions, &attr, argv, envp)?)
 }
 
-fn cstring(s: OsString) -> CString {
+/// `s` as a C string, its NUL bytes dropped (an argument or environment
+/// entry cannot hold one).
+pub(crate) fn cstring(s: OsString) -> CString {
     let mut bytes = s.into_vec();
     bytes.retain(|b| *b != 0);
     CString::new(bytes).unwrap_or_default()
 }
 
 /// A connected pair of close-on-exec Unix stream sockets.
-pub(crate) fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     socket::socketpair(
         socket::AddressFamily::Unix,
         socket::SockType::Stream,
         None,
         socket::SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(|e| Error::errno("could not create a socket pair", e))
+    .map_err(io::Error::from)
 }
 
 /// A close-on-exec pipe: `(read end, write end)`.
-pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-        .map_err(|e| Error::errno("could not create a pipe", e))
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }
 
 /// `read(2)` into `buf`, retried on `EINTR`. Returns 0 at end of stream.
-pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::result::Result<usize, Errno> {
     loop {
         match nix::unistd::read(fd, buf) {
             Err(Errno::EINTR) => continue,
@@ -125,7 +99,7 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
 
 /// `write(2)` of `buf`, retried on `EINTR`. Returns how many bytes went
 /// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
-pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
+pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> std::result::Result<usize, Errno> {
     loop {
         match nix::unistd::write(fd, buf) {
             Err(Errno::EINTR) => continue,
@@ -136,7 +110,10 @@ pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
 
 /// `writev(2)` of `bufs`, retried on `EINTR`. Returns how many bytes went
 /// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
-pub(crate) fn writev(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> Result<usize, Errno> {
+pub(crate) fn writev(
+    fd: BorrowedFd<'_>,
+    bufs: &[IoSlice<'_>],
+) -> std::result::Result<usize, Errno> {
     loop {
         match nix::sys::uio::writev(fd, bufs) {
             Err(Errno::EINTR) => continue,
@@ -146,39 +123,45 @@ pub(crate) fn writev(fd: BorrowedFd<'_>, bufs: &[IoSlice<'_>]) -> Result<usize, 
 }
 
 /// A close-on-exec duplicate of `fd` numbered at least `min`.
-pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> Result<OwnedFd> {
-    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))
-        .map_err(|e| Error::errno("could not duplicate a descriptor", e))?;
+pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(min))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
-/// Takes ownership of the descriptor inherited at [`CHILD_FD`], marking it
-/// close-on-exec so that the child's own children do not inherit it.
-/// Returns `None` if nothing valid is open there.
-pub(crate) fn take_inherited_child_fd() -> Option<OwnedFd> {
-    // SAFETY: CHILD_FD was placed by our parent's spawn for this process to
-    // own; it is taken once (the caller runs once per process) and checked
-    // to be open before use.
-    let fd = unsafe { BorrowedFd::borrow_raw(CHILD_FD) };
-    // FD_CLOEXEC is the only descriptor flag: set it outright (one call,
-    // which also proves the descriptor is open).
+/// Takes ownership of the descriptor `fd` that this process inherited,
+/// marking it close-on-exec so that its own children do not inherit it.
+/// Returns `None` unless `fd` is a Unix socket whose peer is process
+/// `peer` (so that a descriptor this process did not get from `peer` is
+/// never taken).
+pub(crate) fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
+    // SAFETY: only used to ask the kernel about `fd`; it is not closed or
+    // kept through this borrow, and nothing else in this process knows the
+    // number yet (the caller runs once, before the program's own code).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let cred = socket::getsockopt(&borrowed, socket::sockopt::PeerCredentials).ok()?;
+    if u32::try_from(cred.pid()).ok()? != peer {
+        return None;
+    }
+    // FD_CLOEXEC is the only descriptor flag: set it outright.
     nix::fcntl::fcntl(
-        fd,
+        borrowed,
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )
     .ok()?;
-    // SAFETY: the descriptor is open (F_SETFD succeeded) and owned by this
-    // process alone, see above.
-    Some(unsafe { OwnedFd::from_raw_fd(CHILD_FD) })
+    // SAFETY: the descriptor is open (the calls above succeeded), was
+    // placed there for this process by `peer`, and is owned from here on
+    // by the returned value alone (the caller takes it once).
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Removes `key` from the environment. Called by the child's constructor,
-/// before any thread exists.
+/// Removes `key` from the environment. For the start of a process, before
+/// it runs threads of its own.
 pub(crate) fn remove_env_before_threads(key: &str) {
-    // SAFETY: called from the load-time constructor (or `init()` at the top
-    // of main), before this process has started any thread, so no other
-    // thread can be reading the environment.
+    // SAFETY: called at load time or at the top of main, before the
+    // program has started any thread that could be reading the
+    // environment (a load-time constructor of another library that starts
+    // a reader thread is the documented exception of std's rule).
     unsafe { std::env::remove_var(key) };
 }
 
@@ -192,9 +175,8 @@ pub(crate) fn ignore_sigpipe() {
 }
 
 /// Asks the kernel to SIGKILL this process when its parent thread exits.
-pub(crate) fn set_parent_death_signal() -> Result<()> {
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-        .map_err(|e| Error::errno("prctl(PR_SET_PDEATHSIG)", e))
+pub(crate) fn set_parent_death_signal() -> io::Result<()> {
+    Ok(nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?)
 }
 
 /// This process's parent pid.
@@ -215,14 +197,14 @@ pub(crate) fn kill_self() -> ! {
 
 /// Runs `f` when the process exits normally (`main` returns or
 /// `std::process::exit`), like Python's `atexit`.
-pub(crate) fn at_exit(f: extern "C" fn()) -> Result<()> {
+pub(crate) fn at_exit(f: extern "C" fn()) -> io::Result<()> {
     // SAFETY: `f` is a plain `extern "C" fn()` that lives for the whole
     // program; atexit stores the pointer and calls it once at exit.
     let rc = unsafe { libc::atexit(f) };
     if rc == 0 {
         Ok(())
     } else {
-        Err(Error::invalid("atexit refused another handler"))
+        Err(io::Error::other("atexit refused another handler"))
     }
 }
 
@@ -230,19 +212,19 @@ pub(crate) fn at_exit(f: extern "C" fn()) -> Result<()> {
 // pidfds, signals, reaping.
 
 /// A descriptor that becomes readable when process `pid` exits.
-pub(crate) fn pidfd_open(pid: Pid) -> Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and a flags word and returns a new
     // descriptor or -1; no memory is passed.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if raw < 0 {
-        return Err(Error::errno("pidfd_open", Errno::last()));
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: the syscall succeeded, so `raw` is a new descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
 }
 
 /// Sends `signal` to the process behind `pidfd` (no pid-reuse race).
-pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> Result<()> {
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> io::Result<()> {
     // SAFETY: pidfd_send_signal takes a descriptor, a signal number, a null
     // siginfo pointer (allowed: the kernel fills one in) and flags 0.
     let rc = unsafe {
@@ -259,28 +241,28 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: Signal) -> Result
         _ => match Errno::last() {
             // Already exited (and maybe reaped): nothing to signal.
             Errno::ESRCH => Ok(()),
-            e => Err(Error::errno("could not signal the process", e)),
+            e => Err(e.into()),
         },
     }
 }
 
 /// Non-blocking reap of `pid`: `Some(status)` if it has exited.
-pub(crate) fn try_reap(pid: Pid) -> Result<Option<WaitStatus>> {
+pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<WaitStatus>> {
     match nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
         Ok(WaitStatus::StillAlive) => Ok(None),
         Ok(status) => Ok(Some(status)),
-        Err(e) => Err(Error::errno("waitpid", e)),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Blocking reap of `pid`.
-pub(crate) fn reap(pid: Pid) -> Result<WaitStatus> {
+pub(crate) fn reap(pid: Pid) -> io::Result<WaitStatus> {
     loop {
         match nix::sys::wait::waitpid(pid, None) {
             Ok(WaitStatus::StillAlive) => continue,
             Ok(status) => return Ok(status),
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(Error::errno("waitpid", e)),
+            Err(e) => return Err(e.into()),
         }
     }
 }
@@ -295,7 +277,7 @@ pub(crate) fn poll_one(
     fd: BorrowedFd<'_>,
     events: PollFlags,
     timeout: Option<Duration>,
-) -> Result<PollFlags> {
+) -> io::Result<PollFlags> {
     Ok(poll_many(&[(fd, events)], timeout)?[0])
 }
 
@@ -304,7 +286,7 @@ pub(crate) fn poll_one(
 pub(crate) fn poll_many(
     fds: &[(BorrowedFd<'_>, PollFlags)],
     timeout: Option<Duration>,
-) -> Result<Vec<PollFlags>> {
+) -> io::Result<Vec<PollFlags>> {
     let deadline = timeout.map(|t| std::time::Instant::now() + t);
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
@@ -340,7 +322,7 @@ pub(crate) fn poll_many(
         }
         match Errno::last() {
             Errno::EINTR => {}
-            e => return Err(Error::errno("poll", e)),
+            e => return Err(e.into()),
         }
     }
 }
@@ -351,7 +333,7 @@ pub(crate) fn send_with_fds(
     sock: BorrowedFd<'_>,
     bufs: &[IoSlice<'_>],
     fds: &[RawFd],
-) -> Result<usize, Errno> {
+) -> std::result::Result<usize, Errno> {
     let cmsgs = [ControlMessage::ScmRights(fds)];
     let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &cmsgs };
     loop {
@@ -368,7 +350,7 @@ pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
-) -> Result<usize, Errno> {
+) -> std::result::Result<usize, Errno> {
     let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
     loop {
         let mut iov = [IoSliceMut::new(buf)];
@@ -407,7 +389,7 @@ pub(crate) fn read_to_spare(
     fd: BorrowedFd<'_>,
     buf: &mut Vec<u8>,
     max: usize,
-) -> Result<usize, Errno> {
+) -> std::result::Result<usize, Errno> {
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
     let n = max.min(spare.len());
@@ -432,11 +414,11 @@ pub(crate) fn read_to_spare(
 }
 
 /// Marks `fd` non-blocking or blocking.
-pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| Error::errno("fcntl(F_GETFL)", e))?;
+    let flags = fcntl(fd, FcntlArg::F_GETFL)?;
     let mut flags = OFlag::from_bits_truncate(flags);
     flags.set(OFlag::O_NONBLOCK, on);
-    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| Error::errno("fcntl(F_SETFL)", e))?;
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
     Ok(())
 }

@@ -11,7 +11,12 @@ use bytemuck::Pod;
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::lock::RawGuard;
-use crate::error::{Error, Result};
+use std::io;
+
+/// A refusal of this module that says why in words.
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message.into())
+}
 
 /// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
 #[derive(Debug)]
@@ -30,32 +35,32 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// A new zero-filled shared mapping of `len` bytes (at least 1).
-    pub(crate) fn create(name: &str, len: usize) -> Result<Mapping> {
+    pub(crate) fn create(name: &str, len: usize) -> io::Result<Mapping> {
         let len = len.max(1);
-        let cname = std::ffi::CString::new(name.replace('\0', ""))
-            .map_err(|_| Error::invalid("bad name"))?;
-        let fd =
-            nix::sys::memfd::memfd_create(cname.as_c_str(), nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
-                .map_err(|e| Error::errno("memfd_create", e))?;
-        let off = libc::off_t::try_from(len)
-            .map_err(|_| Error::invalid("shared memory size too large"))?;
-        nix::unistd::ftruncate(&fd, off).map_err(|e| Error::errno("ftruncate", e))?;
+        let cname =
+            std::ffi::CString::new(name.replace('\0', "")).map_err(|_| invalid("bad name"))?;
+        let fd = nix::sys::memfd::memfd_create(
+            cname.as_c_str(),
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )?;
+        let off =
+            libc::off_t::try_from(len).map_err(|_| invalid("shared memory size too large"))?;
+        nix::unistd::ftruncate(&fd, off)?;
         Mapping::map(fd, len)
     }
 
     /// Maps the whole memfd `fd` (received from another process).
-    pub(crate) fn from_fd(fd: OwnedFd) -> Result<Mapping> {
-        let stat = nix::sys::stat::fstat(&fd).map_err(|e| Error::errno("fstat", e))?;
-        let len =
-            usize::try_from(stat.st_size).map_err(|_| Error::invalid("bad shared memory size"))?;
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Mapping> {
+        let stat = nix::sys::stat::fstat(&fd)?;
+        let len = usize::try_from(stat.st_size).map_err(|_| invalid("bad shared memory size"))?;
         if len == 0 {
-            return Err(Error::invalid("empty shared memory object"));
+            return Err(invalid("empty shared memory object"));
         }
         Mapping::map(fd, len)
     }
 
-    fn map(fd: OwnedFd, len: usize) -> Result<Mapping> {
-        let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| Error::invalid("empty mapping"))?;
+    fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| invalid("empty mapping"))?;
         // SAFETY: a fresh shared mapping at an address the kernel chooses
         // cannot overlap any Rust object; `fd` is a valid memfd of at least
         // `len` bytes.
@@ -68,8 +73,7 @@ impl Mapping {
                 &fd,
                 0,
             )
-        }
-        .map_err(|e| Error::errno("mmap", e))?;
+        }?;
         Ok(Mapping {
             ptr: ptr.cast(),
             len,
@@ -103,7 +107,7 @@ impl Mapping {
     }
 
     /// Copies `out.len()` bytes from `offset`. Out of range: an error.
-    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
         self.check(offset, out.len())?;
         // SAFETY: the range was checked to lie inside the mapping, `out` is
         // a distinct, valid buffer of that length (it cannot alias a shared
@@ -119,7 +123,7 @@ impl Mapping {
     }
 
     /// Copies `data` to `offset`. Out of range: an error.
-    pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+    pub(crate) fn write(&self, offset: usize, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
         // SAFETY: the range was checked to lie inside the mapping; `data` is
         // a valid buffer that does not overlap it.
@@ -133,10 +137,10 @@ impl Mapping {
         Ok(())
     }
 
-    fn check(&self, offset: usize, len: usize) -> Result<()> {
+    fn check(&self, offset: usize, len: usize) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
-            _ => Err(Error::invalid(format!(
+            _ => Err(invalid(format!(
                 "range {offset}..{} outside shared memory of {} bytes",
                 offset.saturating_add(len),
                 self.len
@@ -154,10 +158,10 @@ impl Mapping {
 
     /// The integer atomic `A` (one of std's `AtomicI32`, `AtomicU64`, ...)
     /// at byte `offset`, which must be aligned for it and in range.
-    pub(crate) fn atomic_at<A: AtomicWord>(&self, offset: usize) -> Result<&A> {
+    pub(crate) fn atomic_at<A: AtomicWord>(&self, offset: usize) -> io::Result<&A> {
         self.check(offset, std::mem::size_of::<A>())?;
         if offset % std::mem::align_of::<A>() != 0 {
-            return Err(Error::invalid("misaligned atomic in shared memory"));
+            return Err(invalid("misaligned atomic in shared memory"));
         }
         // SAFETY: the range was checked to lie inside the mapping and the
         // offset to be aligned for `A` (the base is page-aligned); `A` is one
@@ -171,7 +175,7 @@ impl Mapping {
     /// loads of the widest word that divides `T`'s size and the offset, so
     /// that a copy racing with another thread's copy or atomic operation is
     /// a torn value at worst, never undefined behaviour.
-    pub(crate) fn load_pods<T: Pod>(&self, offset: usize, out: &mut [T]) -> Result<()> {
+    pub(crate) fn load_pods<T: Pod>(&self, offset: usize, out: &mut [T]) -> io::Result<()> {
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
         self.check(offset, bytes.len())?;
         match word_width(std::mem::size_of::<T>(), offset) {
@@ -199,7 +203,7 @@ impl Mapping {
 
     /// Copies `data` to `offset` with relaxed atomic stores (see
     /// [`load_pods`](Mapping::load_pods)).
-    pub(crate) fn store_pods<T: Pod>(&self, offset: usize, data: &[T]) -> Result<()> {
+    pub(crate) fn store_pods<T: Pod>(&self, offset: usize, data: &[T]) -> io::Result<()> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         self.check(offset, bytes.len())?;
         match word_width(std::mem::size_of::<T>(), offset) {
@@ -237,7 +241,7 @@ impl Mapping {
         guard: &'g RawGuard<'_>,
         offset: usize,
         len: usize,
-    ) -> Result<&'g [T]> {
+    ) -> io::Result<&'g [T]> {
         self.check_locked::<T>(guard, offset, len)?;
         // SAFETY: `check_locked` proved the range lies inside the mapping,
         // past the lock header, aligned for `T`, and that `guard` holds this
@@ -265,7 +269,7 @@ impl Mapping {
         guard: &'g mut RawGuard<'_>,
         offset: usize,
         len: usize,
-    ) -> Result<&'g mut [T]> {
+    ) -> io::Result<&'g mut [T]> {
         self.check_locked::<T>(guard, offset, len)?;
         // SAFETY: as for `locked_slice`; here the borrow is tied to an
         // exclusive borrow of the one guard that exists in all processes,
@@ -275,22 +279,27 @@ impl Mapping {
         })
     }
 
-    fn check_locked<T: Pod>(&self, guard: &RawGuard<'_>, offset: usize, len: usize) -> Result<()> {
+    fn check_locked<T: Pod>(
+        &self,
+        guard: &RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
         let holds_ours = self
             .atomics_u32()
             .first()
             .is_some_and(|w| std::ptr::eq(w, guard.word()));
         if !holds_ours {
-            return Err(Error::invalid("guard of another lock"));
+            return Err(invalid("guard of another lock"));
         }
         if offset < LOCK_HEADER || offset % std::mem::align_of::<T>() != 0 {
-            return Err(Error::invalid(
+            return Err(invalid(
                 "locked data overlaps the lock header or is misaligned",
             ));
         }
         let bytes = len
             .checked_mul(std::mem::size_of::<T>())
-            .ok_or_else(|| Error::invalid("shared array too large"))?;
+            .ok_or_else(|| invalid("shared array too large"))?;
         self.check(offset, bytes)
     }
 
@@ -298,7 +307,7 @@ impl Mapping {
     /// caller's protocol keeps unchanged while the borrow lives (a queue
     /// slot its consumer has taken: no writer may touch it before the
     /// consumer releases it). Out of range: an error.
-    pub(crate) fn range(&self, offset: usize, len: usize) -> Result<&[u8]> {
+    pub(crate) fn range(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
         self.check(offset, len)?;
         // SAFETY: the range was checked to lie inside the mapping, which
         // stays mapped while `&self` lives; u8 has no invalid values.
@@ -315,7 +324,7 @@ impl Mapping {
         offset: usize,
         len: usize,
         f: impl FnOnce(&mut [u8]) -> R,
-    ) -> Result<R> {
+    ) -> io::Result<R> {
         self.check(offset, len)?;
         // SAFETY: the range was checked to lie inside the mapping, which
         // stays mapped while `&self` lives; the slice does not outlive `f`;
@@ -360,7 +369,7 @@ impl Mapping {
     /// chunk's result frame arrived, sent after the worker's last read;
     /// output: the parent released it after decoding). Other regions of
     /// the arena may be written meanwhile; they do not overlap this one.
-    pub(crate) fn arena_view(&self, offset: usize, len: usize) -> Result<&[u8]> {
+    pub(crate) fn arena_view(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
         self.check(offset, len)?;
         // SAFETY: the range was checked to lie inside the mapping, which
         // stays mapped while `&self` lives; u8 has no invalid values; no

@@ -1,0 +1,357 @@
+//! The child's side: recognise that this process is a multiproc child,
+//! run what the parent asked, report the outcome, exit.
+//!
+//! The dispatch starts from a load-time hook and does not depend on the
+//! order in which load-time constructors run: in a child, the hook first
+//! runs the constructors the loader has not reached yet (every `inventory`
+//! registration among them), and only then looks the name up. The child
+//! never returns to the loader, so each constructor runs once. See
+//! [`crate::sys::boot`].
+//!
+//! The function then runs on a thread named `main` with the main thread's
+//! stack size, as close as a process can get to std's `main` before std's
+//! runtime exists: `thread::current().name()` is `Some("main")`, a panic
+//! reads `thread 'main' panicked at ...`, and a stack overflow is reported
+//! with std's words and `SIGABRT`. The thread ends the process itself, so
+//! exit handlers run while it is alive.
+
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use nix::poll::PollFlags;
+
+use super::{
+    CHILD_FD, ENV_VAR, IDENTITY, Identity, MAIN_THREAD, Mode, READY, Start, TAG_FAILED,
+    TAG_PANICKED, TAG_RETURNED, TAG_START, exe_identity,
+};
+use crate::codec;
+use crate::error::Error;
+use crate::registry::{self, Call, Entry, PanicRecord};
+use crate::sys;
+use crate::sys::boot::LoadTime;
+use crate::wire::Channel;
+
+crate::sys::boot::load_time_hook!(on_load);
+
+/// How long a child waits for its start message. The parent sends it right
+/// after starting the child; a socket that stays silent this long is not a
+/// live multiproc parent's.
+const START_WAIT: Duration = Duration::from_secs(60);
+
+/// Exit codes of a child that could not run what was asked.
+const EXIT_REFUSED: i32 = 2;
+const EXIT_RUNTIME_PANIC: i32 = 70;
+
+/// A child's claim on its start: the parent, and the socket to it.
+struct Claim {
+    parent: u32,
+    deathsig: bool,
+    socket: OwnedFd,
+}
+
+fn on_load(load: LoadTime) {
+    if READY.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if let Some(claim) = claim() {
+        load.finish_then_exit(move || run_on_main_thread(claim));
+    }
+}
+
+/// Makes this program able to run as a multiproc child.
+///
+/// Multiproc does this by itself before `main` (a load-time hook), so
+/// calling it is optional; it is the documented fallback for programs that
+/// want to be explicit, or that link multiproc in a way that keeps its
+/// hook from running. Call it as the first line of `main`: in a child it
+/// runs the requested function and exits, so nothing after it runs there.
+/// Calling it again does nothing.
+///
+/// # Examples
+///
+/// ```
+/// multiproc::init(); // first line of main
+/// // ... start processes ...
+/// ```
+pub fn init() {
+    if READY.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    if let Some(claim) = claim() {
+        // In `main`: std's runtime is set up and this is the main thread.
+        let code = match prepare(&claim) {
+            Ok(()) => serve(claim),
+            Err(code) => code,
+        };
+        std::process::exit(code);
+    }
+}
+
+/// `Some` when this process was started by a multiproc parent: the
+/// variable is well-formed and descriptor [`CHILD_FD`] is a socket whose
+/// peer is the parent it names. Anything else (a variable inherited by an
+/// unrelated program) is dropped, and the program runs its `main`.
+fn claim() -> Option<Claim> {
+    let value = std::env::var_os(ENV_VAR)?;
+    sys::remove_env_before_threads(ENV_VAR);
+    let (parent, deathsig) = parse_env(&value)?;
+    let socket = sys::take_inherited_socket(CHILD_FD, parent)?;
+    Some(Claim {
+        parent,
+        deathsig,
+        socket,
+    })
+}
+
+fn parse_env(value: &OsString) -> Option<(u32, bool)> {
+    let value = value.to_str()?;
+    let mut parts = value.split(':');
+    let fd: i32 = parts.next()?.parse().ok()?;
+    let ppid: u32 = parts.next()?.parse().ok()?;
+    let deathsig = match parts.next()? {
+        "1" => true,
+        "0" => false,
+        _ => return None,
+    };
+    (fd == CHILD_FD && parts.next().is_none()).then_some((ppid, deathsig))
+}
+
+/// What must happen on the thread the parent started: the death signal
+/// follows that thread. `Err(code)` when the child must exit at once.
+fn prepare(claim: &Claim) -> Result<(), i32> {
+    sys::ignore_sigpipe();
+    if claim.deathsig && sys::set_parent_death_signal().is_err() {
+        return Err(EXIT_REFUSED);
+    }
+    if sys::parent_pid() != claim.parent {
+        // The parent died before the death signal was armed.
+        return Err(1);
+    }
+    Ok(())
+}
+
+/// Runs the child on a thread named `main`, which ends the process.
+fn run_on_main_thread(claim: Claim) -> i32 {
+    if let Err(code) = prepare(&claim) {
+        return code;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("main".into())
+        .stack_size(sys::boot::main_stack_size())
+        .spawn(move || {
+            MAIN_THREAD.store(nix::unistd::gettid().as_raw() as u32, Ordering::Relaxed);
+            // Without it an overflow is a bare SIGSEGV; with it, std's report.
+            let _ = sys::boot::report_stack_overflow("main");
+            let code = serve(claim);
+            std::process::exit(code)
+        });
+    match spawned {
+        Ok(thread) => {
+            // The thread exits the process; it returns only by a bug.
+            let _ = thread.join();
+            EXIT_RUNTIME_PANIC
+        }
+        Err(err) => {
+            eprintln!("multiproc: could not start the child's main thread: {err}");
+            EXIT_REFUSED
+        }
+    }
+}
+
+/// Reads the start message, runs what it names, reports. Returns the exit
+/// code; a panic of the runtime itself is contained here.
+fn serve(claim: Claim) -> i32 {
+    match registry::catch(|| serve_start(claim)) {
+        Ok(code) => code,
+        Err(record) => {
+            eprintln!("multiproc: child runtime panicked: {}", record.message);
+            EXIT_RUNTIME_PANIC
+        }
+    }
+}
+
+fn serve_start(claim: Claim) -> i32 {
+    registry::install_panic_hook();
+    let mut channel = Channel::new(claim.socket);
+    let frame = match channel.recv(Some(START_WAIT)) {
+        Ok(frame) if frame.tag == TAG_START => frame,
+        // The parent died or closed the socket before it could send.
+        Err(Error::Disconnected) => return 1,
+        Ok(frame) => {
+            eprintln!(
+                "multiproc: the parent's first message has tag {} instead of a start",
+                frame.tag
+            );
+            return EXIT_REFUSED;
+        }
+        Err(err) => {
+            eprintln!("multiproc: no start message from the parent: {err}");
+            return EXIT_REFUSED;
+        }
+    };
+    let Some((start, args)) = split_start(&frame.bytes) else {
+        eprintln!("multiproc: the parent's start message is malformed");
+        return EXIT_REFUSED;
+    };
+    if start.exe != exe_identity() {
+        return refuse(
+            &channel,
+            Error::BuildMismatch {
+                expected: start.exe,
+                found: exe_identity(),
+            },
+        );
+    }
+    let _ = IDENTITY.set(Identity {
+        name: start.process_name.clone(),
+        parent: Some((start.parent_name.clone(), start.parent_pid)),
+    });
+    if !claim.deathsig {
+        // Started from a thread that may end before the parent does: the
+        // death signal would follow that thread, so it was not armed, and
+        // a watcher thread sees the parent's end of the socket close.
+        watch_parent(&channel);
+    }
+    let entry = match registry::lookup_name(&start.name) {
+        Ok(entry) => entry,
+        Err(Error::NotRegistered { name }) => {
+            return refuse(
+                &channel,
+                Error::RegistrationMissing {
+                    name,
+                    parent_registrations: start.registry.count,
+                    child_registrations: registry::fingerprint().count,
+                },
+            );
+        }
+        Err(err) => return refuse(&channel, err),
+    };
+    match (start.mode, entry.internal_main()) {
+        (Mode::Internal, Some(main)) => main(channel, args.to_vec(), frame.fds),
+        (Mode::Internal, None) | (Mode::Process | Mode::Spawn, Some(_)) => refuse(
+            &channel,
+            Error::invalid(format!(
+                "`{}` is not an entry point of the kind the parent asked for",
+                start.name
+            )),
+        ),
+        (mode, None) => run_function(entry, mode, channel, args, frame.fds),
+    }
+}
+
+/// Tells the parent why the child cannot run, and gives the exit code.
+fn refuse(channel: &Channel, err: Error) -> i32 {
+    eprintln!("multiproc: {err}");
+    if let Ok(bytes) = codec::encode_plain(&err) {
+        let _ = channel.send(TAG_FAILED, &[&bytes], &[]);
+    }
+    EXIT_REFUSED
+}
+
+/// Where the panic hook reports under `panic = "abort"`.
+static REPORT_TO: OnceLock<(Channel, Mode)> = OnceLock::new();
+
+/// Under `panic = "abort"`: the panic hook's last act in a `Process` or
+/// `spawn` child. Sends the record as an unwinding child would, and exits
+/// with Python's code for an exception.
+fn report_abort(record: PanicRecord) {
+    if let Some((channel, mode)) = REPORT_TO.get() {
+        if *mode == Mode::Spawn {
+            if let Ok(bytes) = codec::encode_plain(&record) {
+                let _ = channel.send(TAG_PANICKED, &[&bytes], &[]);
+            }
+        }
+    }
+    std::process::exit(1);
+}
+
+fn run_function(
+    entry: &'static Entry,
+    mode: Mode,
+    channel: Channel,
+    args: &[u8],
+    fds: Vec<OwnedFd>,
+) -> i32 {
+    if cfg!(panic = "abort") {
+        if let Ok(fd) = channel.fd().try_clone_to_owned() {
+            let _ = REPORT_TO.set((Channel::new(fd), mode));
+            registry::set_abort_reporter(report_abort);
+        }
+    }
+    let mut out = Vec::new();
+    let mut out_fds = Vec::new();
+    let result = entry.invoke(&mut Call::single(args, fds, &mut out, &mut out_fds));
+    match result {
+        Ok(()) => {
+            if mode == Mode::Spawn {
+                let _ = channel.send(TAG_RETURNED, &[&out], &out_fds);
+            }
+            0
+        }
+        Err(Error::Panicked {
+            message, location, ..
+        }) => {
+            if mode == Mode::Spawn {
+                let record = PanicRecord { message, location };
+                if let Ok(bytes) = codec::encode_plain(&record) {
+                    let _ = channel.send(TAG_PANICKED, &[&bytes], &[]);
+                }
+            }
+            1
+        }
+        Err(err) => refuse(&channel, err),
+    }
+}
+
+fn split_start(bytes: &[u8]) -> Option<(Start, &[u8])> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let header = bytes.get(4..4_usize.checked_add(len)?)?;
+    let start: Start = codec::decode_plain(header).ok()?;
+    Some((start, &bytes[4 + len..]))
+}
+
+/// A thread that kills this process when the parent's end of the socket
+/// closes (the parent died, even by SIGKILL, or from a thread that the
+/// death signal would not follow).
+fn watch_parent(channel: &Channel) {
+    let Ok(fd) = channel.fd().try_clone_to_owned() else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("multiproc-parent-watch".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let flags = sys::POLLRDHUP;
+            if let Ok(ev) = sys::poll_one(fd.as_fd(), flags, None) {
+                if ev.intersects(sys::POLLRDHUP | PollFlags::POLLHUP | PollFlags::POLLERR) {
+                    sys::kill_self();
+                }
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_variable_is_checked_whole() {
+        let ok = |s: &str| parse_env(&OsString::from(s));
+        assert_eq!(ok("3:42:1"), Some((42, true)));
+        assert_eq!(ok("3:42:0"), Some((42, false)));
+        assert_eq!(ok("4:42:1"), None);
+        assert_eq!(ok("3:42:1:x"), None);
+        assert_eq!(ok("3:42:yes"), None);
+        assert_eq!(ok("3::1"), None);
+        assert_eq!(ok(""), None);
+    }
+
+    #[test]
+    fn a_start_message_that_lies_about_its_length_is_malformed() {
+        assert!(split_start(&[0xff, 0xff, 0xff, 0xff, 1, 2]).is_none());
+        assert!(split_start(&[1, 0]).is_none());
+    }
+}

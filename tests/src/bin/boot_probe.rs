@@ -1,0 +1,91 @@
+//! A program for the boot tests: a plain `main` (no `#[multiproc::main]`)
+//! that runs one scenario named by its first argument and prints what it
+//! saw, so the tests can read a child's standard error and exit code.
+use std::time::Duration;
+
+use multiproc::{Pool, Process, process_fn};
+
+#[process_fn]
+fn recurse(depth: u64) -> u64 {
+    let mut frame = [0u8; 4096];
+    frame[0] = depth as u8;
+    std::hint::black_box(&mut frame);
+    if depth == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1) + u64::from(frame[0])
+}
+
+#[process_fn]
+fn panics(message: String) {
+    panic!("{message}");
+}
+
+#[process_fn]
+fn fails_on_three(x: u64) -> u64 {
+    if x == 3 {
+        panic!("item three fails");
+    }
+    x * 10
+}
+
+#[process_fn]
+fn square(x: u64) -> u64 {
+    x * x
+}
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn run(mut p: Process) -> multiproc::Result<()> {
+    p.start()?;
+    let status = p.join_timeout(LIMIT)?.ok_or(multiproc::Error::Timeout)?;
+    println!("exitcode {}", status.code());
+    Ok(())
+}
+
+fn main() -> multiproc::Result<()> {
+    let scenario = std::env::args().nth(1).unwrap_or_default();
+    match scenario.as_str() {
+        "panic-strategy" => {
+            println!(
+                "{}",
+                if cfg!(panic = "abort") {
+                    "abort"
+                } else {
+                    "unwind"
+                }
+            );
+        }
+        "overflow" => run(Process::new(recurse, (0,)))?,
+        "process-panic" => run(Process::new(panics, ("probe panic".to_string(),)))?,
+        "spawn-panic" => {
+            let err = multiproc::spawn(panics, ("probe spawn panic".to_string(),))?
+                .join_timeout(LIMIT)
+                .expect_err("the child panics");
+            println!("spawn error: {err}");
+        }
+        "pool-panic" => {
+            let pool = Pool::new(2)?;
+            for chunksize in [1, 4, 100] {
+                let results: Vec<String> = pool
+                    .imap_chunked(fails_on_three, 0..8u64, chunksize)?
+                    .map(|r| match r {
+                        Ok(v) => v.to_string(),
+                        Err(e) => format!("error: {e}"),
+                    })
+                    .collect();
+                println!("chunksize {chunksize}: {}", results.join(" | "));
+            }
+            println!("after: {:?}", pool.map(square, 0..5u64)?);
+        }
+        "main-error" => {
+            fn forgot(x: u64) -> u64 {
+                x
+            }
+            return multiproc::spawn(forgot, (1,))?.join().map(drop);
+        }
+        "main-ran" => println!("main ran"),
+        other => println!("unknown scenario {other:?}"),
+    }
+    Ok(())
+}

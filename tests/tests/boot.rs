@@ -1,0 +1,233 @@
+//! How a child starts: what it inherits (arguments, a thread named `main`,
+//! `/dev/null` as stdin, std's report of a stack overflow), what a stray
+//! marker variable does, the errors a user reads, and panics under either
+//! panic strategy. The scenarios that need a child's stderr or exit code
+//! run in the `boot_probe` program.
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use multiproc::process_fn;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[process_fn]
+fn args() -> Vec<String> {
+    std::env::args().collect()
+}
+
+#[process_fn]
+fn thread_name() -> Option<String> {
+    std::thread::current().name().map(str::to_string)
+}
+
+/// Where standard input points, and what one read of it gives.
+#[process_fn]
+fn stdin_state() -> (String, usize) {
+    use std::io::Read;
+    let target = std::fs::read_link("/proc/self/fd/0")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut buf = [0u8; 16];
+    let n = std::io::stdin().read(&mut buf).unwrap_or(usize::MAX);
+    (target, n)
+}
+
+#[test]
+fn a_child_sees_the_parents_arguments() {
+    let theirs = multiproc::spawn(args, ())
+        .expect("spawn")
+        .join_timeout(LIMIT)
+        .expect("join");
+    let mine: Vec<String> = std::env::args().collect();
+    assert_eq!(theirs, mine);
+}
+
+#[test]
+fn a_childs_function_runs_on_a_thread_named_main() {
+    let name = multiproc::spawn(thread_name, ())
+        .expect("spawn")
+        .join_timeout(LIMIT)
+        .expect("join");
+    assert_eq!(name.as_deref(), Some("main"));
+}
+
+#[test]
+fn a_childs_stdin_is_dev_null() {
+    let (target, n) = multiproc::spawn(stdin_state, ())
+        .expect("spawn")
+        .join_timeout(LIMIT)
+        .expect("join");
+    assert_eq!((target.as_str(), n), ("/dev/null", 0));
+}
+
+#[test]
+fn a_closure_is_refused_in_words_that_name_closures() {
+    let err = multiproc::spawn(|x: u64| x + 1, (1,)).expect_err("closures cannot travel");
+    let text = err.to_string();
+    assert!(
+        text.contains("closures cannot run in another process; use a `#[process_fn]` fn"),
+        "{text}"
+    );
+    assert!(!text.contains("__multiproc"), "{text}");
+}
+
+fn probe(scenario: &str) -> Output {
+    probe_with(scenario, |_| {})
+}
+
+fn probe_with(scenario: &str, set: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_boot_probe"));
+    cmd.arg(scenario)
+        .env_remove("RUST_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    set(&mut cmd);
+    let child = cmd.spawn().expect("start boot_probe");
+    let pid = child.id();
+    // Bounded: a probe that hangs is killed and fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(LIMIT) {
+        Ok(out) => out.expect("boot_probe output"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("boot_probe {scenario} did not finish within {LIMIT:?}");
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn a_stack_overflow_in_a_child_is_reported_as_std_reports_it() {
+    let out = probe("overflow");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains("exitcode -6"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("thread 'main' (") && stderr.contains(") has overflowed its stack"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fatal runtime error: stack overflow"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_panicking_process_exits_with_code_one_under_either_panic_strategy() {
+    let out = probe("process-panic");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        stdout.contains("exitcode 1\n"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stderr.contains("thread 'main' ("), "{stderr}");
+    assert!(stderr.contains("probe panic"), "{stderr}");
+}
+
+#[test]
+fn a_panicking_spawn_returns_its_message_under_either_panic_strategy() {
+    let out = probe("spawn-panic");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("spawn error: process ") && stdout.contains("panicked: probe spawn panic"),
+        "stdout: {stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_panicking_pool_task_fails_alone_under_either_panic_strategy() {
+    let out = probe("pool-panic");
+    let stdout = text(&out.stdout);
+    for chunksize in [1, 4, 100] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("chunksize {chunksize}:")))
+            .unwrap_or_else(|| panic!("no line for chunksize {chunksize}: {stdout}"));
+        let items: Vec<&str> = line
+            .split_once(": ")
+            .map(|(_, rest)| rest.split(" | ").collect())
+            .unwrap_or_default();
+        assert_eq!(items.len(), 8, "{line}");
+        for (i, item) in items.iter().enumerate() {
+            if i == 3 {
+                assert!(
+                    item.contains("panicked on item 3: item three fails"),
+                    "{line}"
+                );
+            } else {
+                assert_eq!(*item, (i * 10).to_string(), "{line}");
+            }
+        }
+    }
+    assert!(stdout.contains("after: [0, 1, 4, 9, 16]"), "{stdout}");
+}
+
+#[test]
+fn the_probe_runs_with_the_panic_strategy_ci_asked_for() {
+    let out = probe("panic-strategy");
+    let strategy = text(&out.stdout).trim().to_string();
+    match std::env::var("MULTIPROC_EXPECT_PANIC") {
+        Ok(expected) => assert_eq!(strategy, expected),
+        Err(_) => assert!(
+            matches!(strategy.as_str(), "abort" | "unwind"),
+            "{strategy}"
+        ),
+    }
+}
+
+#[test]
+fn main_returning_an_error_prints_what_to_do() {
+    let out = probe("main-error");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("Error: `boot_probe::main::forgot` is not registered: add #[process_fn]"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("NotRegistered {"), "{stderr}");
+}
+
+#[test]
+fn a_stray_marker_variable_lets_the_program_run_its_main() {
+    let me = std::process::id().to_string();
+    for value in [
+        "garbage".to_string(),
+        "3:1:1".to_string(),
+        format!("3:{me}:1"),
+        format!("3:{me}:0:extra"),
+    ] {
+        let out = probe_with("main-ran", |cmd| {
+            cmd.env("MULTIPROC_CHILD", &value);
+        });
+        assert_eq!(
+            (out.status.code(), text(&out.stdout)),
+            (Some(0), "main ran\n".to_string()),
+            "MULTIPROC_CHILD={value}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_program_whose_functions_live_in_a_library_crate_runs_them() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lib_only"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run lib_only");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "[3, 6, 9, 12] 15\n".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+}
