@@ -470,6 +470,11 @@ impl<'de> SeqDecoder<'de> {
         SeqDecoder { rest: bytes }
     }
 
+    /// Bytes not decoded yet.
+    pub(crate) fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
     pub(crate) fn next<T: DeserializeOwned + 'static>(&mut self) -> Result<T> {
         if let Some(value) = read_primitive::<T>(&mut self.rest) {
             return value;

@@ -298,6 +298,36 @@ pub(crate) fn catch<R>(f: impl FnOnce() -> R) -> std::result::Result<R, PanicRec
     catch_unwind(AssertUnwindSafe(f)).map_err(panic_record)
 }
 
+/// Under `panic = "abort"`: how far the chunk running on this thread has
+/// got, kept where the panic hook can read it (see [`Call::run`]).
+struct AbortProgress {
+    /// The chunk's output: from `base`, a run header and the results of
+    /// the items before the running one.
+    out: Vec<u8>,
+    base: usize,
+    /// The running item's place in the chunk.
+    done: u32,
+    /// Where the arguments of the item after it start.
+    next: usize,
+}
+
+thread_local! {
+    static ABORT_PROGRESS: std::cell::Cell<Option<AbortProgress>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Under `panic = "abort"`, from the panic hook: the running item's place
+/// in its chunk, where the next item's arguments start, and the outcomes
+/// of the items before it (one run, in the chunk's output format).
+pub(crate) fn take_abort_progress() -> Option<(u32, usize, Vec<u8>)> {
+    let progress = ABORT_PROGRESS.take()?;
+    let mut partial = progress.out.get(progress.base..)?.to_vec();
+    partial
+        .get_mut(..RUN_HEADER)?
+        .copy_from_slice(&progress.done.to_le_bytes());
+    Some((progress.done, progress.next, partial))
+}
+
 /// Bytes of the length that starts each run of results in a chunk's output.
 pub(crate) const RUN_HEADER: usize = 4;
 
@@ -378,6 +408,40 @@ impl<'a> Call<'a> {
                 let result =
                     catch(move || f(args)).map_err(|p| p.into_error(std::process::id(), None))?;
                 codec::encode(&result, self.out, self.out_fds)
+            }
+            Mode::Chunk { count } if cfg!(panic = "abort") => {
+                let input = self.input;
+                let out = &mut *self.out;
+                let out_fds = &mut *self.out_fds;
+                codec::with_fd_source(in_fds, || {
+                    codec::with_fd_sink(out_fds, || {
+                        // Nothing can catch a panic: the chunk is one run,
+                        // and while an item runs the chunk's progress sits
+                        // where the panic hook finds it (a panic ends the
+                        // process, and the parent keeps what came before).
+                        let base = out.len();
+                        out.extend_from_slice(&[0; RUN_HEADER]);
+                        let mut dec = codec::SeqDecoder::new(input);
+                        let mut done: u32 = 0;
+                        while (done as usize) < count {
+                            let args: A = dec.next()?;
+                            ABORT_PROGRESS.set(Some(AbortProgress {
+                                out: std::mem::take(out),
+                                base,
+                                done,
+                                next: input.len() - dec.remaining(),
+                            }));
+                            let r = f(args);
+                            if let Some(progress) = ABORT_PROGRESS.take() {
+                                *out = progress.out;
+                            }
+                            codec::SeqEncoder::new(out).push_value(&r)?;
+                            done += 1;
+                        }
+                        out[base..base + RUN_HEADER].copy_from_slice(&done.to_le_bytes());
+                        Ok(())
+                    })
+                })
             }
             Mode::Chunk { count } => {
                 let input = self.input;

@@ -17,6 +17,15 @@ pub fn sleep_forever() {
     std::thread::sleep(Duration::from_secs(120));
 }
 
+/// Sends `signal` (9 for SIGKILL, 15 for SIGTERM...) to process `pid`.
+/// Only for processes the test started.
+pub fn kill(pid: u32, signal: i32) {
+    let Ok(signal) = nix::sys::signal::Signal::try_from(signal) else {
+        return;
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
+}
+
 /// The number of open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")

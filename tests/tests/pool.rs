@@ -41,8 +41,7 @@ fn fail_on(x: u64, bad: u64) -> u64 {
 #[process_fn]
 fn kill_self() -> u32 {
     let pid = std::process::id();
-    // SAFETY: kill(2) with our own pid and a valid signal number touches no memory.
-    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    multiproc_tests::kill(pid, 9);
     std::thread::sleep(Duration::from_secs(60));
     pid
 }
@@ -521,4 +520,104 @@ fn handles_travel_as_task_arguments() {
     let mut got: Vec<u64> = (0..20).map(|_| q.get_timeout(LONG).expect("get")).collect();
     got.sort_unstable();
     assert_eq!(got, (0..20u64).map(|x| x * x).collect::<Vec<_>>());
+}
+
+#[process_fn]
+fn dies_at_three(x: u64) -> u64 {
+    if x == 3 {
+        kill_self();
+    }
+    x * 10
+}
+
+#[test]
+fn one_kill_fails_only_the_item_that_was_running() {
+    // One worker, two chunks in flight: when item 3 kills it, item 4 is
+    // already queued in it; it must be sent again, not failed.
+    let pool = Pool::new(1).expect("pool");
+    let results: Vec<Result<u64, Error>> = pool
+        .imap_chunked(dies_at_three, 0..8u64, 1)
+        .expect("imap")
+        .collect();
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (3, Err(Error::WorkerDied { signal, .. })) => assert_eq!(*signal, Some(9)),
+            (3, other) => panic!("item 3: expected WorkerDied, got {other:?}"),
+            (i, Ok(v)) => assert_eq!(*v, i as u64 * 10),
+            (i, Err(e)) => panic!("item {i} failed: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_dies_while_idle_fails_no_later_call() {
+    let pool = pool2();
+    let expected: Vec<u64> = (0..200u64).map(cube).collect();
+    for round in 0..20 {
+        assert_eq!(pool.map(cube, 0..200u64).expect("warm map"), expected);
+        let victim = pool.worker_pids()[round % 2];
+        multiproc_tests::kill(victim, 9);
+        // The kill races with this map: chunks sent to the dead worker must
+        // be given to a live one.
+        let got = pool
+            .map_chunked(cube, 0..200u64, 1)
+            .unwrap_or_else(|e| panic!("round {round}: a call after an idle death failed: {e}"));
+        assert_eq!(got, expected, "round {round}");
+    }
+}
+
+#[process_fn]
+fn wait_for(go: multiproc::sync::Event) {
+    assert!(go.wait_timeout(Duration::from_secs(20)), "never told to go");
+}
+
+#[test]
+fn a_worker_killed_before_it_was_ready_is_replaced() {
+    let go = multiproc::sync::Event::new().expect("event");
+    let before: HashSet<u32> = multiproc_tests::child_pids().into_iter().collect();
+    let killer = {
+        let go = go.clone();
+        std::thread::spawn(move || {
+            let mut victim = None;
+            assert!(
+                multiproc_tests::eventually(LONG, || {
+                    victim = multiproc_tests::child_pids()
+                        .into_iter()
+                        .find(|p| !before.contains(p));
+                    victim.is_some()
+                }),
+                "no worker appeared"
+            );
+            if let Some(pid) = victim {
+                multiproc_tests::kill(pid, 9);
+            }
+            go.set();
+            victim
+        })
+    };
+    let pool = Pool::builder()
+        .processes(2)
+        .initializer(wait_for, (go.clone(),))
+        .build()
+        .expect("a pool whose worker was killed while starting still builds");
+    let victim = killer.join().expect("killer").expect("a victim");
+    assert!(!pool.worker_pids().contains(&victim));
+    assert_eq!(pool.worker_pids().len(), 2);
+    assert_eq!(
+        pool.map(cube, 0..100u64).expect("map"),
+        (0..100u64).map(cube).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn workers_that_always_die_while_starting_break_the_pool_clearly() {
+    let err = Pool::builder()
+        .processes(1)
+        .initializer(kill_self, ())
+        .build()
+        .expect_err("every worker dies in its initializer");
+    let text = err.to_string();
+    assert!(matches!(err, Error::InitializerFailed { .. }), "{text}");
+    assert!(text.contains("killed before they were ready"), "{text}");
+    assert!(text.contains("SIGKILL"), "{text}");
 }

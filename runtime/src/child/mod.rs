@@ -39,7 +39,7 @@ mod boot;
 mod start;
 
 pub use boot::init;
-pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child};
+pub(crate) use start::{ChildProc, next_process_name, read_outcome, refusal, start_child};
 
 /// The environment variable that marks a process as a multiproc child.
 pub(crate) const ENV_VAR: &str = "MULTIPROC_CHILD";

@@ -33,8 +33,14 @@ pub(crate) const ARENA_BYTES: usize = 32 << 20;
 /// Smallest payload worth moving through an arena.
 pub(crate) const SHM_MIN: usize = 64 << 10;
 
-/// Bytes before the output arena's data: the `consumed` counter.
+/// Bytes before the output arena's data: the `consumed` counter (word 0)
+/// and the started-chunk mark (word 1).
 const OUT_HEADER: usize = 64;
+
+/// Where the worker marks the chunk it is about to run: its id + 1 (0:
+/// none yet). The parent reads it after the worker died, to tell the chunk
+/// that was running from those that never started.
+const STARTED_AT: usize = 8;
 
 /// The parent's allocator over one worker's input arena.
 #[derive(Debug)]
@@ -102,6 +108,15 @@ impl OutArena {
 
     pub(crate) fn mapping(&self) -> &Mapping {
         &self.map
+    }
+
+    /// The last chunk the worker started, if it started one.
+    pub(crate) fn started(&self) -> Option<u64> {
+        self.map
+            .atomic_at::<AtomicU64>(STARTED_AT)
+            .ok()?
+            .load(Ordering::Acquire)
+            .checked_sub(1)
     }
 
     /// Takes charge of the region `start..start + len` that the worker
@@ -182,6 +197,13 @@ impl OutWriter {
             head: 0,
             live: VecDeque::new(),
         })
+    }
+
+    /// Marks chunk `id` as started (see [`OutArena::started`]).
+    pub(crate) fn mark_started(&self, id: u64) {
+        if let Ok(word) = self.map.atomic_at::<AtomicU64>(STARTED_AT) {
+            word.store(id.wrapping_add(1), Ordering::Release);
+        }
     }
 
     /// Copies `data` into the arena if there is room; its start position.

@@ -33,6 +33,7 @@ use super::worker::{self, TaskFailure, WorkerInit};
 use crate::child::{self, ChildProc, Mode};
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::registry::PanicRecord;
 use crate::sys;
 use crate::wire::{Channel, Frame};
 
@@ -178,21 +179,55 @@ impl Job {
     }
 }
 
-/// An encoded chunk waiting for a worker.
+/// An encoded chunk waiting for a worker, or sent to one and not yet
+/// answered (kept, so that a worker that dies before it starts the chunk
+/// gives it back instead of failing it).
 #[derive(Debug)]
 pub(crate) struct Task {
     pub(crate) job: Arc<Job>,
     pub(crate) info: ChunkInfo,
-    /// `count: u32`, `name_len: u32`, name, chunk (the id goes in front when sent).
-    pub(crate) payload: Vec<u8>,
-    pub(crate) fds: Vec<OwnedFd>,
+    /// `count: u32`, `name_len: u32`, name, the items' argument tuples
+    /// (the id goes in front when sent).
+    payload: Arc<Vec<u8>>,
+    fds: Arc<Vec<OwnedFd>>,
+    /// The encoded outcomes of the chunk's first items, when this task is
+    /// the rest of a chunk whose worker ended on a panic (`panic =
+    /// "abort"`): they go in front of this task's outcomes.
+    prefix: Option<Vec<u8>>,
+    /// How often a dead worker gave this task back unstarted.
+    requeued: u8,
+}
+
+/// A task given back this many times by dying workers fails instead (a
+/// bound on loops, should a worker's death be misread as "not started").
+const MAX_REQUEUES: u8 = 3;
+
+/// Workers killed before they were ready, in a row, after which the pool
+/// gives up (their start or initializer kills them).
+const MAX_EARLY_DEATHS: u32 = 3;
+
+impl Task {
+    pub(crate) fn new(job: Arc<Job>, info: ChunkInfo, payload: Vec<u8>, fds: Vec<OwnedFd>) -> Task {
+        Task {
+            job,
+            info,
+            payload: Arc::new(payload),
+            fds: Arc::new(fds),
+            prefix: None,
+            requeued: 0,
+        }
+    }
+
+    /// How many items the payload holds (the chunk's, or its rest's).
+    fn items(&self) -> usize {
+        worker::read_u32(&self.payload, 0).map_or(0, |n| n as usize)
+    }
 }
 
 #[derive(Debug)]
 struct InFlight {
     id: u64,
-    job: Arc<Job>,
-    info: ChunkInfo,
+    task: Task,
 }
 
 /// The sending side of one worker's socket.
@@ -241,6 +276,8 @@ struct State {
     broken: Option<Error>,
     /// Worker channels started by someone else than the reader, for it to adopt.
     adopt: Vec<(u64, Channel)>,
+    /// Workers killed before they were ready, since one last was.
+    early_deaths: u32,
 }
 
 /// Configuration a worker is started with.
@@ -283,6 +320,7 @@ impl Core {
                 phase: Phase::Running,
                 broken: None,
                 adopt: Vec::new(),
+                early_deaths: 0,
             }),
             changed: Condvar::new(),
             config,
@@ -379,7 +417,8 @@ impl Core {
             if let Some(err) = &st.broken {
                 return Err(err.clone());
             }
-            if st.workers.iter().all(|w| w.ready) {
+            // Every worker, replacements of those that died starting included.
+            if st.workers.len() >= self.config.processes && st.workers.iter().all(|w| w.ready) {
                 return Ok(());
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -423,7 +462,7 @@ impl Core {
 
     /// Assigns queued chunks to workers with a free slot and sends them.
     pub(crate) fn dispatch(&self) {
-        let mut sends: Vec<(Arc<Conn>, u64, Task, Option<Placed>)> = Vec::new();
+        let mut sends: Vec<Send> = Vec::new();
         {
             let mut st = lock(&self.state);
             let st = &mut *st;
@@ -447,11 +486,6 @@ impl Core {
                 }
                 let id = st.next_id;
                 st.next_id += 1;
-                w.in_flight.push(InFlight {
-                    id,
-                    job: Arc::clone(&task.job),
-                    info: task.info,
-                });
                 w.sent += 1;
                 let placed = match &mut w.input {
                     Some(arena) if task.fds.is_empty() && task.payload.len() >= SHM_MIN => arena
@@ -459,32 +493,42 @@ impl Core {
                         .map(|start| (Arc::clone(arena.mapping()), start)),
                     _ => None,
                 };
-                sends.push((Arc::clone(&w.conn), id, task, placed));
+                sends.push(Send {
+                    conn: Arc::clone(&w.conn),
+                    id,
+                    payload: Arc::clone(&task.payload),
+                    fds: Arc::clone(&task.fds),
+                    placed,
+                });
+                w.in_flight.push(InFlight { id, task });
             }
         }
-        for (conn, id, task, placed) in sends {
+        for Send {
+            conn,
+            id,
+            payload,
+            fds,
+            placed,
+        } in sends
+        {
             // A failed send means the worker died: the reader sees its end
             // of stream and fails this chunk with the worker's exit status.
             if let Some((arena, start)) = placed {
                 // The region is this chunk's alone until its result arrives.
-                if arena.write(start, &task.payload).is_ok() {
+                if arena.write(start, &payload).is_ok() {
                     let _ = lock(&conn.tx).send(
                         worker::TAG_TASK_SHM,
                         &[
                             &id.to_le_bytes(),
                             &(start as u64).to_le_bytes(),
-                            &(task.payload.len() as u64).to_le_bytes(),
+                            &(payload.len() as u64).to_le_bytes(),
                         ],
                         &[],
                     );
                     continue;
                 }
             }
-            let _ = lock(&conn.tx).send(
-                worker::TAG_TASK,
-                &[&id.to_le_bytes(), &task.payload],
-                &task.fds,
-            );
+            let _ = lock(&conn.tx).send(worker::TAG_TASK, &[&id.to_le_bytes(), &payload], &fds);
         }
     }
 
@@ -518,7 +562,11 @@ impl Core {
                 st.queue.drain(..).map(|t| (t.job, t.info)).collect();
             let workers: Vec<Worker> = st.workers.drain(..).collect();
             for w in &workers {
-                failed.extend(w.in_flight.iter().map(|f| (Arc::clone(&f.job), f.info)));
+                failed.extend(
+                    w.in_flight
+                        .iter()
+                        .map(|f| (Arc::clone(&f.task.job), f.task.info)),
+                );
             }
             st.adopt.clear();
             (workers, failed)
@@ -584,7 +632,7 @@ impl Core {
             }
             let mut failed: Vec<_> = st.queue.drain(..).map(|t| (t.job, t.info)).collect();
             for w in &mut st.workers {
-                failed.extend(w.in_flight.drain(..).map(|f| (f.job, f.info)));
+                failed.extend(w.in_flight.drain(..).map(|f| (f.task.job, f.task.info)));
             }
             failed
         };
@@ -596,16 +644,10 @@ impl Core {
 
     /// One frame from worker `key`.
     fn on_frame(&self, key: u64, frame: Frame) {
-        let pid_of = |st: &State| {
-            st.workers
-                .iter()
-                .find(|w| w.key == key)
-                .map(|w| w.conn.pid)
-                .unwrap_or(0)
-        };
         match frame.tag {
             worker::TAG_READY => {
                 let mut st = lock(&self.state);
+                st.early_deaths = 0;
                 if let Some(w) = st.workers.iter_mut().find(|w| w.key == key) {
                     w.ready = true;
                 }
@@ -619,69 +661,186 @@ impl Core {
                 };
                 self.break_pool(Error::InitializerFailed { message });
             }
+            // The worker could not start at all (another executable...).
+            child::TAG_FAILED => self.break_pool(Error::InitializerFailed {
+                message: child::refusal(&frame.bytes).to_string(),
+            }),
             worker::TAG_RESULT | worker::TAG_TASK_FAILED | worker::TAG_RESULT_SHM => {
-                let Some(id) = worker::read_u64(&frame.bytes, 0) else {
-                    return;
-                };
-                let found = {
-                    let mut st = lock(&self.state);
-                    let pid = pid_of(&st);
-                    let mut lease = None;
-                    let done = st.workers.iter_mut().find(|w| w.key == key).and_then(|w| {
-                        if let Some(arena) = &mut w.input {
-                            arena.free(id);
-                        }
-                        if frame.tag == worker::TAG_RESULT_SHM {
-                            // Accounted for even if the chunk is unknown,
-                            // so the arena's consumed counter moves on.
-                            lease = match (
-                                &w.output,
-                                worker::read_u64(&frame.bytes, 8),
-                                worker::read_u64(&frame.bytes, 16),
-                            ) {
-                                (Some(arena), Some(start), Some(len)) => {
-                                    Some(arena.lease(start, len))
-                                }
-                                _ => Some(Err(Error::Decode {
-                                    message: "a pool result frame is malformed".into(),
-                                })),
-                            };
-                        }
-                        let at = w.in_flight.iter().position(|f| f.id == id)?;
-                        Some(w.in_flight.swap_remove(at))
-                    });
-                    done.map(|d| (d, pid, lease))
-                };
-                let Some((done, pid, lease)) = found else {
-                    return;
-                };
-                let outcome = if let Some(lease) = lease {
-                    match lease {
-                        Ok(lease) => Outcome::Shared { lease, pid },
-                        Err(err) => Outcome::Failed(err),
-                    }
-                } else if frame.tag == worker::TAG_RESULT {
-                    Outcome::Done {
-                        frame,
-                        offset: 8,
-                        pid,
-                    }
-                } else {
-                    let err = match codec::decode_plain::<TaskFailure>(&frame.bytes[8..]) {
-                        Ok(f) => f.into_error(pid, None),
-                        Err(e) => e,
-                    };
-                    Outcome::Failed(err)
-                };
-                done.job.complete(done.info, outcome);
-                self.changed.notify_all();
+                self.on_result(key, frame);
             }
+            worker::TAG_TASK_ABORTED => self.on_aborted(key, &frame.bytes),
             _ => {}
         }
     }
 
-    /// Worker `key` closed its socket: reap it, fail its in-flight chunks,
-    /// replace it. Returns the replacement's channel.
+    /// Takes chunk `id` off worker `key` (freeing its input region): the
+    /// task and the worker's pid.
+    fn take_in_flight(st: &mut State, key: u64, id: u64) -> Option<(Task, u32)> {
+        let w = st.workers.iter_mut().find(|w| w.key == key)?;
+        if let Some(arena) = &mut w.input {
+            arena.free(id);
+        }
+        let at = w.in_flight.iter().position(|f| f.id == id)?;
+        Some((w.in_flight.remove(at).task, w.conn.pid))
+    }
+
+    fn on_result(&self, key: u64, frame: Frame) {
+        let Some(id) = worker::read_u64(&frame.bytes, 0) else {
+            return;
+        };
+        let found = {
+            let mut st = lock(&self.state);
+            // A shared-memory result is accounted for even if its chunk is
+            // unknown, so that the arena's consumed counter moves on.
+            let lease = (frame.tag == worker::TAG_RESULT_SHM).then(|| {
+                let output = st
+                    .workers
+                    .iter()
+                    .find(|w| w.key == key)
+                    .and_then(|w| w.output.clone());
+                match (
+                    output,
+                    worker::read_u64(&frame.bytes, 8),
+                    worker::read_u64(&frame.bytes, 16),
+                ) {
+                    (Some(arena), Some(start), Some(len)) => arena.lease(start, len),
+                    _ => Err(Error::Decode {
+                        message: "a pool result frame is malformed".into(),
+                    }),
+                }
+            });
+            Core::take_in_flight(&mut st, key, id).map(|(task, pid)| (task, pid, lease))
+        };
+        let Some((task, pid, lease)) = found else {
+            return;
+        };
+        let outcome = match lease {
+            Some(Ok(lease)) => Outcome::Shared { lease, pid },
+            Some(Err(err)) => Outcome::Failed(err),
+            None if frame.tag == worker::TAG_RESULT => Outcome::Done {
+                frame,
+                offset: 8,
+                pid,
+            },
+            None => Outcome::Failed(
+                match codec::decode_plain::<TaskFailure>(frame.bytes.get(8..).unwrap_or(&[])) {
+                    Ok(f) => f.into_error(pid, None),
+                    Err(e) => e,
+                },
+            ),
+        };
+        task.job
+            .complete(task.info, with_prefix(task.prefix, outcome));
+        self.changed.notify_all();
+    }
+
+    /// Under `panic = "abort"`, worker `key` reported the panic that is
+    /// ending it: item `done` of chunk `id` panicked, the items before it
+    /// gave `partial`. Those outcomes are kept, and the items after it go
+    /// back to the queue as the rest of the chunk.
+    fn on_aborted(&self, key: u64, bytes: &[u8]) {
+        let Some(report) = worker::AbortReport::parse(bytes) else {
+            return;
+        };
+        let Some((task, pid)) = Core::take_in_flight(&mut lock(&self.state), key, report.id) else {
+            return;
+        };
+        let items = task.items();
+        let mut prefix = task.prefix.unwrap_or_default();
+        let failed_at = report.done as usize;
+        let record: Option<PanicRecord> = codec::decode_plain(report.record).ok();
+        let (Some(record), true) = (record, failed_at < items) else {
+            // Not where a panic can be: fail the chunk as a death would.
+            task.job.complete(
+                task.info,
+                Outcome::Failed(Error::WorkerDied {
+                    pid,
+                    signal: None,
+                    code: Some(1),
+                }),
+            );
+            return;
+        };
+        prefix.extend_from_slice(report.partial);
+        // The panicking item's record follows the run before it.
+        if codec::encode_plain(&record)
+            .map(|r| prefix.extend_from_slice(&r))
+            .is_err()
+        {
+            return;
+        }
+        let rest = items - failed_at - 1;
+        if rest == 0 {
+            task.job.complete(
+                task.info,
+                Outcome::Done {
+                    frame: Frame {
+                        tag: worker::TAG_RESULT,
+                        bytes: prefix,
+                        fds: Vec::new(),
+                    },
+                    offset: 0,
+                    pid,
+                },
+            );
+            self.changed.notify_all();
+            return;
+        }
+        let payload = match (
+            task.fds.is_empty(),
+            worker::rest_of_chunk(&task.payload, rest, report.next),
+        ) {
+            (true, Some(payload)) => payload,
+            _ => {
+                // Items with handles cannot be cut out of their chunk: each
+                // remaining one fails, in the chunk's own format.
+                let message = format!(
+                    "the pool worker ended on the panic of item {} of this chunk, and this item \
+                     (whose arguments carry handles) could not be sent again",
+                    task.info.first + failed_at
+                );
+                let lost = PanicRecord {
+                    message,
+                    location: None,
+                };
+                let Ok(lost) = codec::encode_plain(&lost) else {
+                    return;
+                };
+                for _ in 0..rest {
+                    // An empty run, then the item's record.
+                    prefix.extend_from_slice(&0u32.to_le_bytes());
+                    prefix.extend_from_slice(&lost);
+                }
+                task.job.complete(
+                    task.info,
+                    Outcome::Done {
+                        frame: Frame {
+                            tag: worker::TAG_RESULT,
+                            bytes: prefix,
+                            fds: Vec::new(),
+                        },
+                        offset: 0,
+                        pid,
+                    },
+                );
+                self.changed.notify_all();
+                return;
+            }
+        };
+        let rest = Task {
+            job: task.job,
+            info: task.info,
+            payload: Arc::new(payload),
+            fds: Arc::new(Vec::new()),
+            prefix: Some(prefix),
+            requeued: task.requeued,
+        };
+        lock(&self.state).queue.push_front(rest);
+    }
+
+    /// Worker `key` closed its socket: reap it; fail the chunk it was
+    /// running, give back those it had not started; replace it. Returns
+    /// the replacement's channel.
     fn on_death(&self, key: u64) -> Option<(u64, Channel)> {
         let worker = {
             let mut st = lock(&self.state);
@@ -706,26 +865,60 @@ impl Core {
             signal: code.filter(|c| *c < 0).map(|c| -c),
             code: code.filter(|c| *c >= 0),
         };
-        for f in worker.in_flight {
-            f.job.complete(f.info, Outcome::Failed(err.clone()));
+        // Chunks run in the order they were sent: at most one of them (the
+        // one marked started, or, without the mark, the oldest) can have
+        // been running; the others never started and go back to the queue.
+        let started = worker.output.as_ref().map(|o| o.started());
+        let mut give_back = Vec::new();
+        for (i, f) in worker.in_flight.into_iter().enumerate() {
+            let ran = match started {
+                Some(started) => started == Some(f.id),
+                None => i == 0,
+            };
+            if ran || f.task.requeued >= MAX_REQUEUES {
+                f.task.job.complete(
+                    f.task.info,
+                    with_prefix(f.task.prefix, Outcome::Failed(err.clone())),
+                );
+            } else {
+                let mut task = f.task;
+                task.requeued += 1;
+                give_back.push(task);
+            }
+        }
+        {
+            let mut st = lock(&self.state);
+            for task in give_back.into_iter().rev() {
+                st.queue.push_front(task);
+            }
         }
         self.changed.notify_all();
         if !was_ready {
-            // It died before it could take work (its start or initializer
-            // failed): replacing it would only loop.
-            self.break_pool(match err {
-                Error::WorkerDied {
-                    signal: None,
-                    code: Some(code),
-                    ..
-                } => Error::InitializerFailed {
-                    message: format!(
-                        "pool worker {pid} exited with code {code} before it was ready"
-                    ),
-                },
-                other => other,
-            });
-            return None;
+            let mut st = lock(&self.state);
+            st.early_deaths += 1;
+            let give_up = match code {
+                // It exited before it could take work: its start or its
+                // initializer failed, and a replacement would do the same.
+                Some(code) if code >= 0 => Some(format!(
+                    "pool worker {pid} exited with code {code} before it was ready"
+                )),
+                _ if st.early_deaths >= MAX_EARLY_DEATHS => Some(format!(
+                    "{} pool workers in a row were killed before they were ready (the last, \
+                     {pid}, {})",
+                    st.early_deaths,
+                    code.map_or("of an unknown cause".to_string(), |c| format!(
+                        "by {}",
+                        crate::error::signal_name(-c)
+                    ))
+                )),
+                // Killed from outside while starting: replace it.
+                _ => None,
+            };
+            drop(st);
+            if let Some(message) = give_up {
+                self.break_pool(Error::InitializerFailed { message });
+                return None;
+            }
         }
         {
             let st = lock(&self.state);
@@ -810,3 +1003,47 @@ impl Core {
 
 /// Where a chunk's payload was placed in its worker's input arena.
 type Placed = (Arc<sys::shm::Mapping>, usize);
+
+/// One chunk to send, prepared under the state lock and sent after it.
+struct Send {
+    conn: Arc<Conn>,
+    id: u64,
+    payload: Arc<Vec<u8>>,
+    fds: Arc<Vec<OwnedFd>>,
+    placed: Option<Placed>,
+}
+
+/// A chunk's outcome with the outcomes of its first items in front (see
+/// [`Task::prefix`]).
+fn with_prefix(prefix: Option<Vec<u8>>, outcome: Outcome) -> Outcome {
+    let Some(mut bytes) = prefix else {
+        return outcome;
+    };
+    let pid = match &outcome {
+        Outcome::Done { pid, .. } | Outcome::Shared { pid, .. } => *pid,
+        Outcome::Failed(_) => return outcome,
+    };
+    let fds = match outcome {
+        Outcome::Done { frame, offset, .. } => {
+            bytes.extend_from_slice(frame.bytes.get(offset..).unwrap_or(&[]));
+            frame.fds
+        }
+        Outcome::Shared { lease, .. } => match lease.bytes() {
+            Ok(rest) => {
+                bytes.extend_from_slice(rest);
+                Vec::new()
+            }
+            Err(err) => return Outcome::Failed(err),
+        },
+        Outcome::Failed(err) => return Outcome::Failed(err),
+    };
+    Outcome::Done {
+        frame: Frame {
+            tag: worker::TAG_RESULT,
+            bytes,
+            fds,
+        },
+        offset: 0,
+        pid,
+    }
+}

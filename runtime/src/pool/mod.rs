@@ -430,12 +430,8 @@ impl Pool {
                 first,
                 count,
             };
-            self.core.submit([Task {
-                job: Arc::clone(&job.0),
-                info,
-                payload,
-                fds,
-            }])?;
+            self.core
+                .submit([Task::new(Arc::clone(&job.0), info, payload, fds)])?;
             chunks += 1;
             first += count;
         }
@@ -984,12 +980,7 @@ where
             self.next_item += count;
             let job = Arc::clone(&self.job.0);
             let submitted = encoded.and_then(|(payload, fds)| {
-                self.pool.core.submit([Task {
-                    job,
-                    info,
-                    payload,
-                    fds,
-                }])
+                self.pool.core.submit([Task::new(job, info, payload, fds)])
             });
             if let Err(err) = submitted {
                 // Not queued: the chunk's items report the error in place.

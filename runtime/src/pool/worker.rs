@@ -22,6 +22,14 @@
 //! [`TAG_RESULT_SHM`] (same fields) is a [`TAG_RESULT`] whose outcomes
 //! lie in the output arena.
 //!
+//! Under `panic = "abort"`, a panicking item ends its worker; the panic hook
+//! first sends [`TAG_TASK_ABORTED`] (an [`AbortReport`]: the chunk, the
+//! item, the outcomes of the items before it, the panic record), so the
+//! parent fails that item alone and sends the rest of the chunk again.
+//! Before it runs a chunk the worker marks it started in its output arena,
+//! so that after a death the parent tells the running chunk from those the
+//! worker never started (they go to another worker).
+//!
 //! The worker reads its socket on a thread of its own, so the parent's
 //! writes never wait for the worker to finish a task: the parent can send
 //! from any thread, including the one that reads results, without the two
@@ -55,6 +63,7 @@ pub(crate) const TAG_TASK_FAILED: u32 = 0x5005;
 pub(crate) const TAG_ARENAS: u32 = 0x5006;
 pub(crate) const TAG_TASK_SHM: u32 = 0x5007;
 pub(crate) const TAG_RESULT_SHM: u32 = 0x5008;
+pub(crate) const TAG_TASK_ABORTED: u32 = 0x5009;
 
 /// Bytes before the name in a task body (the payload after the id):
 /// count, name length.
@@ -137,12 +146,96 @@ pub(crate) fn enlarge_send_buffer(fd: std::os::fd::BorrowedFd<'_>) {
     let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &(1 << 20));
 }
 
+/// What a worker's panic hook sends under `panic = "abort"`: payload
+/// `id: u64`, `done: u32` (the panicking item's place in the chunk),
+/// `next: u64` (where the next item's arguments start), `partial_len: u64`,
+/// the outcomes of the items before it, then the panic record.
+#[derive(Debug)]
+pub(crate) struct AbortReport<'a> {
+    pub(crate) id: u64,
+    pub(crate) done: u32,
+    pub(crate) next: usize,
+    pub(crate) partial: &'a [u8],
+    pub(crate) record: &'a [u8],
+}
+
+impl<'a> AbortReport<'a> {
+    pub(crate) fn parse(bytes: &'a [u8]) -> Option<AbortReport<'a>> {
+        let id = read_u64(bytes, 0)?;
+        let done = read_u32(bytes, 8)?;
+        let next = usize::try_from(read_u64(bytes, 12)?).ok()?;
+        let partial_len = usize::try_from(read_u64(bytes, 20)?).ok()?;
+        let partial = bytes.get(28..28usize.checked_add(partial_len)?)?;
+        let record = bytes.get(28 + partial_len..)?;
+        Some(AbortReport {
+            id,
+            done,
+            next,
+            partial,
+            record,
+        })
+    }
+}
+
+/// The payload of the last `rest` items of a chunk whose payload is
+/// `payload`, their arguments starting at `next` within the chunk's.
+pub(crate) fn rest_of_chunk(payload: &[u8], rest: usize, next: usize) -> Option<Vec<u8>> {
+    let name_len = read_u32(payload, 4)? as usize;
+    let args_at = TASK_HEADER.checked_add(name_len)?;
+    let name = payload.get(TASK_HEADER..args_at)?;
+    let args = payload.get(args_at..)?.get(next..)?;
+    let mut out = Vec::with_capacity(TASK_HEADER + name.len() + args.len());
+    out.extend_from_slice(&u32::try_from(rest).ok()?.to_le_bytes());
+    out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(args);
+    Some(out)
+}
+
+/// Where the panic hook reports under `panic = "abort"`, and the chunk
+/// running now (its id + 1; 0 while the initializer runs).
+static ABORT_TO: std::sync::OnceLock<Channel> = std::sync::OnceLock::new();
+static RUNNING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The panic hook's last act in a worker under `panic = "abort"`.
+fn report_abort(record: crate::registry::PanicRecord) {
+    let Some(channel) = ABORT_TO.get() else {
+        return;
+    };
+    let running = RUNNING.load(std::sync::atomic::Ordering::Relaxed);
+    let Some(id) = running.checked_sub(1) else {
+        let failure = TaskFailure::Panicked {
+            message: record.message,
+            location: record.location,
+        };
+        send_failure(channel, TAG_INIT_FAILED, None, &failure);
+        std::process::exit(1);
+    };
+    let (done, next, partial) =
+        registry::take_abort_progress().unwrap_or((u32::MAX, 0, Vec::new()));
+    if let Ok(record) = codec::encode_plain(&record) {
+        let _ = channel.send(
+            TAG_TASK_ABORTED,
+            &[
+                &id.to_le_bytes(),
+                &done.to_le_bytes(),
+                &(next as u64).to_le_bytes(),
+                &(partial.len() as u64).to_le_bytes(),
+                &partial,
+                &record,
+            ],
+            &[],
+        );
+    }
+    std::process::exit(1);
+}
+
 /// Reads a little-endian integer field of a task payload.
 pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
-fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
 }
 
@@ -186,6 +279,12 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     let mut input = channel;
     let channel = Channel::new(write_fd);
     enlarge_send_buffer(channel.fd());
+    if cfg!(panic = "abort") {
+        if let Ok(fd) = channel.fd().try_clone_to_owned() {
+            let _ = ABORT_TO.set(Channel::new(fd));
+            registry::set_abort_reporter(report_abort);
+        }
+    }
     let spawned = std::thread::Builder::new()
         .name("multiproc-pool-input".into())
         .stack_size(128 * 1024)
@@ -284,6 +383,10 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
             _ => registry::lookup_name(name)
                 .inspect(|entry| cached = Some((name.to_string(), entry))),
         };
+        RUNNING.store(id.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
+        if let Some(arena) = &output_arena {
+            arena.mark_started(id);
+        }
         out.clear();
         out.extend_from_slice(&id.to_le_bytes());
         let result = entry.and_then(|entry| {
