@@ -185,6 +185,13 @@ fn apply(raw: &mut RawArgs, meta: &Meta, accepts: &Accepts) -> syn::Result<()> {
             if lit.value().is_empty() {
                 return Err(syn::Error::new_spanned(&lit, "`name` must not be empty"));
             }
+            if lit.value().starts_with("__multiproc::") {
+                return Err(syn::Error::new_spanned(
+                    &lit,
+                    "names that start with `__multiproc::` are reserved for multiproc's own \
+                     entry points; choose another `name`",
+                ));
+            }
             raw.name = Some(lit);
         }
         _ => {

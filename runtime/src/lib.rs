@@ -27,11 +27,18 @@
 //! compile time; `#[derive(ProcessTask)]` does the same for a type whose
 //! [`ProcessTask::run`] you implement. A child process is this same
 //! executable, started again from `/proc/self/exe`: before `main` runs, a
-//! load-time constructor in this crate sees that it is a child, looks the
-//! name up, decodes the arguments, runs the function and exits. So the
+//! load-time hook in this crate sees that it is a child, runs the load-time
+//! constructors that have not run yet (so every registration is in place,
+//! whatever order the linker gave them), looks the name up, decodes the
+//! arguments, runs the function on a thread named `main` and exits. So the
 //! user's `main` (or the test harness) never runs in a child, and plain
-//! `#[test]` functions can start processes. [`init`] and
+//! `#[test]` functions can start processes, in every build profile (LTO,
+//! `codegen-units = 1`, `panic = "abort"`). [`init`] and
 //! `#[multiproc::main]` remain as the explicit, documented way in.
+//!
+//! A child inherits the parent's arguments, environment, working directory,
+//! stdout and stderr; its stdin is `/dev/null`, as in CPython's spawned
+//! children.
 //!
 //! # Pools
 //!
@@ -45,7 +52,9 @@
 //!
 //! A panic in a child is caught there; [`spawn`]'s `join` returns
 //! [`Error::Panicked`] with the message and location, and a
-//! [`Process`] exits with code 1 (Python's numbers).
+//! [`Process`] exits with code 1 (Python's numbers). Under
+//! `panic = "abort"` the same holds: the panic hook reports before the
+//! process ends. A pool task's panic fails that item alone.
 //!
 //! # Serialization limits
 //!
@@ -61,42 +70,57 @@
 //!
 //! # Platforms
 //!
-//! Linux (glibc or musl), kernel 5.3 or newer (pidfd).
+//! Linux (glibc; musl builds, but a child sees no `std::env::args()` there),
+//! kernel 5.3 or newer (pidfd). Building for another OS stops with one
+//! `compile_error!` that says so.
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
-#[allow(unused_extern_crates)]
-// lets macro output (`::multiproc::...`) work inside this crate's tests
-extern crate self as multiproc;
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "multiproc runs on Linux only (kernel 5.3 or newer: it needs pidfd, memfd, futex and \
+     SCM_RIGHTS); this target is not Linux"
+);
 
-mod child;
-mod codec;
-pub mod connection;
-pub mod error;
-pub mod pool;
-pub mod process;
-pub mod queue;
-pub mod registry;
-pub mod shared;
-pub mod sync;
-mod sys;
-mod wire;
+/// Keeps every item off targets other than Linux, so that the
+/// `compile_error!` above is the one error a build for them reports.
+macro_rules! linux_only {
+    ($($item:item)*) => { $( #[cfg(target_os = "linux")] $item )* };
+}
 
-pub use child::init;
-pub use connection::{Pipe, Waitable, wait};
-pub use error::{Error, Result};
-pub use multiproc_macros::{ProcessTask, main, process_fn, test};
-pub use pool::Pool;
-pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
-pub use queue::Queue;
-pub use shared::{Array, Value};
-pub use sync::Lock;
+linux_only! {
+    #[allow(unused_extern_crates)]
+    // lets macro output (`::multiproc::...`) work inside this crate's tests
+    extern crate self as multiproc;
 
-/// What the macros expand to. Not public API: no stability guarantees.
-#[doc(hidden)]
-#[path = "private.rs"]
-pub mod __private;
-mod task;
+    mod child;
+    mod codec;
+    pub mod connection;
+    pub mod error;
+    pub mod pool;
+    pub mod process;
+    pub mod queue;
+    pub mod registry;
+    pub mod shared;
+    pub mod sync;
+    mod sys;
+    mod task;
+    mod wire;
 
-pub use task::ProcessTask;
+    pub use child::init;
+    pub use connection::{Pipe, Waitable, wait};
+    pub use error::{Error, Result};
+    pub use multiproc_macros::{ProcessTask, main, process_fn, test};
+    pub use pool::Pool;
+    pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+    pub use queue::Queue;
+    pub use shared::{Array, Value};
+    pub use sync::Lock;
+    pub use task::ProcessTask;
+
+    /// What the macros expand to. Not public API: no stability guarantees.
+    #[doc(hidden)]
+    #[path = "private.rs"]
+    pub mod __private;
+}

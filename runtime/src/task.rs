@@ -7,7 +7,7 @@ use crate::__private;
 
 /// A type whose [`run`](ProcessTask::run) runs in a child process, like a
 /// Python class that overrides `Process.run`. Start it with
-/// [`Process::from_task`].
+/// [`Process::from_task`](crate::Process::from_task).
 ///
 /// Add `#[derive(ProcessTask)]` (which registers the type) and implement
 /// this trait by hand:
