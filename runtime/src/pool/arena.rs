@@ -23,7 +23,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::engine::lock;
 use crate::error::{Error, Result};
 use crate::sys::shm::Mapping;
 
@@ -130,7 +129,7 @@ impl OutArena {
             });
         }
         let end = start + len;
-        lock(&self.pending).push_back((end, false));
+        self.pending().push_back((end, false));
         Ok(Lease {
             arena: Arc::clone(self),
             offset: OUT_HEADER + offset as usize,
@@ -139,8 +138,14 @@ impl OutArena {
         })
     }
 
+    /// The pending list (a panic elsewhere cannot leave it inconsistent:
+    /// every change is one push or one pass).
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, bool)>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn release(&self, end: u64) {
-        let mut pending = lock(&self.pending);
+        let mut pending = self.pending();
         if let Some(entry) = pending.iter_mut().find(|e| e.0 == end) {
             entry.1 = true;
         }
