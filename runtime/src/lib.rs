@@ -89,11 +89,14 @@ macro_rules! linux_only {
     ($($item:item)*) => { $( #[cfg(target_os = "linux")] $item )* };
 }
 
-linux_only! {
-    #[allow(unused_extern_crates)]
-    // lets macro output (`::multiproc::...`) work inside this crate's tests
-    extern crate self as multiproc;
+// Lets macro output (`::multiproc::...`) work inside this crate's tests.
+// Not inside `linux_only!`: a macro-expanded `extern crate` may not shadow
+// the name doc tests pass with `--extern`.
+#[cfg(target_os = "linux")]
+#[allow(unused_extern_crates)]
+extern crate self as multiproc;
 
+linux_only! {
     mod child;
     mod codec;
     pub mod connection;
