@@ -566,41 +566,35 @@ fn a_worker_that_dies_while_idle_fails_no_later_call() {
     }
 }
 
+/// A worker's initializer: tell the test who it is, then wait for its go.
 #[process_fn]
-fn wait_for(go: multiproc::sync::Event) {
+fn announce_and_wait(me: multiproc::Queue<u32>, go: multiproc::sync::Event) {
+    let _ = me.put(std::process::id());
     assert!(go.wait_timeout(Duration::from_secs(20)), "never told to go");
 }
 
 #[test]
 fn a_worker_killed_before_it_was_ready_is_replaced() {
     let go = multiproc::sync::Event::new().expect("event");
-    let before: HashSet<u32> = multiproc_tests::child_pids().into_iter().collect();
+    let starting = multiproc::Queue::<u32>::new().expect("queue");
     let killer = {
-        let go = go.clone();
+        let (go, starting) = (go.clone(), starting.clone());
         std::thread::spawn(move || {
-            let mut victim = None;
-            assert!(
-                multiproc_tests::eventually(LONG, || {
-                    victim = multiproc_tests::child_pids()
-                        .into_iter()
-                        .find(|p| !before.contains(p));
-                    victim.is_some()
-                }),
-                "no worker appeared"
-            );
-            if let Some(pid) = victim {
-                multiproc_tests::kill(pid, 9);
-            }
+            // A worker of this pool (other tests' pools run beside it).
+            let victim = starting
+                .get_timeout(LONG)
+                .expect("a worker announced itself");
+            multiproc_tests::kill(victim, 9);
             go.set();
             victim
         })
     };
     let pool = Pool::builder()
         .processes(2)
-        .initializer(wait_for, (go.clone(),))
+        .initializer(announce_and_wait, (starting, go))
         .build()
         .expect("a pool whose worker was killed while starting still builds");
-    let victim = killer.join().expect("killer").expect("a victim");
+    let victim = killer.join().expect("killer");
     assert!(!pool.worker_pids().contains(&victim));
     assert_eq!(pool.worker_pids().len(), 2);
     assert_eq!(
