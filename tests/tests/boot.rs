@@ -11,35 +11,8 @@ use multiproc::process_fn;
 const LIMIT: Duration = Duration::from_secs(60);
 
 #[process_fn]
-fn args() -> Vec<String> {
-    std::env::args().collect()
-}
-
-#[process_fn]
 fn thread_name() -> Option<String> {
     std::thread::current().name().map(str::to_string)
-}
-
-/// Where standard input points, and what one read of it gives.
-#[process_fn]
-fn stdin_state() -> (String, usize) {
-    use std::io::Read;
-    let target = std::fs::read_link("/proc/self/fd/0")
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
-    let mut buf = [0u8; 16];
-    let n = std::io::stdin().read(&mut buf).unwrap_or(usize::MAX);
-    (target, n)
-}
-
-#[test]
-fn a_child_sees_the_parents_arguments() {
-    let theirs = multiproc::spawn(args, ())
-        .expect("spawn")
-        .join_timeout(LIMIT)
-        .expect("join");
-    let mine: Vec<String> = std::env::args().collect();
-    assert_eq!(theirs, mine);
 }
 
 #[test]
@@ -49,15 +22,6 @@ fn a_childs_function_runs_on_a_thread_named_main() {
         .join_timeout(LIMIT)
         .expect("join");
     assert_eq!(name.as_deref(), Some("main"));
-}
-
-#[test]
-fn a_childs_stdin_is_dev_null() {
-    let (target, n) = multiproc::spawn(stdin_state, ())
-        .expect("spawn")
-        .join_timeout(LIMIT)
-        .expect("join");
-    assert_eq!((target.as_str(), n), ("/dev/null", 0));
 }
 
 #[test]
@@ -73,6 +37,33 @@ fn a_closure_is_refused_in_words_that_name_closures() {
 
 fn probe(scenario: &str) -> Output {
     probe_with(scenario, |_| {})
+}
+
+#[test]
+fn a_child_sees_the_parents_arguments() {
+    let out = probe_with("args", |cmd| {
+        cmd.args(["extra", "--flag=1", "last arg"]);
+    });
+    assert_eq!(
+        text(&out.stdout),
+        "same args: true\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_childs_stdin_is_dev_null_whatever_the_parents_is() {
+    // The parent's stdin is a pipe; the child's must be /dev/null.
+    let out = probe_with("stdin", |cmd| {
+        cmd.stdin(Stdio::piped());
+    });
+    assert_eq!(
+        text(&out.stdout),
+        "stdin /dev/null read 0\n",
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 fn probe_with(scenario: &str, set: impl FnOnce(&mut Command)) -> Output {

@@ -30,6 +30,23 @@ fn fails_on_three(x: u64) -> u64 {
 }
 
 #[process_fn]
+fn args() -> Vec<String> {
+    std::env::args().collect()
+}
+
+/// Where standard input points, and what one read of it gives.
+#[process_fn]
+fn stdin_state() -> (String, usize) {
+    use std::io::Read;
+    let target = std::fs::read_link("/proc/self/fd/0")
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let mut buf = [0u8; 16];
+    let n = std::io::stdin().read(&mut buf).unwrap_or(usize::MAX);
+    (target, n)
+}
+
+#[process_fn]
 fn square(x: u64) -> u64 {
     x * x
 }
@@ -85,6 +102,15 @@ fn main() -> multiproc::Result<()> {
             return multiproc::spawn(forgot, (1,))?.join().map(drop);
         }
         "main-ran" => println!("main ran"),
+        "args" => {
+            let theirs = multiproc::spawn(args, ())?.join_timeout(LIMIT)?;
+            let mine: Vec<String> = std::env::args().collect();
+            println!("same args: {}", theirs == mine);
+        }
+        "stdin" => {
+            let (target, n) = multiproc::spawn(stdin_state, ())?.join_timeout(LIMIT)?;
+            println!("stdin {target} read {n}");
+        }
         other => println!("unknown scenario {other:?}"),
     }
     Ok(())
