@@ -83,47 +83,64 @@ compile_error!(
      SCM_RIGHTS); this target is not Linux"
 );
 
-/// Keeps every item off targets other than Linux, so that the
-/// `compile_error!` above is the one error a build for them reports.
-macro_rules! linux_only {
-    ($($item:item)*) => { $( #[cfg(target_os = "linux")] $item )* };
-}
-
 // Lets macro output (`::multiproc::...`) work inside this crate's tests.
-// Not inside `linux_only!`: a macro-expanded `extern crate` may not shadow
-// the name doc tests pass with `--extern`.
 #[cfg(target_os = "linux")]
 #[allow(unused_extern_crates)]
 extern crate self as multiproc;
 
-linux_only! {
-    mod child;
-    mod codec;
-    pub mod connection;
-    pub mod error;
-    pub mod pool;
-    pub mod process;
-    pub mod queue;
-    pub mod registry;
-    pub mod shared;
-    pub mod sync;
-    mod sys;
-    mod task;
-    mod wire;
+// Every item below is Linux-only, so that on another target the
+// `compile_error!` above is the one error a build reports. (Plain `cfg`
+// attributes rather than a wrapping macro: rustfmt follows them.)
+#[cfg(target_os = "linux")]
+mod child;
+#[cfg(target_os = "linux")]
+mod codec;
+#[cfg(target_os = "linux")]
+pub mod connection;
+#[cfg(target_os = "linux")]
+pub mod error;
+#[cfg(target_os = "linux")]
+pub mod pool;
+#[cfg(target_os = "linux")]
+pub mod process;
+#[cfg(target_os = "linux")]
+pub mod queue;
+#[cfg(target_os = "linux")]
+pub mod registry;
+#[cfg(target_os = "linux")]
+pub mod shared;
+#[cfg(target_os = "linux")]
+pub mod sync;
+#[cfg(target_os = "linux")]
+mod sys;
+#[cfg(target_os = "linux")]
+mod task;
+#[cfg(target_os = "linux")]
+mod wire;
 
-    pub use child::init;
-    pub use connection::{Pipe, Waitable, wait};
-    pub use error::{Error, Result};
-    pub use multiproc_macros::{ProcessTask, main, process_fn, test};
-    pub use pool::Pool;
-    pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
-    pub use queue::Queue;
-    pub use shared::{Array, Value};
-    pub use sync::Lock;
-    pub use task::ProcessTask;
+#[cfg(target_os = "linux")]
+pub use child::init;
+#[cfg(target_os = "linux")]
+pub use connection::{Pipe, Waitable, wait};
+#[cfg(target_os = "linux")]
+pub use error::{Error, Result};
+#[cfg(target_os = "linux")]
+pub use multiproc_macros::{ProcessTask, main, process_fn, test};
+#[cfg(target_os = "linux")]
+pub use pool::Pool;
+#[cfg(target_os = "linux")]
+pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+#[cfg(target_os = "linux")]
+pub use queue::Queue;
+#[cfg(target_os = "linux")]
+pub use shared::{Array, Value};
+#[cfg(target_os = "linux")]
+pub use sync::Lock;
+#[cfg(target_os = "linux")]
+pub use task::ProcessTask;
 
-    /// What the macros expand to. Not public API: no stability guarantees.
-    #[doc(hidden)]
-    #[path = "private.rs"]
-    pub mod __private;
-}
+#[cfg(target_os = "linux")]
+/// What the macros expand to. Not public API: no stability guarantees.
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
