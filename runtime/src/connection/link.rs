@@ -35,7 +35,7 @@ use nix::poll::PollFlags;
 
 use crate::error::{Error, Result};
 use crate::sys;
-use crate::wire::{self, Channel, DEFAULT_MAX_FRAME};
+use crate::wire::{self, Channel, DEFAULT_MAX_FRAME, remaining};
 
 /// Bytes of a frame header on the pipe.
 pub(crate) const HEADER: usize = 16;
@@ -60,10 +60,6 @@ fn header(len: u64, tag: u32, flags: u32) -> [u8; HEADER] {
     h[8..12].copy_from_slice(&tag.to_le_bytes());
     h[12..].copy_from_slice(&flags.to_le_bytes());
     h
-}
-
-fn remaining(deadline: Option<Instant>) -> Option<Duration> {
-    deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }
 
 /// One end of a pipe pair plus its side socket.
