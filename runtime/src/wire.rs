@@ -223,6 +223,12 @@ impl Channel {
         self.fd.as_fd()
     }
 
+    /// `true` once the stream has ended or was found corrupt: every
+    /// receive is then [`Error::Disconnected`].
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
+    }
+
     /// `true` when bytes or descriptors were read from the socket and not
     /// yet handed out (a handle in that state cannot move to another
     /// process without losing them).
@@ -345,17 +351,6 @@ impl Channel {
             }
         }
         Ok(())
-    }
-
-    /// Waits until a frame can be read without blocking, or `timeout`.
-    /// `Ok(true)`: readable (a frame, part of one, or end of stream);
-    /// `Ok(false)`: timeout.
-    pub(crate) fn poll(&self, timeout: Option<Duration>) -> Result<bool> {
-        if self.has_buffered_frame() {
-            return Ok(true);
-        }
-        let ev = sys::poll_one(self.fd.as_fd(), PollFlags::POLLIN, timeout)?;
-        Ok(!ev.is_empty())
     }
 
     /// Receives one frame. `Err(Disconnected)` at end of stream,
@@ -881,7 +876,10 @@ mod tests {
                         prop_assert!(!close, "a timeout although the stream had ended");
                         break;
                     }
-                    Err(Error::Disconnected) => break,
+                    Err(Error::Disconnected) => {
+                        prop_assert!(close || ch.is_broken());
+                        break;
+                    }
                     Err(_) => {}
                 }
                 if let Some(p) = &ch.partial {
