@@ -24,10 +24,12 @@
 //!   descriptors) and the next call resumes it; nothing is lost and nothing
 //!   is read twice.
 //! - **Descriptors belong to the frame they rode with.** A read that brings
-//!   descriptors starts at the first byte of the sendmsg that carried them
-//!   (the kernel never joins such a read to earlier bytes), so each
-//!   received descriptor is tagged with the stream offset of that byte and
-//!   given to the frame that holds it. Descriptors beyond what the frame's
+//!   descriptors ends inside the piece of the stream (skb) that carried
+//!   them: the kernel stops a read right after such a piece, though it may
+//!   have begun in earlier bytes. One sendmsg never spans two frames, so
+//!   each received descriptor is tagged with the stream offset of the last
+//!   byte of the read that brought it and given to the frame that holds
+//!   that byte. Descriptors beyond what the frame's
 //!   header declares, or riding with a skipped frame, are closed, never
 //!   handed to a later frame. If the kernel dropped descriptors of a read
 //!   (MSG_CTRUNC, typically a full descriptor table), the frame they belong
@@ -155,7 +157,7 @@ pub(crate) struct Channel {
     /// `rbuf[end]`.
     received: u64,
     /// Descriptors not yet given to a frame, each with the stream offset
-    /// of the first byte of the read that brought it; `None` where the
+    /// of the last byte of the read that brought it; `None` where the
     /// kernel dropped some (MSG_CTRUNC).
     arrived: VecDeque<(u64, Option<OwnedFd>)>,
     max_frame: u64,
@@ -331,7 +333,10 @@ impl Channel {
         let mut fds = Vec::new();
         let got = sys::recv_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)
             .map_err(|e| std_io_error("recv", e))?;
-        let at = self.received;
+        // A read that brings descriptors ends inside the skb that carried
+        // them (the kernel stops there), which lies inside one frame; the
+        // read may have begun earlier, in bytes of previous frames.
+        let at = self.received + got.bytes.saturating_sub(1) as u64;
         self.arrived
             .extend(fds.into_iter().map(|fd| (at, Some(fd))));
         if got.truncated {
@@ -760,6 +765,28 @@ mod tests {
             same_file(f.fds[0].as_fd(), mine.as_fd()),
             "its own descriptor"
         );
+    }
+
+    #[test]
+    fn descriptors_read_together_with_earlier_frames_go_to_their_own() {
+        let (raw, mut ch) = raw_pair();
+        let mine: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        // Two frames without descriptors, then one with: all written before
+        // the first read, which takes them in one go.
+        for tag in [1, 2] {
+            put(&raw, &head(3, 0, tag));
+            put(&raw, b"abc");
+        }
+        let mut three = head(2, 1, 3).to_vec();
+        three.extend_from_slice(b"de");
+        put_with_fds(&raw, &three, &[mine.as_fd()]);
+        for tag in [1, 2] {
+            let f = ch.recv(LONG).expect("plain");
+            assert_eq!((f.tag, f.fds.len()), (tag, 0));
+        }
+        let f = ch.recv(LONG).expect("with a descriptor");
+        assert_eq!((f.tag, f.fds.len()), (3, 1));
+        assert!(same_file(f.fds[0].as_fd(), mine.as_fd()));
     }
 
     #[test]
