@@ -13,6 +13,45 @@
 //! [`wait`] waits on several connections and process sentinels at once
 //! (Python's `multiprocessing.connection.wait`).
 //!
+//! # Several senders on one end
+//!
+//! Unlike Python's, an end may be used by several senders at once: threads
+//! sharing it, or processes that each hold a copy. Every message arrives
+//! whole, and the messages of each sender arrive in the order it sent
+//! them. Small messages (up to `PIPE_BUF`, 4 KiB with the header) are one
+//! atomic pipe write and take no lock; the others are written under a
+//! lock shared by every copy of the end (a small memfd that travels with
+//! it, made on the end's first large message or first copy). If a sender
+//! dies in the middle of such a message, nobody can finish it: the next
+//! sender that takes the lock over gets an [`Error::Io`] saying so, the end
+//! is unusable from then on for every sender, and the receiver gets an
+//! [`Error::Io`] of kind `InvalidData` (once; then
+//! [`Error::Disconnected`]) instead of waiting for the rest.
+//!
+//! # What a receiver can count on
+//!
+//! - `recv_timeout` and `try_recv` return by their deadline whatever the
+//!   peer sends. A message that is only partly there stays buffered and
+//!   the next call resumes it.
+//! - A length is checked against [`set_max_message_size`] before anything
+//!   is allocated, and the allocation itself may fail without aborting:
+//!   a message over the limit is [`Error::MessageTooLarge`], one this
+//!   process cannot allocate an [`Error::Io`] of kind `OutOfMemory`. Either
+//!   is skipped, and the end stays usable.
+//! - A message whose descriptors the kernel had to drop (a full descriptor
+//!   table: MSG_CTRUNC) is an [`Error::Io`] of its own; the descriptors of
+//!   it that did arrive are closed, and later messages work once
+//!   descriptors are free again. Descriptors that come with a message
+//!   without belonging to it are closed, never handed to another one.
+//! - Bytes that no sender writes (an impossible header) make the end
+//!   corrupt: an [`Error::Io`] of kind `InvalidData` once, then
+//!   [`Error::Disconnected`].
+//!
+//! Several *receivers* on one end are not supported (as in Python): each
+//! would get parts of the other's messages.
+//!
+//! [`set_max_message_size`]: Connection::set_max_message_size
+//!
 //! Sending to an end whose peer is gone is [`Error::Disconnected`] because
 //! SIGPIPE is ignored: Rust's `main` does that, and so does a multiproc
 //! child. A program that restores SIGPIPE's default action is killed by
@@ -57,6 +96,7 @@ use crate::error::{Error, Result};
 use crate::sys;
 
 mod link;
+mod send_lock;
 use link::Link;
 
 const TAG_VALUE: u32 = 1;
@@ -159,7 +199,9 @@ impl<T> Connection<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Disconnected`] if the other end is closed.
+    /// [`Error::Disconnected`] if the other end is closed; [`Error::Io`] if
+    /// another sender died in the middle of a message on this end (see
+    /// the [module docs](self)).
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
         self.link.send(TAG_BYTES, &[bytes], &[])
     }
@@ -206,7 +248,8 @@ impl<T> Connection<T> {
     }
 
     /// Sets the largest message this end accepts (default 1 GiB); a larger
-    /// one is an error for that message, not an allocation.
+    /// one is an error for that message ([`Error::MessageTooLarge`], once
+    /// its bytes were skipped), not an allocation.
     pub fn set_max_message_size(&mut self, bytes: u64) {
         self.link.set_max_frame(bytes);
     }
@@ -224,7 +267,9 @@ impl<T: Serialize> Connection<T> {
     /// # Errors
     ///
     /// [`Error::Encode`] if `value` cannot be encoded (nothing is sent);
-    /// [`Error::Disconnected`] if the other end is closed.
+    /// [`Error::Disconnected`] if the other end is closed; [`Error::Io`] if
+    /// another sender died in the middle of a message on this end (see
+    /// the [module docs](self)).
     pub fn send(&self, value: &T) -> Result<()> {
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut buf) => self.send_with(value, &mut buf),
@@ -314,9 +359,10 @@ impl<T> AsFd for Connection<T> {
     }
 }
 
-/// A connection travels as its three descriptors: the pipe it reads, the
-/// pipe it writes (either may be absent on a simplex end) and the side
-/// socket.
+/// A connection travels as its descriptors: the pipe it reads, the pipe it
+/// writes (either may be absent on a simplex end), the side socket, and
+/// the send lock that every copy of a sending end shares (absent on an end
+/// that cannot send).
 impl<T> Serialize for Connection<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::Error as _;
@@ -325,19 +371,20 @@ impl<T> Serialize for Connection<T> {
                 "a connection with received but unread data cannot move to another process",
             ));
         }
+        let lock = self.link.lock_fd().map_err(S::Error::custom)?;
         let (rx, tx, side) = self.link.fds();
-        (rx.map(FdOut), tx.map(FdOut), FdOut(side)).serialize(serializer)
+        (rx.map(FdOut), tx.map(FdOut), FdOut(side), lock.map(FdOut)).serialize(serializer)
     }
 }
 
 impl<'de, T> Deserialize<'de> for Connection<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let (rx, tx, side) = <(Option<FdIn>, Option<FdIn>, FdIn)>::deserialize(deserializer)?;
-        Ok(Connection::from_link(Link::from_fds(
-            rx.map(|f| f.0),
-            tx.map(|f| f.0),
-            side.0,
-        )))
+        use serde::de::Error as _;
+        let (rx, tx, side, lock) =
+            <(Option<FdIn>, Option<FdIn>, FdIn, Option<FdIn>)>::deserialize(deserializer)?;
+        let link = Link::from_fds(rx.map(|f| f.0), tx.map(|f| f.0), side.0, lock.map(|f| f.0))
+            .map_err(D::Error::custom)?;
+        Ok(Connection::from_link(link))
     }
 }
 

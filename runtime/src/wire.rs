@@ -5,11 +5,45 @@
 //! A frame is a 16-byte header (`u64` payload length, `u32` descriptor
 //! count, `u32` tag, little endian) followed by the payload. Descriptors are
 //! attached (SCM_RIGHTS) to the first bytes of the frame, so they have
-//! always arrived by the time the frame's last byte has; the receiver keeps
-//! them in a queue and hands each frame exactly the number its header names.
+//! always arrived by the time the frame's last byte has.
+//!
+//! # What the receiver trusts
+//!
+//! Nothing the peer sends, only the kernel's own behaviour:
+//!
+//! - **Lengths are checked before anything is allocated.** A frame over the
+//!   receiver's limit is [`Error::MessageTooLarge`]; one whose payload
+//!   cannot be allocated (`try_reserve`) is an [`Error::Io`] of kind
+//!   `OutOfMemory`. Either error is returned once the frame's bytes have
+//!   been read past (a deadline passing first is a timeout, and the next
+//!   call goes on skipping), so the channel stays in step and a sender
+//!   blocked on a full socket is never left waiting. A length no sender can have had in memory (over
+//!   `isize::MAX`) means the stream is corrupt (below).
+//! - **Every timed call returns by its deadline.** A frame that is only
+//!   partly there when the deadline passes stays buffered (with its
+//!   descriptors) and the next call resumes it; nothing is lost and nothing
+//!   is read twice.
+//! - **Descriptors belong to the frame they rode with.** A read that brings
+//!   descriptors ends inside the piece of the stream (skb) that carried
+//!   them: the kernel stops a read right after such a piece, though it may
+//!   have begun in earlier bytes. One sendmsg never spans two frames, so
+//!   each received descriptor is tagged with the stream offset of the last
+//!   byte of the read that brought it and given to the frame that holds
+//!   that byte. Descriptors beyond what the frame's
+//!   header declares, or riding with a skipped frame, are closed, never
+//!   handed to a later frame. If the kernel dropped descriptors of a read
+//!   (MSG_CTRUNC, typically a full descriptor table), the frame they belong
+//!   to is an error of its own (its descriptors that did arrive are closed)
+//!   and the next frame is read normally.
+//! - **End of stream** at a frame boundary is [`Error::Disconnected`]; in
+//!   the middle of a frame (its sender died while writing it) too, the
+//!   unfinished frame being dropped.
+//! - **A corrupt stream** (an impossible header) is reported once as
+//!   [`Error::Io`] of kind `InvalidData` saying so; from then on the
+//!   channel behaves as disconnected.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -24,6 +58,10 @@ const READ_BUF: usize = 64 * 1024;
 
 /// Default largest payload accepted by a receiver: 1 GiB.
 pub(crate) const DEFAULT_MAX_FRAME: u64 = 1 << 30;
+
+/// No sender can announce more: its payload was in its memory, and no
+/// object in memory is larger than `isize::MAX` bytes.
+const MAX_POSSIBLE: u64 = isize::MAX as u64;
 
 /// Prepares a read buffer whose unread bytes are `buf[*start..*end]` to
 /// take more input: allocated (`size` bytes) on first use, rewound when
@@ -42,12 +80,69 @@ pub(crate) fn make_room(buf: &mut Box<[u8]>, start: &mut usize, end: &mut usize,
     }
 }
 
+/// The instant `timeout` from now; `None` for no timeout (or one too long
+/// to represent, which is the same).
+pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
+/// What is left of `deadline` (`None`: no limit).
+pub(crate) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+/// The error for a stream that can no longer be read in step; `why` says
+/// what was found.
+pub(crate) fn corrupt(why: &'static str) -> Error {
+    Error::io(why, io::Error::from(io::ErrorKind::InvalidData))
+}
+
+fn no_memory() -> Error {
+    Error::io(
+        "no memory for a received message of this size (it was skipped)",
+        io::Error::from(io::ErrorKind::OutOfMemory),
+    )
+}
+
+fn fds_truncated() -> Error {
+    Error::io(
+        "the kernel dropped descriptors of a received message (MSG_CTRUNC: is the descriptor \
+         table full?); the message was skipped",
+        io::Error::other("control message truncated"),
+    )
+}
+
 /// One received message.
 #[derive(Debug)]
 pub(crate) struct Frame {
     pub(crate) tag: u32,
     pub(crate) bytes: Vec<u8>,
     pub(crate) fds: Vec<OwnedFd>,
+}
+
+/// A frame whose header was read and whose payload is not all there yet.
+#[derive(Debug)]
+struct Partial {
+    /// Stream offset of its header.
+    at: u64,
+    /// Stream offset just past its last byte (saturated).
+    end: u64,
+    tag: u32,
+    nfds: u32,
+    /// Payload bytes still to come.
+    remaining: u64,
+    /// The payload so far, or the error to report once the frame is
+    /// skipped.
+    body: Body,
+    fds: Vec<OwnedFd>,
+    /// The kernel dropped some of its descriptors.
+    truncated: bool,
+}
+
+#[derive(Debug)]
+enum Body {
+    Keep(Vec<u8>),
+    Skip(Error),
 }
 
 /// One end of a framed connection.
@@ -58,8 +153,18 @@ pub(crate) struct Channel {
     rbuf: Box<[u8]>,
     start: usize,
     end: usize,
-    fds: VecDeque<OwnedFd>,
+    /// Bytes taken from the socket so far: the stream offset of
+    /// `rbuf[end]`.
+    received: u64,
+    /// Descriptors not yet given to a frame, each with the stream offset
+    /// of the last byte of the read that brought it; `None` where the
+    /// kernel dropped some (MSG_CTRUNC).
+    arrived: VecDeque<(u64, Option<OwnedFd>)>,
     max_frame: u64,
+    /// The frame being received, when a call returned before its end.
+    partial: Option<Partial>,
+    /// The stream ended or is out of step: every call is `Disconnected`.
+    broken: bool,
 }
 
 fn io_error(context: &'static str, errno: Errno) -> Error {
@@ -69,6 +174,25 @@ fn io_error(context: &'static str, errno: Errno) -> Error {
     }
 }
 
+fn std_io_error(context: &'static str, err: io::Error) -> Error {
+    match err.raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET) => Error::Disconnected,
+        _ => Error::io(context, err),
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(w)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(w)
+}
+
 impl Channel {
     pub(crate) fn new(fd: OwnedFd) -> Channel {
         Channel {
@@ -76,8 +200,11 @@ impl Channel {
             rbuf: Box::default(),
             start: 0,
             end: 0,
-            fds: VecDeque::new(),
+            received: 0,
+            arrived: VecDeque::new(),
             max_frame: DEFAULT_MAX_FRAME,
+            partial: None,
+            broken: false,
         }
     }
 
@@ -88,6 +215,8 @@ impl Channel {
         Ok((Channel::new(a), Channel::new(b)))
     }
 
+    /// Sets the largest payload accepted (`u64::MAX`: only what can be
+    /// allocated). Applies from the next frame header on.
     pub(crate) fn set_max_frame(&mut self, max: u64) {
         self.max_frame = max;
     }
@@ -96,27 +225,43 @@ impl Channel {
         self.fd.as_fd()
     }
 
+    /// `true` once the stream has ended or was found corrupt: every
+    /// receive is then [`Error::Disconnected`].
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
+    }
+
     /// `true` when bytes or descriptors were read from the socket and not
     /// yet handed out (a handle in that state cannot move to another
     /// process without losing them).
     pub(crate) fn has_buffered_data(&self) -> bool {
-        self.start != self.end || !self.fds.is_empty()
+        self.start != self.end || !self.arrived.is_empty() || self.partial.is_some()
     }
 
-    /// Bytes already read from the socket and not yet handed out.
+    /// `true` when a whole frame can be handed out from what was already
+    /// read, without reading the socket.
     pub(crate) fn has_buffered_frame(&self) -> bool {
-        let n = self.end - self.start;
+        if self.broken {
+            return false;
+        }
+        let mut off = self.start;
+        if let Some(p) = &self.partial {
+            let have = (self.end - self.start) as u64;
+            if have < p.remaining {
+                return false;
+            }
+            if matches!(p.body, Body::Keep(_)) {
+                return true;
+            }
+            // A skipped frame ends in the buffer: look at the next one.
+            off += p.remaining as usize;
+        }
+        let n = self.end - off;
         if n < HEADER {
             return false;
         }
-        let len = u64::from_le_bytes(self.header_bytes(0));
+        let len = le_u64(&self.rbuf[off..off + 8]);
         (n - HEADER) as u64 >= len
-    }
-
-    fn header_bytes(&self, at: usize) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.rbuf[self.start + at..self.start + at + 8]);
-        b
     }
 
     /// Sends one frame whose payload is the concatenation of `parts`.
@@ -169,17 +314,37 @@ impl Channel {
         Ok(())
     }
 
-    /// Fills the read buffer with at least one more byte. `Ok(false)` at
-    /// end of stream, `Err(Timeout)` when the deadline passes.
+    /// The stream offset of the first unread byte.
+    fn read_pos(&self) -> u64 {
+        self.received - (self.end - self.start) as u64
+    }
+
+    /// Fills the read buffer with at least one more byte, keeping the
+    /// descriptors that came with it. `Ok(false)` at end of stream,
+    /// `Err(Timeout)` when the deadline passes.
     fn fill(&mut self, deadline: Option<Instant>) -> Result<bool> {
         make_room(&mut self.rbuf, &mut self.start, &mut self.end, READ_BUF);
+        if self.end == self.rbuf.len() {
+            // Unreachable: a read is only wanted once the buffer was
+            // consumed, and a header is smaller than the buffer.
+            return Err(Error::invalid("a channel's read buffer is full"));
+        }
         self.wait_readable(deadline)?;
         let mut fds = Vec::new();
-        let n = sys::recv_with_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)
-            .map_err(|e| io_error("recv", e))?;
-        self.fds.extend(fds);
-        self.end += n;
-        Ok(n > 0)
+        let got = sys::recv_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)
+            .map_err(|e| std_io_error("recv", e))?;
+        // A read that brings descriptors ends inside the skb that carried
+        // them (the kernel stops there), which lies inside one frame; the
+        // read may have begun earlier, in bytes of previous frames.
+        let at = self.received + got.bytes.saturating_sub(1) as u64;
+        self.arrived
+            .extend(fds.into_iter().map(|fd| (at, Some(fd))));
+        if got.truncated {
+            self.arrived.push_back((at, None));
+        }
+        self.end += got.bytes;
+        self.received += got.bytes as u64;
+        Ok(got.bytes > 0)
     }
 
     fn wait_readable(&self, deadline: Option<Instant>) -> Result<()> {
@@ -193,19 +358,11 @@ impl Channel {
         Ok(())
     }
 
-    /// Waits until a frame can be read without blocking, or `timeout`.
-    /// `Ok(true)`: readable (a frame, or end of stream); `Ok(false)`: timeout.
-    pub(crate) fn poll(&self, timeout: Option<Duration>) -> Result<bool> {
-        if self.start != self.end {
-            return Ok(true);
-        }
-        let ev = sys::poll_one(self.fd.as_fd(), PollFlags::POLLIN, timeout)?;
-        Ok(!ev.is_empty())
-    }
-
     /// Receives one frame. `Err(Disconnected)` at end of stream,
-    /// `Err(Timeout)` if `timeout` passes first, `Err(MessageTooLarge)` for a
-    /// frame over the limit (its bytes are skipped; the channel stays usable).
+    /// `Err(Timeout)` if `timeout` passes first (a frame begun stays
+    /// buffered for the next call), `Err(MessageTooLarge)` for a frame
+    /// over the limit (once skipped; the channel stays usable). See the module
+    /// docs for the other errors.
     pub(crate) fn recv(&mut self, timeout: Option<Duration>) -> Result<Frame> {
         let mut bytes = Vec::new();
         let mut fds = Vec::new();
@@ -213,7 +370,8 @@ impl Channel {
         Ok(Frame { tag, bytes, fds })
     }
 
-    /// Like [`Channel::recv`], reusing `bytes` (cleared first) and appending
+    /// Like [`Channel::recv`], reusing `bytes` (cleared first; its
+    /// capacity may be kept by a frame left unfinished) and appending
     /// descriptors to `fds`.
     pub(crate) fn recv_into(
         &mut self,
@@ -221,85 +379,156 @@ impl Channel {
         fds: &mut Vec<OwnedFd>,
         timeout: Option<Duration>,
     ) -> Result<u32> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        while self.end - self.start < HEADER {
-            if !self.fill(deadline)? {
-                return Err(Error::Disconnected);
-            }
+        if self.broken {
+            return Err(Error::Disconnected);
         }
-        let len = u64::from_le_bytes(self.header_bytes(0));
-        let mut nfds_b = [0u8; 4];
-        nfds_b.copy_from_slice(&self.rbuf[self.start + 8..self.start + 12]);
-        let nfds = u32::from_le_bytes(nfds_b) as usize;
-        let mut tag_b = [0u8; 4];
-        tag_b.copy_from_slice(&self.rbuf[self.start + 12..self.start + 16]);
-        let tag = u32::from_le_bytes(tag_b);
-        self.start += HEADER;
-
-        bytes.clear();
-        if len > self.max_frame {
-            self.skip(len, deadline)?;
-            self.drop_fds(nfds);
-            return Err(Error::MessageTooLarge {
-                size: len,
-                limit: self.max_frame,
+        let deadline = deadline(timeout);
+        let mut p = match self.partial.take() {
+            Some(p) => p,
+            None => self.next_header(bytes, deadline)?,
+        };
+        if let Err(e) = self.advance(&mut p, deadline) {
+            if !self.broken {
+                self.partial = Some(p);
+            }
+            return Err(e);
+        }
+        *bytes = match p.body {
+            Body::Keep(body) => body,
+            // Skipped whole: the channel is in step again.
+            Body::Skip(e) => return Err(e),
+        };
+        if p.truncated {
+            bytes.clear();
+            return Err(fds_truncated());
+        }
+        if p.fds.len() < p.nfds as usize {
+            bytes.clear();
+            return Err(Error::Decode {
+                message: "a message's descriptors did not arrive".into(),
             });
         }
-        let len = len as usize;
-        // A large payload goes straight from the socket into the spare
-        // capacity of its destination: no zero-filling, no second copy.
-        bytes.reserve(len);
-        let have = (self.end - self.start).min(len);
-        bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
-        self.start += have;
-        while bytes.len() < len {
-            let want = len - bytes.len();
-            if want >= READ_BUF / 2 {
-                self.wait_readable(deadline)?;
-                let n = sys::read_to_spare(self.fd.as_fd(), bytes, want)
-                    .map_err(|e| io_error("recv", e))?;
-                if n == 0 {
-                    return Err(Error::Disconnected);
-                }
-            } else {
-                if !self.fill(deadline)? {
-                    return Err(Error::Disconnected);
-                }
-                let have = (self.end - self.start).min(want);
-                bytes.extend_from_slice(&self.rbuf[self.start..self.start + have]);
-                self.start += have;
-            }
-        }
-        for _ in 0..nfds {
-            match self.fds.pop_front() {
-                Some(fd) => fds.push(fd),
-                None => {
-                    return Err(Error::Decode {
-                        message: "a message's descriptors did not arrive".into(),
-                    });
-                }
-            }
-        }
-        Ok(tag)
+        fds.extend(p.fds);
+        Ok(p.tag)
     }
 
-    fn skip(&mut self, mut len: u64, deadline: Option<Instant>) -> Result<()> {
-        loop {
-            let have = ((self.end - self.start) as u64).min(len);
-            self.start += have as usize;
-            len -= have;
-            if len == 0 {
-                return Ok(());
-            }
+    /// Reads the next header. A frame over the limit, or too large to
+    /// allocate, is to be skipped, its error returned once it was.
+    fn next_header(&mut self, bytes: &mut Vec<u8>, deadline: Option<Instant>) -> Result<Partial> {
+        while self.end - self.start < HEADER {
             if !self.fill(deadline)? {
+                self.broken = true;
                 return Err(Error::Disconnected);
             }
         }
+        let h = &self.rbuf[self.start..self.start + HEADER];
+        let len = le_u64(h);
+        let nfds = le_u32(&h[8..]);
+        let tag = le_u32(&h[12..]);
+        let at = self.read_pos();
+        self.start += HEADER;
+        if len > MAX_POSSIBLE {
+            self.broken = true;
+            return Err(corrupt(
+                "the connection is corrupt: a frame header announces more bytes than any \
+                 process can hold",
+            ));
+        }
+        let body = if len > self.max_frame {
+            Body::Skip(Error::MessageTooLarge {
+                size: len,
+                limit: self.max_frame,
+            })
+        } else {
+            let mut body = std::mem::take(bytes);
+            body.clear();
+            // A large payload goes straight from the socket into the spare
+            // capacity of its destination: no zero-filling, no second copy.
+            let reserved = usize::try_from(len)
+                .ok()
+                .is_some_and(|n| body.try_reserve_exact(n).is_ok());
+            if reserved {
+                Body::Keep(body)
+            } else {
+                *bytes = body;
+                Body::Skip(no_memory())
+            }
+        };
+        Ok(Partial {
+            at,
+            end: at.saturating_add(HEADER as u64 + len),
+            tag,
+            nfds,
+            remaining: len,
+            body,
+            fds: Vec::new(),
+            truncated: false,
+        })
     }
 
-    fn drop_fds(&mut self, n: usize) {
-        for _ in 0..n {
-            self.fds.pop_front();
+    /// Reads the rest of `p` (within `deadline`).
+    fn advance(&mut self, p: &mut Partial, deadline: Option<Instant>) -> Result<()> {
+        loop {
+            self.claim(p);
+            if p.remaining == 0 {
+                return Ok(());
+            }
+            let have = self.end - self.start;
+            if have > 0 {
+                let take = (have as u64).min(p.remaining) as usize;
+                if let Body::Keep(body) = &mut p.body {
+                    // Within the capacity reserved for the whole payload.
+                    body.extend_from_slice(&self.rbuf[self.start..self.start + take]);
+                }
+                self.start += take;
+                p.remaining -= take as u64;
+                continue;
+            }
+            // Plain reads (which would drop descriptors) only once the
+            // frame has all the descriptors it declared.
+            let direct = p.remaining >= (READ_BUF / 2) as u64 && p.fds.len() >= p.nfds as usize;
+            match &mut p.body {
+                Body::Keep(body) if direct => {
+                    self.wait_readable(deadline)?;
+                    let want = usize::try_from(p.remaining).unwrap_or(usize::MAX);
+                    let n = sys::read_to_spare(self.fd.as_fd(), body, want)
+                        .map_err(|e| io_error("recv", e))?;
+                    if n == 0 {
+                        self.broken = true;
+                        return Err(Error::Disconnected);
+                    }
+                    self.received += n as u64;
+                    p.remaining -= n as u64;
+                }
+                _ => {
+                    if !self.fill(deadline)? {
+                        self.broken = true;
+                        return Err(Error::Disconnected);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives `p` the descriptors that rode with its bytes; those before it
+    /// (stray), beyond its declared count, or of a skipped frame are
+    /// closed.
+    fn claim(&mut self, p: &mut Partial) {
+        while self.arrived.front().is_some_and(|(at, _)| *at < p.end) {
+            let Some((at, fd)) = self.arrived.pop_front() else {
+                break;
+            };
+            if at < p.at {
+                continue;
+            }
+            match fd {
+                None => p.truncated = true,
+                Some(fd) => {
+                    if matches!(p.body, Body::Keep(_)) && p.fds.len() < p.nfds as usize {
+                        p.fds.push(fd);
+                    }
+                }
+            }
         }
     }
 }
@@ -367,5 +596,387 @@ mod tests {
         drop(a);
         let err = b.recv(Some(Duration::from_secs(5))).expect_err("eof");
         assert!(err.is_disconnected());
+    }
+
+    const SHORT: Option<Duration> = Some(Duration::from_millis(100));
+    const LONG: Option<Duration> = Some(Duration::from_secs(10));
+
+    fn head(len: u64, nfds: u32, tag: u32) -> [u8; HEADER] {
+        let mut h = [0u8; HEADER];
+        h[..8].copy_from_slice(&len.to_le_bytes());
+        h[8..12].copy_from_slice(&nfds.to_le_bytes());
+        h[12..].copy_from_slice(&tag.to_le_bytes());
+        h
+    }
+
+    /// A raw socket (the "peer", writing whatever it likes) and a channel.
+    fn raw_pair() -> (OwnedFd, Channel) {
+        let (raw, mine) = sys::socketpair().expect("socketpair");
+        (raw, Channel::new(mine))
+    }
+
+    fn put(fd: &OwnedFd, bytes: &[u8]) {
+        let mut done = 0;
+        while done < bytes.len() {
+            done += sys::write(fd.as_fd(), &bytes[done..]).expect("write");
+        }
+    }
+
+    /// One sendmsg of `bytes` with `fds` attached.
+    fn put_with_fds(fd: &OwnedFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let n = sys::send_with_fds(fd.as_fd(), &[IoSlice::new(bytes)], &raw).expect("sendmsg");
+        assert_eq!(n, bytes.len());
+    }
+
+    /// `true` once every copy of the pipe's write end is closed.
+    fn hung_up(read_end: &OwnedFd) -> bool {
+        let ev =
+            sys::poll_one(read_end.as_fd(), PollFlags::POLLIN, Some(Duration::ZERO)).expect("poll");
+        ev.contains(PollFlags::POLLHUP)
+    }
+
+    fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
+        let (a, b) = (
+            nix::sys::stat::fstat(a).expect("fstat"),
+            nix::sys::stat::fstat(b).expect("fstat"),
+        );
+        (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+    }
+
+    fn is_kind(err: &Error, kind: io::ErrorKind) -> bool {
+        matches!(err, Error::Io { source, .. } if source.kind() == kind)
+    }
+
+    #[test]
+    fn a_frame_cut_short_times_out_and_resumes_whole() {
+        for len in [6usize, 100_000] {
+            let (raw, mut ch) = raw_pair();
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            put(&raw, &head(len as u64, 0, 3));
+            put(&raw, &payload[..len / 2]);
+            let err = ch.recv(SHORT).expect_err("half a frame");
+            assert!(err.is_timeout(), "{err}");
+            assert!(ch.has_buffered_data() && !ch.has_buffered_frame());
+            let err = ch.recv(Some(Duration::ZERO)).expect_err("still half");
+            assert!(err.is_timeout(), "{err}");
+            put(&raw, &payload[len / 2..]);
+            put(&raw, &head(1, 0, 4));
+            put(&raw, b"g");
+            let f = ch.recv(LONG).expect("resumed");
+            assert_eq!(f.tag, 3);
+            assert!(f.bytes == payload, "the frame resumed whole ({len} bytes)");
+            let f = ch.recv(LONG).expect("next");
+            assert_eq!((f.tag, &f.bytes[..]), (4, &b"g"[..]));
+        }
+    }
+
+    #[test]
+    fn a_header_cut_short_times_out_then_ends_as_disconnected() {
+        let (raw, mut ch) = raw_pair();
+        put(&raw, &head(6, 0, 3)[..7]);
+        assert!(ch.recv(SHORT).expect_err("half a header").is_timeout());
+        drop(raw);
+        assert!(ch.recv(LONG).expect_err("eof").is_disconnected());
+        assert!(ch.recv(LONG).expect_err("still").is_disconnected());
+    }
+
+    #[test]
+    fn impossible_lengths_are_corrupt_not_an_abort() {
+        for len in [1u64 << 63, u64::MAX] {
+            let (raw, mut ch) = raw_pair();
+            // The pool's setting: no limit but what can be allocated.
+            ch.set_max_frame(u64::MAX);
+            put(&raw, &head(len, 0, 1));
+            let err = ch.recv(SHORT).expect_err("impossible");
+            assert!(is_kind(&err, io::ErrorKind::InvalidData), "{err}");
+            assert!(ch.recv(SHORT).expect_err("after").is_disconnected());
+        }
+    }
+
+    #[test]
+    fn an_unallocatable_length_is_skipped_within_the_deadline() {
+        let (raw, mut ch) = raw_pair();
+        ch.set_max_frame(u64::MAX);
+        // Possible in principle, but no allocator gives it.
+        put(&raw, &head(isize::MAX as u64, 0, 1));
+        put(&raw, &[7u8; 1000]);
+        let err = ch.recv(SHORT).expect_err("skipping");
+        assert!(err.is_timeout(), "{err}");
+        assert!(
+            ch.recv(Some(Duration::ZERO))
+                .expect_err("still")
+                .is_timeout()
+        );
+        drop(raw);
+        assert!(ch.recv(LONG).expect_err("eof").is_disconnected());
+    }
+
+    #[test]
+    fn over_the_limit_is_skipped_across_stalls_and_its_descriptor_closed() {
+        let (raw, mut ch) = raw_pair();
+        ch.set_max_frame(10);
+        let (probe, attached) = sys::pipe().expect("pipe");
+        let mut first = head(100, 1, 1).to_vec();
+        first.extend_from_slice(&[1u8; 40]);
+        put_with_fds(&raw, &first, &[attached.as_fd()]);
+        drop(attached);
+        let err = ch.recv(SHORT).expect_err("the rest has not come");
+        assert!(err.is_timeout(), "{err}");
+        put(&raw, &[1u8; 60]);
+        put(&raw, &head(2, 0, 2));
+        put(&raw, b"ok");
+        let err = ch.recv(LONG).expect_err("too large");
+        assert!(
+            matches!(
+                err,
+                Error::MessageTooLarge {
+                    size: 100,
+                    limit: 10
+                }
+            ),
+            "{err}"
+        );
+        assert!(hung_up(&probe), "the skipped frame's descriptor was closed");
+        let f = ch.recv(LONG).expect("the next frame");
+        assert_eq!((f.tag, &f.bytes[..], f.fds.len()), (2, &b"ok"[..], 0));
+    }
+
+    #[test]
+    fn stray_descriptors_are_closed_not_handed_to_the_next_frame() {
+        let (raw, mut ch) = raw_pair();
+        let (probe, stray) = sys::pipe().expect("pipe");
+        let mine: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        // Frame 1 declares no descriptor but carries one; frame 2 declares
+        // (and carries) its own.
+        let mut one = head(2, 0, 1).to_vec();
+        one.extend_from_slice(b"ab");
+        put_with_fds(&raw, &one, &[stray.as_fd()]);
+        drop(stray);
+        let mut two = head(2, 1, 2).to_vec();
+        two.extend_from_slice(b"cd");
+        put_with_fds(&raw, &two, &[mine.as_fd()]);
+        let f = ch.recv(LONG).expect("one");
+        assert_eq!((f.tag, &f.bytes[..], f.fds.len()), (1, &b"ab"[..], 0));
+        assert!(hung_up(&probe), "the stray descriptor was closed");
+        let f = ch.recv(LONG).expect("two");
+        assert_eq!((f.tag, f.fds.len()), (2, 1));
+        assert!(
+            same_file(f.fds[0].as_fd(), mine.as_fd()),
+            "its own descriptor"
+        );
+    }
+
+    #[test]
+    fn descriptors_read_together_with_earlier_frames_go_to_their_own() {
+        let (raw, mut ch) = raw_pair();
+        let mine: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        // Two frames without descriptors, then one with: all written before
+        // the first read, which takes them in one go.
+        for tag in [1, 2] {
+            put(&raw, &head(3, 0, tag));
+            put(&raw, b"abc");
+        }
+        let mut three = head(2, 1, 3).to_vec();
+        three.extend_from_slice(b"de");
+        put_with_fds(&raw, &three, &[mine.as_fd()]);
+        for tag in [1, 2] {
+            let f = ch.recv(LONG).expect("plain");
+            assert_eq!((f.tag, f.fds.len()), (tag, 0));
+        }
+        let f = ch.recv(LONG).expect("with a descriptor");
+        assert_eq!((f.tag, f.fds.len()), (3, 1));
+        assert!(same_file(f.fds[0].as_fd(), mine.as_fd()));
+    }
+
+    #[test]
+    fn missing_descriptors_are_an_error_of_that_frame() {
+        let (raw, mut ch) = raw_pair();
+        put(&raw, &head(1, 2, 1));
+        put(&raw, b"x");
+        put(&raw, &head(1, 0, 2));
+        put(&raw, b"y");
+        let err = ch.recv(LONG).expect_err("no descriptors came");
+        assert!(matches!(err, Error::Decode { .. }), "{err}");
+        assert_eq!(ch.recv(LONG).expect("next").bytes, b"y");
+    }
+
+    #[test]
+    fn a_frame_cut_off_by_the_end_of_stream_closes_its_descriptors() {
+        let (raw, mut ch) = raw_pair();
+        let (probe, attached) = sys::pipe().expect("pipe");
+        let mut part = head(10, 1, 1).to_vec();
+        part.extend_from_slice(b"abc");
+        put_with_fds(&raw, &part, &[attached.as_fd()]);
+        drop(attached);
+        assert!(ch.recv(SHORT).expect_err("half").is_timeout());
+        drop(raw);
+        assert!(ch.recv(LONG).expect_err("cut off").is_disconnected());
+        drop(ch);
+        assert!(hung_up(&probe));
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+
+        /// A valid frame: tag, payload.
+        fn frames() -> impl Strategy<Value = Vec<(u32, Vec<u8>)>> {
+            vec((any::<u32>(), vec(any::<u8>(), 0..3000)), 0..6)
+        }
+
+        /// How the bytes are spoiled: bytes overwritten at (position,
+        /// value), whole headers replaced (index of frame, length), and
+        /// where the stream is cut.
+        type Spoil = (Vec<(usize, u8)>, Vec<(usize, u64)>, Option<usize>);
+
+        fn spoils() -> impl Strategy<Value = Spoil> {
+            let lengths = prop_oneof![
+                Just(u64::MAX),
+                Just(1u64 << 63),
+                Just(isize::MAX as u64),
+                Just(1u64 << 40),
+                0u64..5000,
+                any::<u64>(),
+            ];
+            (
+                vec((any::<usize>(), any::<u8>()), 0..8),
+                vec((any::<usize>(), lengths), 0..3),
+                proptest::option::of(any::<usize>()),
+            )
+        }
+
+        fn encode(frames: &[(u32, Vec<u8>)], spoil: &Spoil) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut starts = Vec::new();
+            for (tag, payload) in frames {
+                starts.push(out.len());
+                out.extend_from_slice(&head(payload.len() as u64, 0, *tag));
+                out.extend_from_slice(payload);
+            }
+            for &(i, len) in &spoil.1 {
+                if let Some(&at) = starts.get(i % starts.len().max(1)) {
+                    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
+                }
+            }
+            if !out.is_empty() {
+                for &(at, byte) in &spoil.0 {
+                    let n = out.len();
+                    out[at % n] = byte;
+                }
+            }
+            if let Some(cut) = spoil.2 {
+                out.truncate(cut % (out.len() + 1));
+            }
+            out
+        }
+
+        /// Feeds `bytes` to a channel (the writer closed or kept open) and
+        /// receives until the channel has nothing more to give. Every call
+        /// must return; nothing handed out or held may exceed the limit.
+        fn drain(
+            bytes: &[u8],
+            limit: u64,
+            close: bool,
+        ) -> std::result::Result<Vec<Vec<u8>>, TestCaseError> {
+            let (raw, mut ch) = raw_pair();
+            ch.set_max_frame(limit);
+            put(&raw, bytes);
+            let raw = if close {
+                drop(raw);
+                None
+            } else {
+                Some(raw)
+            };
+            let mut got = Vec::new();
+            // Each call consumes at least one byte or ends the loop.
+            for _ in 0..bytes.len() + 2 {
+                match ch.recv(Some(Duration::ZERO)) {
+                    Ok(f) => {
+                        prop_assert!(f.bytes.len() as u64 <= limit);
+                        prop_assert!(f.fds.is_empty());
+                        got.push(f.bytes);
+                    }
+                    Err(Error::Timeout) => {
+                        prop_assert!(!close, "a timeout although the stream had ended");
+                        break;
+                    }
+                    Err(Error::Disconnected) => {
+                        prop_assert!(close || ch.is_broken());
+                        break;
+                    }
+                    Err(_) => {}
+                }
+                if let Some(p) = &ch.partial {
+                    if let Body::Keep(body) = &p.body {
+                        prop_assert!(body.capacity() as u64 <= limit);
+                    }
+                }
+            }
+            drop(raw);
+            Ok(got)
+        }
+
+        fn run<S: Strategy + Send + 'static>(
+            strategy: S,
+            test: impl Fn(S::Value) -> std::result::Result<(), TestCaseError> + Send + 'static,
+        ) {
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut runner = TestRunner::new(Config {
+                    cases: 300,
+                    failure_persistence: None,
+                    ..Config::default()
+                });
+                let result = runner.run(&strategy, test).map_err(|e| e.to_string());
+                let _ = done_tx.send(result);
+            });
+            match done_rx.recv_timeout(Duration::from_secs(120)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => panic!("{e}"),
+                Err(_) => panic!("a case hung"),
+            }
+        }
+
+        #[test]
+        fn valid_frames_arrive_exactly() {
+            run(frames(), |frames| {
+                let bytes = encode(&frames, &(Vec::new(), Vec::new(), None));
+                let got = drain(&bytes, DEFAULT_MAX_FRAME, false)?;
+                let want: Vec<Vec<u8>> = frames.into_iter().map(|(_, p)| p).collect();
+                prop_assert_eq!(got, want);
+                Ok(())
+            });
+        }
+
+        #[test]
+        fn mutated_frames_never_panic_hang_or_overallocate() {
+            let cases = (
+                frames(),
+                spoils(),
+                prop_oneof![Just(u64::MAX), Just(DEFAULT_MAX_FRAME), 0u64..3000],
+                any::<bool>(),
+            );
+            run(cases, |(frames, spoil, limit, close)| {
+                let bytes = encode(&frames, &spoil);
+                drain(&bytes, limit, close)?;
+                Ok(())
+            });
+        }
+
+        #[test]
+        fn random_bytes_never_panic_hang_or_overallocate() {
+            let cases = (
+                vec(any::<u8>(), 0..5000),
+                prop_oneof![Just(u64::MAX), 0u64..3000],
+                any::<bool>(),
+            );
+            run(cases, |(bytes, limit, close)| {
+                drain(&bytes, limit, close)?;
+                Ok(())
+            });
+        }
     }
 }

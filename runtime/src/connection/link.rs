@@ -9,30 +9,39 @@
 //!
 //! - A frame on the pipe is a 16-byte header (`u64` payload length, `u32`
 //!   tag, `u32` flags, little endian) and its payload. A frame of at most
-//!   `PIPE_BUF` bytes is written with one `writev`, which the kernel makes
-//!   atomic: concurrent senders on one end never interleave such messages.
+//!   `PIPE_BUF` bytes is written with one `write`, which the kernel makes
+//!   atomic: concurrent senders on one end never interleave such messages,
+//!   and they take no lock.
 //! - A message that carries descriptors, or is larger than that, is a
 //!   *marker* header on the pipe (flag [`SIDE`]) followed by one
 //!   [`Channel`] frame on the side socket (descriptors attached with
 //!   SCM_RIGHTS). The marker goes first, so a large message streams while
 //!   the receiver reads it; the receiver, on a marker, reads the next
-//!   frame of the side socket. With one sender the order is exact; with
-//!   several senders on one end each message still arrives whole with its
-//!   own descriptors (the order between concurrent senders is unspecified
-//!   anyway).
+//!   frame of the side socket. Those writes are not atomic, so the sender
+//!   holds the end's [`SendLock`] across marker and frame: concurrent
+//!   senders on one end (threads, or processes holding copies of it) each
+//!   get their messages through whole, in their own order.
+//!
+//! The receiver trusts nothing it reads (see [`crate::wire`] for the side
+//! socket): a pipe frame is handed out only once it is whole, so a timed
+//! receive returns by its deadline whatever was written, and what arrived
+//! stays buffered for the next call; a header no sender writes (unknown
+//! flags, a length over `PIPE_BUF`) makes the end corrupt, reported once as
+//! [`Error::Io`] of kind `InvalidData`, then [`Error::Disconnected`].
 //!
 //! The end of stream is the pipe's: once every copy of the peer's write
 //! end is closed, `read` returns 0 and the receiver reports
 //! [`Error::Disconnected`]. A write to a pipe whose reader is gone is
 //! `EPIPE` (std and the child runtime ignore SIGPIPE), also `Disconnected`.
 
-use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 
+use super::send_lock::{self, SendLock};
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::wire::{self, Channel, DEFAULT_MAX_FRAME};
@@ -62,8 +71,16 @@ fn header(len: u64, tag: u32, flags: u32) -> [u8; HEADER] {
     h
 }
 
-fn remaining(deadline: Option<Instant>) -> Option<Duration> {
-    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+/// What the bytes at the front of the read buffer are.
+enum Step {
+    /// Not a whole frame yet.
+    Need,
+    /// A marker: the message is the next side frame.
+    Marker,
+    /// A whole inline frame.
+    Inline { tag: u32, len: usize },
+    /// A header no sender writes.
+    Malformed,
 }
 
 /// One end of a pipe pair plus its side socket.
@@ -81,11 +98,25 @@ pub(crate) struct Link {
     /// A marker was read but its side frame was not (a timeout hit first).
     pending_side: bool,
     max_frame: u64,
+    /// Shared by every copy of this end; made by the first message that
+    /// needs it or the first copy (see [`send_lock`]).
+    lock: OnceLock<SendLock>,
+    /// The stream is out of step or over: every receive is `Disconnected`.
+    broken: bool,
 }
 
 impl Link {
-    pub(crate) fn from_fds(rx: Option<OwnedFd>, tx: Option<OwnedFd>, side: OwnedFd) -> Link {
-        Link {
+    pub(crate) fn from_fds(
+        rx: Option<OwnedFd>,
+        tx: Option<OwnedFd>,
+        side: OwnedFd,
+        lock: Option<OwnedFd>,
+    ) -> Result<Link> {
+        let cell = OnceLock::new();
+        if let Some(fd) = lock {
+            let _ = cell.set(SendLock::from_fd(fd)?);
+        }
+        Ok(Link {
             rx,
             tx,
             side: Channel::new(side),
@@ -94,7 +125,9 @@ impl Link {
             end: 0,
             pending_side: false,
             max_frame: DEFAULT_MAX_FRAME,
-        }
+            lock: cell,
+            broken: false,
+        })
     }
 
     /// Two connected duplex ends.
@@ -103,8 +136,8 @@ impl Link {
         let (b_rx, a_tx) = sys::pipe()?;
         let (a_side, b_side) = sys::socketpair()?;
         Ok((
-            Link::from_fds(Some(a_rx), Some(a_tx), a_side),
-            Link::from_fds(Some(b_rx), Some(b_tx), b_side),
+            Link::from_fds(Some(a_rx), Some(a_tx), a_side, None)?,
+            Link::from_fds(Some(b_rx), Some(b_tx), b_side, None)?,
         ))
     }
 
@@ -113,8 +146,8 @@ impl Link {
         let (rx, tx) = sys::pipe()?;
         let (a_side, b_side) = sys::socketpair()?;
         Ok((
-            Link::from_fds(Some(rx), None, a_side),
-            Link::from_fds(None, Some(tx), b_side),
+            Link::from_fds(Some(rx), None, a_side, None)?,
+            Link::from_fds(None, Some(tx), b_side, None)?,
         ))
     }
 
@@ -131,6 +164,26 @@ impl Link {
             self.tx.as_ref().map(AsFd::as_fd),
             self.side.fd(),
         )
+    }
+
+    /// The send lock's memfd, for a copy of this end (`None` for an end
+    /// that cannot send). Creates the lock if no message needed it yet.
+    pub(crate) fn lock_fd(&self) -> Result<Option<BorrowedFd<'_>>> {
+        if self.tx.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.send_lock()?.fd()))
+    }
+
+    fn send_lock(&self) -> Result<&SendLock> {
+        if let Some(lock) = self.lock.get() {
+            return Ok(lock);
+        }
+        // Two threads may race here: one lock wins, both use it.
+        let _ = self.lock.set(SendLock::create()?);
+        self.lock
+            .get()
+            .ok_or_else(|| Error::invalid("a pipe's send lock could not be set"))
     }
 
     /// The descriptor that is readable when a message (or the end of
@@ -163,10 +216,39 @@ impl Link {
         self.start != self.end || self.pending_side || self.side.has_buffered_data()
     }
 
-    /// `true` when a message can be handed out without waiting on the pipe
-    /// (a whole header is buffered, or a side frame is due).
+    /// `true` when a receive would not wait on the pipe: a whole frame is
+    /// buffered, a side frame is due, or the end is broken (the receive
+    /// reports it at once).
     pub(crate) fn ready_now(&self) -> bool {
-        self.end - self.start >= HEADER || self.pending_side
+        self.broken || self.pending_side || !matches!(self.step(), Step::Need)
+    }
+
+    fn step(&self) -> Step {
+        let avail = self.end - self.start;
+        if avail < HEADER {
+            return Step::Need;
+        }
+        let h = &self.rbuf[self.start..self.start + HEADER];
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&h[..8]);
+        let len = u64::from_le_bytes(word);
+        let mut word = [0u8; 4];
+        word.copy_from_slice(&h[8..12]);
+        let tag = u32::from_le_bytes(word);
+        word.copy_from_slice(&h[12..16]);
+        let flags = u32::from_le_bytes(word);
+        match flags {
+            SIDE if len == 0 => Step::Marker,
+            0 if len <= INLINE_MAX as u64 => {
+                let len = len as usize;
+                if avail < HEADER + len {
+                    Step::Need
+                } else {
+                    Step::Inline { tag, len }
+                }
+            }
+            _ => Step::Malformed,
+        }
     }
 
     /// Sends one message whose payload is `frame[HEADER..]`; the caller
@@ -177,8 +259,9 @@ impl Link {
         if !fds.is_empty() || len > INLINE_MAX || frame.len() < HEADER {
             return self.send(tag, &[frame.get(HEADER..).unwrap_or(&[])], fds);
         }
+        let tx = self.tx_fd()?;
         frame[..HEADER].copy_from_slice(&header(len as u64, tag, 0));
-        let n = sys::write(self.tx_fd()?, frame).map_err(|e| io_error("send", e))?;
+        let n = sys::write(tx, frame).map_err(|e| io_error("send", e))?;
         // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
         if n != frame.len() {
             return Err(Error::invalid("a short write to a pipe"));
@@ -186,11 +269,17 @@ impl Link {
         Ok(())
     }
 
+    /// The pipe to write to, unless this end cannot send or is broken.
     fn tx_fd(&self) -> Result<BorrowedFd<'_>> {
-        self.tx
+        let tx = self
+            .tx
             .as_ref()
             .map(AsFd::as_fd)
-            .ok_or_else(|| Error::invalid("this end of the pipe cannot send"))
+            .ok_or_else(|| Error::invalid("this end of the pipe cannot send"))?;
+        if self.lock.get().is_some_and(SendLock::is_broken) {
+            return Err(send_lock::broken());
+        }
+        Ok(tx)
     }
 
     /// Sends one message whose payload is the concatenation of `parts`.
@@ -199,10 +288,10 @@ impl Link {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if fds.is_empty() && len <= INLINE_MAX && parts.len() < 8 {
             let h = header(len as u64, tag, 0);
-            let mut slices = [IoSlice::new(&[]); 8];
-            slices[0] = IoSlice::new(&h);
+            let mut slices = [std::io::IoSlice::new(&[]); 8];
+            slices[0] = std::io::IoSlice::new(&h);
             for (slot, part) in slices[1..].iter_mut().zip(parts) {
-                *slot = IoSlice::new(part);
+                *slot = std::io::IoSlice::new(part);
             }
             let slices = &slices[..=parts.len()];
             let n = sys::writev(tx, slices).map_err(|e| io_error("send", e))?;
@@ -212,12 +301,35 @@ impl Link {
             }
             return Ok(());
         }
+        let guard = match self.send_lock()?.lock() {
+            Ok(guard) => guard,
+            Err(e) => {
+                self.shut_side();
+                return Err(e);
+            }
+        };
         let h = header(0, tag, SIDE);
-        let n = sys::writev(tx, &[IoSlice::new(&h)]).map_err(|e| io_error("send", e))?;
+        let n = sys::write(tx, &h).map_err(|e| io_error("send", e))?;
         if n != HEADER {
             return Err(Error::invalid("a short write to a pipe"));
         }
-        self.side.send(tag, parts, fds)
+        // The marker is out: a frame that does not follow whole leaves the
+        // receiver out of step for good.
+        let sent = self.side.send(tag, parts, fds);
+        if sent.is_err() {
+            guard.mark_broken();
+            self.shut_side();
+        }
+        sent
+    }
+
+    /// Ends the side stream for the receiver, who then reports the end
+    /// broken instead of waiting for the rest of a frame nobody writes.
+    fn shut_side(&self) {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.side.fd()),
+            nix::sys::socket::Shutdown::Write,
+        );
     }
 
     /// Waits until a message can be read, or `timeout`. `Ok(true)`:
@@ -238,7 +350,11 @@ impl Link {
             .as_ref()
             .ok_or_else(|| Error::invalid("this end of the pipe cannot receive"))?;
         wire::make_room(&mut self.rbuf, &mut self.start, &mut self.end, READ_BUF);
-        if let Some(left) = remaining(deadline) {
+        if self.end == self.rbuf.len() {
+            // Unreachable: a whole inline frame fits the buffer many times.
+            return Err(Error::invalid("a pipe's read buffer is full"));
+        }
+        if let Some(left) = wire::remaining(deadline) {
             let ev = sys::poll_one(rx.as_fd(), PollFlags::POLLIN, Some(left))?;
             if ev.is_empty() {
                 return Err(Error::Timeout);
@@ -261,52 +377,53 @@ impl Link {
         fds: &mut Vec<OwnedFd>,
         timeout: Option<Duration>,
     ) -> Result<u32> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        if self.pending_side {
-            return self.recv_side(bytes, fds, deadline);
+        if self.broken {
+            return Err(Error::Disconnected);
         }
-        // Inline frames are written atomically, so once the header is here
-        // the payload is too: only the header wait can time out.
-        while self.end - self.start < HEADER {
-            if !self.fill(deadline)? {
-                return Err(Error::Disconnected);
+        let deadline = wire::deadline(timeout);
+        while !self.pending_side {
+            match self.step() {
+                Step::Need => {
+                    if !self.fill(deadline)? {
+                        // Between frames or in one: inline frames are
+                        // atomic, so a half one was never ours anyway.
+                        self.broken = true;
+                        return Err(Error::Disconnected);
+                    }
+                }
+                Step::Malformed => {
+                    self.broken = true;
+                    return Err(wire::corrupt(
+                        "the connection is corrupt: its pipe holds a frame header that no \
+                         sender writes",
+                    ));
+                }
+                Step::Marker => {
+                    self.start += HEADER;
+                    self.pending_side = true;
+                }
+                Step::Inline { tag, len } => {
+                    let at = self.start + HEADER;
+                    self.start = at + len;
+                    bytes.clear();
+                    if len as u64 > self.max_frame {
+                        return Err(Error::MessageTooLarge {
+                            size: len as u64,
+                            limit: self.max_frame,
+                        });
+                    }
+                    bytes.try_reserve(len).map_err(|_| {
+                        Error::io(
+                            "no memory for a received message (it was skipped)",
+                            std::io::Error::from(std::io::ErrorKind::OutOfMemory),
+                        )
+                    })?;
+                    bytes.extend_from_slice(&self.rbuf[at..at + len]);
+                    return Ok(tag);
+                }
             }
         }
-        let mut len_b = [0u8; 8];
-        len_b.copy_from_slice(&self.rbuf[self.start..self.start + 8]);
-        let len = u64::from_le_bytes(len_b);
-        let mut word = [0u8; 4];
-        word.copy_from_slice(&self.rbuf[self.start + 8..self.start + 12]);
-        let tag = u32::from_le_bytes(word);
-        word.copy_from_slice(&self.rbuf[self.start + 12..self.start + 16]);
-        let flags = u32::from_le_bytes(word);
-        self.start += HEADER;
-        if flags & SIDE != 0 {
-            self.pending_side = true;
-            return self.recv_side(bytes, fds, deadline);
-        }
-        bytes.clear();
-        if len > INLINE_MAX as u64 {
-            return Err(Error::Decode {
-                message: "a malformed frame on a pipe".into(),
-            });
-        }
-        let len = len as usize;
-        while self.end - self.start < len {
-            if !self.fill(None)? {
-                return Err(Error::Disconnected);
-            }
-        }
-        let payload = &self.rbuf[self.start..self.start + len];
-        self.start += len;
-        if len as u64 > self.max_frame {
-            return Err(Error::MessageTooLarge {
-                size: len as u64,
-                limit: self.max_frame,
-            });
-        }
-        bytes.extend_from_slice(payload);
-        Ok(tag)
+        self.recv_side(bytes, fds, deadline)
     }
 
     fn recv_side(
@@ -315,14 +432,30 @@ impl Link {
         fds: &mut Vec<OwnedFd>,
         deadline: Option<Instant>,
     ) -> Result<u32> {
-        // Only the wait for the frame's first byte is bounded: the sender
-        // writes the frame right after its marker, and a frame abandoned
-        // halfway would leave the socket out of step.
-        if deadline.is_some() && !self.side.poll(remaining(deadline))? {
-            return Err(Error::Timeout);
+        match self.side.recv_into(bytes, fds, wire::remaining(deadline)) {
+            Ok(tag) => {
+                self.pending_side = false;
+                Ok(tag)
+            }
+            // The frame stays pending (and what arrived of it buffered).
+            Err(Error::Timeout) => Err(Error::Timeout),
+            Err(e) => {
+                self.pending_side = false;
+                if !self.side.is_broken() {
+                    // An error of that message alone (too large, no
+                    // memory, its descriptors lost): it was skipped.
+                    return Err(e);
+                }
+                self.broken = true;
+                if e.is_disconnected() {
+                    return Err(wire::corrupt(
+                        "the connection is broken: a message announced on its pipe did not \
+                         arrive whole on its side socket (did its sender die writing it?)",
+                    ));
+                }
+                Err(e)
+            }
         }
-        self.pending_side = false;
-        self.side.recv_into(bytes, fds, None)
     }
 }
 
@@ -416,5 +549,180 @@ mod tests {
         drop(rx);
         let err = tx.send(1, &[b"x"], &[]).expect_err("receiver gone");
         assert!(err.is_disconnected(), "{err}");
+    }
+
+    const SHORT: Option<Duration> = Some(Duration::from_millis(100));
+
+    /// Runs `f` on a thread and fails the test if it does not finish
+    /// within `limit` (a receive that hangs).
+    fn within<R: Send + 'static>(limit: Duration, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(limit)
+            .expect("the call did not return in time")
+    }
+
+    fn raw_write(fd: BorrowedFd<'_>, bytes: &[u8]) {
+        let mut done = 0;
+        while done < bytes.len() {
+            done += sys::write(fd, &bytes[done..]).expect("write");
+        }
+    }
+
+    fn side_header(len: u64, nfds: u32, tag: u32) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..8].copy_from_slice(&len.to_le_bytes());
+        h[8..12].copy_from_slice(&nfds.to_le_bytes());
+        h[12..].copy_from_slice(&tag.to_le_bytes());
+        h
+    }
+
+    fn is_corrupt(err: &Error) -> bool {
+        matches!(err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData)
+    }
+
+    #[test]
+    fn half_an_inline_frame_times_out_and_resumes() {
+        let (mut b, a) = Link::simplex().expect("simplex");
+        let tx = a.tx_fd().expect("tx").try_clone_to_owned().expect("dup");
+        let mut frame = header(6, 7, 0).to_vec();
+        frame.extend_from_slice(b"abcdef");
+        raw_write(tx.as_fd(), &frame[..HEADER + 2]);
+        let (b, err) = within(Duration::from_secs(10), move || {
+            let err = recv(&mut b, SHORT).expect_err("half a frame");
+            (b, err)
+        });
+        assert!(err.is_timeout(), "{err}");
+        let mut b = b;
+        assert!(!b.ready_now(), "half a frame is not ready");
+        raw_write(tx.as_fd(), &frame[HEADER + 2..]);
+        assert_eq!(
+            recv(&mut b, LONG).expect("whole"),
+            (7, b"abcdef".to_vec(), 0)
+        );
+        drop((a, tx));
+    }
+
+    #[test]
+    fn a_header_no_sender_writes_is_corrupt_then_disconnected() {
+        for (len, flags) in [(1u64 << 63, 0), (5000, 0), (0, 6), (3, SIDE)] {
+            let (mut b, a) = Link::simplex().expect("simplex");
+            raw_write(a.tx_fd().expect("tx"), &header(len, 1, flags));
+            let err = recv(&mut b, SHORT).expect_err("malformed");
+            assert!(is_corrupt(&err), "{len} {flags}: {err}");
+            assert!(recv(&mut b, SHORT).expect_err("then").is_disconnected());
+        }
+    }
+
+    #[test]
+    fn garbage_on_the_side_socket_never_blocks_a_timed_receive() {
+        // A marker, then on the side: random bytes; a header announcing
+        // 2^63 bytes; a frame cut short; a header over the limit.
+        let mut noise = vec![0u8; 3000];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let mut cut = side_header(100, 0, 1).to_vec();
+        cut.extend_from_slice(&[1; 10]);
+        let cases: Vec<Vec<u8>> = vec![
+            noise,
+            side_header(1 << 63, 0, 1).to_vec(),
+            cut,
+            side_header(DEFAULT_MAX_FRAME + 1, 0, 1).to_vec(),
+        ];
+        for side_bytes in cases {
+            let (b, a) = Link::simplex().expect("simplex");
+            raw_write(a.tx_fd().expect("tx"), &header(0, 1, SIDE));
+            raw_write(a.side.fd(), &side_bytes);
+            let (b, results) = within(Duration::from_secs(10), move || {
+                let mut b = b;
+                let results: Vec<Result<(u32, Vec<u8>, usize)>> =
+                    (0..3).map(|_| recv(&mut b, SHORT)).collect();
+                (b, results)
+            });
+            for r in &results {
+                let err = r.as_ref().expect_err("garbage is not a message");
+                assert!(
+                    err.is_timeout() || err.is_disconnected() || is_corrupt(err),
+                    "{err}"
+                );
+            }
+            drop((a, b));
+        }
+    }
+
+    #[test]
+    fn concurrent_senders_on_one_end_deliver_whole_messages_in_their_order() {
+        const PER_THREAD: u32 = 60;
+        fn size(id: u32, seq: u32) -> usize {
+            1 + (id as usize * 7919 + seq as usize * 104_729) % 300_000
+        }
+        fn fill(id: u32, seq: u32) -> u8 {
+            (id * 131 + seq * 7) as u8
+        }
+        let (a, b) = Link::duplex().expect("duplex");
+        let a = std::sync::Arc::new(a);
+        let senders: Vec<_> = (0..3u32)
+            .map(|id| {
+                let a = std::sync::Arc::clone(&a);
+                std::thread::spawn(move || {
+                    for seq in 0..PER_THREAD {
+                        let mut msg = vec![fill(id, seq); size(id, seq)];
+                        msg[0] = id as u8;
+                        a.send(id, &[&seq.to_le_bytes(), &msg], &[]).expect("send");
+                    }
+                })
+            })
+            .collect();
+        let next = within(Duration::from_secs(60), move || {
+            let mut b = b;
+            let mut next = [0u32; 3];
+            for _ in 0..3 * PER_THREAD {
+                let (id, bytes, _) = recv(&mut b, LONG).expect("recv");
+                let slot = next.get_mut(id as usize).expect("a sender's tag");
+                let seq = *slot;
+                let mut want = seq.to_le_bytes().to_vec();
+                want.push(id as u8);
+                want.extend(std::iter::repeat_n(fill(id, seq), size(id, seq) - 1));
+                assert!(
+                    bytes == want,
+                    "message {seq} of sender {id} arrived whole, in order"
+                );
+                *slot += 1;
+            }
+            next
+        });
+        assert_eq!(next, [PER_THREAD; 3]);
+        for t in senders {
+            t.join().expect("sender");
+        }
+    }
+
+    #[test]
+    fn a_sender_that_died_mid_message_breaks_the_end_clearly() {
+        let (mut b, a) = Link::simplex().expect("simplex");
+        // What a dying co-writer leaves: its marker, part of its frame, and
+        // the lock held in the middle of a message.
+        raw_write(a.tx_fd().expect("tx"), &header(0, 1, SIDE));
+        raw_write(a.side.fd(), &side_header(50_000, 0, 1));
+        raw_write(a.side.fd(), &[0u8; 1000]);
+        a.send_lock().expect("lock").fake_dead_holder(true);
+        let err = recv(&mut b, SHORT).expect_err("half a frame");
+        assert!(err.is_timeout(), "{err}");
+        // The next large message finds it: the sender gets a clear error,
+        // and so does the receiver (instead of waiting forever).
+        let err = a.send(2, &[&[0u8; 10_000]], &[]).expect_err("broken");
+        assert!(err.to_string().contains("died"), "{err}");
+        let err = a.send(3, &[b"small"], &[]).expect_err("still broken");
+        assert!(err.to_string().contains("died"), "{err}");
+        let err = recv(&mut b, LONG).expect_err("cut off");
+        assert!(is_corrupt(&err), "{err}");
+        assert!(recv(&mut b, LONG).expect_err("then").is_disconnected());
     }
 }

@@ -422,3 +422,93 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     fcntl(fd, FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
+
+/// What one [`recv_fds`] call brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// Bytes written to the buffer (0 at end of stream).
+    pub(crate) bytes: usize,
+    /// The kernel dropped descriptors of this read (MSG_CTRUNC: the
+    /// descriptor table was full, or more were attached than fit); those
+    /// that did arrive are in the caller's vector all the same.
+    pub(crate) truncated: bool,
+}
+
+/// Receives bytes into `buf`, appending every descriptor that arrived with
+/// them (SCM_RIGHTS, close-on-exec) to `fds`, retried on `EINTR`. Unlike
+/// [`recv_with_fds`], a truncated control message is reported instead of
+/// failing the call (which would lose the bytes already taken from the
+/// socket and leak the descriptors the kernel did install).
+pub(crate) fn recv_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<Received> {
+    const INT: usize = std::mem::size_of::<libc::c_int>();
+    const WORD: usize = std::mem::size_of::<usize>();
+    const fn align(n: usize) -> usize {
+        (n + WORD - 1) & !(WORD - 1)
+    }
+    const CMSG_HEADER: usize = align(std::mem::size_of::<libc::cmsghdr>());
+    const SPACE: usize = CMSG_HEADER + align(MAX_FDS_PER_MSG * INT);
+    let mut control = [0u8; SPACE];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let (rc, controllen, flags) = loop {
+        // SAFETY: all-zero bytes are a valid `msghdr` (null pointers, zero
+        // lengths); the fields that matter are set below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = SPACE as _;
+        // SAFETY: `msg` points at one iovec covering `buf` (exclusively
+        // borrowed, writable) and at `control` (SPACE writable bytes); both
+        // outlive the call, which writes at most that much into each.
+        let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        break (rc as usize, msg.msg_controllen as usize, msg.msg_flags);
+    };
+    // Walk the control messages the kernel wrote (plain bytes, parsed
+    // without pointer casts): cmsg_len (usize), level, type (c_int), data.
+    let written = &control[..controllen.min(SPACE)];
+    let mut at = 0;
+    while let Some(head) = written.get(at..at + CMSG_HEADER) {
+        let word = |i: usize| head.get(i..i + INT).and_then(|b| b.try_into().ok());
+        let len = head
+            .get(..WORD)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, usize::from_ne_bytes);
+        let level = word(WORD).map_or(-1, libc::c_int::from_ne_bytes);
+        let kind = word(WORD + INT).map_or(-1, libc::c_int::from_ne_bytes);
+        if len < CMSG_HEADER {
+            break;
+        }
+        // Never past what was written, so no installed descriptor is skipped.
+        let end = at.saturating_add(len).min(written.len());
+        let data = written.get(at + CMSG_HEADER..end).unwrap_or(&[]);
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            for raw in data.chunks_exact(INT) {
+                let mut b = [0u8; INT];
+                b.copy_from_slice(raw);
+                let raw = libc::c_int::from_ne_bytes(b);
+                // SAFETY: SCM_RIGHTS installed `raw` as a new descriptor in
+                // this process; nothing else refers to it yet.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        at += align(len);
+    }
+    Ok(Received {
+        bytes: rc,
+        truncated: flags & libc::MSG_CTRUNC != 0,
+    })
+}
