@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use bytemuck::Pod;
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::MFdFlags;
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::lock::RawGuard;
@@ -16,6 +18,36 @@ use std::io;
 /// A refusal of this module that says why in words.
 fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message.into())
+}
+
+/// The size of the memfd `fd`, once it is known to be sealed against
+/// shrinking. Only memfds created with `MFD_ALLOW_SEALING` can carry
+/// `F_SEAL_SHRINK` (any other file answers `F_GET_SEALS` with EINVAL, or
+/// with `F_SEAL_SEAL` alone for a tmpfs file), so the check also proves
+/// that `fd` is a memfd.
+fn sealed_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => SealFlag::from_bits_retain(bits),
+        Err(nix::errno::Errno::EINVAL) => {
+            return Err(invalid(
+                "refused a shared memory descriptor that is not a memfd",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+        return Err(invalid(
+            "refused a shared memory descriptor that is not sealed against shrinking \
+             (its holders could truncate it under this process's mapping)",
+        ));
+    }
+    // Read after the seals: from here on the size can only grow.
+    let stat = nix::sys::stat::fstat(fd)?;
+    let len = usize::try_from(stat.st_size).map_err(|_| invalid("bad shared memory size"))?;
+    if len == 0 {
+        return Err(invalid("empty shared memory object"));
+    }
+    Ok(len)
 }
 
 /// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
@@ -35,30 +67,43 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// A new zero-filled shared mapping of `len` bytes (at least 1).
+    ///
+    /// The memfd is sealed against shrinking, growing and further sealing
+    /// before it is mapped: its size never changes, so no holder of the
+    /// descriptor (here or in a process it was sent to) can truncate it
+    /// under another holder's mapping (which would SIGBUS that holder).
     pub(crate) fn create(name: &str, len: usize) -> io::Result<Mapping> {
         let len = len.max(1);
         let cname =
             std::ffi::CString::new(name.replace('\0', "")).map_err(|_| invalid("bad name"))?;
         let fd = nix::sys::memfd::memfd_create(
             cname.as_c_str(),
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )?;
         let off =
             libc::off_t::try_from(len).map_err(|_| invalid("shared memory size too large"))?;
         nix::unistd::ftruncate(&fd, off)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
         Mapping::map(fd, len)
     }
 
     /// Maps the whole memfd `fd` (received from another process).
+    ///
+    /// Refused unless `fd` is a memfd sealed against shrinking (as
+    /// [`create`](Mapping::create) makes them): a peer must not be able to
+    /// hand over a file that it, or anyone else holding it, could truncate
+    /// under this mapping. The seals are read before the size, so the size
+    /// mapped can only have grown since (never shrunk): every mapped byte
+    /// stays backed.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Mapping> {
-        let stat = nix::sys::stat::fstat(&fd)?;
-        let len = usize::try_from(stat.st_size).map_err(|_| invalid("bad shared memory size"))?;
-        if len == 0 {
-            return Err(invalid("empty shared memory object"));
-        }
+        let len = sealed_len(fd.as_fd())?;
         Mapping::map(fd, len)
     }
-
     fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
         let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| invalid("empty mapping"))?;
         // SAFETY: a fresh shared mapping at an address the kernel chooses
@@ -441,5 +486,60 @@ mod tests {
         b.read(100, &mut out).expect("read");
         assert_eq!(&out, b"hello");
         assert!(b.read(4094, &mut out).is_err());
+    }
+
+    #[test]
+    fn a_received_mapping_cannot_be_resized() {
+        let a = Mapping::create("test-sealed", 4096).expect("create");
+        let b = Mapping::from_fd(a.fd().try_clone_to_owned().expect("dup")).expect("map");
+        for size in [0, 100, 4095, 8192] {
+            assert_eq!(
+                nix::unistd::ftruncate(b.fd(), size),
+                Err(nix::errno::Errno::EPERM),
+                "ftruncate to {size} must be refused"
+            );
+        }
+        // Nor can the seals be loosened or added to.
+        assert_eq!(
+            fcntl(b.fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)),
+            Err(nix::errno::Errno::EPERM)
+        );
+        assert_eq!(nix::sys::stat::fstat(b.fd()).expect("fstat").st_size, 4096);
+    }
+
+    fn refusal(fd: OwnedFd) -> String {
+        match Mapping::from_fd(fd) {
+            Ok(_) => panic!("an unsealed descriptor was mapped"),
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn from_fd_refuses_what_could_shrink() {
+        // A memfd that cannot be sealed at all.
+        let plain =
+            nix::sys::memfd::memfd_create(c"test-plain", MFdFlags::MFD_CLOEXEC).expect("memfd");
+        nix::unistd::ftruncate(&plain, 4096).expect("size");
+        assert!(refusal(plain).contains("not sealed against shrinking"));
+
+        // A sealable memfd whose creator left it unsealed, or sealed only
+        // against growth.
+        for seals in [SealFlag::empty(), SealFlag::F_SEAL_GROW] {
+            let open = nix::sys::memfd::memfd_create(
+                c"test-unsealed",
+                MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+            )
+            .expect("memfd");
+            nix::unistd::ftruncate(&open, 4096).expect("size");
+            fcntl(&open, FcntlArg::F_ADD_SEALS(seals)).expect("seal");
+            assert!(refusal(open).contains("not sealed against shrinking"));
+        }
+
+        // Not a memfd: a pipe.
+        let (read_end, _write_end) = crate::sys::pipe().expect("pipe");
+        assert!(refusal(read_end).contains("not a memfd"));
     }
 }
