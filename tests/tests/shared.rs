@@ -2,6 +2,7 @@
 //!
 //! Every wait is bounded; nothing sleeps to synchronise.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use multiproc::shared::{RawArray, SharedMemory};
@@ -124,8 +125,8 @@ fn raw_array_disjoint_writes_by_two_processes() {
 
 #[process_fn]
 fn write_by_name(name: String) -> usize {
-    let mut shm = SharedMemory::open(&name).expect("open by name");
-    shm[..5].copy_from_slice(b"hello");
+    let shm = SharedMemory::open(&name).expect("open by name");
+    shm.write(0, b"hello").expect("in range");
     shm.len()
 }
 
@@ -159,17 +160,17 @@ fn shared_memory_round_trip_by_name_and_gone_after_unlink() {
     let shm = SharedMemory::create(&name, 4096).expect("create");
     let child = multiproc::spawn(write_by_name, (name.clone(),)).expect("spawn");
     assert_eq!(child.join_timeout(JOIN).expect("join"), 4096);
-    assert_eq!(&shm[..5], b"hello");
+    assert_eq!(&shm.to_vec()[..5], b"hello");
     assert!(dev_shm().iter().all(|e| !e.contains(&name)));
     shm.unlink().expect("unlink");
     assert!(gone(&name), "the name outlived unlink");
-    assert_eq!(&shm[..5], b"hello", "open handles keep the memory");
+    assert_eq!(&shm.to_vec()[..5], b"hello", "open handles keep the memory");
 }
 
 #[process_fn]
 fn create_and_linger(name: String, ready: Event) {
-    let mut shm = SharedMemory::create(&name, 64).expect("create");
-    shm[0] = 42;
+    let shm = SharedMemory::create(&name, 64).expect("create");
+    shm.write(0, &[42]).expect("in range");
     ready.set();
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -185,13 +186,119 @@ fn shared_memory_name_disappears_when_its_creator_is_killed() {
     p.start().expect("start");
     assert!(ready.wait_timeout(JOIN));
     let opened = SharedMemory::open(&name).expect("open while the creator lives");
-    assert_eq!(opened[0], 42);
+    assert_eq!(opened.to_vec()[0], 42);
     p.kill().expect("kill");
     p.join_timeout(JOIN).expect("join").expect("reaped");
     assert!(gone(&name), "the name outlived its creator");
     assert_eq!(
-        opened[0], 42,
+        opened.to_vec()[0],
+        42,
         "a process that still maps it keeps the memory"
     );
     assert_eq!(dev_shm(), before, "nothing may be left in /dev/shm");
+}
+
+/// Offsets in the block of the safe-surface test.
+const TEXT: usize = 0;
+const WORD: usize = 24;
+const COUNT: usize = 32;
+const READY: usize = 40;
+const ACK: usize = 44;
+const REPLY: usize = 48;
+const BYTES: usize = 64;
+
+/// Spins (yielding) until `flag` holds `value`, for at most [`JOIN`].
+/// The flag is written by another process: the loop rereads it each time
+/// because it is an atomic (a `&[u8]` loop could be compiled to read once).
+fn wait_for(flag: &AtomicU32, value: u32) -> bool {
+    let deadline = Instant::now() + JOIN;
+    while flag.load(Ordering::Acquire) != value {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
+}
+
+#[process_fn]
+fn safe_surface_child(name: String) -> Vec<u8> {
+    let shm = SharedMemory::open(&name).expect("open by name");
+    shm.write(TEXT, b"written by the child").expect("in range");
+    shm.atomic_u64_at(WORD)
+        .expect("aligned")
+        .store(0x0123_4567_89ab_cdef, Ordering::Relaxed);
+    for (i, cell) in shm.as_atomic_u8()[BYTES..BYTES + 16].iter().enumerate() {
+        cell.store(i as u8 + 1, Ordering::Relaxed);
+    }
+    shm.atomic_u32_at(READY)
+        .expect("aligned")
+        .store(1, Ordering::Release);
+    assert!(
+        wait_for(shm.atomic_u32_at(ACK).expect("aligned"), 1),
+        "the parent did not answer in time"
+    );
+    let mut reply = vec![0u8; 16];
+    shm.read(REPLY, &mut reply).expect("in range");
+    reply
+}
+
+#[process_fn]
+fn count_in_shared_memory(shm: SharedMemory, n: u32) {
+    let count = shm.atomic_u64_at(COUNT).expect("aligned");
+    for _ in 0..n {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn shared_memory_safe_surface_across_processes() {
+    let name = format!("test-safe-{}", std::process::id());
+    let shm = SharedMemory::create(&name, 4096).expect("create");
+    let child = multiproc::spawn(safe_surface_child, (name.clone(),)).expect("spawn");
+
+    assert!(
+        wait_for(shm.atomic_u32_at(READY).expect("aligned"), 1),
+        "the child did not write in time"
+    );
+    let mut text = [0u8; 20];
+    shm.read(TEXT, &mut text).expect("in range");
+    assert_eq!(&text, b"written by the child");
+    assert_eq!(
+        shm.atomic_u64_at(WORD)
+            .expect("aligned")
+            .load(Ordering::Relaxed),
+        0x0123_4567_89ab_cdef
+    );
+    let all = shm.to_vec();
+    assert_eq!(all.len(), 4096);
+    assert_eq!(&all[BYTES..BYTES + 16], &(1..=16).collect::<Vec<u8>>()[..]);
+    assert!(
+        all[BYTES + 16..].iter().all(|&b| b == 0),
+        "nothing else written"
+    );
+
+    shm.write(REPLY, b"and the parent..").expect("in range");
+    shm.atomic_u32_at(ACK)
+        .expect("aligned")
+        .store(1, Ordering::Release);
+    assert_eq!(child.join_timeout(JOIN).expect("join"), b"and the parent..");
+
+    // Handles that travel as arguments share the same bytes: two
+    // processes count in one word.
+    run_all(
+        (0..2)
+            .map(|_| {
+                let handle = SharedMemory::open(&name).expect("open");
+                Process::new(count_in_shared_memory, (handle, 10_000))
+            })
+            .collect(),
+    );
+    assert_eq!(
+        shm.atomic_u64_at(COUNT)
+            .expect("aligned")
+            .load(Ordering::SeqCst),
+        20_000
+    );
+    shm.unlink().expect("unlink");
 }

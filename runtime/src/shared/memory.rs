@@ -2,8 +2,8 @@
 
 use std::fmt;
 use std::io::IoSlice;
-use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
@@ -37,15 +37,34 @@ const MAX_NAME: usize = 64;
 /// the creator ends), and dropping the creator's handle does not remove
 /// the name (as in Python, call `unlink`).
 ///
-/// # Access and aliasing
+/// # Access: copies, atomics, or `unsafe`
 ///
-/// A `SharedMemory` derefs to `[u8]` (and mutably with `&mut`), bounds-checked
-/// like any slice. Other processes, and other handles to the same name in
-/// this one, may write those bytes at any time: coordinate writers with a
-/// [`Lock`](crate::Lock), as in Python. For data shared with your own
-/// threads or polled without a lock, use [`Value`](crate::Value),
-/// [`Array`](crate::Array) or [`RawArray`](crate::shared::RawArray), whose
-/// accesses are always well defined.
+/// Other processes, and other handles to the same name in this one, may
+/// write the bytes at any time, so a `SharedMemory` never hands safe code a
+/// `&[u8]` (which promises the compiler that its bytes do not change) or a
+/// `&mut [u8]` (which promises that nobody else sees them): memmap2's rule
+/// for shared mappings. Its safe surface is
+///
+/// - copies: [`read`](SharedMemory::read), [`write`](SharedMemory::write),
+///   [`to_vec`](SharedMemory::to_vec), bounds-checked, made of relaxed
+///   atomic loads and stores, so a copy that races with a writer sees a mix
+///   of old and new bytes (coordinate with a [`Lock`](crate::Lock) when
+///   that matters, as in Python), never undefined behaviour;
+/// - atomic views: [`as_atomic_u8`](SharedMemory::as_atomic_u8),
+///   [`atomic_u32_at`](SharedMemory::atomic_u32_at) and
+///   [`atomic_u64_at`](SharedMemory::atomic_u64_at), for flags and
+///   counters that processes poll and update without a lock;
+/// - raw pointers: [`as_ptr`](SharedMemory::as_ptr) and
+///   [`as_mut_ptr`](SharedMemory::as_mut_ptr), for code that does its own
+///   `unsafe` reasoning.
+///
+/// [`as_slice`](SharedMemory::as_slice) and
+/// [`as_mut_slice`](SharedMemory::as_mut_slice) borrow the bytes as a
+/// slice, in place; they are `unsafe fn`s: the caller promises that nothing
+/// writes (for `as_mut_slice`, touches) the bytes while the slice lives.
+///
+/// For typed data, [`Value`](crate::Value), [`Array`](crate::Array) and
+/// [`RawArray`](crate::shared::RawArray) are usually the better fit.
 ///
 /// # Examples
 ///
@@ -53,11 +72,15 @@ const MAX_NAME: usize = 64;
 /// use multiproc::shared::SharedMemory;
 ///
 /// # fn main() -> multiproc::Result<()> {
-/// let mut shm = SharedMemory::create("psm_demo", 1024)?;
-/// shm[..5].copy_from_slice(b"hello");
+/// let shm = SharedMemory::create("psm_demo", 1024)?;
+/// shm.write(0, b"hello")?;
+/// shm.atomic_u32_at(8)?.store(7, std::sync::atomic::Ordering::Release);
 /// // In another process of the same user:
 /// let other = SharedMemory::open("psm_demo")?;
-/// assert_eq!(&other[..5], b"hello");
+/// let mut greeting = [0u8; 5];
+/// other.read(0, &mut greeting)?;
+/// assert_eq!(&greeting, b"hello");
+/// assert_eq!(other.atomic_u32_at(8)?.load(std::sync::atomic::Ordering::Acquire), 7);
 /// shm.unlink()?;
 /// # Ok(())
 /// # }
@@ -199,9 +222,214 @@ impl SharedMemory {
         &self.name
     }
 
-    /// The size in bytes.
+    /// The size in bytes (Python's `size`).
     pub fn size(&self) -> usize {
         self.map.len()
+    }
+
+    /// The size in bytes, as for a slice: the same as [`size`](SharedMemory::size).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Always `false`: a block holds at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// Copies `buf.len()` bytes starting at `offset` into `buf`.
+    ///
+    /// The copy is made of relaxed atomic loads: if another process or
+    /// handle writes the range meanwhile, `buf` gets a mix of old and new
+    /// bytes (take a [`Lock`](crate::Lock) around both sides when that
+    /// matters).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range does not lie inside the block.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_read", 16)?;
+    /// let mut head = [0xffu8; 4];
+    /// shm.read(0, &mut head)?;
+    /// assert_eq!(head, [0; 4]);
+    /// assert!(shm.read(14, &mut head).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        Ok(self.map.load_bytes(offset, buf)?)
+    }
+
+    /// Copies `data` into the block starting at `offset`.
+    ///
+    /// Takes `&self`: the bytes are shared, every handle (and every process
+    /// that opened the name) may write them. The copy is made of relaxed
+    /// atomic stores (see [`read`](SharedMemory::read)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range does not lie inside the block.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_write", 16)?;
+    /// shm.write(4, b"abcd")?;
+    /// assert_eq!(&shm.to_vec()[4..8], b"abcd");
+    /// assert!(shm.write(15, b"xy").is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        Ok(self.map.store_bytes(offset, data)?)
+    }
+
+    /// A copy of the whole block (see [`read`](SharedMemory::read)).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.map.len()];
+        // The range is the whole mapping: it cannot be out of bounds.
+        let _ = self.map.load_bytes(0, &mut out);
+        out
+    }
+
+    /// The block as bytes that may be read and written atomically, in
+    /// place, while other processes do the same.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::atomic::Ordering;
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_bytes", 16)?;
+    /// let bytes = shm.as_atomic_u8();
+    /// bytes[3].store(9, Ordering::Relaxed);
+    /// assert_eq!(shm.to_vec()[3], 9);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn as_atomic_u8(&self) -> &[AtomicU8] {
+        self.map.atomics_u8()
+    }
+
+    /// The 32-bit atomic at byte `offset` (a flag, a counter, a futex-style
+    /// word another process polls).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `offset` is not a multiple of 4 or the
+    /// word does not lie inside the block.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::atomic::Ordering;
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_u32", 16)?;
+    /// shm.atomic_u32_at(4)?.fetch_add(1, Ordering::SeqCst);
+    /// assert_eq!(shm.atomic_u32_at(4)?.load(Ordering::SeqCst), 1);
+    /// assert!(shm.atomic_u32_at(2).is_err()); // misaligned
+    /// assert!(shm.atomic_u32_at(16).is_err()); // out of range
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn atomic_u32_at(&self, offset: usize) -> Result<&AtomicU32> {
+        Ok(self.map.atomic_at::<AtomicU32>(offset)?)
+    }
+
+    /// The 64-bit atomic at byte `offset`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `offset` is not a multiple of 8 or the
+    /// word does not lie inside the block.
+    pub fn atomic_u64_at(&self, offset: usize) -> Result<&AtomicU64> {
+        Ok(self.map.atomic_at::<AtomicU64>(offset)?)
+    }
+
+    /// The first byte, as a raw pointer valid for [`len`](SharedMemory::len)
+    /// bytes while this handle lives. Reading through it is `unsafe`, and
+    /// sound only under the rules of [`as_slice`](SharedMemory::as_slice)
+    /// or with atomic or volatile accesses.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    /// The first byte, as a raw pointer for writing, valid for
+    /// [`len`](SharedMemory::len) bytes while this handle lives (the
+    /// memory is shared: `&self` suffices, as for
+    /// [`write`](SharedMemory::write)). Writing through it is `unsafe`.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// The whole block as a byte slice, in place.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, nothing may write any of its bytes:
+    /// no other process, no other handle to the same block in this process,
+    /// and not this handle either ([`write`](SharedMemory::write), the
+    /// atomic views, [`as_mut_ptr`](SharedMemory::as_mut_ptr)). A `&[u8]`
+    /// promises the compiler that its bytes do not change; a write behind
+    /// it is undefined behaviour (a loop that polls the slice may never see
+    /// it). Typical sound uses: the block is written once before any other
+    /// process opens it, or every writer and reader holds the same
+    /// [`Lock`](crate::Lock) around its accesses.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_slice", 16)?;
+    /// shm.write(0, b"fixed")?;
+    /// // SAFETY: no other process knows the name yet, and this thread
+    /// // does not write while `bytes` lives.
+    /// let bytes = unsafe { shm.as_slice() };
+    /// assert_eq!(&bytes[..5], b"fixed");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[allow(unsafe_code)]
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the caller upholds `as_slice`'s contract, which is
+        // `bytes_unchecked`'s: nothing writes the bytes while the slice lives.
+        unsafe { self.map.bytes_unchecked() }
+    }
+
+    /// The whole block as a mutable byte slice, in place.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, no other process and no other handle
+    /// to the same block in this process may read or write any of its
+    /// bytes (`&mut self` already excludes this handle's other accesses).
+    /// Typical sound uses: filling a block before any other process opens
+    /// it, or while every other user holds off by a protocol (a
+    /// [`Lock`](crate::Lock) that all of them take around every access).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let mut shm = multiproc::shared::SharedMemory::create("psm_fill", 4096)?;
+    /// // SAFETY: no other process knows the name yet.
+    /// let bytes = unsafe { shm.as_mut_slice() };
+    /// bytes.fill(0xab);
+    /// assert!(shm.to_vec().iter().all(|&b| b == 0xab));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[allow(unsafe_code)]
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the caller upholds `as_mut_slice`'s contract, which is
+        // `bytes_unchecked_mut`'s: no other mapping touches the bytes while
+        // the slice lives.
+        unsafe { self.map.bytes_unchecked_mut() }
     }
 }
 
@@ -220,20 +448,6 @@ fn serve(listener: &OwnedFd, memfd: &OwnedFd) {
         let fds = [memfd.as_raw_fd()];
         let fds: &[i32] = if same_user { &fds } else { &[] };
         let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[1])], fds);
-    }
-}
-
-impl Deref for SharedMemory {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        self.map.bytes()
-    }
-}
-
-impl DerefMut for SharedMemory {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.map.bytes_mut()
     }
 }
 
@@ -298,11 +512,11 @@ mod tests {
     #[test]
     fn create_open_unlink() {
         let name = format!("unit-{}", std::process::id());
-        let mut a = SharedMemory::create(&name, 100).expect("create");
-        a[..3].copy_from_slice(b"abc");
+        let a = SharedMemory::create(&name, 100).expect("create");
+        a.write(0, b"abc").expect("write");
         assert!(SharedMemory::create(&name, 100).is_err());
         let b = SharedMemory::open(&name).expect("open");
-        assert_eq!(&b[..3], b"abc");
+        assert_eq!(&b.to_vec()[..3], b"abc");
         assert_eq!(b.len(), 100);
         a.unlink().expect("unlink");
         // The server closes its end asynchronously: retry briefly.
@@ -314,6 +528,43 @@ mod tests {
             gone
         });
         assert!(gone);
-        assert_eq!(&b[..3], b"abc");
+        assert_eq!(&b.to_vec()[..3], b"abc");
+    }
+
+    #[test]
+    fn two_handles_see_each_others_writes_through_the_safe_surface() {
+        use std::sync::atomic::Ordering;
+        let name = format!("unit-safe-{}", std::process::id());
+        let a = SharedMemory::create(&name, 64).expect("create");
+        let b = SharedMemory::open(&name).expect("open");
+        a.unlink().expect("unlink");
+        assert_ne!(a.as_ptr(), b.as_ptr(), "two mappings of one memfd");
+
+        a.write(3, b"shared bytes").expect("write");
+        let mut out = [0u8; 12];
+        b.read(3, &mut out).expect("read");
+        assert_eq!(&out, b"shared bytes");
+
+        a.atomic_u64_at(16)
+            .expect("u64")
+            .store(u64::MAX - 1, Ordering::SeqCst);
+        assert_eq!(
+            b.atomic_u64_at(16).expect("u64").load(Ordering::SeqCst),
+            u64::MAX - 1
+        );
+        b.atomic_u32_at(24)
+            .expect("u32")
+            .fetch_add(5, Ordering::SeqCst);
+        assert_eq!(a.atomic_u32_at(24).expect("u32").load(Ordering::SeqCst), 5);
+        b.as_atomic_u8()[63].store(0x5a, Ordering::SeqCst);
+        assert_eq!(a.to_vec()[63], 0x5a);
+
+        assert!(a.atomic_u64_at(12).is_err(), "misaligned");
+        assert!(a.atomic_u64_at(64).is_err(), "out of range");
+        assert!(a.atomic_u32_at(62).is_err(), "misaligned");
+        assert!(a.write(60, b"12345").is_err(), "out of range");
+        assert!(b.read(usize::MAX, &mut out).is_err(), "overflowing range");
+        assert_eq!(a.as_atomic_u8().len(), 64);
+        assert!(!a.is_empty());
     }
 }

@@ -380,27 +380,93 @@ impl Mapping {
         Ok(f(bytes))
     }
 
-    /// The whole mapping as bytes, for `SharedMemory`'s `Deref`.
+    /// The whole mapping as bytes, borrowed: `SharedMemory::as_slice`.
     ///
-    /// Other processes (and other handles in this one) may write these bytes
-    /// while the borrow lives: `SharedMemory` documents that concurrent
-    /// writers must be coordinated by the user (a Lock), as with Python's
-    /// `SharedMemory.buf`.
-    pub(crate) fn bytes(&self) -> &[u8] {
+    /// # Safety
+    ///
+    /// While the returned slice lives, no process and no other mapping of
+    /// the same memfd in this one may write any of these bytes, and no
+    /// write may go through `self` either (its atomics, [`store_bytes`],
+    /// [`write`](Mapping::write)...): a `&[u8]` promises the compiler that
+    /// its bytes do not change.
+    ///
+    /// [`store_bytes`]: Mapping::store_bytes
+    pub(crate) unsafe fn bytes_unchecked(&self) -> &[u8] {
         // SAFETY: `len` bytes lie inside the mapping, which stays mapped
-        // while `&self` lives; u8 has no invalid values. Concurrent writers
-        // are excluded only by the caller's protocol, as documented on
-        // `SharedMemory` (the Python model this API reproduces).
+        // while `&self` lives; u8 has no invalid values; no writer touches
+        // them while the slice lives (this function's contract, passed on
+        // to its caller).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    /// The whole mapping as mutable bytes, for `SharedMemory`'s `DerefMut`
-    /// (`&mut` on a handle that is not `Clone`).
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `bytes`; `&mut self` excludes every other borrow of
-        // this mapping in this process (the handle is not cloneable), other
-        // mappings of the same memory are the caller's protocol, documented.
+    /// The whole mapping as mutable bytes: `SharedMemory::as_mut_slice`.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, no process and no other mapping of
+    /// the same memfd in this one may read or write any of these bytes
+    /// (`&mut self` already excludes every other access through `self`).
+    pub(crate) unsafe fn bytes_unchecked_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes_unchecked`; `&mut self` excludes every
+        // other borrow of this mapping, and the caller excludes every other
+        // mapping's accesses while the slice lives.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The first byte of the mapping, as a raw pointer (valid for
+    /// [`len`](Mapping::len) bytes while `self` lives). Using it is the
+    /// caller's business, and `unsafe` there.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `out.len()` bytes from `offset` with relaxed atomic loads
+    /// (8-byte words where the range is aligned for them, single bytes at
+    /// its ends): a copy that races with a write of another process or
+    /// handle reads a mix of old and new bytes, never undefined behaviour.
+    /// Out of range: an error.
+    pub(crate) fn load_bytes(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
+        self.check(offset, out.len())?;
+        let (head, words, tail) = split_words(offset, out.len());
+        let cells = &self.atomics_u8()[offset..][..out.len()];
+        let (out_head, rest) = out.split_at_mut(head);
+        let (out_words, out_tail) = rest.split_at_mut(words * 8);
+        for (byte, cell) in out_head.iter_mut().zip(&cells[..head]) {
+            *byte = cell.load(Ordering::Relaxed);
+        }
+        let first = (offset + head) / 8;
+        let atomic_words = &self.atomics_u64()[first..][..words];
+        for (chunk, word) in out_words.chunks_exact_mut(8).zip(atomic_words) {
+            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        for (byte, cell) in out_tail.iter_mut().zip(&cells[head + words * 8..][..tail]) {
+            *byte = cell.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` with relaxed atomic stores (see
+    /// [`load_bytes`](Mapping::load_bytes)). Out of range: an error.
+    pub(crate) fn store_bytes(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        self.check(offset, data.len())?;
+        let (head, words, tail) = split_words(offset, data.len());
+        let cells = &self.atomics_u8()[offset..][..data.len()];
+        let (data_head, rest) = data.split_at(head);
+        let (data_words, data_tail) = rest.split_at(words * 8);
+        for (byte, cell) in data_head.iter().zip(&cells[..head]) {
+            cell.store(*byte, Ordering::Relaxed);
+        }
+        let first = (offset + head) / 8;
+        let atomic_words = &self.atomics_u64()[first..][..words];
+        for (chunk, word) in data_words.chunks_exact(8).zip(atomic_words) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        for (byte, cell) in data_tail.iter().zip(&cells[head + words * 8..][..tail]) {
+            cell.store(*byte, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// `len` bytes at `offset` of a pool arena, borrowed for reading in
@@ -429,6 +495,14 @@ impl Mapping {
 /// Bytes at the start of a locked mapping: the lock word (word 0) and its
 /// poison flag (word 1); locked data starts at or after it.
 pub(crate) const LOCK_HEADER: usize = 8;
+
+/// Splits `len` bytes at `offset` into leading single bytes, whole 8-byte
+/// words aligned at multiples of 8, and trailing single bytes.
+fn split_words(offset: usize, len: usize) -> (usize, usize, usize) {
+    let head = ((8 - offset % 8) % 8).min(len);
+    let words = (len - head) / 8;
+    (head, words, len - head - words * 8)
+}
 
 fn word_width(size: usize, offset: usize) -> usize {
     if size % 8 == 0 && offset % 8 == 0 {
@@ -541,5 +615,27 @@ mod tests {
         // Not a memfd: a pipe.
         let (read_end, _write_end) = crate::sys::pipe().expect("pipe");
         assert!(refusal(read_end).contains("not a memfd"));
+    }
+
+    #[test]
+    fn byte_copies_round_trip_at_every_alignment() {
+        let m = Mapping::create("test-bytes", 64).expect("create");
+        let data: Vec<u8> = (1..=40).collect();
+        for offset in 0..16 {
+            for len in [0, 1, 7, 8, 9, 17, 40] {
+                m.store_bytes(0, &[0; 64]).expect("clear");
+                m.store_bytes(offset, &data[..len]).expect("store");
+                let mut all = [0u8; 64];
+                m.load_bytes(0, &mut all).expect("load all");
+                let mut expected = [0u8; 64];
+                expected[offset..offset + len].copy_from_slice(&data[..len]);
+                assert_eq!(all, expected, "offset {offset} len {len}");
+                let mut back = vec![0u8; len];
+                m.load_bytes(offset, &mut back).expect("load");
+                assert_eq!(back, &data[..len]);
+            }
+        }
+        assert!(m.store_bytes(60, &[0; 5]).is_err());
+        assert!(m.load_bytes(usize::MAX, &mut [0; 2]).is_err());
     }
 }
