@@ -141,8 +141,9 @@ fn dev_shm() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Retries `open` until it fails, for at most 30 s: a name disappears when
-/// its server thread or process has closed the socket, which is asynchronous.
+/// Retries `open` until it fails, for at most 30 s: the name of a killed
+/// creator disappears when the kernel has closed its socket, which is
+/// asynchronous to the parent's reaping.
 fn gone(name: &str) -> bool {
     let deadline = Instant::now() + JOIN;
     while Instant::now() < deadline {
@@ -163,7 +164,10 @@ fn shared_memory_round_trip_by_name_and_gone_after_unlink() {
     assert_eq!(&shm.to_vec()[..5], b"hello");
     assert!(dev_shm().iter().all(|e| !e.contains(&name)));
     shm.unlink().expect("unlink");
-    assert!(gone(&name), "the name outlived unlink");
+    assert!(
+        SharedMemory::open(&name).is_err(),
+        "the name outlived unlink"
+    );
     assert_eq!(&shm.to_vec()[..5], b"hello", "open handles keep the memory");
 }
 
@@ -301,4 +305,50 @@ fn shared_memory_safe_surface_across_processes() {
         20_000
     );
     shm.unlink().expect("unlink");
+}
+
+/// Threads of this process named for a name server (`multiproc-shm`, or
+/// `multiproc-shm-<name>` truncated, as each block had its own before).
+fn name_server_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("multiproc-shm"))
+        })
+        .count()
+}
+
+#[test]
+fn two_hundred_blocks_share_one_name_server_thread() {
+    let base = format!("test-many-{}", std::process::id());
+    let blocks: Vec<SharedMemory> = (0..200u32)
+        .map(|i| {
+            let shm = SharedMemory::create(&format!("{base}-{i}"), 8).expect("create");
+            shm.write(0, &i.to_ne_bytes()).expect("in range");
+            shm
+        })
+        .collect();
+    // Other tests of this binary may create blocks meanwhile: they are
+    // served by the same thread, so the count is 1 whatever they do.
+    assert_eq!(name_server_threads(), 1, "one thread serves every name");
+    for i in 0..200u32 {
+        let opened = SharedMemory::open(&format!("{base}-{i}")).expect("open");
+        let mut word = [0u8; 4];
+        opened.read(0, &mut word).expect("in range");
+        assert_eq!(u32::from_ne_bytes(word), i, "block {i} maps its own memory");
+    }
+    // Every name vanishes at its unlink, the others stay served.
+    for (i, shm) in blocks.iter().enumerate() {
+        shm.unlink().expect("unlink");
+        assert!(SharedMemory::open(&format!("{base}-{i}")).is_err());
+        if let Some(next) = blocks.get(i + 1) {
+            assert_eq!(
+                SharedMemory::open(next.name()).expect("still served").len(),
+                8
+            );
+        }
+    }
+    assert_eq!(name_server_threads(), 1);
 }

@@ -1,21 +1,20 @@
 //! [`SharedMemory`]: blocks of bytes found by name.
 
 use std::fmt;
-use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
-use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, Shutdown, SockFlag, SockType, UnixAddr, sockopt,
-};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::shm::Mapping;
+
+mod names;
 
 const MAX_NAME: usize = 64;
 
@@ -28,8 +27,10 @@ const MAX_NAME: usize = 64;
 /// process maps it or holds its descriptor, so no crash can leave anything
 /// in `/dev/shm`. The *name* is a Unix socket in Linux's abstract namespace
 /// (`multiproc-shm/<uid>/<name>`, never a file), bound by the creating
-/// process, where a small thread hands the memfd to [`open`](SharedMemory::open)
-/// (to processes of the same user only, checked with `SO_PEERCRED`).
+/// process, where its name server hands the memfd to
+/// [`open`](SharedMemory::open) (to processes of the same user only,
+/// checked with `SO_PEERCRED`). One thread, `multiproc-shm`, serves every
+/// name of a process, however many blocks it creates.
 /// The name disappears on [`unlink`](SharedMemory::unlink) or when the
 /// creating process exits, however it exits; the memory disappears when
 /// the last process that mapped it unmaps it or dies. Unlike Python, a
@@ -88,7 +89,9 @@ const MAX_NAME: usize = 64;
 pub struct SharedMemory {
     map: Mapping,
     name: String,
-    listener: Mutex<Option<Arc<OwnedFd>>>,
+    /// The name this handle serves: only the creating handle's, until
+    /// `unlink`.
+    served: Mutex<Option<names::Token>>,
 }
 
 fn address(name: &str) -> Result<UnixAddr> {
@@ -139,20 +142,18 @@ impl SharedMemory {
         }
         let backlog = Backlog::new(64).map_err(|e| Error::errno("listen", e))?;
         socket::listen(&listener, backlog).map_err(|e| Error::errno("listen", e))?;
-        let listener = Arc::new(listener);
+        sys::set_nonblocking(listener.as_fd(), true)
+            .map_err(|e| Error::io("could not set up the shared memory name", e))?;
         let memfd = map
             .fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io("could not duplicate the shared memory descriptor", e))?;
-        let serving = Arc::clone(&listener);
-        std::thread::Builder::new()
-            .name(format!("multiproc-shm-{name}"))
-            .spawn(move || serve(&serving, &memfd))
+        let token = names::serve(listener, memfd)
             .map_err(|e| Error::io("could not start the shared memory name server", e))?;
         Ok(SharedMemory {
             map,
             name: name.to_string(),
-            listener: Mutex::new(Some(listener)),
+            served: Mutex::new(Some(token)),
         })
     }
 
@@ -184,37 +185,30 @@ impl SharedMemory {
         Ok(SharedMemory {
             map: Mapping::from_fd(fd)?,
             name: name.to_string(),
-            listener: Mutex::new(None),
+            served: Mutex::new(None),
         })
     }
 
-    /// Removes the name: later [`open`](SharedMemory::open)s fail, handles
-    /// already open keep working, and the memory is freed when the last is
-    /// dropped. Only the creating handle holds the name; on other handles
-    /// (and a second time) this does nothing.
+    /// Removes the name: once this returns, [`open`](SharedMemory::open)
+    /// fails and [`create`](SharedMemory::create) may use the name again;
+    /// handles already open keep working, and the memory is freed when the
+    /// last is dropped. Only the creating handle holds the name; on other
+    /// handles (and a second time) this does nothing.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the name server cannot be stopped.
+    /// [`Error::Io`] if the name's socket could not be shut down (the name
+    /// is removed all the same).
     pub fn unlink(&self) -> Result<()> {
-        let listener = match self.listener.lock() {
+        let served = match self.served.lock() {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
-        if let Some(listener) = listener {
-            // Wakes the server's accept() with an error; the name is gone
-            // once both it and this handle have closed the socket.
-            match socket::shutdown(listener.as_raw_fd(), Shutdown::Both) {
-                Ok(()) | Err(Errno::ENOTCONN) => {}
-                Err(e) => {
-                    return Err(Error::errno(
-                        "could not stop the shared memory name server",
-                        e,
-                    ));
-                }
-            }
+        match served {
+            Some(token) => names::withdraw(token)
+                .map_err(|e| Error::io("could not remove the shared memory name", e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The name.
@@ -433,24 +427,6 @@ impl SharedMemory {
     }
 }
 
-/// The name server: hands the memfd to each connecting process of our uid.
-fn serve(listener: &OwnedFd, memfd: &OwnedFd) {
-    let uid = nix::unistd::getuid().as_raw();
-    loop {
-        let conn = match socket::accept4(listener.as_fd(), SockFlag::SOCK_CLOEXEC) {
-            Ok(conn) => conn,
-            Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
-            // Shut down by `unlink`, or broken: either way stop serving.
-            Err(_) => return,
-        };
-        let same_user =
-            socket::getsockopt(&conn, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == uid);
-        let fds = [memfd.as_raw_fd()];
-        let fds: &[i32] = if same_user { &fds } else { &[] };
-        let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[1])], fds);
-    }
-}
-
 impl fmt::Debug for SharedMemory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedMemory")
@@ -500,7 +476,7 @@ impl<'de> Deserialize<'de> for SharedMemory {
         Ok(SharedMemory {
             map: Mapping::from_fd(wire.fd).map_err(D::Error::custom)?,
             name: wire.name,
-            listener: Mutex::new(None),
+            served: Mutex::new(None),
         })
     }
 }
@@ -519,15 +495,11 @@ mod tests {
         assert_eq!(&b.to_vec()[..3], b"abc");
         assert_eq!(b.len(), 100);
         a.unlink().expect("unlink");
-        // The server closes its end asynchronously: retry briefly.
-        let gone = (0..200).any(|_| {
-            let gone = SharedMemory::open(&name).is_err();
-            if !gone {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            gone
-        });
-        assert!(gone);
+        // Gone at once, and free for another block.
+        assert!(SharedMemory::open(&name).is_err());
+        let again = SharedMemory::create(&name, 10).expect("the name is free again");
+        assert_eq!(SharedMemory::open(&name).expect("open").len(), 10);
+        again.unlink().expect("unlink");
         assert_eq!(&b.to_vec()[..3], b"abc");
     }
 
