@@ -352,3 +352,88 @@ fn two_hundred_blocks_share_one_name_server_thread() {
     }
     assert_eq!(name_server_threads(), 1);
 }
+
+/// Set, for [`squatter`], to the abstract address it must take.
+const SQUAT_ENV: &str = "MULTIPROC_TEST_SQUAT_ADDRESS";
+const SQUATTING: &str = "squatting";
+
+/// Not a test: started by [`another_users_name_is_neither_opened_nor_taken`]
+/// as another user, it binds our name's address first (as a hostile local
+/// user could), says so on stdout, and holds the name until its stdin
+/// closes.
+#[test]
+#[ignore = "a helper, started as another user by another_users_name_is_neither_opened_nor_taken"]
+fn squatter() {
+    use std::io::Read;
+    use std::os::linux::net::SocketAddrExt;
+    let address = std::env::var(SQUAT_ENV).expect("started without an address");
+    let address =
+        std::os::unix::net::SocketAddr::from_abstract_name(address.as_bytes()).expect("address");
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&address).expect("bind");
+    println!("{SQUATTING}");
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
+/// Kills and reaps the child when dropped, even if an assertion failed.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn another_users_name_is_neither_opened_nor_taken() {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let our_uid = std::fs::metadata("/proc/self").expect("/proc/self").uid();
+    if our_uid != 0 {
+        eprintln!("skipped: only root can start a process of another user here");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let name = format!("test-squatted-{}", std::process::id());
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "squatter", "--ignored", "--nocapture"])
+        .env(SQUAT_ENV, format!("multiproc-shm/{our_uid}/{name}"))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the squatter as another user");
+    let stdout = child.stdout.take().expect("piped");
+    let child = Reaped(child);
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(SQUATTING) {
+                let _ = said.send(());
+                break;
+            }
+        }
+    });
+    heard
+        .recv_timeout(JOIN)
+        .expect("the squatter did not take the name in time");
+
+    let refused = SharedMemory::open(&name).expect_err("a foreign server must be refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&format!("another user (uid {NOBODY}")),
+        "{message}"
+    );
+    let taken = SharedMemory::create(&name, 64).expect_err("the name is taken");
+    let message = taken.to_string();
+    assert!(
+        message.contains(&format!("another user (uid {NOBODY})")),
+        "{message}"
+    );
+    drop(child);
+}

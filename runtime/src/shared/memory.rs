@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 
 use nix::errno::Errno;
-use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, sockopt};
+use nix::sys::time::{TimeVal, TimeValLike};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec;
@@ -115,6 +116,54 @@ fn unix_socket() -> Result<OwnedFd> {
     .map_err(|e| Error::errno("could not create a socket", e))
 }
 
+/// How long [`SharedMemory::open`] waits for a name's server to accept
+/// and to answer.
+const OPEN_TIMEOUT_SECS: i64 = 30;
+
+const SERVER_SILENT: &str = "the shared memory name server did not answer within 30 s";
+
+/// Refuses a name server that runs as another user than `our_uid`.
+fn check_server(name: &str, pid: i32, uid: u32, our_uid: u32) -> Result<()> {
+    if uid == our_uid {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "shared memory name {name:?} is held by process {pid} of another user (uid {uid}, \
+         not {our_uid}): refused, its memory could be rewritten or truncated by that user"
+    )))
+}
+
+/// Why `create` could not bind `addr`, which is in use: asks the holder
+/// who it is, without waiting (a non-blocking connect either queues at
+/// once or fails).
+fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
+    let holder = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .and_then(|probe| {
+        socket::connect(probe.as_raw_fd(), addr)?;
+        socket::getsockopt(&probe, sockopt::PeerCredentials)
+    });
+    let Ok(holder) = holder else {
+        return Error::invalid(format!("shared memory named {name:?} already exists"));
+    };
+    let our_uid = nix::unistd::getuid().as_raw();
+    match check_server(name, holder.pid(), holder.uid(), our_uid) {
+        Ok(()) => Error::invalid(format!(
+            "shared memory named {name:?} already exists (created by process {})",
+            holder.pid()
+        )),
+        Err(_) => Error::invalid(format!(
+            "shared memory name {name:?} is taken by process {} of another user (uid {})",
+            holder.pid(),
+            holder.uid()
+        )),
+    }
+}
+
 impl SharedMemory {
     /// Creates a zero-filled block of `size` bytes named `name`.
     ///
@@ -122,8 +171,9 @@ impl SharedMemory {
     ///
     /// [`Error::InvalidArgument`] if the name is empty, longer than 64
     /// bytes, or holds `/` or NUL, or if `size` is 0, or if the name is
-    /// already in use (Python's `FileExistsError`); [`Error::Io`] if the
-    /// OS refuses.
+    /// already in use (Python's `FileExistsError`; the message names the
+    /// holder's pid, and its uid when another user took the name);
+    /// [`Error::Io`] if the OS refuses.
     pub fn create(name: &str, size: usize) -> Result<SharedMemory> {
         if size == 0 {
             return Err(Error::invalid("shared memory size must be at least 1 byte"));
@@ -133,11 +183,7 @@ impl SharedMemory {
         let listener = unix_socket()?;
         match socket::bind(listener.as_raw_fd(), &addr) {
             Ok(()) => {}
-            Err(Errno::EADDRINUSE) => {
-                return Err(Error::invalid(format!(
-                    "shared memory named {name:?} already exists"
-                )));
-            }
+            Err(Errno::EADDRINUSE) => return Err(name_in_use(name, &addr)),
             Err(e) => return Err(Error::errno("could not bind the shared memory name", e)),
         }
         let backlog = Backlog::new(64).map_err(|e| Error::errno("listen", e))?;
@@ -159,25 +205,51 @@ impl SharedMemory {
 
     /// Opens the block named `name`, created by a live process of this user.
     ///
+    /// The process that answers for the name must run as this user (its
+    /// uid is read with `SO_PEERCRED` before anything is received): another
+    /// user who took the name first could otherwise hand over memory that
+    /// it rewrites at will.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if no block has that name (never created,
-    /// unlinked, or its creator exited: Python's `FileNotFoundError`) or
-    /// the name is malformed; [`Error::Io`] if the OS refuses.
+    /// unlinked, or its creator exited: Python's `FileNotFoundError`), if
+    /// the name is malformed, or if a process of another user holds it;
+    /// [`Error::Io`] if the OS refuses, or if the name's server does not
+    /// answer within 30 s.
     pub fn open(name: &str) -> Result<SharedMemory> {
         let addr = address(name)?;
         let conn = unix_socket()?;
+        // A server that never accepts (a full backlog) or never answers
+        // must not hang us: both waits are bounded.
+        let limit = TimeVal::seconds(OPEN_TIMEOUT_SECS);
+        socket::setsockopt(&conn, sockopt::SendTimeout, &limit)
+            .and_then(|()| socket::setsockopt(&conn, sockopt::ReceiveTimeout, &limit))
+            .map_err(|e| Error::errno("could not set up a socket", e))?;
         match socket::connect(conn.as_raw_fd(), &addr) {
             Ok(()) => {}
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
                 return Err(Error::invalid(format!("no shared memory named {name:?}")));
             }
+            Err(Errno::EAGAIN) => return Err(Error::errno(SERVER_SILENT, Errno::ETIMEDOUT)),
             Err(e) => return Err(Error::errno("could not reach the shared memory name", e)),
         }
+        // Before anything is received: a server of another user could hand
+        // us memory it rewrites or truncates at will.
+        let server = socket::getsockopt(&conn, sockopt::PeerCredentials)
+            .map_err(|e| Error::errno("could not identify the shared memory name server", e))?;
+        check_server(
+            name,
+            server.pid(),
+            server.uid(),
+            nix::unistd::getuid().as_raw(),
+        )?;
         let mut fds = Vec::new();
         let mut byte = [0u8; 1];
-        sys::recv_with_fds(conn.as_fd(), &mut byte, &mut fds)
-            .map_err(|e| Error::errno("could not receive the shared memory", e))?;
+        sys::recv_with_fds(conn.as_fd(), &mut byte, &mut fds).map_err(|e| match e {
+            Errno::EAGAIN => Error::errno(SERVER_SILENT, Errno::ETIMEDOUT),
+            e => Error::errno("could not receive the shared memory", e),
+        })?;
         let fd = fds
             .into_iter()
             .next()
@@ -501,6 +573,37 @@ mod tests {
         assert_eq!(SharedMemory::open(&name).expect("open").len(), 10);
         again.unlink().expect("unlink");
         assert_eq!(&b.to_vec()[..3], b"abc");
+    }
+
+    #[test]
+    fn a_name_server_of_another_user_is_refused() {
+        assert!(check_server("n", 10, 1000, 1000).is_ok());
+        let refused = check_server("n", 4242, 65534, 1000).expect_err("another uid");
+        let message = refused.to_string();
+        assert!(
+            matches!(refused, Error::InvalidArgument { .. }),
+            "{message}"
+        );
+        assert!(message.contains("uid 65534"), "{message}");
+        assert!(message.contains("process 4242"), "{message}");
+        assert!(
+            check_server("n", 1, 0, 1000).is_err(),
+            "root is another user too"
+        );
+    }
+
+    #[test]
+    fn a_taken_name_says_who_holds_it() {
+        let name = format!("unit-taken-{}", std::process::id());
+        let a = SharedMemory::create(&name, 8).expect("create");
+        let message = SharedMemory::create(&name, 8)
+            .expect_err("taken")
+            .to_string();
+        assert!(
+            message.contains(&format!("created by process {}", std::process::id())),
+            "{message}"
+        );
+        a.unlink().expect("unlink");
     }
 
     #[test]
