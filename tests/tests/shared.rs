@@ -2,6 +2,7 @@
 //!
 //! Every wait is bounded; nothing sleeps to synchronise.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use multiproc::shared::{RawArray, SharedMemory};
@@ -124,8 +125,8 @@ fn raw_array_disjoint_writes_by_two_processes() {
 
 #[process_fn]
 fn write_by_name(name: String) -> usize {
-    let mut shm = SharedMemory::open(&name).expect("open by name");
-    shm[..5].copy_from_slice(b"hello");
+    let shm = SharedMemory::open(&name).expect("open by name");
+    shm.write(0, b"hello").expect("in range");
     shm.len()
 }
 
@@ -140,8 +141,9 @@ fn dev_shm() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Retries `open` until it fails, for at most 30 s: a name disappears when
-/// its server thread or process has closed the socket, which is asynchronous.
+/// Retries `open` until it fails, for at most 30 s: the name of a killed
+/// creator disappears when the kernel has closed its socket, which is
+/// asynchronous to the parent's reaping.
 fn gone(name: &str) -> bool {
     let deadline = Instant::now() + JOIN;
     while Instant::now() < deadline {
@@ -159,17 +161,20 @@ fn shared_memory_round_trip_by_name_and_gone_after_unlink() {
     let shm = SharedMemory::create(&name, 4096).expect("create");
     let child = multiproc::spawn(write_by_name, (name.clone(),)).expect("spawn");
     assert_eq!(child.join_timeout(JOIN).expect("join"), 4096);
-    assert_eq!(&shm[..5], b"hello");
+    assert_eq!(&shm.to_vec()[..5], b"hello");
     assert!(dev_shm().iter().all(|e| !e.contains(&name)));
     shm.unlink().expect("unlink");
-    assert!(gone(&name), "the name outlived unlink");
-    assert_eq!(&shm[..5], b"hello", "open handles keep the memory");
+    assert!(
+        SharedMemory::open(&name).is_err(),
+        "the name outlived unlink"
+    );
+    assert_eq!(&shm.to_vec()[..5], b"hello", "open handles keep the memory");
 }
 
 #[process_fn]
 fn create_and_linger(name: String, ready: Event) {
-    let mut shm = SharedMemory::create(&name, 64).expect("create");
-    shm[0] = 42;
+    let shm = SharedMemory::create(&name, 64).expect("create");
+    shm.write(0, &[42]).expect("in range");
     ready.set();
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -185,13 +190,259 @@ fn shared_memory_name_disappears_when_its_creator_is_killed() {
     p.start().expect("start");
     assert!(ready.wait_timeout(JOIN));
     let opened = SharedMemory::open(&name).expect("open while the creator lives");
-    assert_eq!(opened[0], 42);
+    assert_eq!(opened.to_vec()[0], 42);
     p.kill().expect("kill");
     p.join_timeout(JOIN).expect("join").expect("reaped");
     assert!(gone(&name), "the name outlived its creator");
     assert_eq!(
-        opened[0], 42,
+        opened.to_vec()[0],
+        42,
         "a process that still maps it keeps the memory"
     );
     assert_eq!(dev_shm(), before, "nothing may be left in /dev/shm");
+}
+
+/// Offsets in the block of the safe-surface test.
+const TEXT: usize = 0;
+const WORD: usize = 24;
+const COUNT: usize = 32;
+const READY: usize = 40;
+const ACK: usize = 44;
+const REPLY: usize = 48;
+const BYTES: usize = 64;
+
+/// Spins (yielding) until `flag` holds `value`, for at most [`JOIN`].
+/// The flag is written by another process: the loop rereads it each time
+/// because it is an atomic (a `&[u8]` loop could be compiled to read once).
+fn wait_for(flag: &AtomicU32, value: u32) -> bool {
+    let deadline = Instant::now() + JOIN;
+    while flag.load(Ordering::Acquire) != value {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
+}
+
+#[process_fn]
+fn safe_surface_child(name: String) -> Vec<u8> {
+    let shm = SharedMemory::open(&name).expect("open by name");
+    shm.write(TEXT, b"written by the child").expect("in range");
+    shm.atomic_u64_at(WORD)
+        .expect("aligned")
+        .store(0x0123_4567_89ab_cdef, Ordering::Relaxed);
+    for (i, cell) in shm.as_atomic_u8()[BYTES..BYTES + 16].iter().enumerate() {
+        cell.store(i as u8 + 1, Ordering::Relaxed);
+    }
+    shm.atomic_u32_at(READY)
+        .expect("aligned")
+        .store(1, Ordering::Release);
+    assert!(
+        wait_for(shm.atomic_u32_at(ACK).expect("aligned"), 1),
+        "the parent did not answer in time"
+    );
+    let mut reply = vec![0u8; 16];
+    shm.read(REPLY, &mut reply).expect("in range");
+    reply
+}
+
+#[process_fn]
+fn count_in_shared_memory(shm: SharedMemory, n: u32) {
+    let count = shm.atomic_u64_at(COUNT).expect("aligned");
+    for _ in 0..n {
+        count.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn shared_memory_safe_surface_across_processes() {
+    let name = format!("test-safe-{}", std::process::id());
+    let shm = SharedMemory::create(&name, 4096).expect("create");
+    let child = multiproc::spawn(safe_surface_child, (name.clone(),)).expect("spawn");
+
+    assert!(
+        wait_for(shm.atomic_u32_at(READY).expect("aligned"), 1),
+        "the child did not write in time"
+    );
+    let mut text = [0u8; 20];
+    shm.read(TEXT, &mut text).expect("in range");
+    assert_eq!(&text, b"written by the child");
+    assert_eq!(
+        shm.atomic_u64_at(WORD)
+            .expect("aligned")
+            .load(Ordering::Relaxed),
+        0x0123_4567_89ab_cdef
+    );
+    let all = shm.to_vec();
+    assert_eq!(all.len(), 4096);
+    assert_eq!(&all[BYTES..BYTES + 16], &(1..=16).collect::<Vec<u8>>()[..]);
+    assert!(
+        all[BYTES + 16..].iter().all(|&b| b == 0),
+        "nothing else written"
+    );
+
+    shm.write(REPLY, b"and the parent..").expect("in range");
+    shm.atomic_u32_at(ACK)
+        .expect("aligned")
+        .store(1, Ordering::Release);
+    assert_eq!(child.join_timeout(JOIN).expect("join"), b"and the parent..");
+
+    // Handles that travel as arguments share the same bytes: two
+    // processes count in one word.
+    run_all(
+        (0..2)
+            .map(|_| {
+                let handle = SharedMemory::open(&name).expect("open");
+                Process::new(count_in_shared_memory, (handle, 10_000))
+            })
+            .collect(),
+    );
+    assert_eq!(
+        shm.atomic_u64_at(COUNT)
+            .expect("aligned")
+            .load(Ordering::SeqCst),
+        20_000
+    );
+    shm.unlink().expect("unlink");
+}
+
+/// Threads of this process named for a name server (`multiproc-shm`, or
+/// `multiproc-shm-<name>` truncated, as each block had its own before).
+fn name_server_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("/proc/self/task")
+        .filter_map(|t| t.ok())
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("multiproc-shm"))
+        })
+        .count()
+}
+
+#[test]
+fn two_hundred_blocks_share_one_name_server_thread() {
+    let base = format!("test-many-{}", std::process::id());
+    let blocks: Vec<SharedMemory> = (0..200u32)
+        .map(|i| {
+            let shm = SharedMemory::create(&format!("{base}-{i}"), 8).expect("create");
+            shm.write(0, &i.to_ne_bytes()).expect("in range");
+            shm
+        })
+        .collect();
+    // Other tests of this binary may create blocks meanwhile: they are
+    // served by the same thread, so the count is 1 whatever they do.
+    assert_eq!(name_server_threads(), 1, "one thread serves every name");
+    for i in 0..200u32 {
+        let opened = SharedMemory::open(&format!("{base}-{i}")).expect("open");
+        let mut word = [0u8; 4];
+        opened.read(0, &mut word).expect("in range");
+        assert_eq!(u32::from_ne_bytes(word), i, "block {i} maps its own memory");
+    }
+    // Every name vanishes at its unlink, the others stay served.
+    for (i, shm) in blocks.iter().enumerate() {
+        shm.unlink().expect("unlink");
+        assert!(SharedMemory::open(&format!("{base}-{i}")).is_err());
+        if let Some(next) = blocks.get(i + 1) {
+            assert_eq!(
+                SharedMemory::open(next.name()).expect("still served").len(),
+                8
+            );
+        }
+    }
+    assert_eq!(name_server_threads(), 1);
+}
+
+/// Set, for [`squatter`], to the abstract address it must take.
+const SQUAT_ENV: &str = "MULTIPROC_TEST_SQUAT_ADDRESS";
+const SQUATTING: &str = "squatting";
+
+/// Not a test: started by [`another_users_name_is_neither_opened_nor_taken`]
+/// as another user, it binds our name's address first (as a hostile local
+/// user could), says so on stdout, and holds the name until its stdin
+/// closes.
+#[test]
+#[ignore = "a helper, started as another user by another_users_name_is_neither_opened_nor_taken"]
+fn squatter() {
+    use std::io::Read;
+    use std::os::linux::net::SocketAddrExt;
+    let address = std::env::var(SQUAT_ENV).expect("started without an address");
+    let address =
+        std::os::unix::net::SocketAddr::from_abstract_name(address.as_bytes()).expect("address");
+    let _listener = std::os::unix::net::UnixListener::bind_addr(&address).expect("bind");
+    println!("{SQUATTING}");
+    let _ = std::io::stdin().read(&mut [0u8; 1]);
+}
+
+/// Kills and reaps the child when dropped, even if an assertion failed.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn another_users_name_is_neither_opened_nor_taken() {
+    use std::io::BufRead;
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+
+    let our_uid = std::fs::metadata("/proc/self").expect("/proc/self").uid();
+    if our_uid != 0 {
+        eprintln!("skipped: only root can start a process of another user here");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let name = format!("test-squatted-{}", std::process::id());
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "squatter", "--ignored", "--nocapture"])
+        .env(SQUAT_ENV, format!("multiproc-shm/{our_uid}/{name}"))
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        // The test binary lies under a directory that user cannot enter
+        // (a target directory in /root, say).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("skipped: uid {NOBODY} cannot run this test binary: {e}");
+            return;
+        }
+        Err(e) => panic!("could not start the squatter as another user: {e}"),
+    };
+    let stdout = child.stdout.take().expect("piped");
+    let child = Reaped(child);
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(SQUATTING) {
+                let _ = said.send(());
+                break;
+            }
+        }
+    });
+    heard
+        .recv_timeout(JOIN)
+        .expect("the squatter did not take the name in time");
+
+    let refused = SharedMemory::open(&name).expect_err("a foreign server must be refused");
+    let message = refused.to_string();
+    assert!(
+        message.contains(&format!("another user (uid {NOBODY}")),
+        "{message}"
+    );
+    let taken = SharedMemory::create(&name, 64).expect_err("the name is taken");
+    let message = taken.to_string();
+    assert!(
+        message.contains(&format!("another user (uid {NOBODY})")),
+        "{message}"
+    );
+    drop(child);
 }

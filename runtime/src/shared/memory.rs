@@ -1,21 +1,21 @@
 //! [`SharedMemory`]: blocks of bytes found by name.
 
 use std::fmt;
-use std::io::IoSlice;
-use std::ops::{Deref, DerefMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, Shutdown, SockFlag, SockType, UnixAddr, sockopt,
-};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, sockopt};
+use nix::sys::time::{TimeVal, TimeValLike};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::shm::Mapping;
+
+mod names;
 
 const MAX_NAME: usize = 64;
 
@@ -28,8 +28,10 @@ const MAX_NAME: usize = 64;
 /// process maps it or holds its descriptor, so no crash can leave anything
 /// in `/dev/shm`. The *name* is a Unix socket in Linux's abstract namespace
 /// (`multiproc-shm/<uid>/<name>`, never a file), bound by the creating
-/// process, where a small thread hands the memfd to [`open`](SharedMemory::open)
-/// (to processes of the same user only, checked with `SO_PEERCRED`).
+/// process, where its name server hands the memfd to
+/// [`open`](SharedMemory::open) (to processes of the same user only,
+/// checked with `SO_PEERCRED`). One thread, `multiproc-shm`, serves every
+/// name of a process, however many blocks it creates.
 /// The name disappears on [`unlink`](SharedMemory::unlink) or when the
 /// creating process exits, however it exits; the memory disappears when
 /// the last process that mapped it unmaps it or dies. Unlike Python, a
@@ -37,15 +39,34 @@ const MAX_NAME: usize = 64;
 /// the creator ends), and dropping the creator's handle does not remove
 /// the name (as in Python, call `unlink`).
 ///
-/// # Access and aliasing
+/// # Access: copies, atomics, or `unsafe`
 ///
-/// A `SharedMemory` derefs to `[u8]` (and mutably with `&mut`), bounds-checked
-/// like any slice. Other processes, and other handles to the same name in
-/// this one, may write those bytes at any time: coordinate writers with a
-/// [`Lock`](crate::Lock), as in Python. For data shared with your own
-/// threads or polled without a lock, use [`Value`](crate::Value),
-/// [`Array`](crate::Array) or [`RawArray`](crate::shared::RawArray), whose
-/// accesses are always well defined.
+/// Other processes, and other handles to the same name in this one, may
+/// write the bytes at any time, so a `SharedMemory` never hands safe code a
+/// `&[u8]` (which promises the compiler that its bytes do not change) or a
+/// `&mut [u8]` (which promises that nobody else sees them): memmap2's rule
+/// for shared mappings. Its safe surface is
+///
+/// - copies: [`read`](SharedMemory::read), [`write`](SharedMemory::write),
+///   [`to_vec`](SharedMemory::to_vec), bounds-checked, made of relaxed
+///   atomic loads and stores, so a copy that races with a writer sees a mix
+///   of old and new bytes (coordinate with a [`Lock`](crate::Lock) when
+///   that matters, as in Python), never undefined behaviour;
+/// - atomic views: [`as_atomic_u8`](SharedMemory::as_atomic_u8),
+///   [`atomic_u32_at`](SharedMemory::atomic_u32_at) and
+///   [`atomic_u64_at`](SharedMemory::atomic_u64_at), for flags and
+///   counters that processes poll and update without a lock;
+/// - raw pointers: [`as_ptr`](SharedMemory::as_ptr) and
+///   [`as_mut_ptr`](SharedMemory::as_mut_ptr), for code that does its own
+///   `unsafe` reasoning.
+///
+/// [`as_slice`](SharedMemory::as_slice) and
+/// [`as_mut_slice`](SharedMemory::as_mut_slice) borrow the bytes as a
+/// slice, in place; they are `unsafe fn`s: the caller promises that nothing
+/// writes (for `as_mut_slice`, touches) the bytes while the slice lives.
+///
+/// For typed data, [`Value`](crate::Value), [`Array`](crate::Array) and
+/// [`RawArray`](crate::shared::RawArray) are usually the better fit.
 ///
 /// # Examples
 ///
@@ -53,11 +74,15 @@ const MAX_NAME: usize = 64;
 /// use multiproc::shared::SharedMemory;
 ///
 /// # fn main() -> multiproc::Result<()> {
-/// let mut shm = SharedMemory::create("psm_demo", 1024)?;
-/// shm[..5].copy_from_slice(b"hello");
+/// let shm = SharedMemory::create("psm_demo", 1024)?;
+/// shm.write(0, b"hello")?;
+/// shm.atomic_u32_at(8)?.store(7, std::sync::atomic::Ordering::Release);
 /// // In another process of the same user:
 /// let other = SharedMemory::open("psm_demo")?;
-/// assert_eq!(&other[..5], b"hello");
+/// let mut greeting = [0u8; 5];
+/// other.read(0, &mut greeting)?;
+/// assert_eq!(&greeting, b"hello");
+/// assert_eq!(other.atomic_u32_at(8)?.load(std::sync::atomic::Ordering::Acquire), 7);
 /// shm.unlink()?;
 /// # Ok(())
 /// # }
@@ -65,7 +90,9 @@ const MAX_NAME: usize = 64;
 pub struct SharedMemory {
     map: Mapping,
     name: String,
-    listener: Mutex<Option<Arc<OwnedFd>>>,
+    /// The name this handle serves: only the creating handle's, until
+    /// `unlink`.
+    served: Mutex<Option<names::Token>>,
 }
 
 fn address(name: &str) -> Result<UnixAddr> {
@@ -89,6 +116,54 @@ fn unix_socket() -> Result<OwnedFd> {
     .map_err(|e| Error::errno("could not create a socket", e))
 }
 
+/// How long [`SharedMemory::open`] waits for a name's server to accept
+/// and to answer.
+const OPEN_TIMEOUT_SECS: i64 = 30;
+
+const SERVER_SILENT: &str = "the shared memory name server did not answer within 30 s";
+
+/// Refuses a name server that runs as another user than `our_uid`.
+fn check_server(name: &str, pid: i32, uid: u32, our_uid: u32) -> Result<()> {
+    if uid == our_uid {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "shared memory name {name:?} is held by process {pid} of another user (uid {uid}, \
+         not {our_uid}): refused, its memory could be rewritten or truncated by that user"
+    )))
+}
+
+/// Why `create` could not bind `addr`, which is in use: asks the holder
+/// who it is, without waiting (a non-blocking connect either queues at
+/// once or fails).
+fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
+    let holder = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .and_then(|probe| {
+        socket::connect(probe.as_raw_fd(), addr)?;
+        socket::getsockopt(&probe, sockopt::PeerCredentials)
+    });
+    let Ok(holder) = holder else {
+        return Error::invalid(format!("shared memory named {name:?} already exists"));
+    };
+    let our_uid = nix::unistd::getuid().as_raw();
+    match check_server(name, holder.pid(), holder.uid(), our_uid) {
+        Ok(()) => Error::invalid(format!(
+            "shared memory named {name:?} already exists (created by process {})",
+            holder.pid()
+        )),
+        Err(_) => Error::invalid(format!(
+            "shared memory name {name:?} is taken by process {} of another user (uid {})",
+            holder.pid(),
+            holder.uid()
+        )),
+    }
+}
+
 impl SharedMemory {
     /// Creates a zero-filled block of `size` bytes named `name`.
     ///
@@ -96,8 +171,9 @@ impl SharedMemory {
     ///
     /// [`Error::InvalidArgument`] if the name is empty, longer than 64
     /// bytes, or holds `/` or NUL, or if `size` is 0, or if the name is
-    /// already in use (Python's `FileExistsError`); [`Error::Io`] if the
-    /// OS refuses.
+    /// already in use (Python's `FileExistsError`; the message names the
+    /// holder's pid, and its uid when another user took the name);
+    /// [`Error::Io`] if the OS refuses.
     pub fn create(name: &str, size: usize) -> Result<SharedMemory> {
         if size == 0 {
             return Err(Error::invalid("shared memory size must be at least 1 byte"));
@@ -107,53 +183,73 @@ impl SharedMemory {
         let listener = unix_socket()?;
         match socket::bind(listener.as_raw_fd(), &addr) {
             Ok(()) => {}
-            Err(Errno::EADDRINUSE) => {
-                return Err(Error::invalid(format!(
-                    "shared memory named {name:?} already exists"
-                )));
-            }
+            Err(Errno::EADDRINUSE) => return Err(name_in_use(name, &addr)),
             Err(e) => return Err(Error::errno("could not bind the shared memory name", e)),
         }
         let backlog = Backlog::new(64).map_err(|e| Error::errno("listen", e))?;
         socket::listen(&listener, backlog).map_err(|e| Error::errno("listen", e))?;
-        let listener = Arc::new(listener);
+        sys::set_nonblocking(listener.as_fd(), true)
+            .map_err(|e| Error::io("could not set up the shared memory name", e))?;
         let memfd = map
             .fd()
             .try_clone_to_owned()
             .map_err(|e| Error::io("could not duplicate the shared memory descriptor", e))?;
-        let serving = Arc::clone(&listener);
-        std::thread::Builder::new()
-            .name(format!("multiproc-shm-{name}"))
-            .spawn(move || serve(&serving, &memfd))
+        let token = names::serve(listener, memfd)
             .map_err(|e| Error::io("could not start the shared memory name server", e))?;
         Ok(SharedMemory {
             map,
             name: name.to_string(),
-            listener: Mutex::new(Some(listener)),
+            served: Mutex::new(Some(token)),
         })
     }
 
     /// Opens the block named `name`, created by a live process of this user.
     ///
+    /// The process that answers for the name must run as this user (its
+    /// uid is read with `SO_PEERCRED` before anything is received): another
+    /// user who took the name first could otherwise hand over memory that
+    /// it rewrites at will.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if no block has that name (never created,
-    /// unlinked, or its creator exited: Python's `FileNotFoundError`) or
-    /// the name is malformed; [`Error::Io`] if the OS refuses.
+    /// unlinked, or its creator exited: Python's `FileNotFoundError`), if
+    /// the name is malformed, or if a process of another user holds it;
+    /// [`Error::Io`] if the OS refuses, or if the name's server does not
+    /// answer within 30 s.
     pub fn open(name: &str) -> Result<SharedMemory> {
         let addr = address(name)?;
         let conn = unix_socket()?;
+        // A server that never accepts (a full backlog) or never answers
+        // must not hang us: both waits are bounded.
+        let limit = TimeVal::seconds(OPEN_TIMEOUT_SECS);
+        socket::setsockopt(&conn, sockopt::SendTimeout, &limit)
+            .and_then(|()| socket::setsockopt(&conn, sockopt::ReceiveTimeout, &limit))
+            .map_err(|e| Error::errno("could not set up a socket", e))?;
         match socket::connect(conn.as_raw_fd(), &addr) {
             Ok(()) => {}
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
                 return Err(Error::invalid(format!("no shared memory named {name:?}")));
             }
+            Err(Errno::EAGAIN) => return Err(Error::errno(SERVER_SILENT, Errno::ETIMEDOUT)),
             Err(e) => return Err(Error::errno("could not reach the shared memory name", e)),
         }
+        // Before anything is received: a server of another user could hand
+        // us memory it rewrites or truncates at will.
+        let server = socket::getsockopt(&conn, sockopt::PeerCredentials)
+            .map_err(|e| Error::errno("could not identify the shared memory name server", e))?;
+        check_server(
+            name,
+            server.pid(),
+            server.uid(),
+            nix::unistd::getuid().as_raw(),
+        )?;
         let mut fds = Vec::new();
         let mut byte = [0u8; 1];
-        sys::recv_with_fds(conn.as_fd(), &mut byte, &mut fds)
-            .map_err(|e| Error::errno("could not receive the shared memory", e))?;
+        sys::recv_with_fds(conn.as_fd(), &mut byte, &mut fds).map_err(|e| match e {
+            Errno::EAGAIN => Error::errno(SERVER_SILENT, Errno::ETIMEDOUT),
+            e => Error::errno("could not receive the shared memory", e),
+        })?;
         let fd = fds
             .into_iter()
             .next()
@@ -161,37 +257,30 @@ impl SharedMemory {
         Ok(SharedMemory {
             map: Mapping::from_fd(fd)?,
             name: name.to_string(),
-            listener: Mutex::new(None),
+            served: Mutex::new(None),
         })
     }
 
-    /// Removes the name: later [`open`](SharedMemory::open)s fail, handles
-    /// already open keep working, and the memory is freed when the last is
-    /// dropped. Only the creating handle holds the name; on other handles
-    /// (and a second time) this does nothing.
+    /// Removes the name: once this returns, [`open`](SharedMemory::open)
+    /// fails and [`create`](SharedMemory::create) may use the name again;
+    /// handles already open keep working, and the memory is freed when the
+    /// last is dropped. Only the creating handle holds the name; on other
+    /// handles (and a second time) this does nothing.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the name server cannot be stopped.
+    /// [`Error::Io`] if the name's socket could not be shut down (the name
+    /// is removed all the same).
     pub fn unlink(&self) -> Result<()> {
-        let listener = match self.listener.lock() {
+        let served = match self.served.lock() {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
-        if let Some(listener) = listener {
-            // Wakes the server's accept() with an error; the name is gone
-            // once both it and this handle have closed the socket.
-            match socket::shutdown(listener.as_raw_fd(), Shutdown::Both) {
-                Ok(()) | Err(Errno::ENOTCONN) => {}
-                Err(e) => {
-                    return Err(Error::errno(
-                        "could not stop the shared memory name server",
-                        e,
-                    ));
-                }
-            }
+        match served {
+            Some(token) => names::withdraw(token)
+                .map_err(|e| Error::io("could not remove the shared memory name", e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The name.
@@ -199,41 +288,214 @@ impl SharedMemory {
         &self.name
     }
 
-    /// The size in bytes.
+    /// The size in bytes (Python's `size`).
     pub fn size(&self) -> usize {
         self.map.len()
     }
-}
 
-/// The name server: hands the memfd to each connecting process of our uid.
-fn serve(listener: &OwnedFd, memfd: &OwnedFd) {
-    let uid = nix::unistd::getuid().as_raw();
-    loop {
-        let conn = match socket::accept4(listener.as_fd(), SockFlag::SOCK_CLOEXEC) {
-            Ok(conn) => conn,
-            Err(Errno::EINTR | Errno::ECONNABORTED) => continue,
-            // Shut down by `unlink`, or broken: either way stop serving.
-            Err(_) => return,
-        };
-        let same_user =
-            socket::getsockopt(&conn, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == uid);
-        let fds = [memfd.as_raw_fd()];
-        let fds: &[i32] = if same_user { &fds } else { &[] };
-        let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[1])], fds);
+    /// The size in bytes, as for a slice: the same as [`size`](SharedMemory::size).
+    pub fn len(&self) -> usize {
+        self.map.len()
     }
-}
 
-impl Deref for SharedMemory {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        self.map.bytes()
+    /// Always `false`: a block holds at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
     }
-}
 
-impl DerefMut for SharedMemory {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.map.bytes_mut()
+    /// Copies `buf.len()` bytes starting at `offset` into `buf`.
+    ///
+    /// The copy is made of relaxed atomic loads: if another process or
+    /// handle writes the range meanwhile, `buf` gets a mix of old and new
+    /// bytes (take a [`Lock`](crate::Lock) around both sides when that
+    /// matters).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range does not lie inside the block.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_read", 16)?;
+    /// let mut head = [0xffu8; 4];
+    /// shm.read(0, &mut head)?;
+    /// assert_eq!(head, [0; 4]);
+    /// assert!(shm.read(14, &mut head).is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        Ok(self.map.load_bytes(offset, buf)?)
+    }
+
+    /// Copies `data` into the block starting at `offset`.
+    ///
+    /// Takes `&self`: the bytes are shared, every handle (and every process
+    /// that opened the name) may write them. The copy is made of relaxed
+    /// atomic stores (see [`read`](SharedMemory::read)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if the range does not lie inside the block.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_write", 16)?;
+    /// shm.write(4, b"abcd")?;
+    /// assert_eq!(&shm.to_vec()[4..8], b"abcd");
+    /// assert!(shm.write(15, b"xy").is_err());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        Ok(self.map.store_bytes(offset, data)?)
+    }
+
+    /// A copy of the whole block (see [`read`](SharedMemory::read)).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = vec![0; self.map.len()];
+        // The range is the whole mapping: it cannot be out of bounds.
+        let _ = self.map.load_bytes(0, &mut out);
+        out
+    }
+
+    /// The block as bytes that may be read and written atomically, in
+    /// place, while other processes do the same.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::atomic::Ordering;
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_bytes", 16)?;
+    /// let bytes = shm.as_atomic_u8();
+    /// bytes[3].store(9, Ordering::Relaxed);
+    /// assert_eq!(shm.to_vec()[3], 9);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn as_atomic_u8(&self) -> &[AtomicU8] {
+        self.map.atomics_u8()
+    }
+
+    /// The 32-bit atomic at byte `offset` (a flag, a counter, a futex-style
+    /// word another process polls).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `offset` is not a multiple of 4 or the
+    /// word does not lie inside the block.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::sync::atomic::Ordering;
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_u32", 16)?;
+    /// shm.atomic_u32_at(4)?.fetch_add(1, Ordering::SeqCst);
+    /// assert_eq!(shm.atomic_u32_at(4)?.load(Ordering::SeqCst), 1);
+    /// assert!(shm.atomic_u32_at(2).is_err()); // misaligned
+    /// assert!(shm.atomic_u32_at(16).is_err()); // out of range
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn atomic_u32_at(&self, offset: usize) -> Result<&AtomicU32> {
+        Ok(self.map.atomic_at::<AtomicU32>(offset)?)
+    }
+
+    /// The 64-bit atomic at byte `offset`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidArgument`] if `offset` is not a multiple of 8 or the
+    /// word does not lie inside the block.
+    pub fn atomic_u64_at(&self, offset: usize) -> Result<&AtomicU64> {
+        Ok(self.map.atomic_at::<AtomicU64>(offset)?)
+    }
+
+    /// The first byte, as a raw pointer valid for [`len`](SharedMemory::len)
+    /// bytes while this handle lives. Reading through it is `unsafe`, and
+    /// sound only under the rules of [`as_slice`](SharedMemory::as_slice)
+    /// or with atomic or volatile accesses.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
+    }
+
+    /// The first byte, as a raw pointer for writing, valid for
+    /// [`len`](SharedMemory::len) bytes while this handle lives (the
+    /// memory is shared: `&self` suffices, as for
+    /// [`write`](SharedMemory::write)). Writing through it is `unsafe`.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// The whole block as a byte slice, in place.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, nothing may write any of its bytes:
+    /// no other process, no other handle to the same block in this process,
+    /// and not this handle either ([`write`](SharedMemory::write), the
+    /// atomic views, [`as_mut_ptr`](SharedMemory::as_mut_ptr)). A `&[u8]`
+    /// promises the compiler that its bytes do not change; a write behind
+    /// it is undefined behaviour (a loop that polls the slice may never see
+    /// it). Typical sound uses: the block is written once before any other
+    /// process opens it, or every writer and reader holds the same
+    /// [`Lock`](crate::Lock) around its accesses.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let shm = multiproc::shared::SharedMemory::create("psm_slice", 16)?;
+    /// shm.write(0, b"fixed")?;
+    /// // SAFETY: no other process knows the name yet, and this thread
+    /// // does not write while `bytes` lives.
+    /// let bytes = unsafe { shm.as_slice() };
+    /// assert_eq!(&bytes[..5], b"fixed");
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[allow(unsafe_code)]
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the caller upholds `as_slice`'s contract, which is
+        // `bytes_unchecked`'s: nothing writes the bytes while the slice lives.
+        unsafe { self.map.bytes_unchecked() }
+    }
+
+    /// The whole block as a mutable byte slice, in place.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, no other process and no other handle
+    /// to the same block in this process may read or write any of its
+    /// bytes (`&mut self` already excludes this handle's other accesses).
+    /// Typical sound uses: filling a block before any other process opens
+    /// it, or while every other user holds off by a protocol (a
+    /// [`Lock`](crate::Lock) that all of them take around every access).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> multiproc::Result<()> {
+    /// let mut shm = multiproc::shared::SharedMemory::create("psm_fill", 4096)?;
+    /// // SAFETY: no other process knows the name yet.
+    /// let bytes = unsafe { shm.as_mut_slice() };
+    /// bytes.fill(0xab);
+    /// assert!(shm.to_vec().iter().all(|&b| b == 0xab));
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[allow(unsafe_code)]
+    pub unsafe fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the caller upholds `as_mut_slice`'s contract, which is
+        // `bytes_unchecked_mut`'s: no other mapping touches the bytes while
+        // the slice lives.
+        unsafe { self.map.bytes_unchecked_mut() }
     }
 }
 
@@ -286,7 +548,7 @@ impl<'de> Deserialize<'de> for SharedMemory {
         Ok(SharedMemory {
             map: Mapping::from_fd(wire.fd).map_err(D::Error::custom)?,
             name: wire.name,
-            listener: Mutex::new(None),
+            served: Mutex::new(None),
         })
     }
 }
@@ -298,22 +560,86 @@ mod tests {
     #[test]
     fn create_open_unlink() {
         let name = format!("unit-{}", std::process::id());
-        let mut a = SharedMemory::create(&name, 100).expect("create");
-        a[..3].copy_from_slice(b"abc");
+        let a = SharedMemory::create(&name, 100).expect("create");
+        a.write(0, b"abc").expect("write");
         assert!(SharedMemory::create(&name, 100).is_err());
         let b = SharedMemory::open(&name).expect("open");
-        assert_eq!(&b[..3], b"abc");
+        assert_eq!(&b.to_vec()[..3], b"abc");
         assert_eq!(b.len(), 100);
         a.unlink().expect("unlink");
-        // The server closes its end asynchronously: retry briefly.
-        let gone = (0..200).any(|_| {
-            let gone = SharedMemory::open(&name).is_err();
-            if !gone {
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            gone
-        });
-        assert!(gone);
-        assert_eq!(&b[..3], b"abc");
+        // Gone at once, and free for another block.
+        assert!(SharedMemory::open(&name).is_err());
+        let again = SharedMemory::create(&name, 10).expect("the name is free again");
+        assert_eq!(SharedMemory::open(&name).expect("open").len(), 10);
+        again.unlink().expect("unlink");
+        assert_eq!(&b.to_vec()[..3], b"abc");
+    }
+
+    #[test]
+    fn a_name_server_of_another_user_is_refused() {
+        assert!(check_server("n", 10, 1000, 1000).is_ok());
+        let refused = check_server("n", 4242, 65534, 1000).expect_err("another uid");
+        let message = refused.to_string();
+        assert!(
+            matches!(refused, Error::InvalidArgument { .. }),
+            "{message}"
+        );
+        assert!(message.contains("uid 65534"), "{message}");
+        assert!(message.contains("process 4242"), "{message}");
+        assert!(
+            check_server("n", 1, 0, 1000).is_err(),
+            "root is another user too"
+        );
+    }
+
+    #[test]
+    fn a_taken_name_says_who_holds_it() {
+        let name = format!("unit-taken-{}", std::process::id());
+        let a = SharedMemory::create(&name, 8).expect("create");
+        let message = SharedMemory::create(&name, 8)
+            .expect_err("taken")
+            .to_string();
+        assert!(
+            message.contains(&format!("created by process {}", std::process::id())),
+            "{message}"
+        );
+        a.unlink().expect("unlink");
+    }
+
+    #[test]
+    fn two_handles_see_each_others_writes_through_the_safe_surface() {
+        use std::sync::atomic::Ordering;
+        let name = format!("unit-safe-{}", std::process::id());
+        let a = SharedMemory::create(&name, 64).expect("create");
+        let b = SharedMemory::open(&name).expect("open");
+        a.unlink().expect("unlink");
+        assert_ne!(a.as_ptr(), b.as_ptr(), "two mappings of one memfd");
+
+        a.write(3, b"shared bytes").expect("write");
+        let mut out = [0u8; 12];
+        b.read(3, &mut out).expect("read");
+        assert_eq!(&out, b"shared bytes");
+
+        a.atomic_u64_at(16)
+            .expect("u64")
+            .store(u64::MAX - 1, Ordering::SeqCst);
+        assert_eq!(
+            b.atomic_u64_at(16).expect("u64").load(Ordering::SeqCst),
+            u64::MAX - 1
+        );
+        b.atomic_u32_at(24)
+            .expect("u32")
+            .fetch_add(5, Ordering::SeqCst);
+        assert_eq!(a.atomic_u32_at(24).expect("u32").load(Ordering::SeqCst), 5);
+        b.as_atomic_u8()[63].store(0x5a, Ordering::SeqCst);
+        assert_eq!(a.to_vec()[63], 0x5a);
+
+        assert!(a.atomic_u64_at(12).is_err(), "misaligned");
+        assert!(a.atomic_u64_at(64).is_err(), "out of range");
+        assert!(a.atomic_u32_at(62).is_err(), "misaligned");
+        assert!(a.write(60, b"12345").is_err(), "out of range");
+        assert!(b.read(usize::MAX, &mut out).is_err(), "overflowing range");
+        assert_eq!(a.as_atomic_u8().len(), 64);
+        assert!(!a.is_empty());
     }
 }

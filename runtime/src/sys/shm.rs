@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use bytemuck::Pod;
 
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::MFdFlags;
 use nix::sys::mman::{MapFlags, ProtFlags};
 
 use super::lock::RawGuard;
@@ -16,6 +18,36 @@ use std::io;
 /// A refusal of this module that says why in words.
 fn invalid(message: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, message.into())
+}
+
+/// The size of the memfd `fd`, once it is known to be sealed against
+/// shrinking. Only memfds created with `MFD_ALLOW_SEALING` can carry
+/// `F_SEAL_SHRINK` (any other file answers `F_GET_SEALS` with EINVAL, or
+/// with `F_SEAL_SEAL` alone for a tmpfs file), so the check also proves
+/// that `fd` is a memfd.
+fn sealed_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let seals = match fcntl(fd, FcntlArg::F_GET_SEALS) {
+        Ok(bits) => SealFlag::from_bits_retain(bits),
+        Err(nix::errno::Errno::EINVAL) => {
+            return Err(invalid(
+                "refused a shared memory descriptor that is not a memfd",
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !seals.contains(SealFlag::F_SEAL_SHRINK) {
+        return Err(invalid(
+            "refused a shared memory descriptor that is not sealed against shrinking \
+             (its holders could truncate it under this process's mapping)",
+        ));
+    }
+    // Read after the seals: from here on the size can only grow.
+    let stat = nix::sys::stat::fstat(fd)?;
+    let len = usize::try_from(stat.st_size).map_err(|_| invalid("bad shared memory size"))?;
+    if len == 0 {
+        return Err(invalid("empty shared memory object"));
+    }
+    Ok(len)
 }
 
 /// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
@@ -35,30 +67,43 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     /// A new zero-filled shared mapping of `len` bytes (at least 1).
+    ///
+    /// The memfd is sealed against shrinking, growing and further sealing
+    /// before it is mapped: its size never changes, so no holder of the
+    /// descriptor (here or in a process it was sent to) can truncate it
+    /// under another holder's mapping (which would SIGBUS that holder).
     pub(crate) fn create(name: &str, len: usize) -> io::Result<Mapping> {
         let len = len.max(1);
         let cname =
             std::ffi::CString::new(name.replace('\0', "")).map_err(|_| invalid("bad name"))?;
         let fd = nix::sys::memfd::memfd_create(
             cname.as_c_str(),
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )?;
         let off =
             libc::off_t::try_from(len).map_err(|_| invalid("shared memory size too large"))?;
         nix::unistd::ftruncate(&fd, off)?;
+        fcntl(
+            &fd,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
         Mapping::map(fd, len)
     }
 
     /// Maps the whole memfd `fd` (received from another process).
+    ///
+    /// Refused unless `fd` is a memfd sealed against shrinking (as
+    /// [`create`](Mapping::create) makes them): a peer must not be able to
+    /// hand over a file that it, or anyone else holding it, could truncate
+    /// under this mapping. The seals are read before the size, so the size
+    /// mapped can only have grown since (never shrunk): every mapped byte
+    /// stays backed.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Mapping> {
-        let stat = nix::sys::stat::fstat(&fd)?;
-        let len = usize::try_from(stat.st_size).map_err(|_| invalid("bad shared memory size"))?;
-        if len == 0 {
-            return Err(invalid("empty shared memory object"));
-        }
+        let len = sealed_len(fd.as_fd())?;
         Mapping::map(fd, len)
     }
-
     fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
         let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| invalid("empty mapping"))?;
         // SAFETY: a fresh shared mapping at an address the kernel chooses
@@ -335,27 +380,93 @@ impl Mapping {
         Ok(f(bytes))
     }
 
-    /// The whole mapping as bytes, for `SharedMemory`'s `Deref`.
+    /// The whole mapping as bytes, borrowed: `SharedMemory::as_slice`.
     ///
-    /// Other processes (and other handles in this one) may write these bytes
-    /// while the borrow lives: `SharedMemory` documents that concurrent
-    /// writers must be coordinated by the user (a Lock), as with Python's
-    /// `SharedMemory.buf`.
-    pub(crate) fn bytes(&self) -> &[u8] {
+    /// # Safety
+    ///
+    /// While the returned slice lives, no process and no other mapping of
+    /// the same memfd in this one may write any of these bytes, and no
+    /// write may go through `self` either (its atomics, [`store_bytes`],
+    /// [`write`](Mapping::write)...): a `&[u8]` promises the compiler that
+    /// its bytes do not change.
+    ///
+    /// [`store_bytes`]: Mapping::store_bytes
+    pub(crate) unsafe fn bytes_unchecked(&self) -> &[u8] {
         // SAFETY: `len` bytes lie inside the mapping, which stays mapped
-        // while `&self` lives; u8 has no invalid values. Concurrent writers
-        // are excluded only by the caller's protocol, as documented on
-        // `SharedMemory` (the Python model this API reproduces).
+        // while `&self` lives; u8 has no invalid values; no writer touches
+        // them while the slice lives (this function's contract, passed on
+        // to its caller).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
-    /// The whole mapping as mutable bytes, for `SharedMemory`'s `DerefMut`
-    /// (`&mut` on a handle that is not `Clone`).
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as for `bytes`; `&mut self` excludes every other borrow of
-        // this mapping in this process (the handle is not cloneable), other
-        // mappings of the same memory are the caller's protocol, documented.
+    /// The whole mapping as mutable bytes: `SharedMemory::as_mut_slice`.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, no process and no other mapping of
+    /// the same memfd in this one may read or write any of these bytes
+    /// (`&mut self` already excludes every other access through `self`).
+    pub(crate) unsafe fn bytes_unchecked_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes_unchecked`; `&mut self` excludes every
+        // other borrow of this mapping, and the caller excludes every other
+        // mapping's accesses while the slice lives.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The first byte of the mapping, as a raw pointer (valid for
+    /// [`len`](Mapping::len) bytes while `self` lives). Using it is the
+    /// caller's business, and `unsafe` there.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Copies `out.len()` bytes from `offset` with relaxed atomic loads
+    /// (8-byte words where the range is aligned for them, single bytes at
+    /// its ends): a copy that races with a write of another process or
+    /// handle reads a mix of old and new bytes, never undefined behaviour.
+    /// Out of range: an error.
+    pub(crate) fn load_bytes(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
+        self.check(offset, out.len())?;
+        let (head, words, tail) = split_words(offset, out.len());
+        let cells = &self.atomics_u8()[offset..][..out.len()];
+        let (out_head, rest) = out.split_at_mut(head);
+        let (out_words, out_tail) = rest.split_at_mut(words * 8);
+        for (byte, cell) in out_head.iter_mut().zip(&cells[..head]) {
+            *byte = cell.load(Ordering::Relaxed);
+        }
+        let first = (offset + head) / 8;
+        let atomic_words = &self.atomics_u64()[first..][..words];
+        for (chunk, word) in out_words.chunks_exact_mut(8).zip(atomic_words) {
+            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        for (byte, cell) in out_tail.iter_mut().zip(&cells[head + words * 8..][..tail]) {
+            *byte = cell.load(Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` with relaxed atomic stores (see
+    /// [`load_bytes`](Mapping::load_bytes)). Out of range: an error.
+    pub(crate) fn store_bytes(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        self.check(offset, data.len())?;
+        let (head, words, tail) = split_words(offset, data.len());
+        let cells = &self.atomics_u8()[offset..][..data.len()];
+        let (data_head, rest) = data.split_at(head);
+        let (data_words, data_tail) = rest.split_at(words * 8);
+        for (byte, cell) in data_head.iter().zip(&cells[..head]) {
+            cell.store(*byte, Ordering::Relaxed);
+        }
+        let first = (offset + head) / 8;
+        let atomic_words = &self.atomics_u64()[first..][..words];
+        for (chunk, word) in data_words.chunks_exact(8).zip(atomic_words) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        for (byte, cell) in data_tail.iter().zip(&cells[head + words * 8..][..tail]) {
+            cell.store(*byte, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// `len` bytes at `offset` of a pool arena, borrowed for reading in
@@ -384,6 +495,14 @@ impl Mapping {
 /// Bytes at the start of a locked mapping: the lock word (word 0) and its
 /// poison flag (word 1); locked data starts at or after it.
 pub(crate) const LOCK_HEADER: usize = 8;
+
+/// Splits `len` bytes at `offset` into leading single bytes, whole 8-byte
+/// words aligned at multiples of 8, and trailing single bytes.
+fn split_words(offset: usize, len: usize) -> (usize, usize, usize) {
+    let head = ((8 - offset % 8) % 8).min(len);
+    let words = (len - head) / 8;
+    (head, words, len - head - words * 8)
+}
 
 fn word_width(size: usize, offset: usize) -> usize {
     if size % 8 == 0 && offset % 8 == 0 {
@@ -441,5 +560,82 @@ mod tests {
         b.read(100, &mut out).expect("read");
         assert_eq!(&out, b"hello");
         assert!(b.read(4094, &mut out).is_err());
+    }
+
+    #[test]
+    fn a_received_mapping_cannot_be_resized() {
+        let a = Mapping::create("test-sealed", 4096).expect("create");
+        let b = Mapping::from_fd(a.fd().try_clone_to_owned().expect("dup")).expect("map");
+        for size in [0, 100, 4095, 8192] {
+            assert_eq!(
+                nix::unistd::ftruncate(b.fd(), size),
+                Err(nix::errno::Errno::EPERM),
+                "ftruncate to {size} must be refused"
+            );
+        }
+        // Nor can the seals be loosened or added to.
+        assert_eq!(
+            fcntl(b.fd(), FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)),
+            Err(nix::errno::Errno::EPERM)
+        );
+        assert_eq!(nix::sys::stat::fstat(b.fd()).expect("fstat").st_size, 4096);
+    }
+
+    fn refusal(fd: OwnedFd) -> String {
+        match Mapping::from_fd(fd) {
+            Ok(_) => panic!("an unsealed descriptor was mapped"),
+            Err(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn from_fd_refuses_what_could_shrink() {
+        // A memfd that cannot be sealed at all.
+        let plain =
+            nix::sys::memfd::memfd_create(c"test-plain", MFdFlags::MFD_CLOEXEC).expect("memfd");
+        nix::unistd::ftruncate(&plain, 4096).expect("size");
+        assert!(refusal(plain).contains("not sealed against shrinking"));
+
+        // A sealable memfd whose creator left it unsealed, or sealed only
+        // against growth.
+        for seals in [SealFlag::empty(), SealFlag::F_SEAL_GROW] {
+            let open = nix::sys::memfd::memfd_create(
+                c"test-unsealed",
+                MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+            )
+            .expect("memfd");
+            nix::unistd::ftruncate(&open, 4096).expect("size");
+            fcntl(&open, FcntlArg::F_ADD_SEALS(seals)).expect("seal");
+            assert!(refusal(open).contains("not sealed against shrinking"));
+        }
+
+        // Not a memfd: a pipe.
+        let (read_end, _write_end) = crate::sys::pipe().expect("pipe");
+        assert!(refusal(read_end).contains("not a memfd"));
+    }
+
+    #[test]
+    fn byte_copies_round_trip_at_every_alignment() {
+        let m = Mapping::create("test-bytes", 64).expect("create");
+        let data: Vec<u8> = (1..=40).collect();
+        for offset in 0..16 {
+            for len in [0, 1, 7, 8, 9, 17, 40] {
+                m.store_bytes(0, &[0; 64]).expect("clear");
+                m.store_bytes(offset, &data[..len]).expect("store");
+                let mut all = [0u8; 64];
+                m.load_bytes(0, &mut all).expect("load all");
+                let mut expected = [0u8; 64];
+                expected[offset..offset + len].copy_from_slice(&data[..len]);
+                assert_eq!(all, expected, "offset {offset} len {len}");
+                let mut back = vec![0u8; len];
+                m.load_bytes(offset, &mut back).expect("load");
+                assert_eq!(back, &data[..len]);
+            }
+        }
+        assert!(m.store_bytes(60, &[0; 5]).is_err());
+        assert!(m.load_bytes(usize::MAX, &mut [0; 2]).is_err());
     }
 }
