@@ -2,7 +2,7 @@
 //!
 //! Every wait is bounded; nothing sleeps to synchronise.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use multiproc::shared::{RawArray, SharedMemory};
@@ -204,7 +204,6 @@ fn shared_memory_name_disappears_when_its_creator_is_killed() {
 
 /// Offsets in the block of the safe-surface test.
 const TEXT: usize = 0;
-const WORD: usize = 24;
 const COUNT: usize = 32;
 const READY: usize = 40;
 const ACK: usize = 44;
@@ -214,7 +213,7 @@ const BYTES: usize = 64;
 /// Spins (yielding) until `flag` holds `value`, for at most [`JOIN`].
 /// The flag is written by another process: the loop rereads it each time
 /// because it is an atomic (a `&[u8]` loop could be compiled to read once).
-fn wait_for(flag: &AtomicU32, value: u32) -> bool {
+fn wait_for(flag: &AtomicU8, value: u8) -> bool {
     let deadline = Instant::now() + JOIN;
     while flag.load(Ordering::Acquire) != value {
         if Instant::now() >= deadline {
@@ -229,17 +228,12 @@ fn wait_for(flag: &AtomicU32, value: u32) -> bool {
 fn safe_surface_child(name: String) -> Vec<u8> {
     let shm = SharedMemory::open(&name).expect("open by name");
     shm.write(TEXT, b"written by the child").expect("in range");
-    shm.atomic_u64_at(WORD)
-        .expect("aligned")
-        .store(0x0123_4567_89ab_cdef, Ordering::Relaxed);
     for (i, cell) in shm.as_atomic_u8()[BYTES..BYTES + 16].iter().enumerate() {
         cell.store(i as u8 + 1, Ordering::Relaxed);
     }
-    shm.atomic_u32_at(READY)
-        .expect("aligned")
-        .store(1, Ordering::Release);
+    shm.as_atomic_u8()[READY].store(1, Ordering::Release);
     assert!(
-        wait_for(shm.atomic_u32_at(ACK).expect("aligned"), 1),
+        wait_for(&shm.as_atomic_u8()[ACK], 1),
         "the parent did not answer in time"
     );
     let mut reply = vec![0u8; 16];
@@ -249,7 +243,7 @@ fn safe_surface_child(name: String) -> Vec<u8> {
 
 #[process_fn]
 fn count_in_shared_memory(shm: SharedMemory, n: u32) {
-    let count = shm.atomic_u64_at(COUNT).expect("aligned");
+    let count = &shm.as_atomic_u8()[COUNT];
     for _ in 0..n {
         count.fetch_add(1, Ordering::SeqCst);
     }
@@ -262,18 +256,12 @@ fn shared_memory_safe_surface_across_processes() {
     let child = multiproc::spawn(safe_surface_child, (name.clone(),)).expect("spawn");
 
     assert!(
-        wait_for(shm.atomic_u32_at(READY).expect("aligned"), 1),
+        wait_for(&shm.as_atomic_u8()[READY], 1),
         "the child did not write in time"
     );
     let mut text = [0u8; 20];
     shm.read(TEXT, &mut text).expect("in range");
     assert_eq!(&text, b"written by the child");
-    assert_eq!(
-        shm.atomic_u64_at(WORD)
-            .expect("aligned")
-            .load(Ordering::Relaxed),
-        0x0123_4567_89ab_cdef
-    );
     let all = shm.to_vec();
     assert_eq!(all.len(), 4096);
     assert_eq!(&all[BYTES..BYTES + 16], &(1..=16).collect::<Vec<u8>>()[..]);
@@ -283,27 +271,20 @@ fn shared_memory_safe_surface_across_processes() {
     );
 
     shm.write(REPLY, b"and the parent..").expect("in range");
-    shm.atomic_u32_at(ACK)
-        .expect("aligned")
-        .store(1, Ordering::Release);
+    shm.as_atomic_u8()[ACK].store(1, Ordering::Release);
     assert_eq!(child.join_timeout(JOIN).expect("join"), b"and the parent..");
 
     // Handles that travel as arguments share the same bytes: two
-    // processes count in one word.
+    // processes count in one byte.
     run_all(
         (0..2)
             .map(|_| {
                 let handle = SharedMemory::open(&name).expect("open");
-                Process::new(count_in_shared_memory, (handle, 10_000))
+                Process::new(count_in_shared_memory, (handle, 100))
             })
             .collect(),
     );
-    assert_eq!(
-        shm.atomic_u64_at(COUNT)
-            .expect("aligned")
-            .load(Ordering::SeqCst),
-        20_000
-    );
+    assert_eq!(shm.as_atomic_u8()[COUNT].load(Ordering::SeqCst), 200);
     shm.unlink().expect("unlink");
 }
 

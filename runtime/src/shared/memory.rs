@@ -49,13 +49,17 @@ const MAX_NAME: usize = 64;
 ///
 /// - copies: [`read`](SharedMemory::read), [`write`](SharedMemory::write),
 ///   [`to_vec`](SharedMemory::to_vec), bounds-checked, made of relaxed
-///   atomic loads and stores, so a copy that races with a writer sees a mix
-///   of old and new bytes (coordinate with a [`Lock`](crate::Lock) when
-///   that matters, as in Python), never undefined behaviour;
-/// - atomic views: [`as_atomic_u8`](SharedMemory::as_atomic_u8),
-///   [`atomic_u32_at`](SharedMemory::atomic_u32_at) and
-///   [`atomic_u64_at`](SharedMemory::atomic_u64_at), for flags and
-///   counters that processes poll and update without a lock;
+///   atomic byte loads and stores, so a copy that races with a writer sees
+///   a mix of old and new bytes (coordinate with a [`Lock`](crate::Lock)
+///   when that matters, as in Python), never undefined behaviour;
+/// - an atomic view: [`as_atomic_u8`](SharedMemory::as_atomic_u8), for
+///   flags that processes poll and update without a lock.
+///
+/// Every safe access is one byte wide: Rust's memory model leaves racing
+/// atomic accesses of different sizes to the same bytes undefined, so the
+/// wider views, [`atomic_u32_at`](SharedMemory::atomic_u32_at) and
+/// [`atomic_u64_at`](SharedMemory::atomic_u64_at), are `unsafe fn`s whose
+/// caller keeps those bytes for that one width. Also available:
 /// - raw pointers: [`as_ptr`](SharedMemory::as_ptr) and
 ///   [`as_mut_ptr`](SharedMemory::as_mut_ptr), for code that does its own
 ///   `unsafe` reasoning.
@@ -76,13 +80,13 @@ const MAX_NAME: usize = 64;
 /// # fn main() -> multiproc::Result<()> {
 /// let shm = SharedMemory::create("psm_demo", 1024)?;
 /// shm.write(0, b"hello")?;
-/// shm.atomic_u32_at(8)?.store(7, std::sync::atomic::Ordering::Release);
+/// shm.as_atomic_u8()[8].store(7, std::sync::atomic::Ordering::Release);
 /// // In another process of the same user:
 /// let other = SharedMemory::open("psm_demo")?;
 /// let mut greeting = [0u8; 5];
 /// other.read(0, &mut greeting)?;
 /// assert_eq!(&greeting, b"hello");
-/// assert_eq!(other.atomic_u32_at(8)?.load(std::sync::atomic::Ordering::Acquire), 7);
+/// assert_eq!(other.as_atomic_u8()[8].load(std::sync::atomic::Ordering::Acquire), 7);
 /// shm.unlink()?;
 /// # Ok(())
 /// # }
@@ -385,6 +389,18 @@ impl SharedMemory {
     /// The 32-bit atomic at byte `offset` (a flag, a counter, a futex-style
     /// word another process polls).
     ///
+    /// # Safety
+    ///
+    /// Rust's memory model leaves racing atomic accesses of different
+    /// sizes to the same bytes undefined. While the returned reference is
+    /// used, no access of another width to these 4 bytes may race with it,
+    /// in this process or another: not [`read`](SharedMemory::read),
+    /// [`write`](SharedMemory::write), [`to_vec`](SharedMemory::to_vec) or
+    /// [`as_atomic_u8`](SharedMemory::as_atomic_u8) (byte accesses), nor an
+    /// [`atomic_u64_at`](SharedMemory::atomic_u64_at) over them. Keeping a
+    /// word for one purpose (a counter that every process only touches
+    /// through this function) satisfies it.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `offset` is not a multiple of 4 or the
@@ -392,28 +408,37 @@ impl SharedMemory {
     ///
     /// # Examples
     ///
-    /// ```no_run
+    /// ```
     /// use std::sync::atomic::Ordering;
     /// # fn main() -> multiproc::Result<()> {
     /// let shm = multiproc::shared::SharedMemory::create("psm_u32", 16)?;
-    /// shm.atomic_u32_at(4)?.fetch_add(1, Ordering::SeqCst);
-    /// assert_eq!(shm.atomic_u32_at(4)?.load(Ordering::SeqCst), 1);
-    /// assert!(shm.atomic_u32_at(2).is_err()); // misaligned
-    /// assert!(shm.atomic_u32_at(16).is_err()); // out of range
+    /// // SAFETY: bytes 4..8 are only ever used as this one u32 counter.
+    /// let counter = unsafe { shm.atomic_u32_at(4)? };
+    /// counter.fetch_add(1, Ordering::SeqCst);
+    /// assert_eq!(counter.load(Ordering::SeqCst), 1);
+    /// // SAFETY: as above (the calls fail before any access).
+    /// assert!(unsafe { shm.atomic_u32_at(2) }.is_err()); // misaligned
+    /// assert!(unsafe { shm.atomic_u32_at(16) }.is_err()); // out of range
     /// # Ok(())
     /// # }
     /// ```
-    pub fn atomic_u32_at(&self, offset: usize) -> Result<&AtomicU32> {
+    pub unsafe fn atomic_u32_at(&self, offset: usize) -> Result<&AtomicU32> {
         Ok(self.map.atomic_at::<AtomicU32>(offset)?)
     }
 
     /// The 64-bit atomic at byte `offset`.
     ///
+    /// # Safety
+    ///
+    /// As for [`atomic_u32_at`](SharedMemory::atomic_u32_at), for these 8
+    /// bytes: no access of another width may race with the ones made
+    /// through the returned reference.
+    ///
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if `offset` is not a multiple of 8 or the
     /// word does not lie inside the block.
-    pub fn atomic_u64_at(&self, offset: usize) -> Result<&AtomicU64> {
+    pub unsafe fn atomic_u64_at(&self, offset: usize) -> Result<&AtomicU64> {
         Ok(self.map.atomic_at::<AtomicU64>(offset)?)
     }
 
@@ -620,23 +645,11 @@ mod tests {
         b.read(3, &mut out).expect("read");
         assert_eq!(&out, b"shared bytes");
 
-        a.atomic_u64_at(16)
-            .expect("u64")
-            .store(u64::MAX - 1, Ordering::SeqCst);
-        assert_eq!(
-            b.atomic_u64_at(16).expect("u64").load(Ordering::SeqCst),
-            u64::MAX - 1
-        );
-        b.atomic_u32_at(24)
-            .expect("u32")
-            .fetch_add(5, Ordering::SeqCst);
-        assert_eq!(a.atomic_u32_at(24).expect("u32").load(Ordering::SeqCst), 5);
+        b.as_atomic_u8()[24].fetch_add(5, Ordering::SeqCst);
+        assert_eq!(a.as_atomic_u8()[24].load(Ordering::SeqCst), 5);
         b.as_atomic_u8()[63].store(0x5a, Ordering::SeqCst);
         assert_eq!(a.to_vec()[63], 0x5a);
 
-        assert!(a.atomic_u64_at(12).is_err(), "misaligned");
-        assert!(a.atomic_u64_at(64).is_err(), "out of range");
-        assert!(a.atomic_u32_at(62).is_err(), "misaligned");
         assert!(a.write(60, b"12345").is_err(), "out of range");
         assert!(b.read(usize::MAX, &mut out).is_err(), "overflowing range");
         assert_eq!(a.as_atomic_u8().len(), 64);

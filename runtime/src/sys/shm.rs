@@ -420,26 +420,16 @@ impl Mapping {
         self.ptr.as_ptr()
     }
 
-    /// Copies `out.len()` bytes from `offset` with relaxed atomic loads
-    /// (8-byte words where the range is aligned for them, single bytes at
-    /// its ends): a copy that races with a write of another process or
-    /// handle reads a mix of old and new bytes, never undefined behaviour.
-    /// Out of range: an error.
+    /// Copies `out.len()` bytes from `offset` with relaxed atomic byte
+    /// loads: a copy that races with a write of another process or handle
+    /// reads a mix of old and new bytes, never undefined behaviour. Bytes,
+    /// not words: `SharedMemory`'s safe surface uses one access width only,
+    /// since racing atomic accesses of different sizes on the same bytes
+    /// are undefined in Rust's memory model. Out of range: an error.
     pub(crate) fn load_bytes(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
         self.check(offset, out.len())?;
-        let (head, words, tail) = split_words(offset, out.len());
         let cells = &self.atomics_u8()[offset..][..out.len()];
-        let (out_head, rest) = out.split_at_mut(head);
-        let (out_words, out_tail) = rest.split_at_mut(words * 8);
-        for (byte, cell) in out_head.iter_mut().zip(&cells[..head]) {
-            *byte = cell.load(Ordering::Relaxed);
-        }
-        let first = (offset + head) / 8;
-        let atomic_words = &self.atomics_u64()[first..][..words];
-        for (chunk, word) in out_words.chunks_exact_mut(8).zip(atomic_words) {
-            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
-        }
-        for (byte, cell) in out_tail.iter_mut().zip(&cells[head + words * 8..][..tail]) {
+        for (byte, cell) in out.iter_mut().zip(cells) {
             *byte = cell.load(Ordering::Relaxed);
         }
         Ok(())
@@ -449,21 +439,8 @@ impl Mapping {
     /// [`load_bytes`](Mapping::load_bytes)). Out of range: an error.
     pub(crate) fn store_bytes(&self, offset: usize, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
-        let (head, words, tail) = split_words(offset, data.len());
         let cells = &self.atomics_u8()[offset..][..data.len()];
-        let (data_head, rest) = data.split_at(head);
-        let (data_words, data_tail) = rest.split_at(words * 8);
-        for (byte, cell) in data_head.iter().zip(&cells[..head]) {
-            cell.store(*byte, Ordering::Relaxed);
-        }
-        let first = (offset + head) / 8;
-        let atomic_words = &self.atomics_u64()[first..][..words];
-        for (chunk, word) in data_words.chunks_exact(8).zip(atomic_words) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
-        }
-        for (byte, cell) in data_tail.iter().zip(&cells[head + words * 8..][..tail]) {
+        for (byte, cell) in data.iter().zip(cells) {
             cell.store(*byte, Ordering::Relaxed);
         }
         Ok(())
@@ -495,14 +472,6 @@ impl Mapping {
 /// Bytes at the start of a locked mapping: the lock word (word 0) and its
 /// poison flag (word 1); locked data starts at or after it.
 pub(crate) const LOCK_HEADER: usize = 8;
-
-/// Splits `len` bytes at `offset` into leading single bytes, whole 8-byte
-/// words aligned at multiples of 8, and trailing single bytes.
-fn split_words(offset: usize, len: usize) -> (usize, usize, usize) {
-    let head = ((8 - offset % 8) % 8).min(len);
-    let words = (len - head) / 8;
-    (head, words, len - head - words * 8)
-}
 
 fn word_width(size: usize, offset: usize) -> usize {
     if size % 8 == 0 && offset % 8 == 0 {
