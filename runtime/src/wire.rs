@@ -104,6 +104,12 @@ fn no_memory() -> Error {
     )
 }
 
+/// `true` for the error of a frame whose descriptors the kernel dropped
+/// (its payload is left in the buffer given to [`Channel::recv_into`]).
+pub(crate) fn is_fds_truncated(err: &Error) -> bool {
+    matches!(err, Error::Io { source, .. } if source.to_string() == "control message truncated")
+}
+
 fn fds_truncated() -> Error {
     Error::io(
         "the kernel dropped descriptors of a received message (MSG_CTRUNC: is the descriptor \
@@ -161,6 +167,9 @@ pub(crate) struct Channel {
     /// kernel dropped some (MSG_CTRUNC).
     arrived: VecDeque<(u64, Option<OwnedFd>)>,
     max_frame: u64,
+    /// A frame over the limit ends the stream at once (its sender is not
+    /// following the protocol) instead of being read past.
+    strict: bool,
     /// The frame being received, when a call returned before its end.
     partial: Option<Partial>,
     /// The stream ended or is out of step: every call is `Disconnected`.
@@ -203,6 +212,7 @@ impl Channel {
             received: 0,
             arrived: VecDeque::new(),
             max_frame: DEFAULT_MAX_FRAME,
+            strict: false,
             partial: None,
             broken: false,
         }
@@ -219,6 +229,13 @@ impl Channel {
     /// allocated). Applies from the next frame header on.
     pub(crate) fn set_max_frame(&mut self, max: u64) {
         self.max_frame = max;
+    }
+
+    /// For a peer that never legitimately sends a frame over the limit
+    /// (the pool's own workers): such a header is reported at once, and
+    /// the channel is then disconnected, instead of read past.
+    pub(crate) fn set_strict(&mut self) {
+        self.strict = true;
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -399,7 +416,8 @@ impl Channel {
             Body::Skip(e) => return Err(e),
         };
         if p.truncated {
-            bytes.clear();
+            // The payload stays in `bytes`: a receiver may need to tell
+            // whose message lost its descriptors (the pool: which chunk).
             return Err(fds_truncated());
         }
         if p.fds.len() < p.nfds as usize {
@@ -433,6 +451,13 @@ impl Channel {
                 "the connection is corrupt: a frame header announces more bytes than any \
                  process can hold",
             ));
+        }
+        if len > self.max_frame && self.strict {
+            self.broken = true;
+            return Err(Error::MessageTooLarge {
+                size: len,
+                limit: self.max_frame,
+            });
         }
         let body = if len > self.max_frame {
             Body::Skip(Error::MessageTooLarge {

@@ -222,3 +222,20 @@ fn a_program_whose_functions_live_in_a_library_crate_runs_them() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_full_descriptor_table_fails_one_result_not_the_pool() {
+    let out = probe("pool-fds");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("full table: the kernel dropped descriptors"),
+        "{stdout}\n{}",
+        text(&out.stderr)
+    );
+    assert!(
+        stdout.contains("after: Ok(true), same worker: true"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("no worker: true"), "{stdout}");
+    assert!(stdout.contains("recovered: Some(9)"), "{stdout}");
+}

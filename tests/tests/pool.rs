@@ -615,3 +615,53 @@ fn workers_that_always_die_while_starting_break_the_pool_clearly() {
     assert!(text.contains("killed before they were ready"), "{text}");
     assert!(text.contains("SIGKILL"), "{text}");
 }
+
+/// A task that breaks its worker's protocol: it writes a frame header of
+/// `len` bytes (or, for 0, pseudo-random bytes) straight to the worker's
+/// socket to the pool (descriptor 3), then waits to be stopped.
+#[process_fn]
+fn forge_frame(len: u64) -> u64 {
+    let mut header = [0u8; 16];
+    if len == 0 {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for b in header.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+    } else {
+        header[..8].copy_from_slice(&len.to_le_bytes());
+        header[12..].copy_from_slice(&0x5004u32.to_le_bytes());
+    }
+    let _ = nix::sys::socket::send(3, &header, nix::sys::socket::MsgFlags::empty());
+    std::thread::sleep(Duration::from_secs(60));
+    len
+}
+
+#[test]
+fn a_task_that_forges_frames_fails_and_the_pool_serves_on() {
+    let pool = Pool::new(1).expect("pool");
+    for len in [1u64 << 40, 1 << 63, u64::MAX, 0] {
+        let before = pool.worker_pids();
+        let mut result = pool.apply_async(forge_frame, (len,)).expect("submit");
+        let err = result
+            .get_timeout(LONG)
+            .expect_err("the forged frame ends that worker");
+        assert!(
+            matches!(
+                err,
+                Error::WorkerDied {
+                    signal: Some(9),
+                    ..
+                }
+            ),
+            "header {len:#x}: {err}"
+        );
+        assert_ne!(pool.worker_pids(), before, "header {len:#x}: replaced");
+        assert_eq!(
+            pool.map(cube, 0..100u64).expect("the pool serves on"),
+            (0..100u64).map(cube).collect::<Vec<_>>()
+        );
+    }
+}

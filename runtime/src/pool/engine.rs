@@ -278,7 +278,15 @@ struct State {
     adopt: Vec<(u64, Channel)>,
     /// Workers killed before they were ready, since one last was.
     early_deaths: u32,
+    /// Replacements that could not be started yet (no descriptors, no
+    /// memory...), and why: the reader tries again every
+    /// [`RETRY_SPAWN`].
+    missing: usize,
+    spawn_error: Option<Error>,
 }
+
+/// How often the reader tries again to start a replacement the OS refused.
+const RETRY_SPAWN: Duration = Duration::from_millis(100);
 
 /// Configuration a worker is started with.
 #[derive(Debug)]
@@ -321,6 +329,8 @@ impl Core {
                 broken: None,
                 adopt: Vec::new(),
                 early_deaths: 0,
+                missing: 0,
+                spawn_error: None,
             }),
             changed: Condvar::new(),
             config,
@@ -359,8 +369,10 @@ impl Core {
             &self.config.init_fds,
         )?;
         let mut channel = channel;
-        // Results are as large as the user's data; the sender is our own worker.
-        channel.set_max_frame(u64::MAX);
+        // Results are as large as the user's data, but a header that
+        // announces more than any result can be is refused unread.
+        channel.set_max_frame(worker::POOL_MAX_FRAME);
+        channel.set_strict();
         let tx = Channel::new(
             channel
                 .fd()
@@ -430,6 +442,12 @@ impl Core {
         if let Some(err) = &st.broken {
             return Some(err.clone());
         }
+        if st.workers.is_empty() && st.missing > 0 {
+            // No worker could be started again yet: fail now, not hang.
+            if let Some(err) = &st.spawn_error {
+                return Some(err.clone());
+            }
+        }
         match st.phase {
             Phase::Running => None,
             Phase::Closed | Phase::Stopping => Some(Error::Closed),
@@ -482,6 +500,15 @@ impl Core {
                 };
                 if lock(&task.job.state).cancelled {
                     task.job.complete(task.info, Outcome::Failed(Error::Closed));
+                    continue;
+                }
+                let size = task.payload.len() as u64 + 8;
+                if size > worker::POOL_MAX_FRAME {
+                    let err = Error::MessageTooLarge {
+                        size,
+                        limit: worker::POOL_MAX_FRAME,
+                    };
+                    task.job.complete(task.info, Outcome::Failed(err));
                     continue;
                 }
                 let id = st.next_id;
@@ -926,14 +953,60 @@ impl Core {
                 return None;
             }
         }
+        self.replace_worker()
+    }
+
+    /// Starts a replacement. If the OS refuses (a full descriptor table,
+    /// no memory), the pool is not broken: the reader tries again every
+    /// [`RETRY_SPAWN`], and while no worker is left at all, queued work
+    /// fails with the reason instead of waiting.
+    fn replace_worker(&self) -> Option<(u64, Channel)> {
         match self.spawn_worker() {
-            Ok(new) => Some(new),
+            Ok(new) => {
+                lock(&self.state).spawn_error = None;
+                Some(new)
+            }
             Err(Error::Closed) => None,
-            Err(e) => {
-                self.break_pool(e);
+            Err(err) => {
+                let failed: Vec<Task> = {
+                    let mut st = lock(&self.state);
+                    st.missing += 1;
+                    st.spawn_error = Some(err.clone());
+                    if st.workers.is_empty() {
+                        st.queue.drain(..).collect()
+                    } else {
+                        Vec::new()
+                    }
+                };
+                for task in failed {
+                    task.job.complete(task.info, Outcome::Failed(err.clone()));
+                }
+                self.changed.notify_all();
                 None
             }
         }
+    }
+
+    /// Tries again to start the replacements that could not be started.
+    fn retry_missing(&self) -> Vec<(u64, Channel)> {
+        let mut started = Vec::new();
+        loop {
+            {
+                let mut st = lock(&self.state);
+                if st.missing == 0
+                    || st.broken.is_some()
+                    || !matches!(st.phase, Phase::Running | Phase::Closed)
+                {
+                    break;
+                }
+                st.missing -= 1;
+            }
+            match self.replace_worker() {
+                Some(new) => started.push(new),
+                None => break,
+            }
+        }
+        started
     }
 
     /// The reader thread: results in, deaths noticed, until `stop`.
@@ -953,19 +1026,26 @@ impl Core {
     fn read_loop_inner(&self, waker: &Waker) -> Result<()> {
         let mut channels: Vec<(u64, Channel)> = Vec::new();
         let mut scratch = [0u8; 64];
+        let mut bytes = Vec::new();
+        let mut fds = Vec::new();
         loop {
-            {
+            let retry = {
                 let mut st = lock(&self.state);
                 if matches!(st.phase, Phase::Stopping) {
                     return Ok(());
                 }
                 channels.append(&mut st.adopt);
+                st.missing > 0
+            };
+            if retry {
+                channels.extend(self.retry_missing());
             }
-            let mut fds = Vec::with_capacity(channels.len() + 1);
-            fds.push((waker.0.as_fd(), PollFlags::POLLIN));
-            fds.extend(channels.iter().map(|(_, c)| (c.fd(), PollFlags::POLLIN)));
-            let ready = sys::poll_many(&fds, None)?;
-            drop(fds);
+            let mut polled = Vec::with_capacity(channels.len() + 1);
+            polled.push((waker.0.as_fd(), PollFlags::POLLIN));
+            polled.extend(channels.iter().map(|(_, c)| (c.fd(), PollFlags::POLLIN)));
+            let timeout = lock(&self.state).missing.gt(&0).then_some(RETRY_SPAWN);
+            let ready = sys::poll_many(&polled, timeout)?;
+            drop(polled);
             if !ready[0].is_empty() {
                 while matches!((&waker.0).read(&mut scratch), Ok(n) if n > 0) {}
             }
@@ -974,18 +1054,45 @@ impl Core {
                 if ready[i + 1].is_empty() {
                     continue;
                 }
-                // Everything already buffered, then at most what one read brought.
+                // What has arrived, without waiting for the rest of a
+                // frame: a worker that stops in the middle of one must not
+                // stall the others (its frame stays buffered).
                 loop {
-                    match channel.recv(None) {
-                        Ok(frame) => self.on_frame(*key, frame),
-                        Err(Error::MessageTooLarge { .. }) => {}
-                        Err(_) => {
+                    match channel.recv_into(&mut bytes, &mut fds, Some(Duration::ZERO)) {
+                        Ok(tag) => {
+                            let frame = Frame {
+                                tag,
+                                bytes: std::mem::take(&mut bytes),
+                                fds: std::mem::take(&mut fds),
+                            };
+                            self.on_frame(*key, frame);
+                            // Nothing more buffered: the next poll says
+                            // when more arrives (no extra syscall here).
+                            if !channel.has_buffered_frame() {
+                                break;
+                            }
+                        }
+                        Err(Error::Timeout) => break,
+                        // The kernel dropped the result's descriptors (a
+                        // full table): that chunk fails, the worker is fine.
+                        Err(err) if crate::wire::is_fds_truncated(&err) => {
+                            fds.clear();
+                            if let Some(id) = worker::read_u64(&bytes, 0) {
+                                self.fail_chunk(*key, id, err);
+                            }
+                        }
+                        // An impossible frame (oversized, corrupt) from our
+                        // own worker: it is not speaking the protocol;
+                        // stop it, which fails its chunk as a death does.
+                        Err(Error::Disconnected) => {
                             dead.push(i);
                             break;
                         }
-                    }
-                    if !channel.has_buffered_frame() {
-                        break;
+                        Err(_) => {
+                            self.kill_worker(*key);
+                            dead.push(i);
+                            break;
+                        }
                     }
                 }
             }
@@ -997,6 +1104,24 @@ impl Core {
                 }
             }
             self.dispatch();
+        }
+    }
+
+    /// Fails chunk `id` of worker `key` with `err` (the worker lives on).
+    fn fail_chunk(&self, key: u64, id: u64, err: Error) {
+        let found = Core::take_in_flight(&mut lock(&self.state), key, id);
+        if let Some((task, _)) = found {
+            task.job
+                .complete(task.info, with_prefix(task.prefix, Outcome::Failed(err)));
+            self.changed.notify_all();
+        }
+    }
+
+    /// SIGKILLs worker `key` (it broke the protocol).
+    fn kill_worker(&self, key: u64) {
+        let st = lock(&self.state);
+        if let Some(w) = st.workers.iter().find(|w| w.key == key) {
+            let _ = w.child.signal(Signal::SIGKILL);
         }
     }
 }

@@ -65,6 +65,11 @@ pub(crate) const TAG_TASK_SHM: u32 = 0x5007;
 pub(crate) const TAG_RESULT_SHM: u32 = 0x5008;
 pub(crate) const TAG_TASK_ABORTED: u32 = 0x5009;
 
+/// The largest frame either side of a pool accepts: a peer's header that
+/// announces more is refused before anything is allocated. Results are
+/// as large as the user's data, so the bound is generous.
+pub(crate) const POOL_MAX_FRAME: u64 = 1 << 32;
+
 /// Bytes before the name in a task body (the payload after the id):
 /// count, name length.
 pub(crate) const TASK_HEADER: usize = 8;
@@ -88,6 +93,10 @@ pub(crate) enum TaskFailure {
     NotRegistered(String),
     Decode(String),
     Encode(String),
+    TooLarge {
+        size: u64,
+        limit: u64,
+    },
     Other(String),
 }
 
@@ -100,6 +109,7 @@ impl TaskFailure {
             Error::NotRegistered { name } => TaskFailure::NotRegistered(name),
             Error::Decode { message } => TaskFailure::Decode(message),
             Error::Encode { message } => TaskFailure::Encode(message),
+            Error::MessageTooLarge { size, limit } => TaskFailure::TooLarge { size, limit },
             other => TaskFailure::Other(other.to_string()),
         }
     }
@@ -116,6 +126,7 @@ impl TaskFailure {
             TaskFailure::NotRegistered(name) => Error::NotRegistered { name },
             TaskFailure::Decode(message) => Error::Decode { message },
             TaskFailure::Encode(message) => Error::Encode { message },
+            TaskFailure::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
             TaskFailure::Other(message) => Error::InvalidArgument { message },
         }
     }
@@ -134,6 +145,11 @@ impl TaskFailure {
             TaskFailure::NotRegistered(name) => {
                 Error::NotRegistered { name: name.clone() }.to_string()
             }
+            TaskFailure::TooLarge { size, limit } => Error::MessageTooLarge {
+                size: *size,
+                limit: *limit,
+            }
+            .to_string(),
             TaskFailure::Decode(m) | TaskFailure::Encode(m) | TaskFailure::Other(m) => m.clone(),
         }
     }
@@ -289,7 +305,8 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         .name("multiproc-pool-input".into())
         .stack_size(128 * 1024)
         .spawn(move || {
-            input.set_max_frame(u64::MAX);
+            input.set_max_frame(POOL_MAX_FRAME);
+            input.set_strict();
             while let Ok(frame) = input.recv(None) {
                 if tx.send(frame).is_err() {
                     break;
@@ -406,7 +423,17 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
                 } else {
                     None
                 };
+                let size = results.len() as u64 + 8;
                 match in_arena {
+                    None if size > POOL_MAX_FRAME => send_failure(
+                        &channel,
+                        TAG_TASK_FAILED,
+                        Some(id),
+                        &TaskFailure::TooLarge {
+                            size,
+                            limit: POOL_MAX_FRAME,
+                        },
+                    ),
                     Some(start) => channel
                         .send(
                             TAG_RESULT_SHM,

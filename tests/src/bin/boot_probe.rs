@@ -46,6 +46,12 @@ fn stdin_state() -> (String, usize) {
     (target, n)
 }
 
+/// A result that carries descriptors (a queue's).
+#[process_fn]
+fn make_queue() -> multiproc::Queue<u8> {
+    multiproc::Queue::bounded(4).expect("queue")
+}
+
 #[process_fn]
 fn square(x: u64) -> u64 {
     x * x
@@ -102,6 +108,60 @@ fn main() -> multiproc::Result<()> {
             return multiproc::spawn(forgot, (1,))?.join().map(drop);
         }
         "main-ran" => println!("main ran"),
+        "pool-fds" => {
+            // A full descriptor table costs the result whose descriptors
+            // could not arrive, not the worker; the pool serves on once
+            // descriptors are free again.
+            use nix::sys::resource::{Resource, getrlimit, setrlimit};
+            let pool = Pool::new(1)?;
+            pool.apply(make_queue, ())?;
+            let workers = pool.worker_pids();
+            let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+            setrlimit(Resource::RLIMIT_NOFILE, 256, hard).expect("setrlimit");
+            let mut hold = Vec::new();
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                hold.push(f);
+            }
+            let full = pool.apply(make_queue, ());
+            println!(
+                "full table: {}",
+                full.map(|_| "ok".to_string())
+                    .unwrap_or_else(|e| e.to_string())
+            );
+            hold.truncate(hold.len().saturating_sub(16));
+            let again = pool.apply(make_queue, ()).map(|q| q.put(7).is_ok());
+            println!(
+                "after: {:?}, same worker: {}",
+                again.map_err(|e| e.to_string()),
+                pool.worker_pids() == workers
+            );
+            // The only worker dies while no replacement can be started:
+            // work fails with the reason instead of waiting, and the pool
+            // starts a worker again once descriptors are free.
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                hold.push(f);
+            }
+            for pid in &workers {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let starved = pool.apply(square, (3,));
+            println!("no worker: {}", starved.is_err());
+            drop(hold);
+            let deadline = std::time::Instant::now() + LIMIT;
+            let recovered = loop {
+                match pool.apply(square, (3,)) {
+                    Ok(v) => break Some(v),
+                    Err(_) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(_) => break None,
+                }
+            };
+            println!("recovered: {recovered:?}");
+        }
         "args" => {
             let theirs = multiproc::spawn(args, ())?.join_timeout(LIMIT)?;
             let mine: Vec<String> = std::env::args().collect();
