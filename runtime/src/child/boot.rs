@@ -57,7 +57,28 @@ fn on_load(load: LoadTime) {
         return;
     }
     if let Some(claim) = claim() {
-        load.finish_then_exit(move || run_on_main_thread(claim));
+        // The thread is started first, so that its start-up overlaps the
+        // constructors and the death-signal set-up; it waits for the claim.
+        let (handoff, claimed) = std::sync::mpsc::sync_channel::<Claim>(1);
+        let thread = start_main_thread(claimed);
+        load.finish_then_exit(move || {
+            if let Err(code) = prepare(&claim) {
+                return code;
+            }
+            match thread {
+                Ok(thread) => {
+                    if handoff.send(claim).is_ok() {
+                        // The thread exits the process; it returns only by a bug.
+                        let _ = thread.join();
+                    }
+                    EXIT_RUNTIME_PANIC
+                }
+                Err(err) => {
+                    eprintln!("multiproc: could not start the child's main thread: {err}");
+                    EXIT_REFUSED
+                }
+            }
+        });
     }
 }
 
@@ -133,32 +154,24 @@ fn prepare(claim: &Claim) -> Result<(), i32> {
     Ok(())
 }
 
-/// Runs the child on a thread named `main`, which ends the process.
-fn run_on_main_thread(claim: Claim) -> i32 {
-    if let Err(code) = prepare(&claim) {
-        return code;
-    }
-    let spawned = std::thread::Builder::new()
+/// Starts the thread named `main` that runs the child once it gets its
+/// claim, and ends the process.
+fn start_main_thread(
+    claimed: std::sync::mpsc::Receiver<Claim>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
         .name("main".into())
         .stack_size(sys::boot::main_stack_size())
         .spawn(move || {
             MAIN_THREAD.store(nix::unistd::gettid().as_raw() as u32, Ordering::Relaxed);
             // Without it an overflow is a bare SIGSEGV; with it, std's report.
             let _ = sys::boot::report_stack_overflow("main");
-            let code = serve(claim);
-            std::process::exit(code)
-        });
-    match spawned {
-        Ok(thread) => {
-            // The thread exits the process; it returns only by a bug.
-            let _ = thread.join();
-            EXIT_RUNTIME_PANIC
-        }
-        Err(err) => {
-            eprintln!("multiproc: could not start the child's main thread: {err}");
-            EXIT_REFUSED
-        }
-    }
+            // No claim: the process is exiting already.
+            if let Ok(claim) = claimed.recv() {
+                let code = serve(claim);
+                std::process::exit(code)
+            }
+        })
 }
 
 /// Reads the start message, runs what it names, reports. Returns the exit
