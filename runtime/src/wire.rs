@@ -55,6 +55,10 @@ use crate::sys;
 
 const HEADER: usize = 16;
 const READ_BUF: usize = 64 * 1024;
+/// The read buffer starts this small (a child's start channel, a spawn's
+/// result: one small frame each) and doubles up to [`READ_BUF`] while
+/// reads keep filling it (a stream of results).
+const FIRST_READ_BUF: usize = 4 * 1024;
 
 /// Default largest payload accepted by a receiver: 1 GiB.
 pub(crate) const DEFAULT_MAX_FRAME: u64 = 1 << 30;
@@ -174,6 +178,8 @@ pub(crate) struct Channel {
     partial: Option<Partial>,
     /// The stream ended or is out of step: every call is `Disconnected`.
     broken: bool,
+    /// The last read filled the buffer: double it before the next.
+    grow: bool,
 }
 
 fn io_error(context: &'static str, errno: Errno) -> Error {
@@ -215,6 +221,7 @@ impl Channel {
             strict: false,
             partial: None,
             broken: false,
+            grow: false,
         }
     }
 
@@ -340,7 +347,21 @@ impl Channel {
     /// descriptors that came with it. `Ok(false)` at end of stream,
     /// `Err(Timeout)` when the deadline passes.
     fn fill(&mut self, deadline: Option<Instant>) -> Result<bool> {
-        make_room(&mut self.rbuf, &mut self.start, &mut self.end, READ_BUF);
+        if self.grow && self.rbuf.len() < READ_BUF {
+            let mut bigger = vec![0u8; (self.rbuf.len() * 2).min(READ_BUF)].into_boxed_slice();
+            let unread = self.end - self.start;
+            bigger[..unread].copy_from_slice(&self.rbuf[self.start..self.end]);
+            self.rbuf = bigger;
+            self.start = 0;
+            self.end = unread;
+        }
+        self.grow = false;
+        make_room(
+            &mut self.rbuf,
+            &mut self.start,
+            &mut self.end,
+            FIRST_READ_BUF,
+        );
         if self.end == self.rbuf.len() {
             // Unreachable: a read is only wanted once the buffer was
             // consumed, and a header is smaller than the buffer.
@@ -360,6 +381,9 @@ impl Channel {
             self.arrived.push_back((at, None));
         }
         self.end += got.bytes;
+        // The read filled the buffer: there may be more; a larger buffer
+        // takes it in fewer reads.
+        self.grow = self.end == self.rbuf.len();
         self.received += got.bytes as u64;
         Ok(got.bytes > 0)
     }

@@ -17,6 +17,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use crate::error::Error;
 use crate::registry::{self, Call, Entry, PanicRecord};
 use crate::sys;
 use crate::sys::boot::LoadTime;
-use crate::wire::Channel;
+use crate::wire::{Channel, Frame};
 
 crate::sys::boot::load_time_hook!(on_load);
 
@@ -57,27 +58,36 @@ fn on_load(load: LoadTime) {
         return;
     }
     if let Some(claim) = claim() {
-        // The thread is started first, so that its start-up overlaps the
-        // constructors and the death-signal set-up; it waits for the claim.
-        let (handoff, claimed) = std::sync::mpsc::sync_channel::<Claim>(1);
-        let thread = start_main_thread(claimed);
+        // The thread is started first, so that its start-up (tens of
+        // microseconds: a fresh stack, a new malloc arena) overlaps the
+        // constructors, the death-signal set-up and the reading of the
+        // start message, which happen here; it waits for the result.
+        let (handoff, handed) = std::sync::mpsc::sync_channel::<Handoff>(1);
+        let thread = start_main_thread(handed);
         load.finish_then_exit(move || {
+            let thread = match thread {
+                Ok(thread) => thread,
+                Err(err) => {
+                    eprintln!("multiproc: could not start the child's main thread: {err}");
+                    return EXIT_REFUSED;
+                }
+            };
             if let Err(code) = prepare(&claim) {
                 return code;
             }
-            match thread {
-                Ok(thread) => {
-                    if handoff.send(claim).is_ok() {
-                        // The thread exits the process; it returns only by a bug.
-                        let _ = thread.join();
-                    }
-                    EXIT_RUNTIME_PANIC
-                }
-                Err(err) => {
-                    eprintln!("multiproc: could not start the child's main thread: {err}");
-                    EXIT_REFUSED
-                }
+            // Without it an overflow on the thread is a bare SIGSEGV; with
+            // it, std's report.
+            let alt_stack = sys::boot::prepare_overflow_report(thread.as_pthread_t(), "main").ok();
+            let started = match registry::catch(|| read_start(claim)) {
+                Ok(Ok(started)) => started,
+                Ok(Err(code)) => return code,
+                Err(record) => return runtime_panicked(&record),
+            };
+            if handoff.send(Handoff { alt_stack, started }).is_ok() {
+                // The thread exits the process; it returns only by a bug.
+                let _ = thread.join();
             }
+            EXIT_RUNTIME_PANIC
         });
     }
 }
@@ -103,11 +113,13 @@ pub fn init() {
     }
     if let Some(claim) = claim() {
         // In `main`: std's runtime is set up and this is the main thread.
-        let code = match prepare(&claim) {
-            Ok(()) => serve(claim),
+        let code = prepare(&claim).and_then(|()| {
+            registry::catch(|| read_start(claim)).unwrap_or_else(|r| Err(runtime_panicked(&r)))
+        });
+        std::process::exit(match code {
+            Ok(started) => run(started),
             Err(code) => code,
-        };
-        std::process::exit(code);
+        });
     }
 }
 
@@ -154,69 +166,90 @@ fn prepare(claim: &Claim) -> Result<(), i32> {
     Ok(())
 }
 
+/// What the thread named `main` gets: its alternate signal stack, and the
+/// start, read and checked.
+struct Handoff {
+    alt_stack: Option<sys::boot::AltStack>,
+    started: Started,
+}
+
+/// A start message, read and checked, its entry looked up: what to run,
+/// and how.
+struct Started {
+    channel: Channel,
+    entry: &'static Entry,
+    mode: Mode,
+    /// The start frame: the encoded arguments from `args_at`, and their
+    /// descriptors.
+    frame: Frame,
+    args_at: usize,
+}
+
 /// Starts the thread named `main` that runs the child once it gets its
-/// claim, and ends the process.
+/// start, and ends the process.
 fn start_main_thread(
-    claimed: std::sync::mpsc::Receiver<Claim>,
+    handed: std::sync::mpsc::Receiver<Handoff>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("main".into())
         .stack_size(sys::boot::main_stack_size())
         .spawn(move || {
             MAIN_THREAD.store(nix::unistd::gettid().as_raw() as u32, Ordering::Relaxed);
-            // Without it an overflow is a bare SIGSEGV; with it, std's report.
-            let _ = sys::boot::report_stack_overflow("main");
-            // No claim: the process is exiting already.
-            if let Ok(claim) = claimed.recv() {
-                let code = serve(claim);
-                std::process::exit(code)
+            // None: the process is exiting already.
+            if let Ok(Handoff { alt_stack, started }) = handed.recv() {
+                if let Some(alt_stack) = alt_stack {
+                    let _ = alt_stack.install();
+                }
+                std::process::exit(run(started))
             }
         })
 }
 
-/// Reads the start message, runs what it names, reports. Returns the exit
-/// code; a panic of the runtime itself is contained here.
-fn serve(claim: Claim) -> i32 {
-    match registry::catch(|| serve_start(claim)) {
-        Ok(code) => code,
-        Err(record) => {
-            eprintln!("multiproc: child runtime panicked: {}", record.message);
-            EXIT_RUNTIME_PANIC
-        }
-    }
+fn runtime_panicked(record: &PanicRecord) -> i32 {
+    eprintln!("multiproc: child runtime panicked: {}", record.message);
+    EXIT_RUNTIME_PANIC
 }
 
-fn serve_start(claim: Claim) -> i32 {
+/// Runs what the start names and reports. Returns the exit code; a panic
+/// of the runtime itself is contained here.
+fn run(started: Started) -> i32 {
+    registry::catch(|| run_started(started)).unwrap_or_else(|record| runtime_panicked(&record))
+}
+
+/// Reads the start message, checks it and looks its entry up (everything
+/// but running it, so that a load-time child does it while its main thread
+/// starts). `Err(code)`: exit with it.
+fn read_start(claim: Claim) -> Result<Started, i32> {
     registry::install_panic_hook();
     let mut channel = Channel::new(claim.socket);
     let frame = match channel.recv(Some(START_WAIT)) {
         Ok(frame) if frame.tag == TAG_START => frame,
         // The parent died or closed the socket before it could send.
-        Err(Error::Disconnected) => return 1,
+        Err(Error::Disconnected) => return Err(1),
         Ok(frame) => {
             eprintln!(
                 "multiproc: the parent's first message has tag {} instead of a start",
                 frame.tag
             );
-            return EXIT_REFUSED;
+            return Err(EXIT_REFUSED);
         }
         Err(err) => {
             eprintln!("multiproc: no start message from the parent: {err}");
-            return EXIT_REFUSED;
+            return Err(EXIT_REFUSED);
         }
     };
-    let Some((start, args)) = split_start(&frame.bytes) else {
+    let Some((start, args_at)) = split_start(&frame.bytes) else {
         eprintln!("multiproc: the parent's start message is malformed");
-        return EXIT_REFUSED;
+        return Err(EXIT_REFUSED);
     };
     if start.exe != exe_identity() {
-        return refuse(
+        return Err(refuse(
             &channel,
             Error::BuildMismatch {
                 expected: start.exe,
                 found: exe_identity(),
             },
-        );
+        ));
     }
     let _ = IDENTITY.set(Identity {
         name: start.process_name.clone(),
@@ -231,27 +264,51 @@ fn serve_start(claim: Claim) -> i32 {
     let entry = match registry::lookup_name(&start.name) {
         Ok(entry) => entry,
         Err(Error::NotRegistered { name }) => {
-            return refuse(
+            return Err(refuse(
                 &channel,
                 Error::RegistrationMissing {
                     name,
                     parent_registrations: start.registry.count,
                     child_registrations: registry::fingerprint().count,
                 },
-            );
+            ));
         }
-        Err(err) => return refuse(&channel, err),
+        Err(err) => return Err(refuse(&channel, err)),
     };
-    match (start.mode, entry.internal_main()) {
-        (Mode::Internal, Some(main)) => main(channel, args.to_vec(), frame.fds),
-        (Mode::Internal, None) | (Mode::Process | Mode::Spawn, Some(_)) => refuse(
+    let kind_fits = match start.mode {
+        Mode::Internal => entry.internal_main().is_some(),
+        Mode::Process | Mode::Spawn => entry.internal_main().is_none(),
+    };
+    if !kind_fits {
+        return Err(refuse(
             &channel,
             Error::invalid(format!(
                 "`{}` is not an entry point of the kind the parent asked for",
                 start.name
             )),
-        ),
-        (mode, None) => run_function(entry, mode, channel, args, frame.fds),
+        ));
+    }
+    Ok(Started {
+        channel,
+        entry,
+        mode: start.mode,
+        frame,
+        args_at,
+    })
+}
+
+fn run_started(started: Started) -> i32 {
+    let Started {
+        channel,
+        entry,
+        mode,
+        frame,
+        args_at,
+    } = started;
+    let args = frame.bytes.get(args_at..).unwrap_or(&[]);
+    match entry.internal_main() {
+        Some(main) => main(channel, args.to_vec(), frame.fds),
+        None => run_function(entry, mode, channel, args, frame.fds),
     }
 }
 
@@ -319,11 +376,12 @@ fn run_function(
     }
 }
 
-fn split_start(bytes: &[u8]) -> Option<(Start, &[u8])> {
+/// The start header and where the arguments start after it.
+fn split_start(bytes: &[u8]) -> Option<(Start, usize)> {
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let header = bytes.get(4..4_usize.checked_add(len)?)?;
-    let start: Start = codec::decode_plain(header).ok()?;
-    Some((start, &bytes[4 + len..]))
+    let end = 4_usize.checked_add(len)?;
+    let start: Start = codec::decode_plain(bytes.get(4..end)?).ok()?;
+    Some((start, end))
 }
 
 /// A thread that kills this process when the parent's end of the socket

@@ -22,7 +22,7 @@
 //!
 //! std installs its stack-overflow handler in `main`'s set-up. A thread
 //! started earlier (the thread a load-time child runs on) gets
-//! [`report_stack_overflow`] instead: the same message std prints for a
+//! [`prepare_overflow_report`] instead: the same message std prints for a
 //! thread of that name, then `SIGABRT`, as std does.
 #![allow(unsafe_code)]
 
@@ -160,44 +160,59 @@ pub(crate) fn main_stack_size() -> usize {
     }
 }
 
-/// The guard range of the thread that registered, and the message to
-/// print when a fault lands in it.
+/// The guard range of the thread whose overflow is reported, its name
+/// (`'name' (`), and its thread id once it installed the report.
 static GUARD_START: AtomicUsize = AtomicUsize::new(0);
 static GUARD_END: AtomicUsize = AtomicUsize::new(0);
-static MESSAGE: OnceLock<Box<[u8]>> = OnceLock::new();
+static PREFIX: OnceLock<Box<[u8]>> = OnceLock::new();
+static TID: AtomicUsize = AtomicUsize::new(0);
 
 /// Bytes of the alternate signal stack the handler runs on.
 const ALT_STACK: usize = 64 * 1024;
 
-/// Makes a stack overflow of the calling thread end the process as std's
-/// runtime does for a thread named `name`: std's message on standard
-/// error, then `SIGABRT`. For one thread of a process that runs before
-/// std's runtime is set up (std then has no handler of its own); a later
-/// call, from any thread, does nothing. A `SIGSEGV` or `SIGBUS` elsewhere
-/// keeps its default effect. A handler the program installed first is left
-/// alone.
-pub(crate) fn report_stack_overflow(name: &str) -> io::Result<()> {
-    let tid = nix::unistd::gettid();
-    let message = format!(
-        "\nthread '{name}' ({tid}) has overflowed its stack\nfatal runtime error: stack overflow, aborting\n"
-    );
-    if MESSAGE
-        .set(message.into_bytes().into_boxed_slice())
+/// The half of the stack-overflow report that only its thread can do:
+/// giving itself the alternate signal stack ([`AltStack::install`]).
+#[derive(Debug)]
+pub(crate) struct AltStack {
+    stack: std::ptr::NonNull<c_void>,
+}
+
+// SAFETY: the mapping is plain memory that nothing uses until the thread
+// it was made for installs it; moving the pointer to that thread is the
+// point.
+unsafe impl Send for AltStack {}
+
+/// Prepares, from any thread, the report of a stack overflow of `thread`
+/// (a thread named `name`) as std's runtime gives it: std's message on
+/// standard error, then `SIGABRT`. For a process that runs before std's
+/// runtime is set up (std then has no handler of its own). `thread` must
+/// then call [`AltStack::install`]. A `SIGSEGV` or `SIGBUS` elsewhere
+/// keeps its default effect; a handler the program installed first is
+/// left alone. Once per process: a later call fails.
+pub(crate) fn prepare_overflow_report(thread: libc::pthread_t, name: &str) -> io::Result<AltStack> {
+    if PREFIX
+        .set(
+            format!("\nthread '{name}' (")
+                .into_bytes()
+                .into_boxed_slice(),
+        )
         .is_err()
     {
-        return Ok(());
+        return Err(io::Error::other(
+            "the stack-overflow report is already set up",
+        ));
     }
-    let (low, guard) = current_stack()?;
+    let (low, guard) = stack_of(thread)?;
     GUARD_START.store(low.saturating_sub(guard), Ordering::SeqCst);
     GUARD_END.store(low.saturating_add(guard), Ordering::SeqCst);
-    install_alt_stack()?;
+    let stack = map_alt_stack()?;
     let action = SigAction::new(
         SigHandler::SigAction(on_fault),
         SaFlags::SA_SIGINFO | SaFlags::SA_ONSTACK,
         SigSet::empty(),
     );
     for signal in [Signal::SIGSEGV, Signal::SIGBUS] {
-        // SAFETY: `on_fault` only reads atomics and a static buffer, calls
+        // SAFETY: `on_fault` only reads atomics and static buffers, calls
         // write(2), sigaction(2) and abort(3), all async-signal-safe, so it
         // may run at any point of any thread.
         let old = unsafe { nix::sys::signal::sigaction(signal, &action) }?;
@@ -207,18 +222,37 @@ pub(crate) fn report_stack_overflow(name: &str) -> io::Result<()> {
             unsafe { nix::sys::signal::sigaction(signal, &old) }?;
         }
     }
-    Ok(())
+    Ok(AltStack { stack })
 }
 
-/// The lowest usable address of the calling thread's stack and the size of
-/// its guard.
-fn current_stack() -> io::Result<(usize, usize)> {
+impl AltStack {
+    /// Gives the calling thread (the one the report was prepared for) its
+    /// alternate signal stack, kept for the life of the process, so that
+    /// the handler can run when the thread's own stack is exhausted.
+    pub(crate) fn install(self) -> io::Result<()> {
+        TID.store(nix::unistd::gettid().as_raw() as usize, Ordering::SeqCst);
+        let ss = libc::stack_t {
+            ss_sp: self.stack.as_ptr(),
+            ss_flags: 0,
+            ss_size: ALT_STACK,
+        };
+        // SAFETY: `ss` describes a mapping of ALT_STACK bytes that is never
+        // unmapped; the old stack is not asked for.
+        let rc = unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The lowest usable address of `thread`'s stack and the size of its guard.
+fn stack_of(thread: libc::pthread_t) -> io::Result<(usize, usize)> {
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
-    // SAFETY: pthread_self() is always valid for the calling thread.
-    let me = unsafe { libc::pthread_self() };
-    // SAFETY: `attr` is writable storage for one pthread_attr_t, which
-    // pthread_getattr_np initializes on success.
-    let rc = unsafe { libc::pthread_getattr_np(me, attr.as_mut_ptr()) };
+    // SAFETY: `thread` is a live thread of this process (the caller just
+    // created it); `attr` is writable storage for one pthread_attr_t,
+    // which pthread_getattr_np initializes on success.
+    let rc = unsafe { libc::pthread_getattr_np(thread, attr.as_mut_ptr()) };
     if rc != 0 {
         return Err(io::Error::from_raw_os_error(rc));
     }
@@ -242,29 +276,21 @@ fn current_stack() -> io::Result<(usize, usize)> {
     Ok((addr as usize, guard))
 }
 
-/// Gives the calling thread an alternate signal stack (kept for the life
-/// of the process), so the handler can run when the thread's own stack is
-/// exhausted.
-fn install_alt_stack() -> io::Result<()> {
+/// A mapping for an alternate signal stack, never unmapped.
+fn map_alt_stack() -> io::Result<std::ptr::NonNull<c_void>> {
     let len = std::num::NonZeroUsize::new(ALT_STACK).ok_or(io::ErrorKind::InvalidInput)?;
     let flags = nix::sys::mman::MapFlags::MAP_PRIVATE | nix::sys::mman::MapFlags::MAP_ANONYMOUS;
     let prot = nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE;
     // SAFETY: a fresh private anonymous mapping at an address the kernel
     // chooses overlaps no Rust object. It is never unmapped: the signal
     // stack must outlive the thread.
-    let stack = unsafe { nix::sys::mman::mmap_anonymous(None, len, prot, flags) }?;
-    let ss = libc::stack_t {
-        ss_sp: stack.as_ptr(),
-        ss_flags: 0,
-        ss_size: ALT_STACK,
-    };
-    // SAFETY: `ss` describes the mapping above, which stays valid for the
-    // life of the process; the old stack is not asked for.
-    let rc = unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(unsafe { nix::sys::mman::mmap_anonymous(None, len, prot, flags) }?)
+}
+
+/// Writes `bytes` to standard error (async-signal-safe).
+fn write_stderr(bytes: &[u8]) {
+    // SAFETY: writes `bytes.len()` bytes of a live buffer to descriptor 2.
+    let _ = unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
 }
 
 extern "C" fn on_fault(signal: c_int, info: *mut libc::siginfo_t, _context: *mut c_void) {
@@ -276,11 +302,25 @@ extern "C" fn on_fault(signal: c_int, info: *mut libc::siginfo_t, _context: *mut
     let start = GUARD_START.load(Ordering::Relaxed);
     let end = GUARD_END.load(Ordering::Relaxed);
     if start <= addr && addr < end {
-        if let Some(message) = MESSAGE.get() {
-            // SAFETY: writes the bytes of a buffer that lives for the whole
-            // program to standard error (async-signal-safe).
-            let _ = unsafe { libc::write(2, message.as_ptr().cast(), message.len()) };
+        // std's words: "\nthread 'NAME' (TID) has overflowed its stack".
+        if let Some(prefix) = PREFIX.get() {
+            write_stderr(prefix);
         }
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut tid = TID.load(Ordering::Relaxed);
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (tid % 10) as u8;
+            tid /= 10;
+            if tid == 0 || at == 0 {
+                break;
+            }
+        }
+        write_stderr(&digits[at..]);
+        write_stderr(
+            b") has overflowed its stack\nfatal runtime error: stack overflow, aborting\n",
+        );
         // SAFETY: abort(3) is async-signal-safe and ends the process with
         // SIGABRT, as std does after a stack overflow.
         unsafe { libc::abort() };
