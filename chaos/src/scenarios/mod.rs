@@ -1,0 +1,54 @@
+//! The fault scenarios, one small function each, and the probe programs
+//! some of them start.
+use std::time::Duration;
+
+use multiproc::{ExitStatus, Process};
+
+use crate::ctx::{Context, Ctx, Res};
+
+mod pool;
+mod queue;
+
+/// One entry of the matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub run: fn(&mut Ctx) -> Res,
+}
+
+pub fn all() -> Vec<Scenario> {
+    let mut v = Vec::new();
+    v.extend(pool::scenarios());
+    v.extend(queue::scenarios());
+    v
+}
+
+/// A probe program: `__probe <name> args...`. Returns the exit code.
+pub fn probe_main(args: &[String]) -> i32 {
+    match args.first().map(String::as_str) {
+        other => {
+            eprintln!("unknown probe {other:?}");
+            2
+        }
+    }
+}
+
+/// Starts `p`.
+pub fn start(mut p: Process) -> Result<Process, String> {
+    p.start().ctx("start a child")?;
+    Ok(p)
+}
+
+/// Joins `p` (bounded); one still running after 10 s is killed, and that
+/// is an error.
+pub fn reap(p: &mut Process) -> Result<ExitStatus, String> {
+    let limit = Duration::from_secs(10);
+    match p.join_timeout(limit).ctx("join")? {
+        Some(status) => Ok(status),
+        None => {
+            let _ = p.kill();
+            let _ = p.join_timeout(limit);
+            Err(format!("child {:?} did not end within {limit:?}", p.pid()))
+        }
+    }
+}

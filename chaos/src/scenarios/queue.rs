@@ -1,0 +1,549 @@
+//! Queue under faults: a producer or a consumer SIGKILLed in the middle
+//! of a message (1 B to 16 MiB), many producers and consumers with random
+//! kills, two producers of 64 KiB messages to one consumer.
+//!
+//! Accounting follows the queue's documented guarantees
+//! (`runtime/src/queue/mod.rs`): a message whose `put` returned is
+//! delivered whole, exactly once; a killed producer's unfinished `put` may
+//! or may not arrive (it never returned); a consumer killed between taking
+//! a message and decoding it loses that message. The last is counted as a
+//! documented loss (at most one per killed consumer; a loss the kill
+//! cannot explain is lost). A producer records how many of its puts
+//! returned in shared memory right after each one, a consumer records each
+//! message it got right after `get` returned it.
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use multiproc::queue::GetTimeoutError;
+use multiproc::sync::Event;
+use multiproc::{Array, Process, Queue, Value, process_fn};
+
+use super::{Scenario, reap, start};
+use crate::ctx::{Context, Ctx, Res};
+use crate::util::{self, Msg};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "queue/producer-killed/1B",
+            run: producer_killed::<1>,
+        },
+        Scenario {
+            name: "queue/producer-killed/1KiB",
+            run: producer_killed::<1024>,
+        },
+        Scenario {
+            name: "queue/producer-killed/4KiB",
+            run: producer_killed::<4096>,
+        },
+        Scenario {
+            name: "queue/producer-killed/64KiB",
+            run: producer_killed::<65536>,
+        },
+        Scenario {
+            name: "queue/producer-killed/16MiB",
+            run: producer_killed::<16777216>,
+        },
+        Scenario {
+            name: "queue/consumer-killed/1B",
+            run: consumer_killed::<1>,
+        },
+        Scenario {
+            name: "queue/consumer-killed/1KiB",
+            run: consumer_killed::<1024>,
+        },
+        Scenario {
+            name: "queue/consumer-killed/64KiB",
+            run: consumer_killed::<65536>,
+        },
+        Scenario {
+            name: "queue/consumer-killed/16MiB",
+            run: consumer_killed::<16777216>,
+        },
+        Scenario {
+            name: "queue/many-producers-consumers-random-kills",
+            run: mpmc_random_kills,
+        },
+        Scenario {
+            name: "queue/two-producers-64KiB-one-consumer",
+            run: two_producers,
+        },
+    ]
+}
+
+/// How many messages of `len` bytes a scenario sends at most.
+fn count_for(len: usize) -> u64 {
+    match len {
+        0..=4096 => 200_000,
+        4097..=65536 => 5_000,
+        _ => 60,
+    }
+}
+
+/// Puts messages `0..count` of sender `id`; `done` holds how many puts
+/// returned.
+#[process_fn]
+fn produce(q: Queue<Msg>, done: Value<u64>, id: u64, len: u64, count: u64) {
+    for seq in 0..count {
+        if q.put(Msg::new(id, seq, len as usize)).is_err() {
+            return;
+        }
+        done.store(seq + 1);
+    }
+}
+
+/// After the faults: the queue still carries messages, twice round the
+/// ring (a slot left unreleased would stop producers one lap later).
+fn still_works(q: &Queue<Msg>) -> Res {
+    let rounds = 2 * q.capacity() as u64 + 2;
+    let q2 = q.clone();
+    let reader = std::thread::spawn(move || {
+        let mut got = 0u64;
+        while got < rounds {
+            match q2.get_timeout(Duration::from_secs(5)) {
+                Ok(m) if m.id == 999 && m.whole() => got += 1,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        got
+    });
+    for seq in 0..rounds {
+        if let Err(e) = q.put_timeout(Msg::new(999, seq, 8), Duration::from_secs(5)) {
+            let _ = reader.join();
+            return Err(format!(
+                "the queue is wedged after the fault: put {seq} of {rounds} failed ({e}); qsize {}",
+                q.qsize()
+            ));
+        }
+    }
+    let got = reader
+        .join()
+        .map_err(|_| "the reader panicked".to_string())?;
+    if got != rounds {
+        return Err(format!(
+            "after the fault only {got} of {rounds} messages came through"
+        ));
+    }
+    Ok(())
+}
+
+/// Receives and checks messages, counting them by sender and sequence
+/// number, until the queue is empty after `finished` was set (every
+/// sender is gone: what it published is in the queue).
+fn drain(
+    ctx: &mut Ctx,
+    q: &Queue<Msg>,
+    finished: &AtomicBool,
+    seen: &mut HashMap<(u64, u64), u32>,
+) -> Res {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let was_finished = finished.load(Ordering::SeqCst);
+        if Instant::now() > deadline {
+            return Err("the senders never finished".into());
+        }
+        match q.get_timeout(Duration::from_millis(50)) {
+            Ok(m) => {
+                if !m.whole() {
+                    ctx.tear(1, || {
+                        format!(
+                            "message {} of sender {} ({} bytes)",
+                            m.seq,
+                            m.id,
+                            m.body.len()
+                        )
+                    });
+                    continue;
+                }
+                *seen.entry((m.id, m.seq)).or_default() += 1;
+            }
+            Err(GetTimeoutError::Timeout) if was_finished => return Ok(()),
+            Err(GetTimeoutError::Timeout) => {}
+            Err(e) => return Err(format!("get: {e}")),
+        }
+    }
+}
+
+/// Every message of sender `id` below `returned` seen exactly once; the
+/// one after may be there (its put was cut short); `doc_allowance`
+/// missing ones are documented losses.
+fn account(
+    ctx: &mut Ctx,
+    seen: &HashMap<(u64, u64), u32>,
+    id: u64,
+    returned: u64,
+    doc_allowance: &mut u64,
+) {
+    let mut missing = Vec::new();
+    let mut twice = 0;
+    for seq in 0..=returned {
+        let n = seen.get(&(id, seq)).copied().unwrap_or(0);
+        if n == 0 && seq < returned {
+            missing.push(seq);
+        }
+        twice += u64::from(n.saturating_sub(1));
+    }
+    let beyond = seen
+        .keys()
+        .filter(|(i, s)| *i == id && *s > returned)
+        .count() as u64;
+    ctx.duplicate(twice, || {
+        format!("sender {id}: messages seen more than once")
+    });
+    ctx.check_beyond(beyond, id, returned);
+    let doc = (missing.len() as u64).min(*doc_allowance);
+    *doc_allowance -= doc;
+    ctx.doc_lost += doc;
+    let shown: Vec<u64> = missing.iter().copied().take(8).collect();
+    ctx.lose(missing.len() as u64 - doc, || {
+        format!(
+            "sender {id}: {} of {returned} returned puts never arrived, first {shown:?}",
+            missing.len()
+        )
+    });
+}
+
+impl Ctx {
+    fn check_beyond(&mut self, beyond: u64, id: u64, returned: u64) {
+        if beyond > 0 {
+            self.fail(format!(
+                "sender {id}: {beyond} message(s) beyond the one in flight after {returned} returned puts"
+            ));
+        }
+    }
+}
+
+fn producer_killed<const LEN: usize>(ctx: &mut Ctx) -> Res {
+    let after = if LEN > 65536 {
+        ctx.rng.millis(0, 120)
+    } else {
+        ctx.rng.millis(0, 30)
+    };
+    ctx.guarded(LIMIT, "producer killed mid-put", move |ctx| {
+        let q = Queue::<Msg>::bounded(16).ctx("Queue::bounded")?;
+        let done = Value::new(0u64).ctx("Value::new")?;
+        let mut p = start(Process::new(
+            produce,
+            (q.clone(), done.clone(), 1u64, LEN as u64, count_for(LEN)),
+        ))?;
+        // The consumer: this thread's helper, from the first message on.
+        let (first_tx, first_rx) = mpsc::channel();
+        let q2 = q.clone();
+        let finished = Arc::new(AtomicBool::new(false));
+        let fin = Arc::clone(&finished);
+        let consumer = std::thread::spawn(move || {
+            let mut sub = Ctx::new(0);
+            let mut seen = HashMap::new();
+            if let Ok(m) = q2.get_timeout(LIMIT) {
+                let _ = first_tx.send(());
+                if m.whole() {
+                    *seen.entry((m.id, m.seq)).or_default() += 1;
+                } else {
+                    sub.tear(1, || "the first message".into());
+                }
+            }
+            let r = drain(&mut sub, &q2, &fin, &mut seen);
+            (sub, seen, r)
+        });
+        first_rx.recv_timeout(LIMIT).ctx("the first message")?;
+        std::thread::sleep(after);
+        p.kill().ctx("kill")?;
+        reap(&mut p)?;
+        finished.store(true, Ordering::SeqCst);
+        let (sub, seen, r) = consumer
+            .join()
+            .map_err(|_| "the consumer panicked".to_string())?;
+        ctx.absorb(sub);
+        r?;
+        let returned = done.load();
+        let mut none = 0;
+        account(ctx, &seen, 1, returned, &mut none);
+        still_works(&q)
+    })
+}
+
+/// Gets messages and marks each one in `got` (index: sequence number),
+/// until `stop` is set and the queue stays empty.
+#[process_fn]
+fn consume(q: Queue<Msg>, got: Array<u8>, torn: Value<u64>, stop: Event) {
+    loop {
+        match q.get_timeout(Duration::from_millis(50)) {
+            Ok(m) => {
+                if !m.whole() {
+                    torn.fetch_add(1);
+                } else if let Ok(n) = got.get(m.seq as usize) {
+                    let _ = got.set(m.seq as usize, n.saturating_add(1));
+                }
+            }
+            Err(GetTimeoutError::Timeout) if stop.is_set() => return,
+            Err(GetTimeoutError::Timeout) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn consumer_killed<const LEN: usize>(ctx: &mut Ctx) -> Res {
+    let after = if LEN > 65536 {
+        ctx.rng.millis(0, 200)
+    } else {
+        ctx.rng.millis(0, 40)
+    };
+    let count = if LEN > 65536 { 12 } else { count_for(LEN) / 10 };
+    ctx.guarded(LIMIT, "consumer killed mid-get", move |ctx| {
+        let q = Queue::<Msg>::bounded(16).ctx("Queue::bounded")?;
+        let got = Array::<u8>::zeroed(count as usize).ctx("Array::zeroed")?;
+        let torn = Value::new(0u64).ctx("Value::new")?;
+        let stop = Event::new().ctx("Event::new")?;
+        let mut c = start(Process::new(
+            consume,
+            (q.clone(), got.clone(), torn.clone(), stop.clone()),
+        ))?;
+        let q2 = q.clone();
+        let producer = std::thread::spawn(move || -> Result<(), String> {
+            for seq in 0..count {
+                q2.put_timeout(Msg::new(1, seq, LEN), Duration::from_secs(10))
+                    .map_err(|e| format!("put {seq} of {count}: {e} (qsize {})", q2.qsize()))?;
+            }
+            Ok(())
+        });
+        // Kill once the consumer is busy.
+        util::eventually(LIMIT, || {
+            got.get(0).unwrap_or(0) > 0 || q.qsize() == 0 && producer.is_finished()
+        });
+        std::thread::sleep(after);
+        c.kill().ctx("kill")?;
+        reap(&mut c)?;
+        // This process takes over as the consumer.
+        let mut seen = HashMap::new();
+        let q3 = q.clone();
+        let finished = Arc::new(AtomicBool::new(false));
+        let fin = Arc::clone(&finished);
+        let taker = std::thread::spawn(move || {
+            let mut sub = Ctx::new(0);
+            let r = drain(&mut sub, &q3, &fin, &mut seen);
+            (sub, seen, r)
+        });
+        let produced = producer
+            .join()
+            .map_err(|_| "the producer panicked".to_string());
+        finished.store(true, Ordering::SeqCst);
+        let produced = produced?;
+        let (sub, mut seen, r) = taker.join().map_err(|_| "the taker panicked".to_string())?;
+        ctx.absorb(sub);
+        produced.map_err(|e| {
+            format!(
+                "the producer could not finish after the consumer was killed (a wedged queue): {e}"
+            )
+        })?;
+        r?;
+        ctx.tear(torn.load(), || {
+            "the killed consumer saw torn messages".into()
+        });
+        for (seq, n) in got.to_vec().into_iter().enumerate() {
+            if n > 0 {
+                *seen.entry((1, seq as u64)).or_default() += u32::from(n);
+            }
+        }
+        let mut allowance = 1;
+        account(ctx, &seen, 1, count, &mut allowance);
+        still_works(&q)
+    })
+}
+
+const MP_PRODUCERS: u64 = 3;
+const MP_PER_PRODUCER: u64 = 3000;
+
+/// A producer for the many-to-many scenario: message sizes vary from a
+/// byte to 40 KiB (inline, side datagram, side memfd); `done[id]` counts
+/// returned puts. Stops at `stop`.
+#[process_fn]
+fn mp_produce(q: Queue<Msg>, done: Array<u64>, id: u64, stop: Event) {
+    let sizes = [1usize, 200, 1000, 5000, 40_000];
+    for seq in 0..MP_PER_PRODUCER {
+        let m = Msg::new(
+            id,
+            seq,
+            sizes[(seq as usize * 7 + id as usize) % sizes.len()],
+        );
+        let mut m = Some(m);
+        while let Some(item) = m.take() {
+            match q.put_timeout(item, Duration::from_millis(100)) {
+                Ok(()) => {}
+                Err(multiproc::queue::PutTimeoutError::Timeout(item)) if !stop.is_set() => {
+                    m = Some(item)
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = done.set(id as usize, seq + 1);
+    }
+}
+
+/// A consumer for the many-to-many scenario: counts each message it got
+/// in its own `got` (index `id * MP_PER_PRODUCER + seq`).
+#[process_fn]
+fn mp_consume(q: Queue<Msg>, got: Array<u32>, torn: Value<u64>, stop: Event) {
+    loop {
+        match q.get_timeout(Duration::from_millis(50)) {
+            Ok(m) => {
+                if !m.whole() {
+                    torn.fetch_add(1);
+                    continue;
+                }
+                let i = (m.id * MP_PER_PRODUCER + m.seq) as usize;
+                if let Ok(n) = got.get(i) {
+                    let _ = got.set(i, n + 1);
+                }
+            }
+            Err(GetTimeoutError::Timeout) if stop.is_set() => return,
+            Err(GetTimeoutError::Timeout) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn mpmc_random_kills(ctx: &mut Ctx) -> Res {
+    let mut rng = ctx.rng.clone();
+    ctx.guarded(
+        LIMIT,
+        "many producers and consumers, random kills",
+        move |ctx| {
+            let q = Queue::<Msg>::bounded(64).ctx("Queue::bounded")?;
+            let done = Array::<u64>::zeroed(MP_PRODUCERS as usize).ctx("Array")?;
+            let torn = Value::new(0u64).ctx("Value")?;
+            let stop = Event::new().ctx("Event")?;
+            let n = (MP_PRODUCERS * MP_PER_PRODUCER) as usize;
+            let mut producers = Vec::new();
+            for id in 0..MP_PRODUCERS {
+                producers.push(start(Process::new(
+                    mp_produce,
+                    (q.clone(), done.clone(), id, stop.clone()),
+                ))?);
+            }
+            let mut consumers: Vec<(Process, Array<u32>)> = Vec::new();
+            let mut spent: Vec<Array<u32>> = Vec::new();
+            for _ in 0..3 {
+                let got = Array::<u32>::zeroed(n).ctx("Array")?;
+                consumers.push((
+                    start(Process::new(
+                        mp_consume,
+                        (q.clone(), got.clone(), torn.clone(), stop.clone()),
+                    ))?,
+                    got,
+                ));
+            }
+            let mut consumer_kills = 0u64;
+            let until = Instant::now() + Duration::from_millis(800);
+            while Instant::now() < until {
+                std::thread::sleep(rng.millis(30, 200));
+                if rng.chance(2) && producers.iter().any(Process::is_alive) {
+                    let live: Vec<usize> = (0..producers.len())
+                        .filter(|&i| producers[i].is_alive())
+                        .collect();
+                    let p = &mut producers[live[rng.below(live.len())]];
+                    p.kill().ctx("kill a producer")?;
+                    reap(p)?;
+                } else {
+                    let i = rng.below(consumers.len());
+                    let (mut c, got) = consumers.swap_remove(i);
+                    c.kill().ctx("kill a consumer")?;
+                    reap(&mut c)?;
+                    consumer_kills += 1;
+                    spent.push(got);
+                    let got = Array::<u32>::zeroed(n).ctx("Array")?;
+                    consumers.push((
+                        start(Process::new(
+                            mp_consume,
+                            (q.clone(), got.clone(), torn.clone(), stop.clone()),
+                        ))?,
+                        got,
+                    ));
+                }
+            }
+            stop.set();
+            for p in &mut producers {
+                reap(p)?;
+            }
+            for (c, _) in &mut consumers {
+                reap(c)?;
+            }
+            let mut seen = HashMap::new();
+            drain(ctx, &q, &AtomicBool::new(true), &mut seen)?;
+            for got in consumers.iter().map(|(_, g)| g).chain(spent.iter()) {
+                for (i, k) in got.to_vec().into_iter().enumerate() {
+                    if k > 0 {
+                        let (id, seq) = (i as u64 / MP_PER_PRODUCER, i as u64 % MP_PER_PRODUCER);
+                        *seen.entry((id, seq)).or_default() += k;
+                    }
+                }
+            }
+            ctx.tear(torn.load(), || "consumers saw torn messages".into());
+            let mut allowance = consumer_kills;
+            for id in 0..MP_PRODUCERS {
+                let returned = done.get(id as usize).ctx("done")?;
+                account(ctx, &seen, id, returned, &mut allowance);
+            }
+            still_works(&q)
+        },
+    )
+}
+
+fn two_producers(ctx: &mut Ctx) -> Res {
+    ctx.guarded(
+        LIMIT,
+        "two producers of 64 KiB messages, one consumer",
+        move |ctx| {
+            let q = Queue::<Msg>::new().ctx("Queue::new")?;
+            let per = 300u64;
+            let mut ps = Vec::new();
+            let dones: Vec<Value<u64>> = (0..2)
+                .map(|_| Value::new(0u64))
+                .collect::<Result<_, _>>()
+                .ctx("Value")?;
+            for id in 0..2u64 {
+                ps.push(start(Process::new(
+                    produce,
+                    (q.clone(), dones[id as usize].clone(), id, 64 << 10, per),
+                ))?);
+            }
+            let mut next = [0u64; 2];
+            for _ in 0..2 * per {
+                let m = q.get_timeout(Duration::from_secs(10)).map_err(|e| {
+                    format!("get after {next:?}: {e} (a deadlock between the producers?)")
+                })?;
+                if !m.whole() || m.id > 1 {
+                    ctx.tear(1, || format!("message {} of {}", m.seq, m.id));
+                    continue;
+                }
+                let slot = &mut next[m.id as usize];
+                if m.seq < *slot {
+                    ctx.duplicate(1, || format!("message {} of {}", m.seq, m.id));
+                } else if m.seq > *slot {
+                    ctx.lose(m.seq - *slot, || {
+                        format!("sender {}: {}..{} skipped", m.id, *slot, m.seq)
+                    });
+                    *slot = m.seq + 1;
+                } else {
+                    *slot += 1;
+                }
+            }
+            for p in &mut ps {
+                let status = reap(p)?;
+                if !status.success() {
+                    ctx.fail(format!("a producer ended with {status:?}"));
+                }
+            }
+            if next != [per, per] {
+                ctx.lose((2 * per).saturating_sub(next[0] + next[1]), || {
+                    format!("received up to {next:?}")
+                });
+            }
+            Ok(())
+        },
+    )
+}
