@@ -6,8 +6,10 @@ use multiproc::{ExitStatus, Process};
 
 use crate::ctx::{Context, Ctx, Res};
 
+mod pipe;
 mod pool;
 mod queue;
+mod sync;
 
 /// One entry of the matrix.
 #[derive(Clone, Copy, Debug)]
@@ -20,6 +22,8 @@ pub fn all() -> Vec<Scenario> {
     let mut v = Vec::new();
     v.extend(pool::scenarios());
     v.extend(queue::scenarios());
+    v.extend(pipe::scenarios());
+    v.extend(sync::scenarios());
     v
 }
 
