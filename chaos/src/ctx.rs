@@ -10,7 +10,6 @@ use crate::util::{self, Bounded, Rng};
 /// at a failure; checks that let it go on record with [`Ctx::fail`].
 #[derive(Debug)]
 pub struct Ctx {
-    pub seed: u64,
     pub rng: Rng,
     pub lost: u64,
     pub duplicated: u64,
@@ -27,7 +26,6 @@ pub type Res = Result<(), String>;
 impl Ctx {
     pub fn new(seed: u64) -> Ctx {
         Ctx {
-            seed,
             rng: Rng::new(seed),
             lost: 0,
             duplicated: 0,

@@ -133,8 +133,10 @@ pub fn run_main(args: &[String]) -> ! {
     let _ = writeln!(text, "fds {fds0} {fds1}");
     let _ = writeln!(text, "memfds {memfds0} {memfds1}");
     let _ = writeln!(text, "zombies {zombies}");
-    if let Some(h) = &ctx.hang {
-        let _ = writeln!(text, "msg {}", one_line(h));
+    if let Some(h) = &ctx.hang
+        && !ctx.failures.iter().any(|f| f.contains(h.as_str()))
+    {
+        let _ = writeln!(text, "msg hang: {}", one_line(h));
     }
     for f in &ctx.failures {
         let _ = writeln!(text, "msg {}", one_line(f));

@@ -160,10 +160,10 @@ pub fn fd_counts() -> (usize, usize) {
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
         for entry in dir.flatten() {
             fds += 1;
-            if let Ok(target) = std::fs::read_link(entry.path()) {
-                if target.to_string_lossy().starts_with("/memfd:") {
-                    memfds += 1;
-                }
+            if let Ok(target) = std::fs::read_link(entry.path())
+                && target.to_string_lossy().starts_with("/memfd:")
+            {
+                memfds += 1;
             }
         }
     }
@@ -184,10 +184,10 @@ pub fn fds_of_kind(prefix: &str) -> Vec<i32> {
             else {
                 continue;
             };
-            if let Ok(target) = std::fs::read_link(entry.path()) {
-                if target.to_string_lossy().starts_with(prefix) {
-                    out.push(n);
-                }
+            if let Ok(target) = std::fs::read_link(entry.path())
+                && target.to_string_lossy().starts_with(prefix)
+            {
+                out.push(n);
             }
         }
     }

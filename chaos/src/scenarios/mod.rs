@@ -6,6 +6,10 @@ use multiproc::{ExitStatus, Process};
 
 use crate::ctx::{Context, Ctx, Res};
 
+mod eintr;
+mod hostile;
+mod limits;
+mod parent;
 mod pipe;
 mod pool;
 mod queue;
@@ -24,12 +28,23 @@ pub fn all() -> Vec<Scenario> {
     v.extend(queue::scenarios());
     v.extend(pipe::scenarios());
     v.extend(sync::scenarios());
+    v.extend(parent::scenarios());
+    v.extend(eintr::scenarios());
+    v.extend(limits::scenarios());
+    v.extend(hostile::scenarios());
     v
 }
 
 /// A probe program: `__probe <name> args...`. Returns the exit code.
 pub fn probe_main(args: &[String]) -> i32 {
     match args.first().map(String::as_str) {
+        Some("parent-victim") => {
+            parent::victim_main(args.get(1).map(String::as_str) == Some("thread"))
+        }
+        Some("main-ran") => {
+            println!("main ran");
+            3
+        }
         other => {
             eprintln!("unknown probe {other:?}");
             2

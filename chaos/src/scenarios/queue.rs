@@ -72,6 +72,10 @@ pub fn scenarios() -> Vec<Scenario> {
             name: "queue/two-producers-64KiB-one-consumer",
             run: two_producers,
         },
+        Scenario {
+            name: "queue/put_timeout-of-large-messages-keeps-its-deadline",
+            run: large_put_deadline,
+        },
     ]
 }
 
@@ -546,4 +550,50 @@ fn two_producers(ctx: &mut Ctx) -> Res {
             Ok(())
         },
     )
+}
+
+/// No fault: a producer alone fills a queue with messages that travel
+/// beside the ring (20 KiB), with `put_timeout(50 ms)`, and no consumer
+/// yet. Each call must return by its deadline (plus slack): `Ok` while
+/// there is room, `Timeout` once the queue is full. A consumer starts
+/// after 1 s, so a call that overstays shows how long it waited.
+fn large_put_deadline(ctx: &mut Ctx) -> Res {
+    ctx.guarded(LIMIT, "put_timeout of large messages, no consumer", move |ctx| {
+        let q = Queue::<Msg>::bounded(32).ctx("Queue::bounded")?;
+        let q2 = q.clone();
+        let consumer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let mut n = 0u64;
+            while q2.get_timeout(Duration::from_millis(500)).is_ok() {
+                n += 1;
+            }
+            n
+        });
+        let t = Duration::from_millis(50);
+        let mut worst = (Duration::ZERO, 0u64);
+        let mut put = 0u64;
+        for seq in 0..40u64 {
+            let t0 = Instant::now();
+            let r = q.put_timeout(Msg::new(8, seq, 20_000), t);
+            let took = t0.elapsed();
+            if took > worst.0 {
+                worst = (took, seq);
+            }
+            match r {
+                Ok(()) => put += 1,
+                Err(multiproc::queue::PutTimeoutError::Timeout(_)) => {}
+                Err(e) => return Err(format!("put {seq}: {e}")),
+            }
+        }
+        let got = consumer.join().map_err(|_| "the consumer panicked".to_string())?;
+        ctx.check(worst.0 < Duration::from_secs(1), || {
+            format!(
+                "put_timeout(50 ms) of message {} took {:?} (with {} of 32 slots used, no consumer): \
+                 it waited past its deadline",
+                worst.1, worst.0, worst.1
+            )
+        });
+        ctx.check(got == put, || format!("{put} put, {got} got"));
+        Ok(())
+    })
 }

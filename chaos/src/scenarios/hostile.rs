@@ -1,0 +1,330 @@
+//! Hostile bytes on descriptors a peer can write that the pool and pipe
+//! scenarios do not cover: a child's start socket, from either side, and
+//! a queue's side socket.
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, socketpair};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use multiproc::queue::GetTimeoutError;
+use multiproc::sync::Event;
+use multiproc::{Process, Queue, Value, process_fn, spawn};
+
+use super::{Scenario, reap, start};
+use crate::ctx::{Context, Ctx, Res};
+use crate::util::{self, Msg, Rng};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "hostile/child-writes-garbage-to-its-start-socket",
+            run: child_garbage,
+        },
+        Scenario {
+            name: "hostile/parent-writes-garbage-to-a-child-start-socket",
+            run: parent_garbage,
+        },
+        Scenario {
+            name: "hostile/garbage-datagrams-on-a-queue-side-socket",
+            run: queue_side_garbage,
+        },
+    ]
+}
+
+/// A spawned child that writes hostile bytes to its socket to the parent
+/// (descriptor 3), then returns a value (or exits, or sleeps).
+#[process_fn]
+fn child_writes_garbage(seed: u64, then: u8) -> u64 {
+    let mut rng = Rng::new(seed);
+    let bytes = super::pipe::hostile_bytes(&mut rng);
+    let _ = nix::sys::socket::send(3, &bytes, MsgFlags::MSG_DONTWAIT);
+    match then {
+        0 => 7,
+        1 => std::process::exit(0),
+        _ => {
+            std::thread::sleep(Duration::from_secs(60));
+            7
+        }
+    }
+}
+
+fn child_garbage(ctx: &mut Ctx) -> Res {
+    let seed = ctx.rng.next_u64();
+    let then = ctx.rng.range(0, 3) as u8;
+    ctx.guarded(
+        LIMIT,
+        "a child writing garbage to its start socket",
+        move |_ctx| {
+            let t0 = Instant::now();
+            let h = spawn(child_writes_garbage, (seed, then)).ctx("spawn")?;
+            let pid = h.pid();
+            // The join must return, by its deadline at the latest: a value (the
+            // garbage happened to be skipped), or an error.
+            let r = h.join_timeout(Duration::from_secs(3));
+            if t0.elapsed() > Duration::from_secs(8) {
+                return Err(format!("join_timeout(3 s) took {:?}", t0.elapsed()));
+            }
+            match r {
+                Ok(7) | Err(_) => {}
+                Ok(v) => return Err(format!("join gave {v}, a value the child never returned")),
+            }
+            // The handle was consumed: the child must be gone (killed, reaped).
+            if !util::eventually(Duration::from_secs(5), || !util::alive(pid)) {
+                return Err(format!("child {pid} still runs after its join returned"));
+            }
+            // A normal child works as ever.
+            let v = spawn(child_writes_garbage_not, (5u64,))
+                .ctx("spawn")?
+                .join_timeout(LIMIT)
+                .ctx("join")?;
+            if v != 5 {
+                return Err(format!("a plain child returned {v}"));
+            }
+            Ok(())
+        },
+    )
+}
+
+#[process_fn]
+fn child_writes_garbage_not(x: u64) -> u64 {
+    x
+}
+
+/// Starts this executable as a would-be multiproc child, the way the
+/// runtime does (socket at descriptor 3, `MULTIPROC_CHILD=3:ppid:0`), and
+/// writes hostile bytes as its start message. The child must refuse and
+/// exit within bounded time: not crash, not hang, not run `main`.
+fn parent_garbage(ctx: &mut Ctx) -> Res {
+    let seed = ctx.rng.next_u64();
+    let close_after = ctx.rng.chance(2);
+    ctx.guarded(LIMIT, "garbage on a child's start socket", move |ctx| {
+        let (mine, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .ctx("socketpair")?;
+        let exe = std::env::current_exe().ctx("current_exe")?;
+        let path = CString::new(exe.as_os_str().as_encoded_bytes()).ctx("path")?;
+        let args = [path.clone(), c"__probe".into(), c"main-ran".into()];
+        let mut env: Vec<CString> = std::env::vars_os()
+            .filter(|(k, _)| k != "MULTIPROC_CHILD")
+            .filter_map(|(k, v)| {
+                let mut kv = k.into_encoded_bytes();
+                kv.push(b'=');
+                kv.extend(v.into_encoded_bytes());
+                CString::new(kv).ok()
+            })
+            .collect();
+        env.push(CString::new(format!("MULTIPROC_CHILD=3:{}:0", std::process::id())).ctx("env")?);
+        let mut actions = nix::spawn::PosixSpawnFileActions::init().ctx("file actions")?;
+        actions.add_dup2(theirs.as_raw_fd(), 3).ctx("dup2")?;
+        let attr = nix::spawn::PosixSpawnAttr::init().ctx("attr")?;
+        let pid = nix::spawn::posix_spawn(path.as_c_str(), &actions, &attr, &args, &env)
+            .ctx("posix_spawn")?;
+        drop(theirs);
+        let mut rng = Rng::new(seed);
+        let bytes = super::pipe::hostile_bytes(&mut rng);
+        let _ = nix::sys::socket::send(mine.as_raw_fd(), &bytes, MsgFlags::MSG_DONTWAIT);
+        if close_after {
+            drop(mine);
+        } else {
+            // Keep it open a while: a child waiting for the rest of a frame
+            // must still end once the socket closes.
+            std::thread::sleep(Duration::from_millis(50));
+            drop(mine);
+        }
+        let mut status = None;
+        util::eventually(Duration::from_secs(10), || {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => false,
+                Ok(s) => {
+                    status = Some(s);
+                    true
+                }
+                Err(_) => true,
+            }
+        });
+        match status {
+            None => {
+                util::sigkill(pid.as_raw() as u32);
+                let _ = waitpid(Pid::from_raw(pid.as_raw()), None);
+                ctx.hang = Some(
+                    "a child given a garbage start message was still running 10 s later".into(),
+                );
+                Err("the child never ended".into())
+            }
+            Some(WaitStatus::Exited(_, 1 | 2)) => Ok(()),
+            Some(WaitStatus::Exited(_, 3)) => {
+                Err("the child ran main: the marker was not taken as a child's".into())
+            }
+            Some(other) => Err(format!(
+                "a child given a garbage start message ended with {other:?}"
+            )),
+        }
+    })
+}
+
+/// A peer holding the queue that writes garbage datagrams to its side
+/// sockets: random bytes, and headers forged for the positions about to
+/// be used (read from the ring's header through its memfd), some with a
+/// memfd attached that claims to hold a terabyte.
+#[process_fn]
+fn hostile_queue_peer(q: Queue<Msg>, seed: u64, stop: Event) {
+    let mut rng = Rng::new(seed);
+    // This process's own descriptors: 0-2, its socket to the parent (3),
+    // and the queue's memfd and two datagram sockets.
+    let socks: Vec<i32> = util::fds_of_kind("socket:")
+        .into_iter()
+        .filter(|&fd| fd != 3)
+        .collect();
+    let mem: Option<std::fs::File> = util::fds_of_kind("/memfd:")
+        .first()
+        .and_then(|fd| std::fs::File::open(format!("/proc/self/fd/{fd}")).ok());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !stop.is_set() && Instant::now() < deadline {
+        // The ring's tail (byte 128 of the header): forge datagrams for
+        // the positions about to be used.
+        let mut tail = [0u8; 8];
+        let t = mem
+            .as_ref()
+            .and_then(|m| m.read_exact_at(&mut tail, 128).ok())
+            .map(|_| u64::from_le_bytes(tail));
+        let mut dgram = match rng.below(3) {
+            0 => {
+                let n = rng.range(0, 64) as usize;
+                rng.bytes(n)
+            }
+            1 => {
+                let n = rng.range(24, 2048) as usize;
+                rng.bytes(n)
+            }
+            _ => {
+                let mut h = Vec::new();
+                h.extend_from_slice(&(t.unwrap_or(0) + rng.range(0, 4)).to_le_bytes());
+                h.extend_from_slice(&rng.next_u64().to_le_bytes());
+                h.extend_from_slice(&(rng.below(2) as u32).to_le_bytes());
+                h.extend_from_slice(&[0u8; 4]);
+                h
+            }
+        };
+        if dgram.is_empty() {
+            dgram.push(0);
+        }
+        let with_fd = dgram.len() == 24 && rng.chance(3);
+        if with_fd {
+            dgram[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            dgram[16] = 1;
+        }
+        let fake =
+            nix::sys::memfd::memfd_create(c"chaos-forged", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .ok();
+        for &s in &socks {
+            match (&fake, with_fd) {
+                (Some(m), true) => {
+                    let raw = [m.as_raw_fd()];
+                    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&raw)];
+                    let iov = [std::io::IoSlice::new(&dgram)];
+                    let _ = nix::sys::socket::sendmsg::<()>(
+                        s,
+                        &iov,
+                        &cmsg,
+                        MsgFlags::MSG_DONTWAIT,
+                        None,
+                    );
+                }
+                _ => {
+                    let _ = nix::sys::socket::send(s, &dgram, MsgFlags::MSG_DONTWAIT);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    drop(q);
+}
+
+/// Puts side-channel-sized messages (5 KiB and 40 KiB), counting returned puts.
+#[process_fn]
+fn side_producer(q: Queue<Msg>, done: Value<u64>, count: u64) {
+    for seq in 0..count {
+        let len = if seq % 2 == 0 { 5000 } else { 40_000 };
+        if q.put_timeout(Msg::new(3, seq, len), Duration::from_secs(10))
+            .is_err()
+        {
+            return;
+        }
+        done.store(seq + 1);
+    }
+}
+
+fn queue_side_garbage(ctx: &mut Ctx) -> Res {
+    let seed = ctx.rng.next_u64();
+    ctx.guarded(
+        LIMIT,
+        "garbage datagrams on a queue's side socket",
+        move |ctx| {
+            let q = Queue::<Msg>::bounded(16).ctx("Queue::bounded")?;
+            let stop = Event::new().ctx("Event")?;
+            let done = Value::new(0u64).ctx("Value")?;
+            let count = 300u64;
+            let mut hostile = start(Process::new(
+                hostile_queue_peer,
+                (q.clone(), seed, stop.clone()),
+            ))?;
+            let mut producer = start(Process::new(
+                side_producer,
+                (q.clone(), done.clone(), count),
+            ))?;
+            // A peer holding the queue may make a consumer lose or reject
+            // messages (it can take their places): what is checked is that
+            // every get returns, that none panics or aborts this process, and
+            // that the queue works afterwards.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let (mut got, mut errors) = (0u64, 0u64);
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                let r = q.get_timeout(Duration::from_millis(500));
+                let took = t0.elapsed();
+                ctx.check(took < Duration::from_secs(5), || {
+                    format!("a get with a 500 ms timeout took {took:?}")
+                });
+                match r {
+                    Ok(_) => got += 1,
+                    Err(GetTimeoutError::Timeout) if !producer.is_alive() => break,
+                    Err(GetTimeoutError::Timeout) => {}
+                    Err(_) => errors += 1,
+                }
+            }
+            stop.set();
+            reap(&mut hostile)?;
+            reap(&mut producer)?;
+            if got + errors == 0 {
+                return Err(format!("nothing arrived of {} messages put", done.load()));
+            }
+            // The queue still works for well-behaved peers: a large message
+            // (side channel) and a small one, each call bounded.
+            let q2 = q.clone();
+            let put = ctx.within(
+                Duration::from_secs(10),
+                "put_timeout(5 s) of a 9000-byte message after the garbage",
+                move || {
+                    q2.put_timeout(Msg::new(4, 0, 9000), Duration::from_secs(5))
+                        .map_err(|e| e.to_string())
+                },
+            )?;
+            put.map_err(|e| format!("put after the garbage: {e}"))?;
+            match q.get_timeout(Duration::from_secs(5)) {
+                Ok(m) if m.id == 4 && m.whole() => Ok(()),
+                Ok(m) => Err(format!("after the garbage: got id {} seq {}", m.id, m.seq)),
+                Err(e) => Err(format!("get after the garbage: {e}")),
+            }
+        },
+    )
+}
