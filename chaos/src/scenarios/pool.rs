@@ -522,11 +522,16 @@ fn forged<const KIND: u8>(ctx: &mut Ctx) -> Res {
         let mut result = pool
             .apply_async(forge_frame, (len, seed))
             .ctx("apply_async")?;
-        match result.get_timeout(LIMIT) {
+        match result.get_timeout(Duration::from_secs(10)) {
             Err(Error::WorkerDied { .. }) => {}
             Err(e) => {
+                let now = pool.worker_pids();
+                let states: Vec<String> = before
+                    .iter()
+                    .map(|&p| format!("{p}: {:?}", util::proc_state(p)))
+                    .collect();
                 return Err(format!(
-                    "the forging task's error: {e} (expected WorkerDied)"
+                    "the forging task's error: {e} (expected WorkerDied); workers before {states:?}, now {now:?}"
                 ));
             }
             Ok(v) => return Err(format!("the forging task returned {v}")),

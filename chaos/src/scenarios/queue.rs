@@ -102,7 +102,7 @@ fn produce(q: Queue<Msg>, done: Value<u64>, id: u64, len: u64, count: u64) {
 
 /// After the faults: the queue still carries messages, twice round the
 /// ring (a slot left unreleased would stop producers one lap later).
-fn still_works(q: &Queue<Msg>) -> Res {
+fn still_works(ctx: &mut Ctx, q: &Queue<Msg>) -> Res {
     let rounds = 2 * q.capacity() as u64 + 2;
     let q2 = q.clone();
     let reader = std::thread::spawn(move || {
@@ -119,10 +119,12 @@ fn still_works(q: &Queue<Msg>) -> Res {
     for seq in 0..rounds {
         if let Err(e) = q.put_timeout(Msg::new(999, seq, 8), Duration::from_secs(5)) {
             let _ = reader.join();
-            return Err(format!(
+            let msg = format!(
                 "the queue is wedged after the fault: put {seq} of {rounds} failed ({e}); qsize {}",
                 q.qsize()
-            ));
+            );
+            ctx.hang = Some(msg.clone());
+            return Err(format!("hang: {msg}"));
         }
     }
     let got = reader
@@ -267,7 +269,7 @@ fn producer_killed<const LEN: usize>(ctx: &mut Ctx) -> Res {
         let returned = done.load();
         let mut none = 0;
         account(ctx, &seen, 1, returned, &mut none);
-        still_works(&q)
+        still_works(ctx, &q)
     })
 }
 
@@ -339,11 +341,13 @@ fn consumer_killed<const LEN: usize>(ctx: &mut Ctx) -> Res {
         let produced = produced?;
         let (sub, mut seen, r) = taker.join().map_err(|_| "the taker panicked".to_string())?;
         ctx.absorb(sub);
-        produced.map_err(|e| {
-            format!(
+        if let Err(e) = produced {
+            let msg = format!(
                 "the producer could not finish after the consumer was killed (a wedged queue): {e}"
-            )
-        })?;
+            );
+            ctx.hang = Some(msg.clone());
+            return Err(format!("hang: {msg}"));
+        }
         r?;
         ctx.tear(torn.load(), || {
             "the killed consumer saw torn messages".into()
@@ -355,7 +359,7 @@ fn consumer_killed<const LEN: usize>(ctx: &mut Ctx) -> Res {
         }
         let mut allowance = 1;
         account(ctx, &seen, 1, count, &mut allowance);
-        still_works(&q)
+        still_works(ctx, &q)
     })
 }
 
@@ -492,7 +496,7 @@ fn mpmc_random_kills(ctx: &mut Ctx) -> Res {
                 let returned = done.get(id as usize).ctx("done")?;
                 account(ctx, &seen, id, returned, &mut allowance);
             }
-            still_works(&q)
+            still_works(ctx, &q)
         },
     )
 }
