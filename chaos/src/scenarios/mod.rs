@@ -13,6 +13,7 @@ mod parent;
 mod pipe;
 mod pool;
 mod queue;
+mod selftest;
 mod sync;
 
 /// One entry of the matrix.
@@ -32,6 +33,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(eintr::scenarios());
     v.extend(limits::scenarios());
     v.extend(hostile::scenarios());
+    v.extend(selftest::scenarios());
     v
 }
 
