@@ -74,7 +74,11 @@ pub fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             name: "queue/put_timeout-of-large-messages-keeps-its-deadline",
-            run: large_put_deadline,
+            run: large_put_deadline::<20_000>,
+        },
+        Scenario {
+            name: "queue/put_timeout-of-10KiB-messages-keeps-its-deadline",
+            run: large_put_deadline::<10_000>,
         },
     ]
 }
@@ -557,16 +561,17 @@ fn two_producers(ctx: &mut Ctx) -> Res {
 }
 
 /// No fault: a producer alone fills a queue with messages that travel
-/// beside the ring (20 KiB), with `put_timeout(50 ms)`, and no consumer
+/// beside the ring (10 KiB: in the side datagram itself; 20 KiB: in a
+/// memfd of their own), with `put_timeout(50 ms)`, and no consumer
 /// yet. Each call must return by its deadline (plus slack): `Ok` while
 /// there is room, `Timeout` once the queue is full. A consumer starts
-/// after 1 s, so a call that overstays shows how long it waited.
-fn large_put_deadline(ctx: &mut Ctx) -> Res {
+/// after 2 s, so a call that overstays shows how long it waited.
+fn large_put_deadline<const LEN: usize>(ctx: &mut Ctx) -> Res {
     ctx.guarded(LIMIT, "put_timeout of large messages, no consumer", move |ctx| {
         let q = Queue::<Msg>::bounded(32).ctx("Queue::bounded")?;
         let q2 = q.clone();
         let consumer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs(2));
             let mut n = 0u64;
             while q2.get_timeout(Duration::from_millis(500)).is_ok() {
                 n += 1;
@@ -578,7 +583,7 @@ fn large_put_deadline(ctx: &mut Ctx) -> Res {
         let mut put = 0u64;
         for seq in 0..40u64 {
             let t0 = Instant::now();
-            let r = q.put_timeout(Msg::new(8, seq, 20_000), t);
+            let r = q.put_timeout(Msg::new(8, seq, LEN), t);
             let took = t0.elapsed();
             if took > worst.0 {
                 worst = (took, seq);
