@@ -215,8 +215,8 @@ pub fn hostile_bytes(rng: &mut Rng) -> Vec<u8> {
 }
 
 /// Writes hostile bytes to this end's pipe (or side socket, with a
-/// marker on the pipe first half the time), then keeps the end open
-/// until told, then closes it.
+/// marker on the pipe first half the time), as much as fits without
+/// waiting, then keeps the end open until told, then closes it.
 #[process_fn]
 fn write_hostile(end: Sender<Vec<u8>>, mut control: Connection<u8>, side: bool, seed: u64) {
     let mut rng = Rng::new(seed);
@@ -226,6 +226,13 @@ fn write_hostile(end: Sender<Vec<u8>>, mut control: Connection<u8>, side: bool, 
     let Ok(mut pipe) = end.as_fd().try_clone_to_owned().map(std::fs::File::from) else {
         return;
     };
+    // Writes only what the pipe takes: a receiver that stops reading (a
+    // corrupt end) must not leave this writer blocked, nor one that reads
+    // only after the control message below.
+    let _ = nix::fcntl::fcntl(
+        pipe.as_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    );
     for _ in 0..rng.range(1, 4) {
         let bytes = hostile_bytes(&mut rng);
         if side {
