@@ -52,7 +52,11 @@ fn checksum(data: &[u8]) -> u64 {
 
 fn big(producer: u32, seq: u64, len: usize) -> Big {
     let data: Vec<u8> = (0..len)
-        .map(|i| (i as u64).wrapping_mul(31).wrapping_add(seq * 7 + producer as u64) as u8)
+        .map(|i| {
+            (i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(seq * 7 + producer as u64) as u8
+        })
         .collect();
     Big {
         producer,
@@ -170,7 +174,9 @@ fn fill_with_large(q: Queue<Big>, n: u64) -> u64 {
     let sizes = [2 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, 4 << 20];
     for seq in 0..n {
         let len = sizes[(seq % sizes.len() as u64) as usize];
-        if q.put_timeout(big(0, seq, len), Duration::from_secs(5)).is_err() {
+        if q.put_timeout(big(0, seq, len), Duration::from_secs(5))
+            .is_err()
+        {
             return seq;
         }
     }
@@ -236,6 +242,9 @@ struct Counted {
     seq: u64,
     data: Vec<u8>,
     sum: u64,
+    /// Every third message carries a handle (its descriptors travel
+    /// beside the ring).
+    handle: Option<Queue<u8>>,
 }
 
 /// Takes messages until killed, counting each in `seen` (one writer: this
@@ -281,8 +290,10 @@ fn consumer_killed_mid_get_thirty_times() {
     let q = Queue::<Counted>::bounded(CAP).expect("queue");
     let seen = RawArray::<u32>::zeroed(total as usize).expect("array");
     let mut mine = vec![0u32; total as usize];
+    let inner = Queue::<u8>::bounded(4).expect("inner");
     let mut rng = Lcg(7);
     let mut lost_to_the_dead = 0;
+    let mut out_of_order = 0;
     for round in 0..ROUNDS {
         // Inline, arena and large messages, so that the kill lands in
         // every part of a `get`.
@@ -293,8 +304,10 @@ fn consumer_killed_mid_get_thirty_times() {
                 seq,
                 sum: checksum(&data),
                 data,
+                handle: (seq % 3 == 0).then(|| inner.clone()),
             };
-            q.put_timeout(m, LONG).expect("put before the consumer starts");
+            q.put_timeout(m, LONG)
+                .expect("put before the consumer starts");
         }
         let progress = Queue::<u64>::bounded(64).expect("progress");
         let mut c = KillOnDrop(vec![Process::new(
@@ -321,6 +334,7 @@ fn consumer_killed_mid_get_thirty_times() {
                 .count() as u64
         };
         let expected = (round + 1) * PER_ROUND;
+        let mut last = None;
         while counted(&mine) + lost_to_the_dead < expected {
             let wait = if counted(&mine) + 1 + lost_to_the_dead >= expected {
                 Duration::from_secs(3)
@@ -330,6 +344,17 @@ fn consumer_killed_mid_get_thirty_times() {
             match q.get_timeout(wait) {
                 Ok(m) => {
                     assert_eq!(checksum(&m.data), m.sum, "message {} corrupt", m.seq);
+                    assert_eq!(m.handle.is_some(), m.seq % 3 == 0);
+                    if let Some(h) = m.handle {
+                        h.try_put(7).expect("the handle works");
+                        assert_eq!(inner.try_get().expect("through the handle"), 7);
+                    }
+                    // The message the dead consumer held comes back after
+                    // those behind it.
+                    if last.is_some_and(|l| m.seq < l) {
+                        out_of_order += 1;
+                    }
+                    last = Some(m.seq);
                     mine[m.seq as usize] += 1;
                 }
                 Err(GetTimeoutError::Timeout) => {
@@ -358,6 +383,7 @@ fn consumer_killed_mid_get_thirty_times() {
                 seq: u64::MAX,
                 data: vec![i as u8; 10],
                 sum: checksum(&[i as u8; 10]),
+                handle: None,
             };
             if let Err(e) = q.try_put(m) {
                 panic!("round {round}: only {i} of {CAP} slots usable after the kill: {e}");
@@ -380,5 +406,10 @@ fn consumer_killed_mid_get_thirty_times() {
         lost_to_the_dead <= ROUNDS,
         "{lost_to_the_dead} messages lost in {ROUNDS} kills"
     );
+    // Guards the test itself: most kills land inside a `get` (it is where
+    // the consumer spends its time), so some message must have come back.
+    assert!(
+        out_of_order > 0,
+        "no kill landed inside a get: recovery was not exercised"
+    );
 }
-
