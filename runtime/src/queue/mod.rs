@@ -21,9 +21,9 @@
 //!   the queue: consumers detect the dead writer and skip its slot (its
 //!   `put` never returned, so nothing that was put is lost);
 //! - a consumer killed in the middle of a `get` neither blocks the queue
-//!   nor loses the message it was taking: the next consumer that finds the
-//!   queue empty (within milliseconds) takes the dead consumer's slot over
-//!   and delivers that message again, out of order. The dead `get` never
+//!   nor loses the message it was taking: the next consumer that has to
+//!   wait on an empty queue (or calls `try_get` on it) takes the dead
+//!   consumer's slot over and delivers that message again, out of order. The dead `get` never
 //!   returned, so user code sees the message once. Two exceptions: a
 //!   message of over ~1 KiB whose consumer had finished decoding it when
 //!   it died counts as delivered (its memory is being freed); and a
@@ -82,7 +82,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
-use self::ring::{ARENA_HEADER, Claimed, Held, Outgoing, Publish, Ring, Taken};
+use self::ring::{ARENA_HEADER, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait};
 use crate::codec::{self, FdIn, FdOut};
 use crate::error::{Error, Result};
 
@@ -245,9 +245,9 @@ impl<T: Serialize + 'static> Queue<T> {
             let claim = match self.ring.try_claim() {
                 Claimed::Slot(claim) => claim,
                 Claimed::Closed => return Err(PutFail::Closed),
-                Claimed::Failed(e) => return Err(PutFail::Failed(e)),
+                Claimed::Failed(e) => return Err(PutFail::Failed(*e)),
                 Claimed::Full => {
-                    if !wait || !self.ring.wait_not_full(deadline) {
+                    if !wait || self.ring.wait_not_full(deadline) == Wait::Deadline {
                         return Err(PutFail::Full);
                     }
                     continue;
@@ -351,14 +351,14 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
                 .and_then(|r| r)
                 .map_err(GetFail::Failed)
         };
-        // Whether this call has slept once: only then (or without waiting)
-        // does it look for messages of dead consumers, so the fast path
-        // reads no clock.
-        let mut waited = false;
+        // Whether this call has slept: only then (or without waiting) does
+        // it look for messages of dead consumers (a scan reads every slot),
+        // so the fast path, which waits by spinning, reads no clock.
+        let mut slept = false;
         loop {
             match self.ring.try_take(deadline, wait) {
                 Taken::Slot(held) => return decode(held),
-                Taken::Failed(e) => return Err(GetFail::Failed(e)),
+                Taken::Failed(e) => return Err(GetFail::Failed(*e)),
                 Taken::Busy => return Err(GetFail::Empty),
                 Taken::Closed => {
                     return match self.ring.recover(deadline, wait, true) {
@@ -367,15 +367,19 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
                     };
                 }
                 Taken::Empty(stalled) => {
-                    if !wait || waited {
+                    if !wait || slept {
                         if let Some(held) = self.ring.recover(deadline, wait, false) {
                             return decode(held);
                         }
                     }
-                    if !wait || !self.ring.wait_not_empty(deadline, stalled) {
+                    if !wait {
                         return Err(GetFail::Empty);
                     }
-                    waited = true;
+                    match self.ring.wait_not_empty(deadline, stalled) {
+                        Wait::Deadline => return Err(GetFail::Empty),
+                        Wait::Slept => slept = true,
+                        Wait::Ready => {}
+                    }
                 }
             }
         }

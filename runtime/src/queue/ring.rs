@@ -147,6 +147,9 @@ const K_CONSUMED: u32 = 4;
 /// Delivered again once already (its first consumer died).
 const K_REDELIVERED: u32 = 8;
 const K_KNOWN: u32 = K_ARENA | K_FDS | K_CONSUMED | K_REDELIVERED;
+/// In a [`Held`] only, never in shared memory: drop the message (it
+/// counts as a tombstone) instead of delivering it.
+const K_DROP: u32 = 1 << 31;
 
 // A slot's state word: the lap (low 32 bits of it) in bits 32..64, a tag
 // in bits 29..32, a pid in bits 0..29 (Linux pids are below 2^22).
@@ -157,6 +160,8 @@ const TAG_TOMB: u64 = 3 << 29;
 const TAG_TAKEN: u64 = 4 << 29;
 const TAG_MASK: u64 = 7 << 29;
 const PID_MASK: u64 = (1 << 29) - 1;
+/// In a ready word's pid bits: the message has handles.
+const READY_FDS: u64 = 1;
 /// How often a consumer stuck behind an unpublished slot checks its writer.
 const LIVENESS_EVERY: Duration = Duration::from_millis(5);
 /// How often (at most, per process) a consumer that finds the queue empty
@@ -179,8 +184,8 @@ fn lap_diff(s: u64, lap: u64) -> i32 {
 /// line: the fast paths only branch to it).
 #[cold]
 #[inline(never)]
-fn bad_word(what: &'static str, value: u64, at: u64) -> Error {
-    corrupt(format!("{what} {value:#x} at position {at:#x}"))
+fn bad_word(what: &'static str, value: u64, at: u64) -> Box<Error> {
+    Box::new(corrupt(format!("{what} {value:#x} at position {at:#x}")))
 }
 
 fn corrupt(what: impl Into<String>) -> Error {
@@ -225,14 +230,30 @@ pub(crate) struct Ring {
     /// since [`epoch`], plus one; 0: not yet). Touched only while stuck.
     stall_pos: AtomicU64,
     stall_checked: AtomicU64,
-    /// When this process last looked for slots of dead consumers.
-    last_scan: Mutex<Option<Instant>>,
+    /// The last `try_take` of this process found a message waiting at the
+    /// head (see `try_take`).
+    backlog: std::sync::atomic::AtomicBool,
+    /// When this process last looked for slots of dead consumers, the head
+    /// then, and whether any slot was taken (by anyone) then.
+    last_scan: Mutex<Option<(Instant, u64, bool)>>,
+}
+
+/// How a wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wait {
+    /// The condition held while spinning (no sleep).
+    Ready,
+    /// Registered as a sleeper (and slept, unless the condition held at
+    /// the re-check): the condition may hold now.
+    Slept,
+    /// The deadline passed.
+    Deadline,
 }
 
 /// Why a claim failed.
 enum Put {
     Closed,
-    Corrupt(Error),
+    Corrupt(Box<Error>),
 }
 
 impl Ring {
@@ -297,6 +318,7 @@ impl Ring {
             light_wake: futex::barrier_registered(),
             stall_pos: AtomicU64::new(0),
             stall_checked: AtomicU64::new(0),
+            backlog: std::sync::atomic::AtomicBool::new(false),
             last_scan: Mutex::new(None),
         })
     }
@@ -495,8 +517,12 @@ impl Ring {
         let (klen, kkind) = self.meta(idx);
         klen.store(len, Ordering::Relaxed);
         kkind.store(kind, Ordering::Relaxed);
+        // A ready word carries READY_FDS for a message with handles, so
+        // that a consumer's direct CAS from a plain ready word (see
+        // `try_take`) never takes one without the side lock.
+        let flags = if kind & K_FDS != 0 { READY_FDS } else { 0 };
         self.state(idx)
-            .store(word(lap, TAG_READY, 0), Ordering::Release);
+            .store(word(lap, TAG_READY, flags), Ordering::Release);
         self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
     }
 
@@ -556,7 +582,7 @@ impl Ring {
     }
 
     /// Sleeps until a slot may have been released, or `deadline`.
-    pub(crate) fn wait_not_full(&self, deadline: Option<Instant>) -> bool {
+    pub(crate) fn wait_not_full(&self, deadline: Option<Instant>) -> Wait {
         self.wait_on(
             H_NOT_FULL,
             H_PROD_WAIT,
@@ -573,8 +599,7 @@ impl Ring {
     }
 
     /// Spins briefly, then registers as a waiter and sleeps on `word` until
-    /// `ready()` or `deadline`, at most `slice` at a time. `false` when the
-    /// deadline passed.
+    /// `ready()` or `deadline`, at most `slice` at a time.
     fn wait_on(
         &self,
         word: usize,
@@ -582,10 +607,10 @@ impl Ring {
         deadline: Option<Instant>,
         slice: Duration,
         ready: impl Fn() -> bool,
-    ) -> bool {
+    ) -> Wait {
         for i in 0..200u32 {
             if ready() {
-                return true;
+                return Wait::Ready;
             }
             if i < 100 {
                 for _ in 0..32 {
@@ -620,7 +645,7 @@ impl Ring {
             }
         }
         waiters.fetch_sub(1, Ordering::SeqCst);
-        ok
+        if ok { Wait::Slept } else { Wait::Deadline }
     }
 
     // -----------------------------------------------------------------
@@ -635,15 +660,43 @@ impl Ring {
     /// lap, or still holding the previous lap): slots are claimed in
     /// position order, so a free slot at the head means nothing behind it
     /// is claimed either. Consumers never read the producers' tail line.
+    ///
+    /// Taking is one CAS on the slot's word. While this process finds
+    /// messages waiting (a backlog: the usual case for a consumer that is
+    /// behind), the CAS goes straight from the plain ready word: one
+    /// transfer of the slot's line, in exclusive state, instead of a load
+    /// and then an upgrade whose latency the locked CAS cannot hide. A
+    /// consumer that has caught up loads first, so as not to take the
+    /// line away from a producer writing it.
     pub(crate) fn try_take(&self, deadline: Option<Instant>, wait: bool) -> Taken<'_> {
         let head = self.u64w(W_HEAD);
         let mut h = head.load(Ordering::Relaxed);
+        let mut first = true;
         loop {
             let (lap, idx) = self.split(h);
             let Some(slot) = self.checked_state(idx) else {
                 return Taken::Failed(bad_word("head index", idx as u64, h));
             };
-            let s = slot.load(Ordering::Acquire);
+            let s = if first && self.backlog.load(Ordering::Relaxed) {
+                match slot.compare_exchange(
+                    word(lap, TAG_READY, 0),
+                    word(lap, TAG_TAKEN, self.pid),
+                    Ordering::Acquire,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return self.took(h, idx),
+                    Err(s) => s,
+                }
+            } else {
+                slot.load(Ordering::Acquire)
+            };
+            if first {
+                first = false;
+                let ready = s & TAG_MASK == TAG_READY && lap_diff(s, lap) == 0;
+                if self.backlog.load(Ordering::Relaxed) != ready {
+                    self.backlog.store(ready, Ordering::Relaxed);
+                }
+            }
             let d = lap_diff(s, lap);
             let tag = s & TAG_MASK;
             if d != 0 {
@@ -735,12 +788,28 @@ impl Ring {
                         pos: h,
                         kind,
                         side,
-                        drop_it: false,
                     });
                 }
                 _ => return Taken::Failed(bad_word("slot word", s, h)),
             }
         }
+    }
+
+    /// After the CAS that took position `h` (slot `idx`, a message without
+    /// handles): moves the head past it.
+    fn took(&self, h: u64, idx: usize) -> Taken<'_> {
+        let _ = self.u64w(W_HEAD).compare_exchange(
+            h,
+            self.next(h),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        Taken::Slot(Held {
+            ring: self,
+            pos: h,
+            kind: self.meta(idx).1.load(Ordering::Relaxed),
+            side: None,
+        })
     }
 
     fn nothing(&self, stalled: Option<(usize, u64)>) -> Taken<'_> {
@@ -893,13 +962,12 @@ impl Ring {
     /// Sleeps until a message may have arrived, or `deadline`. When
     /// `stalled` (slot index and its state word: a producer between its
     /// claim and its publish), until that slot changes, waking at least
-    /// every [`LIVENESS_EVERY`] to check the writer. `false` when the
-    /// deadline passed.
+    /// every [`LIVENESS_EVERY`] to check the writer.
     pub(crate) fn wait_not_empty(
         &self,
         deadline: Option<Instant>,
         stalled: Option<(usize, u64)>,
-    ) -> bool {
+    ) -> Wait {
         let Some((idx, s)) = stalled else {
             return self.wait_on(
                 H_NOT_EMPTY,
@@ -916,7 +984,7 @@ impl Ring {
         for _ in 0..64 {
             std::hint::spin_loop();
             if slot.load(Ordering::Relaxed) != s {
-                return true;
+                return Wait::Ready;
             }
         }
         self.wait_on(H_NOT_EMPTY, H_CONS_WAIT, deadline, LIVENESS_EVERY, || {
@@ -926,30 +994,46 @@ impl Ring {
 
     /// Looks for slots taken by consumers that died before releasing them
     /// (and tombstones left behind by dead skippers), at most every
-    /// [`RECOVER_EVERY`] unless `force`. A dead consumer's message is taken
-    /// over and returned, to be delivered again; one that must not be
-    /// (consumed, or already delivered again once) is dropped here.
+    /// [`RECOVER_EVERY`] unless `force`, and not again while the head has
+    /// not moved since a scan that found no slot taken (a slot is only
+    /// taken at the head). A dead consumer's message is taken over and
+    /// returned, to be delivered again; one that must not be (consumed, or
+    /// already delivered again once) is dropped here.
+    ///
+    /// It reads every slot's word (a cache line each): callers scan only
+    /// when the queue looked empty for a while (see `Queue::get`).
     pub(crate) fn recover(
         &self,
         deadline: Option<Instant>,
         wait: bool,
         force: bool,
     ) -> Option<Held<'_>> {
+        let now = Instant::now();
+        let head_now = self.u64w(W_HEAD).load(Ordering::Acquire);
         {
-            let now = Instant::now();
-            let mut last = lock(&self.last_scan);
-            if !force && last.is_some_and(|t| now.duration_since(t) < RECOVER_EVERY) {
-                return None;
+            let last = lock(&self.last_scan);
+            if let Some((at, head, taken)) = *last {
+                if !force
+                    && (now.duration_since(at) < RECOVER_EVERY || (head == head_now && !taken))
+                {
+                    return None;
+                }
             }
-            *last = Some(now);
         }
+        let mut taken = false;
+        let found = self.scan(deadline, wait, &mut taken);
+        *lock(&self.last_scan) = Some((now, head_now, taken || found.is_some()));
+        found
+    }
+
+    fn scan(&self, deadline: Option<Instant>, wait: bool, taken: &mut bool) -> Option<Held<'_>> {
         for idx in 0..self.cap as usize {
             let slot = self.state(idx);
             let s = slot.load(Ordering::Acquire);
             let lap = s >> 32;
             let pos = (lap << self.shift) | idx as u64;
             match s & TAG_MASK {
-                TAG_TAKEN => {}
+                TAG_TAKEN => *taken = true,
                 TAG_TOMB => {
                     // Only one lap behind the head can be left behind.
                     let h = self.u64w(W_HEAD).load(Ordering::Acquire);
@@ -998,9 +1082,8 @@ impl Ring {
             let held = Held {
                 ring: self,
                 pos,
-                kind,
+                kind: if again { kind } else { kind | K_DROP },
                 side,
-                drop_it: !again,
             };
             if !again {
                 drop(held);
@@ -1404,7 +1487,8 @@ pub(crate) enum Claimed<'a> {
     Slot(Claim<'a>),
     Full,
     Closed,
-    Failed(Error),
+    /// Boxed: this enum is returned on every put.
+    Failed(Box<Error>),
 }
 
 /// Why a prepared message was not published.
@@ -1521,7 +1605,8 @@ pub(crate) enum Taken<'a> {
     /// the side lock until the deadline (or, without waiting, for now).
     Busy,
     Closed,
-    Failed(Error),
+    /// Boxed: this enum is returned on every get.
+    Failed(Box<Error>),
 }
 
 /// A message taken by this process (its slot "taken, pid P"): released
@@ -1534,8 +1619,6 @@ pub(crate) struct Held<'a> {
     /// The side lock, for a message with handles (released once they are
     /// found).
     side: Option<SideLock<'a>>,
-    /// Dropped without delivery (by `recover`): counts as a tombstone.
-    drop_it: bool,
 }
 
 impl Held<'_> {
@@ -1580,10 +1663,10 @@ impl Held<'_> {
             // (its pages may be gone).
             ring.meta(idx)
                 .1
-                .store(self.kind | K_CONSUMED, Ordering::Relaxed);
+                .store((self.kind & K_KNOWN) | K_CONSUMED, Ordering::Relaxed);
             ring.punch(idx);
         }
-        if self.drop_it {
+        if self.kind & K_DROP != 0 {
             ring.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
             ring.count_tombstone();
         }
@@ -1596,7 +1679,7 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if self.kind == 0 && !self.drop_it {
+        if self.kind == 0 {
             self.ring.release(self.pos);
         } else {
             self.finish();
@@ -1628,7 +1711,7 @@ mod tests {
     fn take_byte(ring: &Ring) -> Result<u8> {
         match ring.try_take(None, false) {
             Taken::Slot(h) => h.read(|b, _| b[0]),
-            Taken::Failed(e) => Err(e),
+            Taken::Failed(e) => Err(*e),
             Taken::Empty(_) | Taken::Busy => Err(Error::Timeout),
             Taken::Closed => Err(Error::Closed),
         }
@@ -1643,7 +1726,7 @@ mod tests {
         assert!(ring.maybe_ready());
         ring.u64w(W_TAIL).store(3, Ordering::SeqCst);
         assert!(matches!(ring.try_claim(), Claimed::Failed(_)));
-        assert!(ring.wait_not_full(Some(Instant::now())));
+        assert_eq!(ring.wait_not_full(Some(Instant::now())), Wait::Ready);
     }
 
     #[test]
@@ -1735,7 +1818,7 @@ mod tests {
         };
         assert!(stall.is_some());
         let soon = Instant::now() + Duration::from_millis(20);
-        let ended = (0..100_000).any(|_| !ring.wait_not_empty(Some(soon), stall));
+        let ended = (0..100_000).any(|_| ring.wait_not_empty(Some(soon), stall) == Wait::Deadline);
         assert!(ended, "the wait behind a live writer did not end");
         drop(claim);
         // A message with handles while another holds the side lock.
