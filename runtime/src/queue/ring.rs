@@ -63,8 +63,10 @@
 //!   for its handles) tombstones its own slot.
 //! - A consumer that dies while it holds a taken slot (between its CAS and
 //!   its release: inside `get`, before `get` returned) is found by the
-//!   scan that consumers make when the queue looks empty (at most every
-//!   [`RECOVER_EVERY`] per process): the slot is taken over by CAS from the
+//!   scan a consumer makes when it has to sleep on an empty queue, or
+//!   calls `try_get` on one (at most every [`RECOVER_EVERY`] per process,
+//!   and not while the head has not moved since a scan that found no slot
+//!   taken): the slot is taken over by CAS from the
 //!   dead consumer's word and its message **delivered again**, to the
 //!   consumer that found it, out of order. Its bytes are still in the slot
 //!   or its extent and its descriptors still in the socket, so the copy is
