@@ -3,28 +3,52 @@
 //!
 //! A queue is a ring of fixed-size slots in shared memory (a memfd mapped
 //! by every process that holds a handle): a `put` claims a slot with one
-//! CAS and encodes straight into it, a `get` decodes in place, and neither
-//! makes a system call or a full memory fence while nobody sleeps;
-//! sleepers use futexes (and a `membarrier` before sleeping). Messages that do not fit a slot
-//! (over ~1 KiB encoded) or that carry handles travel beside the ring, each
-//! in a memfd of its own passed over a datagram socket, still in the
-//! ring's order.
+//! CAS and encodes straight into it, a `get` takes it with one CAS and
+//! decodes in place, and neither makes a system call or a full memory
+//! fence while nobody sleeps; sleepers use futexes (and a `membarrier`
+//! before sleeping). A message that does not fit a slot (over ~1 KiB
+//! encoded) goes to that slot's own extent of a sparse memfd (one
+//! `pwrite`, one `pread`, its pages freed once it is read), so no `put`
+//! ever waits for another; the handles a message carries wait in a
+//! datagram socket beside the ring. The design, and why nothing can hang,
+//! is described in the `ring` module's source.
 //!
 //! Guarantees:
 //! - any number of producer and consumer processes; a message is delivered
-//!   whole, exactly once;
+//!   whole, exactly once (but see the last point);
+//! - a `bounded(n)` queue holds `n` messages of any size;
 //! - a producer killed in the middle of a `put` neither corrupts nor blocks
 //!   the queue: consumers detect the dead writer and skip its slot (its
 //!   `put` never returned, so nothing that was put is lost);
+//! - a consumer killed in the middle of a `get` neither blocks the queue
+//!   nor loses the message it was taking: the next consumer that has to
+//!   wait on an empty queue (or calls `try_get` on it) takes the dead
+//!   consumer's slot over and delivers that message again, out of order. The dead `get` never
+//!   returned, so user code sees the message once. Two exceptions: a
+//!   message of over ~1 KiB whose consumer had finished decoding it when
+//!   it died counts as delivered (its memory is being freed); and a
+//!   message whose second consumer dies too is dropped rather than handed
+//!   to a third (a message that crashes its decoder would otherwise kill
+//!   every consumer in turn). A dropped message counts as done for
+//!   [`JoinableQueue::join`];
+//! - `get_timeout`, `put_timeout`, `try_get` and `try_put` return by their
+//!   deadline whatever other processes do (one stopped or spinning in the
+//!   middle of a message included); a queue whose shared state is corrupt
+//!   returns an error rather than panicking or hanging;
 //! - a `put` that returned has placed the message in shared memory: the
 //!   producer may exit at once (no feeder thread, no flush at exit);
 //! - `put` reports encoding failures to its caller, with the item back.
 //!
 //! Limits: unlike Python's, [`Queue::new`] is not unbounded: it holds
 //! [`DEFAULT_CAPACITY`] (8192) messages, and a `put` beyond that waits, as
-//! on a bounded queue (see [`DEFAULT_CAPACITY`] for why). A *consumer*
-//! killed between taking a message and decoding it loses that message and
-//! leaves its slot unreleased.
+//! on a bounded queue (see [`DEFAULT_CAPACITY`] for why). Messages that
+//! carry handles are also bounded by the side socket's buffer: about 270
+//! of them can wait in one queue at a time (with Linux's default socket
+//! buffer of 208 KiB), and a `put` of one more waits for room as if the
+//! queue were full. A message is at most 1 TiB (less for queues of more
+//! than 4 Mi slots). The arena's offsets are large (slot `i`'s extent
+//! starts at `i` TiB, sparse): a process with a file-size limit (`ulimit
+//! -f`) gets `SIGXFSZ` when it puts a large message past that limit.
 //!
 //! ```no_run
 //! use multiproc::{process_fn, Process, Queue};
@@ -58,7 +82,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
-use self::ring::{Claimed, Ring, SideMsg, Stall, Taken};
+use self::ring::{ARENA_HEADER, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait};
 use crate::codec::{self, FdIn, FdOut};
 use crate::error::{Error, Result};
 
@@ -207,47 +231,65 @@ impl<T: Serialize + 'static> Queue<T> {
     }
 
     /// Claims a slot, then encodes straight into it (no intermediate
-    /// buffer, no copy). A message that does not fit, or that carries
-    /// descriptors, travels beside the ring; one that does not fit gives
-    /// its slot back as a tombstone first and claims another once it is
-    /// encoded, so no slot is held while a big message is encoded.
+    /// buffer, no copy). A message that does not fit is encoded into a
+    /// buffer *keeping the slot* and goes to the slot's arena extent (a
+    /// `bounded(n)` queue holds `n` messages of any size: a claim given up
+    /// would be a tombstone taking room). A message with handles also
+    /// sends them to the side socket, without waiting: when there is no
+    /// room it gives its slot up, waits for room holding nothing, and
+    /// claims again.
     fn put_ref(&self, item: &T, deadline: Option<Instant>, wait: bool) -> Result<(), PutFail> {
-        let mut side: Option<SideMsg> = None;
+        let mut out: Option<Outgoing> = None;
+        let mut side_waits = 0u32;
         loop {
             let claim = match self.ring.try_claim() {
                 Claimed::Slot(claim) => claim,
                 Claimed::Closed => return Err(PutFail::Closed),
+                Claimed::Failed(e) => return Err(PutFail::Failed(*e)),
                 Claimed::Full => {
-                    if !wait || !self.ring.wait_not_full(deadline) {
+                    if !wait || self.ring.wait_not_full(deadline) == Wait::Deadline {
                         return Err(PutFail::Full);
                     }
                     continue;
                 }
             };
-            if let Some(side) = &side {
-                return claim.publish_side(side).map_err(PutFail::Failed);
-            }
-            let mut fds = Vec::new();
-            let fit = claim
-                .write(|buf| codec::encode_typed_into(item, buf, &mut fds))
-                .and_then(|r| r)
-                .map_err(PutFail::Failed)?;
-            match fit {
-                Some(len) if fds.is_empty() => {
-                    claim.publish_inline(len);
-                    return Ok(());
-                }
-                Some(len) => {
-                    let bytes = claim.written(len).map_err(PutFail::Failed)?;
-                    let msg = Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?;
-                    return claim.publish_side(&msg).map_err(PutFail::Failed);
-                }
+            let sent = match &mut out {
+                Some(out) => claim.publish_out(out),
                 None => {
-                    drop(claim);
-                    drop(fds);
-                    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
-                    codec::encode_typed(item, &mut bytes, &mut fds).map_err(PutFail::Failed)?;
-                    side = Some(Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?);
+                    let mut fds = Vec::new();
+                    let fit = claim
+                        .write(|buf| codec::encode_typed_into(item, buf, &mut fds))
+                        .and_then(|r| r)
+                        .map_err(PutFail::Failed)?;
+                    let prepared = match fit {
+                        Some(len) if fds.is_empty() => {
+                            claim.publish_inline(len);
+                            return Ok(());
+                        }
+                        Some(len) => {
+                            let mut buf = vec![0u8; ARENA_HEADER];
+                            buf.extend_from_slice(&claim.written(len).map_err(PutFail::Failed)?);
+                            Outgoing { buf, fds }
+                        }
+                        None => {
+                            drop(fds);
+                            let (mut buf, mut fds) = (vec![0u8; ARENA_HEADER], Vec::new());
+                            codec::encode_typed(item, &mut buf, &mut fds)
+                                .map_err(PutFail::Failed)?;
+                            Outgoing { buf, fds }
+                        }
+                    };
+                    claim.publish_out(out.insert(prepared))
+                }
+            };
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(Publish::Failed(e)) => return Err(PutFail::Failed(e)),
+                Err(Publish::SideFull) => {
+                    if !wait || !self.ring.wait_side_room(deadline, side_waits) {
+                        return Err(PutFail::Full);
+                    }
+                    side_waits += 1;
                 }
             }
         }
@@ -304,19 +346,39 @@ impl<T: Serialize + 'static> Queue<T> {
 
 impl<T: DeserializeOwned + 'static> Queue<T> {
     fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
-        let mut stall = Stall::new();
+        let decode = |held: Held<'_>| {
+            held.read(|bytes, fds| codec::decode_typed(bytes, fds))
+                .and_then(|r| r)
+                .map_err(GetFail::Failed)
+        };
+        // Whether this call has slept: only then (or without waiting) does
+        // it look for messages of dead consumers (a scan reads every slot),
+        // so the fast path, which waits by spinning, reads no clock.
+        let mut slept = false;
         loop {
-            match self.ring.try_take(&mut stall) {
-                Taken::Slot(held) => {
-                    return held
-                        .read(|bytes, fds| codec::decode_typed(bytes, fds))
-                        .and_then(|r| r)
-                        .map_err(GetFail::Failed);
+            match self.ring.try_take(deadline, wait) {
+                Taken::Slot(held) => return decode(held),
+                Taken::Failed(e) => return Err(GetFail::Failed(*e)),
+                Taken::Busy => return Err(GetFail::Empty),
+                Taken::Closed => {
+                    return match self.ring.recover(deadline, wait, true) {
+                        Some(held) => decode(held),
+                        None => Err(GetFail::Disconnected),
+                    };
                 }
-                Taken::Closed => return Err(GetFail::Disconnected),
-                Taken::Empty => {
-                    if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
+                Taken::Empty(stalled) => {
+                    if !wait || slept {
+                        if let Some(held) = self.ring.recover(deadline, wait, false) {
+                            return decode(held);
+                        }
+                    }
+                    if !wait {
                         return Err(GetFail::Empty);
+                    }
+                    match self.ring.wait_not_empty(deadline, stalled) {
+                        Wait::Deadline => return Err(GetFail::Empty),
+                        Wait::Slept => slept = true,
+                        Wait::Ready => {}
                     }
                 }
             }
@@ -382,14 +444,14 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
 }
 
 fn serialize_ring<S: Serializer>(ring: &Ring, serializer: S) -> Result<S::Ok, S::Error> {
-    let [mem, tx, rx] = ring.fds();
-    (FdOut(mem), FdOut(tx), FdOut(rx)).serialize(serializer)
+    let [mem, tx, rx, arena] = ring.fds();
+    (FdOut(mem), FdOut(tx), FdOut(rx), FdOut(arena)).serialize(serializer)
 }
 
 fn deserialize_ring<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ring, D::Error> {
     use serde::de::Error as _;
-    let (mem, tx, rx) = <(FdIn, FdIn, FdIn)>::deserialize(deserializer)?;
-    Ring::from_fds(mem.0, tx.0, rx.0).map_err(|e| D::Error::custom(e.to_string()))
+    let (mem, tx, rx, arena) = <(FdIn, FdIn, FdIn, FdIn)>::deserialize(deserializer)?;
+    Ring::from_fds(mem.0, tx.0, rx.0, arena.0).map_err(|e| D::Error::custom(e.to_string()))
 }
 
 impl<T> Serialize for Queue<T> {

@@ -1,11 +1,11 @@
-//! Small OS helpers for queues: a datagram socket pair and a liveness
-//! check of another process. No `unsafe` here.
+//! Small OS helpers for queues: a datagram socket pair, peeking at its
+//! datagrams in place, and a liveness check of another process.
 
-use std::os::fd::OwnedFd;
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket;
-
-use std::io;
+use nix::errno::Errno;
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags};
 
 /// A connected pair of close-on-exec Unix datagram sockets.
 pub(crate) fn socketpair_dgram() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -15,6 +15,65 @@ pub(crate) fn socketpair_dgram() -> io::Result<(OwnedFd, OwnedFd)> {
         None,
         socket::SockFlag::SOCK_CLOEXEC,
     )?)
+}
+
+/// Sets `SO_PEEK_OFF` on `sock`: from then on each `MSG_PEEK` starts that
+/// many bytes into the receive queue and moves the offset past what it
+/// read, so successive peeks walk the queued datagrams one by one without
+/// removing any (a plain receive moves the offset back by what it removed).
+pub(crate) fn set_peek_offset(sock: BorrowedFd<'_>, offset: i32) -> io::Result<()> {
+    let value: libc::c_int = offset;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a pointer to
+    // a live local c_int and writes no user memory; the descriptor is
+    // borrowed, so open, for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&raw const value).cast::<libc::c_void>(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Copies the next datagram of `sock` (at the peek offset, see
+/// [`set_peek_offset`]) into `buf` without removing it, never blocking,
+/// and appends *duplicates* of the descriptors it carries to `fds` (the
+/// datagram keeps its own). Returns the bytes copied; `WouldBlock` when
+/// there is no datagram there.
+pub(crate) fn peek_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    let mut space = nix::cmsg_space!([RawFd; super::MAX_FDS_PER_MSG]);
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    loop {
+        let mut iov = [IoSliceMut::new(buf)];
+        let msg = match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(msg) => msg,
+        };
+        let bytes = msg.bytes;
+        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(raws) = cmsg {
+                for raw in raws {
+                    // SAFETY: SCM_RIGHTS installed `raw` as a new descriptor
+                    // in this process (a peek installs duplicates); nothing
+                    // else refers to it yet.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+        return Ok(bytes);
+    }
 }
 
 /// `false` once process `pid` has exited (including as an unreaped
