@@ -425,4 +425,69 @@ mod tests {
         assert!(split_start(&[0xff, 0xff, 0xff, 0xff, 1, 2]).is_none());
         assert!(split_start(&[1, 0]).is_none());
     }
+
+    fn valid_start() -> Vec<u8> {
+        let header = codec::encode_plain(&Start {
+            exe: 7,
+            registry: registry::fingerprint(),
+            name: "some::function".into(),
+            process_name: "Process-1".into(),
+            parent_name: "MainProcess".into(),
+            parent_pid: 42,
+            mode: Mode::Spawn,
+        })
+        .expect("encode");
+        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(b"arguments");
+        bytes
+    }
+
+    #[test]
+    fn a_valid_start_message_splits_at_its_arguments() {
+        let bytes = valid_start();
+        let (start, at) = split_start(&bytes).expect("valid");
+        assert_eq!(
+            (start.name.as_str(), start.parent_pid),
+            ("some::function", 42)
+        );
+        assert_eq!(&bytes[at..], b"arguments");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+
+        /// Random bytes: never a panic, and an offset inside the message
+        /// whenever they parse.
+        #[test]
+        fn random_start_messages_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            if let Some((_, at)) = split_start(&bytes) {
+                proptest::prop_assert!(at <= bytes.len());
+            }
+        }
+
+        /// A valid message with bytes flipped, cut or its length rewritten:
+        /// never a panic, never an offset outside it.
+        #[test]
+        fn mutated_start_messages_never_panic(
+            flips in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 0..8),
+            cut in proptest::option::of(proptest::num::usize::ANY),
+            len in proptest::option::of(proptest::num::u32::ANY),
+        ) {
+            let mut bytes = valid_start();
+            for (at, b) in flips {
+                let n = bytes.len();
+                bytes[at % n] ^= b;
+            }
+            if let Some(len) = len {
+                bytes[..4].copy_from_slice(&len.to_le_bytes());
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            if let Some((_, at)) = split_start(&bytes) {
+                proptest::prop_assert!(at <= bytes.len());
+            }
+        }
+    }
 }

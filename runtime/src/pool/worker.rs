@@ -470,3 +470,65 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     }
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(count: u32, name: &[u8], args: &[u8]) -> Vec<u8> {
+        let mut p = count.to_le_bytes().to_vec();
+        p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        p.extend_from_slice(name);
+        p.extend_from_slice(args);
+        p
+    }
+
+    #[test]
+    fn the_rest_of_a_chunk_keeps_its_name_and_the_later_arguments() {
+        let p = payload(5, b"f", &[1, 2, 3, 4, 5]);
+        assert_eq!(rest_of_chunk(&p, 2, 3), Some(payload(2, b"f", &[4, 5])));
+        assert_eq!(rest_of_chunk(&p, 2, 6), None, "past the arguments");
+        assert_eq!(rest_of_chunk(&p[..6], 1, 0), None, "cut in the header");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+
+        /// What a worker (or a task writing to its socket) can send the
+        /// parent: random abort reports, task failures and payload cuts
+        /// never panic, and every slice they give lies inside the input.
+        #[test]
+        fn hostile_worker_frames_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            rest in proptest::num::usize::ANY,
+            next in proptest::num::usize::ANY,
+        ) {
+            if let Some(report) = AbortReport::parse(&bytes) {
+                proptest::prop_assert!(report.partial.len() + report.record.len() + 28 <= bytes.len());
+            }
+            let _ = codec::decode_plain::<TaskFailure>(&bytes);
+            let _ = codec::decode_plain::<WorkerInit>(&bytes);
+            if let Some(out) = rest_of_chunk(&bytes, rest % 1000, next % 400) {
+                proptest::prop_assert!(out.len() <= bytes.len());
+            }
+        }
+
+        /// A valid abort report with its length fields rewritten.
+        #[test]
+        fn abort_reports_with_forged_lengths_never_panic(
+            partial_len in proptest::num::u64::ANY,
+            next in proptest::num::u64::ANY,
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut bytes = 7u64.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&3u32.to_le_bytes());
+            bytes.extend_from_slice(&next.to_le_bytes());
+            bytes.extend_from_slice(&partial_len.to_le_bytes());
+            bytes.extend_from_slice(&tail);
+            if let Some(report) = AbortReport::parse(&bytes) {
+                proptest::prop_assert_eq!(report.partial.len() as u64, partial_len);
+                proptest::prop_assert!(report.partial.len() <= tail.len());
+            }
+        }
+    }
+}
