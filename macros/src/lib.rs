@@ -330,6 +330,9 @@ pub fn main(args: TokenStream, input: TokenStream) -> TokenStream {
 ///     }
 /// }
 /// ```
+// The examples show `#[test]` functions: in a doc test they compile but
+// are not run, which is all they need to show.
+#[allow(clippy::test_attr_in_doctest)]
 #[proc_macro_attribute]
 pub fn test(args: TokenStream, input: TokenStream) -> TokenStream {
     let input = proc_macro2::TokenStream::from(input);
