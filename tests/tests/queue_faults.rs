@@ -137,7 +137,8 @@ fn producers_to_one_consumer(producers: u32) {
     for _ in 0..producers {
         ready.get_timeout(LONG).expect("producer ready");
     }
-    let consumer = multiproc::spawn(take_large, (q.clone(), producers)).expect("spawn consumer");
+    let mut consumer =
+        multiproc::spawn(take_large, (q.clone(), producers)).expect("spawn consumer");
     match consumer.join_timeout(3 * LONG) {
         Ok(n) => assert_eq!(n, PER_PRODUCER * producers as u64),
         Err(e) => panic!("the consumer failed: {e}"),
@@ -189,7 +190,7 @@ fn fill_with_large(q: Queue<Big>, n: u64) -> u64 {
 fn bounded_sixteen_holds_sixteen_large_messages() {
     let _serial = serial();
     let q = Queue::<Big>::bounded(16).expect("queue");
-    let h = multiproc::spawn(fill_with_large, (q.clone(), 16)).expect("spawn");
+    let mut h = multiproc::spawn(fill_with_large, (q.clone(), 16)).expect("spawn");
     let put = h.join_timeout(LONG).expect("the producer finished");
     assert_eq!(put, 16, "only {put} large messages fit");
     assert_eq!(q.qsize(), 16);
@@ -224,7 +225,7 @@ fn bounded_sixteen_holds_sixteen_messages_with_handles() {
     let _serial = serial();
     let q = Queue::<(u64, Queue<u64>)>::bounded(16).expect("queue");
     let inner = Queue::<u64>::bounded(64).expect("inner");
-    let h = multiproc::spawn(fill_with_handles, (q.clone(), inner.clone(), 16)).expect("spawn");
+    let mut h = multiproc::spawn(fill_with_handles, (q.clone(), inner.clone(), 16)).expect("spawn");
     let put = h.join_timeout(LONG).expect("the producer finished");
     assert_eq!(put, 16, "only {put} messages with handles fit");
     for seq in 0..16 {
