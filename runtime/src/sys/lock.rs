@@ -34,10 +34,21 @@
 //! `Box::leak`) may have handed a borrow of the data to another thread, so
 //! it leaves the lock held forever, as std's `Mutex` does.
 //!
+//! The protocol is model-checked with loom (threads over one shared word
+//! stand in for processes, and a model of the process table answers the
+//! liveness question), running the same generic code as the real lock:
+//!
+//! ```text
+//! RUSTFLAGS="--cfg loom" cargo test -p multiproc --release --lib sys::lock::loom
+//! ```
+//!
 //! The 32-bit words of [`acquire`] and [`release`] (a Pipe's send lock)
 //! run the same protocol with the thread id alone and the older check
 //! (the id exists and is not a zombie): they can be fooled by a reused
 //! id, which leaves them held for as long as the reusing thread lives.
+
+// `--cfg loom` is set by hand (see above), not by a Cargo feature.
+#![allow(unexpected_cfgs)]
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -47,6 +58,9 @@ use super::ipc::{self, Holder, Liveness};
 use super::shm::Mapping;
 
 pub(crate) mod protocol;
+
+#[cfg(all(test, loom))]
+mod loom;
 
 pub(crate) use protocol::Acquired;
 
