@@ -42,9 +42,20 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
 /// A process (or thread) named in a way that survives the reuse of its
 /// id: the id (pid, or tid for a thread) and a *tag*, the low 32 bits of
 /// its start time (field 22 of `/proc/<id>/stat`, clock ticks since boot;
-/// never 0, which means "unknown"). Two holders with the same id and tag
-/// would need the id to be reused within one clock tick (10 ms), or a
-/// multiple of 2^32 ticks (497 days at 100 Hz) later.
+/// never 0, which means "unknown").
+///
+/// The limit: two holders with the same id and tag are the same holder to
+/// every check. That takes a process (thread) that reuses the id of one
+/// that started in the same clock tick (10 ms), i.e. the first lived less
+/// than a tick and its id was handed out again at once (possible when
+/// `ns_last_pid` is set, or when nearly every pid is in use), or started a
+/// multiple of 2^32 ticks (497 days at 100 Hz) after it. The later one is
+/// then taken for the earlier: a dead holder for alive (its lock stays
+/// held while the heir lives), and in principle, if the dead holder's lock
+/// is taken over by one waiter, released and taken by the heir while
+/// another waiter is between its check and its CAS, a live heir for dead.
+/// The pidfs inode of a pidfd (unique per boot since Linux 6.9) would lift
+/// this; the start time works on every kernel.
 ///
 /// It packs into one `u64` ([`to_word`](Holder::to_word)): the id in the
 /// low 31 bits (pids and tids are below 2^22), bit 31 left to the caller

@@ -22,9 +22,10 @@
 //! that says dead, takes the lock with `CAS(w → me | CONTENDED)`.
 //!
 //! The CAS succeeds only if the word still holds `w`: the same id *and*
-//! start-time tag, which no other live process or thread can have (it
-//! would need that id reused within the same clock tick, see `Holder`).
-//! So the holder at the CAS is the holder that was judged. The real
+//! start-time tag, which no other live process or thread can have (short
+//! of an id reused by one that started in the same clock tick, the limit
+//! `Holder` documents). So the holder at the CAS is the holder that was
+//! judged. The real
 //! [`Env::holder_dead`] says dead only when the holder is in the waiter's
 //! pid namespace and `/proc` proves that the id now names nothing, a
 //! zombie, or a process or thread with another start time; never on
