@@ -164,19 +164,35 @@ impl Holder {
         }
         match std::fs::read(format!("/proc/{}/stat", self.id)) {
             Ok(stat) => match parse_stat(&stat) {
-                Some((state, start)) => {
-                    if tag_of(start) != self.tag || matches!(state, b'Z' | b'X' | b'x') {
-                        Liveness::Dead
-                    } else {
-                        Liveness::Alive
-                    }
-                }
+                Some((_, start)) if tag_of(start) != self.tag => Liveness::Dead,
+                Some((b'X' | b'x', _)) => Liveness::Dead,
+                // A thread group leader that exited while other threads of
+                // its process run reads as a zombie too: the process (and
+                // whatever its threads hold) is alive.
+                Some((b'Z', _)) => match others_run(self.id) {
+                    Some(false) => Liveness::Dead,
+                    Some(true) => Liveness::Alive,
+                    None => Liveness::Unknown,
+                },
+                Some(_) => Liveness::Alive,
                 None => Liveness::Unknown,
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound && procfs_shows_all() => Liveness::Dead,
             Err(_) => Liveness::Unknown,
         }
     }
+}
+
+/// Whether a task other than `id` itself is listed in `/proc/<id>/task`
+/// (another thread of the process `id` leads); `None` if unreadable.
+fn others_run(id: u32) -> Option<bool> {
+    let me = id.to_string();
+    let tasks = std::fs::read_dir(format!("/proc/{id}/task")).ok()?;
+    let mut others = false;
+    for task in tasks {
+        others |= task.ok()?.file_name() != me.as_str();
+    }
+    Some(others)
 }
 
 /// The tag of a start time: its low 32 bits, 0 moved to 1 (0 means
@@ -317,6 +333,39 @@ mod tests {
         }
         assert_eq!(gone.liveness(), expected);
         assert_eq!(Holder::new(me.id(), 0).liveness(), Liveness::Unknown);
+    }
+
+    #[test]
+    fn a_zombie_is_dead_unless_other_threads_of_its_process_run() {
+        // A zombie child: killed, not reaped.
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let stat = std::fs::read(format!("/proc/{pid}/stat")).expect("stat");
+        let (_, start) = parse_stat(&stat).expect("parsed");
+        let holder = Holder::new(pid, tag_of(start));
+        assert_eq!(holder.liveness(), Liveness::Alive);
+        child.kill().expect("kill");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).expect("zombie"))
+            .is_some_and(|(state, _)| state != b'Z')
+        {
+            assert!(std::time::Instant::now() < deadline, "never a zombie");
+            std::thread::yield_now();
+        }
+        assert_eq!(others_run(pid), Some(false));
+        assert_eq!(holder.liveness(), Liveness::Dead);
+        child.wait().expect("reap");
+        // With another thread alive, a leader that read as a zombie would
+        // still lead a live process.
+        let gate = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            s.spawn(|| gate.wait());
+            assert_eq!(others_run(std::process::id()), Some(true));
+            gate.wait();
+        });
     }
 
     #[test]
