@@ -8,8 +8,9 @@ use std::io::Write;
 use std::sync::TryLockError;
 use std::time::{Duration, Instant};
 
+use multiproc::Error;
 use multiproc::shared::RawValue;
-use multiproc::sync::{Event, RLock};
+use multiproc::sync::{Barrier, Event, RLock};
 use multiproc::{Lock, Process, process_fn};
 
 const JOIN: Duration = Duration::from_secs(60);
@@ -79,6 +80,53 @@ fn uptime_ticks() -> u64 {
     whole.parse::<u64>().expect("uptime") * 100 + hundredths.parse::<u64>().expect("uptime")
 }
 
+/// Waits until the clock has moved past the tick in which `pid` started
+/// (see the pid-reuse tests: a process that reuses the pid of one that
+/// started in the same tick is taken for it, the documented limit).
+fn let_it_age(pid: u32) -> u64 {
+    let started = start_ticks(pid);
+    let deadline = Instant::now() + JOIN;
+    while uptime_ticks() <= started + 1 {
+        assert!(Instant::now() < deadline, "the clock does not tick");
+        std::thread::yield_now();
+    }
+    started
+}
+
+#[process_fn]
+fn wait_at_barrier(barrier: Barrier) -> bool {
+    barrier.wait_timeout(JOIN).is_ok()
+}
+
+#[test]
+fn a_killed_barrier_party_whose_pid_went_to_a_live_process_breaks_it() {
+    let barrier = Barrier::new(3).expect("barrier");
+    let mut victim = Process::new(wait_at_barrier, (barrier.clone(),));
+    victim.start().expect("start");
+    let deadline = Instant::now() + JOIN;
+    while barrier.n_waiting() != 1 {
+        assert!(Instant::now() < deadline, "the victim never arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pid = victim.pid().expect("started");
+    let started = let_it_age(pid);
+    victim.kill().expect("kill");
+    victim.join_timeout(JOIN).expect("join").expect("reaped");
+    let mut heir = spawn_with_pid(pid);
+    if heir.is_some() {
+        assert_ne!(start_ticks(pid), started);
+    }
+    let err = barrier
+        .wait_timeout(JOIN)
+        .expect_err("a dead party must break the barrier");
+    assert!(matches!(err, Error::BrokenBarrier), "{err}");
+    if let Some(heir) = heir.as_mut() {
+        assert!(heir.try_wait().expect("heir").is_none(), "the heir died");
+        let _ = heir.kill();
+        let _ = heir.wait();
+    }
+}
+
 #[test]
 fn a_killed_holder_whose_pid_went_to_a_live_process_is_taken_over() {
     let lock = Lock::new().expect("lock");
@@ -91,12 +139,7 @@ fn a_killed_holder_whose_pid_went_to_a_live_process_is_taken_over() {
     // time in clock ticks (10 ms): one that started in the same tick is
     // taken for the holder (the documented limit, on the safe side). Make
     // this the common case, a holder that lived past its first tick.
-    let started = start_ticks(pid);
-    let deadline = Instant::now() + JOIN;
-    while uptime_ticks() <= started + 1 {
-        assert!(Instant::now() < deadline, "the clock does not tick");
-        std::thread::yield_now();
-    }
+    let started = let_it_age(pid);
     p.kill().expect("kill");
     // Reaped, so that its pid is free for another process.
     p.join_timeout(JOIN).expect("join").expect("reaped");
