@@ -3,7 +3,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
@@ -13,14 +13,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use super::value::data_offset;
 use crate::error::{Error, Result};
 use crate::sync::{deadline, deserialize_mapping, serialize_mapping};
-use crate::sys::lock::RawGuard;
+use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::Mapping;
 
-// Header: lock word, poison flag, then the length and element size as u64s
-// at bytes 8 and 16; data from byte 64 (aligned for T).
+// Header: the lock header (`LOCK_HEADER`, 16 bytes), then the length and
+// element size as u64s at bytes 16 and 24; data from byte 64 (aligned for
+// T).
 const HEADER: usize = 64;
-const LEN_WORD: usize = 1;
-const SIZE_WORD: usize = 2;
+const LEN_WORD: usize = 2;
+const SIZE_WORD: usize = 3;
 
 fn create<T: Pod>(name: &str, data: usize, len: usize) -> Result<Mapping> {
     let bytes = len
@@ -146,9 +147,8 @@ impl<T: Pod> Array<T> {
         })
     }
 
-    fn words(&self) -> (&AtomicU32, &AtomicU32) {
-        let w = self.map.atomics_u32();
-        (&w[0], &w[1])
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
     }
 
     fn wrap<'a>(&'a self, raw: RawGuard<'a>, poisoned: bool) -> LockResult<ArrayGuard<'a, T>> {
@@ -167,9 +167,8 @@ impl<T: Pod> Array<T> {
     /// `Err(PoisonError)` with the guard if a holder died or panicked
     /// holding the lock (see [`Lock::acquire`](crate::Lock::acquire)).
     pub fn lock(&self) -> LockResult<ArrayGuard<'_, T>> {
-        let (word, poison) = self.words();
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(self.header(), None) {
                 return self.wrap(raw, poisoned);
             }
         }
@@ -181,8 +180,7 @@ impl<T: Pod> Array<T> {
     ///
     /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for `lock`.
     pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ArrayGuard<'_, T>> {
-        let (word, poison) = self.words();
-        match RawGuard::lock(word, poison, deadline(timeout)) {
+        match RawGuard::lock(self.header(), deadline(timeout)) {
             None => Err(TryLockError::WouldBlock),
             Some((raw, poisoned)) => self.wrap(raw, poisoned).map_err(TryLockError::from),
         }
@@ -240,12 +238,12 @@ impl<T: Pod> Array<T> {
 
     /// `true` if a holder of the lock died or panicked holding it.
     pub fn is_poisoned(&self) -> bool {
-        self.words().1.load(Ordering::Relaxed) != 0
+        self.header().is_poisoned()
     }
 
     /// Clears the poison flag.
     pub fn clear_poison(&self) {
-        self.words().1.store(0, Ordering::Relaxed);
+        self.header().clear_poison();
     }
 }
 

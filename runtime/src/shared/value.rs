@@ -3,7 +3,7 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::Result;
 use crate::sync::{deadline, deserialize_mapping, serialize_mapping};
-use crate::sys::lock::RawGuard;
+use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::{AtomicWord, LOCK_HEADER, Mapping};
 
 /// Where a value's data starts: past the lock header, aligned for `T`.
@@ -119,9 +119,8 @@ impl<T: Pod> Value<T> {
         })
     }
 
-    fn words(&self) -> (&AtomicU32, &AtomicU32) {
-        let w = self.map.atomics_u32();
-        (&w[0], &w[1])
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
     }
 
     fn read(&self) -> T {
@@ -153,9 +152,8 @@ impl<T: Pod> Value<T> {
     /// `Err(PoisonError)` with the guard if a holder died or panicked
     /// holding the lock (see [`Lock::acquire`](crate::Lock::acquire)).
     pub fn lock(&self) -> LockResult<ValueGuard<'_, T>> {
-        let (word, poison) = self.words();
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(self.header(), None) {
                 let guard = self.guard(raw);
                 return if poisoned {
                     Err(PoisonError::new(guard))
@@ -172,8 +170,7 @@ impl<T: Pod> Value<T> {
     ///
     /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for `lock`.
     pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ValueGuard<'_, T>> {
-        let (word, poison) = self.words();
-        match RawGuard::lock(word, poison, deadline(timeout)) {
+        match RawGuard::lock(self.header(), deadline(timeout)) {
             None => Err(TryLockError::WouldBlock),
             Some((raw, false)) => Ok(self.guard(raw)),
             Some((raw, true)) => Err(TryLockError::Poisoned(PoisonError::new(self.guard(raw)))),
@@ -200,12 +197,12 @@ impl<T: Pod> Value<T> {
 
     /// `true` if a holder of the lock died or panicked holding it.
     pub fn is_poisoned(&self) -> bool {
-        self.words().1.load(Ordering::Relaxed) != 0
+        self.header().is_poisoned()
     }
 
     /// Clears the poison flag.
     pub fn clear_poison(&self) {
-        self.words().1.store(0, Ordering::Relaxed);
+        self.header().clear_poison();
     }
 }
 

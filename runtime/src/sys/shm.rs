@@ -279,7 +279,7 @@ impl Mapping {
     }
 
     /// `len` values of `T` at `offset`, borrowed for as long as `guard`
-    /// is: the data of a mapping whose lock is its word 0 (see
+    /// is: the data of a mapping whose lock word is its first 8 bytes (see
     /// [`locked_slice_mut`](Mapping::locked_slice_mut)).
     pub(crate) fn locked_slice<'g, T: Pod>(
         &'g self,
@@ -290,7 +290,7 @@ impl Mapping {
         self.check_locked::<T>(guard, offset, len)?;
         // SAFETY: `check_locked` proved the range lies inside the mapping,
         // past the lock header, aligned for `T`, and that `guard` holds this
-        // mapping's lock (word 0). By the layout rule of this crate (see
+        // mapping's lock (its first 8 bytes). By the layout rule of this crate (see
         // `locked_slice_mut`), every access to a locked region goes through
         // a guard of that lock, and only one guard exists at a time in all
         // processes; this shared borrow is tied to a shared borrow of the
@@ -305,7 +305,7 @@ impl Mapping {
     /// guard is.
     ///
     /// The layout rule that makes this sound: a mapping used with this
-    /// function keeps its lock word at word 0 (poison flag at word 1) and
+    /// function keeps its lock header (`sys::lock::Header`) at byte 0 and
     /// every byte past [`LOCK_HEADER`] is touched only while that lock is
     /// held (Array's `lock`, `get`, `set`, `to_vec`: never the lock-free
     /// copies of `RawArray` or `Value`'s atomics, which use other mappings).
@@ -331,7 +331,7 @@ impl Mapping {
         len: usize,
     ) -> io::Result<()> {
         let holds_ours = self
-            .atomics_u32()
+            .atomics_u64()
             .first()
             .is_some_and(|w| std::ptr::eq(w, guard.word()));
         if !holds_ours {
@@ -469,9 +469,10 @@ impl Mapping {
     }
 }
 
-/// Bytes at the start of a locked mapping: the lock word (word 0) and its
-/// poison flag (word 1); locked data starts at or after it.
-pub(crate) const LOCK_HEADER: usize = 8;
+/// Bytes at the start of a locked mapping: the 64-bit lock word, its
+/// poison flag and its namespace register (see `sys::lock`); locked data
+/// starts at or after it.
+pub(crate) const LOCK_HEADER: usize = 16;
 
 fn word_width(size: usize, offset: usize) -> usize {
     if size % 8 == 0 && offset % 8 == 0 {
