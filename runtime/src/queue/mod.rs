@@ -69,6 +69,8 @@
 //! ```
 
 mod error;
+#[cfg(all(test, loom))]
+mod loom;
 mod protocol;
 mod ring;
 
