@@ -24,6 +24,12 @@
 //!   released slot's lap is never ahead of a fresh head or tail; a slot
 //!   that says otherwise is corrupt (see below).
 //!
+//! The transitions of the state words and of the head and tail live in
+//! [`protocol`](super::protocol), generic so that the `loom` model
+//! (`queue::loom`) checks the same code; a won transition returns the
+//! right ([`WriteRight`], [`ReadRight`]) from which the slot's payload
+//! token is made (`try_claim`, `hold`: the ring's only `unsafe`).
+//!
 //! # Nothing waits while holding a slot for what a later position frees
 //!
 //! This is what makes the queue deadlock-free: the one thing a slot

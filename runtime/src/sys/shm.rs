@@ -52,6 +52,25 @@ fn sealed_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
+///
+/// # Access
+///
+/// Safely: atomics (`atomics_u8/u32/u64`, [`atomic_at`](Mapping::atomic_at))
+/// and atomic copies ([`load_bytes`](Mapping::load_bytes),
+/// [`load_pods`](Mapping::load_pods), [`write`](Mapping::write)...), so a
+/// race with another process is a torn value, never undefined behaviour.
+/// In place: [`exclusive`](Mapping::exclusive) (a token for a range its
+/// holder alone touches), [`view`](Mapping::view), the locked slices (a
+/// lock guard is the proof) and the `bytes_unchecked` pair; each unsafe
+/// one's caller says why its protocol rules out racing accesses.
+///
+/// One rule the types do not enforce: racing atomic accesses of different
+/// widths to the same bytes are undefined in Rust's memory model (as in
+/// C++'s), so each layout gives every byte one width: `SharedMemory` bytes
+/// only, a `Value<T>` or `RawArray<T>` the width `load_pods` derives from
+/// `T`, queue and lock words their own word width, pool arena data
+/// `write`'s 64-bit words (read in place by `view`, which rules out racing
+/// writes altogether).
 #[derive(Debug)]
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
