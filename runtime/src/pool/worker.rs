@@ -362,9 +362,20 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         let body: Result<&[u8], Error> = match tag {
             TAG_TASK => Ok(&bytes[8..]),
             TAG_TASK_SHM => match (&input_arena, read_u64(&bytes, 8), read_u64(&bytes, 16)) {
-                (Some(arena), Some(start), Some(len)) => arena
-                    .arena_view(start as usize, len as usize)
-                    .map_err(Error::from),
+                (Some(arena), Some(start), Some(len)) => {
+                    // SAFETY: the input arena's protocol (`pool::arena`):
+                    // the parent wrote this region whole before it sent
+                    // this frame (the socket orders its writes before our
+                    // read), and writes it again only once the region is
+                    // free, which is when this chunk's result or failure
+                    // frame has arrived; we send that frame only after the
+                    // last use of `body` (the `invoke` below). Every other
+                    // live region is another chunk's and does not overlap
+                    // it (the parent's allocator), and nothing in this
+                    // process writes the input arena.
+                    let view = unsafe { arena.view(start as usize, len as usize) };
+                    view.map_err(Error::from)
+                }
                 _ => Err(Error::invalid(
                     "a pool task came through shared memory the worker does not have",
                 )),

@@ -69,6 +69,9 @@
 //! ```
 
 mod error;
+#[cfg(all(test, loom))]
+mod loom;
+mod protocol;
 mod ring;
 
 use std::fmt;
@@ -242,7 +245,7 @@ impl<T: Serialize + 'static> Queue<T> {
         let mut out: Option<Outgoing> = None;
         let mut side_waits = 0u32;
         loop {
-            let claim = match self.ring.try_claim() {
+            let mut claim = match self.ring.try_claim() {
                 Claimed::Slot(claim) => claim,
                 Claimed::Closed => return Err(PutFail::Closed),
                 Claimed::Failed(e) => return Err(PutFail::Failed(*e)),

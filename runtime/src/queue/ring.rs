@@ -24,6 +24,12 @@
 //!   released slot's lap is never ahead of a fresh head or tail; a slot
 //!   that says otherwise is corrupt (see below).
 //!
+//! The transitions of the state words and of the head and tail live in
+//! [`protocol`](super::protocol), generic so that the `loom` model
+//! (`queue::loom`) checks the same code; a won transition returns the
+//! right ([`WriteRight`], [`ReadRight`]) from which the slot's payload
+//! token is made (`try_claim`, `hold`: the ring's only `unsafe`).
+//!
 //! # Nothing waits while holding a slot for what a later position frees
 //!
 //! This is what makes the queue deadlock-free: the one thing a slot
@@ -98,10 +104,14 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 
+use super::protocol::{
+    Gate, Geometry, PID_MASK, ReadRight, Refused, Slots, TAG_FREE, TAG_MASK, TAG_TOMB, Take,
+    WriteRight, lap_diff,
+};
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::futex;
-use crate::sys::shm::Mapping;
+use crate::sys::shm::{Exclusive, Mapping};
 
 const MAGIC: u64 = 0x6d70_7175_6575_6533; // "mpqueue3"
 const HEADER_BYTES: usize = 4096;
@@ -153,15 +163,6 @@ const K_KNOWN: u32 = K_ARENA | K_FDS | K_CONSUMED | K_REDELIVERED;
 /// counts as a tombstone) instead of delivering it.
 const K_DROP: u32 = 1 << 31;
 
-// A slot's state word: the lap (low 32 bits of it) in bits 32..64, a tag
-// in bits 29..32, a pid in bits 0..29 (Linux pids are below 2^22).
-const TAG_FREE: u64 = 0;
-const TAG_WRITING: u64 = 1 << 29;
-const TAG_READY: u64 = 2 << 29;
-const TAG_TOMB: u64 = 3 << 29;
-const TAG_TAKEN: u64 = 4 << 29;
-const TAG_MASK: u64 = 7 << 29;
-const PID_MASK: u64 = (1 << 29) - 1;
 /// In a ready word's pid bits: the message has handles.
 const READY_FDS: u64 = 1;
 /// How often a consumer stuck behind an unpublished slot checks its writer.
@@ -172,15 +173,6 @@ const RECOVER_EVERY: Duration = Duration::from_millis(10);
 /// How long a sleeper that could not issue a global membarrier sleeps at a
 /// time (a wake-up may be lost to a waker that only used a compiler fence).
 const UNRELIABLE_SLEEP: Duration = Duration::from_millis(10);
-
-fn word(lap: u64, tag: u64, pid: u64) -> u64 {
-    (lap << 32) | tag | pid
-}
-
-/// The slot word's lap minus `lap`, modulo 2^32 (laps wrap in the word).
-fn lap_diff(s: u64, lap: u64) -> i32 {
-    ((s >> 32) as u32).wrapping_sub(lap as u32) as i32
-}
 
 /// A state word or position that the protocol cannot produce (kept out of
 /// line: the fast paths only branch to it).
@@ -215,12 +207,8 @@ pub(crate) struct Ring {
     rx: OwnedFd,
     /// The sparse memfd of large payloads (never mapped).
     arena: OwnedFd,
-    cap: u64,
-    /// Positions carry the lap above bit `shift` and the slot index below
-    /// (`mask`), as in crossbeam's `ArrayQueue`: no division on the fast
-    /// path for any capacity. Index values `cap..=mask` are skipped.
-    shift: u32,
-    mask: u64,
+    /// How positions map to slots (capacity, lap shift, index mask).
+    geo: Geometry,
     /// Slot `i`'s arena extent starts at `i << extent_shift`.
     extent_shift: u32,
     pid: u64,
@@ -250,12 +238,6 @@ pub(crate) enum Wait {
     Slept,
     /// The deadline passed.
     Deadline,
-}
-
-/// Why a claim failed.
-enum Put {
-    Closed,
-    Corrupt(Box<Error>),
 }
 
 impl Ring {
@@ -305,17 +287,14 @@ impl Ring {
         if pid == 0 || pid > PID_MASK {
             return Err(Error::invalid("process id does not fit a queue slot word"));
         }
-        let one_lap = cap.next_power_of_two();
-        let shift = one_lap.trailing_zeros();
+        let geo = Geometry::new(cap);
         Ok(Ring {
             map,
             tx,
             rx,
             arena,
-            cap,
-            shift,
-            mask: one_lap - 1,
-            extent_shift: MAX_EXTENT_SHIFT.min(62 - shift),
+            geo,
+            extent_shift: MAX_EXTENT_SHIFT.min(62 - geo.shift),
             pid,
             light_wake: futex::barrier_registered(),
             stall_pos: AtomicU64::new(0),
@@ -335,7 +314,7 @@ impl Ring {
     }
 
     pub(crate) fn capacity(&self) -> usize {
-        self.cap as usize
+        self.geo.cap as usize
     }
 
     fn u64w(&self, i: usize) -> &AtomicU64 {
@@ -348,44 +327,21 @@ impl Ring {
 
     /// `(lap, slot index)` of a position.
     fn split(&self, pos: u64) -> (u64, usize) {
-        (pos >> self.shift, (pos & self.mask) as usize)
-    }
-
-    /// The position after `pos`.
-    fn next(&self, pos: u64) -> u64 {
-        if (pos & self.mask) + 1 < self.cap {
-            pos + 1
-        } else {
-            (pos | self.mask) + 1
-        }
+        self.geo.split(pos)
     }
 
     /// How many positions come before `pos`.
     fn count(&self, pos: u64) -> u64 {
-        (pos >> self.shift)
-            .wrapping_mul(self.cap)
-            .wrapping_add(pos & self.mask)
+        self.geo.count(pos)
     }
 
-    /// A position as its slot words see it: the lap's low 32 bits and the
-    /// index (what datagrams and arena headers carry).
+    /// A position as its slot words see it (see [`Geometry::pos_id`]).
     fn pos_id(&self, pos: u64) -> u64 {
-        (u64::from((pos >> self.shift) as u32) << 32) | (pos & self.mask)
+        self.geo.pos_id(pos)
     }
 
     fn slot_off(&self, idx: usize) -> usize {
         HEADER_BYTES + idx * STRIDE
-    }
-
-    /// The slot's state word (see [`word`]). `idx` must be below the
-    /// capacity: every index read from shared memory is checked first.
-    fn state(&self, idx: usize) -> &AtomicU64 {
-        &self.map.atomics_u64()[self.slot_off(idx) / 8]
-    }
-
-    /// The state word of slot `idx`, or `None` past the capacity.
-    fn checked_state(&self, idx: usize) -> Option<&AtomicU64> {
-        ((idx as u64) < self.cap).then(|| self.state(idx))
     }
 
     /// The slot's length and kind words.
@@ -431,100 +387,17 @@ impl Ring {
     // -----------------------------------------------------------------
     // Producing.
 
-    /// Claims the slot at the tail. `Ok(None)`: full.
-    ///
-    /// The claim is one CAS on the slot's word, from "free in lap L" to
-    /// "written by pid P in lap L", so a slot is never reserved without
-    /// the name of its writer; the tail then moves by a CAS that anyone
-    /// who finds the slot claimed also attempts (helping), so a producer
-    /// that dies between the two steps blocks nobody.
-    fn reserve(&self) -> Result<Option<u64>, Put> {
-        let tail = self.u64w(W_TAIL);
-        let mut t = tail.load(Ordering::Relaxed);
-        loop {
-            if self.is_closed() {
-                return Err(Put::Closed);
-            }
-            let (lap, idx) = self.split(t);
-            let Some(slot) = self.checked_state(idx) else {
-                return Err(Put::Corrupt(bad_word("tail index", idx as u64, t)));
-            };
-            let s = slot.load(Ordering::Acquire);
-            let d = lap_diff(s, lap);
-            let tag = s & TAG_MASK;
-            if d == 0 {
-                if tag == TAG_FREE {
-                    if slot
-                        .compare_exchange(
-                            s,
-                            word(lap, TAG_WRITING, self.pid),
-                            Ordering::Acquire,
-                            Ordering::Relaxed,
-                        )
-                        .is_ok()
-                    {
-                        let _ = tail.compare_exchange(
-                            t,
-                            self.next(t),
-                            Ordering::Relaxed,
-                            Ordering::Relaxed,
-                        );
-                        return Ok(Some(t));
-                    }
-                } else if tag > TAG_TAKEN {
-                    return Err(Put::Corrupt(bad_word("slot word", s, t)));
-                } else {
-                    // Claimed by another producer: help it move the tail.
-                    let _ = tail.compare_exchange(
-                        t,
-                        self.next(t),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                }
-                t = tail.load(Ordering::Relaxed);
-                continue;
-            }
-            let now = tail.load(Ordering::Relaxed);
-            if now != t {
-                t = now;
-                continue;
-            }
-            if d == -1 {
-                // The previous lap's position is still in the slot: full,
-                // unless it is a skipped tombstone whose skipper died
-                // before handing the slot back.
-                match tag {
-                    TAG_FREE => {
-                        return Err(Put::Corrupt(bad_word("free slot word", s, t)));
-                    }
-                    TAG_TOMB => {
-                        let prev = ((lap.wrapping_sub(1)) << self.shift) | idx as u64;
-                        if self.release_tomb_behind_head(prev, s) {
-                            continue;
-                        }
-                        return Ok(None);
-                    }
-                    _ => return Ok(None),
-                }
-            }
-            // A lap ahead of a tail that has not moved (the slot was
-            // released before its position was claimed), or two behind.
-            return Err(Put::Corrupt(bad_word("slot word", s, t)));
-        }
-    }
-
-    fn publish(&self, pos: u64, kind: u32, len: u32) {
-        let (lap, idx) = self.split(pos);
-        let (klen, kkind) = self.meta(idx);
+    /// Publishes the claimed slot of `right`: its kind and length, then
+    /// the ready word, then a wake-up.
+    fn publish(&self, right: WriteRight, kind: u32, len: u32) {
+        let (klen, kkind) = self.meta(self.split(right.pos()).1);
         klen.store(len, Ordering::Relaxed);
         kkind.store(kind, Ordering::Relaxed);
         // A ready word carries READY_FDS for a message with handles, so
         // that a consumer's direct CAS from a plain ready word (see
         // `try_take`) never takes one without the side lock.
         let flags = if kind & K_FDS != 0 { READY_FDS } else { 0 };
-        self.state(idx)
-            .store(word(lap, TAG_READY, flags), Ordering::Release);
+        self.mark_ready(right, flags);
         self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
     }
 
@@ -570,16 +443,59 @@ impl Ring {
 
     /// One attempt to claim the slot at the tail for a message.
     pub(crate) fn try_claim(&self) -> Claimed<'_> {
-        match self.reserve() {
-            Ok(Some(pos)) => Claimed::Slot(Claim {
-                ring: self,
-                pos,
-                open: true,
-                in_arena: false,
-            }),
+        match self.claim() {
+            Ok(Some(right)) => {
+                let off = self.payload_off(self.split(right.pos()).1);
+                // SAFETY: `right` exists only because this process won the
+                // CAS from "free" to "writing, our pid" on this slot's word
+                // (see `protocol`; the loom model checks it). From then on
+                // no one else accesses the payload: producers need the
+                // slot free, consumers need it ready, and a takeover needs
+                // our pid dead; the `Claim` drops the token before it
+                // publishes or tombstones the slot (its release store).
+                // The previous holder's release store happens-before our
+                // acquire CAS. Within this process only `Claim` touches a
+                // slot's payload (the ring's mapping is private to this
+                // module, and no other code here reads or writes payload
+                // bytes but through a token).
+                let payload = unsafe { self.map.exclusive(off, INLINE_MAX) };
+                match payload {
+                    Ok(payload) => Claimed::Slot(Claim {
+                        ring: self,
+                        slot: Some((right, payload)),
+                        in_arena: false,
+                    }),
+                    Err(e) => {
+                        self.tombstone(right);
+                        Claimed::Failed(Box::new(e.into()))
+                    }
+                }
+            }
             Ok(None) => Claimed::Full,
-            Err(Put::Closed) => Claimed::Closed,
-            Err(Put::Corrupt(e)) => Claimed::Failed(e),
+            Err(Refused::Closed) => Claimed::Closed,
+            Err(Refused::Corrupt(what, value, at)) => Claimed::Failed(bad_word(what, value, at)),
+        }
+    }
+
+    /// The [`Held`] of a slot taken by this process (`right`), with the
+    /// message's kind and the side lock if it has handles.
+    fn hold<'a>(&'a self, right: ReadRight, kind: u32, side: Option<SideLock<'a>>) -> Held<'a> {
+        let off = self.payload_off(self.split(right.pos()).1);
+        // SAFETY: `right` exists only because this process won the CAS to
+        // "taken, our pid" on this slot's word, from "ready" or from a
+        // dead consumer's "taken" (see `protocol`; the loom model checks
+        // it). While the slot is taken no one else accesses the payload:
+        // producers need it free, other consumers need it ready, and a
+        // takeover needs our pid dead; the `Held` drops the token before it
+        // releases the slot. The writer's publish (release) happens-before
+        // our acquire CAS. Within this process only `Claim` and `Held`
+        // touch a slot's payload, each through its own token.
+        let payload = unsafe { self.map.exclusive(off, INLINE_MAX) };
+        Held {
+            ring: self,
+            slot: Some((right, payload.ok())),
+            kind,
+            side,
         }
     }
 
@@ -671,147 +587,34 @@ impl Ring {
     /// consumer that has caught up loads first, so as not to take the
     /// line away from a producer writing it.
     pub(crate) fn try_take(&self, deadline: Option<Instant>, wait: bool) -> Taken<'_> {
-        let head = self.u64w(W_HEAD);
-        let mut h = head.load(Ordering::Relaxed);
-        let mut first = true;
-        loop {
-            let (lap, idx) = self.split(h);
-            let Some(slot) = self.checked_state(idx) else {
-                return Taken::Failed(bad_word("head index", idx as u64, h));
-            };
-            let s = if first && self.backlog.load(Ordering::Relaxed) {
-                match slot.compare_exchange(
-                    word(lap, TAG_READY, 0),
-                    word(lap, TAG_TAKEN, self.pid),
-                    Ordering::Acquire,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return self.took(h, idx),
-                    Err(s) => s,
-                }
-            } else {
-                slot.load(Ordering::Acquire)
-            };
-            if first {
-                first = false;
-                let ready = s & TAG_MASK == TAG_READY && lap_diff(s, lap) == 0;
-                if self.backlog.load(Ordering::Relaxed) != ready {
-                    self.backlog.store(ready, Ordering::Relaxed);
-                }
+        // The side lock is taken before the slot, so that a consumer never
+        // waits for it while holding a slot.
+        let gate = |idx: usize| {
+            let kind = self.meta(idx).1.load(Ordering::Relaxed);
+            if kind & K_FDS == 0 {
+                return Gate::Go((kind, None));
             }
-            let d = lap_diff(s, lap);
-            let tag = s & TAG_MASK;
-            if d != 0 {
-                if d == -1 && (tag == TAG_TAKEN || tag == TAG_TOMB) {
-                    // The previous lap's message, still being read (or
-                    // its reader died: see `recover`), or a skipped
-                    // tombstone not handed back yet. Nothing new here.
-                    if tag == TAG_TOMB {
-                        let prev = ((lap.wrapping_sub(1)) << self.shift) | idx as u64;
-                        self.release_tomb_behind_head(prev, s);
-                    }
-                    return self.nothing(None);
-                }
-                let now = head.load(Ordering::Relaxed);
-                if now != h {
-                    h = now;
-                    continue;
-                }
-                return Taken::Failed(bad_word("slot word", s, h));
+            match self.lock_side(deadline, wait) {
+                Some(l) => Gate::Go((kind, Some(l))),
+                None => Gate::Busy,
             }
-            match tag {
-                TAG_FREE => return self.nothing(None),
-                TAG_WRITING => {
-                    // A producer is writing, or died writing.
-                    if self.check_stalled(h, s) {
-                        h = head.load(Ordering::Relaxed);
-                        continue;
-                    }
-                    return self.nothing(Some((idx, s)));
-                }
-                TAG_TAKEN => {
-                    // Another consumer took it: help it move the head.
-                    let _ = head.compare_exchange(
-                        h,
-                        self.next(h),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                    h = head.load(Ordering::Relaxed);
-                }
-                TAG_TOMB => {
-                    match head.compare_exchange(
-                        h,
-                        self.next(h),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    ) {
-                        Ok(_) => {
-                            self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
-                            self.release_tomb(h, s);
-                            h = self.next(h);
-                        }
-                        Err(now) => h = now,
-                    }
-                }
-                TAG_READY => {
-                    let kind = self.meta(idx).1.load(Ordering::Relaxed);
-                    // The side lock is taken before the slot, so that a
-                    // consumer never waits for it while holding a slot.
-                    let side = if kind & K_FDS != 0 {
-                        match self.lock_side(deadline, wait) {
-                            Some(l) => Some(l),
-                            None => return Taken::Busy,
-                        }
-                    } else {
-                        None
-                    };
-                    if slot
-                        .compare_exchange(
-                            s,
-                            word(lap, TAG_TAKEN, self.pid),
-                            Ordering::Acquire,
-                            Ordering::Relaxed,
-                        )
-                        .is_err()
-                    {
-                        drop(side);
-                        h = head.load(Ordering::Relaxed);
-                        continue;
-                    }
-                    let _ = head.compare_exchange(
-                        h,
-                        self.next(h),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
-                    return Taken::Slot(Held {
-                        ring: self,
-                        pos: h,
-                        kind,
-                        side,
-                    });
-                }
-                _ => return Taken::Failed(bad_word("slot word", s, h)),
+        };
+        match self.take(gate) {
+            Take::Slot(right, Some((kind, side))) => Taken::Slot(self.hold(right, kind, side)),
+            // Taken by the direct CAS of a plain ready word (no handles):
+            // its kind is read now that the slot is ours.
+            Take::Slot(right, None) => {
+                let kind = self
+                    .meta(self.split(right.pos()).1)
+                    .1
+                    .load(Ordering::Relaxed);
+                Taken::Slot(self.hold(right, kind, None))
             }
+            Take::Empty => self.nothing(None),
+            Take::Stalled(idx, s) => self.nothing(Some((idx, s))),
+            Take::Busy => Taken::Busy,
+            Take::Corrupt(what, value, at) => Taken::Failed(bad_word(what, value, at)),
         }
-    }
-
-    /// After the CAS that took position `h` (slot `idx`, a message without
-    /// handles): moves the head past it.
-    fn took(&self, h: u64, idx: usize) -> Taken<'_> {
-        let _ = self.u64w(W_HEAD).compare_exchange(
-            h,
-            self.next(h),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-        Taken::Slot(Held {
-            ring: self,
-            pos: h,
-            kind: self.meta(idx).1.load(Ordering::Relaxed),
-            side: None,
-        })
     }
 
     fn nothing(&self, stalled: Option<(usize, u64)>) -> Taken<'_> {
@@ -820,56 +623,6 @@ impl Ring {
         } else {
             Taken::Empty(stalled)
         }
-    }
-
-    /// Hands a slot back to producers (the caller holds it: taken by this
-    /// process, read and finished).
-    fn release(&self, pos: u64) {
-        let (lap, idx) = self.split(pos);
-        self.state(idx)
-            .store(word(lap.wrapping_add(1), TAG_FREE, 0), Ordering::Release);
-        self.wake_one(H_NOT_FULL, H_PROD_WAIT);
-    }
-
-    /// Hands back a tombstone (state `s`) that the head has passed. By CAS:
-    /// the one who skipped it and a process that found it left behind by a
-    /// dead skipper may both try.
-    fn release_tomb(&self, pos: u64, s: u64) -> bool {
-        let (lap, idx) = self.split(pos);
-        let done = self
-            .state(idx)
-            .compare_exchange(
-                s,
-                word(lap.wrapping_add(1), TAG_FREE, 0),
-                Ordering::Release,
-                Ordering::Relaxed,
-            )
-            .is_ok();
-        if done {
-            self.wake_one(H_NOT_FULL, H_PROD_WAIT);
-        }
-        done
-    }
-
-    /// A tombstone (state `s`) at position `pos` of the previous lap: if
-    /// the head has passed it, its skipper died before handing it back, or
-    /// is about to: hand it back (`true` if this did). If it is at the
-    /// head, skip it first.
-    fn release_tomb_behind_head(&self, pos: u64, s: u64) -> bool {
-        let head = self.u64w(W_HEAD);
-        let h = head.load(Ordering::Acquire);
-        if h == pos {
-            if head
-                .compare_exchange(pos, self.next(pos), Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-            {
-                return false;
-            }
-            self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
-        } else if self.count(h) <= self.count(pos) {
-            return false;
-        }
-        self.release_tomb(pos, s)
     }
 
     /// Called while the slot at `pos` (state `s`) is claimed but not
@@ -898,55 +651,7 @@ impl Ring {
             return false;
         }
         self.stall_checked.store(now, Ordering::Relaxed);
-        let pid = s & PID_MASK;
-        if pid == self.pid || sys::pid_alive(pid as u32) {
-            return false;
-        }
-        // It may have died before moving the tail past its slot: move it,
-        // so the tail counts the position that is about to be a tombstone.
-        let _ = self.u64w(W_TAIL).compare_exchange(
-            pos,
-            self.next(pos),
-            Ordering::SeqCst,
-            Ordering::Relaxed,
-        );
-        let (lap, idx) = self.split(pos);
-        if self
-            .state(idx)
-            .compare_exchange(
-                s,
-                word(lap, TAG_WRITING, self.pid),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            )
-            .is_ok()
-        {
-            self.punch(idx);
-            self.tombstone(pos);
-        }
-        true
-    }
-
-    /// Turns a position claimed by this process into a tombstone (an
-    /// encoding error, a dead writer's claim taken over, no room for its
-    /// handles). If it is at the head, skips it at once as a consumer would
-    /// (the CAS on the head decides between us and any consumer), so failed
-    /// puts on a queue nobody reads do not fill it with tombstones.
-    fn tombstone(&self, pos: u64) {
-        let (lap, idx) = self.split(pos);
-        let tomb = word(lap, TAG_TOMB, 0);
-        self.state(idx).store(tomb, Ordering::Release);
-        self.count_tombstone();
-        if self
-            .u64w(W_HEAD)
-            .compare_exchange(pos, self.next(pos), Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
-            self.release_tomb(pos, tomb);
-        } else {
-            self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
-        }
+        self.take_over_writer(pos, s)
     }
 
     /// `true` if a `try_take` may find something (or the queue closed).
@@ -1029,64 +734,24 @@ impl Ring {
     }
 
     fn scan(&self, deadline: Option<Instant>, wait: bool, taken: &mut bool) -> Option<Held<'_>> {
-        for idx in 0..self.cap as usize {
-            let slot = self.state(idx);
-            let s = slot.load(Ordering::Acquire);
-            let lap = s >> 32;
-            let pos = (lap << self.shift) | idx as u64;
-            match s & TAG_MASK {
-                TAG_TAKEN => *taken = true,
-                TAG_TOMB => {
-                    // Only one lap behind the head can be left behind.
-                    let h = self.u64w(W_HEAD).load(Ordering::Acquire);
-                    let back = ((h >> self.shift) as u32).wrapping_sub(lap as u32);
-                    if back == 1 || (back == 0 && (h & self.mask) > idx as u64) {
-                        let full = ((h >> self.shift).wrapping_sub(u64::from(back)) << self.shift)
-                            | idx as u64;
-                        self.release_tomb_behind_head(full, s);
-                    }
-                    continue;
-                }
-                _ => continue,
-            }
-            let pid = s & PID_MASK;
-            if pid == self.pid || sys::pid_alive(pid as u32) {
-                continue;
-            }
+        // A dead consumer's message is delivered again unless it was
+        // consumed or already delivered again once; the side lock is taken
+        // before the slot, for one that has handles.
+        let mut gate = |idx: usize| {
             let kind = self.meta(idx).1.load(Ordering::Relaxed);
             let again = kind & (K_CONSUMED | K_REDELIVERED) == 0;
-            let side = if again && kind & K_FDS != 0 {
-                match self.lock_side(deadline, wait) {
-                    Some(l) => Some(l),
-                    None => continue,
-                }
-            } else {
-                None
-            };
-            if slot
-                .compare_exchange(
-                    s,
-                    word(lap, TAG_TAKEN, self.pid),
-                    Ordering::Acquire,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-            {
-                continue;
+            if again && kind & K_FDS != 0 {
+                let side = self.lock_side(deadline, wait)?;
+                return Some((kind, again, Some(side)));
             }
-            // It may have died before moving the head past its slot; the
-            // head must be past it before it is released.
-            let head = self.u64w(W_HEAD);
-            let h = head.load(Ordering::Acquire);
-            if self.pos_id(h) == self.pos_id(pos) {
-                let _ = head.compare_exchange(h, self.next(h), Ordering::AcqRel, Ordering::Relaxed);
-            }
-            let held = Held {
-                ring: self,
-                pos,
-                kind: if again { kind } else { kind | K_DROP },
-                side,
-            };
+            Some((kind, again, None))
+        };
+        let mut from = 0;
+        while let Some((idx, right, (kind, again, side))) =
+            self.recover_from(from, taken, &mut gate)
+        {
+            from = idx + 1;
+            let held = self.hold(right, if again { kind } else { kind | K_DROP }, side);
             if !again {
                 drop(held);
                 continue;
@@ -1241,12 +906,15 @@ impl Ring {
         Ok(())
     }
 
-    /// The message in slot `idx`'s extent (taken by us at `pos`): checked
-    /// against the slot (length and position) before anything is allocated.
-    fn read_arena(&self, idx: usize, pos: u64) -> Result<Vec<u8>> {
-        let mut len = [0u8; 8];
-        self.map.read(self.payload_off(idx), &mut len)?;
-        let len = u64::from_le_bytes(len);
+    /// The message in slot `idx`'s extent (taken by us at `pos`, whose
+    /// payload starts with `len_word`): checked against the slot (length
+    /// and position) before anything is allocated.
+    fn read_arena(&self, idx: usize, pos: u64, len_word: &[u8]) -> Result<Vec<u8>> {
+        let len = len_word
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| corrupt("an arena message without its length"))?;
         if len > self.arena_max() {
             return Err(corrupt(format!("arena message length {len}")));
         }
@@ -1470,6 +1138,66 @@ impl Ring {
     }
 }
 
+/// The ring's words and surroundings for the slot-state protocol.
+impl Slots for Ring {
+    type W = AtomicU64;
+
+    #[inline(always)]
+    fn geometry(&self) -> &Geometry {
+        &self.geo
+    }
+    #[inline(always)]
+    fn tail(&self) -> &AtomicU64 {
+        self.u64w(W_TAIL)
+    }
+    #[inline(always)]
+    fn head(&self) -> &AtomicU64 {
+        self.u64w(W_HEAD)
+    }
+    #[inline(always)]
+    fn state(&self, idx: usize) -> &AtomicU64 {
+        &self.map.atomics_u64()[self.slot_off(idx) / 8]
+    }
+    #[inline(always)]
+    fn me(&self) -> u64 {
+        self.pid
+    }
+    fn alive(&self, pid: u64) -> bool {
+        sys::pid_alive(pid as u32)
+    }
+    #[inline(always)]
+    fn closed(&self) -> bool {
+        self.is_closed()
+    }
+    #[inline(always)]
+    fn backlog(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed)
+    }
+    #[inline(always)]
+    fn set_backlog(&self, on: bool) {
+        self.backlog.store(on, Ordering::Relaxed);
+    }
+    #[inline(always)]
+    fn freed(&self) {
+        self.wake_one(H_NOT_FULL, H_PROD_WAIT);
+    }
+    fn tombstoned(&self) {
+        self.count_tombstone();
+    }
+    fn skipped(&self) {
+        self.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
+    }
+    fn left_tomb(&self) {
+        self.wake_one(H_NOT_EMPTY, H_CONS_WAIT);
+    }
+    fn took_over_writer(&self, idx: usize) {
+        self.punch(idx);
+    }
+    fn writer_stalled(&self, pos: u64, s: u64) -> bool {
+        self.check_stalled(pos, s)
+    }
+}
+
 /// The side lock, released when dropped.
 #[derive(Debug)]
 pub(crate) struct SideLock<'a> {
@@ -1516,38 +1244,52 @@ pub(crate) struct Outgoing {
 /// leaves a slot claimed.
 pub(crate) struct Claim<'a> {
     ring: &'a Ring,
-    pos: u64,
-    open: bool,
+    /// The right to the slot and its payload ([`INLINE_MAX`] bytes);
+    /// `None` once handed on.
+    slot: Option<(WriteRight, Exclusive<'a>)>,
     /// Something was written to the slot's extent (freed if unpublished).
     in_arena: bool,
 }
 
-impl Claim<'_> {
+impl<'a> Claim<'a> {
+    fn pos(&self) -> u64 {
+        self.slot.as_ref().map_or(0, |(right, _)| right.pos())
+    }
+
     fn idx(&self) -> usize {
-        self.ring.split(self.pos).1
+        self.ring.split(self.pos()).1
+    }
+
+    fn payload(&mut self) -> Result<&mut Exclusive<'a>> {
+        match &mut self.slot {
+            Some((_, payload)) => Ok(payload),
+            None => Err(Error::invalid("a queue slot used after it was handed on")),
+        }
     }
 
     /// Runs `f` on the slot's payload area ([`INLINE_MAX`] bytes).
-    pub(crate) fn write<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
-        Ok(self
-            .ring
-            .map
-            .with_range_mut(self.ring.payload_off(self.idx()), INLINE_MAX, f)?)
+    pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
+        Ok(f(self.payload()?.bytes_mut()))
     }
 
     /// A copy of the first `len` payload bytes written.
-    pub(crate) fn written(&self, len: usize) -> Result<Vec<u8>> {
-        Ok(self
-            .ring
-            .map
-            .range(self.ring.payload_off(self.idx()), len.min(INLINE_MAX))?
-            .to_vec())
+    pub(crate) fn written(&mut self, len: usize) -> Result<Vec<u8>> {
+        let bytes = self.payload()?.bytes();
+        Ok(bytes[..len.min(bytes.len())].to_vec())
+    }
+
+    /// Hands the slot on: the payload token goes first, then the ready
+    /// word is published.
+    fn hand_on(&mut self, kind: u32, len: u32) {
+        if let Some((right, payload)) = self.slot.take() {
+            payload.give_up();
+            self.ring.publish(right, kind, len);
+        }
     }
 
     /// Publishes the `len` payload bytes written as the message.
     pub(crate) fn publish_inline(mut self, len: usize) {
-        self.open = false;
-        self.ring.publish(self.pos, 0, len.min(INLINE_MAX) as u32);
+        self.hand_on(0, len.min(INLINE_MAX) as u32);
     }
 
     /// Publishes `out`: in the slot if it fits, else in the slot's arena
@@ -1564,7 +1306,7 @@ impl Claim<'_> {
         } else {
             self.in_arena = true;
             self.ring
-                .write_arena(self.idx(), self.pos, &mut out.buf)
+                .write_arena(self.idx(), self.pos(), &mut out.buf)
                 .map_err(Publish::Failed)?;
             self.write(|slot| slot[..8].copy_from_slice(&(len as u64).to_le_bytes()))
                 .map_err(Publish::Failed)?;
@@ -1573,7 +1315,7 @@ impl Claim<'_> {
         if !out.fds.is_empty() {
             if !self
                 .ring
-                .send_fds(self.pos, &out.fds)
+                .send_fds(self.pos(), &out.fds)
                 .map_err(Publish::Failed)?
             {
                 return Err(Publish::SideFull);
@@ -1581,19 +1323,19 @@ impl Claim<'_> {
             kind |= K_FDS;
             out.fds.clear();
         }
-        self.open = false;
-        self.ring.publish(self.pos, kind, klen);
+        self.hand_on(kind, klen);
         Ok(())
     }
 }
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        if self.open {
+        if let Some((right, payload)) = self.slot.take() {
+            payload.give_up();
             if self.in_arena {
-                self.ring.punch(self.idx());
+                self.ring.punch(self.ring.split(right.pos()).1);
             }
-            self.ring.tombstone(self.pos);
+            self.ring.tombstone(right);
         }
     }
 }
@@ -1617,7 +1359,10 @@ pub(crate) enum Taken<'a> {
 /// dropped, also on a panic while decoding.
 pub(crate) struct Held<'a> {
     ring: &'a Ring,
-    pos: u64,
+    /// The right to the slot and its payload token (`None` if the payload
+    /// could not be had: reading fails, releasing works); `None` once
+    /// released.
+    slot: Option<(ReadRight, Option<Exclusive<'a>>)>,
     kind: u32,
     /// The side lock, for a message with handles (released once they are
     /// found).
@@ -1625,31 +1370,49 @@ pub(crate) struct Held<'a> {
 }
 
 impl Held<'_> {
+    fn pos(&self) -> u64 {
+        self.slot.as_ref().map_or(0, |(right, _)| right.pos())
+    }
+
     /// Runs `f` on the message's bytes and descriptors (read in place from
     /// the slot for inline messages), then releases the slot.
     pub(crate) fn read<R>(mut self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> R) -> Result<R> {
         let ring = self.ring;
-        let idx = ring.split(self.pos).1;
+        let pos = self.pos();
+        let idx = ring.split(pos).1;
         if self.kind & !K_KNOWN != 0 {
             return Err(corrupt(format!("message kind {:#x}", self.kind)));
         }
         let fds = if self.kind & K_FDS != 0 {
-            let fds = ring.take_fds(self.pos);
+            let fds = ring.take_fds(pos);
             self.side = None;
             fds?
         } else {
             Vec::new()
         };
+        let Some((_, Some(payload))) = &self.slot else {
+            return Err(Error::invalid("a queue slot without its payload"));
+        };
+        let payload = payload.bytes();
         if self.kind & K_ARENA != 0 {
-            let bytes = ring.read_arena(idx, self.pos)?;
+            let bytes = ring.read_arena(idx, pos, payload)?;
             return Ok(f(&bytes, fds));
         }
         let len = ring.meta(idx).0.load(Ordering::Relaxed) as usize;
-        if len > INLINE_MAX {
+        let Some(bytes) = payload.get(..len) else {
             return Err(corrupt(format!("inline message length {len}")));
-        }
-        let bytes = ring.map.range(ring.payload_off(idx), len)?;
+        };
         Ok(f(bytes, fds))
+    }
+
+    /// Hands the slot back: the payload token goes first.
+    fn release(&mut self) {
+        if let Some((right, payload)) = self.slot.take() {
+            if let Some(payload) = payload {
+                payload.give_up();
+            }
+            self.ring.release(right);
+        }
     }
 }
 
@@ -1658,7 +1421,7 @@ impl Held<'_> {
     #[cold]
     fn finish(&mut self) {
         let ring = self.ring;
-        let idx = ring.split(self.pos).1;
+        let idx = ring.split(self.pos()).1;
         self.side = None;
         if self.kind & K_ARENA != 0 {
             // From here on the message counts as delivered: should we die
@@ -1673,7 +1436,7 @@ impl Held<'_> {
             ring.u64w(W_SKIPPED).fetch_add(1, Ordering::Relaxed);
             ring.count_tombstone();
         }
-        ring.release(self.pos);
+        self.release();
         if self.kind & K_FDS != 0 {
             ring.trim_side();
         }
@@ -1683,7 +1446,7 @@ impl Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         if self.kind == 0 {
-            self.ring.release(self.pos);
+            self.release();
         } else {
             self.finish();
         }
@@ -1692,6 +1455,7 @@ impl Drop for Held<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::protocol::{TAG_READY, word};
     use super::*;
 
     fn dead_pid() -> u64 {
@@ -1704,7 +1468,7 @@ mod tests {
     }
 
     fn put_inline(ring: &Ring, byte: u8) {
-        let Claimed::Slot(c) = ring.try_claim() else {
+        let Claimed::Slot(mut c) = ring.try_claim() else {
             panic!("no room");
         };
         c.write(|b| b[0] = byte).expect("write");
@@ -1740,8 +1504,10 @@ mod tests {
         assert!(matches!(ring.try_take(None, false), Taken::Failed(_)));
         assert!(matches!(ring.try_claim(), Claimed::Failed(_)));
         // Two laps behind.
-        ring.u64w(W_HEAD).store(2 << ring.shift, Ordering::SeqCst);
-        ring.u64w(W_TAIL).store(2 << ring.shift, Ordering::SeqCst);
+        ring.u64w(W_HEAD)
+            .store(2 << ring.geo.shift, Ordering::SeqCst);
+        ring.u64w(W_TAIL)
+            .store(2 << ring.geo.shift, Ordering::SeqCst);
         ring.state(0).store(word(0, TAG_READY, 0), Ordering::SeqCst);
         assert!(matches!(ring.try_take(None, false), Taken::Failed(_)));
         assert!(matches!(ring.try_claim(), Claimed::Failed(_)));
@@ -1796,7 +1562,11 @@ mod tests {
         assert!(matches!(ring.try_claim(), Claimed::Full));
         assert!(matches!(ring.try_take(None, false), Taken::Empty(None)));
         let again = ring.recover(None, false, true).expect("recovered");
-        assert_eq!(ring.map.range(ring.payload_off(0), 1).expect("byte"), [42]);
+        let mut byte = [0u8];
+        ring.map
+            .load_bytes(ring.payload_off(0), &mut byte)
+            .expect("byte");
+        assert_eq!(byte, [42]);
         // Its second consumer dies too: dropped, not delivered a third time.
         std::mem::forget(again);
         let s = ring.state(0).load(Ordering::SeqCst);

@@ -80,7 +80,19 @@ pub(crate) fn peek_with_fds(
 
 /// `false` once process `pid` has exited (including as an unreaped
 /// zombie). A reused pid reads as alive: the caller only loses time.
+///
+/// A `false` gives away what the process held (a queue slot and its
+/// payload), so it must never be said of a live process: a missing
+/// `/proc` entry is confirmed by `kill(pid, 0)` (where `/proc` is not
+/// mounted, every entry is missing), and anything unclear reads as alive.
+/// Pid 0 and pids past `i32::MAX` name no process: `false`.
 pub(crate) fn pid_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if raw == 0 {
+        return false;
+    }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and
         // may itself contain spaces or parentheses.
@@ -91,7 +103,29 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
             Some(state) => !matches!(state, "Z" | "X" | "x"),
             None => true,
         },
-        Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => !matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
+            Err(Errno::ESRCH)
+        ),
+        Err(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod pid_alive_tests {
+    use super::*;
+
+    #[test]
+    fn pid_alive_for_this_process_not_for_a_reaped_child() {
+        assert!(pid_alive(std::process::id()));
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("reap");
+        assert!(!pid_alive(pid));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(u32::MAX));
     }
 }
 

@@ -134,10 +134,17 @@ pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd
 /// Returns `None` unless `fd` is a Unix socket whose peer is process
 /// `peer` (so that a descriptor this process did not get from `peer` is
 /// never taken).
-pub(crate) fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
+///
+/// # Safety
+///
+/// Nothing else in this process owns `fd` or will take it: it is a number
+/// this process inherited and has not wrapped anywhere, and this is the
+/// only call for it (a second `OwnedFd` of one descriptor closes it under
+/// the first).
+pub(crate) unsafe fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
     // SAFETY: only used to ask the kernel about `fd`; it is not closed or
-    // kept through this borrow, and nothing else in this process knows the
-    // number yet (the caller runs once, before the program's own code).
+    // kept through this borrow, and nothing else owns it (this function's
+    // contract).
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let cred = socket::getsockopt(&borrowed, socket::sockopt::PeerCredentials).ok()?;
     if u32::try_from(cred.pid()).ok()? != peer {
@@ -151,17 +158,21 @@ pub(crate) fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
     .ok()?;
     // SAFETY: the descriptor is open (the calls above succeeded), was
     // placed there for this process by `peer`, and is owned from here on
-    // by the returned value alone (the caller takes it once).
+    // by the returned value alone (this function's contract: no one else
+    // owns it, and it is taken once).
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Removes `key` from the environment. For the start of a process, before
-/// it runs threads of its own.
-pub(crate) fn remove_env_before_threads(key: &str) {
-    // SAFETY: called at load time or at the top of main, before the
-    // program has started any thread that could be reading the
-    // environment (a load-time constructor of another library that starts
-    // a reader thread is the documented exception of std's rule).
+/// Removes `key` from the environment.
+///
+/// # Safety
+///
+/// No other thread reads or writes the environment during the call (std's
+/// rule for `remove_var`): in practice, the process has started no thread
+/// yet.
+pub(crate) unsafe fn remove_env(key: &str) {
+    // SAFETY: no other thread touches the environment during the call
+    // (this function's contract, passed on to its caller).
     unsafe { std::env::remove_var(key) };
 }
 
