@@ -197,6 +197,15 @@ fn corrupt(what: impl Into<String>) -> Error {
     )
 }
 
+/// The error of a message whose handles' descriptors the kernel dropped.
+fn side_fds_truncated() -> Error {
+    Error::io(
+        "the kernel dropped descriptors of a queue message's handles (MSG_CTRUNC: is the \
+         descriptor table full?); the message was skipped",
+        io::Error::other("control message truncated"),
+    )
+}
+
 /// The origin of this process's stall clock.
 fn epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -1392,31 +1401,43 @@ impl Ring {
         }
     }
 
-    /// The position id of a handle datagram, `None` if it is not one.
-    fn parse_dgram(bytes: &[u8]) -> Option<u64> {
+    /// The position id and descriptor count of a handle datagram, `None`
+    /// if it is not one.
+    fn parse_dgram(bytes: &[u8]) -> Option<(u64, usize)> {
         let d: &[u8; DGRAM_LEN] = bytes.try_into().ok()?;
         if d[..4] != DGRAM_MAGIC.to_le_bytes() {
             return None;
         }
+        let mut count = [0u8; 4];
+        count.copy_from_slice(&d[4..8]);
         let mut id = [0u8; 8];
         id.copy_from_slice(&d[8..]);
-        Some(u64::from_le_bytes(id))
+        Some((u64::from_le_bytes(id), u32::from_le_bytes(count) as usize))
     }
 
     /// Removes the datagram at the front of the socket (its descriptors are
-    /// closed). Side lock held.
+    /// closed, as are any the kernel could not all install). Side lock held.
     fn drop_front(&self) -> Result<()> {
         let mut buf = [0u8; 64];
         let mut fds = Vec::new();
-        match sys::recv_with_fds(self.rx.as_fd(), &mut buf, &mut fds) {
-            Ok(_) | Err(Errno::EAGAIN) => Ok(()),
-            Err(e) => Err(Error::errno("queue side channel recv", e)),
+        match sys::recv_fds(self.rx.as_fd(), &mut buf, &mut fds) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(Error::io("queue side channel recv", e)),
         }
     }
 
     /// Duplicates of the handles of position `pos` (taken by us), found by
     /// walking the socket's queue with peeks; datagrams at the front whose
     /// positions are done are removed on the way. Side lock held.
+    ///
+    /// The message gets exactly the descriptors its datagram declares:
+    /// more are closed (none for a datagram that declares none), fewer is
+    /// an error of this message, and so is a peek whose descriptors the
+    /// kernel had to drop (MSG_CTRUNC, typically a full descriptor table;
+    /// those that did arrive are closed). The datagram stays in the socket
+    /// until its position is done, as always, so later messages are not
+    /// affected.
     fn take_fds(&self, pos: u64) -> Result<Vec<OwnedFd>> {
         let want = self.pos_id(pos);
         let io = |e: io::Error| Error::io("queue side channel peek", e);
@@ -1425,24 +1446,36 @@ impl Ring {
         let mut at_front = true;
         loop {
             let mut fds = Vec::new();
-            let n = match sys::ipc::peek_with_fds(self.rx.as_fd(), &mut buf, &mut fds) {
-                Ok(n) => n,
+            let got = match sys::ipc::peek_fds(self.rx.as_fd(), &mut buf, &mut fds) {
+                Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Err(corrupt("the handles of a queue message are missing"));
                 }
                 Err(e) => return Err(io(e)),
             };
-            let id = Ring::parse_dgram(&buf[..n.min(buf.len())]);
-            if at_front && id.is_none_or(|id| self.side_done(id)) {
+            let dgram = Ring::parse_dgram(&buf[..got.bytes.min(buf.len())]);
+            if at_front && dgram.is_none_or(|(id, _)| self.side_done(id)) {
                 // The receive moves the peek offset back to the front.
                 drop(fds);
                 self.drop_front()?;
                 continue;
             }
             at_front = false;
-            if id == Some(want) {
-                return Ok(fds);
+            let Some((id, count)) = dgram else { continue };
+            if id != want {
+                continue;
             }
+            if got.truncated {
+                return Err(side_fds_truncated());
+            }
+            if fds.len() < count {
+                return Err(corrupt(format!(
+                    "a queue message declares {count} handles, {} arrived",
+                    fds.len()
+                )));
+            }
+            fds.truncate(count);
+            return Ok(fds);
         }
     }
 
@@ -1458,12 +1491,12 @@ impl Ring {
         let mut buf = [0u8; 64];
         loop {
             let mut fds = Vec::new();
-            let Ok(n) = sys::ipc::peek_with_fds(self.rx.as_fd(), &mut buf, &mut fds) else {
+            let Ok(got) = sys::ipc::peek_fds(self.rx.as_fd(), &mut buf, &mut fds) else {
                 return;
             };
             drop(fds);
-            let id = Ring::parse_dgram(&buf[..n.min(buf.len())]);
-            if id.is_some_and(|id| !self.side_done(id)) || self.drop_front().is_err() {
+            let dgram = Ring::parse_dgram(&buf[..got.bytes.min(buf.len())]);
+            if dgram.is_some_and(|(id, _)| !self.side_done(id)) || self.drop_front().is_err() {
                 return;
             }
         }

@@ -168,6 +168,37 @@ fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
     }
 }
 
+/// The name server's answer on `conn`: one byte, the number of
+/// descriptors it attached (1: the memfd; 0: a refusal). Descriptors beyond
+/// that number (any, on a refusal) are closed; a memfd the kernel had to
+/// drop (MSG_CTRUNC: the descriptor table is full) is an error, not a
+/// refusal.
+fn receive_memfd(conn: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
+    let mut fds = Vec::new();
+    let mut byte = [0u8; 1];
+    let got = sys::recv_fds(conn, &mut byte, &mut fds).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => Error::errno(SERVER_SILENT, Errno::ETIMEDOUT),
+        _ => Error::io("could not receive the shared memory", e),
+    })?;
+    if got.truncated {
+        return Err(Error::io(
+            "the kernel dropped the shared memory's descriptor (MSG_CTRUNC: is the descriptor \
+             table full?)",
+            std::io::Error::other("control message truncated"),
+        ));
+    }
+    if got.bytes == 0 {
+        return Err(Error::io(
+            "the shared memory name server closed the connection without answering",
+            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+        ));
+    }
+    let mut fds = fds.into_iter().take(usize::from(byte[0]));
+    let memfd = fds.next();
+    drop(fds);
+    memfd.ok_or_else(|| Error::invalid(format!("no shared memory named {name:?} (refused)")))
+}
+
 impl SharedMemory {
     /// Creates a zero-filled block of `size` bytes named `name`.
     ///
@@ -248,16 +279,7 @@ impl SharedMemory {
             server.uid(),
             nix::unistd::getuid().as_raw(),
         )?;
-        let mut fds = Vec::new();
-        let mut byte = [0u8; 1];
-        sys::recv_with_fds(conn.as_fd(), &mut byte, &mut fds).map_err(|e| match e {
-            Errno::EAGAIN => Error::errno(SERVER_SILENT, Errno::ETIMEDOUT),
-            e => Error::errno("could not receive the shared memory", e),
-        })?;
-        let fd = fds
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid(format!("no shared memory named {name:?} (refused)")))?;
+        let fd = receive_memfd(conn.as_fd(), name)?;
         Ok(SharedMemory {
             map: Mapping::from_fd(fd)?,
             name: name.to_string(),
