@@ -5,15 +5,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 
+use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, ShortString};
+use crate::sys;
+use crate::sys::shm::Mapping;
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::codec;
-use crate::error::{Error, Result};
-use crate::sys;
-use crate::sys::shm::Mapping;
 
 mod names;
 
@@ -555,50 +553,36 @@ impl fmt::Debug for SharedMemory {
     }
 }
 
-fn serialize_borrowed_fd<S: Serializer>(
-    fd: &BorrowedFd<'_>,
-    serializer: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    codec::serialize_fd(*fd, serializer)
-}
+/// Travels as its memory (the receiver maps the same bytes), its name and
+/// its size; the received handle does not hold the name (its `unlink` does
+/// nothing).
+impl HandleWire for SharedMemory {
+    const KIND: Kind = Kind::SharedMemory;
+    type Elem = ();
+    type Plain = (ShortString<MAX_NAME>, u64);
 
-#[derive(Serialize)]
-struct WireOut<'a> {
-    name: &'a str,
-    #[serde(serialize_with = "serialize_borrowed_fd")]
-    fd: BorrowedFd<'a>,
-}
-
-#[derive(Deserialize)]
-struct WireIn {
-    name: String,
-    #[serde(deserialize_with = "codec::deserialize_fd")]
-    fd: OwnedFd,
-}
-
-/// Travels as its memory (the receiver maps the same bytes) and its name;
-/// the received handle does not hold the name (its `unlink` does nothing).
-impl Serialize for SharedMemory {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        WireOut {
-            name: &self.name,
-            fd: self.map.fd(),
-        }
-        .serialize(serializer)
+    fn parts(&self) -> Result<Parts<'_, Self::Plain>> {
+        let plain = (ShortString(self.name.clone()), self.map.len() as u64);
+        Ok(Parts::mapped(&self.map, plain))
     }
-}
 
-impl<'de> Deserialize<'de> for SharedMemory {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let wire = WireIn::deserialize(deserializer)?;
+    fn mapping_size((_, size): &Self::Plain) -> Result<usize> {
+        usize::try_from(*size)
+            .ok()
+            .filter(|&size| size > 0)
+            .ok_or_else(|| handle::decode(format!("a SharedMemory of {size} bytes")))
+    }
+
+    fn rebuild((name, _): Self::Plain, fds: &mut Received) -> Result<Self> {
         Ok(SharedMemory {
-            map: Mapping::from_fd(wire.fd).map_err(D::Error::custom)?,
-            name: wire.name,
+            map: fds.mapping(0)?,
+            name: name.0,
             served: Mutex::new(None),
         })
     }
 }
+
+handle::handle_serde!([] SharedMemory);
 
 #[cfg(test)]
 mod tests {
