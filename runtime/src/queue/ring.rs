@@ -291,8 +291,17 @@ impl Ring {
         Ring::assemble(map, tx, rx, arena, cap as u64)
     }
 
-    pub(crate) fn from_fds(mem: OwnedFd, tx: OwnedFd, rx: OwnedFd, arena: OwnedFd) -> Result<Ring> {
-        let map = Mapping::from_fd(mem)?;
+    /// Bytes of the shared memory of a ring of `cap` slots.
+    pub(crate) fn mapping_bytes(cap: u64) -> Option<usize> {
+        usize::try_from(cap)
+            .ok()
+            .and_then(|cap| cap.checked_mul(STRIDE))
+            .and_then(|b| b.checked_add(HEADER_BYTES))
+    }
+
+    /// A ring received from another process: its shared memory (mapped
+    /// already) and its descriptors.
+    pub(crate) fn from_fds(map: Mapping, tx: OwnedFd, rx: OwnedFd, arena: OwnedFd) -> Result<Ring> {
         if map.len() < HEADER_BYTES || map.atomics_u64()[W_MAGIC].load(Ordering::Relaxed) != MAGIC {
             return Err(Error::invalid("not a multiproc queue"));
         }
