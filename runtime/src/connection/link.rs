@@ -44,6 +44,7 @@ use nix::poll::PollFlags;
 use super::send_lock::{self, SendLock};
 use crate::error::{Error, Result};
 use crate::sys;
+use crate::sys::shm::Mapping;
 use crate::wire::{self, Channel, DEFAULT_MAX_FRAME};
 
 /// Bytes of a frame header on the pipe.
@@ -110,11 +111,11 @@ impl Link {
         rx: Option<OwnedFd>,
         tx: Option<OwnedFd>,
         side: OwnedFd,
-        lock: Option<OwnedFd>,
+        lock: Option<Mapping>,
     ) -> Result<Link> {
         let cell = OnceLock::new();
-        if let Some(fd) = lock {
-            let _ = cell.set(SendLock::from_fd(fd)?);
+        if let Some(map) = lock {
+            let _ = cell.set(SendLock::from_map(map)?);
         }
         Ok(Link {
             rx,
