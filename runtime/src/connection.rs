@@ -376,8 +376,8 @@ impl<T> Connection<T> {
         let (rx, tx, side) = self.link.fds();
         Ok(Parts {
             plain: (),
-            fds: [rx, tx, Some(side), lock],
-            size: if lock.is_some() { send_lock::BYTES } else { 0 },
+            fds: [rx, tx, Some(side), lock.map(|(fd, _)| fd)],
+            size: lock.map_or(0, |(_, len)| len),
         })
     }
 

@@ -167,13 +167,15 @@ impl Link {
         )
     }
 
-    /// The send lock's memfd, for a copy of this end (`None` for an end
-    /// that cannot send). Creates the lock if no message needed it yet.
-    pub(crate) fn lock_fd(&self) -> Result<Option<BorrowedFd<'_>>> {
+    /// The send lock's memfd and its size, for a copy of this end (`None`
+    /// for an end that cannot send). Creates the lock if no message needed
+    /// it yet.
+    pub(crate) fn lock_fd(&self) -> Result<Option<(BorrowedFd<'_>, usize)>> {
         if self.tx.is_none() {
             return Ok(None);
         }
-        Ok(Some(self.send_lock()?.fd()))
+        let lock = self.send_lock()?;
+        Ok(Some((lock.fd(), lock.len())))
     }
 
     fn send_lock(&self) -> Result<&SendLock> {

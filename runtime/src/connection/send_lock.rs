@@ -80,6 +80,11 @@ impl SendLock {
         self.map.fd()
     }
 
+    /// The memfd's size.
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
     fn words(&self) -> Option<(&AtomicU32, &AtomicU32)> {
         match self.map.atomics_u32() {
             [lock, state, ..] => Some((lock, state)),

@@ -454,7 +454,7 @@ impl<T> Queue<T> {
         Parts {
             plain: self.ring.capacity() as u64,
             fds: [Some(mem), Some(tx), Some(rx), Some(arena)],
-            size: Ring::mapping_bytes(self.ring.capacity() as u64).unwrap_or(0),
+            size: self.ring.mapping_len(),
         }
     }
 

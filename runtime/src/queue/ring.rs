@@ -356,6 +356,11 @@ impl Ring {
         self.cap as usize
     }
 
+    /// Bytes of the shared memory, for a copy of the handle.
+    pub(crate) fn mapping_len(&self) -> usize {
+        self.map.len()
+    }
+
     fn u64w(&self, i: usize) -> &AtomicU64 {
         &self.map.atomics_u64()[i]
     }
