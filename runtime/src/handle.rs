@@ -296,7 +296,7 @@ fn check_tag<H: HandleWire>(tag: &Tag) -> std::result::Result<(), String> {
     };
     if found != H::KIND {
         return Err(format!(
-            "expected a handle of kind {}, found a {} (a handle is received as the type it \
+            "wrong handle kind: expected {}, found {} (a handle is received as the type it \
              was sent as)",
             expected::<H>(),
             found.name()
@@ -305,8 +305,8 @@ fn check_tag<H: HandleWire>(tag: &Tag) -> std::result::Result<(), String> {
     let elem = Elem::of::<H::Elem>();
     if tag.elem != elem {
         return Err(format!(
-            "expected a handle of kind {} (elements of {elem}), found a {} of another \
-             element type (elements of {})",
+            "wrong handle element type: expected {} (elements of {elem}), found a {} of \
+             another element type (elements of {})",
             expected::<H>(),
             found.name(),
             tag.elem
@@ -498,3 +498,6 @@ impl<'de, const MAX: usize> Deserialize<'de> for ShortString<MAX> {
         deserializer.deserialize_tuple(1 + MAX, Short::<MAX>)
     }
 }
+
+#[cfg(test)]
+mod tests;
