@@ -1767,6 +1767,52 @@ mod tests {
         }
     }
 
+    /// Publishes a message with one handle, then replaces its datagram in
+    /// the side socket with one that declares `declared` descriptors and
+    /// carries `attached`. Returns how many the message was given.
+    fn forged_handles(ring: &Ring, pos: u64, declared: u32, attached: usize) -> Result<usize> {
+        let open = || -> OwnedFd { std::fs::File::open("/dev/null").expect("open").into() };
+        let Claimed::Slot(claim) = ring.try_claim() else {
+            panic!("no room");
+        };
+        let mut out = Outgoing {
+            buf: vec![0u8; ARENA_HEADER + 4],
+            fds: vec![open()],
+        };
+        assert!(claim.publish_out(&mut out).is_ok());
+        let mut real = Vec::new();
+        let got = sys::recv_fds(ring.rx.as_fd(), &mut [0u8; 64], &mut real).expect("real");
+        assert_eq!((got.bytes, real.len()), (DGRAM_LEN, 1));
+        let mut d = [0u8; DGRAM_LEN];
+        d[..4].copy_from_slice(&DGRAM_MAGIC.to_le_bytes());
+        d[4..8].copy_from_slice(&declared.to_le_bytes());
+        d[8..].copy_from_slice(&ring.pos_id(pos).to_le_bytes());
+        let fds: Vec<OwnedFd> = (0..attached).map(|_| open()).collect();
+        let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        sys::send_with_fds(ring.tx.as_fd(), &[io::IoSlice::new(&d)], &raw).expect("forge");
+        match ring.try_take(None, false) {
+            Taken::Slot(h) => h.read(|_, fds| fds.len()),
+            _ => panic!("the message did not come"),
+        }
+    }
+
+    #[test]
+    fn a_message_gets_exactly_the_descriptors_its_datagram_declares() {
+        let ring = Ring::create(4, false).expect("ring");
+        assert_eq!(forged_handles(&ring, 0, 1, 3).expect("one of three"), 1);
+        assert_eq!(forged_handles(&ring, 1, 0, 2).expect("none of two"), 0);
+        let short = forged_handles(&ring, 2, 2, 1).expect_err("two declared, one came");
+        assert!(
+            short.to_string().contains("declares 2 handles, 1 arrived"),
+            "{short}"
+        );
+        // The datagrams were all trimmed: the socket is empty again.
+        assert_eq!(forged_handles(&ring, 3, 1, 1).expect("one"), 1);
+        let mut rest = Vec::new();
+        let left = sys::recv_fds(ring.rx.as_fd(), &mut [0u8; 64], &mut rest);
+        assert!(left.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock));
+    }
+
     #[test]
     fn a_corrupt_head_or_tail_index_is_an_error() {
         // Capacity 3: indices run 0..4 in a position, 3 is never valid.
