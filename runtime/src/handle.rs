@@ -13,7 +13,7 @@
 //!    untyped handles), and the size in bytes of its shared mapping (0 if
 //!    it has none);
 //! 2. its **plain fields**, no descriptors (an array's length, a barrier's
-//!    party count, a name);
+//!    party count, a name), checked by the handle;
 //! 3. up to [`SLOTS`] **descriptors**, each an optional index into the
 //!    message's descriptors (see [`codec`](crate::codec)).
 //!
@@ -432,72 +432,6 @@ macro_rules! mapped_handle {
     };
 }
 pub(crate) use mapped_handle;
-
-/// A string of at most `MAX` bytes on the wire: its length as one byte,
-/// then its bytes (a bincode tuple, so without a length prefix of its
-/// own). Decoding reads at most `MAX` bytes whatever the message says, so
-/// a corrupt length cannot make the decoder allocate (bincode reading from
-/// a stream, as the pool's decoder does, allocates what a `String`'s
-/// length prefix says before it reads the bytes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ShortString<const MAX: usize>(pub(crate) String);
-
-impl<const MAX: usize> Serialize for ShortString<MAX> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        use serde::ser::Error as _;
-        let bytes = self.0.as_bytes();
-        let len = u8::try_from(bytes.len())
-            .ok()
-            .filter(|&n| usize::from(n) <= MAX)
-            .ok_or_else(|| S::Error::custom(format!("a name of over {MAX} bytes")))?;
-        let mut tuple = serializer.serialize_tuple(1 + bytes.len())?;
-        tuple.serialize_element(&len)?;
-        for b in bytes {
-            tuple.serialize_element(b)?;
-        }
-        tuple.end()
-    }
-}
-
-impl<'de, const MAX: usize> Deserialize<'de> for ShortString<MAX> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        struct Short<const MAX: usize>;
-
-        impl<'de, const MAX: usize> Visitor<'de> for Short<MAX> {
-            type Value = ShortString<MAX>;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a string of at most {MAX} bytes")
-            }
-
-            fn visit_seq<A: SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> std::result::Result<Self::Value, A::Error> {
-                use serde::de::Error as _;
-                let len: u8 = seq
-                    .next_element()?
-                    .ok_or_else(|| A::Error::invalid_length(0, &self))?;
-                let len = usize::from(len);
-                if len > MAX {
-                    return Err(A::Error::invalid_length(len, &self));
-                }
-                let mut bytes = Vec::with_capacity(len);
-                for i in 0..len {
-                    bytes.push(
-                        seq.next_element::<u8>()?
-                            .ok_or_else(|| A::Error::invalid_length(i, &self))?,
-                    );
-                }
-                String::from_utf8(bytes)
-                    .map(ShortString)
-                    .map_err(|_| A::Error::custom("a name that is not UTF-8"))
-            }
-        }
-
-        deserializer.deserialize_tuple(1 + MAX, Short::<MAX>)
-    }
-}
 
 #[cfg(test)]
 mod tests;

@@ -232,6 +232,17 @@ fn descriptors_of_the_wrong_sort_or_missing_are_errors() {
 }
 
 #[test]
+fn a_received_shared_memory_name_is_checked() {
+    let shm = SharedMemory::create(&shm_name("named"), 8).expect("shm");
+    let (mut bytes, fds) = encode(&shm);
+    shm.unlink().expect("unlink");
+    // The name follows the tag: its length (u64), then its bytes.
+    bytes[TAG_BYTES + 8 + 4] = b'/';
+    let msg = refusal::<SharedMemory>(&bytes, &fds);
+    assert!(msg.contains("a SharedMemory named \"unit/"), "{msg}");
+}
+
+#[test]
 fn element_fingerprints() {
     assert_eq!(Elem::of::<u64>(), Elem::of::<u64>());
     assert_ne!(Elem::of::<u32>(), Elem::of::<f32>());
@@ -244,22 +255,6 @@ fn element_fingerprints() {
         TAG_BYTES + 4 + 4,
         "tag, four option bytes, one index"
     );
-}
-
-#[test]
-fn short_strings_are_bounded_both_ways() {
-    let name = ShortString::<8>("abcdefgh".into());
-    let bytes = codec::encode_plain(&name).expect("encode");
-    assert_eq!(bytes.len(), 9);
-    assert_eq!(
-        codec::decode_plain::<ShortString<8>>(&bytes).expect("decode"),
-        name
-    );
-    assert!(codec::encode_plain(&ShortString::<8>("abcdefghi".into())).is_err());
-    // A length over the bound, and one past the end: errors, no allocation.
-    assert!(codec::decode_plain::<ShortString<8>>(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_err());
-    assert!(codec::decode_plain::<ShortString<8>>(&[5, b'a', b'b']).is_err());
-    assert!(codec::decode_plain::<ShortString<8>>(&[2, 0xff, 0xfe]).is_err());
 }
 
 mod properties {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 
 use crate::error::{Error, Result};
-use crate::handle::{self, HandleWire, Kind, Parts, Received, ShortString};
+use crate::handle::{self, HandleWire, Kind, Parts, Received};
 use crate::sys;
 use crate::sys::shm::Mapping;
 use nix::errno::Errno;
@@ -559,10 +559,10 @@ impl fmt::Debug for SharedMemory {
 impl HandleWire for SharedMemory {
     const KIND: Kind = Kind::SharedMemory;
     type Elem = ();
-    type Plain = (ShortString<MAX_NAME>, u64);
+    type Plain = (String, u64);
 
     fn parts(&self) -> Result<Parts<'_, Self::Plain>> {
-        let plain = (ShortString(self.name.clone()), self.map.len() as u64);
+        let plain = (self.name.clone(), self.map.len() as u64);
         Ok(Parts::mapped(&self.map, plain))
     }
 
@@ -574,9 +574,10 @@ impl HandleWire for SharedMemory {
     }
 
     fn rebuild((name, _): Self::Plain, fds: &mut Received) -> Result<Self> {
+        address(&name).map_err(|_| handle::decode(format!("a SharedMemory named {name:?}")))?;
         Ok(SharedMemory {
             map: fds.mapping(0)?,
-            name: name.0,
+            name,
             served: Mutex::new(None),
         })
     }
