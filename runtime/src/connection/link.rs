@@ -38,7 +38,6 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::poll::PollFlags;
 
 use super::send_lock::{self, SendLock};
@@ -56,13 +55,6 @@ const INLINE_MAX: usize = PIPE_BUF - HEADER;
 const READ_BUF: usize = 16 * 1024;
 /// Header flag: the message is the next frame on the side socket.
 const SIDE: u32 = 1;
-
-fn io_error(context: &'static str, errno: Errno) -> Error {
-    match errno {
-        Errno::EPIPE | Errno::ECONNRESET => Error::Disconnected,
-        e => Error::errno(context, e),
-    }
-}
 
 fn header(len: u64, tag: u32, flags: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -264,7 +256,7 @@ impl Link {
         }
         let tx = self.tx_fd()?;
         frame[..HEADER].copy_from_slice(&header(len as u64, tag, 0));
-        let n = sys::write(tx, frame).map_err(|e| io_error("send", e))?;
+        let n = sys::write(tx, frame).map_err(|e| Error::transport_errno("send", e))?;
         // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
         if n != frame.len() {
             return Err(Error::invalid("a short write to a pipe"));
@@ -297,7 +289,7 @@ impl Link {
                 *slot = std::io::IoSlice::new(part);
             }
             let slices = &slices[..=parts.len()];
-            let n = sys::writev(tx, slices).map_err(|e| io_error("send", e))?;
+            let n = sys::writev(tx, slices).map_err(|e| Error::transport_errno("send", e))?;
             // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
             if n != HEADER + len {
                 return Err(Error::invalid("a short write to a pipe"));
@@ -312,7 +304,7 @@ impl Link {
             }
         };
         let h = header(0, tag, SIDE);
-        let n = sys::write(tx, &h).map_err(|e| io_error("send", e))?;
+        let n = sys::write(tx, &h).map_err(|e| Error::transport_errno("send", e))?;
         if n != HEADER {
             return Err(Error::invalid("a short write to a pipe"));
         }
@@ -363,8 +355,8 @@ impl Link {
                 return Err(Error::Timeout);
             }
         }
-        let n =
-            sys::read(rx.as_fd(), &mut self.rbuf[self.end..]).map_err(|e| io_error("recv", e))?;
+        let n = sys::read(rx.as_fd(), &mut self.rbuf[self.end..])
+            .map_err(|e| Error::transport_errno("recv", e))?;
         self.end += n;
         Ok(n > 0)
     }
