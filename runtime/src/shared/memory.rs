@@ -608,6 +608,50 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_gets_exactly_the_descriptors_it_declares() {
+        use std::io::IoSlice;
+        // Each descriptor sent is a pipe's read end; the pipe's descriptors
+        // still open in this process are counted through /proc (the write
+        // end, kept, is one of them).
+        let pipe = || {
+            let (r, w) = sys::pipe().expect("pipe");
+            let ino = nix::sys::stat::fstat(&r).expect("fstat").st_ino;
+            (r, w, format!("pipe:[{ino}]"))
+        };
+        let open = |link: &str| {
+            std::fs::read_dir("/proc/self/fd")
+                .expect("fds")
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link))
+                .count()
+        };
+        let answer = |count: u8, fds: &[&OwnedFd]| {
+            let (ours, theirs) = sys::socketpair().expect("socketpair");
+            let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            sys::send_with_fds(ours.as_fd(), &[IoSlice::new(&[count])], &raw).expect("send");
+            receive_memfd(theirs.as_fd(), "n")
+        };
+        // A refusal that carries a descriptor: refused, the descriptor closed.
+        let (r, _w, link) = pipe();
+        let refused = answer(0, &[&r]).expect_err("refused");
+        drop(r);
+        assert!(refused.to_string().contains("refused"), "{refused}");
+        assert_eq!(open(&link), 1, "only the write end is left");
+        // One declared, two attached: the first is the answer, the second closed.
+        let ((r1, _w1, link1), (r2, _w2, link2)) = (pipe(), pipe());
+        let got = answer(1, &[&r1, &r2]).expect("the first");
+        drop((r1, r2));
+        assert_eq!((open(&link1), open(&link2)), (2, 1));
+        drop(got);
+        assert_eq!(open(&link1), 1);
+        // A server that closes without answering.
+        let (ours, theirs) = sys::socketpair().expect("socketpair");
+        drop(ours);
+        let silent = receive_memfd(theirs.as_fd(), "n").expect_err("no answer");
+        assert!(silent.to_string().contains("without answering"), "{silent}");
+    }
+
+    #[test]
     fn a_name_server_of_another_user_is_refused() {
         assert!(check_server("n", 10, 1000, 1000).is_ok());
         let refused = check_server("n", 4242, 65534, 1000).expect_err("another uid");
