@@ -37,7 +37,13 @@
 //!   returns an error rather than panicking or hanging;
 //! - a `put` that returned has placed the message in shared memory: the
 //!   producer may exit at once (no feeder thread, no flush at exit);
-//! - `put` reports encoding failures to its caller, with the item back.
+//! - `put` reports encoding failures to its caller, with the item back;
+//! - a handle inside a message is received as the type it was sent as, or
+//!   the `get` fails with [`Error::Decode`]; a message whose handles'
+//!   descriptors the kernel had to drop (MSG_CTRUNC: a full descriptor
+//!   table) fails with an [`Error::Io`] of its own (it is consumed, the
+//!   descriptors that did arrive are closed), and later messages are not
+//!   affected.
 //!
 //! Limits: unlike Python's, [`Queue::new`] is not unbounded: it holds
 //! [`DEFAULT_CAPACITY`] (8192) messages, and a `put` beyond that waits, as

@@ -248,8 +248,10 @@ impl SharedMemory {
     /// [`Error::InvalidArgument`] if no block has that name (never created,
     /// unlinked, or its creator exited: Python's `FileNotFoundError`), if
     /// the name is malformed, or if a process of another user holds it;
-    /// [`Error::Io`] if the OS refuses, or if the name's server does not
-    /// answer within 30 s.
+    /// [`Error::Io`] if the OS refuses, if the name's server does not
+    /// answer within 30 s, or if the descriptor table is full (the kernel
+    /// drops the memfd: MSG_CTRUNC; not a refusal, try again once
+    /// descriptors are free).
     pub fn open(name: &str) -> Result<SharedMemory> {
         let addr = address(name)?;
         let conn = unix_socket()?;
