@@ -12,7 +12,9 @@
 //! descriptor at that index from the *fd source*. The sink and the source
 //! exist only while [`encode`] / [`decode`] (or their sequence variants)
 //! run, so serializing a handle with any other serializer is an error
-//! instead of a descriptor that silently does not arrive.
+//! instead of a descriptor that silently does not arrive. What else a
+//! handle writes (its kind, element type and size, checked on arrival) is
+//! the [`handle`](crate::handle) module's.
 
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};

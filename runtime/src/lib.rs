@@ -112,6 +112,8 @@ pub mod connection;
 #[cfg(target_os = "linux")]
 pub mod error;
 #[cfg(target_os = "linux")]
+mod handle;
+#[cfg(target_os = "linux")]
 pub mod pool;
 #[cfg(target_os = "linux")]
 pub mod process;

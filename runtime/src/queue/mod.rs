@@ -37,7 +37,13 @@
 //!   returns an error rather than panicking or hanging;
 //! - a `put` that returned has placed the message in shared memory: the
 //!   producer may exit at once (no feeder thread, no flush at exit);
-//! - `put` reports encoding failures to its caller, with the item back.
+//! - `put` reports encoding failures to its caller, with the item back;
+//! - a handle inside a message is received as the type it was sent as, or
+//!   the `get` fails with [`Error::Decode`]; a message whose handles'
+//!   descriptors the kernel had to drop (MSG_CTRUNC: a full descriptor
+//!   table) fails with an [`Error::Io`] of its own (it is consumed, the
+//!   descriptors that did arrive are closed), and later messages are not
+//!   affected.
 //!
 //! Limits: unlike Python's, [`Queue::new`] is not unbounded: it holds
 //! [`DEFAULT_CAPACITY`] (8192) messages, and a `put` beyond that waits, as
@@ -79,15 +85,16 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
 use self::ring::{ARENA_HEADER, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait};
-use crate::codec::{self, FdIn, FdOut};
+use crate::codec;
 use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
 
 /// Capacity of [`Queue::new`], in messages: 8192.
 ///
@@ -446,28 +453,58 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
     }
 }
 
-fn serialize_ring<S: Serializer>(ring: &Ring, serializer: S) -> Result<S::Ok, S::Error> {
-    let [mem, tx, rx, arena] = ring.fds();
-    (FdOut(mem), FdOut(tx), FdOut(rx), FdOut(arena)).serialize(serializer)
-}
+/// A queue travels as its capacity, which fixes the size of its shared
+/// memory, and four descriptors: that memory, the two ends of the side
+/// socket, the arena. The three queue types are three kinds: a
+/// `JoinableQueue` is not received as a `Queue`, nor the reverse.
+impl<T> Queue<T> {
+    fn wire_parts(&self) -> Parts<'_, u64> {
+        let [mem, tx, rx, arena] = self.ring.fds();
+        Parts {
+            plain: self.ring.capacity() as u64,
+            fds: [Some(mem), Some(tx), Some(rx), Some(arena)],
+            size: self.ring.mapping_len(),
+        }
+    }
 
-fn deserialize_ring<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ring, D::Error> {
-    use serde::de::Error as _;
-    let (mem, tx, rx, arena) = <(FdIn, FdIn, FdIn, FdIn)>::deserialize(deserializer)?;
-    Ring::from_fds(mem.0, tx.0, rx.0, arena.0).map_err(|e| D::Error::custom(e.to_string()))
-}
+    fn wire_size(cap: u64) -> Result<usize> {
+        Ring::mapping_bytes(cap)
+            .filter(|_| cap > 0)
+            .ok_or_else(|| handle::decode(format!("a queue of {cap} slots")))
+    }
 
-impl<T> Serialize for Queue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serialize_ring(&self.ring, serializer)
+    fn rebuild_wire(cap: u64, fds: &mut Received) -> Result<Queue<T>> {
+        let map = fds.mapping(0)?;
+        let ring = Ring::from_fds(map, fds.fd(1)?, fds.fd(2)?, fds.fd(3)?)?;
+        if ring.capacity() as u64 != cap {
+            return Err(handle::decode(format!(
+                "a queue sent with {cap} slots has {}",
+                ring.capacity()
+            )));
+        }
+        Ok(Queue::from_ring(ring))
     }
 }
 
-impl<'de, T> Deserialize<'de> for Queue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Queue::from_ring(deserialize_ring(deserializer)?))
+impl<T> HandleWire for Queue<T> {
+    const KIND: Kind = Kind::Queue;
+    type Elem = T;
+    type Plain = u64;
+
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(self.wire_parts())
+    }
+
+    fn mapping_size(&cap: &u64) -> Result<usize> {
+        Self::wire_size(cap)
+    }
+
+    fn rebuild(cap: u64, fds: &mut Received) -> Result<Self> {
+        Self::rebuild_wire(cap, fds)
     }
 }
+
+handle_serde!([T] Queue<T>);
 
 /// Python's `SimpleQueue`: `put`, `get`, `empty`, `close` only.
 ///
@@ -546,19 +583,27 @@ impl<T: DeserializeOwned + 'static> SimpleQueue<T> {
     }
 }
 
-impl<T> Serialize for SimpleQueue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.inner.serialize(serializer)
-    }
-}
+impl<T> HandleWire for SimpleQueue<T> {
+    const KIND: Kind = Kind::SimpleQueue;
+    type Elem = T;
+    type Plain = u64;
 
-impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(self.inner.wire_parts())
+    }
+
+    fn mapping_size(&cap: &u64) -> Result<usize> {
+        Queue::<T>::wire_size(cap)
+    }
+
+    fn rebuild(cap: u64, fds: &mut Received) -> Result<Self> {
         Ok(SimpleQueue {
-            inner: Queue::deserialize(deserializer)?,
+            inner: Queue::rebuild_wire(cap, fds)?,
         })
     }
 }
+
+handle_serde!([T] SimpleQueue<T>);
 
 /// Python's `JoinableQueue`: a [`Queue`] (it derefs to one) that counts
 /// unfinished tasks. Each `put` adds one; a consumer calls
@@ -655,23 +700,32 @@ impl<T> JoinableQueue<T> {
     }
 }
 
-impl<T> Serialize for JoinableQueue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.inner.serialize(serializer)
-    }
-}
+impl<T> HandleWire for JoinableQueue<T> {
+    const KIND: Kind = Kind::JoinableQueue;
+    type Elem = T;
+    type Plain = u64;
 
-impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(self.inner.wire_parts())
+    }
+
+    fn mapping_size(&cap: &u64) -> Result<usize> {
+        Queue::<T>::wire_size(cap)
+    }
+
+    fn rebuild(cap: u64, fds: &mut Received) -> Result<Self> {
         Ok(JoinableQueue {
-            inner: Queue::deserialize(deserializer)?,
+            inner: Queue::rebuild_wire(cap, fds)?,
         })
     }
 }
 
+handle_serde!([T] JoinableQueue<T>);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::{Deserialize, Serializer};
 
     #[test]
     fn fifo_inline_and_side_messages() {

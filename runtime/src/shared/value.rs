@@ -8,10 +8,10 @@ use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
 use bytemuck::Pod;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::Result;
-use crate::sync::{deadline, deserialize_mapping, serialize_mapping};
+use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
+use crate::sync::deadline;
 use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::{AtomicWord, LOCK_HEADER, Mapping};
 
@@ -243,20 +243,28 @@ impl<T: Pod + fmt::Debug> fmt::Debug for Value<T> {
     }
 }
 
-impl<T: Pod> Serialize for Value<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
+impl<T: Pod> HandleWire for Value<T> {
+    const KIND: Kind = Kind::Value;
+    type Elem = T;
+    type Plain = ();
 
-impl<'de, T: Pod> Deserialize<'de> for Value<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        Ok(Parts::mapped(&self.map, ()))
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Self::DATA + std::mem::size_of::<T>())
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(Value {
-            map: deserialize_mapping(deserializer, Self::DATA + std::mem::size_of::<T>(), "Value")?,
+            map: Arc::new(fds.mapping(0)?),
             _t: PhantomData,
         })
     }
 }
+
+handle_serde!([T: Pod] Value<T>);
 
 mod sealed {
     pub trait Sealed {}
@@ -459,24 +467,28 @@ impl<T: Pod + fmt::Debug> fmt::Debug for RawValue<T> {
     }
 }
 
-impl<T: Pod> Serialize for RawValue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
+impl<T: Pod> HandleWire for RawValue<T> {
+    const KIND: Kind = Kind::RawValue;
+    type Elem = T;
+    type Plain = ();
 
-impl<'de, T: Pod> Deserialize<'de> for RawValue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        Ok(Parts::mapped(&self.map, ()))
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Self::DATA + std::mem::size_of::<T>())
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(RawValue {
-            map: deserialize_mapping(
-                deserializer,
-                Self::DATA + std::mem::size_of::<T>(),
-                "RawValue",
-            )?,
+            map: Arc::new(fds.mapping(0)?),
             _t: PhantomData,
         })
     }
 }
+
+handle_serde!([T: Pod] RawValue<T>);
 
 #[cfg(test)]
 mod tests {

@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deadline, deserialize_mapping, serialize_mapping};
+use super::deadline;
 use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received};
 use crate::sys::futex;
 use crate::sys::lock::{self as raw, Header, RawGuard};
 use crate::sys::shm::{LOCK_HEADER, Mapping};
@@ -239,26 +238,34 @@ impl fmt::Debug for Barrier {
     }
 }
 
-impl Serialize for Barrier {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
+/// Travels as its memory and its party count, which fixes the memory's
+/// size (one thread id per party).
+impl HandleWire for Barrier {
+    const KIND: Kind = Kind::Barrier;
+    type Elem = ();
+    type Plain = u32;
+
+    fn parts(&self) -> Result<Parts<'_, u32>> {
+        Ok(Parts::mapped(&self.map, self.parties()))
+    }
+
+    fn mapping_size(&parties: &u32) -> Result<usize> {
+        if parties == 0 || parties > 1 << 20 {
+            return Err(handle::decode(format!("a Barrier of {parties} parties")));
+        }
+        Ok(SLOTS_BYTE + parties as usize * 8)
+    }
+
+    fn rebuild(parties: u32, fds: &mut Received) -> Result<Self> {
+        let map = fds.mapping(0)?;
+        let found = map.atomics_u32()[PARTIES].load(Ordering::Relaxed);
+        if found != parties {
+            return Err(handle::decode(format!(
+                "a Barrier sent as one of {parties} parties holds {found}"
+            )));
+        }
+        Ok(Barrier { map: Arc::new(map) })
     }
 }
 
-impl<'de> Deserialize<'de> for Barrier {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let map = deserialize_mapping(deserializer, SLOTS_BYTE + 8, "Barrier")?;
-        let parties = map.atomics_u32()[PARTIES].load(Ordering::Relaxed) as usize;
-        let fits = parties
-            .checked_mul(8)
-            .and_then(|b| b.checked_add(SLOTS_BYTE))
-            .is_some_and(|end| end <= map.len());
-        if !fits {
-            return Err(D::Error::custom(
-                "barrier shared memory too small for its parties",
-            ));
-        }
-        Ok(Barrier { map })
-    }
-}
+handle::handle_serde!([] Barrier);

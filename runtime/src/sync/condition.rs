@@ -5,10 +5,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LockResult, PoisonError};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deserialize_mapping, serialize_mapping};
 use crate::error::Result;
+use crate::handle::mapped_handle;
 use crate::sys::futex;
 use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::{LOCK_HEADER, Mapping};
@@ -223,16 +221,4 @@ impl fmt::Debug for ConditionGuard<'_> {
     }
 }
 
-impl Serialize for Condition {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Condition {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Condition {
-            map: deserialize_mapping(deserializer, COND_BYTES, "Condition")?,
-        })
-    }
-}
+mapped_handle!(Condition, COND_BYTES);

@@ -5,10 +5,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deadline, deserialize_mapping, serialize_mapping};
+use super::deadline;
 use crate::error::Result;
+use crate::handle::mapped_handle;
 use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::{LOCK_HEADER, Mapping};
 
@@ -210,19 +209,7 @@ impl fmt::Debug for LockGuard<'_> {
     }
 }
 
-impl Serialize for Lock {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Lock {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Lock {
-            map: deserialize_mapping(deserializer, LOCK_BYTES, "Lock")?,
-        })
-    }
-}
+mapped_handle!(Lock, LOCK_BYTES);
 
 /// A re-entrant lock: the thread that holds it may acquire it again, and
 /// it is released when every guard is dropped. Python's
@@ -374,19 +361,7 @@ impl fmt::Debug for RLockGuard<'_> {
     }
 }
 
-impl Serialize for RLock {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for RLock {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(RLock {
-            map: deserialize_mapping(deserializer, RLOCK_BYTES, "RLock")?,
-        })
-    }
-}
+mapped_handle!(RLock, RLOCK_BYTES);
 
 #[cfg(test)]
 mod tests {

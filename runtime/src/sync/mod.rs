@@ -47,40 +47,7 @@ pub use event::Event;
 pub use lock::{Lock, LockGuard, RLock, RLockGuard};
 pub use semaphore::{BoundedSemaphore, Semaphore};
 
-use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use serde::{Deserializer, Serializer};
-
-use crate::codec;
-use crate::sys::shm::Mapping;
-
-/// Serializes a handle: its mapping's descriptor travels beside the bytes.
-pub(crate) fn serialize_mapping<S: Serializer>(
-    map: &Mapping,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    codec::serialize_fd(map.fd().as_fd(), serializer)
-}
-
-/// Deserializes a handle's mapping, checking it has at least `min_len` bytes.
-pub(crate) fn deserialize_mapping<'de, D: Deserializer<'de>>(
-    deserializer: D,
-    min_len: usize,
-    what: &str,
-) -> Result<Arc<Mapping>, D::Error> {
-    use serde::de::Error as _;
-    let fd = codec::deserialize_fd(deserializer)?;
-    let map = Mapping::from_fd(fd).map_err(D::Error::custom)?;
-    if map.len() < min_len {
-        return Err(D::Error::custom(format!(
-            "shared memory of {} bytes is too small for a {what}",
-            map.len()
-        )));
-    }
-    Ok(Arc::new(map))
-}
 
 /// `now + timeout`, or `None` (no deadline) if that overflows.
 pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {

@@ -1,13 +1,13 @@
-//! Small OS helpers for the shared objects: a datagram socket pair and
-//! peeking at its datagrams in place (the queue), and who holds something
-//! ([`Holder`]: an id and a start time, which survives pid reuse) with the
-//! `/proc` checks of whether that holder still runs.
+//! Small OS helpers for the shared objects: a datagram socket pair, a peek
+//! offset to walk its datagrams in place, a peek (the queue), and who holds
+//! something ([`Holder`]: an id and a start time, which survives pid reuse)
+//! with the `/proc` checks of whether that holder still runs.
 
-use std::io::{self, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::sys::socket::{self, ControlMessageOwned, MsgFlags};
+use nix::sys::socket;
 
 /// A connected pair of close-on-exec Unix datagram sockets.
 pub(crate) fn socketpair_dgram() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -47,35 +47,17 @@ pub(crate) fn set_peek_offset(sock: BorrowedFd<'_>, offset: i32) -> io::Result<(
 /// Copies the next datagram of `sock` (at the peek offset, see
 /// [`set_peek_offset`]) into `buf` without removing it, never blocking,
 /// and appends *duplicates* of the descriptors it carries to `fds` (the
-/// datagram keeps its own). Returns the bytes copied; `WouldBlock` when
-/// there is no datagram there.
-pub(crate) fn peek_with_fds(
+/// datagram keeps its own). As [`recv_fds`](super::recv_fds), reports a
+/// truncated control message (MSG_CTRUNC: the descriptor table is full)
+/// instead of failing, so that the duplicates that were installed are not
+/// leaked. `WouldBlock` when there is no datagram there.
+pub(crate) fn peek_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
-) -> io::Result<usize> {
-    let mut space = nix::cmsg_space!([RawFd; super::MAX_FDS_PER_MSG]);
-    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-    loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), flags) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e.into()),
-            Ok(msg) => msg,
-        };
-        let bytes = msg.bytes;
-        for cmsg in msg.cmsgs().map_err(io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(raws) = cmsg {
-                for raw in raws {
-                    // SAFETY: SCM_RIGHTS installed `raw` as a new descriptor
-                    // in this process (a peek installs duplicates); nothing
-                    // else refers to it yet.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-        }
-        return Ok(bytes);
-    }
+) -> io::Result<super::Received> {
+    let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
+    super::recvmsg_fds(sock, buf, fds, flags)
 }
 
 /// `false` once process `pid` has exited (including as an unreaped

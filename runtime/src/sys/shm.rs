@@ -125,6 +125,19 @@ impl Mapping {
         let len = sealed_len(fd.as_fd())?;
         Mapping::map(fd, len)
     }
+
+    /// As [`from_fd`](Mapping::from_fd), for a memfd that must have exactly
+    /// `len` bytes (a handle's, whose size its kind and fields fix): any
+    /// other size is refused before anything is mapped.
+    pub(crate) fn from_fd_sized(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        let found = sealed_len(fd.as_fd())?;
+        if found != len {
+            return Err(invalid(format!(
+                "shared memory of {found} bytes where {len} were expected"
+            )));
+        }
+        Mapping::map(fd, len)
+    }
     fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
         let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| invalid("empty mapping"))?;
         // SAFETY: a fresh shared mapping at an address the kernel chooses
