@@ -38,7 +38,7 @@
 //! generation, bumped by every process that takes the entry. The slot
 //! words name the participant: [`PARTICIPANT`] set, the entry's index and
 //! the generation's low [`GEN_BITS`] bits ([`participant`]). A participant
-//! is dead ([`participant_alive`]) once its entry's generation has moved
+//! is dead ([`who_alive`]) once its entry's generation has moved
 //! on, or its entry is free again, or the entry's holder is certainly
 //! dead; an entry is taken from another holder only once that holder is
 //! certainly dead, and given back when the ring is dropped (then nothing

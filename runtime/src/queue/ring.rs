@@ -18,7 +18,7 @@
 //! attaches to the ring (creates or receives it), before it can write any
 //! word, it registers its pid namespace and takes an entry of the ring's
 //! participant table, which holds its pid and start time; the name is the
-//! entry's index and generation (see [`protocol`](super::protocol) for
+//! entry's index and generation (see [`protocol`] for
 //! the table and why a reused pid no longer keeps a dead holder's slot
 //! held). It gives the entry back when the ring is dropped. A process that
 //! finds the table full (more than [`ENTRIES`] live attachments) names
