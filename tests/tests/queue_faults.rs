@@ -1,15 +1,20 @@
 //! Queues under load and faults ("nothing hangs, nothing is lost"):
 //! several producers of large messages to one consumer, a bounded queue
-//! full of large messages, consumers killed in the middle of a `get`.
+//! full of large messages, consumers killed in the middle of a `get`, and
+//! a producer or consumer killed in the middle of a message whose pid then
+//! goes to another live process.
 //!
 //! Every wait is bounded: a queue that stops moving fails the test with a
 //! timeout instead of hanging it.
-use std::time::Duration;
+use std::io::Write;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use multiproc::queue::{GetTimeoutError, TryPutError};
 use multiproc::shared::RawArray;
+use multiproc::sync::Event;
 use multiproc::{Process, Queue, process_fn};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Longest wait for anything that should happen (a message, a child).
 const LONG: Duration = Duration::from_secs(30);
@@ -413,4 +418,214 @@ fn consumer_killed_mid_get_thirty_times() {
         out_of_order > 0,
         "no kill landed inside a get: recovery was not exercised"
     );
+}
+
+// ---------------------------------------------------------------------
+// A dead holder whose pid went to a live process.
+//
+// (The pid helpers are those of `sync_faults.rs`: each test file is its
+// own crate.)
+
+/// A `sleep` process started with pid `pid`, if the kernel can be made to
+/// hand that pid out now (`/proc/sys/kernel/ns_last_pid` is writable: root
+/// in this pid namespace). Other processes on the machine may take it
+/// first: a bounded number of tries.
+fn spawn_with_pid(pid: u32) -> Option<std::process::Child> {
+    for _ in 0..100 {
+        let last = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/sys/kernel/ns_last_pid")
+            .and_then(|mut f| f.write_all(format!("{}", pid - 1).as_bytes()));
+        if let Err(e) = last {
+            eprintln!("cannot choose the next pid ({e}): pid reuse not forced");
+            return None;
+        }
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        if child.id() == pid {
+            return Some(child);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    eprintln!("pid {pid} was always taken by another process first: pid reuse not forced");
+    None
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks.
+fn start_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let after = &stat[stat.rfind(')').expect("comm") + 1..];
+    after
+        .split_ascii_whitespace()
+        .nth(19)
+        .and_then(|s| s.parse().ok())
+        .expect("start time")
+}
+
+/// Clock ticks since boot (`/proc/uptime` has hundredths of a second, the
+/// tick of `/proc/<pid>/stat` on Linux: USER_HZ is 100).
+fn uptime_ticks() -> u64 {
+    let uptime = std::fs::read_to_string("/proc/uptime").expect("uptime");
+    let secs = uptime.split_ascii_whitespace().next().expect("uptime");
+    let (whole, hundredths) = secs.split_once('.').expect("uptime");
+    whole.parse::<u64>().expect("uptime") * 100 + hundredths.parse::<u64>().expect("uptime")
+}
+
+/// Waits until the clock has moved past the tick in which `pid` started:
+/// a process that reuses the pid of one that started in the same tick is
+/// taken for it (`Holder`'s documented limit, on the safe side).
+fn let_it_age(pid: u32) -> u64 {
+    let started = start_ticks(pid);
+    let deadline = Instant::now() + LONG;
+    while uptime_ticks() <= started + 1 {
+        assert!(Instant::now() < deadline, "the clock does not tick");
+        std::thread::yield_now();
+    }
+    started
+}
+
+/// Set in a child that must stop for good in the middle of encoding
+/// (`HANG_PUT`) or decoding (`HANG_GET`) a [`Msg`]: the event is set when
+/// it gets there.
+static HANG_PUT: OnceLock<Event> = OnceLock::new();
+static HANG_GET: OnceLock<Event> = OnceLock::new();
+
+/// A message that an encoder or decoder may be made to stop in (see
+/// `HANG_PUT`), holding its queue slot until killed.
+#[derive(Debug, PartialEq, Eq)]
+struct Msg(u64);
+
+fn hang_here(at: &OnceLock<Event>) {
+    if let Some(event) = at.get() {
+        event.set();
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Serialize for Msg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        hang_here(&HANG_PUT);
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Msg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Msg, D::Error> {
+        let n = u64::deserialize(d)?;
+        hang_here(&HANG_GET);
+        Ok(Msg(n))
+    }
+}
+
+/// Stops for good in the middle of putting a message (its slot claimed,
+/// half written).
+#[process_fn]
+fn put_and_hang(q: Queue<Msg>, there: Event) {
+    HANG_PUT.set(there).expect("once");
+    let _ = q.put(Msg(666));
+}
+
+/// Stops for good in the middle of getting a message (its slot taken).
+#[process_fn]
+fn get_and_hang(q: Queue<Msg>, there: Event) {
+    HANG_GET.set(there).expect("once");
+    let _ = q.get();
+}
+
+/// Starts `f` on `q`, waits until it stopped in the middle of a message,
+/// then SIGKILLs it, reaps it (its pid is free) and starts a live process
+/// with its pid if it can. Returns that heir.
+fn kill_mid_message(
+    f: fn(Queue<Msg>, Event) -> Process,
+    q: &Queue<Msg>,
+) -> Option<std::process::Child> {
+    let there = Event::new().expect("event");
+    let mut p = KillOnDrop(vec![f(q.clone(), there.clone())]);
+    p.0[0].start().expect("start");
+    assert!(
+        there.wait_timeout(LONG),
+        "the child never got into the message"
+    );
+    let pid = p.0[0].pid().expect("started");
+    // A holder is told from the process that reuses its pid by its start
+    // time in clock ticks: let it live past its first tick (see above).
+    let started = let_it_age(pid);
+    p.0[0].kill().expect("kill");
+    p.0[0].join_timeout(LONG).expect("join").expect("reaped");
+    let heir = spawn_with_pid(pid);
+    if heir.is_some() {
+        assert_ne!(start_ticks(pid), started, "the heir is another process");
+    }
+    heir
+}
+
+/// The heir lived through the recovery (so it was not because pid `pid`
+/// was gone); then it is stopped.
+fn check_and_stop(heir: Option<std::process::Child>) {
+    if let Some(mut heir) = heir {
+        assert!(heir.try_wait().expect("heir").is_none(), "the heir died");
+        let _ = heir.kill();
+        let _ = heir.wait();
+    }
+}
+
+/// Every slot of `q` (capacity `cap`, empty) takes a message and gives it
+/// back in order.
+fn whole_capacity_works(q: &Queue<Msg>, cap: u64) {
+    for i in 0..cap {
+        if let Err(e) = q.try_put(Msg(1000 + i)) {
+            panic!("only {i} of {cap} slots usable: {e}");
+        }
+    }
+    for i in 0..cap {
+        assert_eq!(q.get_timeout(LONG).expect("get"), Msg(1000 + i));
+    }
+    assert!(q.empty());
+}
+
+/// A producer killed in the middle of a put, whose pid then goes to a
+/// live process: the messages put after it still come, in order, while
+/// that heir lives (its slot is skipped: the dead writer is named by pid
+/// and start time, and the heir's start time differs). A pid-only check
+/// sees the heir alive and waits behind the dead writer's slot for good.
+#[test]
+fn a_writer_killed_mid_put_whose_pid_went_to_a_live_process_is_skipped() {
+    let _serial = serial();
+    const CAP: u64 = 8;
+    let q = Queue::<Msg>::bounded(CAP as usize).expect("queue");
+    let heir = kill_mid_message(|q, e| Process::new(put_and_hang, (q, e)), &q);
+    for i in 0..2 * CAP {
+        q.put_timeout(Msg(i), LONG).expect("put");
+        match q.get_timeout(LONG) {
+            Ok(m) => assert_eq!(m, Msg(i)),
+            Err(e) => panic!("message {i} behind the dead writer's slot: {e}"),
+        }
+    }
+    whole_capacity_works(&q, CAP);
+    check_and_stop(heir);
+}
+
+/// A consumer killed in the middle of a get, whose pid then goes to a live
+/// process: the message it was taking is delivered again (after the one
+/// behind it) while that heir lives, and the queue keeps its capacity.
+#[test]
+fn a_consumer_killed_mid_get_whose_pid_went_to_a_live_process_is_recovered() {
+    let _serial = serial();
+    const CAP: u64 = 4;
+    let q = Queue::<Msg>::bounded(CAP as usize).expect("queue");
+    q.put(Msg(1)).expect("put");
+    q.put(Msg(2)).expect("put");
+    let heir = kill_mid_message(|q, e| Process::new(get_and_hang, (q, e)), &q);
+    assert_eq!(q.get_timeout(LONG).expect("the next message"), Msg(2));
+    match q.get_timeout(LONG) {
+        Ok(m) => assert_eq!(m, Msg(1), "the dead consumer's message"),
+        Err(e) => panic!("the dead consumer's message never came back: {e}"),
+    }
+    whole_capacity_works(&q, CAP);
+    check_and_stop(heir);
 }

@@ -3,7 +3,11 @@
 //! tombstones, the takeover of a dead writer's claim and of a dead
 //! consumer's slot, the head and tail counters and their helping CASes),
 //! run by threads that stand in for processes over one set of words, with
-//! a table standing in for "is this pid alive".
+//! a table standing in for "is this process alive"; and the participant
+//! table (join, the recycling of a dead holder's entry, the liveness of a
+//! name in a slot word), with processes that join it in their own thread,
+//! so that nothing but the protocol's own orderings tells one process
+//! what another did to the table.
 //!
 //! Run (a few minutes on 2 cores, release build):
 //!
@@ -15,7 +19,7 @@
 //! relaxed load may return under the C++ memory model):
 //!
 //! - **Exclusive payloads.** Each slot has an owner word that a process
-//!   swaps its pid into when the protocol gives it a right to the slot and
+//!   swaps its number into when the protocol gives it a right to the slot and
 //!   swaps out when it hands the slot on, all with relaxed RMWs (which add
 //!   no ordering of their own). Finding another live owner there fails the
 //!   model: two rights to one payload at once. Finding a dead one is a
@@ -34,6 +38,13 @@
 //! never gives back), then marking itself dead: its last act, so a
 //! takeover that sees it dead comes after everything it did, as a
 //! process's exit does.
+//!
+//! Processes are numbered (1..PIDS): the number is both the holder word a
+//! process puts in the participant table and the bare pid it names itself
+//! by when the table is full (a small table makes some processes
+//! participants and some bare pids in every scenario). What the model
+//! cannot check is what stands behind "dead": `Holder::liveness` and the
+//! namespace register, which only ever answer dead for a process that is.
 
 use std::cell::Cell;
 use std::sync::atomic::Ordering;
@@ -42,7 +53,9 @@ use ::loom::sync::Arc;
 use ::loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use ::loom::thread;
 
-use super::protocol::{Gate, Geometry, ReadRight, Slots, Take, Word, WriteRight};
+use super::protocol::{
+    Gate, Geometry, ReadRight, Roster, Slots, Take, Word, WriteRight, join, who_alive,
+};
 
 impl Word for AtomicU64 {
     fn load(&self, order: Ordering) -> u64 {
@@ -73,16 +86,20 @@ struct Mem {
     states: Vec<AtomicU64>,
     /// The message of each slot (relaxed: see the module docs).
     payload: Vec<AtomicU64>,
-    /// The pid holding a right to each slot, 0 for none (relaxed RMWs).
+    /// The process holding a right to each slot, 0 for none (relaxed
+    /// RMWs).
     owner: Vec<AtomicU64>,
-    /// The liveness table, by pid.
+    /// The participant table: (holder, generation) words per entry.
+    table: Vec<(AtomicU64, AtomicU64)>,
+    /// The liveness table, by process number.
     dead: Vec<AtomicBool>,
     tombs: AtomicUsize,
     skipped: AtomicUsize,
 }
 
 impl Mem {
-    fn new(cap: u64) -> Arc<Mem> {
+    /// A ring of `cap` slots with a participant table of `entries`.
+    fn new(cap: u64, entries: usize) -> Arc<Mem> {
         let n = cap as usize;
         Arc::new(Mem {
             geo: Geometry::new(cap),
@@ -91,22 +108,48 @@ impl Mem {
             states: (0..n).map(|_| AtomicU64::new(0)).collect(),
             payload: (0..n).map(|_| AtomicU64::new(0)).collect(),
             owner: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            table: (0..entries)
+                .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+                .collect(),
             dead: (0..PIDS).map(|_| AtomicBool::new(false)).collect(),
             tombs: AtomicUsize::new(0),
             skipped: AtomicUsize::new(0),
         })
     }
 
-    fn is_dead(&self, pid: u64) -> bool {
-        self.dead[pid as usize].load(Ordering::SeqCst)
+    fn is_dead(&self, process: u64) -> bool {
+        self.dead
+            .get(process as usize)
+            .is_some_and(|d| d.load(Ordering::SeqCst))
     }
 }
 
 /// One process's view of the ring.
 struct Proc {
     mem: Arc<Mem>,
+    /// Its number (see the module docs).
     pid: u64,
+    /// Its name in slot words: a participant word, or `pid`.
+    me: u64,
     backlog: Cell<bool>,
+}
+
+impl Roster for Proc {
+    type W = AtomicU64;
+
+    fn entries(&self) -> usize {
+        self.mem.table.len()
+    }
+    fn entry(&self, idx: usize) -> (&AtomicU64, &AtomicU64) {
+        let (holder, generation) = &self.mem.table[idx];
+        (holder, generation)
+    }
+    fn holder_dead(&self, holder: u64) -> bool {
+        self.mem.is_dead(holder)
+    }
+    fn pid_dead(&self, pid: u64) -> bool {
+        self.mem.is_dead(pid)
+    }
 }
 
 impl Slots for Proc {
@@ -125,10 +168,10 @@ impl Slots for Proc {
         &self.mem.states[idx]
     }
     fn me(&self) -> u64 {
-        self.pid
+        self.me
     }
-    fn alive(&self, pid: u64) -> bool {
-        !self.mem.is_dead(pid)
+    fn alive(&self, who: u64) -> bool {
+        who_alive(self, who)
     }
     fn closed(&self) -> bool {
         false
@@ -159,12 +202,19 @@ impl Slots for Proc {
 }
 
 impl Proc {
+    /// Process `pid` attaches to the ring: it joins the participant table
+    /// (in the calling thread), or names itself by its number.
     fn new(mem: &Arc<Mem>, pid: u64) -> Proc {
-        Proc {
+        let mut p = Proc {
             mem: Arc::clone(mem),
             pid,
+            me: pid,
             backlog: Cell::new(false),
+        };
+        if let Some(who) = join(&p, pid) {
+            p.me = who;
         }
+        p
     }
 
     fn idx(&self, pos: u64) -> usize {
@@ -310,7 +360,7 @@ fn check_counters(mem: &Mem, received: usize) {
 #[test]
 fn two_producers_one_consumer_one_slot() {
     model(|| {
-        let mem = Mem::new(1);
+        let mem = Mem::new(1, 2);
         let producers: Vec<_> = [1u64, 2]
             .into_iter()
             .map(|pid| {
@@ -333,7 +383,7 @@ fn two_producers_one_consumer_one_slot() {
 #[test]
 fn one_producer_two_consumers_two_laps() {
     model(|| {
-        let mem = Mem::new(1);
+        let mem = Mem::new(1, 2);
         let consumers: Vec<_> = [2u64, 3]
             .into_iter()
             .map(|pid| {
@@ -363,7 +413,7 @@ fn a_dead_or_failing_writer_is_skipped() {
     // takes what it can meanwhile. Only pid 2's message ever comes out.
     for dies in [true, false] {
         model(move || {
-            let mem = Mem::new(1);
+            let mem = Mem::new(1, 2);
             let a = Proc::new(&mem, 1);
             let writer = thread::spawn(move || {
                 if let Some(right) = a.claim_and_write(666) {
@@ -395,7 +445,7 @@ fn a_dead_consumers_message_is_delivered_again() {
     // claimed only once the first's slot is handed back. Every message put
     // comes out once (the dead consumer's counts as not received).
     model(|| {
-        let mem = Mem::new(1);
+        let mem = Mem::new(1, 2);
         let p = Proc::new(&mem, 1);
         let producer = thread::spawn(move || {
             [100u64, 101]
@@ -427,7 +477,7 @@ fn a_live_consumers_slot_is_never_taken_over() {
     // message comes out again.
     for dies in [true, false] {
         model(move || {
-            let mem = Mem::new(1);
+            let mem = Mem::new(1, 2);
             let p = Proc::new(&mem, 1);
             assert!(p.put(100, 1));
             let c1 = Proc::new(&mem, 2);
@@ -457,7 +507,7 @@ fn a_live_writers_claim_is_never_taken_over() {
     // under it.
     for dies in [true, false] {
         model(move || {
-            let mem = Mem::new(1);
+            let mem = Mem::new(1, 2);
             let w = Proc::new(&mem, 1);
             let writer = thread::spawn(move || {
                 let right = w.claim_and_write(100)?;
@@ -476,4 +526,66 @@ fn a_live_writers_claim_is_never_taken_over() {
             check_once(put, got);
         });
     }
+}
+
+#[test]
+fn a_dead_writers_recycled_entry_never_makes_its_slot_or_the_heirs_look_wrong() {
+    // One entry. Process 1 joins it, claims a slot, writes and dies.
+    // Process 2 joins in its own thread (taking the entry over once 1 is
+    // dead, else naming itself by its number) and puts a message; process
+    // 3 joins meanwhile and takes what it can. The dead writer's slot
+    // must be skipped, whoever holds its entry by then (its generation
+    // moved on, or its holder is dead); the heir's claim, named by the
+    // recycled entry, must never be taken over (the owner check); and
+    // everything the heir put comes out once.
+    model(|| {
+        let mem = Mem::new(2, 1);
+        let a = Proc::new(&mem, 1);
+        let writer = thread::spawn(move || {
+            if let Some(right) = a.claim_and_write(666) {
+                a.die(right);
+            }
+        });
+        let heir_mem = Arc::clone(&mem);
+        let heir = thread::spawn(move || {
+            let q = Proc::new(&heir_mem, 2);
+            q.put(200, ATTEMPTS)
+        });
+        let c = Proc::new(&mem, 3);
+        let mut got: Vec<u64> = c.get().into_iter().collect();
+        writer.join().expect("writer");
+        let put = heir.join().expect("heir");
+        drain(&c, &mut got);
+        check_counters(&mem, got.len());
+        check_once(if put { vec![200] } else { vec![] }, got);
+    });
+}
+
+#[test]
+fn a_dead_consumers_recycled_entry_still_lets_its_message_come_back() {
+    // One entry, held by process 2, which takes the one message and dies
+    // holding it; process 3 joins in its own thread (perhaps recycling
+    // 2's entry) and takes or recovers. The message comes out exactly
+    // once, and no live holder's slot is ever taken over.
+    model(|| {
+        let mem = Mem::new(1, 1);
+        let c1 = Proc::new(&mem, 2);
+        let p = Proc::new(&mem, 1);
+        assert!(p.put(100, 1));
+        let doomed = thread::spawn(move || {
+            if let Some((right, _)) = c1.take_one() {
+                c1.die(right);
+            }
+        });
+        let heir_mem = Arc::clone(&mem);
+        let heir = thread::spawn(move || {
+            let c2 = Proc::new(&heir_mem, 3);
+            c2.get().or_else(|| c2.recover())
+        });
+        doomed.join().expect("consumer");
+        let mut got: Vec<u64> = heir.join().expect("heir").into_iter().collect();
+        drain(&p, &mut got);
+        check_counters(&mem, got.len());
+        check_once(vec![100], got);
+    });
 }

@@ -31,6 +31,15 @@
 //!   to a third (a message that crashes its decoder would otherwise kill
 //!   every consumer in turn). A dropped message counts as done for
 //!   [`JoinableQueue::join`];
+//! - a dead producer or consumer is recognised even once its pid went to
+//!   another process: each process that holds the queue is named in the
+//!   queue's memory by its pid and start time. Nothing is taken from a
+//!   process that cannot be judged (one in another pid namespace, or
+//!   behind `hidepid`): the queue then waits behind a dead one's message
+//!   as behind a live one's. More than 256 attachments alive at once
+//!   (each process that holds the queue is one; a process that received
+//!   it twice is two) are named by bare pid, and a dead one of those whose
+//!   pid was reused is taken for alive while the new process lives;
 //! - `get_timeout`, `put_timeout`, `try_get` and `try_put` return by their
 //!   deadline whatever other processes do (one stopped or spinning in the
 //!   middle of a message included); a queue whose shared state is corrupt

@@ -1,22 +1,25 @@
 //! The slot-state protocol of the ring: every transition of a slot's state
-//! word and of the head and tail counters, and nothing else (see the
-//! module docs of `ring` for what the states mean).
+//! word and of the head and tail counters, and the participant table that
+//! names the holder of a slot (see the module docs of `ring` for what the
+//! states mean).
 //!
 //! It is generic over the 64-bit atomic word ([`Word`]) and over what the
-//! protocol asks of its surroundings ([`Slots`]: where the words are, this
-//! process's pid, whether another pid is alive, the counters and wake-ups
-//! that follow a transition), so that one text runs in two places: the real
-//! ring, over `std` atomics in a shared mapping, and the `loom` model
-//! (`queue::loom`), over `loom`'s atomics with threads standing in for
-//! processes and a table standing in for "is this pid alive". Being
-//! generic costs nothing: every use is monomorphized and inlined.
+//! protocol asks of its surroundings ([`Slots`]: where the words are, who
+//! this process is, whether another holder is alive, the counters and
+//! wake-ups that follow a transition; [`Roster`]: where the participant
+//! table is and whether a process is dead), so that one text runs in two
+//! places: the real ring, over `std` atomics in a shared mapping, and the
+//! `loom` model (`queue::loom`), over `loom`'s atomics with threads
+//! standing in for processes and a table standing in for "is this process
+//! alive". Being generic costs nothing: every use is monomorphized and
+//! inlined.
 //!
 //! # The rights
 //!
 //! A transition that gives a slot to the caller returns a right:
-//! [`WriteRight`] (won "free in lap L" to "writing, pid P": the slot's
+//! [`WriteRight`] (won "free in lap L" to "writing, holder P": the slot's
 //! payload is the caller's to write until it publishes or tombstones it)
-//! or [`ReadRight`] (won "ready" to "taken, pid C", or took over a dead
+//! or [`ReadRight`] (won "ready" to "taken, holder C", or took over a dead
 //! consumer's "taken": the payload is the caller's to read until it
 //! releases the slot). Their fields are private to this module, so a right
 //! exists only where one of these CASes was won; handing the slot on
@@ -26,11 +29,39 @@
 //! model checks it: every payload access there is a `loom` `UnsafeCell`
 //! access, which fails the model if two ever race.
 //!
+//! # Who holds a slot: participants
+//!
+//! A slot word has 29 bits for its holder, too few for a pid and a start
+//! time. So each process that attaches to a ring first takes an entry of
+//! the ring's participant table ([`join`]): the entry holds its
+//! [`Holder`](crate::sys::ipc::Holder) word (pid and start-time tag) and a
+//! generation, bumped by every process that takes the entry. The slot
+//! words name the participant: [`PARTICIPANT`] set, the entry's index and
+//! the generation's low [`GEN_BITS`] bits ([`participant`]). A participant
+//! is dead ([`who_alive`]) once its entry's generation has moved
+//! on, or its entry is free again, or the entry's holder is certainly
+//! dead; an entry is taken from another holder only once that holder is
+//! certainly dead, and given back when the ring is dropped (then nothing
+//! of the process can still hold a slot). So a pid reused by a live
+//! process does not keep a dead participant's slot held: the entry's
+//! holder word carries the dead one's start time.
+//!
+//! A process that finds no entry (more live participants than entries, or
+//! its own start time unknown) names itself by its bare pid, with
+//! [`PARTICIPANT`] clear, and is judged by its pid alone as before (a
+//! reused pid keeps its slots held while the reusing process lives).
+//!
 //! # Orderings
 //!
-//! Slot words: a right is won by an acquire CAS and handed on by a
-//! release store (or CAS), so each holder's payload accesses happen-before
-//! the next holder's. Head and tail: moved by release CASes, read with
+//! Slot words: a right is won by a CAS with acquire ordering and handed on
+//! by a release store (or CAS), so each holder's payload accesses
+//! happen-before the next holder's. The CASes that write the caller's name
+//! into a word have release ordering as well: whoever reads that name
+//! (with acquire) and looks it up in the participant table sees the entry
+//! as the caller set it up, or later, never an older holder or
+//! generation (which could make a live participant look dead). On x86
+//! every CAS is a full barrier, so this costs nothing; the loom model
+//! fails without it. Head and tail: moved by release CASes, read with
 //! acquire, so a process that sees the head or tail past a position also
 //! sees the slot word that let it move. (With relaxed counters, which the
 //! loom model caught, a process could see the tail past a claimed slot and
@@ -40,23 +71,25 @@
 //! as before.)
 //!
 //! The one assumption the model cannot check is the liveness answer: a
-//! slot is taken over from a pid only once [`Slots::alive`] says it is
-//! dead, and a dead process touches nothing.
+//! slot or a table entry is taken over from a holder only once
+//! [`Roster::holder_dead`] (or, for a bare pid, [`Slots::alive`]) says it
+//! is dead, and a dead process touches nothing.
 
 use std::sync::atomic::Ordering;
 
 // A slot's state word: the lap (low 32 bits of it) in bits 32..64, a tag
-// in bits 29..32, a pid in bits 0..29 (Linux pids are below 2^22).
+// in bits 29..32, its holder in bits 0..29: a participant word or a bare
+// pid (Linux pids are below 2^22).
 pub(crate) const TAG_FREE: u64 = 0;
 pub(crate) const TAG_WRITING: u64 = 1 << 29;
 pub(crate) const TAG_READY: u64 = 2 << 29;
 pub(crate) const TAG_TOMB: u64 = 3 << 29;
 pub(crate) const TAG_TAKEN: u64 = 4 << 29;
 pub(crate) const TAG_MASK: u64 = 7 << 29;
-pub(crate) const PID_MASK: u64 = (1 << 29) - 1;
+pub(crate) const WHO_MASK: u64 = (1 << 29) - 1;
 
-pub(crate) fn word(lap: u64, tag: u64, pid: u64) -> u64 {
-    (lap << 32) | tag | pid
+pub(crate) fn word(lap: u64, tag: u64, who: u64) -> u64 {
+    (lap << 32) | tag | who
 }
 
 /// The slot word's lap minus `lap`, modulo 2^32 (laps wrap in the word).
@@ -217,10 +250,12 @@ pub(crate) trait Slots {
     fn head(&self) -> &Self::W;
     /// The state word of slot `idx`, which is below the capacity.
     fn state(&self, idx: usize) -> &Self::W;
-    /// This process's pid (nonzero, at most [`PID_MASK`]).
+    /// How this process names itself in slot words: its participant word
+    /// or its bare pid (nonzero, at most [`WHO_MASK`]).
     fn me(&self) -> u64;
-    /// `false` once process `pid` has exited (it touches nothing more).
-    fn alive(&self, pid: u64) -> bool;
+    /// `false` once the holder named `who` in a slot word (read with
+    /// acquire) certainly touches nothing more (see [`who_alive`]).
+    fn alive(&self, who: u64) -> bool;
     fn closed(&self) -> bool;
     /// This process found a message waiting at the head last time (see
     /// `Ring::try_take`).
@@ -252,7 +287,7 @@ pub(crate) trait Slots {
     /// Claims the slot at the tail. `Ok(None)`: full.
     ///
     /// The claim is one CAS on the slot's word, from "free in lap L" to
-    /// "written by pid P in lap L", so a slot is never reserved without
+    /// "written by P in lap L", so a slot is never reserved without
     /// the name of its writer; the tail then moves by a CAS that anyone
     /// who finds the slot claimed also attempts (helping), so a producer
     /// that dies between the two steps blocks nobody.
@@ -278,7 +313,7 @@ pub(crate) trait Slots {
                         .compare_exchange(
                             s,
                             word(lap, TAG_WRITING, self.me()),
-                            Ordering::Acquire,
+                            Ordering::AcqRel,
                             Ordering::Relaxed,
                         )
                         .is_ok()
@@ -328,7 +363,7 @@ pub(crate) trait Slots {
         }
     }
 
-    /// Publishes the claimed slot (`flags` in the pid bits of the ready
+    /// Publishes the claimed slot (`flags` in the holder bits of the ready
     /// word). Everything the writer wrote before this is visible to the
     /// consumer that takes the slot.
     #[inline(always)]
@@ -361,7 +396,7 @@ pub(crate) trait Slots {
                 match slot.compare_exchange(
                     word(lap, TAG_READY, 0),
                     word(lap, TAG_TAKEN, self.me()),
-                    Ordering::Acquire,
+                    Ordering::AcqRel,
                     Ordering::Acquire,
                 ) {
                     Ok(_) => {
@@ -441,7 +476,7 @@ pub(crate) trait Slots {
                         .compare_exchange(
                             s,
                             word(lap, TAG_TAKEN, self.me()),
-                            Ordering::Acquire,
+                            Ordering::AcqRel,
                             Ordering::Relaxed,
                         )
                         .is_err()
@@ -542,8 +577,8 @@ pub(crate) trait Slots {
     /// so a message is either published whole once or dropped because its
     /// `put` never returned.
     fn take_over_writer(&self, pos: u64, s: u64) -> bool {
-        let pid = s & PID_MASK;
-        if pid == self.me() || self.alive(pid) {
+        let who = s & WHO_MASK;
+        if who == self.me() || self.alive(who) {
             return false;
         }
         let g = *self.geometry();
@@ -601,8 +636,8 @@ pub(crate) trait Slots {
                 }
                 _ => continue,
             }
-            let pid = s & PID_MASK;
-            if pid == self.me() || self.alive(pid) {
+            let who = s & WHO_MASK;
+            if who == self.me() || self.alive(who) {
                 continue;
             }
             let Some(pass) = gate(idx) else {
@@ -612,7 +647,7 @@ pub(crate) trait Slots {
                 .compare_exchange(
                     s,
                     word(lap, TAG_TAKEN, self.me()),
-                    Ordering::Acquire,
+                    Ordering::AcqRel,
                     Ordering::Relaxed,
                 )
                 .is_err()
@@ -629,5 +664,148 @@ pub(crate) trait Slots {
             return Some((idx, ReadRight { pos }, pass));
         }
         None
+    }
+}
+
+// ---------------------------------------------------------------------
+// The participant table.
+
+/// Set in a slot word's holder bits when they name a participant (else a
+/// bare pid: pids are below 2^22).
+pub(crate) const PARTICIPANT: u64 = 1 << 28;
+/// Bits of the entry index in a participant word (above the generation).
+pub(crate) const INDEX_BITS: u32 = 8;
+/// Bits of the generation in a participant word.
+pub(crate) const GEN_BITS: u32 = 20;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+/// The most entries a table can have.
+pub(crate) const MAX_ENTRIES: usize = 1 << INDEX_BITS;
+
+/// The participant word of entry `idx` in generation `generation` (its
+/// low [`GEN_BITS`] bits).
+pub(crate) fn participant(idx: usize, generation: u64) -> u64 {
+    PARTICIPANT | ((idx as u64 & (MAX_ENTRIES as u64 - 1)) << GEN_BITS) | (generation & GEN_MASK)
+}
+
+/// The participant table of one ring, as one process sees it.
+///
+/// Entry `i` is two words: its *holder* (0 when free, else a packed
+/// [`Holder`](crate::sys::ipc::Holder), never 0) and its *generation*,
+/// written only by the entry's holder, right after it took the entry and
+/// before it names itself anywhere. The holder word moves from 0 or from a
+/// dead holder to a new holder by CAS ([`join`]), and back to 0 when its
+/// holder leaves ([`leave`]); so while a participant lives, its entry
+/// holds its holder and its generation.
+pub(crate) trait Roster {
+    type W: Word;
+    /// How many entries the table has (at most [`MAX_ENTRIES`]).
+    fn entries(&self) -> usize;
+    /// Entry `idx`'s holder and generation words (`idx < entries()`).
+    fn entry(&self, idx: usize) -> (&Self::W, &Self::W);
+    /// `true` only if `holder` (a nonzero holder word read with acquire
+    /// from an entry) names a process that certainly no longer runs.
+    /// Doubt (another pid namespace, `/proc` hidden) must answer `false`.
+    fn holder_dead(&self, holder: u64) -> bool;
+    /// `true` only if the bare `pid` (a slot holder without
+    /// [`PARTICIPANT`]) certainly names no running process.
+    fn pid_dead(&self, pid: u64) -> bool;
+}
+
+/// Takes an entry for `me` (a nonzero holder word): a free one, else one
+/// whose holder is certainly dead. Returns the participant word, `None`
+/// if every entry is held by a process that may be alive.
+///
+/// Free entries are tried first with one load each; the dead are looked
+/// for only when there is none (each [`Roster::holder_dead`] reads
+/// `/proc`). The CAS has release ordering, so whoever reads `me` in the
+/// entry also sees what this process did before (its pid namespace
+/// registration), and acquire ordering, so this process sees the entry's
+/// generation as its previous holder left it: that holder gave it back by
+/// a release store, or died (a dead process's writes are all done).
+pub(crate) fn join<R: Roster>(r: &R, me: u64) -> Option<u64> {
+    let n = r.entries().min(MAX_ENTRIES);
+    for idx in 0..n {
+        let (holder, _) = r.entry(idx);
+        if holder.load(Ordering::Relaxed) == 0
+            && holder
+                .compare_exchange(0, me, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(next_generation(r, idx));
+        }
+    }
+    for idx in 0..n {
+        let (holder, _) = r.entry(idx);
+        let h = holder.load(Ordering::Acquire);
+        // A holder is never recycled while it may live, and a dead one
+        // never comes back, so the CAS takes the entry from the holder
+        // that was judged (the limit: `Holder`'s, two processes with one
+        // pid and one start tick).
+        if h != 0
+            && h != me
+            && r.holder_dead(h)
+            && holder
+                .compare_exchange(h, me, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(next_generation(r, idx));
+        }
+    }
+    None
+}
+
+/// Entry `idx` was just taken: moves its generation on (only the holder
+/// writes it), so that every slot word naming an earlier participant of
+/// the entry now names a dead one. The participant word is made after the
+/// store, which comes before any slot word names it.
+fn next_generation<R: Roster>(r: &R, idx: usize) -> u64 {
+    let (_, generation) = r.entry(idx);
+    let g = generation.load(Ordering::Relaxed).wrapping_add(1);
+    generation.store(g, Ordering::Release);
+    participant(idx, g)
+}
+
+/// Gives back the entry of participant `who`, held by `me`: called when
+/// nothing of this process can hold a slot in its name any more (the ring
+/// is dropped). A release store, so the next holder sees the generation.
+pub(crate) fn leave<R: Roster>(r: &R, who: u64, me: u64) {
+    if who & PARTICIPANT == 0 {
+        return;
+    }
+    let idx = ((who >> GEN_BITS) as usize) & (MAX_ENTRIES - 1);
+    if idx < r.entries() {
+        let _ = r
+            .entry(idx)
+            .0
+            .compare_exchange(me, 0, Ordering::Release, Ordering::Relaxed);
+    }
+}
+
+/// Whether the holder named `who` in a slot word (or the side lock) may
+/// still touch what it holds: `false` only if it certainly does not.
+///
+/// `who` must have been read with acquire from a word written by its
+/// holder with release (see the module docs): then the entry reads as its
+/// holder set it up, or later. So a generation other than `who`'s means
+/// the entry was taken since, which happens only once `who` gave it back
+/// or was judged dead; a free entry means it was given back; and a holder
+/// word, whether `who`'s own or a later one, is dead only if its process
+/// is. A participant word naming an entry past the table (corrupt memory)
+/// answers alive: nothing is taken over on doubt.
+pub(crate) fn who_alive<R: Roster>(r: &R, who: u64) -> bool {
+    if who & PARTICIPANT == 0 {
+        return !r.pid_dead(who);
+    }
+    let idx = ((who >> GEN_BITS) as usize) & (MAX_ENTRIES - 1);
+    if idx >= r.entries() {
+        return true;
+    }
+    let (holder, generation) = r.entry(idx);
+    if generation.load(Ordering::Acquire) & GEN_MASK != who & GEN_MASK {
+        return false;
+    }
+    match holder.load(Ordering::Acquire) {
+        0 => false,
+        h => !r.holder_dead(h),
     }
 }

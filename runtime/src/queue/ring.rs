@@ -7,18 +7,28 @@
 //!
 //! # Slot states
 //!
-//! Each slot starts with one state word: (lap, tag, pid). The tag is
-//! free, writing (claimed by producer `pid`), ready (published), taken
-//! (being read by consumer `pid`) or tombstone (a position to skip). Every
+//! Each slot starts with one state word: (lap, tag, who). The tag is
+//! free, writing (claimed by producer `who`), ready (published), taken
+//! (being read by consumer `who`) or tombstone (a position to skip). Every
 //! transition that gives a slot to a process is one CAS that writes its
-//! pid, so a slot is never held without the name of its holder, and the
+//! name, so a slot is never held without the name of its holder, and the
 //! lap in the word rules out ABA.
 //!
+//! A process's name (`who`, 29 bits) is its *participant word*: when it
+//! attaches to the ring (creates or receives it), before it can write any
+//! word, it registers its pid namespace and takes an entry of the ring's
+//! participant table, which holds its pid and start time; the name is the
+//! entry's index and generation (see [`protocol`] for
+//! the table and why a reused pid no longer keeps a dead holder's slot
+//! held). It gives the entry back when the ring is dropped. A process that
+//! finds the table full (more than [`ENTRIES`] live attachments) names
+//! itself by its bare pid, judged as before by the pid alone.
+//!
 //! - A producer claims the slot at the tail with a CAS from "free in lap
-//!   L" to "writing, pid P", moves the tail (a CAS others help with),
+//!   L" to "writing, P", moves the tail (a CAS others help with),
 //!   writes the message and publishes it by storing "ready".
 //! - A consumer takes the slot at the head with a CAS from "ready" to
-//!   "taken, pid C", moves the head (others help, as with the tail),
+//!   "taken, C", moves the head (others help, as with the tail),
 //!   reads the message and releases the slot by storing "free in lap
 //!   L+1". The head only ever moves past a taken slot or a tombstone, so a
 //!   released slot's lap is never ahead of a fresh head or tail; a slot
@@ -60,8 +70,8 @@
 //!
 //! # Crash safety
 //!
-//! - A consumer behind an unpublished slot checks its writer's pid every
-//!   few milliseconds (sleeping meanwhile). A dead writer's claim is taken
+//! - A consumer behind an unpublished slot checks its writer every few
+//!   milliseconds (sleeping meanwhile). A dead writer's claim is taken
 //!   over by a CAS from its own word (which cannot race with it: it is
 //!   dead), its extent punched and the slot turned into a tombstone. So a
 //!   message is published whole once, or dropped because its `put` never
@@ -83,8 +93,19 @@
 //!   message whose second consumer dies too is dropped (a message that
 //!   kills its decoder must not kill every consumer in turn). A dropped
 //!   message counts as a tombstone, so `JoinableQueue::join` still returns.
-//! - A process that dies holding the side lock is detected by pid and the
-//!   lock taken over: a walk only peeks, so a dead walker loses nothing.
+//! - A process that dies holding the side lock is detected the same way
+//!   (the lock word holds its name) and the lock taken over: a walk only
+//!   peeks, so a dead walker loses nothing.
+//!
+//! A holder is dead when its entry's generation has moved on or the entry
+//! was given back, or when `/proc` proves its process gone (its pid names
+//! nothing, a zombie, or a process with another start time); a bare pid
+//! when it names nothing or a zombie. Holders are judged by `/proc` only
+//! while every process that attached is in our pid namespace (the
+//! namespace register, as the lock's); `/proc` that cannot tell (hidden by
+//! `hidepid`, not mounted, unreadable) means alive. So a slot is never
+//! taken from a live process; a holder that cannot be judged keeps its
+//! slot, and the queue waits behind it, as it would behind a live one.
 //!
 //! # Corruption
 //!
@@ -105,16 +126,20 @@ use nix::errno::Errno;
 use nix::poll::PollFlags;
 
 use super::protocol::{
-    Gate, Geometry, PID_MASK, ReadRight, Refused, Slots, TAG_FREE, TAG_MASK, TAG_TOMB, Take,
-    WriteRight, lap_diff,
+    self, Gate, Geometry, MAX_ENTRIES, PARTICIPANT, ReadRight, Refused, Roster, Slots, TAG_FREE,
+    TAG_MASK, TAG_TOMB, Take, WHO_MASK, WriteRight, lap_diff,
 };
 use crate::error::{Error, Result};
 use crate::sys;
 use crate::sys::futex;
+use crate::sys::ipc::{self, Holder, Liveness};
+use crate::sys::lock::protocol::{register, register_is};
 use crate::sys::shm::{Exclusive, Mapping};
 
-const MAGIC: u64 = 0x6d70_7175_6575_6533; // "mpqueue3"
-const HEADER_BYTES: usize = 4096;
+const MAGIC: u64 = 0x6d70_7175_6575_6534; // "mpqueue4"
+/// The header: a page of counters and flags, then a page of the
+/// participant table.
+const HEADER_BYTES: usize = 8192;
 /// Bytes per slot: a 16-byte header (state word, length, kind) and the
 /// inline payload.
 pub(crate) const STRIDE: usize = 1088;
@@ -146,7 +171,13 @@ const W_DONE: usize = 128; // byte 1024: task_done calls (joinable queues)
 const W_TOMBS: usize = 136; // byte 1088: positions turned into tombstones
 const H_JOIN_SEQ: usize = 288; // byte 1152: bumped when the unfinished count may be zero
 const W_SKIPPED: usize = 152; // byte 1216: tombstones consumers have skipped
-const H_SIDE_LOCK: usize = 320; // byte 1280: pid of the process walking the socket, or 0
+const H_SIDE_LOCK: usize = 320; // byte 1280: who walks the socket (as in a slot word), or 0
+const H_NS: usize = 336; // byte 1344: the pid namespace register (see `sys::lock::protocol`)
+/// Byte 4096: the participant table, [`ENTRIES`] entries of two words
+/// (holder, generation; see `protocol::Roster`).
+const W_TABLE: usize = 512;
+/// Entries of the participant table.
+const ENTRIES: usize = MAX_ENTRIES;
 
 // A slot's kind word (written by the slot's holder only).
 /// The bytes are in the slot's arena extent; the payload holds their
@@ -163,7 +194,7 @@ const K_KNOWN: u32 = K_ARENA | K_FDS | K_CONSUMED | K_REDELIVERED;
 /// counts as a tombstone) instead of delivering it.
 const K_DROP: u32 = 1 << 31;
 
-/// In a ready word's pid bits: the message has handles.
+/// In a ready word's holder bits: the message has handles.
 const READY_FDS: u64 = 1;
 /// How often a consumer stuck behind an unpublished slot checks its writer.
 const LIVENESS_EVERY: Duration = Duration::from_millis(5);
@@ -220,7 +251,12 @@ pub(crate) struct Ring {
     geo: Geometry,
     /// Slot `i`'s arena extent starts at `i << extent_shift`.
     extent_shift: u32,
-    pid: u64,
+    /// How this process names itself in slot words and the side lock: its
+    /// participant word, or its bare pid if it has no entry (see
+    /// `protocol`).
+    me: u64,
+    /// This process's holder word in its entry (0: no entry).
+    holder: u64,
     /// This process is registered for global membarriers: publishing needs
     /// only a compiler fence before checking for sleepers (see `wake_one`).
     light_wake: bool,
@@ -300,26 +336,41 @@ impl Ring {
         Ring::assemble(map, tx, rx, arena, cap)
     }
 
+    /// The ring of `map` (checked) for this process, which joins it: it
+    /// registers its pid namespace, then takes an entry of the participant
+    /// table (see `protocol`), before it can name itself in any word.
     fn assemble(map: Mapping, tx: OwnedFd, rx: OwnedFd, arena: OwnedFd, cap: u64) -> Result<Ring> {
         let pid = u64::from(std::process::id());
-        if pid == 0 || pid > PID_MASK {
+        if pid == 0 || pid >= PARTICIPANT {
             return Err(Error::invalid("process id does not fit a queue slot word"));
         }
         let geo = Geometry::new(cap);
-        Ok(Ring {
+        let mut ring = Ring {
             map,
             tx,
             rx,
             arena,
             geo,
             extent_shift: MAX_EXTENT_SHIFT.min(62 - geo.shift),
-            pid,
+            me: pid,
+            holder: 0,
             light_wake: futex::barrier_registered(),
             stall_pos: AtomicU64::new(0),
             stall_checked: AtomicU64::new(0),
             backlog: std::sync::atomic::AtomicBool::new(false),
             last_scan: Mutex::new(None),
-        })
+        };
+        register(ring.u32w(H_NS), ipc::pid_namespace());
+        // Without a start time the entry would prove nothing: a holder of
+        // tag 0 is never judged dead. A bare pid at least is, by `kill`.
+        let holder = Holder::this_process();
+        if holder.tag() != 0 {
+            if let Some(who) = protocol::join(&ring, holder.to_word()) {
+                ring.me = who;
+                ring.holder = holder.to_word();
+            }
+        }
+        Ok(ring)
     }
 
     pub(crate) fn fds(&self) -> [BorrowedFd<'_>; 4] {
@@ -470,11 +521,14 @@ impl Ring {
             Ok(Some(right)) => {
                 let off = self.payload_off(self.split(right.pos()).1);
                 // SAFETY: `right` exists only because this process won the
-                // CAS from "free" to "writing, our pid" on this slot's word
+                // CAS from "free" to "writing, our name" on this slot's word
                 // (see `protocol`; the loom model checks it). From then on
                 // no one else accesses the payload: producers need the
                 // slot free, consumers need it ready, and a takeover needs
-                // our pid dead; the `Claim` drops the token before it
+                // our name dead: our process gone, or our participant
+                // entry given back, which only happens once this ring is
+                // dropped, and the `Claim` borrows it. The `Claim` drops
+                // the token before it
                 // publishes or tombstones the slot (its release store).
                 // The previous holder's release store happens-before our
                 // acquire CAS. Within this process only `Claim` touches a
@@ -505,12 +559,13 @@ impl Ring {
     fn hold<'a>(&'a self, right: ReadRight, kind: u32, side: Option<SideLock<'a>>) -> Held<'a> {
         let off = self.payload_off(self.split(right.pos()).1);
         // SAFETY: `right` exists only because this process won the CAS to
-        // "taken, our pid" on this slot's word, from "ready" or from a
+        // "taken, our name" on this slot's word, from "ready" or from a
         // dead consumer's "taken" (see `protocol`; the loom model checks
         // it). While the slot is taken no one else accesses the payload:
         // producers need it free, other consumers need it ready, and a
-        // takeover needs our pid dead; the `Held` drops the token before it
-        // releases the slot. The writer's publish (release) happens-before
+        // takeover needs our name dead (as in `try_claim`: the `Held`
+        // borrows this ring, so our entry is not given back while it
+        // lives); the `Held` drops the token before it releases the slot. The writer's publish (release) happens-before
         // our acquire CAS. Within this process only `Claim` and `Held`
         // touch a slot's payload, each through its own token.
         let payload = unsafe { self.map.exclusive(off, INLINE_MAX) };
@@ -1016,12 +1071,14 @@ impl Ring {
     /// `None` if `deadline` passed (without `wait`: after a few attempts).
     fn lock_side(&self, deadline: Option<Instant>, wait: bool) -> Option<SideLock<'_>> {
         let w = self.u32w(H_SIDE_LOCK);
-        let me = self.pid as u32;
+        // Release as well as acquire, as a slot claim: whoever reads our
+        // name here and looks it up sees our participant entry.
+        let me = self.me as u32;
         let mut checked: Option<(u32, Instant)> = None;
         let mut i = 0u32;
         loop {
             i = i.saturating_add(1);
-            let holder = match w.compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed) {
+            let holder = match w.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(SideLock { ring: self }),
                 Err(holder) => holder,
             };
@@ -1040,11 +1097,11 @@ impl Ring {
                 match checked {
                     Some((p, at)) if p == holder => {
                         if now.duration_since(at) >= LIVENESS_EVERY {
-                            if !sys::pid_alive(holder)
+                            if !self.alive(u64::from(holder))
                                 && w.compare_exchange(
                                     holder,
                                     me,
-                                    Ordering::Acquire,
+                                    Ordering::AcqRel,
                                     Ordering::Relaxed,
                                 )
                                 .is_ok()
@@ -1214,10 +1271,10 @@ impl Slots for Ring {
     }
     #[inline(always)]
     fn me(&self) -> u64 {
-        self.pid
+        self.me
     }
-    fn alive(&self, pid: u64) -> bool {
-        sys::pid_alive(pid as u32)
+    fn alive(&self, who: u64) -> bool {
+        protocol::who_alive(self, who & WHO_MASK)
     }
     #[inline(always)]
     fn closed(&self) -> bool {
@@ -1249,6 +1306,43 @@ impl Slots for Ring {
     }
     fn writer_stalled(&self, pos: u64, s: u64) -> bool {
         self.check_stalled(pos, s)
+    }
+}
+
+/// The ring's participant table (in the header's second page) and how
+/// this process judges the holders named there.
+impl Roster for Ring {
+    type W = AtomicU64;
+
+    fn entries(&self) -> usize {
+        ENTRIES
+    }
+    fn entry(&self, idx: usize) -> (&AtomicU64, &AtomicU64) {
+        let w = W_TABLE + 2 * idx;
+        (self.u64w(w), self.u64w(w + 1))
+    }
+    /// As the lock judges its holders: only while every process that
+    /// joined the ring is in our pid namespace (the register), and `/proc`
+    /// proves it dead.
+    fn holder_dead(&self, holder: u64) -> bool {
+        register_is(self.u32w(H_NS), ipc::pid_namespace())
+            && Holder::from_word(holder).liveness() == Liveness::Dead
+    }
+    /// A bare pid: the same namespace condition, then the pid-only check
+    /// (a reused pid reads as alive).
+    fn pid_dead(&self, pid: u64) -> bool {
+        register_is(self.u32w(H_NS), ipc::pid_namespace()) && !sys::pid_alive(pid as u32)
+    }
+}
+
+impl Drop for Ring {
+    /// Gives the participant entry back: nothing of this process can hold
+    /// a slot or the side lock in its name any more (every `Claim`,
+    /// `Held` and `SideLock` borrows the ring).
+    fn drop(&mut self) {
+        if self.holder != 0 {
+            protocol::leave(self, self.me, self.holder);
+        }
     }
 }
 
@@ -1408,7 +1502,7 @@ pub(crate) enum Taken<'a> {
     Failed(Box<Error>),
 }
 
-/// A message taken by this process (its slot "taken, pid P"): released
+/// A message taken by this process (its slot "taken, P"): released
 /// (the slot handed back to producers, its extent freed) when this is
 /// dropped, also on a panic while decoding.
 pub(crate) struct Held<'a> {
@@ -1509,8 +1603,9 @@ impl Drop for Held<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::protocol::{TAG_READY, word};
+    use super::super::protocol::{TAG_READY, TAG_TAKEN, TAG_WRITING, participant, word};
     use super::*;
+    use crate::sys::lock::protocol::NS_MIXED;
 
     fn dead_pid() -> u64 {
         let mut child = std::process::Command::new("true")
@@ -1656,7 +1751,7 @@ mod tests {
         std::mem::forget(h);
         let s = ring.state(0).load(Ordering::SeqCst);
         ring.state(0)
-            .store((s & !PID_MASK) | dead, Ordering::SeqCst);
+            .store((s & !WHO_MASK) | dead, Ordering::SeqCst);
         assert_eq!(take_byte(&ring).expect("43"), 43);
         // Slot 0 is still taken: full until it is recovered.
         assert!(matches!(ring.try_claim(), Claimed::Full));
@@ -1671,7 +1766,7 @@ mod tests {
         std::mem::forget(again);
         let s = ring.state(0).load(Ordering::SeqCst);
         ring.state(0)
-            .store((s & !PID_MASK) | dead, Ordering::SeqCst);
+            .store((s & !WHO_MASK) | dead, Ordering::SeqCst);
         let tombs = ring.u64w(W_TOMBS).load(Ordering::SeqCst);
         assert!(ring.recover(None, false, true).is_none());
         assert_eq!(ring.u64w(W_TOMBS).load(Ordering::SeqCst), tombs + 1);
@@ -1716,5 +1811,171 @@ mod tests {
             }
             _ => panic!("the message with a handle did not come"),
         }
+    }
+
+    /// Another attachment of `ring`'s queue in this process, as a process
+    /// that receives the queue makes.
+    fn attach_again(ring: &Ring) -> Ring {
+        let dup = |fd: BorrowedFd<'_>| fd.try_clone_to_owned().expect("dup");
+        let map = Mapping::from_fd(dup(ring.map.fd())).expect("map");
+        Ring::from_fds(
+            map,
+            dup(ring.tx.as_fd()),
+            dup(ring.rx.as_fd()),
+            dup(ring.arena.as_fd()),
+        )
+        .expect("attach")
+    }
+
+    /// A holder that certainly died: our pid with another start time (an
+    /// earlier process that had our pid, which we reuse).
+    fn dead_holder() -> u64 {
+        let me = Holder::this_process();
+        Holder::new(me.id(), me.tag().wrapping_add(1).max(1)).to_word()
+    }
+
+    fn me_word() -> u64 {
+        Holder::this_process().to_word()
+    }
+
+    /// Sets entry `idx` of the table to `holder` in generation `generation`.
+    fn forge_entry(ring: &Ring, idx: usize, holder: u64, generation: u64) {
+        let (h, g) = ring.entry(idx);
+        g.store(generation, Ordering::SeqCst);
+        h.store(holder, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn joining_takes_a_free_entry_and_leaving_gives_it_back() {
+        let ring = Ring::create(4, false).expect("ring");
+        assert_eq!(ring.me, participant(0, 1));
+        assert_eq!(ring.entry(0).0.load(Ordering::SeqCst), me_word());
+        let second = attach_again(&ring);
+        assert_eq!(second.me, participant(1, 1));
+        assert!(ring.alive(second.me) && second.alive(ring.me));
+        drop(second);
+        assert_eq!(ring.entry(1).0.load(Ordering::SeqCst), 0);
+        // Whatever a participant that left may have left behind is free.
+        assert!(!ring.alive(participant(1, 1)));
+        let third = attach_again(&ring);
+        assert_eq!(third.me, participant(1, 2));
+        assert!(!ring.alive(participant(1, 1)), "an older generation");
+        assert!(ring.alive(third.me));
+        assert_eq!(
+            u64::try_from(Ring::mapping_bytes(4).expect("size")).expect("size"),
+            ring.mapping_len() as u64
+        );
+    }
+
+    #[test]
+    fn generation_and_holder_decide_and_a_mixed_namespace_trusts_generations_only() {
+        let ring = Ring::create(4, false).expect("ring");
+        forge_entry(&ring, 1, me_word(), 7);
+        assert!(ring.alive(participant(1, 7)));
+        assert!(!ring.alive(participant(1, 6)), "its entry moved on");
+        forge_entry(&ring, 1, dead_holder(), 7);
+        assert!(
+            !ring.alive(participant(1, 7)),
+            "its holder's pid was reused"
+        );
+        forge_entry(&ring, 1, 0, 7);
+        assert!(!ring.alive(participant(1, 7)), "it left");
+        // A bare pid, judged by the pid.
+        let gone = dead_pid();
+        assert!(!ring.alive(gone));
+        assert!(ring.alive(u64::from(std::process::id())));
+        // Another namespace joined: no holder is judged by `/proc` any
+        // more, but a generation that moved on still proves a death.
+        ring.u32w(H_NS).store(NS_MIXED, Ordering::SeqCst);
+        forge_entry(&ring, 1, dead_holder(), 7);
+        assert!(ring.alive(participant(1, 7)));
+        assert!(ring.alive(gone));
+        assert!(!ring.alive(participant(1, 6)));
+    }
+
+    #[test]
+    fn a_dead_holders_entry_is_recycled_and_the_slots_it_held_are_recovered() {
+        let ring = Ring::create(4, false).expect("ring");
+        for idx in 1..ENTRIES {
+            forge_entry(&ring, idx, dead_holder(), 5);
+        }
+        let writer = participant(1, 5);
+        let reader = participant(2, 5);
+        // The table is full of dead holders: the next process to join
+        // takes the first one's entry, and the dead participant's slots
+        // now name an older generation.
+        let heir = attach_again(&ring);
+        assert_eq!(heir.me, participant(1, 6));
+        assert_eq!(ring.entry(1).0.load(Ordering::SeqCst), me_word());
+        assert!(!ring.alive(writer) && !heir.alive(writer));
+        assert!(ring.alive(heir.me));
+        // "Participant 2 took 42 and died": delivered again.
+        put_inline(&ring, 42);
+        let Taken::Slot(h) = ring.try_take(None, false) else {
+            panic!("nothing to take");
+        };
+        std::mem::forget(h);
+        ring.state(0)
+            .store(word(0, TAG_TAKEN, reader), Ordering::SeqCst);
+        let again = heir.recover(None, false, true).expect("redelivered");
+        assert_eq!(again.read(|b, _| b[0]).expect("read"), 42);
+        // "Participant 1 claimed the next slot and died writing": skipped.
+        let Claimed::Slot(c) = ring.try_claim() else {
+            panic!("no room");
+        };
+        std::mem::forget(c);
+        ring.state(1)
+            .store(word(0, TAG_WRITING, writer), Ordering::SeqCst);
+        put_inline(&heir, 43);
+        assert!(ring.take_over_writer(1, word(0, TAG_WRITING, writer)));
+        assert_eq!(take_byte(&ring).expect("43"), 43);
+        // The heir's own claim is never taken over.
+        let Claimed::Slot(c) = heir.try_claim() else {
+            panic!("no room");
+        };
+        let s = ring.state(3).load(Ordering::SeqCst);
+        assert_eq!(s & WHO_MASK, heir.me);
+        assert!(!ring.take_over_writer(3, s));
+        drop(c);
+    }
+
+    #[test]
+    fn a_full_table_falls_back_to_bare_pids() {
+        let ring = Ring::create(4, false).expect("ring");
+        for idx in 1..ENTRIES {
+            forge_entry(&ring, idx, me_word(), 1);
+        }
+        let late = attach_again(&ring);
+        assert_eq!(late.me, u64::from(std::process::id()));
+        put_inline(&late, 7);
+        let Claimed::Slot(c) = late.try_claim() else {
+            panic!("no room");
+        };
+        let s = ring.state(1).load(Ordering::SeqCst);
+        assert_eq!(s & WHO_MASK, late.me);
+        assert!(!ring.take_over_writer(1, s), "a live bare pid");
+        drop(c);
+        assert_eq!(take_byte(&ring).expect("7"), 7);
+        drop(late);
+        // Leaving without an entry gives none back.
+        assert!((1..ENTRIES).all(|i| ring.entry(i).0.load(Ordering::SeqCst) == me_word()));
+    }
+
+    #[test]
+    fn a_side_lock_held_by_a_dead_participant_is_taken_over_a_live_ones_is_not() {
+        let ring = Ring::create(4, false).expect("ring");
+        forge_entry(&ring, 1, me_word(), 3);
+        ring.u32w(H_SIDE_LOCK)
+            .store(participant(1, 3) as u32, Ordering::SeqCst);
+        let soon = Instant::now() + Duration::from_millis(30);
+        assert!(ring.lock_side(Some(soon), true).is_none());
+        forge_entry(&ring, 1, dead_holder(), 3);
+        let patient = Instant::now() + Duration::from_secs(30);
+        let side = ring.lock_side(Some(patient), true).expect("taken over");
+        assert_eq!(
+            u64::from(ring.u32w(H_SIDE_LOCK).load(Ordering::SeqCst)),
+            ring.me
+        );
+        drop(side);
     }
 }
