@@ -83,7 +83,7 @@ fn two_process_increments(iters: u64, atomic: bool) -> Duration {
         .collect();
     let ns = handles
         .into_iter()
-        .map(|h| h.join_timeout(Duration::from_secs(120)).expect("join"))
+        .map(|mut h| h.join_timeout(Duration::from_secs(120)).expect("join"))
         .max()
         .unwrap_or(0);
     assert_eq!(v.get(), 2 * half as i64);
@@ -154,7 +154,7 @@ fn condition_echo(cond: Condition, turn: Value<u32>, rounds: u64) {
 /// One round trip = two wake-ups between processes.
 fn event_round_trips(iters: u64) -> Duration {
     let (ping, pong) = (Event::new().expect("event"), Event::new().expect("event"));
-    let child =
+    let mut child =
         multiproc::spawn(event_echo, (ping.clone(), pong.clone(), iters + 1)).expect("spawn");
     let round = || {
         ping.set();
@@ -174,7 +174,7 @@ fn event_round_trips(iters: u64) -> Duration {
 fn condition_round_trips(iters: u64) -> Duration {
     let cond = Condition::new().expect("condition");
     let turn = Value::new(0u32).expect("value");
-    let child =
+    let mut child =
         multiproc::spawn(condition_echo, (cond.clone(), turn.clone(), iters + 1)).expect("spawn");
     let round = || {
         let g = cond.acquire().expect("not poisoned");

@@ -125,6 +125,7 @@ pub(crate) fn main(args: &EntryArgs, item: &ItemFn) -> TokenStream {
     let ItemFn {
         attrs,
         vis,
+        modifiers: _,
         sig,
         block,
     } = item;
@@ -146,6 +147,7 @@ pub(crate) fn test(args: &EntryArgs, item: &ItemFn) -> TokenStream {
     let ItemFn {
         attrs,
         vis,
+        modifiers: _,
         sig,
         block,
     } = item;

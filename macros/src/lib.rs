@@ -42,7 +42,7 @@ use proc_macro::TokenStream;
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// use multiproc::{process_fn, Pool};
 ///
 /// #[process_fn]
@@ -67,7 +67,7 @@ use proc_macro::TokenStream;
 ///
 /// # Equivalent code without `#[process_fn]`
 ///
-/// ```ignore
+/// ```
 /// fn cube(x: u64) -> u64 {
 ///     x * x * x
 /// }
@@ -131,7 +131,7 @@ pub fn process_fn(args: TokenStream, input: TokenStream) -> TokenStream {
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// use multiproc::{Process, ProcessTask};
 /// use serde::{Deserialize, Serialize};
 ///
@@ -162,7 +162,15 @@ pub fn process_fn(args: TokenStream, input: TokenStream) -> TokenStream {
 /// at your `impl ProcessTask`. The only bound the generated code adds is
 /// `Greeter: ProcessTask`, reported at the type's name if the impl is missing.
 ///
-/// ```ignore
+/// ```
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Serialize, Deserialize)]
+/// # struct Greeter {
+/// #     name: String,
+/// # }
+/// # impl multiproc::ProcessTask for Greeter {
+/// #     fn run(self) {}
+/// # }
 /// const _: () = {
 ///     impl ::multiproc::__private::RegisteredTask for Greeter {
 ///         const NAME: &'static str = ::core::concat!(::core::module_path!(), "::", "Greeter");
@@ -227,7 +235,7 @@ pub fn derive_process_task(input: TokenStream) -> TokenStream {
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// use multiproc::{process_fn, Process};
 ///
 /// #[process_fn]
@@ -237,7 +245,7 @@ pub fn derive_process_task(input: TokenStream) -> TokenStream {
 ///
 /// #[multiproc::main]
 /// fn main() -> multiproc::Result<()> {
-///     let mut p = Process::new(hello, ("bob".to_string(),))?;
+///     let mut p = Process::new(hello, ("bob".to_string(),));
 ///     p.start()?;
 ///     p.join()?;
 ///     Ok(())
@@ -246,10 +254,15 @@ pub fn derive_process_task(input: TokenStream) -> TokenStream {
 ///
 /// # Equivalent code without `#[multiproc::main]`
 ///
-/// ```ignore
+/// ```
+/// # use multiproc::{process_fn, Process};
+/// # #[process_fn]
+/// # fn hello(name: String) {
+/// #     println!("hello, {name}");
+/// # }
 /// fn main() -> multiproc::Result<()> {
 ///     fn __multiproc_main() -> multiproc::Result<()> {
-///         let mut p = Process::new(hello, ("bob".to_string(),))?;
+///         let mut p = Process::new(hello, ("bob".to_string(),));
 ///         p.start()?;
 ///         p.join()?;
 ///         Ok(())
@@ -288,7 +301,7 @@ pub fn main(args: TokenStream, input: TokenStream) -> TokenStream {
 ///
 /// # Examples
 ///
-/// ```ignore
+/// ```
 /// use multiproc::{process_fn, Pool};
 ///
 /// #[process_fn]
@@ -306,7 +319,7 @@ pub fn main(args: TokenStream, input: TokenStream) -> TokenStream {
 ///
 /// # Equivalent code without `#[multiproc::test]`
 ///
-/// ```ignore
+/// ```
 /// #[test]
 /// fn doubles_in_a_pool() -> multiproc::Result<()> {
 ///     ::multiproc::__private::init();
@@ -317,6 +330,9 @@ pub fn main(args: TokenStream, input: TokenStream) -> TokenStream {
 ///     }
 /// }
 /// ```
+// The examples show `#[test]` functions: in a doc test they compile but
+// are not run, which is all they need to show.
+#[allow(clippy::test_attr_in_doctest)]
 #[proc_macro_attribute]
 pub fn test(args: TokenStream, input: TokenStream) -> TokenStream {
     let input = proc_macro2::TokenStream::from(input);

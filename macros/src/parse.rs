@@ -235,7 +235,7 @@ fn check_qualifiers(errors: &mut Errors, sig: &Signature, prefix: &str) {
             ),
         );
     }
-    if let Some(token) = &sig.unsafety {
+    if let syn::Safety::Unsafe(token) = &sig.safety {
         errors.spanned(
             token,
             format!(

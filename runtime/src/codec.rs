@@ -12,7 +12,9 @@
 //! descriptor at that index from the *fd source*. The sink and the source
 //! exist only while [`encode`] / [`decode`] (or their sequence variants)
 //! run, so serializing a handle with any other serializer is an error
-//! instead of a descriptor that silently does not arrive.
+//! instead of a descriptor that silently does not arrive. What else a
+//! handle writes (its kind, element type and size, checked on arrival) is
+//! the [`handle`](crate::handle) module's.
 
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
@@ -479,7 +481,11 @@ impl<'de> SeqDecoder<'de> {
         if let Some(value) = read_primitive::<T>(&mut self.rest) {
             return value;
         }
+        // A reader (not a slice) would allocate whatever length the bytes
+        // announce before reading them: the limit makes bincode refuse a
+        // length longer than what is left, before any allocation.
         options()
+            .with_limit(self.rest.len() as u64)
             .deserialize_from(&mut self.rest)
             .map_err(decode_error)
     }
@@ -510,7 +516,10 @@ impl<'de> SeqDecoder<'de> {
                 Ok(())
             }
         }
-        let mut de = bincode::Deserializer::with_reader(&mut self.rest, options());
+        // Limited to what is left, as in `next`: no allocation of a
+        // forged length.
+        let limited = options().with_limit(self.rest.len() as u64);
+        let mut de = bincode::Deserializer::with_reader(&mut self.rest, limited);
         serde::Deserializer::deserialize_tuple(&mut de, n, Append(out, n)).map_err(decode_error)
     }
 }
@@ -702,5 +711,23 @@ mod tests {
         let mut fds = Vec::new();
         encode(&fd, &mut out, &mut fds).expect("encode");
         assert_eq!(fds.len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod hostile_lengths {
+    use super::*;
+
+    #[test]
+    fn a_forged_length_in_a_sequence_is_an_error_not_an_allocation() {
+        let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"short");
+        let mut dec = SeqDecoder::new(&bytes);
+        assert!(dec.next::<String>().is_err());
+        let mut dec = SeqDecoder::new(&bytes);
+        assert!(dec.next::<Vec<u64>>().is_err());
+        let mut out: Vec<String> = Vec::new();
+        let mut dec = SeqDecoder::new(&bytes);
+        assert!(dec.extend_into(1, &mut out).is_err());
     }
 }

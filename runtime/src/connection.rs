@@ -88,11 +88,12 @@ use std::time::Duration;
 
 use nix::poll::PollFlags;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec::{self, FdIn, FdOut};
+use crate::codec;
 use crate::error::{Error, Result};
+use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
 use crate::sys;
 
 mod link;
@@ -359,34 +360,63 @@ impl<T> AsFd for Connection<T> {
     }
 }
 
-/// A connection travels as its descriptors: the pipe it reads, the pipe it
-/// writes (either may be absent on a simplex end), the side socket, and
-/// the send lock that every copy of a sending end shares (absent on an end
-/// that cannot send).
-impl<T> Serialize for Connection<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error as _;
+/// An end travels as its descriptors: the pipe it reads (slot 0), the pipe
+/// it writes (1), the side socket (2), and the send lock that every copy of
+/// a sending end shares (3, a memfd). Duplex ends, receiving ends and
+/// sending ends are three kinds; each has the pipes of its kind (a
+/// [`Receiver`] has no write pipe and no lock, a [`Sender`] no read pipe).
+impl<T> Connection<T> {
+    fn wire_parts(&self) -> Result<Parts<'_, ()>> {
         if self.link.has_buffered_data() {
-            return Err(S::Error::custom(
+            return Err(Error::invalid(
                 "a connection with received but unread data cannot move to another process",
             ));
         }
-        let lock = self.link.lock_fd().map_err(S::Error::custom)?;
+        let lock = self.link.lock_fd()?;
         let (rx, tx, side) = self.link.fds();
-        (rx.map(FdOut), tx.map(FdOut), FdOut(side), lock.map(FdOut)).serialize(serializer)
+        Ok(Parts {
+            plain: (),
+            fds: [rx, tx, Some(side), lock.map(|(fd, _)| fd)],
+            size: lock.map_or(0, |(_, len)| len),
+        })
     }
-}
 
-impl<'de, T> Deserialize<'de> for Connection<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let (rx, tx, side, lock) =
-            <(Option<FdIn>, Option<FdIn>, FdIn, Option<FdIn>)>::deserialize(deserializer)?;
-        let link = Link::from_fds(rx.map(|f| f.0), tx.map(|f| f.0), side.0, lock.map(|f| f.0))
-            .map_err(D::Error::custom)?;
+    /// The lock's size for an end that can send (`tx`), none otherwise.
+    fn wire_size(tx: bool) -> usize {
+        if tx { send_lock::BYTES } else { 0 }
+    }
+
+    fn rebuild_wire(fds: &mut Received, rx: bool, tx: bool) -> Result<Connection<T>> {
+        let rx = if rx { Some(fds.fd(0)?) } else { None };
+        let (tx, lock) = if tx {
+            (Some(fds.fd(1)?), Some(fds.mapping(3)?))
+        } else {
+            (None, None)
+        };
+        let link = Link::from_fds(rx, tx, fds.fd(2)?, lock)?;
         Ok(Connection::from_link(link))
     }
 }
+
+impl<T> HandleWire for Connection<T> {
+    const KIND: Kind = Kind::Connection;
+    type Elem = T;
+    type Plain = ();
+
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        self.wire_parts()
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Self::wire_size(true))
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
+        Self::rebuild_wire(fds, true, true)
+    }
+}
+
+handle_serde!([T] Connection<T>);
 
 /// The receiving end of [`Pipe::simplex`].
 pub struct Receiver<T> {
@@ -510,33 +540,49 @@ impl<T> AsFd for Sender<T> {
     }
 }
 
-impl<T> Serialize for Receiver<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.conn.serialize(serializer)
-    }
-}
+impl<T> HandleWire for Receiver<T> {
+    const KIND: Kind = Kind::Receiver;
+    type Elem = T;
+    type Plain = ();
 
-impl<'de, T> Deserialize<'de> for Receiver<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        self.conn.wire_parts()
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Connection::<T>::wire_size(false))
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(Receiver {
-            conn: Connection::deserialize(deserializer)?,
+            conn: Connection::rebuild_wire(fds, true, false)?,
         })
     }
 }
 
-impl<T> Serialize for Sender<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.conn.serialize(serializer)
-    }
-}
+handle_serde!([T] Receiver<T>);
 
-impl<'de, T> Deserialize<'de> for Sender<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+impl<T> HandleWire for Sender<T> {
+    const KIND: Kind = Kind::Sender;
+    type Elem = T;
+    type Plain = ();
+
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        self.conn.wire_parts()
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Connection::<T>::wire_size(true))
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(Sender {
-            conn: Connection::deserialize(deserializer)?,
+            conn: Connection::rebuild_wire(fds, false, true)?,
         })
     }
 }
+
+handle_serde!([T] Sender<T>);
 
 /// Something [`wait`] can wait on: Python's "object with a `fileno()`".
 ///

@@ -181,6 +181,20 @@ impl Error {
             message: message.into(),
         }
     }
+
+    /// The error of a failed send or receive on a connection: `EPIPE` and
+    /// `ECONNRESET` say that the peer is gone ([`Error::Disconnected`]).
+    pub(crate) fn transport(context: &'static str, err: io::Error) -> Error {
+        match err.raw_os_error() {
+            Some(libc::EPIPE | libc::ECONNRESET) => Error::Disconnected,
+            _ => Error::io(context, err),
+        }
+    }
+
+    /// [`transport`](Error::transport), for nix's errors.
+    pub(crate) fn transport_errno(context: &'static str, errno: nix::errno::Errno) -> Error {
+        Error::transport(context, io::Error::from(errno))
+    }
 }
 
 /// An `io::Error` on the wire: its errno if it has one, else its message.

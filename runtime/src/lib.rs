@@ -63,6 +63,18 @@
 //! locks, shared values) travel too, their descriptors beside the bytes.
 //! Closures cannot travel: pass a `#[process_fn]`.
 //!
+//! # What dropping a handle does
+//!
+//! | handle | when dropped |
+//! |---|---|
+//! | [`Process`] (started) | nothing stops: as in Python, the child runs on; the end of `main` joins it (terminates it if daemonic) |
+//! | [`JoinHandle`] | the child is killed and reaped (call `join` to keep its result) |
+//! | [`Pool`] | workers get SIGTERM, then SIGKILL after a short grace, and are reaped; uncollected results are lost (`close` + `join` let work finish) |
+//! | [`AsyncResult`](pool::AsyncResult), [`Imap`](pool::Imap) | the result is not wanted: queued chunks are dropped, late results discarded |
+//! | [`Queue`], [`Connection`](connection::Connection), [`Lock`], [`Value`], [`Array`] and the other sync handles | this process's handle closes; the object lives while any process holds a handle |
+//! | a lock guard ([`LockGuard`](sync::LockGuard), a `Value`/`Array` guard) | the lock is released |
+//! | [`SharedMemory`](shared::SharedMemory) | this mapping goes; the name stays until `unlink` or until its creator exits |
+//!
 //! # Testing
 //!
 //! Everything works under `cargo test`, in unit tests and integration
@@ -99,6 +111,8 @@ mod codec;
 pub mod connection;
 #[cfg(target_os = "linux")]
 pub mod error;
+#[cfg(target_os = "linux")]
+mod handle;
 #[cfg(target_os = "linux")]
 pub mod pool;
 #[cfg(target_os = "linux")]

@@ -432,12 +432,14 @@ impl<R: DeserializeOwned> JoinHandle<R> {
     }
 
     /// Like [`join`](JoinHandle::join), but gives up after `timeout` with
-    /// [`Error::Timeout`] (the child is then killed when the handle drops).
+    /// [`Error::Timeout`]. The handle stays usable: wait again with `join`
+    /// or `join_timeout` (a result that was arriving when the time ran out
+    /// is kept, not lost), or drop it, which kills the child.
     ///
     /// # Errors
     ///
     /// As [`join`](JoinHandle::join), plus [`Error::Timeout`].
-    pub fn join_timeout(mut self, timeout: Duration) -> Result<R> {
+    pub fn join_timeout(&mut self, timeout: Duration) -> Result<R> {
         child::read_outcome(&self.child, &mut self.channel, Some(timeout))
     }
 
@@ -651,7 +653,7 @@ mod tests {
 
     #[multiproc::test]
     fn multiproc_test_attribute_works_in_a_unit_test() {
-        let handle = crate::spawn(double, (21,)).expect("spawn");
+        let mut handle = crate::spawn(double, (21,)).expect("spawn");
         assert_eq!(
             handle.join_timeout(Duration::from_secs(30)).expect("join"),
             42

@@ -47,7 +47,6 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::poll::PollFlags;
 
 use crate::error::{Error, Result};
@@ -180,20 +179,6 @@ pub(crate) struct Channel {
     broken: bool,
     /// The last read filled the buffer: double it before the next.
     grow: bool,
-}
-
-fn io_error(context: &'static str, errno: Errno) -> Error {
-    match errno {
-        Errno::EPIPE | Errno::ECONNRESET => Error::Disconnected,
-        e => Error::errno(context, e),
-    }
-}
-
-fn std_io_error(context: &'static str, err: io::Error) -> Error {
-    match err.raw_os_error() {
-        Some(libc::EPIPE | libc::ECONNRESET) => Error::Disconnected,
-        _ => Error::io(context, err),
-    }
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -332,7 +317,7 @@ impl Channel {
                 }
             }
             let n = sys::send_with_fds(self.fd.as_fd(), &slices, batch)
-                .map_err(|e| io_error("send", e))?;
+                .map_err(|e| Error::transport_errno("send", e))?;
             sent += n as u64;
         }
         Ok(())
@@ -370,7 +355,7 @@ impl Channel {
         self.wait_readable(deadline)?;
         let mut fds = Vec::new();
         let got = sys::recv_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)
-            .map_err(|e| std_io_error("recv", e))?;
+            .map_err(|e| Error::transport("recv", e))?;
         // A read that brings descriptors ends inside the skb that carried
         // them (the kernel stops there), which lies inside one frame; the
         // read may have begun earlier, in bytes of previous frames.
@@ -541,7 +526,7 @@ impl Channel {
                     self.wait_readable(deadline)?;
                     let want = usize::try_from(p.remaining).unwrap_or(usize::MAX);
                     let n = sys::read_to_spare(self.fd.as_fd(), body, want)
-                        .map_err(|e| io_error("recv", e))?;
+                        .map_err(|e| Error::transport_errno("recv", e))?;
                     if n == 0 {
                         self.broken = true;
                         return Err(Error::Disconnected);

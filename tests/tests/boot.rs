@@ -236,6 +236,9 @@ fn a_full_descriptor_table_fails_one_result_not_the_pool() {
         stdout.contains("after: Ok(true), same worker: true"),
         "{stdout}"
     );
-    assert!(stdout.contains("no worker: true"), "{stdout}");
+    assert!(
+        stdout.contains("dead worker, full table: returned"),
+        "{stdout}"
+    );
     assert!(stdout.contains("recovered: Some(9)"), "{stdout}");
 }

@@ -282,7 +282,7 @@ fn receive_under_memory_limit(mut end: Connection<()>) -> (String, String) {
 fn a_message_the_receiver_cannot_allocate_is_an_error_not_an_abort() {
     let _serial = serial();
     let (mut mine, theirs) = Pipe::new::<()>().expect("pipe");
-    let child = spawn(receive_under_memory_limit, (theirs,)).expect("spawn");
+    let mut child = spawn(receive_under_memory_limit, (theirs,)).expect("spawn");
     assert_eq!(mine.recv_bytes_timeout(LONG).expect("ready"), b"ready");
     // Legal (under the default 1 GiB limit) but more than the receiver's
     // address space allows.
@@ -348,7 +348,7 @@ fn receive_with_few_descriptors(
 fn a_message_whose_descriptors_were_truncated_is_an_error_and_later_ones_work() {
     let _serial = serial();
     let (mut mine, theirs) = Pipe::new::<Vec<Connection<u8>>>().expect("pipe");
-    let child = spawn(receive_with_few_descriptors, (theirs,)).expect("spawn");
+    let mut child = spawn(receive_with_few_descriptors, (theirs,)).expect("spawn");
     let batch = || -> (Vec<Connection<u8>>, Vec<Connection<u8>>) {
         (0..3).map(|_| Pipe::new::<u8>().expect("pipe")).unzip()
     };

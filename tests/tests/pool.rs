@@ -665,3 +665,32 @@ fn a_task_that_forges_frames_fails_and_the_pool_serves_on() {
         );
     }
 }
+
+/// A task that answers for itself: it writes a result frame for the
+/// pool's first chunk (id 0) whose one `String` announces 1 TiB.
+#[process_fn]
+fn forge_result() -> String {
+    let mut frame = Vec::new();
+    let payload_len: u64 = 8 + 4 + 8 + 5;
+    frame.extend_from_slice(&payload_len.to_le_bytes());
+    frame.extend_from_slice(&0u32.to_le_bytes());
+    frame.extend_from_slice(&0x5004u32.to_le_bytes());
+    frame.extend_from_slice(&0u64.to_le_bytes()); // chunk id
+    frame.extend_from_slice(&1u32.to_le_bytes()); // one result
+    frame.extend_from_slice(&(1u64 << 40).to_le_bytes()); // its length
+    frame.extend_from_slice(b"short");
+    let _ = nix::sys::socket::send(3, &frame, nix::sys::socket::MsgFlags::empty());
+    std::thread::sleep(Duration::from_secs(60));
+    String::new()
+}
+
+#[test]
+fn a_forged_result_length_is_a_decode_error_not_an_abort() {
+    let pool = Pool::new(1).expect("pool");
+    let err = pool
+        .apply(forge_result, ())
+        .expect_err("the forged result does not decode");
+    assert!(matches!(err, Error::Decode { .. }), "{err}");
+    // The worker is still busy sleeping in the forged task; the pool lives.
+    assert_eq!(pool.worker_pids().len(), 1);
+}

@@ -124,13 +124,14 @@ fn join_before_start_is_an_error() {
 
 #[test]
 fn spawn_returns_the_value() {
-    let handle = multiproc::spawn(add, (40, 2)).expect("spawn");
+    let mut handle = multiproc::spawn(add, (40, 2)).expect("spawn");
     assert_eq!(handle.join_timeout(LIMIT).expect("join"), 42);
 }
 
 #[test]
 fn spawn_returns_the_panic_message() {
-    let handle = multiproc::spawn(panics, ("the answer is not 42".to_string(),)).expect("spawn");
+    let mut handle =
+        multiproc::spawn(panics, ("the answer is not 42".to_string(),)).expect("spawn");
     let pid = handle.pid();
     match handle.join_timeout(LIMIT) {
         Err(Error::Panicked {
@@ -152,7 +153,7 @@ fn spawn_returns_the_panic_message() {
 
 #[test]
 fn spawn_reports_a_killed_child() {
-    let handle = multiproc::spawn(sleep_forever, ()).expect("spawn");
+    let mut handle = multiproc::spawn(sleep_forever, ()).expect("spawn");
     let pid = handle.pid();
     handle.kill().expect("kill");
     match handle.join_timeout(LIMIT) {
@@ -196,7 +197,7 @@ fn unregistered_fn_is_refused_before_any_process_starts() {
 
 #[test]
 fn a_fn_registered_in_another_crate_runs_in_the_child() {
-    let handle = multiproc::spawn(helper_triple, (14,)).expect("spawn");
+    let mut handle = multiproc::spawn(helper_triple, (14,)).expect("spawn");
     assert_eq!(handle.join_timeout(LIMIT).expect("join"), 42);
 }
 
@@ -389,4 +390,22 @@ fn a_process_fn_may_return_a_multiproc_result() {
         Ok(Err(Error::InvalidArgument { message })) => assert_eq!(message, "bad input"),
         other => panic!("expected the child's own error, got {other:?}"),
     }
+}
+
+#[process_fn]
+fn answer_after(go: multiproc::sync::Event) -> u32 {
+    assert!(go.wait_timeout(Duration::from_secs(30)), "never told to go");
+    42
+}
+
+#[test]
+fn join_timeout_keeps_the_handle_for_another_wait() {
+    let go = multiproc::sync::Event::new().expect("event");
+    let mut handle = multiproc::spawn(answer_after, (go.clone(),)).expect("spawn");
+    let err = handle
+        .join_timeout(Duration::from_millis(50))
+        .expect_err("the child waits for its go");
+    assert!(err.is_timeout(), "{err}");
+    go.set();
+    assert_eq!(handle.join_timeout(LIMIT).expect("second wait"), 42);
 }

@@ -84,7 +84,7 @@ fn four_producers_two_consumers_every_item_once() {
     q.put(None).expect("sentinel");
     q.put(None).expect("sentinel");
     let (mut count, mut sum) = (0, 0);
-    for c in consumers {
+    for mut c in consumers {
         let (n, s) = c.join_timeout(LONG).expect("consumer result");
         count += n;
         sum += s;
@@ -286,7 +286,7 @@ fn queue_passed_to_a_process_and_through_another_queue() {
     let _serial = serial();
     let outer = Queue::<Queue<u64>>::new().expect("outer");
     let inner = Queue::<u64>::new().expect("inner");
-    let h = multiproc::spawn(relay_from_outer, (outer.clone(),)).expect("spawn");
+    let mut h = multiproc::spawn(relay_from_outer, (outer.clone(),)).expect("spawn");
     outer.put(inner.clone()).expect("put queue");
     inner.put(4242).expect("put value");
     assert_eq!(h.join_timeout(LONG).expect("result"), 4242);

@@ -159,7 +159,7 @@ fn gone(name: &str) -> bool {
 fn shared_memory_round_trip_by_name_and_gone_after_unlink() {
     let name = format!("test-roundtrip-{}", std::process::id());
     let shm = SharedMemory::create(&name, 4096).expect("create");
-    let child = multiproc::spawn(write_by_name, (name.clone(),)).expect("spawn");
+    let mut child = multiproc::spawn(write_by_name, (name.clone(),)).expect("spawn");
     assert_eq!(child.join_timeout(JOIN).expect("join"), 4096);
     assert_eq!(&shm.to_vec()[..5], b"hello");
     assert!(dev_shm().iter().all(|e| !e.contains(&name)));
@@ -253,7 +253,7 @@ fn count_in_shared_memory(shm: SharedMemory, n: u32) {
 fn shared_memory_safe_surface_across_processes() {
     let name = format!("test-safe-{}", std::process::id());
     let shm = SharedMemory::create(&name, 4096).expect("create");
-    let child = multiproc::spawn(safe_surface_child, (name.clone(),)).expect("spawn");
+    let mut child = multiproc::spawn(safe_surface_child, (name.clone(),)).expect("spawn");
 
     assert!(
         wait_for(&shm.as_atomic_u8()[READY], 1),

@@ -191,7 +191,7 @@ fn barrier_of_three_releases_three_processes_together() {
         .collect();
     let results: Vec<(u32, bool)> = handles
         .into_iter()
-        .map(|h| h.join_timeout(JOIN).expect("join"))
+        .map(|mut h| h.join_timeout(JOIN).expect("join"))
         .collect();
     assert!(results.iter().all(|(seen, _)| *seen == 3), "{results:?}");
     assert_eq!(
@@ -226,7 +226,7 @@ fn barrier_party_killed_breaks_it_for_the_others() {
     assert!(matches!(err, Error::BrokenBarrier), "{err}");
     assert!(barrier.is_broken());
     // A party arriving later is told at once instead of hanging.
-    let late = multiproc::spawn(wait_at_barrier, (barrier.clone(),)).expect("spawn");
+    let mut late = multiproc::spawn(wait_at_barrier, (barrier.clone(),)).expect("spawn");
     assert_eq!(
         late.join_timeout(JOIN).expect("join"),
         Error::BrokenBarrier.to_string()
@@ -260,18 +260,18 @@ fn rlock_try(rlock: RLock) -> bool {
 #[test]
 fn rlock_twice_in_one_process_and_excludes_others() {
     let rlock = RLock::new().expect("rlock");
-    let child = multiproc::spawn(rlock_twice_then_probe, (rlock.clone(),)).expect("spawn");
+    let mut child = multiproc::spawn(rlock_twice_then_probe, (rlock.clone(),)).expect("spawn");
     assert!(child.join_timeout(JOIN).expect("join"));
     let a = rlock.acquire().expect("a");
     let b = rlock.acquire().expect("b");
     drop(a);
-    let other = multiproc::spawn(rlock_try, (rlock.clone(),)).expect("spawn");
+    let mut other = multiproc::spawn(rlock_try, (rlock.clone(),)).expect("spawn");
     assert!(
         !other.join_timeout(JOIN).expect("join"),
         "held once more here: others must be excluded"
     );
     drop(b);
-    let other = multiproc::spawn(rlock_try, (rlock.clone(),)).expect("spawn");
+    let mut other = multiproc::spawn(rlock_try, (rlock.clone(),)).expect("spawn");
     assert!(
         other.join_timeout(JOIN).expect("join"),
         "released: others may take it"
@@ -299,7 +299,7 @@ fn condition_notify_wakes_a_waiting_process() {
     let cond = Condition::new().expect("condition");
     let flag = Value::new(0u32).expect("value");
     let waiting = Event::new().expect("event");
-    let child = multiproc::spawn(
+    let mut child = multiproc::spawn(
         condition_waiter,
         (cond.clone(), flag.clone(), waiting.clone()),
     )

@@ -106,7 +106,7 @@ fn double_when_told(mut conn: Connection<u64>) -> u64 {
 #[test]
 fn a_join_handle_is_ready_when_its_function_returned() {
     let (go, child_end) = Pipe::new::<u64>().expect("pipe");
-    let h = multiproc::spawn(double_when_told, (child_end,)).expect("spawn");
+    let mut h = multiproc::spawn(double_when_told, (child_end,)).expect("spawn");
     assert!(wait(&[&h], Some(Duration::ZERO)).expect("wait").is_empty());
     go.send(&21).expect("go");
     assert_eq!(wait(&[&h], Some(LONG)).expect("wait"), vec![0]);

@@ -17,7 +17,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -57,7 +56,7 @@ fn on_load(load: LoadTime) {
     if READY.swap(true, Ordering::SeqCst) {
         return;
     }
-    if let Some(claim) = claim() {
+    if let Some(claim) = claim(true) {
         // The thread is started first, so that its start-up (tens of
         // microseconds: a fresh stack, a new malloc arena) overlaps the
         // constructors, the death-signal set-up and the reading of the
@@ -77,7 +76,7 @@ fn on_load(load: LoadTime) {
             }
             // Without it an overflow on the thread is a bare SIGSEGV; with
             // it, std's report.
-            let alt_stack = sys::boot::prepare_overflow_report(thread.as_pthread_t(), "main").ok();
+            let alt_stack = sys::boot::prepare_overflow_report(&thread, "main").ok();
             let started = match registry::catch(|| read_start(claim)) {
                 Ok(Ok(started)) => started,
                 Ok(Err(code)) => return code,
@@ -111,7 +110,7 @@ pub fn init() {
     if READY.swap(true, Ordering::SeqCst) {
         return;
     }
-    if let Some(claim) = claim() {
+    if let Some(claim) = claim(false) {
         // In `main`: std's runtime is set up and this is the main thread.
         let code = prepare(&claim).and_then(|()| {
             registry::catch(|| read_start(claim)).unwrap_or_else(|r| Err(runtime_panicked(&r)))
@@ -126,12 +125,31 @@ pub fn init() {
 /// `Some` when this process was started by a multiproc parent: the
 /// variable is well-formed and descriptor [`CHILD_FD`] is a socket whose
 /// peer is the parent it names. Anything else (a variable inherited by an
-/// unrelated program) is dropped, and the program runs its `main`.
-fn claim() -> Option<Claim> {
+/// unrelated program) is dropped, and the program runs its `main`. Runs
+/// at most once per process (both callers swap [`READY`] first).
+///
+/// The variable is removed only `at_load` (before `main`, before this
+/// process started any thread): `init` may be called after the program
+/// started threads that read the environment, and a variable left there
+/// is harmless (the children multiproc starts do not inherit it, and any
+/// other program refuses it: its descriptor is not a socket to the parent).
+fn claim(at_load: bool) -> Option<Claim> {
     let value = std::env::var_os(ENV_VAR)?;
-    sys::remove_env_before_threads(ENV_VAR);
+    if at_load {
+        // SAFETY: the load-time hook runs before `main`, and this process
+        // starts its first thread only after the claim (`on_load`); a
+        // constructor of another library that ran earlier and started a
+        // thread that reads the environment is the exception std's rule
+        // cannot rule out either.
+        unsafe { sys::remove_env(ENV_VAR) };
+    }
     let (parent, deathsig) = parse_env(&value)?;
-    let socket = sys::take_inherited_socket(CHILD_FD, parent)?;
+    // SAFETY: CHILD_FD is the number the parent placed this process's end
+    // of the socket at (`child::start`); this runs once per process (both
+    // callers swap READY first), before the program's own code (at load
+    // time, or `init` as the first line of `main`, as documented), and
+    // nothing in this crate wraps that number anywhere else.
+    let socket = unsafe { sys::take_inherited_socket(CHILD_FD, parent) }?;
     Some(Claim {
         parent,
         deathsig,
@@ -424,5 +442,70 @@ mod tests {
     fn a_start_message_that_lies_about_its_length_is_malformed() {
         assert!(split_start(&[0xff, 0xff, 0xff, 0xff, 1, 2]).is_none());
         assert!(split_start(&[1, 0]).is_none());
+    }
+
+    fn valid_start() -> Vec<u8> {
+        let header = codec::encode_plain(&Start {
+            exe: 7,
+            registry: registry::fingerprint(),
+            name: "some::function".into(),
+            process_name: "Process-1".into(),
+            parent_name: "MainProcess".into(),
+            parent_pid: 42,
+            mode: Mode::Spawn,
+        })
+        .expect("encode");
+        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(b"arguments");
+        bytes
+    }
+
+    #[test]
+    fn a_valid_start_message_splits_at_its_arguments() {
+        let bytes = valid_start();
+        let (start, at) = split_start(&bytes).expect("valid");
+        assert_eq!(
+            (start.name.as_str(), start.parent_pid),
+            ("some::function", 42)
+        );
+        assert_eq!(&bytes[at..], b"arguments");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+
+        /// Random bytes: never a panic, and an offset inside the message
+        /// whenever they parse.
+        #[test]
+        fn random_start_messages_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            if let Some((_, at)) = split_start(&bytes) {
+                proptest::prop_assert!(at <= bytes.len());
+            }
+        }
+
+        /// A valid message with bytes flipped, cut or its length rewritten:
+        /// never a panic, never an offset outside it.
+        #[test]
+        fn mutated_start_messages_never_panic(
+            flips in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 0..8),
+            cut in proptest::option::of(proptest::num::usize::ANY),
+            len in proptest::option::of(proptest::num::u32::ANY),
+        ) {
+            let mut bytes = valid_start();
+            for (at, b) in flips {
+                let n = bytes.len();
+                bytes[at % n] ^= b;
+            }
+            if let Some(len) = len {
+                bytes[..4].copy_from_slice(&len.to_le_bytes());
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut % (bytes.len() + 1));
+            }
+            if let Some((_, at)) = split_start(&bytes) {
+                proptest::prop_assert!(at <= bytes.len());
+            }
+        }
     }
 }

@@ -38,12 +38,12 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::poll::PollFlags;
 
 use super::send_lock::{self, SendLock};
 use crate::error::{Error, Result};
 use crate::sys;
+use crate::sys::shm::Mapping;
 use crate::wire::{self, Channel, DEFAULT_MAX_FRAME};
 
 /// Bytes of a frame header on the pipe.
@@ -55,13 +55,6 @@ const INLINE_MAX: usize = PIPE_BUF - HEADER;
 const READ_BUF: usize = 16 * 1024;
 /// Header flag: the message is the next frame on the side socket.
 const SIDE: u32 = 1;
-
-fn io_error(context: &'static str, errno: Errno) -> Error {
-    match errno {
-        Errno::EPIPE | Errno::ECONNRESET => Error::Disconnected,
-        e => Error::errno(context, e),
-    }
-}
 
 fn header(len: u64, tag: u32, flags: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
@@ -110,11 +103,11 @@ impl Link {
         rx: Option<OwnedFd>,
         tx: Option<OwnedFd>,
         side: OwnedFd,
-        lock: Option<OwnedFd>,
+        lock: Option<Mapping>,
     ) -> Result<Link> {
         let cell = OnceLock::new();
-        if let Some(fd) = lock {
-            let _ = cell.set(SendLock::from_fd(fd)?);
+        if let Some(map) = lock {
+            let _ = cell.set(SendLock::from_map(map)?);
         }
         Ok(Link {
             rx,
@@ -166,13 +159,15 @@ impl Link {
         )
     }
 
-    /// The send lock's memfd, for a copy of this end (`None` for an end
-    /// that cannot send). Creates the lock if no message needed it yet.
-    pub(crate) fn lock_fd(&self) -> Result<Option<BorrowedFd<'_>>> {
+    /// The send lock's memfd and its size, for a copy of this end (`None`
+    /// for an end that cannot send). Creates the lock if no message needed
+    /// it yet.
+    pub(crate) fn lock_fd(&self) -> Result<Option<(BorrowedFd<'_>, usize)>> {
         if self.tx.is_none() {
             return Ok(None);
         }
-        Ok(Some(self.send_lock()?.fd()))
+        let lock = self.send_lock()?;
+        Ok(Some((lock.fd(), lock.len())))
     }
 
     fn send_lock(&self) -> Result<&SendLock> {
@@ -261,7 +256,7 @@ impl Link {
         }
         let tx = self.tx_fd()?;
         frame[..HEADER].copy_from_slice(&header(len as u64, tag, 0));
-        let n = sys::write(tx, frame).map_err(|e| io_error("send", e))?;
+        let n = sys::write(tx, frame).map_err(|e| Error::transport_errno("send", e))?;
         // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
         if n != frame.len() {
             return Err(Error::invalid("a short write to a pipe"));
@@ -294,7 +289,7 @@ impl Link {
                 *slot = std::io::IoSlice::new(part);
             }
             let slices = &slices[..=parts.len()];
-            let n = sys::writev(tx, slices).map_err(|e| io_error("send", e))?;
+            let n = sys::writev(tx, slices).map_err(|e| Error::transport_errno("send", e))?;
             // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
             if n != HEADER + len {
                 return Err(Error::invalid("a short write to a pipe"));
@@ -309,7 +304,7 @@ impl Link {
             }
         };
         let h = header(0, tag, SIDE);
-        let n = sys::write(tx, &h).map_err(|e| io_error("send", e))?;
+        let n = sys::write(tx, &h).map_err(|e| Error::transport_errno("send", e))?;
         if n != HEADER {
             return Err(Error::invalid("a short write to a pipe"));
         }
@@ -360,8 +355,8 @@ impl Link {
                 return Err(Error::Timeout);
             }
         }
-        let n =
-            sys::read(rx.as_fd(), &mut self.rbuf[self.end..]).map_err(|e| io_error("recv", e))?;
+        let n = sys::read(rx.as_fd(), &mut self.rbuf[self.end..])
+            .map_err(|e| Error::transport_errno("recv", e))?;
         self.end += n;
         Ok(n > 0)
     }

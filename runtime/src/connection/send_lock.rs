@@ -24,7 +24,7 @@
 //! sends small messages in one process never creates it.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
@@ -37,6 +37,9 @@ const IDLE: u32 = 0;
 const WRITING: u32 = 1;
 /// A holder died in the middle of a message: the end is unusable.
 const BROKEN: u32 = 2;
+
+/// Bytes of the lock's memfd: the lock word and the state word.
+pub(crate) const BYTES: usize = 8;
 
 /// The error of a send on an end that a dying sender left half-written.
 pub(super) fn broken() -> Error {
@@ -56,12 +59,13 @@ pub(super) struct SendLock {
 impl SendLock {
     /// A new, free lock.
     pub(super) fn create() -> Result<SendLock> {
-        SendLock::check(Mapping::create("multiproc-pipe-send", 8)?)
+        SendLock::check(Mapping::create("multiproc-pipe-send", BYTES)?)
     }
 
-    /// The lock of an end received from another process.
-    pub(super) fn from_fd(fd: OwnedFd) -> Result<SendLock> {
-        SendLock::check(Mapping::from_fd(fd)?)
+    /// The lock of an end received from another process (its memfd
+    /// mapped, of [`BYTES`] bytes).
+    pub(super) fn from_map(map: Mapping) -> Result<SendLock> {
+        SendLock::check(map)
     }
 
     fn check(map: Mapping) -> Result<SendLock> {
@@ -74,6 +78,11 @@ impl SendLock {
     /// The memfd, to send with a copy of the end.
     pub(super) fn fd(&self) -> BorrowedFd<'_> {
         self.map.fd()
+    }
+
+    /// The memfd's size.
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
     }
 
     fn words(&self) -> Option<(&AtomicU32, &AtomicU32)> {

@@ -362,9 +362,20 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         let body: Result<&[u8], Error> = match tag {
             TAG_TASK => Ok(&bytes[8..]),
             TAG_TASK_SHM => match (&input_arena, read_u64(&bytes, 8), read_u64(&bytes, 16)) {
-                (Some(arena), Some(start), Some(len)) => arena
-                    .arena_view(start as usize, len as usize)
-                    .map_err(Error::from),
+                (Some(arena), Some(start), Some(len)) => {
+                    // SAFETY: the input arena's protocol (`pool::arena`):
+                    // the parent wrote this region whole before it sent
+                    // this frame (the socket orders its writes before our
+                    // read), and writes it again only once the region is
+                    // free, which is when this chunk's result or failure
+                    // frame has arrived; we send that frame only after the
+                    // last use of `body` (the `invoke` below). Every other
+                    // live region is another chunk's and does not overlap
+                    // it (the parent's allocator), and nothing in this
+                    // process writes the input arena.
+                    let view = unsafe { arena.view(start as usize, len as usize) };
+                    view.map_err(Error::from)
+                }
                 _ => Err(Error::invalid(
                     "a pool task came through shared memory the worker does not have",
                 )),
@@ -469,4 +480,66 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         }
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(count: u32, name: &[u8], args: &[u8]) -> Vec<u8> {
+        let mut p = count.to_le_bytes().to_vec();
+        p.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        p.extend_from_slice(name);
+        p.extend_from_slice(args);
+        p
+    }
+
+    #[test]
+    fn the_rest_of_a_chunk_keeps_its_name_and_the_later_arguments() {
+        let p = payload(5, b"f", &[1, 2, 3, 4, 5]);
+        assert_eq!(rest_of_chunk(&p, 2, 3), Some(payload(2, b"f", &[4, 5])));
+        assert_eq!(rest_of_chunk(&p, 2, 6), None, "past the arguments");
+        assert_eq!(rest_of_chunk(&p[..6], 1, 0), None, "cut in the header");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+
+        /// What a worker (or a task writing to its socket) can send the
+        /// parent: random abort reports, task failures and payload cuts
+        /// never panic, and every slice they give lies inside the input.
+        #[test]
+        fn hostile_worker_frames_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            rest in proptest::num::usize::ANY,
+            next in proptest::num::usize::ANY,
+        ) {
+            if let Some(report) = AbortReport::parse(&bytes) {
+                proptest::prop_assert!(report.partial.len() + report.record.len() + 28 <= bytes.len());
+            }
+            let _ = codec::decode_plain::<TaskFailure>(&bytes);
+            let _ = codec::decode_plain::<WorkerInit>(&bytes);
+            if let Some(out) = rest_of_chunk(&bytes, rest % 1000, next % 400) {
+                proptest::prop_assert!(out.len() <= bytes.len());
+            }
+        }
+
+        /// A valid abort report with its length fields rewritten.
+        #[test]
+        fn abort_reports_with_forged_lengths_never_panic(
+            partial_len in proptest::num::u64::ANY,
+            next in proptest::num::u64::ANY,
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+        ) {
+            let mut bytes = 7u64.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&3u32.to_le_bytes());
+            bytes.extend_from_slice(&next.to_le_bytes());
+            bytes.extend_from_slice(&partial_len.to_le_bytes());
+            bytes.extend_from_slice(&tail);
+            if let Some(report) = AbortReport::parse(&bytes) {
+                proptest::prop_assert_eq!(report.partial.len() as u64, partial_len);
+                proptest::prop_assert!(report.partial.len() <= tail.len());
+            }
+        }
+    }
 }

@@ -3,28 +3,67 @@
 //!
 //! A queue is a ring of fixed-size slots in shared memory (a memfd mapped
 //! by every process that holds a handle): a `put` claims a slot with one
-//! CAS and encodes straight into it, a `get` decodes in place, and neither
-//! makes a system call or a full memory fence while nobody sleeps;
-//! sleepers use futexes (and a `membarrier` before sleeping). Messages that do not fit a slot
-//! (over ~1 KiB encoded) or that carry handles travel beside the ring, each
-//! in a memfd of its own passed over a datagram socket, still in the
-//! ring's order.
+//! CAS and encodes straight into it, a `get` takes it with one CAS and
+//! decodes in place, and neither makes a system call or a full memory
+//! fence while nobody sleeps; sleepers use futexes (and a `membarrier`
+//! before sleeping). A message that does not fit a slot (over ~1 KiB
+//! encoded) goes to that slot's own extent of a sparse memfd (one
+//! `pwrite`, one `pread`, its pages freed once it is read), so no `put`
+//! ever waits for another; the handles a message carries wait in a
+//! datagram socket beside the ring. The design, and why nothing can hang,
+//! is described in the `ring` module's source.
 //!
 //! Guarantees:
 //! - any number of producer and consumer processes; a message is delivered
-//!   whole, exactly once;
+//!   whole, exactly once (but see the last point);
+//! - a `bounded(n)` queue holds `n` messages of any size;
 //! - a producer killed in the middle of a `put` neither corrupts nor blocks
 //!   the queue: consumers detect the dead writer and skip its slot (its
 //!   `put` never returned, so nothing that was put is lost);
+//! - a consumer killed in the middle of a `get` neither blocks the queue
+//!   nor loses the message it was taking: the next consumer that has to
+//!   wait on an empty queue (or calls `try_get` on it) takes the dead
+//!   consumer's slot over and delivers that message again, out of order. The dead `get` never
+//!   returned, so user code sees the message once. Two exceptions: a
+//!   message of over ~1 KiB whose consumer had finished decoding it when
+//!   it died counts as delivered (its memory is being freed); and a
+//!   message whose second consumer dies too is dropped rather than handed
+//!   to a third (a message that crashes its decoder would otherwise kill
+//!   every consumer in turn). A dropped message counts as done for
+//!   [`JoinableQueue::join`];
+//! - a dead producer or consumer is recognised even once its pid went to
+//!   another process: each process that holds the queue is named in the
+//!   queue's memory by its pid and start time. Nothing is taken from a
+//!   process that cannot be judged (one in another pid namespace, or
+//!   behind `hidepid`): the queue then waits behind a dead one's message
+//!   as behind a live one's. More than 256 attachments alive at once
+//!   (each process that holds the queue is one; a process that received
+//!   it twice is two) are named by bare pid, and a dead one of those whose
+//!   pid was reused is taken for alive while the new process lives;
+//! - `get_timeout`, `put_timeout`, `try_get` and `try_put` return by their
+//!   deadline whatever other processes do (one stopped or spinning in the
+//!   middle of a message included); a queue whose shared state is corrupt
+//!   returns an error rather than panicking or hanging;
 //! - a `put` that returned has placed the message in shared memory: the
 //!   producer may exit at once (no feeder thread, no flush at exit);
-//! - `put` reports encoding failures to its caller, with the item back.
+//! - `put` reports encoding failures to its caller, with the item back;
+//! - a handle inside a message is received as the type it was sent as, or
+//!   the `get` fails with [`Error::Decode`]; a message whose handles'
+//!   descriptors the kernel had to drop (MSG_CTRUNC: a full descriptor
+//!   table) fails with an [`Error::Io`] of its own (it is consumed, the
+//!   descriptors that did arrive are closed), and later messages are not
+//!   affected.
 //!
 //! Limits: unlike Python's, [`Queue::new`] is not unbounded: it holds
 //! [`DEFAULT_CAPACITY`] (8192) messages, and a `put` beyond that waits, as
-//! on a bounded queue (see [`DEFAULT_CAPACITY`] for why). A *consumer*
-//! killed between taking a message and decoding it loses that message and
-//! leaves its slot unreleased.
+//! on a bounded queue (see [`DEFAULT_CAPACITY`] for why). Messages that
+//! carry handles are also bounded by the side socket's buffer: about 270
+//! of them can wait in one queue at a time (with Linux's default socket
+//! buffer of 208 KiB), and a `put` of one more waits for room as if the
+//! queue were full. A message is at most 1 TiB (less for queues of more
+//! than 4 Mi slots). The arena's offsets are large (slot `i`'s extent
+//! starts at `i` TiB, sparse): a process with a file-size limit (`ulimit
+//! -f`) gets `SIGXFSZ` when it puts a large message past that limit.
 //!
 //! ```no_run
 //! use multiproc::{process_fn, Process, Queue};
@@ -45,6 +84,9 @@
 //! ```
 
 mod error;
+#[cfg(all(test, loom))]
+mod loom;
+mod protocol;
 mod ring;
 
 use std::fmt;
@@ -52,15 +94,16 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use self::error::{
     GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
 };
-use self::ring::{Claimed, Ring, SideMsg, Stall, Taken};
-use crate::codec::{self, FdIn, FdOut};
+use self::ring::{ARENA_HEADER, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait};
+use crate::codec;
 use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
 
 /// Capacity of [`Queue::new`], in messages: 8192.
 ///
@@ -207,47 +250,65 @@ impl<T: Serialize + 'static> Queue<T> {
     }
 
     /// Claims a slot, then encodes straight into it (no intermediate
-    /// buffer, no copy). A message that does not fit, or that carries
-    /// descriptors, travels beside the ring; one that does not fit gives
-    /// its slot back as a tombstone first and claims another once it is
-    /// encoded, so no slot is held while a big message is encoded.
+    /// buffer, no copy). A message that does not fit is encoded into a
+    /// buffer *keeping the slot* and goes to the slot's arena extent (a
+    /// `bounded(n)` queue holds `n` messages of any size: a claim given up
+    /// would be a tombstone taking room). A message with handles also
+    /// sends them to the side socket, without waiting: when there is no
+    /// room it gives its slot up, waits for room holding nothing, and
+    /// claims again.
     fn put_ref(&self, item: &T, deadline: Option<Instant>, wait: bool) -> Result<(), PutFail> {
-        let mut side: Option<SideMsg> = None;
+        let mut out: Option<Outgoing> = None;
+        let mut side_waits = 0u32;
         loop {
-            let claim = match self.ring.try_claim() {
+            let mut claim = match self.ring.try_claim() {
                 Claimed::Slot(claim) => claim,
                 Claimed::Closed => return Err(PutFail::Closed),
+                Claimed::Failed(e) => return Err(PutFail::Failed(*e)),
                 Claimed::Full => {
-                    if !wait || !self.ring.wait_not_full(deadline) {
+                    if !wait || self.ring.wait_not_full(deadline) == Wait::Deadline {
                         return Err(PutFail::Full);
                     }
                     continue;
                 }
             };
-            if let Some(side) = &side {
-                return claim.publish_side(side).map_err(PutFail::Failed);
-            }
-            let mut fds = Vec::new();
-            let fit = claim
-                .write(|buf| codec::encode_typed_into(item, buf, &mut fds))
-                .and_then(|r| r)
-                .map_err(PutFail::Failed)?;
-            match fit {
-                Some(len) if fds.is_empty() => {
-                    claim.publish_inline(len);
-                    return Ok(());
-                }
-                Some(len) => {
-                    let bytes = claim.written(len).map_err(PutFail::Failed)?;
-                    let msg = Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?;
-                    return claim.publish_side(&msg).map_err(PutFail::Failed);
-                }
+            let sent = match &mut out {
+                Some(out) => claim.publish_out(out),
                 None => {
-                    drop(claim);
-                    drop(fds);
-                    let (mut bytes, mut fds) = (Vec::new(), Vec::new());
-                    codec::encode_typed(item, &mut bytes, &mut fds).map_err(PutFail::Failed)?;
-                    side = Some(Ring::prepare_side(&bytes, fds).map_err(PutFail::Failed)?);
+                    let mut fds = Vec::new();
+                    let fit = claim
+                        .write(|buf| codec::encode_typed_into(item, buf, &mut fds))
+                        .and_then(|r| r)
+                        .map_err(PutFail::Failed)?;
+                    let prepared = match fit {
+                        Some(len) if fds.is_empty() => {
+                            claim.publish_inline(len);
+                            return Ok(());
+                        }
+                        Some(len) => {
+                            let mut buf = vec![0u8; ARENA_HEADER];
+                            buf.extend_from_slice(&claim.written(len).map_err(PutFail::Failed)?);
+                            Outgoing { buf, fds }
+                        }
+                        None => {
+                            drop(fds);
+                            let (mut buf, mut fds) = (vec![0u8; ARENA_HEADER], Vec::new());
+                            codec::encode_typed(item, &mut buf, &mut fds)
+                                .map_err(PutFail::Failed)?;
+                            Outgoing { buf, fds }
+                        }
+                    };
+                    claim.publish_out(out.insert(prepared))
+                }
+            };
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(Publish::Failed(e)) => return Err(PutFail::Failed(e)),
+                Err(Publish::SideFull) => {
+                    if !wait || !self.ring.wait_side_room(deadline, side_waits) {
+                        return Err(PutFail::Full);
+                    }
+                    side_waits += 1;
                 }
             }
         }
@@ -304,19 +365,39 @@ impl<T: Serialize + 'static> Queue<T> {
 
 impl<T: DeserializeOwned + 'static> Queue<T> {
     fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
-        let mut stall = Stall::new();
+        let decode = |held: Held<'_>| {
+            held.read(|bytes, fds| codec::decode_typed(bytes, fds))
+                .and_then(|r| r)
+                .map_err(GetFail::Failed)
+        };
+        // Whether this call has slept: only then (or without waiting) does
+        // it look for messages of dead consumers (a scan reads every slot),
+        // so the fast path, which waits by spinning, reads no clock.
+        let mut slept = false;
         loop {
-            match self.ring.try_take(&mut stall) {
-                Taken::Slot(held) => {
-                    return held
-                        .read(|bytes, fds| codec::decode_typed(bytes, fds))
-                        .and_then(|r| r)
-                        .map_err(GetFail::Failed);
+            match self.ring.try_take(deadline, wait) {
+                Taken::Slot(held) => return decode(held),
+                Taken::Failed(e) => return Err(GetFail::Failed(*e)),
+                Taken::Busy => return Err(GetFail::Empty),
+                Taken::Closed => {
+                    return match self.ring.recover(deadline, wait, true) {
+                        Some(held) => decode(held),
+                        None => Err(GetFail::Disconnected),
+                    };
                 }
-                Taken::Closed => return Err(GetFail::Disconnected),
-                Taken::Empty => {
-                    if !wait || !self.ring.wait_not_empty(deadline, stall.active()) {
+                Taken::Empty(stalled) => {
+                    if !wait || slept {
+                        if let Some(held) = self.ring.recover(deadline, wait, false) {
+                            return decode(held);
+                        }
+                    }
+                    if !wait {
                         return Err(GetFail::Empty);
+                    }
+                    match self.ring.wait_not_empty(deadline, stalled) {
+                        Wait::Deadline => return Err(GetFail::Empty),
+                        Wait::Slept => slept = true,
+                        Wait::Ready => {}
                     }
                 }
             }
@@ -381,28 +462,58 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
     }
 }
 
-fn serialize_ring<S: Serializer>(ring: &Ring, serializer: S) -> Result<S::Ok, S::Error> {
-    let [mem, tx, rx] = ring.fds();
-    (FdOut(mem), FdOut(tx), FdOut(rx)).serialize(serializer)
-}
+/// A queue travels as its capacity, which fixes the size of its shared
+/// memory, and four descriptors: that memory, the two ends of the side
+/// socket, the arena. The three queue types are three kinds: a
+/// `JoinableQueue` is not received as a `Queue`, nor the reverse.
+impl<T> Queue<T> {
+    fn wire_parts(&self) -> Parts<'_, u64> {
+        let [mem, tx, rx, arena] = self.ring.fds();
+        Parts {
+            plain: self.ring.capacity() as u64,
+            fds: [Some(mem), Some(tx), Some(rx), Some(arena)],
+            size: self.ring.mapping_len(),
+        }
+    }
 
-fn deserialize_ring<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ring, D::Error> {
-    use serde::de::Error as _;
-    let (mem, tx, rx) = <(FdIn, FdIn, FdIn)>::deserialize(deserializer)?;
-    Ring::from_fds(mem.0, tx.0, rx.0).map_err(|e| D::Error::custom(e.to_string()))
-}
+    fn wire_size(cap: u64) -> Result<usize> {
+        Ring::mapping_bytes(cap)
+            .filter(|_| cap > 0)
+            .ok_or_else(|| handle::decode(format!("a queue of {cap} slots")))
+    }
 
-impl<T> Serialize for Queue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serialize_ring(&self.ring, serializer)
+    fn rebuild_wire(cap: u64, fds: &mut Received) -> Result<Queue<T>> {
+        let map = fds.mapping(0)?;
+        let ring = Ring::from_fds(map, fds.fd(1)?, fds.fd(2)?, fds.fd(3)?)?;
+        if ring.capacity() as u64 != cap {
+            return Err(handle::decode(format!(
+                "a queue sent with {cap} slots has {}",
+                ring.capacity()
+            )));
+        }
+        Ok(Queue::from_ring(ring))
     }
 }
 
-impl<'de, T> Deserialize<'de> for Queue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        Ok(Queue::from_ring(deserialize_ring(deserializer)?))
+impl<T> HandleWire for Queue<T> {
+    const KIND: Kind = Kind::Queue;
+    type Elem = T;
+    type Plain = u64;
+
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(self.wire_parts())
+    }
+
+    fn mapping_size(&cap: &u64) -> Result<usize> {
+        Self::wire_size(cap)
+    }
+
+    fn rebuild(cap: u64, fds: &mut Received) -> Result<Self> {
+        Self::rebuild_wire(cap, fds)
     }
 }
+
+handle_serde!([T] Queue<T>);
 
 /// Python's `SimpleQueue`: `put`, `get`, `empty`, `close` only.
 ///
@@ -481,19 +592,27 @@ impl<T: DeserializeOwned + 'static> SimpleQueue<T> {
     }
 }
 
-impl<T> Serialize for SimpleQueue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.inner.serialize(serializer)
-    }
-}
+impl<T> HandleWire for SimpleQueue<T> {
+    const KIND: Kind = Kind::SimpleQueue;
+    type Elem = T;
+    type Plain = u64;
 
-impl<'de, T> Deserialize<'de> for SimpleQueue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(self.inner.wire_parts())
+    }
+
+    fn mapping_size(&cap: &u64) -> Result<usize> {
+        Queue::<T>::wire_size(cap)
+    }
+
+    fn rebuild(cap: u64, fds: &mut Received) -> Result<Self> {
         Ok(SimpleQueue {
-            inner: Queue::deserialize(deserializer)?,
+            inner: Queue::rebuild_wire(cap, fds)?,
         })
     }
 }
+
+handle_serde!([T] SimpleQueue<T>);
 
 /// Python's `JoinableQueue`: a [`Queue`] (it derefs to one) that counts
 /// unfinished tasks. Each `put` adds one; a consumer calls
@@ -590,23 +709,32 @@ impl<T> JoinableQueue<T> {
     }
 }
 
-impl<T> Serialize for JoinableQueue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.inner.serialize(serializer)
-    }
-}
+impl<T> HandleWire for JoinableQueue<T> {
+    const KIND: Kind = Kind::JoinableQueue;
+    type Elem = T;
+    type Plain = u64;
 
-impl<'de, T> Deserialize<'de> for JoinableQueue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(self.inner.wire_parts())
+    }
+
+    fn mapping_size(&cap: &u64) -> Result<usize> {
+        Queue::<T>::wire_size(cap)
+    }
+
+    fn rebuild(cap: u64, fds: &mut Received) -> Result<Self> {
         Ok(JoinableQueue {
-            inner: Queue::deserialize(deserializer)?,
+            inner: Queue::rebuild_wire(cap, fds)?,
         })
     }
 }
 
+handle_serde!([T] JoinableQueue<T>);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::{Deserialize, Serializer};
 
     #[test]
     fn fifo_inline_and_side_messages() {

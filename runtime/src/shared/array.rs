@@ -3,62 +3,77 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
 use bytemuck::Pod;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::value::data_offset;
 use crate::error::{Error, Result};
-use crate::sync::{deadline, deserialize_mapping, serialize_mapping};
-use crate::sys::lock::RawGuard;
+use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
+use crate::sync::deadline;
+use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::Mapping;
 
-// Header: lock word, poison flag, then the length and element size as u64s
-// at bytes 8 and 16; data from byte 64 (aligned for T).
+// Header: the lock header (`LOCK_HEADER`, 16 bytes), then the length and
+// element size as u64s at bytes 16 and 24; data from byte 64 (aligned for
+// T).
 const HEADER: usize = 64;
-const LEN_WORD: usize = 1;
-const SIZE_WORD: usize = 2;
+const LEN_WORD: usize = 2;
+const SIZE_WORD: usize = 3;
+
+/// Bytes of an array of `len` `T`s whose data starts at `data`.
+fn bytes_for<T: Pod>(data: usize, len: usize) -> Option<usize> {
+    len.checked_mul(std::mem::size_of::<T>())
+        .and_then(|b| b.checked_add(data))
+}
 
 fn create<T: Pod>(name: &str, data: usize, len: usize) -> Result<Mapping> {
-    let bytes = len
-        .checked_mul(std::mem::size_of::<T>())
-        .and_then(|b| b.checked_add(data))
-        .ok_or_else(|| Error::invalid("shared array too large"))?;
+    let bytes =
+        bytes_for::<T>(data, len).ok_or_else(|| Error::invalid("shared array too large"))?;
     let map = Mapping::create(name, bytes)?;
     map.atomics_u64()[LEN_WORD].store(len as u64, Ordering::Relaxed);
     map.atomics_u64()[SIZE_WORD].store(std::mem::size_of::<T>() as u64, Ordering::Relaxed);
     Ok(map)
 }
 
-fn arrive<'de, T: Pod, D: Deserializer<'de>>(
-    deserializer: D,
-    data: usize,
-    what: &str,
-) -> std::result::Result<(Arc<Mapping>, usize), D::Error> {
-    use serde::de::Error as _;
-    let map = deserialize_mapping(deserializer, HEADER, what)?;
-    let len = map.atomics_u64()[LEN_WORD].load(Ordering::Relaxed);
-    let size = map.atomics_u64()[SIZE_WORD].load(Ordering::Relaxed);
-    if size != std::mem::size_of::<T>() as u64 {
-        return Err(D::Error::custom(format!(
-            "{what} of {size}-byte elements received as one of {}-byte elements",
+/// The wire form of both array types: the length, then the memory, whose
+/// size the length fixes (the header repeats the length and element size,
+/// checked on arrival).
+fn array_size<T: Pod>(data: usize, len: u64, what: Kind) -> Result<usize> {
+    usize::try_from(len)
+        .ok()
+        .and_then(|len| bytes_for::<T>(data, len))
+        .ok_or_else(|| {
+            handle::decode(format!(
+                "a {} of {len} elements does not fit in memory",
+                what.name()
+            ))
+        })
+}
+
+fn arrive<T: Pod>(len: u64, fds: &mut Received, what: Kind) -> Result<(Arc<Mapping>, usize)> {
+    let map = fds.mapping(0)?;
+    let words = map.atomics_u64();
+    let (found_len, size) = match (words.get(LEN_WORD), words.get(SIZE_WORD)) {
+        (Some(l), Some(s)) => (l.load(Ordering::Relaxed), s.load(Ordering::Relaxed)),
+        _ => {
+            return Err(handle::decode(format!(
+                "a {} without its header",
+                what.name()
+            )));
+        }
+    };
+    if found_len != len || size != std::mem::size_of::<T>() as u64 {
+        return Err(handle::decode(format!(
+            "a {} sent with {len} elements of {} bytes holds {found_len} of {size}",
+            what.name(),
             std::mem::size_of::<T>()
         )));
     }
-    let len = usize::try_from(len).map_err(D::Error::custom)?;
-    let fits = len
-        .checked_mul(std::mem::size_of::<T>())
-        .and_then(|b| b.checked_add(data))
-        .is_some_and(|end| end <= map.len());
-    if !fits {
-        return Err(D::Error::custom(format!(
-            "{what} shared memory too small for its length"
-        )));
-    }
-    Ok((map, len))
+    let len = usize::try_from(len).map_err(|_| handle::decode("array length"))?;
+    Ok((Arc::new(map), len))
 }
 
 /// A fixed-length array of `T` in shared memory with a lock: Python's
@@ -146,9 +161,8 @@ impl<T: Pod> Array<T> {
         })
     }
 
-    fn words(&self) -> (&AtomicU32, &AtomicU32) {
-        let w = self.map.atomics_u32();
-        (&w[0], &w[1])
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
     }
 
     fn wrap<'a>(&'a self, raw: RawGuard<'a>, poisoned: bool) -> LockResult<ArrayGuard<'a, T>> {
@@ -167,9 +181,8 @@ impl<T: Pod> Array<T> {
     /// `Err(PoisonError)` with the guard if a holder died or panicked
     /// holding the lock (see [`Lock::acquire`](crate::Lock::acquire)).
     pub fn lock(&self) -> LockResult<ArrayGuard<'_, T>> {
-        let (word, poison) = self.words();
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(self.header(), None) {
                 return self.wrap(raw, poisoned);
             }
         }
@@ -181,8 +194,7 @@ impl<T: Pod> Array<T> {
     ///
     /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for `lock`.
     pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ArrayGuard<'_, T>> {
-        let (word, poison) = self.words();
-        match RawGuard::lock(word, poison, deadline(timeout)) {
+        match RawGuard::lock(self.header(), deadline(timeout)) {
             None => Err(TryLockError::WouldBlock),
             Some((raw, poisoned)) => self.wrap(raw, poisoned).map_err(TryLockError::from),
         }
@@ -240,12 +252,12 @@ impl<T: Pod> Array<T> {
 
     /// `true` if a holder of the lock died or panicked holding it.
     pub fn is_poisoned(&self) -> bool {
-        self.words().1.load(Ordering::Relaxed) != 0
+        self.header().is_poisoned()
     }
 
     /// Clears the poison flag.
     pub fn clear_poison(&self) {
-        self.words().1.store(0, Ordering::Relaxed);
+        self.header().clear_poison();
     }
 }
 
@@ -285,15 +297,21 @@ impl<T: Pod> fmt::Debug for Array<T> {
     }
 }
 
-impl<T: Pod> Serialize for Array<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
+impl<T: Pod> HandleWire for Array<T> {
+    const KIND: Kind = Kind::Array;
+    type Elem = T;
+    type Plain = u64;
 
-impl<'de, T: Pod> Deserialize<'de> for Array<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let (map, len) = arrive::<T, D>(deserializer, Self::DATA, "Array")?;
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(Parts::mapped(&self.map, self.len as u64))
+    }
+
+    fn mapping_size(&len: &u64) -> Result<usize> {
+        array_size::<T>(Self::DATA, len, Self::KIND)
+    }
+
+    fn rebuild(len: u64, fds: &mut Received) -> Result<Self> {
+        let (map, len) = arrive::<T>(len, fds, Self::KIND)?;
         Ok(Array {
             map,
             len,
@@ -301,6 +319,8 @@ impl<'de, T: Pod> Deserialize<'de> for Array<T> {
         })
     }
 }
+
+handle_serde!([T: Pod] Array<T>);
 
 /// A fixed-length array of `T` in shared memory without a lock: Python's
 /// `RawArray`. Element reads and writes are copies made of relaxed atomic
@@ -441,15 +461,21 @@ impl<T: Pod> fmt::Debug for RawArray<T> {
     }
 }
 
-impl<T: Pod> Serialize for RawArray<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
+impl<T: Pod> HandleWire for RawArray<T> {
+    const KIND: Kind = Kind::RawArray;
+    type Elem = T;
+    type Plain = u64;
 
-impl<'de, T: Pod> Deserialize<'de> for RawArray<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let (map, len) = arrive::<T, D>(deserializer, Self::DATA, "RawArray")?;
+    fn parts(&self) -> Result<Parts<'_, u64>> {
+        Ok(Parts::mapped(&self.map, self.len as u64))
+    }
+
+    fn mapping_size(&len: &u64) -> Result<usize> {
+        array_size::<T>(Self::DATA, len, Self::KIND)
+    }
+
+    fn rebuild(len: u64, fds: &mut Received) -> Result<Self> {
+        let (map, len) = arrive::<T>(len, fds, Self::KIND)?;
         Ok(RawArray {
             map,
             len,
@@ -457,6 +483,8 @@ impl<'de, T: Pod> Deserialize<'de> for RawArray<T> {
         })
     }
 }
+
+handle_serde!([T: Pod] RawArray<T>);
 
 #[cfg(test)]
 mod tests {

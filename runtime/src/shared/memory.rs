@@ -5,15 +5,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64};
 
+use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received};
+use crate::sys;
+use crate::sys::shm::Mapping;
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr, sockopt};
 use nix::sys::time::{TimeVal, TimeValLike};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::codec;
-use crate::error::{Error, Result};
-use crate::sys;
-use crate::sys::shm::Mapping;
 
 mod names;
 
@@ -168,6 +166,37 @@ fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
     }
 }
 
+/// The name server's answer on `conn`: one byte, the number of
+/// descriptors it attached (1: the memfd; 0: a refusal). Descriptors beyond
+/// that number (any, on a refusal) are closed; a memfd the kernel had to
+/// drop (MSG_CTRUNC: the descriptor table is full) is an error, not a
+/// refusal.
+fn receive_memfd(conn: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
+    let mut fds = Vec::new();
+    let mut byte = [0u8; 1];
+    let got = sys::recv_fds(conn, &mut byte, &mut fds).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => Error::errno(SERVER_SILENT, Errno::ETIMEDOUT),
+        _ => Error::io("could not receive the shared memory", e),
+    })?;
+    if got.truncated {
+        return Err(Error::io(
+            "the kernel dropped the shared memory's descriptor (MSG_CTRUNC: is the descriptor \
+             table full?)",
+            std::io::Error::other("control message truncated"),
+        ));
+    }
+    if got.bytes == 0 {
+        return Err(Error::io(
+            "the shared memory name server closed the connection without answering",
+            std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+        ));
+    }
+    let mut fds = fds.into_iter().take(usize::from(byte[0]));
+    let memfd = fds.next();
+    drop(fds);
+    memfd.ok_or_else(|| Error::invalid(format!("no shared memory named {name:?} (refused)")))
+}
+
 impl SharedMemory {
     /// Creates a zero-filled block of `size` bytes named `name`.
     ///
@@ -219,8 +248,10 @@ impl SharedMemory {
     /// [`Error::InvalidArgument`] if no block has that name (never created,
     /// unlinked, or its creator exited: Python's `FileNotFoundError`), if
     /// the name is malformed, or if a process of another user holds it;
-    /// [`Error::Io`] if the OS refuses, or if the name's server does not
-    /// answer within 30 s.
+    /// [`Error::Io`] if the OS refuses, if the name's server does not
+    /// answer within 30 s, or if the descriptor table is full (the kernel
+    /// drops the memfd: MSG_CTRUNC; not a refusal, try again once
+    /// descriptors are free).
     pub fn open(name: &str) -> Result<SharedMemory> {
         let addr = address(name)?;
         let conn = unix_socket()?;
@@ -248,16 +279,7 @@ impl SharedMemory {
             server.uid(),
             nix::unistd::getuid().as_raw(),
         )?;
-        let mut fds = Vec::new();
-        let mut byte = [0u8; 1];
-        sys::recv_with_fds(conn.as_fd(), &mut byte, &mut fds).map_err(|e| match e {
-            Errno::EAGAIN => Error::errno(SERVER_SILENT, Errno::ETIMEDOUT),
-            e => Error::errno("could not receive the shared memory", e),
-        })?;
-        let fd = fds
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid(format!("no shared memory named {name:?} (refused)")))?;
+        let fd = receive_memfd(conn.as_fd(), name)?;
         Ok(SharedMemory {
             map: Mapping::from_fd(fd)?,
             name: name.to_string(),
@@ -533,50 +555,37 @@ impl fmt::Debug for SharedMemory {
     }
 }
 
-fn serialize_borrowed_fd<S: Serializer>(
-    fd: &BorrowedFd<'_>,
-    serializer: S,
-) -> std::result::Result<S::Ok, S::Error> {
-    codec::serialize_fd(*fd, serializer)
-}
+/// Travels as its memory (the receiver maps the same bytes), its name and
+/// its size; the received handle does not hold the name (its `unlink` does
+/// nothing).
+impl HandleWire for SharedMemory {
+    const KIND: Kind = Kind::SharedMemory;
+    type Elem = ();
+    type Plain = (String, u64);
 
-#[derive(Serialize)]
-struct WireOut<'a> {
-    name: &'a str,
-    #[serde(serialize_with = "serialize_borrowed_fd")]
-    fd: BorrowedFd<'a>,
-}
-
-#[derive(Deserialize)]
-struct WireIn {
-    name: String,
-    #[serde(deserialize_with = "codec::deserialize_fd")]
-    fd: OwnedFd,
-}
-
-/// Travels as its memory (the receiver maps the same bytes) and its name;
-/// the received handle does not hold the name (its `unlink` does nothing).
-impl Serialize for SharedMemory {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        WireOut {
-            name: &self.name,
-            fd: self.map.fd(),
-        }
-        .serialize(serializer)
+    fn parts(&self) -> Result<Parts<'_, Self::Plain>> {
+        let plain = (self.name.clone(), self.map.len() as u64);
+        Ok(Parts::mapped(&self.map, plain))
     }
-}
 
-impl<'de> Deserialize<'de> for SharedMemory {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let wire = WireIn::deserialize(deserializer)?;
+    fn mapping_size((_, size): &Self::Plain) -> Result<usize> {
+        usize::try_from(*size)
+            .ok()
+            .filter(|&size| size > 0)
+            .ok_or_else(|| handle::decode(format!("a SharedMemory of {size} bytes")))
+    }
+
+    fn rebuild((name, _): Self::Plain, fds: &mut Received) -> Result<Self> {
+        address(&name).map_err(|_| handle::decode(format!("a SharedMemory named {name:?}")))?;
         Ok(SharedMemory {
-            map: Mapping::from_fd(wire.fd).map_err(D::Error::custom)?,
-            name: wire.name,
+            map: fds.mapping(0)?,
+            name,
             served: Mutex::new(None),
         })
     }
 }
+
+handle::handle_serde!([] SharedMemory);
 
 #[cfg(test)]
 mod tests {
@@ -598,6 +607,50 @@ mod tests {
         assert_eq!(SharedMemory::open(&name).expect("open").len(), 10);
         again.unlink().expect("unlink");
         assert_eq!(&b.to_vec()[..3], b"abc");
+    }
+
+    #[test]
+    fn an_answer_gets_exactly_the_descriptors_it_declares() {
+        use std::io::IoSlice;
+        // Each descriptor sent is a pipe's read end; the pipe's descriptors
+        // still open in this process are counted through /proc (the write
+        // end, kept, is one of them).
+        let pipe = || {
+            let (r, w) = sys::pipe().expect("pipe");
+            let ino = nix::sys::stat::fstat(&r).expect("fstat").st_ino;
+            (r, w, format!("pipe:[{ino}]"))
+        };
+        let open = |link: &str| {
+            std::fs::read_dir("/proc/self/fd")
+                .expect("fds")
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link))
+                .count()
+        };
+        let answer = |count: u8, fds: &[&OwnedFd]| {
+            let (ours, theirs) = sys::socketpair().expect("socketpair");
+            let raw: Vec<_> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+            sys::send_with_fds(ours.as_fd(), &[IoSlice::new(&[count])], &raw).expect("send");
+            receive_memfd(theirs.as_fd(), "n")
+        };
+        // A refusal that carries a descriptor: refused, the descriptor closed.
+        let (r, _w, link) = pipe();
+        let refused = answer(0, &[&r]).expect_err("refused");
+        drop(r);
+        assert!(refused.to_string().contains("refused"), "{refused}");
+        assert_eq!(open(&link), 1, "only the write end is left");
+        // One declared, two attached: the first is the answer, the second closed.
+        let ((r1, _w1, link1), (r2, _w2, link2)) = (pipe(), pipe());
+        let got = answer(1, &[&r1, &r2]).expect("the first");
+        drop((r1, r2));
+        assert_eq!((open(&link1), open(&link2)), (2, 1));
+        drop(got);
+        assert_eq!(open(&link1), 1);
+        // A server that closes without answering.
+        let (ours, theirs) = sys::socketpair().expect("socketpair");
+        drop(ours);
+        let silent = receive_memfd(theirs.as_fd(), "n").expect_err("no answer");
+        assert!(silent.to_string().contains("without answering"), "{silent}");
     }
 
     #[test]

@@ -3,16 +3,16 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::Duration;
 
 use bytemuck::Pod;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::Result;
-use crate::sync::{deadline, deserialize_mapping, serialize_mapping};
-use crate::sys::lock::RawGuard;
+use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
+use crate::sync::deadline;
+use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::{AtomicWord, LOCK_HEADER, Mapping};
 
 /// Where a value's data starts: past the lock header, aligned for `T`.
@@ -119,9 +119,8 @@ impl<T: Pod> Value<T> {
         })
     }
 
-    fn words(&self) -> (&AtomicU32, &AtomicU32) {
-        let w = self.map.atomics_u32();
-        (&w[0], &w[1])
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
     }
 
     fn read(&self) -> T {
@@ -153,9 +152,8 @@ impl<T: Pod> Value<T> {
     /// `Err(PoisonError)` with the guard if a holder died or panicked
     /// holding the lock (see [`Lock::acquire`](crate::Lock::acquire)).
     pub fn lock(&self) -> LockResult<ValueGuard<'_, T>> {
-        let (word, poison) = self.words();
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(self.header(), None) {
                 let guard = self.guard(raw);
                 return if poisoned {
                     Err(PoisonError::new(guard))
@@ -172,8 +170,7 @@ impl<T: Pod> Value<T> {
     ///
     /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for `lock`.
     pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ValueGuard<'_, T>> {
-        let (word, poison) = self.words();
-        match RawGuard::lock(word, poison, deadline(timeout)) {
+        match RawGuard::lock(self.header(), deadline(timeout)) {
             None => Err(TryLockError::WouldBlock),
             Some((raw, false)) => Ok(self.guard(raw)),
             Some((raw, true)) => Err(TryLockError::Poisoned(PoisonError::new(self.guard(raw)))),
@@ -200,12 +197,12 @@ impl<T: Pod> Value<T> {
 
     /// `true` if a holder of the lock died or panicked holding it.
     pub fn is_poisoned(&self) -> bool {
-        self.words().1.load(Ordering::Relaxed) != 0
+        self.header().is_poisoned()
     }
 
     /// Clears the poison flag.
     pub fn clear_poison(&self) {
-        self.words().1.store(0, Ordering::Relaxed);
+        self.header().clear_poison();
     }
 }
 
@@ -246,20 +243,28 @@ impl<T: Pod + fmt::Debug> fmt::Debug for Value<T> {
     }
 }
 
-impl<T: Pod> Serialize for Value<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
+impl<T: Pod> HandleWire for Value<T> {
+    const KIND: Kind = Kind::Value;
+    type Elem = T;
+    type Plain = ();
 
-impl<'de, T: Pod> Deserialize<'de> for Value<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        Ok(Parts::mapped(&self.map, ()))
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Self::DATA + std::mem::size_of::<T>())
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(Value {
-            map: deserialize_mapping(deserializer, Self::DATA + std::mem::size_of::<T>(), "Value")?,
+            map: Arc::new(fds.mapping(0)?),
             _t: PhantomData,
         })
     }
 }
+
+handle_serde!([T: Pod] Value<T>);
 
 mod sealed {
     pub trait Sealed {}
@@ -462,24 +467,28 @@ impl<T: Pod + fmt::Debug> fmt::Debug for RawValue<T> {
     }
 }
 
-impl<T: Pod> Serialize for RawValue<T> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
+impl<T: Pod> HandleWire for RawValue<T> {
+    const KIND: Kind = Kind::RawValue;
+    type Elem = T;
+    type Plain = ();
 
-impl<'de, T: Pod> Deserialize<'de> for RawValue<T> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        Ok(Parts::mapped(&self.map, ()))
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(Self::DATA + std::mem::size_of::<T>())
+    }
+
+    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(RawValue {
-            map: deserialize_mapping(
-                deserializer,
-                Self::DATA + std::mem::size_of::<T>(),
-                "RawValue",
-            )?,
+            map: Arc::new(fds.mapping(0)?),
             _t: PhantomData,
         })
     }
 }
+
+handle_serde!([T: Pod] RawValue<T>);
 
 #[cfg(test)]
 mod tests {

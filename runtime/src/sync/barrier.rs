@@ -2,26 +2,28 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deadline, deserialize_mapping, serialize_mapping};
+use super::deadline;
 use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received};
 use crate::sys::futex;
-use crate::sys::lock::{self as raw, RawGuard};
-use crate::sys::shm::Mapping;
+use crate::sys::lock::{self as raw, Header, RawGuard};
+use crate::sys::shm::{LOCK_HEADER, Mapping};
 
-// Words: lock, poison, arrived, generation, broken, parties, 2 spare, then
-// one thread id per party.
-const LOCK: usize = 0;
-const POISON: usize = 1;
-const ARRIVED: usize = 2;
-const GENERATION: usize = 3;
-const BROKEN: usize = 4;
-const PARTIES: usize = 5;
-const TIDS: usize = 8;
+// The lock header (u32 words 0..4), the u32 words arrived, generation,
+// broken and parties, then from byte 32 one u64 per waiting party: its
+// process as a lock word names it (pid and start time, so that a party
+// whose pid was reused is still seen dead), written and read under the
+// lock.
+const ARRIVED: usize = LOCK_HEADER / 4;
+const GENERATION: usize = ARRIVED + 1;
+const BROKEN: usize = ARRIVED + 2;
+const PARTIES: usize = ARRIVED + 3;
+/// The first party slot, as an index of u64 words.
+const SLOTS: usize = 4;
+const SLOTS_BYTE: usize = SLOTS * 8;
 
 /// A rendezvous point for a fixed number of parties (processes or
 /// threads): Python's `multiprocessing.Barrier` with std's shape.
@@ -83,7 +85,7 @@ impl Barrier {
         if parties == 0 || parties > 1 << 20 {
             return Err(Error::invalid("a barrier needs between 1 and 2^20 parties"));
         }
-        let map = Mapping::create("multiproc-barrier", (TIDS + parties as usize) * 4)?;
+        let map = Mapping::create("multiproc-barrier", SLOTS_BYTE + parties as usize * 8)?;
         map.atomics_u32()[PARTIES].store(parties, Ordering::Relaxed);
         Ok(Barrier { map: Arc::new(map) })
     }
@@ -92,11 +94,19 @@ impl Barrier {
         &self.map.atomics_u32()[i]
     }
 
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
+    }
+
+    fn slot(&self, i: usize) -> &AtomicU64 {
+        &self.map.atomics_u64()[SLOTS + i]
+    }
+
     fn lock(&self) -> RawGuard<'_> {
         loop {
             // Poisoning is irrelevant here: the state is repaired below by
             // breaking the barrier when a party is found dead.
-            if let Some((guard, _)) = RawGuard::lock(self.word(LOCK), self.word(POISON), None) {
+            if let Some((guard, _)) = RawGuard::lock(self.header(), None) {
                 return guard;
             }
         }
@@ -150,14 +160,17 @@ impl Barrier {
         self.wait_until(deadline(timeout))
     }
 
-    fn any_dead(&self, arrived: u32, me: u32) -> bool {
+    /// Called with the lock held: `true` if a waiting party's process
+    /// certainly died (parties of this process are alive: this runs).
+    fn any_dead(&self, arrived: u32) -> bool {
+        let header = self.header();
         (0..arrived as usize)
-            .map(|i| self.word(TIDS + i).load(Ordering::Relaxed))
-            .any(|tid| tid != me && tid != 0 && raw::is_dead(tid))
+            .map(|i| self.slot(i).load(Ordering::Relaxed))
+            .any(|party| header.party_dead(party))
     }
 
     fn wait_until(&self, deadline: Option<Instant>) -> Result<BarrierWaitResult> {
-        let me = raw::tid();
+        let me = raw::this_process();
         let generation = self.word(GENERATION);
         let seen = {
             let _guard = self.lock();
@@ -167,7 +180,7 @@ impl Barrier {
             let arrived = self.word(ARRIVED).load(Ordering::Relaxed);
             let parties = self.parties();
             if arrived + 1 >= parties {
-                if self.any_dead(arrived, me) {
+                if self.any_dead(arrived) {
                     self.break_locked();
                     return Err(Error::BrokenBarrier);
                 }
@@ -176,8 +189,7 @@ impl Barrier {
                 futex::wake(generation, u32::MAX);
                 return Ok(BarrierWaitResult(true));
             }
-            self.word(TIDS + arrived as usize)
-                .store(me, Ordering::Relaxed);
+            self.slot(arrived as usize).store(me, Ordering::Relaxed);
             self.word(ARRIVED).store(arrived + 1, Ordering::Relaxed);
             generation.load(Ordering::SeqCst)
         };
@@ -207,7 +219,7 @@ impl Barrier {
                     self.break_locked();
                     return Err(Error::Timeout);
                 }
-                if self.any_dead(self.word(ARRIVED).load(Ordering::Relaxed), me) {
+                if self.any_dead(self.word(ARRIVED).load(Ordering::Relaxed)) {
                     self.break_locked();
                     return Err(Error::BrokenBarrier);
                 }
@@ -226,22 +238,34 @@ impl fmt::Debug for Barrier {
     }
 }
 
-impl Serialize for Barrier {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
+/// Travels as its memory and its party count, which fixes the memory's
+/// size (one thread id per party).
+impl HandleWire for Barrier {
+    const KIND: Kind = Kind::Barrier;
+    type Elem = ();
+    type Plain = u32;
+
+    fn parts(&self) -> Result<Parts<'_, u32>> {
+        Ok(Parts::mapped(&self.map, self.parties()))
+    }
+
+    fn mapping_size(&parties: &u32) -> Result<usize> {
+        if parties == 0 || parties > 1 << 20 {
+            return Err(handle::decode(format!("a Barrier of {parties} parties")));
+        }
+        Ok(SLOTS_BYTE + parties as usize * 8)
+    }
+
+    fn rebuild(parties: u32, fds: &mut Received) -> Result<Self> {
+        let map = fds.mapping(0)?;
+        let found = map.atomics_u32()[PARTIES].load(Ordering::Relaxed);
+        if found != parties {
+            return Err(handle::decode(format!(
+                "a Barrier sent as one of {parties} parties holds {found}"
+            )));
+        }
+        Ok(Barrier { map: Arc::new(map) })
     }
 }
 
-impl<'de> Deserialize<'de> for Barrier {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        use serde::de::Error as _;
-        let map = deserialize_mapping(deserializer, TIDS * 4 + 4, "Barrier")?;
-        let parties = map.atomics_u32()[PARTIES].load(Ordering::Relaxed) as usize;
-        if map.len() < (TIDS + parties) * 4 {
-            return Err(D::Error::custom(
-                "barrier shared memory too small for its parties",
-            ));
-        }
-        Ok(Barrier { map })
-    }
-}
+handle::handle_serde!([] Barrier);

@@ -5,16 +5,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LockResult, PoisonError};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deserialize_mapping, serialize_mapping};
 use crate::error::Result;
+use crate::handle::mapped_handle;
 use crate::sys::futex;
-use crate::sys::lock::RawGuard;
-use crate::sys::shm::Mapping;
+use crate::sys::lock::{Header, RawGuard};
+use crate::sys::shm::{LOCK_HEADER, Mapping};
 
-// Words: lock, poison, sequence, sleepers.
-const COND_BYTES: usize = 16;
+// The lock header, then the u32 words sequence and sleepers.
+const SEQ: usize = LOCK_HEADER / 4;
+const SLEEPERS: usize = SEQ + 1;
+const COND_BYTES: usize = LOCK_HEADER + 8;
 
 /// A condition variable with its own lock, shared by processes and
 /// threads: Python's `multiprocessing.Condition` in std's `Condvar` shape:
@@ -84,9 +84,10 @@ impl Condition {
         })
     }
 
-    fn words(&self) -> (&AtomicU32, &AtomicU32, &AtomicU32, &AtomicU32) {
+    /// The sequence word (bumped by each notify) and the sleeper count.
+    fn words(&self) -> (&AtomicU32, &AtomicU32) {
         let w = self.map.atomics_u32();
-        (&w[0], &w[1], &w[2], &w[3])
+        (&w[SEQ], &w[SLEEPERS])
     }
 
     /// Takes the condition's lock.
@@ -96,9 +97,8 @@ impl Condition {
     /// `Err(PoisonError)` with the guard, as for
     /// [`Lock::acquire`](crate::Lock::acquire).
     pub fn acquire(&self) -> LockResult<ConditionGuard<'_>> {
-        let (word, poison, _, _) = self.words();
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(word, poison, None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(Header::of(&self.map), None) {
                 let guard = ConditionGuard { cond: self, raw };
                 return if poisoned {
                     Err(PoisonError::new(guard))
@@ -114,7 +114,7 @@ impl Condition {
         timeout: Option<Duration>,
     ) -> LockResult<(ConditionGuard<'_>, bool)> {
         let mut guard = guard;
-        let (_, _, seq, sleepers) = guard.cond.words();
+        let (seq, sleepers) = guard.cond.words();
         let seen = seq.load(Ordering::SeqCst);
         sleepers.fetch_add(1, Ordering::SeqCst);
         let (wake, poisoned) = guard.raw.unlocked(|| futex::wait(seq, seen, timeout));
@@ -201,7 +201,7 @@ impl Condition {
     }
 
     fn wake(&self, n: u32) {
-        let (_, _, seq, sleepers) = self.words();
+        let (seq, sleepers) = self.words();
         seq.fetch_add(1, Ordering::SeqCst);
         if sleepers.load(Ordering::SeqCst) > 0 {
             futex::wake(seq, n);
@@ -221,16 +221,4 @@ impl fmt::Debug for ConditionGuard<'_> {
     }
 }
 
-impl Serialize for Condition {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Condition {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Condition {
-            map: deserialize_mapping(deserializer, COND_BYTES, "Condition")?,
-        })
-    }
-}
+mapped_handle!(Condition, COND_BYTES);

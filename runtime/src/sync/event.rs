@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deadline, deserialize_mapping, serialize_mapping};
+use super::deadline;
 use crate::error::Result;
+use crate::handle::mapped_handle;
 use crate::sys::futex::{self, Wake};
 use crate::sys::shm::Mapping;
 
@@ -111,16 +110,4 @@ impl fmt::Debug for Event {
     }
 }
 
-impl Serialize for Event {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Event {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Event {
-            map: deserialize_mapping(deserializer, EVENT_BYTES, "Event")?,
-        })
-    }
-}
+mapped_handle!(Event, EVENT_BYTES);

@@ -5,12 +5,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, LockResult, PoisonError, TryLockError, TryLockResult};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deadline, deserialize_mapping, serialize_mapping};
+use super::deadline;
 use crate::error::Result;
-use crate::sys::lock::{self as raw, RawGuard};
-use crate::sys::shm::Mapping;
+use crate::handle::mapped_handle;
+use crate::sys::lock::{Header, RawGuard};
+use crate::sys::shm::{LOCK_HEADER, Mapping};
 
 /// A mutual-exclusion lock shared by processes and threads: Python's
 /// `multiprocessing.Lock` with std's `Mutex` shape (an RAII guard, and
@@ -67,7 +66,7 @@ pub struct LockGuard<'a> {
     _raw: RawGuard<'a>,
 }
 
-const LOCK_BYTES: usize = 8;
+const LOCK_BYTES: usize = LOCK_HEADER;
 
 impl Lock {
     /// A new, free lock.
@@ -82,9 +81,8 @@ impl Lock {
     }
 
     #[inline]
-    fn words(&self) -> (&AtomicU32, &AtomicU32) {
-        let words = self.map.atomics_u32();
-        (&words[0], &words[1])
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
     }
 
     #[inline]
@@ -120,8 +118,7 @@ impl Lock {
     /// ```
     #[inline]
     pub fn acquire(&self) -> LockResult<LockGuard<'_>> {
-        let (word, poison) = self.words();
-        match RawGuard::lock(word, poison, None) {
+        match RawGuard::lock(self.header(), None) {
             Some((raw, poisoned)) => Self::wrap(raw, poisoned),
             // Without a deadline the lock is always eventually taken.
             None => self.acquire(),
@@ -147,8 +144,7 @@ impl Lock {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn try_acquire(&self) -> TryLockResult<LockGuard<'_>> {
-        let (word, poison) = self.words();
-        match RawGuard::try_lock(word, poison) {
+        match RawGuard::try_lock(self.header()) {
             Some((raw, poisoned)) => Self::wrap(raw, poisoned).map_err(TryLockError::from),
             None => Err(TryLockError::WouldBlock),
         }
@@ -174,8 +170,7 @@ impl Lock {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn acquire_timeout(&self, timeout: Duration) -> TryLockResult<LockGuard<'_>> {
-        let (word, poison) = self.words();
-        match RawGuard::lock(word, poison, deadline(timeout)) {
+        match RawGuard::lock(self.header(), deadline(timeout)) {
             Some((raw, poisoned)) => Self::wrap(raw, poisoned).map_err(TryLockError::from),
             None => Err(TryLockError::WouldBlock),
         }
@@ -184,18 +179,18 @@ impl Lock {
     /// `true` if some thread or process holds the lock now (Python's
     /// `locked()`); the answer may be stale as soon as it is returned.
     pub fn is_locked(&self) -> bool {
-        self.words().0.load(Ordering::Relaxed) != 0
+        self.header().is_locked()
     }
 
     /// `true` if a holder died or panicked holding the lock and the poison
     /// has not been cleared.
     pub fn is_poisoned(&self) -> bool {
-        self.words().1.load(Ordering::Relaxed) != 0
+        self.header().is_poisoned()
     }
 
     /// Clears the poison flag, once the protected data has been repaired.
     pub fn clear_poison(&self) {
-        self.words().1.store(0, Ordering::Relaxed);
+        self.header().clear_poison();
     }
 }
 
@@ -214,19 +209,7 @@ impl fmt::Debug for LockGuard<'_> {
     }
 }
 
-impl Serialize for Lock {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Lock {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Lock {
-            map: deserialize_mapping(deserializer, LOCK_BYTES, "Lock")?,
-        })
-    }
-}
+mapped_handle!(Lock, LOCK_BYTES);
 
 /// A re-entrant lock: the thread that holds it may acquire it again, and
 /// it is released when every guard is dropped. Python's
@@ -258,8 +241,9 @@ pub struct RLockGuard<'a> {
     _not_send: std::marker::PhantomData<*const ()>,
 }
 
-// Words: lock, poison, recursion count.
-const RLOCK_BYTES: usize = 12;
+// The lock header, then the recursion count (u32 word 4).
+const COUNT: usize = LOCK_HEADER / 4;
+const RLOCK_BYTES: usize = LOCK_HEADER + 4;
 
 impl RLock {
     /// A new, free re-entrant lock.
@@ -273,39 +257,33 @@ impl RLock {
         })
     }
 
-    fn words(&self) -> (&AtomicU32, &AtomicU32, &AtomicU32) {
-        let w = self.map.atomics_u32();
-        (&w[0], &w[1], &w[2])
+    fn header(&self) -> Header<'_> {
+        Header::of(&self.map)
+    }
+
+    fn count(&self) -> &AtomicU32 {
+        &self.map.atomics_u32()[COUNT]
     }
 
     fn lock(&self, deadline: Option<Instant>, wait: bool) -> TryLockResult<RLockGuard<'_>> {
-        let (word, poison, count) = self.words();
-        let me = raw::tid();
+        let header = self.header();
+        let count = self.count();
+        // The word names this thread by its id and start time: a thread
+        // of another process (another pid namespace) with the same id, or
+        // an earlier thread that had it, is not taken for this one.
+        if header.held_by_this_thread() {
+            count.fetch_add(1, Ordering::Relaxed);
+        } else {
+            if header.lock_for_thread(deadline, wait).is_none() {
+                return Err(TryLockError::WouldBlock);
+            }
+            count.store(1, Ordering::Relaxed);
+        }
         let guard = RLockGuard {
             lock: self,
             _not_send: std::marker::PhantomData,
         };
-        if raw::owner(word.load(Ordering::Relaxed)) == me {
-            count.fetch_add(1, Ordering::Relaxed);
-        } else {
-            let got = if wait {
-                raw::acquire(word, me, deadline)
-            } else if raw::try_acquire(word, me) {
-                raw::Acquired::Free
-            } else {
-                raw::Acquired::TimedOut
-            };
-            match got {
-                raw::Acquired::TimedOut => {
-                    std::mem::forget(guard);
-                    return Err(TryLockError::WouldBlock);
-                }
-                raw::Acquired::TakenOver => poison.store(1, Ordering::Relaxed),
-                raw::Acquired::Free => {}
-            }
-            count.store(1, Ordering::Relaxed);
-        }
-        if poison.load(Ordering::Relaxed) != 0 {
+        if header.is_poisoned() {
             Err(TryLockError::Poisoned(PoisonError::new(guard)))
         } else {
             Ok(guard)
@@ -348,23 +326,23 @@ impl RLock {
 
     /// `true` if a holder died or panicked holding the lock.
     pub fn is_poisoned(&self) -> bool {
-        self.words().1.load(Ordering::Relaxed) != 0
+        self.header().is_poisoned()
     }
 
     /// Clears the poison flag.
     pub fn clear_poison(&self) {
-        self.words().1.store(0, Ordering::Relaxed);
+        self.header().clear_poison();
     }
 }
 
 impl Drop for RLockGuard<'_> {
     fn drop(&mut self) {
-        let (word, poison, count) = self.lock.words();
+        let header = self.lock.header();
         if std::thread::panicking() {
-            poison.store(1, Ordering::Relaxed);
+            header.set_poison();
         }
-        if count.fetch_sub(1, Ordering::Relaxed) == 1 {
-            raw::release(word);
+        if self.lock.count().fetch_sub(1, Ordering::Relaxed) == 1 {
+            header.release_for_thread();
         }
     }
 }
@@ -383,19 +361,7 @@ impl fmt::Debug for RLockGuard<'_> {
     }
 }
 
-impl Serialize for RLock {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for RLock {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(RLock {
-            map: deserialize_mapping(deserializer, RLOCK_BYTES, "RLock")?,
-        })
-    }
-}
+mapped_handle!(RLock, RLOCK_BYTES);
 
 #[cfg(test)]
 mod tests {

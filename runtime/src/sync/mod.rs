@@ -10,15 +10,30 @@
 //! # Dead holders
 //!
 //! None of them is ever deadlocked by a process that dies. A lock word
-//! holds its holder's process id (thread id for [`RLock`]); a waiter sleeps
-//! at most 100 ms at a time and then checks that the holder still runs. If it does not (killed,
-//! crashed, a zombie not yet reaped), the waiter takes the lock over and is
-//! told: `acquire` returns `Err(PoisonError)` with the guard inside, as
-//! std's `Mutex` does after a panic. The lock then stays poisoned (every
-//! later `acquire` reports it) until [`Lock::clear_poison`], because the
-//! data it protected may be half-updated. A [`Barrier`] whose waiting party
-//! dies breaks for the others ([`Error::BrokenBarrier`](crate::Error)).
-//! CPython deadlocks forever in these cases (cpython issue 88304).
+//! names its holder by process id and start time (thread id and the
+//! thread's start time for [`RLock`]); a waiter sleeps at most 100 ms at a
+//! time and then checks that the holder still runs. If it does not
+//! (killed, crashed, a zombie not yet reaped, or gone and its pid given to
+//! another process, which has another start time), the waiter takes the
+//! lock over and is told: `acquire` returns `Err(PoisonError)` with the
+//! guard inside, as std's `Mutex` does after a panic. The lock then stays
+//! poisoned (every later `acquire` reports it) until [`Lock::clear_poison`],
+//! because the data it protected may be half-updated. A [`Barrier`] whose
+//! waiting party dies breaks for the others
+//! ([`Error::BrokenBarrier`](crate::Error)). CPython deadlocks forever in
+//! these cases (cpython issue 88304).
+//!
+//! A holder is only ever judged dead on proof, never on doubt, so the
+//! recovery does not happen when the proof cannot be had:
+//! - a lock used by processes of two pid namespaces (containers): their
+//!   ids mean different things, so such a lock is never taken over;
+//! - `/proc` mounted with `hidepid`, or not this namespace's: a missing
+//!   entry proves nothing; without a readable `/proc` a process cannot
+//!   learn its own start time, and a holder whose start time is unknown
+//!   is never taken over;
+//! - a holder that had lived less than one clock tick (10 ms) when it
+//!   died, whose pid went at once to a new process: the new one is taken
+//!   for the holder while it lives.
 
 mod barrier;
 mod condition;
@@ -32,40 +47,7 @@ pub use event::Event;
 pub use lock::{Lock, LockGuard, RLock, RLockGuard};
 pub use semaphore::{BoundedSemaphore, Semaphore};
 
-use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use serde::{Deserializer, Serializer};
-
-use crate::codec;
-use crate::sys::shm::Mapping;
-
-/// Serializes a handle: its mapping's descriptor travels beside the bytes.
-pub(crate) fn serialize_mapping<S: Serializer>(
-    map: &Mapping,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    codec::serialize_fd(map.fd().as_fd(), serializer)
-}
-
-/// Deserializes a handle's mapping, checking it has at least `min_len` bytes.
-pub(crate) fn deserialize_mapping<'de, D: Deserializer<'de>>(
-    deserializer: D,
-    min_len: usize,
-    what: &str,
-) -> Result<Arc<Mapping>, D::Error> {
-    use serde::de::Error as _;
-    let fd = codec::deserialize_fd(deserializer)?;
-    let map = Mapping::from_fd(fd).map_err(D::Error::custom)?;
-    if map.len() < min_len {
-        return Err(D::Error::custom(format!(
-            "shared memory of {} bytes is too small for a {what}",
-            map.len()
-        )));
-    }
-    Ok(Arc::new(map))
-}
 
 /// `now + timeout`, or `None` (no deadline) if that overflows.
 pub(crate) fn deadline(timeout: Duration) -> Option<Instant> {

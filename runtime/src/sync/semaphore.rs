@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use super::{deadline, deserialize_mapping, serialize_mapping};
+use super::deadline;
 use crate::error::{Error, Result};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, mapped_handle};
 use crate::sys::futex::{self, Wake};
 use crate::sys::shm::Mapping;
 
@@ -144,19 +143,7 @@ impl fmt::Debug for Semaphore {
     }
 }
 
-impl Serialize for Semaphore {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serialize_mapping(&self.map, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Semaphore {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        Ok(Semaphore {
-            map: deserialize_mapping(deserializer, SEM_BYTES, "Semaphore")?,
-        })
-    }
-}
+mapped_handle!(Semaphore, SEM_BYTES);
 
 /// A [`Semaphore`] that refuses to be released above its initial value:
 /// Python's `BoundedSemaphore`. Derefs to [`Semaphore`] for `acquire`,
@@ -171,7 +158,7 @@ impl<'de> Deserialize<'de> for Semaphore {
 /// sem.release()?;
 /// # Ok::<(), multiproc::Error>(())
 /// ```
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct BoundedSemaphore {
     inner: Semaphore,
 }
@@ -202,3 +189,27 @@ impl std::ops::Deref for BoundedSemaphore {
         &self.inner
     }
 }
+
+/// A semaphore's memory under a kind of its own: a `BoundedSemaphore` is
+/// not received as a `Semaphore`, nor the reverse.
+impl HandleWire for BoundedSemaphore {
+    const KIND: Kind = Kind::BoundedSemaphore;
+    type Elem = ();
+    type Plain = ();
+
+    fn parts(&self) -> Result<Parts<'_, ()>> {
+        self.inner.parts()
+    }
+
+    fn mapping_size(plain: &()) -> Result<usize> {
+        Semaphore::mapping_size(plain)
+    }
+
+    fn rebuild(plain: (), fds: &mut Received) -> Result<Self> {
+        Ok(BoundedSemaphore {
+            inner: Semaphore::rebuild(plain, fds)?,
+        })
+    }
+}
+
+handle::handle_serde!([] BoundedSemaphore);

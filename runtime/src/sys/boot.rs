@@ -52,7 +52,11 @@ macro_rules! load_time_hook {
                 argv: *const *const ::core::ffi::c_char,
                 envp: *const *const ::core::ffi::c_char,
             ) {
-                $crate::sys::boot::enter(load_time_hook, argc, argv, envp, $hook);
+                // SAFETY: this function is only ever called by the loader,
+                // once, as the `.init_array` entry this macro places, with
+                // the loader's own arguments; it is private to this
+                // static, so nothing else can call it.
+                unsafe { $crate::sys::boot::enter(load_time_hook, argc, argv, envp, $hook) };
             }
             load_time_hook
         };
@@ -71,7 +75,15 @@ pub(crate) struct LoadTime {
 }
 
 /// Called by the function that [`load_time_hook!`] places. Never unwinds.
-pub(crate) fn enter(
+///
+/// # Safety
+///
+/// Only from that function, as the loader calls it: `me` is the
+/// `.init_array` entry itself, `argc`, `argv` and `envp` are the loader's
+/// arguments, and this is before `main` (the [`LoadTime`] it makes runs
+/// the constructors after `me`, which must not have run yet, and passes
+/// them these arguments).
+pub(crate) unsafe fn enter(
     me: InitFn,
     argc: c_int,
     argv: *const *const c_char,
@@ -189,7 +201,11 @@ unsafe impl Send for AltStack {}
 /// then call [`AltStack::install`]. A `SIGSEGV` or `SIGBUS` elsewhere
 /// keeps its default effect; a handler the program installed first is
 /// left alone. Once per process: a later call fails.
-pub(crate) fn prepare_overflow_report(thread: libc::pthread_t, name: &str) -> io::Result<AltStack> {
+pub(crate) fn prepare_overflow_report<T>(
+    thread: &std::thread::JoinHandle<T>,
+    name: &str,
+) -> io::Result<AltStack> {
+    use std::os::unix::thread::JoinHandleExt;
     if PREFIX
         .set(
             format!("\nthread '{name}' (")
@@ -202,7 +218,7 @@ pub(crate) fn prepare_overflow_report(thread: libc::pthread_t, name: &str) -> io
             "the stack-overflow report is already set up",
         ));
     }
-    let (low, guard) = stack_of(thread)?;
+    let (low, guard) = stack_of(thread.as_pthread_t())?;
     GUARD_START.store(low.saturating_sub(guard), Ordering::SeqCst);
     GUARD_END.store(low.saturating_add(guard), Ordering::SeqCst);
     let stack = map_alt_stack()?;
@@ -247,10 +263,12 @@ impl AltStack {
 }
 
 /// The lowest usable address of `thread`'s stack and the size of its guard.
+/// `thread` comes from a `JoinHandle` not yet joined: its pthread is valid.
 fn stack_of(thread: libc::pthread_t) -> io::Result<(usize, usize)> {
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
-    // SAFETY: `thread` is a live thread of this process (the caller just
-    // created it); `attr` is writable storage for one pthread_attr_t,
+    // SAFETY: `thread` is a thread of this process that nobody has joined
+    // or detached (it comes from a borrowed `JoinHandle`), so its handle is
+    // valid even if it has exited; `attr` is writable storage for one pthread_attr_t,
     // which pthread_getattr_np initializes on success.
     let rc = unsafe { libc::pthread_getattr_np(thread, attr.as_mut_ptr()) };
     if rc != 0 {

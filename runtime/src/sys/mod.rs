@@ -10,7 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsString};
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{self, ControlMessage, MsgFlags};
 use nix::sys::wait::{WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
@@ -134,10 +134,17 @@ pub(crate) fn dup_at_least(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd
 /// Returns `None` unless `fd` is a Unix socket whose peer is process
 /// `peer` (so that a descriptor this process did not get from `peer` is
 /// never taken).
-pub(crate) fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
+///
+/// # Safety
+///
+/// Nothing else in this process owns `fd` or will take it: it is a number
+/// this process inherited and has not wrapped anywhere, and this is the
+/// only call for it (a second `OwnedFd` of one descriptor closes it under
+/// the first).
+pub(crate) unsafe fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
     // SAFETY: only used to ask the kernel about `fd`; it is not closed or
-    // kept through this borrow, and nothing else in this process knows the
-    // number yet (the caller runs once, before the program's own code).
+    // kept through this borrow, and nothing else owns it (this function's
+    // contract).
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let cred = socket::getsockopt(&borrowed, socket::sockopt::PeerCredentials).ok()?;
     if u32::try_from(cred.pid()).ok()? != peer {
@@ -151,17 +158,21 @@ pub(crate) fn take_inherited_socket(fd: RawFd, peer: u32) -> Option<OwnedFd> {
     .ok()?;
     // SAFETY: the descriptor is open (the calls above succeeded), was
     // placed there for this process by `peer`, and is owned from here on
-    // by the returned value alone (the caller takes it once).
+    // by the returned value alone (this function's contract: no one else
+    // owns it, and it is taken once).
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Removes `key` from the environment. For the start of a process, before
-/// it runs threads of its own.
-pub(crate) fn remove_env_before_threads(key: &str) {
-    // SAFETY: called at load time or at the top of main, before the
-    // program has started any thread that could be reading the
-    // environment (a load-time constructor of another library that starts
-    // a reader thread is the documented exception of std's rule).
+/// Removes `key` from the environment.
+///
+/// # Safety
+///
+/// No other thread reads or writes the environment during the call (std's
+/// rule for `remove_var`): in practice, the process has started no thread
+/// yet.
+pub(crate) unsafe fn remove_env(key: &str) {
+    // SAFETY: no other thread touches the environment during the call
+    // (this function's contract, passed on to its caller).
     unsafe { std::env::remove_var(key) };
 }
 
@@ -344,40 +355,6 @@ pub(crate) fn send_with_fds(
     }
 }
 
-/// Receives bytes into `buf`, appending any descriptors that arrive to
-/// `fds`. Returns the byte count (0 at end of stream).
-pub(crate) fn recv_with_fds(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-) -> std::result::Result<usize, Errno> {
-    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MSG]);
-    loop {
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = match socket::recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e),
-            Ok(msg) => msg,
-        };
-        let bytes = msg.bytes;
-        for cmsg in msg.cmsgs().map_err(|_| Errno::EINVAL)? {
-            if let ControlMessageOwned::ScmRights(raws) = cmsg {
-                for raw in raws {
-                    // SAFETY: SCM_RIGHTS installed `raw` as a new descriptor
-                    // in this process; nothing else refers to it yet.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                }
-            }
-        }
-        return Ok(bytes);
-    }
-}
-
 /// `POLLRDHUP` (the peer closed its end), which nix does not name.
 pub(crate) const POLLRDHUP: PollFlags = PollFlags::from_bits_retain(libc::POLLRDHUP);
 
@@ -435,14 +412,24 @@ pub(crate) struct Received {
 }
 
 /// Receives bytes into `buf`, appending every descriptor that arrived with
-/// them (SCM_RIGHTS, close-on-exec) to `fds`, retried on `EINTR`. Unlike
-/// [`recv_with_fds`], a truncated control message is reported instead of
-/// failing the call (which would lose the bytes already taken from the
-/// socket and leak the descriptors the kernel did install).
+/// them (SCM_RIGHTS, close-on-exec) to `fds`, retried on `EINTR`. A
+/// truncated control message is reported, not an error of the call (which
+/// would lose the bytes already taken from the socket and leak the
+/// descriptors the kernel did install).
 pub(crate) fn recv_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<Received> {
+    recvmsg_fds(sock, buf, fds, libc::MSG_CMSG_CLOEXEC)
+}
+
+/// `recvmsg(2)` with `flags`, for [`recv_fds`] and `ipc::peek_fds`.
+fn recvmsg_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: libc::c_int,
 ) -> std::io::Result<Received> {
     const INT: usize = std::mem::size_of::<libc::c_int>();
     const WORD: usize = std::mem::size_of::<usize>();
@@ -467,7 +454,7 @@ pub(crate) fn recv_fds(
         // SAFETY: `msg` points at one iovec covering `buf` (exclusively
         // borrowed, writable) and at `control` (SPACE writable bytes); both
         // outlive the call, which writes at most that much into each.
-        let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {

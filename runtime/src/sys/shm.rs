@@ -2,6 +2,7 @@
 //! a descriptor or a mapping refers to them, so nothing is ever left in
 //! `/dev/shm` after a crash. They travel between processes as descriptors.
 
+use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -51,6 +52,25 @@ fn sealed_len(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// A `MAP_SHARED` mapping of a whole memfd. Zero-filled when created.
+///
+/// # Access
+///
+/// Safely: atomics (`atomics_u8/u32/u64`, [`atomic_at`](Mapping::atomic_at))
+/// and atomic copies ([`load_bytes`](Mapping::load_bytes),
+/// [`load_pods`](Mapping::load_pods), [`write`](Mapping::write)...), so a
+/// race with another process is a torn value, never undefined behaviour.
+/// In place: [`exclusive`](Mapping::exclusive) (a token for a range its
+/// holder alone touches), [`view`](Mapping::view), the locked slices (a
+/// lock guard is the proof) and the `bytes_unchecked` pair; each unsafe
+/// one's caller says why its protocol rules out racing accesses.
+///
+/// One rule the types do not enforce: racing atomic accesses of different
+/// widths to the same bytes are undefined in Rust's memory model (as in
+/// C++'s), so each layout gives every byte one width: `SharedMemory` bytes
+/// only, a `Value<T>` or `RawArray<T>` the width `load_pods` derives from
+/// `T`, queue and lock words their own word width, pool arena data
+/// `write`'s 64-bit words (read in place by `view`, which rules out racing
+/// writes altogether).
 #[derive(Debug)]
 pub(crate) struct Mapping {
     ptr: NonNull<u8>,
@@ -58,11 +78,12 @@ pub(crate) struct Mapping {
     fd: OwnedFd,
 }
 
-// SAFETY: the mapping is plain memory shared by design; every access goes
-// through atomics or explicit copies, never through unsynchronised
-// references handed out to several threads.
+// SAFETY: the mapping is plain memory shared by design; every safe access
+// goes through atomics or atomic copies; a plain reference into it comes
+// only from an `unsafe fn` whose caller rules out racing accesses.
 unsafe impl Send for Mapping {}
-// SAFETY: as above: `&Mapping` only hands out atomics and copies.
+// SAFETY: as above: `&Mapping` only hands out atomics and atomic copies
+// safely.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
@@ -102,6 +123,19 @@ impl Mapping {
     /// stays backed.
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Mapping> {
         let len = sealed_len(fd.as_fd())?;
+        Mapping::map(fd, len)
+    }
+
+    /// As [`from_fd`](Mapping::from_fd), for a memfd that must have exactly
+    /// `len` bytes (a handle's, whose size its kind and fields fix): any
+    /// other size is refused before anything is mapped.
+    pub(crate) fn from_fd_sized(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
+        let found = sealed_len(fd.as_fd())?;
+        if found != len {
+            return Err(invalid(format!(
+                "shared memory of {found} bytes where {len} were expected"
+            )));
+        }
         Mapping::map(fd, len)
     }
     fn map(fd: OwnedFd, len: usize) -> io::Result<Mapping> {
@@ -151,34 +185,49 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU64>(), self.len / 8) }
     }
 
-    /// Copies `out.len()` bytes from `offset`. Out of range: an error.
-    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> io::Result<()> {
-        self.check(offset, out.len())?;
-        // SAFETY: the range was checked to lie inside the mapping, `out` is
-        // a distinct, valid buffer of that length (it cannot alias a shared
-        // mapping the caller does not own).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().wrapping_add(offset),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        };
-        Ok(())
-    }
-
-    /// Copies `data` to `offset`. Out of range: an error.
+    /// Copies `data` to `offset` with relaxed atomic stores of the aligned
+    /// 64-bit words that hold them (a partly covered word: a CAS that keeps
+    /// its other bytes; past the last whole word: byte stores). Out of
+    /// range: an error.
+    ///
+    /// Every byte is written at the one width its address gives it, so a
+    /// write that races with another is a torn value at worst, never
+    /// undefined behaviour; and for bulk data it is as fast as a plain
+    /// copy. A reader that borrows the range in place
+    /// ([`view`](Mapping::view)) is the one that must rule racing writes
+    /// out. For pool arenas; `SharedMemory`'s surface uses
+    /// [`store_bytes`](Mapping::store_bytes).
     pub(crate) fn write(&self, offset: usize, data: &[u8]) -> io::Result<()> {
         self.check(offset, data.len())?;
-        // SAFETY: the range was checked to lie inside the mapping; `data` is
-        // a valid buffer that does not overlap it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.ptr.as_ptr().wrapping_add(offset),
-                data.len(),
-            )
-        };
+        let words = self.atomics_u64();
+        let whole = words.len() * 8;
+        let split = whole.saturating_sub(offset).min(data.len());
+        let (in_words, past) = data.split_at(split);
+        let mut at = offset;
+        let mut rest = in_words;
+        if at % 8 != 0 && !rest.is_empty() {
+            let n = (8 - at % 8).min(rest.len());
+            if let Some(word) = words.get(at / 8) {
+                merge_word(word, at % 8, &rest[..n]);
+            }
+            at += n;
+            rest = &rest[n..];
+        }
+        let body = &words[at / 8..][..rest.len() / 8];
+        let mut chunks = rest.chunks_exact(8);
+        for (chunk, word) in (&mut chunks).zip(body) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        let tail = chunks.remainder();
+        if let (false, Some(word)) = (tail.is_empty(), words.get(at / 8 + body.len())) {
+            merge_word(word, 0, tail);
+        }
+        let cells = &self.atomics_u8()[offset + split..][..past.len()];
+        for (byte, cell) in past.iter().zip(cells) {
+            cell.store(*byte, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -279,7 +328,7 @@ impl Mapping {
     }
 
     /// `len` values of `T` at `offset`, borrowed for as long as `guard`
-    /// is: the data of a mapping whose lock is its word 0 (see
+    /// is: the data of a mapping whose lock word is its first 8 bytes (see
     /// [`locked_slice_mut`](Mapping::locked_slice_mut)).
     pub(crate) fn locked_slice<'g, T: Pod>(
         &'g self,
@@ -290,7 +339,7 @@ impl Mapping {
         self.check_locked::<T>(guard, offset, len)?;
         // SAFETY: `check_locked` proved the range lies inside the mapping,
         // past the lock header, aligned for `T`, and that `guard` holds this
-        // mapping's lock (word 0). By the layout rule of this crate (see
+        // mapping's lock (its first 8 bytes). By the layout rule of this crate (see
         // `locked_slice_mut`), every access to a locked region goes through
         // a guard of that lock, and only one guard exists at a time in all
         // processes; this shared borrow is tied to a shared borrow of the
@@ -305,7 +354,7 @@ impl Mapping {
     /// guard is.
     ///
     /// The layout rule that makes this sound: a mapping used with this
-    /// function keeps its lock word at word 0 (poison flag at word 1) and
+    /// function keeps its lock header (`sys::lock::Header`) at byte 0 and
     /// every byte past [`LOCK_HEADER`] is touched only while that lock is
     /// held (Array's `lock`, `get`, `set`, `to_vec`: never the lock-free
     /// copies of `RawArray` or `Value`'s atomics, which use other mappings).
@@ -331,7 +380,7 @@ impl Mapping {
         len: usize,
     ) -> io::Result<()> {
         let holds_ours = self
-            .atomics_u32()
+            .atomics_u64()
             .first()
             .is_some_and(|w| std::ptr::eq(w, guard.word()));
         if !holds_ours {
@@ -348,36 +397,51 @@ impl Mapping {
         self.check(offset, bytes)
     }
 
-    /// `len` bytes at `offset`, borrowed, for reading a range that the
-    /// caller's protocol keeps unchanged while the borrow lives (a queue
-    /// slot its consumer has taken: no writer may touch it before the
-    /// consumer releases it). Out of range: an error.
-    pub(crate) fn range(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
+    /// The right to read and write the `len` bytes at `offset` alone, for
+    /// as long as the returned token lives: the payload of a queue slot
+    /// that this process claimed (producer) or took (consumer). Its
+    /// [`bytes`](Exclusive::bytes) and [`bytes_mut`](Exclusive::bytes_mut)
+    /// are then safe: the token's existence is the proof. Out of range: an
+    /// error.
+    ///
+    /// # Safety
+    ///
+    /// From this call until the token is dropped, nothing else accesses
+    /// the range: no other thread or process, through no mapping of the
+    /// memfd, and not through `self` either (its atomics, copies, or another
+    /// token or view overlapping it). The caller must drop the token before
+    /// it hands the range on (the release store that lets the next holder
+    /// in), and any access that came before the token must happen-before
+    /// this call (the acquire that gave the range to the caller).
+    pub(crate) unsafe fn exclusive(&self, offset: usize, len: usize) -> io::Result<Exclusive<'_>> {
         self.check(offset, len)?;
-        // SAFETY: the range was checked to lie inside the mapping, which
-        // stays mapped while `&self` lives; u8 has no invalid values.
-        // Concurrent writers are excluded by the caller's protocol (as for
-        // `bytes`).
-        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset), len) })
+        Ok(Exclusive {
+            ptr: NonNull::new(self.ptr.as_ptr().wrapping_add(offset))
+                .ok_or_else(|| invalid("null shared memory range"))?,
+            len,
+            _mapping: PhantomData,
+        })
     }
 
-    /// Runs `f` on `len` bytes at `offset` as a mutable slice, for writing
-    /// a range that the caller's protocol gives to it alone while `f` runs
-    /// (a queue slot its producer has claimed). Out of range: an error.
-    pub(crate) fn with_range_mut<R>(
-        &self,
-        offset: usize,
-        len: usize,
-        f: impl FnOnce(&mut [u8]) -> R,
-    ) -> io::Result<R> {
+    /// `len` bytes at `offset`, borrowed for reading in place (a pool
+    /// chunk's arguments in the worker, a chunk's results in the parent).
+    /// Out of range: an error.
+    ///
+    /// # Safety
+    ///
+    /// While the returned slice lives, nothing writes any of these bytes:
+    /// no thread or process, through no mapping of the memfd, and not
+    /// through `self` (its atomics, [`write`](Mapping::write), a token);
+    /// and every write made before the call happens-before it (a `&[u8]`
+    /// promises the compiler that its bytes do not change). Other readers
+    /// are allowed.
+    pub(crate) unsafe fn view(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
         self.check(offset, len)?;
         // SAFETY: the range was checked to lie inside the mapping, which
-        // stays mapped while `&self` lives; the slice does not outlive `f`;
-        // every other access to the range (in this process or another) is
-        // excluded by the caller's protocol for that time.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().wrapping_add(offset), len) };
-        Ok(f(bytes))
+        // stays mapped while `&self` lives; u8 has no invalid values; no
+        // writer touches the range while the slice lives (this function's
+        // contract, passed on to its caller).
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset), len) })
     }
 
     /// The whole mapping as bytes, borrowed: `SharedMemory::as_slice`.
@@ -445,33 +509,62 @@ impl Mapping {
         }
         Ok(())
     }
-
-    /// `len` bytes at `offset` of a pool arena, borrowed for reading in
-    /// place (a chunk's arguments in the worker, a chunk's results in the
-    /// parent). Out of range: an error.
-    ///
-    /// The pool's arena protocol keeps the range unchanged while the view
-    /// lives: the writer of a region (the parent for input, the worker for
-    /// output) fills it completely before announcing it on the socket, and
-    /// does not write it again until the reader gives it back (input: the
-    /// chunk's result frame arrived, sent after the worker's last read;
-    /// output: the parent released it after decoding). Other regions of
-    /// the arena may be written meanwhile; they do not overlap this one.
-    pub(crate) fn arena_view(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
-        self.check(offset, len)?;
-        // SAFETY: the range was checked to lie inside the mapping, which
-        // stays mapped while `&self` lives; u8 has no invalid values; no
-        // process writes the range while the borrow lives (the arena
-        // protocol above: a region is rewritten only after its reader
-        // handed it back, which the reader does after its last use of the
-        // view).
-        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().wrapping_add(offset), len) })
-    }
 }
 
-/// Bytes at the start of a locked mapping: the lock word (word 0) and its
-/// poison flag (word 1); locked data starts at or after it.
-pub(crate) const LOCK_HEADER: usize = 8;
+/// Bytes at the start of a locked mapping: the 64-bit lock word, its
+/// poison flag and its namespace register (see `sys::lock`); locked data
+/// starts at or after it.
+pub(crate) const LOCK_HEADER: usize = 16;
+
+/// Stores `bytes` into `word` from byte `skip` on, keeping its other bytes
+/// (one CAS loop: another writer of those bytes is not overwritten).
+fn merge_word(word: &AtomicU64, skip: usize, bytes: &[u8]) {
+    let _ = word.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+        let mut b = old.to_ne_bytes();
+        if let Some(dst) = b.get_mut(skip..skip + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+        Some(u64::from_ne_bytes(b))
+    });
+}
+
+/// A range of a mapping that its holder alone reads and writes, for as
+/// long as it lives (see [`Mapping::exclusive`], whose caller proved it).
+#[derive(Debug)]
+pub(crate) struct Exclusive<'m> {
+    ptr: NonNull<u8>,
+    len: usize,
+    _mapping: PhantomData<&'m Mapping>,
+}
+
+// SAFETY: the token is the right to its range; handing it to another
+// thread hands the right over with it (the mapping itself is `Sync`).
+unsafe impl Send for Exclusive<'_> {}
+// SAFETY: `&Exclusive` only gives shared reads of the range, which no one
+// else writes while the token lives.
+unsafe impl Sync for Exclusive<'_> {}
+
+impl Exclusive<'_> {
+    /// The range, for reading.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        // SAFETY: the range lies inside a mapping that stays mapped for
+        // `'m`, which outlives `self`; u8 has no invalid values; nothing
+        // else accesses the range while the token lives (the contract of
+        // `Mapping::exclusive`), and `&self` rules out `bytes_mut`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The range, for writing.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`; `&mut self` makes this the only borrow
+        // of the range anywhere until it ends.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Gives the right up, before the store that hands the range on (a
+    /// plain drop does the same; this says so where it matters).
+    pub(crate) fn give_up(self) {}
+}
 
 fn word_width(size: usize, offset: usize) -> usize {
     if size % 8 == 0 && offset % 8 == 0 {
@@ -526,9 +619,10 @@ mod tests {
         let b = Mapping::from_fd(a.fd().try_clone_to_owned().expect("dup")).expect("map");
         assert_eq!(b.atomics_u32()[1].load(Ordering::SeqCst), 7);
         let mut out = [0u8; 5];
-        b.read(100, &mut out).expect("read");
+        b.load_bytes(100, &mut out).expect("read");
         assert_eq!(&out, b"hello");
-        assert!(b.read(4094, &mut out).is_err());
+        assert!(b.load_bytes(4094, &mut out).is_err());
+        assert!(b.write(4094, &out).is_err());
     }
 
     #[test]
@@ -584,6 +678,29 @@ mod tests {
         // Not a memfd: a pipe.
         let (read_end, _write_end) = crate::sys::pipe().expect("pipe");
         assert!(refusal(read_end).contains("not a memfd"));
+    }
+
+    #[test]
+    fn word_copies_write_exactly_their_bytes_at_every_alignment() {
+        // 61 bytes: the last 5 lie past the last whole word.
+        let m = Mapping::create("test-words", 61).expect("create");
+        let data: Vec<u8> = (1..=45).collect();
+        for offset in 0..16 {
+            for len in [0, 1, 7, 8, 9, 15, 17, 40, 45] {
+                if offset + len > 61 {
+                    continue;
+                }
+                m.store_bytes(0, &[0xee; 61]).expect("fill");
+                m.write(offset, &data[..len]).expect("write");
+                let mut all = [0u8; 61];
+                m.load_bytes(0, &mut all).expect("load");
+                let mut expected = [0xeeu8; 61];
+                expected[offset..offset + len].copy_from_slice(&data[..len]);
+                assert_eq!(all, expected, "offset {offset} len {len}");
+            }
+        }
+        assert!(m.write(57, &[0; 5]).is_err());
+        assert!(m.write(usize::MAX, &[0; 2]).is_err());
     }
 
     #[test]

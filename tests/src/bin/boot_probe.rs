@@ -138,6 +138,11 @@ fn main() -> multiproc::Result<()> {
             // The only worker dies while no replacement can be started:
             // work fails with the reason instead of waiting, and the pool
             // starts a worker again once descriptors are free.
+            // The worker dies with the table full. Its own descriptors are
+            // freed when the pool notices, which may or may not leave room
+            // for its replacement: either way the next call must return
+            // (a result, or the reason no worker could be started), and
+            // the pool must serve again once descriptors are free.
             while let Ok(f) = std::fs::File::open("/dev/null") {
                 hold.push(f);
             }
@@ -147,8 +152,18 @@ fn main() -> multiproc::Result<()> {
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
+            while let Ok(f) = std::fs::File::open("/dev/null") {
+                hold.push(f);
+            }
             let starved = pool.apply(square, (3,));
-            println!("no worker: {}", starved.is_err());
+            println!(
+                "dead worker, full table: returned ({})",
+                if starved.is_ok() {
+                    "a result"
+                } else {
+                    "an error"
+                }
+            );
             drop(hold);
             let deadline = std::time::Instant::now() + LIMIT;
             let recovered = loop {

@@ -181,7 +181,8 @@ fn run(server: &'static Server, wake_rx: &OwnedFd) {
 }
 
 /// Accepts every pending connection on `listener` and sends each client of
-/// user `uid` the memfd (others get the byte alone: a refusal).
+/// user `uid` the memfd (others get no descriptor: a refusal). The one byte
+/// sent says how many descriptors ride with it (1 or 0).
 fn answer_all(listener: &OwnedFd, memfd: &OwnedFd, uid: u32) {
     loop {
         let conn = match socket::accept4(
@@ -199,6 +200,7 @@ fn answer_all(listener: &OwnedFd, memfd: &OwnedFd, uid: u32) {
         let fds: &[i32] = if same_user { &fds } else { &[] };
         // One byte on a fresh connection cannot block; a client that went
         // away (EPIPE) is no concern of the others.
-        let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[1])], fds);
+        let count = [fds.len() as u8];
+        let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&count)], fds);
     }
 }
