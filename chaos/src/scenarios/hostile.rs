@@ -62,11 +62,13 @@ fn child_garbage(ctx: &mut Ctx) -> Res {
         "a child writing garbage to its start socket",
         move |_ctx| {
             let t0 = Instant::now();
-            let h = spawn(child_writes_garbage, (seed, then)).ctx("spawn")?;
+            let mut h = spawn(child_writes_garbage, (seed, then)).ctx("spawn")?;
             let pid = h.pid();
             // The join must return, by its deadline at the latest: a value (the
             // garbage happened to be skipped), or an error.
             let r = h.join_timeout(Duration::from_secs(3));
+            // Dropping the handle kills the child if it still runs.
+            drop(h);
             if t0.elapsed() > Duration::from_secs(8) {
                 return Err(format!("join_timeout(3 s) took {:?}", t0.elapsed()));
             }
@@ -74,7 +76,7 @@ fn child_garbage(ctx: &mut Ctx) -> Res {
                 Ok(7) | Err(_) => {}
                 Ok(v) => return Err(format!("join gave {v}, a value the child never returned")),
             }
-            // The handle was consumed: the child must be gone (killed, reaped).
+            // The handle is gone: the child must be gone too (killed, reaped).
             if !util::eventually(Duration::from_secs(5), || !util::alive(pid)) {
                 return Err(format!("child {pid} still runs after its join returned"));
             }

@@ -107,7 +107,7 @@ fn nofile_64(ctx: &mut Ctx) -> Res {
             unclear.push(format!("Pipe::new: {e}"));
         }
         match spawn(triple, (1,)) {
-            Ok(h) => drop(h.join_timeout(LIMIT)),
+            Ok(mut h) => drop(h.join_timeout(LIMIT)),
             Err(e) if !clear(&e) => unclear.push(format!("spawn: {e}")),
             Err(_) => {}
         }
@@ -239,7 +239,7 @@ fn verdict(ctx: &mut Ctx, r: multiproc::Result<(String, String)>) -> Res {
 fn small_as_pipe(ctx: &mut Ctx) -> Res {
     ctx.guarded(LIMIT, "a pipe receiver short of memory", move |ctx| {
         let (mut mine, theirs) = Pipe::new::<()>().ctx("Pipe::new")?;
-        let child = spawn(pipe_receiver_small_as, (theirs,)).ctx("spawn")?;
+        let mut child = spawn(pipe_receiver_small_as, (theirs,)).ctx("spawn")?;
         if mine.recv_bytes_timeout(LIMIT).ctx("ready")? != b"ready" {
             return Err("no ready".into());
         }
@@ -268,7 +268,7 @@ fn small_as_queue(ctx: &mut Ctx) -> Res {
     ctx.guarded(LIMIT, "a queue consumer short of memory", move |ctx| {
         let q = Queue::<Vec<u8>>::bounded(4).ctx("Queue::bounded")?;
         let ready = Queue::<u8>::bounded(1).ctx("Queue::bounded")?;
-        let child = spawn(queue_receiver_small_as, (q.clone(), ready.clone())).ctx("spawn")?;
+        let mut child = spawn(queue_receiver_small_as, (q.clone(), ready.clone())).ctx("spawn")?;
         ready.get_timeout(LIMIT).ctx("ready")?;
         q.put(vec![3u8; HUGE])
             .map_err(|e| format!("put 300 MiB: {e}"))?;

@@ -113,7 +113,7 @@ fn lock_holder_killed(ctx: &mut Ctx) -> Res {
         }
         // A waiter in another process, already waiting when the holder dies.
         let ready = Event::new().ctx("Event")?;
-        let waiter = spawn(wait_lock, (lock.clone(), ready.clone())).ctx("spawn")?;
+        let mut waiter = spawn(wait_lock, (lock.clone(), ready.clone())).ctx("spawn")?;
         ready.wait_timeout(LIMIT);
         let died = kill_holder(ctx, &mut h)?;
         let verdict = waiter.join_timeout(LIMIT).ctx("the waiter")?;
@@ -198,7 +198,7 @@ fn condition_holder_killed(ctx: &mut Ctx) -> Res {
     ctx.guarded(LIMIT, "condition holder killed", move |ctx| {
         let cond = Condition::new().ctx("Condition::new")?;
         let (waiting, holding) = (Event::new().ctx("Event")?, Event::new().ctx("Event")?);
-        let w = spawn(cond_wait, (cond.clone(), waiting.clone())).ctx("spawn")?;
+        let mut w = spawn(cond_wait, (cond.clone(), waiting.clone())).ctx("spawn")?;
         if !waiting.wait_timeout(LIMIT) {
             return Err("the waiter never waited".into());
         }
@@ -238,7 +238,7 @@ fn barrier_party(b: Barrier, timeout_ms: u64) -> String {
 fn barrier_party_killed(ctx: &mut Ctx) -> Res {
     ctx.guarded(LIMIT, "barrier party killed", move |ctx| {
         let b = Barrier::new(4).ctx("Barrier::new")?;
-        let survivor = spawn(barrier_party, (b.clone(), 20_000u64)).ctx("spawn")?;
+        let mut survivor = spawn(barrier_party, (b.clone(), 20_000u64)).ctx("spawn")?;
         let mut victim = start(Process::new(barrier_party, (b.clone(), 60_000u64)))?;
         let ok = crate::util::eventually(LIMIT, || b.n_waiting() == 2);
         if !ok {
