@@ -1,6 +1,7 @@
 //! Queue under faults: a producer or a consumer SIGKILLed in the middle
 //! of a message (1 B to 16 MiB), many producers and consumers with random
-//! kills, two producers of 64 KiB messages to one consumer.
+//! kills, two or four producers of 64 KiB or 2 to 256 KiB messages to one
+//! consumer.
 //!
 //! Accounting follows the queue's documented guarantees
 //! (`runtime/src/queue/mod.rs`): a message whose `put` returned is
@@ -70,7 +71,15 @@ pub fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             name: "queue/two-producers-64KiB-one-consumer",
-            run: two_producers,
+            run: producers::<2, 65536, 65537, 300>,
+        },
+        Scenario {
+            name: "queue/two-producers-2-256KiB-one-consumer",
+            run: producers::<2, 2048, 262_145, 150>,
+        },
+        Scenario {
+            name: "queue/four-producers-2-256KiB-one-consumer",
+            run: producers::<4, 2048, 262_145, 80>,
         },
         Scenario {
             name: "queue/put_timeout-of-large-messages-keeps-its-deadline",
@@ -98,6 +107,28 @@ fn count_for(len: usize) -> u64 {
 fn produce(q: Queue<Msg>, done: Value<u64>, id: u64, len: u64, count: u64) {
     for seq in 0..count {
         if q.put(Msg::new(id, seq, len as usize)).is_err() {
+            return;
+        }
+        done.store(seq + 1);
+    }
+}
+
+/// Puts messages `0..count` of sender `id`, each of `lo..hi` bytes (drawn
+/// from `seed`); `done` holds how many puts returned.
+#[process_fn]
+fn produce_sized(
+    q: Queue<Msg>,
+    done: Value<u64>,
+    id: u64,
+    lo: u64,
+    hi: u64,
+    count: u64,
+    seed: u64,
+) {
+    let mut rng = util::Rng::new(seed);
+    for seq in 0..count {
+        let len = rng.range(lo, hi) as usize;
+        if q.put(Msg::new(id, seq, len)).is_err() {
             return;
         }
         done.store(seq + 1);
@@ -505,30 +536,35 @@ fn mpmc_random_kills(ctx: &mut Ctx) -> Res {
     )
 }
 
-fn two_producers(ctx: &mut Ctx) -> Res {
+/// `N` producers of `PER` messages of `LO..HI` bytes each, one consumer:
+/// no fault, every message must arrive whole, once, in each producer's
+/// order, with no deadlock between the producers.
+fn producers<const N: usize, const LO: u64, const HI: u64, const PER: u64>(ctx: &mut Ctx) -> Res {
+    let seeds: Vec<u64> = (0..N).map(|_| ctx.rng.next_u64()).collect();
     ctx.guarded(
         LIMIT,
-        "two producers of 64 KiB messages, one consumer",
+        &format!("{N} producers of {LO}..{HI} B messages, one consumer"),
         move |ctx| {
             let q = Queue::<Msg>::new().ctx("Queue::new")?;
-            let per = 300u64;
+            let per = PER;
             let mut ps = Vec::new();
-            let dones: Vec<Value<u64>> = (0..2)
+            let dones: Vec<Value<u64>> = (0..N)
                 .map(|_| Value::new(0u64))
                 .collect::<Result<_, _>>()
                 .ctx("Value")?;
-            for id in 0..2u64 {
+            for id in 0..N as u64 {
+                let i = id as usize;
                 ps.push(start(Process::new(
-                    produce,
-                    (q.clone(), dones[id as usize].clone(), id, 64 << 10, per),
+                    produce_sized,
+                    (q.clone(), dones[i].clone(), id, LO, HI, per, seeds[i]),
                 ))?);
             }
-            let mut next = [0u64; 2];
-            for _ in 0..2 * per {
+            let mut next = [0u64; N];
+            for _ in 0..N as u64 * per {
                 let m = q.get_timeout(Duration::from_secs(10)).map_err(|e| {
                     format!("get after {next:?}: {e} (a deadlock between the producers?)")
                 })?;
-                if !m.whole() || m.id > 1 {
+                if !m.whole() || m.id >= N as u64 {
                     ctx.tear(1, || format!("message {} of {}", m.seq, m.id));
                     continue;
                 }
@@ -550,8 +586,8 @@ fn two_producers(ctx: &mut Ctx) -> Res {
                     ctx.fail(format!("a producer ended with {status:?}"));
                 }
             }
-            if next != [per, per] {
-                ctx.lose((2 * per).saturating_sub(next[0] + next[1]), || {
+            if next != [per; N] {
+                ctx.lose((N as u64 * per).saturating_sub(next.iter().sum()), || {
                     format!("received up to {next:?}")
                 });
             }
