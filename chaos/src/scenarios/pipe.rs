@@ -1,6 +1,7 @@
 //! Pipe/Connection under faults: a peer killed in the middle of a 50 MiB
-//! message, two processes sending large messages on one end, hostile
-//! bytes written to the pipe and to the side socket.
+//! message, two processes sending large messages on one end (one of them
+//! killed mid-message, or not), hostile bytes written to the pipe and to
+//! the side socket.
 //!
 //! A receiver must get whole messages or an error, by its deadline: never
 //! a partial message, never a hang, never a panic.
@@ -26,6 +27,10 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "pipe/two-senders-large-messages-one-end",
             run: two_senders,
+        },
+        Scenario {
+            name: "pipe/co-writer-killed-mid-frame",
+            run: co_writer_killed,
         },
         Scenario {
             name: "pipe/hostile-bytes-on-pipe",
@@ -103,13 +108,19 @@ fn peer_killed_mid_send(ctx: &mut Ctx) -> Res {
 }
 
 #[process_fn]
-fn blast(mut carrier: Connection<Connection<()>>, id: u8, count: u32, seed: u64) {
+fn blast(
+    mut carrier: Connection<Connection<()>>,
+    id: u8,
+    count: u32,
+    sizes: (u64, u64),
+    seed: u64,
+) {
     let Ok(end) = carrier.recv_timeout(LIMIT) else {
         return;
     };
     let mut rng = Rng::new(seed);
     for seq in 0..count {
-        let len = rng.range(64 << 10, 1 << 20) as usize;
+        let len = rng.range(sizes.0, sizes.1) as usize;
         if end.send_bytes(&raw_message(id, seq, len)).is_err() {
             return;
         }
@@ -126,7 +137,13 @@ fn two_senders(ctx: &mut Ctx) -> Res {
             let (carrier, carrier_theirs) = Pipe::new::<Connection<()>>().ctx("carrier")?;
             senders.push(start(Process::new(
                 blast,
-                (carrier_theirs, id, per, seeds[usize::from(id - 1)]),
+                (
+                    carrier_theirs,
+                    id,
+                    per,
+                    (64 << 10, 1 << 20),
+                    seeds[usize::from(id - 1)],
+                ),
             ))?);
             carrier.send(&theirs).ctx("hand over a copy of the end")?;
         }
@@ -166,6 +183,110 @@ fn two_senders(ctx: &mut Ctx) -> Res {
                 other.map(|m| m.len())
             )),
         }
+    })
+}
+
+/// Two processes send messages of 256 KiB to 4 MiB on one end; one is
+/// SIGKILLed at a random moment, often in the middle of a message. The
+/// documented outcome (`runtime/src/connection.rs`, "Several senders on
+/// one end"): every message received is whole and in its sender's order;
+/// if the kill cut a message, the receiver gets `InvalidData` once and
+/// then `Disconnected` (the survivor's later messages are lost with the
+/// end, and its next send fails); otherwise the survivor's messages all
+/// arrive. Every `recv_timeout(1 s)` returns by its deadline.
+fn co_writer_killed(ctx: &mut Ctx) -> Res {
+    let seeds = [ctx.rng.next_u64(), ctx.rng.next_u64()];
+    let victim = ctx.rng.below(2);
+    let after = ctx.rng.millis(0, 100);
+    ctx.guarded(LIMIT, "a co-writer killed mid-frame", move |ctx| {
+        let per = 40u32;
+        let (mut mine, theirs) = Pipe::new::<()>().ctx("Pipe::new")?;
+        let mut senders = Vec::new();
+        for id in [1u8, 2] {
+            let (carrier, carrier_theirs) = Pipe::new::<Connection<()>>().ctx("carrier")?;
+            senders.push(start(Process::new(
+                blast,
+                (
+                    carrier_theirs,
+                    id,
+                    per,
+                    (256 << 10, 4 << 20),
+                    seeds[usize::from(id - 1)],
+                ),
+            ))?);
+            carrier.send(&theirs).ctx("hand over a copy of the end")?;
+        }
+        drop(theirs);
+        if !mine.poll(LIMIT).ctx("poll")? {
+            return Err("the senders never began".into());
+        }
+        // Killed while the receiver drains the end (by pid: the child is
+        // not reaped before the killer is joined).
+        let victim_pid = senders[victim].pid().ctx("pid")?;
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(after);
+            util::sigkill(victim_pid);
+        });
+        let mut next = [0u32; 2];
+        let mut broken = false;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if Instant::now() > deadline {
+                ctx.hang = Some("no end of stream 20 s after the kill".into());
+                return Err("the receiver never saw the end of the stream".into());
+            }
+            let t0 = Instant::now();
+            let r = mine.recv_bytes_timeout(Duration::from_secs(1));
+            if t0.elapsed() > Duration::from_secs(3) {
+                ctx.hang = Some(format!("recv_timeout(1 s) took {:?}", t0.elapsed()));
+            }
+            match r {
+                Ok(m) => match raw_whole(&m) {
+                    Some((id @ (1 | 2), seq)) if !broken => {
+                        let slot = &mut next[usize::from(id - 1)];
+                        if seq < *slot {
+                            ctx.duplicate(1, || format!("sender {id} message {seq}"));
+                        } else {
+                            ctx.lose(u64::from(seq - *slot), || {
+                                format!("sender {id}: {}..{seq} skipped", *slot)
+                            });
+                            *slot = seq + 1;
+                        }
+                    }
+                    Some((id, seq)) => ctx.fail(format!(
+                        "message {seq} of sender {id} received after InvalidData"
+                    )),
+                    None => ctx.tear(1, || {
+                        format!("a message of {} bytes that is no sender's", m.len())
+                    }),
+                },
+                Err(Error::Timeout) => {}
+                Err(Error::Disconnected) => break,
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::InvalidData && !broken =>
+                {
+                    broken = true;
+                }
+                Err(e) => return Err(format!("receive after the kill: {e}")),
+            }
+        }
+        let _ = killer.join();
+        let survivor = 1 - victim;
+        for (i, p) in senders.iter_mut().enumerate() {
+            let s = reap(p)?;
+            if i == survivor && !s.success() {
+                ctx.fail(format!("the surviving sender ended with {s:?}"));
+            }
+        }
+        if !broken && next[survivor] != per {
+            ctx.lose(u64::from(per - next[survivor]), || {
+                format!(
+                    "the survivor's messages {}..{per} never came, and the end did not break",
+                    next[survivor]
+                )
+            });
+        }
+        Ok(())
     })
 }
 
