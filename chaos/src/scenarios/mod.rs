@@ -13,6 +13,7 @@ mod parent;
 mod pipe;
 mod pool;
 mod queue;
+mod reuse;
 mod selftest;
 mod sync;
 
@@ -29,6 +30,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(queue::scenarios());
     v.extend(pipe::scenarios());
     v.extend(sync::scenarios());
+    v.extend(reuse::scenarios());
     v.extend(parent::scenarios());
     v.extend(eintr::scenarios());
     v.extend(limits::scenarios());
