@@ -87,6 +87,7 @@ pub fn run_main(args: &[String]) -> ! {
         eprintln!("unknown scenario {name:?}");
         std::process::exit(2);
     };
+    scenarios::warm_up(scenario.name);
     let (fds0, memfds0) = util::fd_counts();
     let mut ctx = Ctx::new(seed);
     let result =

@@ -15,6 +15,7 @@ mod pool;
 mod queue;
 mod reuse;
 mod selftest;
+mod shm;
 mod sync;
 
 /// One entry of the matrix.
@@ -31,6 +32,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(pipe::scenarios());
     v.extend(sync::scenarios());
     v.extend(reuse::scenarios());
+    v.extend(shm::scenarios());
     v.extend(parent::scenarios());
     v.extend(eintr::scenarios());
     v.extend(limits::scenarios());
@@ -39,12 +41,23 @@ pub fn all() -> Vec<Scenario> {
     v
 }
 
+/// Starts, before a run measures its descriptors, the runtime's
+/// once-per-process resources that scenario `name` uses: they live until
+/// the process exits, so they are not leaks (the SharedMemory name
+/// server's thread and its wake-up pipe).
+pub fn warm_up(name: &str) {
+    if name.starts_with("shm/") {
+        shm::warm_up();
+    }
+}
+
 /// A probe program: `__probe <name> args...`. Returns the exit code.
 pub fn probe_main(args: &[String]) -> i32 {
     match args.first().map(String::as_str) {
         Some("parent-victim") => {
             parent::victim_main(args.get(1).map(String::as_str) == Some("thread"))
         }
+        Some("squat") => shm::squat_main(&args[1..]),
         Some("main-ran") => {
             println!("main ran");
             3
