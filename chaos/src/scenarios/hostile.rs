@@ -1,8 +1,9 @@
 //! Hostile bytes on descriptors a peer can write that the pool and pipe
 //! scenarios do not cover: a child's start socket, from either side, and
-//! a queue's side socket.
+//! a queue's side socket; and a stray `MULTIPROC_CHILD` in the
+//! environment of a program that is not a multiproc child.
 use std::ffi::CString;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,10 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "hostile/garbage-datagrams-on-a-queue-side-socket",
             run: queue_side_garbage,
+        },
+        Scenario {
+            name: "hostile/stray-MULTIPROC_CHILD-runs-main",
+            run: stray_marker,
         },
     ]
 }
@@ -96,6 +101,125 @@ fn child_garbage(ctx: &mut Ctx) -> Res {
 #[process_fn]
 fn child_writes_garbage_not(x: u64) -> u64 {
     x
+}
+
+/// Starts this executable (`__probe main-ran`) with `marker` as
+/// `MULTIPROC_CHILD` and `fd3` (if any) at descriptor 3; returns its pid.
+fn spawn_marked(marker: &str, fd3: Option<std::os::fd::BorrowedFd<'_>>) -> Result<Pid, String> {
+    let exe = std::env::current_exe().ctx("current_exe")?;
+    let path = CString::new(exe.as_os_str().as_encoded_bytes()).ctx("path")?;
+    let args = [path.clone(), c"__probe".into(), c"main-ran".into()];
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| k != "MULTIPROC_CHILD")
+        .filter_map(|(k, v)| {
+            let mut kv = k.into_encoded_bytes();
+            kv.push(b'=');
+            kv.extend(v.into_encoded_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    env.push(CString::new(format!("MULTIPROC_CHILD={marker}")).ctx("env")?);
+    let mut actions = nix::spawn::PosixSpawnFileActions::init().ctx("file actions")?;
+    if let Some(fd) = fd3 {
+        actions.add_dup2(fd.as_raw_fd(), 3).ctx("dup2")?;
+    } else {
+        actions.add_close(3).ctx("close")?;
+    }
+    let attr = nix::spawn::PosixSpawnAttr::init().ctx("attr")?;
+    nix::spawn::posix_spawn(path.as_c_str(), &actions, &attr, &args, &env).ctx("posix_spawn")
+}
+
+/// Waits (bounded, 10 s) for `pid` to end; kills it (by pid) and reaps it
+/// if it does not.
+fn wait_bounded(pid: Pid) -> Option<WaitStatus> {
+    let mut status = None;
+    util::eventually(Duration::from_secs(10), || {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => false,
+            Ok(s) => {
+                status = Some(s);
+                true
+            }
+            Err(_) => true,
+        }
+    });
+    if status.is_none() {
+        util::sigkill(pid.as_raw() as u32);
+        let _ = waitpid(pid, None);
+    }
+    status
+}
+
+/// A program that inherited a `MULTIPROC_CHILD` it was not meant to have
+/// (malformed, naming a descriptor that is closed, not a socket, or a
+/// socket whose peer is not the process named) runs its own `main`
+/// (`__probe main-ran`: exit code 3), promptly, whatever the value.
+fn stray_marker(ctx: &mut Ctx) -> Res {
+    let seed = ctx.rng.next_u64();
+    ctx.guarded(LIMIT, "stray MULTIPROC_CHILD", move |ctx| {
+        let mut rng = Rng::new(seed);
+        let me = std::process::id();
+        let (_r, w) = nix::unistd::pipe().ctx("pipe")?;
+        let (mine, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .ctx("socketpair")?;
+        let random: String = rng
+            .bytes(24)
+            .iter()
+            .map(|&b| char::from(b' ' + b % 95))
+            .collect();
+        let cases: Vec<(String, Option<std::os::fd::BorrowedFd<'_>>, &str)> = vec![
+            (String::new(), None, "empty"),
+            ("garbage".into(), None, "not numbers"),
+            (random, None, "random characters"),
+            (format!("3:{me}:0"), None, "descriptor 3 closed"),
+            (format!("3:{me}:0"), Some(w.as_fd()), "descriptor 3 a pipe"),
+            (
+                "3:1:0".into(),
+                Some(theirs.as_fd()),
+                "a socket whose peer is not pid 1",
+            ),
+            (format!("3:{me}"), Some(theirs.as_fd()), "a field missing"),
+            (
+                format!("3:{me}:2"),
+                Some(theirs.as_fd()),
+                "a death-signal flag of 2",
+            ),
+            (format!("99999:{me}:0"), None, "descriptor 99999"),
+            (format!("3:{me}:0:extra"), None, "a field too many"),
+            (
+                "3:99999999999999999999999:0".into(),
+                None,
+                "a pid that overflows",
+            ),
+            (format!("-1:{me}:0"), None, "a negative descriptor"),
+        ];
+        for (marker, fd3, what) in cases {
+            let t0 = Instant::now();
+            let pid = spawn_marked(&marker, fd3)?;
+            match wait_bounded(pid) {
+                Some(WaitStatus::Exited(_, 3)) => {}
+                None => {
+                    ctx.hang = Some(format!(
+                        "a program with a stray marker ({what}: {marker:?}) still ran 10 s later"
+                    ));
+                    return Err(format!("stray marker, {what}: the program never ended"));
+                }
+                Some(other) => ctx.fail(format!(
+                    "stray marker, {what} ({marker:?}): {other:?}, not main's exit code 3"
+                )),
+            }
+            ctx.check(t0.elapsed() < Duration::from_secs(5), || {
+                format!("stray marker, {what}: main ran after {:?}", t0.elapsed())
+            });
+        }
+        drop(mine);
+        Ok(())
+    })
 }
 
 /// Starts this executable as a would-be multiproc child, the way the
