@@ -1,6 +1,7 @@
 //! Hostile bytes on descriptors a peer can write that the pool and pipe
 //! scenarios do not cover: a child's start socket, from either side, and
-//! a queue's side socket; and a stray `MULTIPROC_CHILD` in the
+//! a queue's side socket; random bytes written into the shared memory of
+//! a queue, a lock and a value; and a stray `MULTIPROC_CHILD` in the
 //! environment of a program that is not a multiproc child.
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd};
@@ -13,7 +14,7 @@ use nix::unistd::Pid;
 
 use multiproc::queue::GetTimeoutError;
 use multiproc::sync::Event;
-use multiproc::{Process, Queue, Value, process_fn, spawn};
+use multiproc::{Lock, Process, Queue, Value, process_fn, spawn};
 
 use super::{Scenario, reap, start};
 use crate::ctx::{Context, Ctx, Res};
@@ -34,6 +35,18 @@ pub fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "hostile/garbage-datagrams-on-a-queue-side-socket",
             run: queue_side_garbage,
+        },
+        Scenario {
+            name: "hostile/garbage-in-shared-memory/queue",
+            run: scribbled::<0>,
+        },
+        Scenario {
+            name: "hostile/garbage-in-shared-memory/lock",
+            run: scribbled::<1>,
+        },
+        Scenario {
+            name: "hostile/garbage-in-shared-memory/value",
+            run: scribbled::<2>,
         },
         Scenario {
             name: "hostile/stray-MULTIPROC_CHILD-runs-main",
@@ -101,6 +114,148 @@ fn child_garbage(ctx: &mut Ctx) -> Res {
 #[process_fn]
 fn child_writes_garbage_not(x: u64) -> u64 {
     x
+}
+
+/// How long a scribbler writes.
+const SCRIBBLE: Duration = Duration::from_millis(800);
+
+/// Writes random bytes at random places of every memfd this process
+/// holds (the handles it was given: a queue's ring, a lock word, a
+/// value), for [`SCRIBBLE`]: a peer with write access to the shared
+/// memory that does not follow the protocol.
+fn scribble_memfds(seed: u64) {
+    let mut rng = Rng::new(seed);
+    let files: Vec<(std::fs::File, u64)> = util::fds_of_kind("/memfd:")
+        .into_iter()
+        .filter_map(|fd| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/self/fd/{fd}"))
+                .ok()?;
+            let len = f.metadata().ok()?.len();
+            (len > 0).then_some((f, len))
+        })
+        .collect();
+    if files.is_empty() {
+        return;
+    }
+    let end = Instant::now() + SCRIBBLE;
+    while Instant::now() < end {
+        let (f, len) = &files[rng.below(files.len())];
+        // Mostly small writes (a word, a header), sometimes a whole page;
+        // half near the start (the header, the first slots), the rest in
+        // the first 64 MiB (a queue's arena is a sparse file of terabytes).
+        let n = if rng.chance(8) {
+            4096
+        } else {
+            rng.range(1, 17) as usize
+        };
+        let within = (*len).min(if rng.chance(2) { 8192 } else { 64 << 20 });
+        let at = rng.range(0, within);
+        let _ = f.write_at(&rng.bytes(n), at);
+        std::thread::sleep(Duration::from_micros(rng.range(10, 300)));
+    }
+}
+
+#[process_fn]
+fn scribble_queue(q: Queue<Msg>, seed: u64) {
+    scribble_memfds(seed);
+    drop(q);
+}
+
+#[process_fn]
+fn scribble_lock(l: Lock, seed: u64) {
+    scribble_memfds(seed);
+    drop(l);
+}
+
+#[process_fn]
+fn scribble_value(v: Value<[u64; 8]>, seed: u64) {
+    scribble_memfds(seed);
+    drop(v);
+}
+
+/// The longest a timed call may take: its timeout plus generous room for
+/// a loaded machine. Longer means it ignored its timeout.
+const TIMED_CALL_BOUND: Duration = Duration::from_secs(5);
+
+/// A peer holding a queue, a lock or a value writes random bytes into
+/// their shared memory while this process uses them with timed calls
+/// only. The documented promise (`runtime/src/queue/ring.rs`,
+/// "Corruption"; the lock's and value's docs): every timed call returns
+/// by its deadline, with a value or an error; nothing panics, aborts or
+/// reads out of bounds. Values and messages themselves may be anything:
+/// a peer that can write the memory can forge them.
+fn scribbled<const WHAT: u8>(ctx: &mut Ctx) -> Res {
+    let seed = ctx.rng.next_u64();
+    ctx.guarded(LIMIT, "garbage in shared memory", move |ctx| {
+        let mut rng = Rng::new(seed ^ 1);
+        let short = Duration::from_millis(50);
+        let slow = |ctx: &mut Ctx, what: &str, t0: Instant| {
+            if t0.elapsed() > TIMED_CALL_BOUND {
+                ctx.hang = Some(format!(
+                    "{what} with a 50 ms timeout took {:?}",
+                    t0.elapsed()
+                ));
+            }
+        };
+        let mut calls = 0u64;
+        match WHAT {
+            0 => {
+                let q = Queue::<Msg>::bounded(16).ctx("Queue::bounded")?;
+                let mut p = start(Process::new(scribble_queue, (q.clone(), seed)))?;
+                let mut seq = 0;
+                while p.is_alive() {
+                    let len = rng.range(1, 40_000) as usize;
+                    let t0 = Instant::now();
+                    let _ = q.put_timeout(Msg::new(1, seq, len), short);
+                    slow(ctx, "put_timeout", t0);
+                    let t0 = Instant::now();
+                    let _ = q.get_timeout(short);
+                    slow(ctx, "get_timeout", t0);
+                    let t0 = Instant::now();
+                    let _ = q.try_get();
+                    slow(ctx, "try_get", t0);
+                    seq += 1;
+                    calls += 3;
+                }
+                reap(&mut p)?;
+            }
+            1 => {
+                let l = Lock::new().ctx("Lock::new")?;
+                let mut p = start(Process::new(scribble_lock, (l.clone(), seed)))?;
+                while p.is_alive() {
+                    let t0 = Instant::now();
+                    drop(l.acquire_timeout(short));
+                    slow(ctx, "acquire_timeout", t0);
+                    let t0 = Instant::now();
+                    drop(l.try_acquire());
+                    slow(ctx, "try_acquire", t0);
+                    calls += 2;
+                }
+                reap(&mut p)?;
+            }
+            _ => {
+                let v = Value::new([0u64; 8]).ctx("Value::new")?;
+                let mut p = start(Process::new(scribble_value, (v.clone(), seed)))?;
+                while p.is_alive() {
+                    let t0 = Instant::now();
+                    if let Ok(mut g) = v.lock_timeout(short) {
+                        g[0] = g[0].wrapping_add(1);
+                    }
+                    slow(ctx, "lock_timeout", t0);
+                    calls += 1;
+                }
+                reap(&mut p)?;
+            }
+        }
+        ctx.check(calls > 0, || "no call was made while the peer wrote".into());
+        if ctx.hang.is_some() {
+            return Err("a timed call ignored its timeout".into());
+        }
+        Ok(())
+    })
 }
 
 /// Starts this executable (`__probe main-ran`) with `marker` as
