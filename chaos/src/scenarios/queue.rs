@@ -6,12 +6,15 @@
 //! Accounting follows the queue's documented guarantees
 //! (`runtime/src/queue/mod.rs`): a message whose `put` returned is
 //! delivered whole, exactly once; a killed producer's unfinished `put` may
-//! or may not arrive (it never returned); a consumer killed between taking
-//! a message and decoding it loses that message. The last is counted as a
-//! documented loss (at most one per killed consumer; a loss the kill
-//! cannot explain is lost). A producer records how many of its puts
-//! returned in shared memory right after each one, a consumer records each
-//! message it got right after `get` returned it.
+//! or may not arrive (it never returned); a consumer killed in the middle
+//! of a `get` does not lose its message (it is delivered again), except
+//! one of over ~1 KiB that it had finished decoding, which counts as
+//! delivered. A producer records how many of its puts returned in shared
+//! memory right after each one, a consumer records each message it got
+//! right after `get` returned it: a consumer killed between its `get`
+//! returning and that record, or in that exception, took a message this
+//! run cannot see. Such a message is a documented loss (at most one per
+//! killed consumer; a loss the kills cannot explain is lost).
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -174,8 +177,17 @@ fn still_works(ctx: &mut Ctx, q: &Queue<Msg>) -> Res {
 }
 
 /// Receives and checks messages, counting them by sender and sequence
-/// number, until the queue is empty after `finished` was set (every
-/// sender is gone: what it published is in the queue).
+/// number, until a `get_timeout` times out on a queue that is empty
+/// (`empty()`, which counts a dead writer's unfinished slot) after
+/// `finished` was set (every sender is gone: what it published is in the
+/// queue).
+///
+/// A timeout alone does not end it: messages behind a dead writer's slot
+/// come out once a consumer has judged the writer dead (it checks every
+/// few ms), and under load (other builds on the 2 cores) that took more
+/// than one 50 ms `get_timeout`; stopping there counted the 63 messages
+/// still in the ring as lost. Slowness is not loss; the bound is
+/// [`LIMIT`].
 fn drain(
     ctx: &mut Ctx,
     q: &Queue<Msg>,
@@ -186,7 +198,11 @@ fn drain(
     loop {
         let was_finished = finished.load(Ordering::SeqCst);
         if Instant::now() > deadline {
-            return Err("the senders never finished".into());
+            ctx.hang = Some(format!(
+                "the queue still held {} message(s) {LIMIT:?} into the drain",
+                q.qsize()
+            ));
+            return Err("the senders never finished, or the queue never emptied".into());
         }
         match q.get_timeout(Duration::from_millis(50)) {
             Ok(m) => {
@@ -203,7 +219,7 @@ fn drain(
                 }
                 *seen.entry((m.id, m.seq)).or_default() += 1;
             }
-            Err(GetTimeoutError::Timeout) if was_finished => return Ok(()),
+            Err(GetTimeoutError::Timeout) if was_finished && q.empty() => return Ok(()),
             Err(GetTimeoutError::Timeout) => {}
             Err(e) => return Err(format!("get: {e}")),
         }
