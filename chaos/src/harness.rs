@@ -570,7 +570,7 @@ fn table(rows: &[(String, Vec<(u64, Outcome)>)], opts: &Options, elapsed: Durati
     if !notes.is_empty() {
         let _ = writeln!(
             t,
-            "\nRuns that were not all ok (reproduce one: `--only <scenario> --seed <seed> --runs 1`):\n"
+            "\nRuns that were not all ok, and runs with a documented loss (reproduce one: `--only <scenario> --seed <seed> --runs 1`):\n"
         );
         for (name, list) in notes {
             let _ = writeln!(t, "- **{name}**");
