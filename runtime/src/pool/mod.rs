@@ -41,6 +41,7 @@ mod chunk;
 mod engine;
 mod imap;
 mod job;
+mod protocol;
 mod worker;
 
 pub use self::async_result::AsyncResult;
