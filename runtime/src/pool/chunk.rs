@@ -89,12 +89,12 @@ impl ChunkEncoder {
         let first = items.next()?;
         let mut buf = Vec::with_capacity(self.hint.max(64));
         let mut fds = Vec::new();
-        let mut count = 0usize;
+        // Items taken so far (the first one, even if it fails to encode).
+        let mut count = 1usize;
         let result = ChunkBody::begin(&mut buf, self.name).and_then(|()| {
             codec::with_fd_sink(&mut fds, || {
                 let mut enc = codec::SeqEncoder::new(&mut buf);
                 enc.push_value(&first)?;
-                count = 1;
                 while count < max {
                     let Some(item) = items.next() else { break };
                     count += 1;
