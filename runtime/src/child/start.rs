@@ -252,6 +252,22 @@ mod tests {
 
     const ECHO: &str = "__multiproc::test::echo";
 
+    /// The child's first answer, which must be a refusal.
+    fn refusal(channel: &mut Channel) -> Error {
+        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
+        match Message::parse(frame.tag, &frame.bytes) {
+            Ok(Message::Failed(err)) => err,
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    fn exit_code(child: &ChildProc) -> i32 {
+        child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("exited")
+    }
+
     inventory::submit! {
         crate::registry::Entry::internal(ECHO, echo_main)
     }
@@ -268,47 +284,29 @@ mod tests {
             ),
             "{frame:?}"
         );
-        let code = child
-            .wait(Some(Duration::from_secs(20)))
-            .expect("wait")
-            .expect("exited");
-        assert_eq!(code, 0);
+        assert_eq!(exit_code(&child), 0);
     }
 
     #[test]
     fn a_child_of_another_executable_refuses_with_exit_code_2() {
         let (child, mut channel) =
             start_child_as(0x5eed, ECHO, "echo", Mode::Internal, b"", &[]).expect("start");
-        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
-        let Ok(Message::Failed(err)) = Message::parse(frame.tag, &frame.bytes) else {
-            panic!("not a refusal: {frame:?}");
-        };
+        let err = refusal(&mut channel);
         assert!(matches!(err, Error::BuildMismatch { .. }), "{err}");
         assert!(err.to_string().contains("rebuilt"), "{err}");
-        let code = child
-            .wait(Some(Duration::from_secs(20)))
-            .expect("wait")
-            .expect("exited");
-        assert_eq!(code, 2);
+        assert_eq!(exit_code(&child), 2);
     }
 
     #[test]
     fn a_name_the_child_lacks_is_a_missing_registration_not_a_rebuild() {
         let (child, mut channel) =
             start_child("no::such::function", "missing", Mode::Spawn, b"", &[]).expect("start");
-        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
-        let Ok(Message::Failed(err)) = Message::parse(frame.tag, &frame.bytes) else {
-            panic!("not a refusal: {frame:?}");
-        };
+        let err = refusal(&mut channel);
         let text = err.to_string();
         assert!(matches!(err, Error::RegistrationMissing { .. }), "{text}");
         assert!(text.contains("no::such::function"), "{text}");
         assert!(!text.contains("rebuilt"), "{text}");
-        let code = child
-            .wait(Some(Duration::from_secs(20)))
-            .expect("wait")
-            .expect("exited");
-        assert_eq!(code, 2);
+        assert_eq!(exit_code(&child), 2);
     }
 
     #[test]

@@ -661,17 +661,7 @@ impl Core {
         }
         let rest = items - failed_at - 1;
         if rest == 0 {
-            task.job.complete(
-                task.info,
-                Outcome::Done {
-                    bytes: prefix,
-                    fds: Vec::new(),
-                    offset: 0,
-                    pid,
-                },
-            );
-            self.changed.notify_all();
-            return;
+            return self.complete_with(&task.job, task.info, prefix, pid);
         }
         let payload = match (
             task.fds.is_empty(),
@@ -698,17 +688,7 @@ impl Core {
                     prefix.extend_from_slice(&0u32.to_le_bytes());
                     prefix.extend_from_slice(&lost);
                 }
-                task.job.complete(
-                    task.info,
-                    Outcome::Done {
-                        bytes: prefix,
-                        fds: Vec::new(),
-                        offset: 0,
-                        pid,
-                    },
-                );
-                self.changed.notify_all();
-                return;
+                return self.complete_with(&task.job, task.info, prefix, pid);
             }
         };
         let rest = Task {
@@ -720,6 +700,19 @@ impl Core {
             requeued: task.requeued,
         };
         lock(&self.state).queue.push_front(rest);
+    }
+
+    /// Completes chunk `info` of `job` with the outcomes `bytes` of all
+    /// its items.
+    fn complete_with(&self, job: &Job, info: ChunkInfo, bytes: Vec<u8>, pid: u32) {
+        let outcome = Outcome::Done {
+            bytes,
+            fds: Vec::new(),
+            offset: 0,
+            pid,
+        };
+        job.complete(info, outcome);
+        self.changed.notify_all();
     }
 
     /// Worker `key` closed its socket: reap it; fail the chunk it was
