@@ -35,7 +35,7 @@
 //!   that says otherwise is corrupt (see below).
 //!
 //! The transitions of the state words and of the head and tail live in
-//! [`protocol`](super::protocol), generic so that the `loom` model
+//! [`protocol`], generic so that the `loom` model
 //! (`queue::loom`) checks the same code; a won transition returns the
 //! right ([`WriteRight`], [`ReadRight`]) from which the slot's payload
 //! token is made (`try_claim`, `hold`: the ring's only `unsafe`).

@@ -5,7 +5,9 @@
 //! it off by one, whichever order the two steps come in. It is derived
 //! from three monotonic numbers instead,
 //!
-//!     unfinished = positions reserved - tombstones - task_done calls,
+//! ```text
+//! unfinished = positions reserved - tombstones - task_done calls,
+//! ```
 //!
 //! where every reserved position ends exactly one way: published (a
 //! consumer takes it; the user calls `task_done`) or tombstoned (by the
