@@ -2,7 +2,7 @@
 //! end of stream when the peer dies, connections that travel.
 use std::time::Duration;
 
-use multiproc::connection::{Connection, Receiver, Sender};
+use multiproc::connection::{Connection, Receiver, RecvTimeoutError, Sender};
 use multiproc::{Pipe, Process, Queue, process_fn};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -100,7 +100,7 @@ fn oversized_message_is_an_error_not_an_allocation() {
     });
     let err = b.recv_timeout(LONG).expect_err("too large");
     assert!(
-        matches!(err, multiproc::Error::MessageTooLarge { .. }),
+        matches!(err, RecvTimeoutError::Failed(multiproc::Error::MessageTooLarge { .. })),
         "{err}"
     );
     assert_eq!(b.recv_timeout(LONG).expect("next"), vec![1u8; 10]);
