@@ -119,8 +119,8 @@ use crate::sys;
 mod error;
 mod link;
 mod send_lock;
-pub use self::error::{RecvError, RecvTimeoutError, TryRecvError};
 use self::error::Sorted;
+pub use self::error::{RecvError, RecvTimeoutError, TryRecvError};
 use link::Link;
 
 const TAG_VALUE: u32 = 1;
@@ -327,7 +327,7 @@ impl<T: DeserializeOwned> Connection<T> {
     /// process died) and nothing is left to read; [`RecvError::Failed`]
     /// with [`Error::Decode`] if the message is not a `T`, or with
     /// [`Error::MessageTooLarge`] for a message over the limit (skipped).
-    /// `?` turns either into a [`multiproc::Error`](Error).
+    /// `?` turns either into a [`multiproc::Error`].
     ///
     /// # Examples
     ///
