@@ -2,9 +2,19 @@
 //!
 //! Every variant says what happened in words a user can act on: a child's
 //! panic message, a dead worker's pid and signal, which function was not
-//! registered. Queue and Pipe operations that hand the item back use their
-//! own small error enums (see [`crate::queue`]); everything else returns
-//! [`Result<T>`].
+//! registered. Putting into a queue and receiving from a queue or a pipe
+//! have their own small error enums, crossbeam-channel's shapes (see
+//! [`crate::queue`] and [`crate::connection`]): a `put` hands the item
+//! back, a receive says `Disconnected`, `Empty` or `Timeout` or carries the
+//! [`Error`] of a message that could not be received. Each converts into
+//! [`Error`] for `?`. Everything else returns [`Result<T>`].
+//!
+//! Whose fault: [`Error::InvalidArgument`] is an argument out of range,
+//! [`Error::Misuse`] a call the object's state does not allow, and
+//! [`Error::Remote`] a failure another process could only describe in
+//! words; an operation that would have had to wait is [`Error::Full`],
+//! [`Error::Empty`] or [`Error::WouldBlock`], never [`Error::Timeout`],
+//! which is a wait that ran out.
 
 use std::borrow::Cow;
 use std::fmt;
