@@ -590,3 +590,41 @@ macro_rules! widen_receive_error {
 }
 
 pub(crate) use widen_receive_error;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn would_block_is_not_a_timeout_and_the_new_variants_travel() {
+        for err in [Error::Full, Error::Empty, Error::WouldBlock] {
+            assert!(err.is_would_block() && !err.is_timeout(), "{err}");
+        }
+        assert!(!Error::Timeout.is_would_block());
+        let remote = Error::Remote {
+            pid: Some(7),
+            message: "EBADF".into(),
+        };
+        assert_eq!(remote.to_string(), "process 7 failed: EBADF");
+        assert_eq!(
+            format!("{remote:#?}"),
+            "Error::Remote: process 7 failed: EBADF"
+        );
+        let misuse = Error::misuse("join() needs close() first");
+        assert_eq!(misuse.to_string(), "misuse: join() needs close() first");
+        for err in [remote, misuse, Error::Full, Error::Empty, Error::WouldBlock] {
+            let bytes = crate::codec::encode_plain(&err).expect("encode");
+            let back: Error = crate::codec::decode_plain(&bytes).expect("decode");
+            assert_eq!(back.to_string(), err.to_string());
+            assert_eq!(back.variant(), err.variant());
+        }
+    }
+
+    #[test]
+    fn try_lock_errors_convert_to_would_block_and_poisoned() {
+        let busy: std::sync::TryLockError<()> = std::sync::TryLockError::WouldBlock;
+        assert!(matches!(Error::from(busy), Error::WouldBlock));
+        let poisoned = std::sync::TryLockError::Poisoned(std::sync::PoisonError::new(()));
+        assert!(matches!(Error::from(poisoned), Error::Poisoned));
+    }
+}
