@@ -610,6 +610,12 @@ impl<T: DeserializeOwned + 'static> Iterator for IntoIter<T> {
     }
 }
 
+/// Once it has returned `None`, it always does.
+impl<T: DeserializeOwned + 'static> std::iter::FusedIterator for Iter<'_, T> {}
+
+/// Once it has returned `None`, it always does.
+impl<T: DeserializeOwned + 'static> std::iter::FusedIterator for IntoIter<T> {}
+
 /// Unlike [`Iter`], a `TryIter` may be resumed: after `None`, a later
 /// `next` looks again.
 impl<T: DeserializeOwned + 'static> Iterator for TryIter<'_, T> {
