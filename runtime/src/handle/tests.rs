@@ -39,7 +39,9 @@ fn confused<A: Serialize, B: DeserializeOwned>(value: &A) -> String {
 }
 
 /// Bytes of an encoded [`Tag`] (fixed-width).
-const TAG_BYTES: usize = 4 + 8 + 4 + 4 + 8;
+const TAG_BYTES: usize = 4 + 8 + 4 + 4 + 8 + 8 + 8;
+/// Where the tag's place (offset, then stamp) starts.
+const PLACE_AT: usize = TAG_BYTES - 16;
 
 fn shm_name(what: &str) -> String {
     format!("unit-handle-{what}-{}", std::process::id())
@@ -187,16 +189,30 @@ fn a_memfd_of_another_size_is_refused_before_it_is_mapped() {
     let big = Mapping::create("unit-big", 4096).expect("memfd");
     let lock = Lock::new().expect("lock");
     let (bytes, fds) = with_fd(&lock, 0, big.fd().try_clone_to_owned().expect("dup"));
+    // A lock lives in an arena: the memfd offered in its place is not one.
     let msg = refusal::<Lock>(&bytes, &fds);
-    assert!(msg.contains("4096 bytes where 16 were expected"), "{msg}");
-    // A Value<u64>'s memory offered as a Value<u32>'s, the tag rewritten to
-    // say u32 (a lying sender): the size still gives it away.
+    assert!(
+        msg.contains("4096 bytes where 1048576 were expected"),
+        "{msg}"
+    );
+    // An object of its own memfd (too large for an arena) given a smaller
+    // memfd.
+    let array = Array::new(&[0u64; 1024]).expect("array");
+    let (bytes, fds) = with_fd(&array, 0, big.fd().try_clone_to_owned().expect("dup"));
+    let msg = refusal::<Array<u64>>(&bytes, &fds);
+    assert!(msg.contains("4096 bytes where 8256 were expected"), "{msg}");
+    // A Value<u64>'s cell offered as a Value<u32>'s, the tag rewritten to
+    // say u32 (a lying sender): the cell's trailer still gives it away.
     let wide = Value::new(1u64).expect("value");
     let narrow = Value::new(1u32).expect("value");
-    let (bytes, _) = encode(&narrow);
-    let (_, fds) = encode(&wide);
+    let (mut bytes, _) = encode(&narrow);
+    let (wide_bytes, fds) = encode(&wide);
+    bytes[PLACE_AT..TAG_BYTES].copy_from_slice(&wide_bytes[PLACE_AT..TAG_BYTES]);
     let msg = refusal::<Value<u32>>(&bytes, &fds);
-    assert!(msg.contains("24 bytes where 20 were expected"), "{msg}");
+    assert!(msg.contains("holds as another object"), "{msg}");
+    drop(wide);
+    let msg = refusal::<Value<u32>>(&bytes, &fds);
+    assert!(msg.contains("holds another kind of object"), "{msg}");
     // Not a memfd at all.
     let (r, _w) = crate::sys::pipe().expect("pipe");
     let (bytes, fds) = with_fd(&Event::new().expect("event"), 0, r);
