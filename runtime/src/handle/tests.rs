@@ -498,4 +498,113 @@ mod properties {
             })
             .expect("every spoiled payload is refused or sized right");
     }
+
+    /// How a cell's place is forged: which sample, then the offset (taken
+    /// from another sample and moved, or any), the stamp (its own, another
+    /// sample's, any) and the tag's size (its own or another's).
+    type Forgery = (usize, usize, i64, Option<u64>, usize, Option<u64>, bool);
+
+    fn forgeries() -> impl Strategy<Value = Forgery> {
+        let delta = prop_oneof![
+            Just(0i64),
+            Just(64),
+            Just(-64),
+            Just(8),
+            Just(1),
+            (-4096i64..4096),
+            Just(1 << 20),
+            Just(i64::MIN),
+        ];
+        (
+            any::<usize>(),
+            any::<usize>(),
+            delta,
+            proptest::option::weighted(0.1, any::<u64>()),
+            any::<usize>(),
+            proptest::option::weighted(0.2, any::<u64>()),
+            any::<bool>(),
+        )
+    }
+
+    fn word(bytes: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    #[test]
+    fn forged_cells_are_refused_or_name_a_cell_of_their_kind() {
+        // Handles in arena cells, held (so that their cells stay theirs),
+        // and a few that were dropped after they were sent.
+        let lock = Lock::new().expect("lock");
+        let value = Value::new(7u64).expect("value");
+        let byte = Value::new(1u8).expect("value");
+        let event = Event::new().expect("event");
+        let barrier = Barrier::new(3).expect("barrier");
+        let array = Array::new(&[1u64; 40]).expect("array");
+        let raw = RawArray::new(&[2u8; 300]).expect("array");
+        let sem = BoundedSemaphore::new(2).expect("sem");
+        let mut samples = vec![
+            encode(&lock),
+            encode(&value),
+            encode(&byte),
+            encode(&event),
+            encode(&barrier),
+            encode(&array),
+            encode(&raw),
+            encode(&sem),
+        ];
+        for _ in 0..3 {
+            samples.push(encode(&Lock::new().expect("lock")));
+            samples.push(encode(&Value::new(3u64).expect("value")));
+        }
+        for (i, (bytes, fds)) in samples.iter().enumerate() {
+            assert_ne!(word(bytes, PLACE_AT + 8), 0, "sample {i} is in an arena");
+            let kinds = every_kind(bytes, fds).expect("a valid payload");
+            assert_eq!(kinds.len(), 1, "sample {i} decodes as {kinds:?}");
+        }
+        let mut runner = TestRunner::new(Config {
+            cases: 600,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(
+                &forgeries(),
+                |(pick, from, delta, offset, stamp_of, stamp, size_of)| {
+                    let n = samples.len();
+                    let (bytes, fds) = &samples[pick % n];
+                    let mut bytes = bytes.clone();
+                    let other = &samples[from % n].0;
+                    let offset =
+                        offset.unwrap_or_else(|| word(other, PLACE_AT).wrapping_add_signed(delta));
+                    let stamp =
+                        stamp.unwrap_or_else(|| word(&samples[stamp_of % n].0, PLACE_AT + 8));
+                    bytes[PLACE_AT..PLACE_AT + 8].copy_from_slice(&offset.to_le_bytes());
+                    bytes[PLACE_AT + 8..TAG_BYTES].copy_from_slice(&stamp.to_le_bytes());
+                    if size_of {
+                        bytes[PLACE_AT - 8..PLACE_AT]
+                            .copy_from_slice(&other[PLACE_AT - 8..PLACE_AT]);
+                    }
+                    // The arenas' descriptors may be swapped too: a message's
+                    // descriptors are all arenas here.
+                    let mut fds = dup(fds);
+                    if delta == 1 {
+                        fds = dup(&samples[from % n].1);
+                    }
+                    let kinds = every_kind(&bytes, &fds)?;
+                    // A forged place decodes only as a cell that holds an
+                    // object of that kind under that stamp: one of the
+                    // samples, the same handle again.
+                    prop_assert!(kinds.len() <= 1, "{kinds:?}");
+                    if !kinds.is_empty() {
+                        let real = samples.iter().any(|(b, _)| {
+                            word(b, PLACE_AT) == offset && word(b, PLACE_AT + 8) == stamp
+                        });
+                        prop_assert!(real, "decoded a cell no handle was sent for");
+                    }
+                    Ok(())
+                },
+            )
+            .expect("every forged cell is refused or is a real one");
+        drop((lock, value, byte, event, barrier, array, raw, sem));
+    }
 }
