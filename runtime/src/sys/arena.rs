@@ -418,6 +418,10 @@ impl Arena {
                             .as_ref()
                             .is_some_and(|c| c.stamp == stamp && c.kind == kind);
                     if !same {
+                        // `block` may be the last handle (its other ones
+                        // dropped meanwhile): its drop takes `cells`.
+                        drop(cells);
+                        drop(block);
                         return Err(invalid(
                             "refused a handle naming a cell that this process holds as another \
                              object",
