@@ -41,7 +41,14 @@
 //!   arrives has exactly that size ([`Received::mapping`]; handles' memfds
 //!   are sealed against resizing, and a memfd that is not sealed against
 //!   shrinking is refused): a received handle never maps a size other than
-//!   the one its type computes.
+//!   the one its type computes. An object in an arena names a cell
+//!   instead: the descriptor must be a sealed memfd of exactly an arena's
+//!   size that this process maps as nothing else, the offset a cell's
+//!   start for that arena's cell size, the size one of that cell size, and
+//!   the cell's trailer must hold the handle's stamp, kind and element
+//!   fingerprint ([`kind_word`]) and size; a cell this process holds as
+//!   another object, or one of its own arenas that holds none, is refused
+//!   (`sys::arena`, [`Received::block`]).
 //! - Descriptors the handle does not use are closed.
 //!
 //! Then the handle rebuilds itself ([`HandleWire::rebuild`]) and checks
@@ -232,9 +239,9 @@ pub(crate) struct Parts<'a, P> {
     pub(crate) fds: [Option<BorrowedFd<'a>>; SLOTS],
     /// Bytes of the handle's mapping (0: none).
     pub(crate) size: usize,
-    /// Where the memory is: [`Place::OWN`] unless slot 0 is an arena, and
-    /// then the arena's file (sent once per message).
+    /// Where the memory is: [`Place::OWN`] unless slot 0 is an arena.
     pub(crate) place: Place,
+    /// The arena's file when slot 0 is one (sent once per message).
     pub(crate) arena: Option<(u64, u64)>,
 }
 
