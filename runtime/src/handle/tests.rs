@@ -231,6 +231,47 @@ fn a_memfd_of_another_size_is_refused_before_it_is_mapped() {
 }
 
 #[test]
+fn a_forged_cell_is_a_decode_error_that_says_why() {
+    let lock = Lock::new().expect("lock");
+    let (bytes, fds) = encode(&lock);
+    let offset = u64::from_le_bytes(bytes[PLACE_AT..PLACE_AT + 8].try_into().expect("8"));
+    let forged = |offset: u64, stamp: Option<u64>| {
+        let mut b = bytes.clone();
+        b[PLACE_AT..PLACE_AT + 8].copy_from_slice(&offset.to_le_bytes());
+        if let Some(stamp) = stamp {
+            b[PLACE_AT + 8..TAG_BYTES].copy_from_slice(&stamp.to_le_bytes());
+        }
+        refusal::<Lock>(&b, &fds)
+    };
+    let msg = forged(offset + 16, None);
+    assert!(
+        msg.contains("a received Lock: refused a handle at byte"),
+        "{msg}"
+    );
+    let msg = forged(1 << 40, None);
+    assert!(msg.contains("not where one of its cells"), "{msg}");
+    let msg = forged(offset, Some(12345));
+    assert!(msg.contains("holds as another object"), "{msg}");
+    // The next cells of the arena: not allocated, or another object.
+    let msg = forged(offset + 64 * 1000, None);
+    assert!(
+        msg.contains("holds no object") || msg.contains("another object"),
+        "{msg}"
+    );
+    // A Lock's cell read as an Event's (the tag's kind and size are the
+    // Event's, the place the Lock's): refused, never an Event over a
+    // Lock's bytes.
+    let event = Event::new().expect("event");
+    let (mut as_event, _) = encode(&event);
+    as_event[PLACE_AT..TAG_BYTES].copy_from_slice(&bytes[PLACE_AT..TAG_BYTES]);
+    let msg = refusal::<Event>(&as_event, &fds);
+    assert!(msg.contains("holds as another object"), "{msg}");
+    drop(lock);
+    let msg = refusal::<Event>(&as_event, &fds);
+    assert!(msg.contains("holds another kind of object"), "{msg}");
+}
+
+#[test]
 fn descriptors_of_the_wrong_sort_or_missing_are_errors() {
     let (a, _b) = Pipe::new::<u64>().expect("pipe");
     let (bytes, fds) = encode(&a);
