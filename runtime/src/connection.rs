@@ -622,6 +622,8 @@ impl<T> Connection<T> {
             plain: (),
             fds: [rx, tx, Some(side), lock.map(|(fd, _)| fd)],
             size: lock.map_or(0, |(_, len)| len),
+            place: crate::sys::arena::Place::OWN,
+            arena: None,
         })
     }
 

@@ -665,6 +665,8 @@ impl<T> Queue<T> {
             plain: self.ring.capacity() as u64,
             fds: [Some(mem), Some(tx), Some(rx), Some(arena)],
             size: self.ring.mapping_len(),
+            place: crate::sys::arena::Place::OWN,
+            arena: None,
         }
     }
 

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::deadline;
 use crate::error::{Error, Result};
-use crate::handle::{self, HandleWire, Kind, Parts, Received, mapped_handle};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, mapped_handle, new_block};
+use crate::sys::arena::Block;
 use crate::sys::futex::{self, Wake};
-use crate::sys::shm::Mapping;
 
 // Words: count, sleepers, bound (0: unbounded).
 const SEM_BYTES: usize = 12;
@@ -34,7 +34,7 @@ const SEM_BYTES: usize = 12;
 /// ```
 #[derive(Clone)]
 pub struct Semaphore {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 impl Semaphore {
@@ -52,10 +52,10 @@ impl Semaphore {
         if value > i32::MAX as u32 {
             return Err(Error::invalid("a semaphore value must be at most i32::MAX"));
         }
-        let map = Mapping::create("multiproc-semaphore", SEM_BYTES)?;
+        let map = new_block::<Semaphore>("multiproc-semaphore", SEM_BYTES, 8)?;
         map.atomics_u32()[0].store(value, Ordering::Relaxed);
         map.atomics_u32()[2].store(bound, Ordering::Relaxed);
-        Ok(Semaphore { map: Arc::new(map) })
+        Ok(Semaphore { map })
     }
 
     fn words(&self) -> (&AtomicU32, &AtomicU32, &AtomicU32) {
@@ -239,6 +239,8 @@ impl HandleWire for BoundedSemaphore {
     }
 
     fn rebuild(plain: (), fds: &mut Received) -> Result<Self> {
+        // Its memory was made as a Semaphore's (its cell says so).
+        fds.expect_cell_of::<Semaphore>();
         Ok(BoundedSemaphore {
             inner: Semaphore::rebuild(plain, fds)?,
         })
