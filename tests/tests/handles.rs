@@ -53,8 +53,8 @@ impl<'de, A, B: Deserialize<'de>> Deserialize<'de> for Confused<A, B> {
 }
 
 /// The message of the decode error `result` must be.
-fn decode_error<T>(result: multiproc::Result<T>) -> String {
-    match result {
+fn decode_error<T, E: Into<Error>>(result: Result<T, E>) -> String {
+    match result.map_err(Into::into) {
         Ok(_) => panic!("a handle was received as another type"),
         Err(Error::Decode { message }) => message,
         Err(other) => panic!("not a decode error: {other}"),
@@ -75,7 +75,7 @@ fn through_queue<A: Serialize + 'static, B: DeserializeOwned + 'static>(value: A
         .map_err(|e| e.to_string())
         .expect("put");
     match q.get_timeout(LONG) {
-        Err(GetTimeoutError::Failed(e)) => decode_error::<()>(Err(e)),
+        Err(GetTimeoutError::Failed(e)) => decode_error::<(), Error>(Err(e)),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a handle was received as another type"),
     }

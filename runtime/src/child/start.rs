@@ -212,7 +212,8 @@ pub(super) fn start_child_as(
 
 /// The error a child sent in a [`TAG_FAILED`] frame.
 pub(crate) fn refusal(bytes: &[u8]) -> Error {
-    codec::decode_plain::<Error>(bytes).unwrap_or_else(|_| Error::InvalidArgument {
+    codec::decode_plain::<Error>(bytes).unwrap_or_else(|_| Error::Remote {
+        pid: None,
         message: String::from_utf8_lossy(bytes).into_owned(),
     })
 }

@@ -97,6 +97,7 @@ impl Event {
 
     /// Waits at most `timeout` for the flag; `false` if it was still not
     /// set then (Python's `wait(timeout)`).
+    #[must_use = "false means the timeout passed and the event is not set"]
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.wait_until(deadline(timeout))
     }

@@ -155,8 +155,10 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// `Err(TryLockError::WouldBlock)` if the timeout passed (`?` makes it
-    /// [`Error::Timeout`](crate::Error::Timeout));
+    /// `Err(TryLockError::WouldBlock)` if the lock stayed held for the
+    /// whole timeout (`?` makes it
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock), as for
+    /// [`try_acquire`](Lock::try_acquire));
     /// `Err(TryLockError::Poisoned)` (with the guard) as for
     /// [`acquire`](Lock::acquire).
     ///
@@ -167,7 +169,7 @@ impl Lock {
     /// let lock = multiproc::Lock::new()?;
     /// let _held = lock.acquire()?;
     /// let err = lock.acquire_timeout(Duration::from_millis(10)).map(drop).map_err(multiproc::Error::from);
-    /// assert!(err.is_err_and(|e| e.is_timeout()));
+    /// assert!(err.is_err_and(|e| e.is_would_block()));
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn acquire_timeout(&self, timeout: Duration) -> TryLockResult<LockGuard<'_>> {
