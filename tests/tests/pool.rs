@@ -728,3 +728,21 @@ fn a_forged_result_length_is_a_decode_error_not_an_abort() {
     // The worker is still busy sleeping in the forged task; the pool lives.
     assert_eq!(pool.worker_pids().len(), 1);
 }
+
+#[test]
+fn calls_in_the_wrong_state_are_misuse_not_invalid_arguments() {
+    let pool = pool2();
+    let err = pool.join().expect_err("join before close");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+    let mut pending = pool.apply_async(add, (1, 2)).expect("apply_async");
+    assert_eq!(
+        pending.get_timeout(Duration::from_secs(30)).expect("value"),
+        3
+    );
+    let err = pending
+        .get_timeout(Duration::from_secs(30))
+        .expect_err("taken");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+    pool.close();
+    pool.join().expect("join after close");
+}

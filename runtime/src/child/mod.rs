@@ -75,7 +75,7 @@ pub(crate) fn ensure_ready() -> Result<()> {
     if READY.load(Ordering::SeqCst) {
         Ok(())
     } else {
-        Err(Error::invalid(
+        Err(Error::misuse(
             "multiproc is not initialized in this program: call multiproc::init() as the first \
              line of main (or use #[multiproc::main])",
         ))

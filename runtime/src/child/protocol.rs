@@ -128,7 +128,8 @@ impl<'a> Message<'a> {
 
 /// The error a child sent in a [`Message::Failed`].
 fn refusal(bytes: &[u8]) -> Error {
-    codec::decode_plain::<Error>(bytes).unwrap_or_else(|_| Error::InvalidArgument {
+    codec::decode_plain::<Error>(bytes).unwrap_or_else(|_| Error::Remote {
+        pid: None,
         message: String::from_utf8_lossy(bytes).into_owned(),
     })
 }

@@ -12,6 +12,7 @@ use crate::process::{ProcessFn, Target};
 
 /// Builds a [`Pool`]: `Pool::builder().processes(4).initializer(f, args).max_tasks_per_child(100).build()`.
 #[derive(Debug)]
+#[must_use = "a builder does nothing until build() is called"]
 pub struct PoolBuilder {
     pub(super) processes: Option<usize>,
     pub(super) initializer: Option<Result<Target>>,

@@ -555,10 +555,10 @@ impl Pool {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if the pool was neither closed nor terminated.
+    /// [`Error::Misuse`] if the pool was neither closed nor terminated.
     pub fn join(&self) -> Result<()> {
         if !self.core.is_closed() {
-            return Err(Error::invalid("join() needs close() or terminate() first"));
+            return Err(Error::misuse("join() needs close() or terminate() first"));
         }
         let reader = lock(&self.reader).take();
         if reader.is_some() {

@@ -120,7 +120,10 @@ impl TaskFailure {
             TaskFailure::Decode(message) => Error::Decode { message },
             TaskFailure::Encode(message) => Error::Encode { message },
             TaskFailure::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
-            TaskFailure::Other(message) => Error::InvalidArgument { message },
+            TaskFailure::Other(message) => Error::Remote {
+                pid: Some(pid),
+                message,
+            },
         }
     }
 

@@ -319,7 +319,7 @@ impl Ring {
     /// already) and its descriptors.
     pub(crate) fn from_fds(map: Mapping, tx: OwnedFd, rx: OwnedFd, arena: OwnedFd) -> Result<Ring> {
         if map.len() < HEADER_BYTES || map.atomics_u64()[W_MAGIC].load(Ordering::Relaxed) != MAGIC {
-            return Err(Error::invalid("not a multiproc queue"));
+            return Err(corrupt("not a multiproc queue"));
         }
         let cap = map.atomics_u64()[W_CAP].load(Ordering::Relaxed);
         if cap == 0
@@ -329,7 +329,7 @@ impl Ring {
                 .saturating_add(HEADER_BYTES)
                 > map.len()
         {
-            return Err(Error::invalid("corrupt queue header"));
+            return Err(corrupt("an impossible capacity in the header"));
         }
         Ring::assemble(map, tx, rx, arena, cap)
     }
@@ -864,7 +864,12 @@ impl Ring {
         let mut rest: &[u8] = buf;
         while !rest.is_empty() {
             match nix::sys::uio::pwrite(&self.arena, rest, off as libc::off_t) {
-                Ok(0) => return Err(Error::invalid("queue arena refused a write")),
+                Ok(0) => {
+                    return Err(Error::io(
+                        "queue arena refused a write",
+                        io::Error::from(io::ErrorKind::WriteZero),
+                    ));
+                }
                 Ok(n) => {
                     rest = &rest[n..];
                     off += n as u64;
@@ -1085,7 +1090,7 @@ impl<'a> Claim<'a> {
     fn payload(&mut self) -> Result<&mut Exclusive<'a>> {
         match &mut self.slot {
             Some((_, payload)) => Ok(payload),
-            None => Err(Error::invalid("a queue slot used after it was handed on")),
+            None => Err(corrupt("a queue slot used after it was handed on")),
         }
     }
 
@@ -1213,7 +1218,7 @@ impl Held<'_> {
             Vec::new()
         };
         let Some((_, Some(payload))) = &self.slot else {
-            return Err(Error::invalid("a queue slot without its payload"));
+            return Err(corrupt("a queue slot without its payload"));
         };
         let payload = payload.bytes();
         if self.kind & K_ARENA != 0 {

@@ -1,10 +1,10 @@
 //! The process-shared lock word under every multiproc lock, and the guard
 //! whose existence proves the lock is held (the one proof
-//! [`Mapping::locked_slice_mut`](super::shm::Mapping::locked_slice_mut)
+//! [`Region::locked_slice_mut`](super::shm::Region::locked_slice_mut)
 //! accepts).
 //!
-//! A lock's mapping starts with a [`LOCK_HEADER`](super::shm::LOCK_HEADER)
-//! of 16 bytes:
+//! A lock's region (its own mapping, or its cell of an arena) starts with a
+//! [`LOCK_HEADER`](super::shm::LOCK_HEADER) of 16 bytes:
 //!
 //! | bytes | what |
 //! | --- | --- |
@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 
 use super::futex::{self, Wake};
 use super::ipc::{self, Holder, Liveness};
-use super::shm::Mapping;
+use super::shm::Region;
 
 pub(crate) mod protocol;
 
@@ -329,7 +329,7 @@ fn me_slow() -> (u64, u32) {
     (word, ns)
 }
 
-/// The lock header at the start of a mapping: see the module docs.
+/// The lock header at the start of a region: see the module docs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Header<'a> {
     word: &'a AtomicU64,
@@ -338,14 +338,14 @@ pub(crate) struct Header<'a> {
 }
 
 impl<'a> Header<'a> {
-    /// The header of `map`, which must be at least
-    /// [`LOCK_HEADER`](super::shm::LOCK_HEADER) long (checked when it was
-    /// created or received).
+    /// The header of `region`, which must be at least
+    /// [`LOCK_HEADER`](super::shm::LOCK_HEADER) long (its type's size,
+    /// checked when it was created or received).
     #[inline]
-    pub(crate) fn of(map: &'a Mapping) -> Header<'a> {
-        let words = map.atomics_u32();
+    pub(crate) fn of(region: &'a Region) -> Header<'a> {
+        let words = region.atomics_u32();
         Header {
-            word: &map.atomics_u64()[0],
+            word: &region.atomics_u64()[0],
             poison: &words[2],
             register: &words[3],
         }
@@ -425,7 +425,7 @@ impl<'a> Header<'a> {
     }
 }
 
-/// A held lock: the header of a mapping, freed on drop. Only
+/// A held lock: the header of a region, freed on drop. Only
 /// [`RawGuard::lock`] and [`RawGuard::try_lock`] make one, and only once
 /// the word names this process: having one proves that no other guard of
 /// the same word exists in any process (a takeover happens only when the
@@ -496,8 +496,10 @@ mod tests {
     use super::*;
 
     /// A 16-byte lock header in a fresh mapping.
-    fn mapping() -> Mapping {
-        Mapping::create("test-lock", super::super::shm::LOCK_HEADER).expect("mapping")
+    fn mapping() -> Region {
+        let map = super::super::shm::Mapping::create("test-lock", super::super::shm::LOCK_HEADER)
+            .expect("mapping");
+        Region::whole(std::sync::Arc::new(map))
     }
 
     const SOON: Duration = Duration::from_millis(350);

@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 
 use std::io;
 
+pub(crate) mod arena;
 pub(crate) mod boot;
 pub(crate) mod futex;
 pub(crate) mod ipc;

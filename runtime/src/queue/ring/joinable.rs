@@ -63,7 +63,7 @@ impl Ring {
                 .count(self.u64w(W_TAIL).load(Ordering::SeqCst))
                 .saturating_sub(tombs);
             if cur >= put {
-                return Err(Error::invalid(
+                return Err(Error::misuse(
                     "task_done() called more times than there were items put",
                 ));
             }
