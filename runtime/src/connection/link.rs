@@ -359,12 +359,7 @@ impl Link {
             // Unreachable: a whole inline frame fits the buffer many times.
             return Err(Error::invalid("a pipe's read buffer is full"));
         }
-        if let Some(left) = wire::remaining(deadline) {
-            let ev = sys::poll_one(rx.as_fd(), PollFlags::POLLIN, Some(left))?;
-            if ev.is_empty() {
-                return Err(Error::Timeout);
-            }
-        }
+        wire::wait_readable(rx.as_fd(), deadline)?;
         let n = sys::read(rx.as_fd(), &mut self.rbuf[self.end..])
             .map_err(|e| Error::transport_errno("recv", e))?;
         self.end += n;

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::Pool;
 use super::engine::{Config, Core};
-use super::worker;
+use super::protocol;
 use crate::error::{Error, Result};
 use crate::process::{ProcessFn, Target};
 
@@ -74,7 +74,7 @@ impl PoolBuilder {
         let has_initializer = initializer.is_some();
         let config = Config {
             processes,
-            init: worker::WorkerInit {
+            init: protocol::WorkerInit {
                 initializer,
                 max_tasks: self.max_tasks_per_child.map(|k| k as u64),
             },

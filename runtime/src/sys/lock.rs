@@ -280,17 +280,7 @@ pub(crate) fn tid() -> u32 {
 pub(crate) fn is_dead(tid: u32) -> bool {
     match std::fs::read(format!("/proc/{tid}/stat")) {
         Err(e) => e.kind() == std::io::ErrorKind::NotFound && ipc::procfs_shows_all(),
-        Ok(stat) => {
-            // "pid (comm) S ...": the state follows the last ')'.
-            let after = stat
-                .iter()
-                .rposition(|&b| b == b')')
-                .map_or(&stat[..0], |i| &stat[i + 1..]);
-            matches!(
-                after.iter().find(|b| !b.is_ascii_whitespace()),
-                Some(b'Z' | b'X' | b'x')
-            )
-        }
+        Ok(stat) => matches!(ipc::stat_state(&stat), Some(b'Z' | b'X' | b'x')),
     }
 }
 
@@ -586,14 +576,9 @@ mod tests {
         }
         fn holder(&self) -> Holder {
             // Read its start time as the sleeper itself would.
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id()))
-                .expect("stat of a live child");
-            let after = &stat[stat.rfind(')').expect("comm") + 1..];
-            let start: u64 = after
-                .split_ascii_whitespace()
-                .nth(19)
-                .and_then(|s| s.parse().ok())
-                .expect("start time");
+            let stat =
+                std::fs::read(format!("/proc/{}/stat", self.0.id())).expect("stat of a live child");
+            let (_, start) = ipc::parse_stat(&stat).expect("start time");
             Holder::new(self.0.id(), (start as u32).max(1))
         }
     }
