@@ -296,7 +296,7 @@ impl Ring {
         map.atomics_u64()[W_MAGIC].store(MAGIC, Ordering::Relaxed);
         map.atomics_u64()[W_CAP].store(cap as u64, Ordering::Relaxed);
         map.atomics_u32()[H_JOINABLE].store(joinable as u32, Ordering::Relaxed);
-        let (tx, rx) = sys::socketpair_dgram()?;
+        let (tx, rx) = ipc::socketpair_dgram()?;
         sys::set_nonblocking(tx.as_fd(), true)?;
         sys::set_nonblocking(rx.as_fd(), true)?;
         let arena = nix::sys::memfd::memfd_create(
@@ -1024,7 +1024,7 @@ impl Roster for Ring {
     /// A bare pid: the same namespace condition, then the pid-only check
     /// (a reused pid reads as alive).
     fn pid_dead(&self, pid: u64) -> bool {
-        register_is(self.u32w(H_NS), ipc::pid_namespace()) && !sys::pid_alive(pid as u32)
+        register_is(self.u32w(H_NS), ipc::pid_namespace()) && !ipc::pid_alive(pid as u32)
     }
 }
 
@@ -1472,7 +1472,7 @@ mod tests {
         assert!(ended, "the wait behind a live writer did not end");
         drop(claim);
         // A message with handles while another holds the side lock.
-        let (a, _b) = sys::socketpair_dgram().expect("fds");
+        let (a, _b) = ipc::socketpair_dgram().expect("fds");
         let Claimed::Slot(claim) = ring.try_claim() else {
             panic!("no room");
         };

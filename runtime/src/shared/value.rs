@@ -125,7 +125,7 @@ impl<T: Pod> Value<T> {
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn read(&self) -> T {

@@ -96,7 +96,7 @@ impl Barrier {
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn slot(&self, i: usize) -> &AtomicU64 {

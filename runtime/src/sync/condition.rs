@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::handle::{mapped_handle, new_block};
 use crate::sys::arena::Block;
 use crate::sys::futex;
-use crate::sys::lock::{Header, RawGuard};
+use crate::sys::lock::RawGuard;
 use crate::sys::shm::LOCK_HEADER;
 
 // The lock header, then the u32 words sequence and sleepers.
@@ -99,7 +99,7 @@ impl Condition {
     /// [`Lock::acquire`](crate::Lock::acquire).
     pub fn acquire(&self) -> LockResult<ConditionGuard<'_>> {
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(Header::of(&self.map), None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(self.map.lock_header(), None) {
                 let guard = ConditionGuard { cond: self, raw };
                 return if poisoned {
                     Err(PoisonError::new(guard))

@@ -83,7 +83,7 @@ impl Lock {
 
     #[inline]
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     #[inline]
@@ -261,7 +261,7 @@ impl RLock {
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn count(&self) -> &AtomicU32 {

@@ -4,7 +4,7 @@
 //! accepts).
 //!
 //! A lock's region (its own mapping, or its cell of an arena) starts with a
-//! [`LOCK_HEADER`](super::shm::LOCK_HEADER) of 16 bytes:
+//! [`LOCK_HEADER`] of 16 bytes:
 //!
 //! | bytes | what |
 //! | --- | --- |
@@ -55,7 +55,6 @@ use std::time::{Duration, Instant};
 
 use super::futex::{self, Wake};
 use super::ipc::{self, Holder, Liveness};
-use super::shm::Region;
 
 pub(crate) mod protocol;
 
@@ -329,6 +328,11 @@ fn me_slow() -> (u64, u32) {
     (word, ns)
 }
 
+/// Bytes at the start of a locked region: the 64-bit lock word, its
+/// poison flag and its namespace register (see the module docs); locked
+/// data starts at or after it.
+pub(crate) const LOCK_HEADER: usize = 16;
+
 /// The lock header at the start of a region: see the module docs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Header<'a> {
@@ -338,16 +342,16 @@ pub(crate) struct Header<'a> {
 }
 
 impl<'a> Header<'a> {
-    /// The header of `region`, which must be at least
-    /// [`LOCK_HEADER`](super::shm::LOCK_HEADER) long (its type's size,
-    /// checked when it was created or received).
+    /// The header in the first [`LOCK_HEADER`] bytes of a region, seen as
+    /// its 64-bit and its 32-bit words. The region must be at least
+    /// [`LOCK_HEADER`] long: its type's size, checked when it was created
+    /// or received (`Region::lock_header` is the one caller).
     #[inline]
-    pub(crate) fn of(region: &'a Region) -> Header<'a> {
-        let words = region.atomics_u32();
+    pub(crate) fn in_words(u64s: &'a [AtomicU64], u32s: &'a [AtomicU32]) -> Header<'a> {
         Header {
-            word: &region.atomics_u64()[0],
-            poison: &words[2],
-            register: &words[3],
+            word: &u64s[0],
+            poison: &u32s[2],
+            register: &u32s[3],
         }
     }
 
@@ -493,12 +497,12 @@ impl Drop for RawGuard<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::shm::{Mapping, Region};
     use super::*;
 
     /// A 16-byte lock header in a fresh mapping.
     fn mapping() -> Region {
-        let map = super::super::shm::Mapping::create("test-lock", super::super::shm::LOCK_HEADER)
-            .expect("mapping");
+        let map = Mapping::create("test-lock", LOCK_HEADER).expect("mapping");
         Region::whole(std::sync::Arc::new(map))
     }
 
@@ -545,7 +549,7 @@ mod tests {
         // Data guards belong to the process: a guard leaked by a thread
         // that then exits keeps the lock (its borrows may still be alive).
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         std::thread::scope(|s| {
             s.spawn(|| std::mem::forget(RawGuard::lock(header, None)));
         });
@@ -555,7 +559,7 @@ mod tests {
     #[test]
     fn timeout_when_held_by_a_live_thread() {
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         let (held, _) = RawGuard::lock(header, None).expect("free");
         std::thread::scope(|s| {
             s.spawn(|| assert_eq!(lock_within(header, Duration::from_millis(30)), None));
@@ -601,7 +605,7 @@ mod tests {
     fn a_live_holder_is_never_taken_over() {
         let sleeper = Sleeper::start();
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         forge(header, sleeper.holder(), ipc::pid_namespace());
         // Several liveness checks (every 100 ms) find it alive.
         assert_eq!(lock_within(header, SOON), None);
@@ -620,7 +624,7 @@ mod tests {
         let dead = Holder::new(live.id(), live.tag().wrapping_sub(1).max(1));
         assert_ne!(dead, live);
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         forge(header, dead, ipc::pid_namespace());
         assert_eq!(lock_within(header, PATIENT), Some(true));
         assert!(header.is_poisoned());
@@ -642,7 +646,7 @@ mod tests {
         let sleeper = Sleeper::start();
         let other_ns = ipc::pid_namespace().wrapping_add(1).max(1);
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         // A pid that names nobody here: the sleeper's, once reaped.
         let gone = sleeper.holder();
         drop(sleeper);
@@ -686,7 +690,7 @@ mod tests {
         let gone = Holder::new(sleeper.holder().id(), 0);
         drop(sleeper);
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         forge(header, gone, ipc::pid_namespace());
         assert_eq!(lock_within(header, SOON), None);
     }
@@ -694,7 +698,7 @@ mod tests {
     #[test]
     fn the_word_names_this_process_with_its_start_time() {
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         let (guard, poisoned) = RawGuard::lock(header, None).expect("free");
         assert!(!poisoned);
         assert_eq!(

@@ -15,7 +15,8 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::MFdFlags;
 use nix::sys::mman::{MapFlags, ProtFlags};
 
-use super::lock::RawGuard;
+pub(crate) use super::lock::LOCK_HEADER;
+use super::lock::{Header, RawGuard};
 use std::io;
 
 /// A refusal of this module that says why in words.
@@ -661,6 +662,14 @@ impl Region {
         self.span().atomics_u64()
     }
 
+    /// The lock header in the region's first [`LOCK_HEADER`] bytes (see
+    /// `sys::lock`). The region must be at least that long: every locked
+    /// type's size includes it, checked when it is created or received.
+    #[inline]
+    pub(crate) fn lock_header(&self) -> Header<'_> {
+        Header::in_words(self.atomics_u64(), self.atomics_u32())
+    }
+
     /// The integer atomic `A` at byte `offset` of the region, which must
     /// be aligned for it and in range.
     #[inline]
@@ -795,11 +804,6 @@ fn leave(id: FileId) {
         }
     }
 }
-
-/// Bytes at the start of a locked mapping: the 64-bit lock word, its
-/// poison flag and its namespace register (see `sys::lock`); locked data
-/// starts at or after it.
-pub(crate) const LOCK_HEADER: usize = 16;
 
 /// Stores `bytes` into `word` from byte `skip` on, keeping its other bytes
 /// (one CAS loop: another writer of those bytes is not overwritten).
