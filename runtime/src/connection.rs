@@ -508,31 +508,10 @@ fn next_blocking<T: DeserializeOwned>(
     }
 }
 
-macro_rules! iter_error_accessor {
-    ($($ty:ident $(<$lt:lifetime>)?),*) => {
-        $(
-            impl<$($lt,)? T> $ty<$($lt,)? T> {
-                /// The failure that ended the iteration, if a message that
-                /// could not be received ended it rather than the end of
-                /// the stream (or, for [`TryIter`], no message being
-                /// ready). Taking it leaves `None`.
-                pub fn take_error(&mut self) -> Option<Error> {
-                    self.error.take()
-                }
-            }
-
-            impl<$($lt,)? T> fmt::Debug for $ty<$($lt,)? T> {
-                fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.debug_struct(stringify!($ty))
-                        .field("error", &self.error)
-                        .finish_non_exhaustive()
-                }
-            }
-        )*
-    };
-}
-
-iter_error_accessor!(Iter<'a>, TryIter<'a>, IntoIter);
+crate::error::iter_take_error!(
+    "The failure that ended the iteration, if a message that could not be received ended it rather than the end of the stream (or, for [`TryIter`], no message being ready).":
+    Iter<'a>, TryIter<'a>, IntoIter
+);
 
 impl<T: DeserializeOwned> Iterator for Iter<'_, T> {
     type Item = T;

@@ -591,6 +591,34 @@ macro_rules! widen_receive_error {
 
 pub(crate) use widen_receive_error;
 
+/// `take_error` and `Debug` for the receiving iterators of `Queue` and
+/// `Connection` (`Iter`, `TryIter`, `IntoIter`), which keep the failure
+/// that ended them in a field `error: Option<Error>`. `$doc` says what
+/// else ends the iteration for that type.
+macro_rules! iter_take_error {
+    ($doc:literal: $($ty:ident $(<$lt:lifetime>)?),*) => {
+        $(
+            impl<$($lt,)? T> $ty<$($lt,)? T> {
+                #[doc = $doc]
+                ///
+                /// Taking it leaves `None`.
+                pub fn take_error(&mut self) -> Option<$crate::Error> {
+                    self.error.take()
+                }
+            }
+
+            impl<$($lt,)? T> ::std::fmt::Debug for $ty<$($lt,)? T> {
+                fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                    f.debug_struct(stringify!($ty))
+                        .field("error", &self.error)
+                        .finish_non_exhaustive()
+                }
+            }
+        )*
+    };
+}
+pub(crate) use iter_take_error;
+
 #[cfg(test)]
 mod tests {
     use super::*;

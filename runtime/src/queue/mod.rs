@@ -568,31 +568,10 @@ fn next_blocking<T: DeserializeOwned + 'static>(
     }
 }
 
-macro_rules! iter_common {
-    ($($ty:ident $(<$lt:lifetime>)?),*) => {
-        $(
-            impl<$($lt,)? T> $ty<$($lt,)? T> {
-                /// The failure that ended the iteration, if a message that
-                /// could not be decoded (or an OS failure) ended it rather
-                /// than a closed (or, for [`TryIter`], an empty) queue.
-                /// Taking it leaves `None`.
-                pub fn take_error(&mut self) -> Option<Error> {
-                    self.error.take()
-                }
-            }
-
-            impl<$($lt,)? T> fmt::Debug for $ty<$($lt,)? T> {
-                fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.debug_struct(stringify!($ty))
-                        .field("error", &self.error)
-                        .finish_non_exhaustive()
-                }
-            }
-        )*
-    };
-}
-
-iter_common!(Iter<'a>, TryIter<'a>, IntoIter);
+crate::error::iter_take_error!(
+    "The failure that ended the iteration, if a message that could not be decoded (or an OS failure) ended it rather than a closed (or, for [`TryIter`], an empty) queue.":
+    Iter<'a>, TryIter<'a>, IntoIter
+);
 
 impl<T: DeserializeOwned + 'static> Iterator for Iter<'_, T> {
     type Item = T;

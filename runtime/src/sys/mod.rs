@@ -31,7 +31,6 @@ pub(crate) mod ipc;
 pub(crate) mod lock;
 pub(crate) mod shm;
 
-
 /// Most descriptors the kernel accepts in one SCM_RIGHTS message.
 pub(crate) const MAX_FDS_PER_MSG: usize = 253;
 
