@@ -73,33 +73,16 @@ const SPIN_PAUSES: u32 = 400;
 /// The longest run of `pause`s between two reads of the word.
 const MAX_PAUSE: u32 = 128;
 
-impl protocol::Word for AtomicU64 {
-    #[inline]
-    fn load(&self, order: Ordering) -> u64 {
-        AtomicU64::load(self, order)
-    }
-    #[inline]
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64> {
-        AtomicU64::compare_exchange(self, current, new, success, failure)
-    }
-    #[inline]
-    fn swap(&self, value: u64, order: Ordering) -> u64 {
-        AtomicU64::swap(self, value, order)
-    }
-}
-
 /// The 32-bit words of the older API: values are ids below 2^31 with the
 /// contended mark in bit 31, so they fit.
 impl protocol::Word for AtomicU32 {
     #[inline]
     fn load(&self, order: Ordering) -> u64 {
         u64::from(AtomicU32::load(self, order))
+    }
+    #[inline]
+    fn store(&self, value: u64, order: Ordering) {
+        AtomicU32::store(self, value as u32, order)
     }
     #[inline]
     fn compare_exchange(
@@ -116,27 +99,6 @@ impl protocol::Word for AtomicU32 {
     #[inline]
     fn swap(&self, value: u64, order: Ordering) -> u64 {
         u64::from(AtomicU32::swap(self, value as u32, order))
-    }
-}
-
-impl protocol::Cell32 for AtomicU32 {
-    #[inline]
-    fn load(&self, order: Ordering) -> u32 {
-        AtomicU32::load(self, order)
-    }
-    #[inline]
-    fn store(&self, value: u32, order: Ordering) {
-        AtomicU32::store(self, value, order)
-    }
-    #[inline]
-    fn compare_exchange(
-        &self,
-        current: u32,
-        new: u32,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u32, u32> {
-        AtomicU32::compare_exchange(self, current, new, success, failure)
     }
 }
 

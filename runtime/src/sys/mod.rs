@@ -30,6 +30,7 @@ pub(crate) mod futex;
 pub(crate) mod ipc;
 pub(crate) mod lock;
 pub(crate) mod shm;
+pub(crate) mod word;
 
 /// Most descriptors the kernel accepts in one SCM_RIGHTS message.
 pub(crate) const MAX_FDS_PER_MSG: usize = 253;
