@@ -203,6 +203,20 @@ fn wake_latency(c: &mut Criterion) {
     g.finish();
 }
 
+fn creation(c: &mut Criterion) {
+    let mut g = c.benchmark_group("create + drop");
+    g.bench_function("Lock", |b| {
+        b.iter(|| drop(black_box(Lock::new().expect("lock"))))
+    });
+    g.bench_function("Value<u64>", |b| {
+        b.iter(|| drop(black_box(Value::new(7u64).expect("value"))))
+    });
+    g.bench_function("Event", |b| {
+        b.iter(|| drop(black_box(Event::new().expect("event"))))
+    });
+    g.finish();
+}
+
 fn cpython(_: &mut Criterion) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/sync_bench.py");
     println!("\nCPython multiprocessing, same run ({script}):");
@@ -216,6 +230,6 @@ fn cpython(_: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = uncontended, shared_counter, wake_latency, cpython
+    targets = uncontended, creation, shared_counter, wake_latency, cpython
 }
 criterion_main!(benches);

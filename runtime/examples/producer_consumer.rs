@@ -1,6 +1,7 @@
 //! Several producers and consumers around a JoinableQueue: producers put
 //! numbers, consumers square them and mark each task done, the parent
-//! waits with `join()` until every task is done, then collects the results.
+//! waits with `join()` until every task is done, then closes the results
+//! queue and iterates over it.
 use multiproc::queue::JoinableQueue;
 use multiproc::{Process, Queue, process_fn};
 
@@ -39,7 +40,8 @@ fn main() -> multiproc::Result<()> {
     tasks.join()?; // every number was processed
     (0..2).try_for_each(|_| tasks.put(None))?;
     procs[3..].iter_mut().try_for_each(|p| p.join().map(drop))?;
-    let sum: u64 = (0..300).map(|_| results.get()).sum::<Result<u64, _>>()?;
+    results.close(); // no producer is left: `iter` ends once it is drained
+    let sum: u64 = results.iter().sum();
     println!("sum of squares of 0..300: {sum}");
     Ok(())
 }

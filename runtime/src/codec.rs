@@ -18,11 +18,11 @@
 
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use bincode::Options;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
@@ -67,6 +67,12 @@ struct Sink {
     /// Added to a descriptor's stack position to give its index in the
     /// innermost scope's output (which may already hold descriptors).
     offset: Cell<usize>,
+    /// The stack position where the innermost scope began.
+    start: Cell<usize>,
+    /// Descriptors pushed by [`serialize_shared_fd`]: the file's key and
+    /// its stack position, so that a file goes once into a message however
+    /// many handles of it the message holds.
+    shared: RefCell<Vec<((u64, u64), usize)>>,
 }
 
 thread_local! {
@@ -75,6 +81,8 @@ thread_local! {
             fds: RefCell::new(Vec::new()),
             active: Cell::new(false),
             offset: Cell::new(0),
+            start: Cell::new(0),
+            shared: RefCell::new(Vec::new()),
         }
     };
     static FD_SOURCE: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
@@ -90,16 +98,22 @@ pub(crate) fn with_fd_sink<R>(fds: &mut Vec<OwnedFd>, f: impl FnOnce() -> R) -> 
         start: usize,
         active: bool,
         offset: usize,
+        outer_start: usize,
+        shared: usize,
     }
     impl Drop for Scope<'_> {
         fn drop(&mut self) {
             FD_SINK.with(|sink| {
                 sink.active.set(self.active);
                 sink.offset.set(self.offset);
+                sink.start.set(self.outer_start);
                 if let Ok(mut pushed) = sink.fds.try_borrow_mut() {
                     if pushed.len() > self.start {
                         self.out.extend(pushed.drain(self.start..));
                     }
+                }
+                if let Ok(mut shared) = sink.shared.try_borrow_mut() {
+                    shared.truncate(self.shared);
                 }
             });
         }
@@ -110,6 +124,8 @@ pub(crate) fn with_fd_sink<R>(fds: &mut Vec<OwnedFd>, f: impl FnOnce() -> R) -> 
             start,
             active: sink.active.replace(true),
             offset: sink.offset.replace(fds.len().wrapping_sub(start)),
+            outer_start: sink.start.replace(start),
+            shared: sink.shared.try_borrow().map_or(0, |v| v.len()),
             out: fds,
         }
     });
@@ -129,17 +145,9 @@ pub(crate) fn with_fd_source<R>(fds: Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// Serializes a file descriptor as an index into the frame's descriptors.
-/// For use in the `Serialize` impls of handles.
-pub(crate) fn serialize_fd<S: Serializer>(
-    fd: BorrowedFd<'_>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::Error as _;
-    let dup = fd
-        .try_clone_to_owned()
-        .map_err(|e| S::Error::custom(format!("could not duplicate a handle's descriptor: {e}")))?;
-    let index = FD_SINK.with(|sink| {
+/// Pushes `dup` into the sink: its index in the innermost scope's output.
+fn push_fd(dup: OwnedFd) -> Option<usize> {
+    FD_SINK.with(|sink| {
         if !sink.active.get() {
             return None;
         }
@@ -147,7 +155,11 @@ pub(crate) fn serialize_fd<S: Serializer>(
         let index = fds.len().wrapping_add(sink.offset.get());
         fds.push(dup);
         Some(index)
-    });
+    })
+}
+
+fn serialize_index<S: Serializer>(index: Option<usize>, serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::Error as _;
     match index {
         Some(index) => u32::try_from(index)
             .map_err(|_| S::Error::custom("too many handles in one message"))?
@@ -159,22 +171,90 @@ pub(crate) fn serialize_fd<S: Serializer>(
     }
 }
 
-/// Deserializes a file descriptor written by [`serialize_fd`].
-pub(crate) fn deserialize_fd<'de, D: Deserializer<'de>>(
-    deserializer: D,
-) -> Result<OwnedFd, D::Error> {
-    use serde::de::Error as _;
-    let index = u32::deserialize(deserializer)? as usize;
+fn duplicate<E: serde::ser::Error>(fd: BorrowedFd<'_>) -> Result<OwnedFd, E> {
+    fd.try_clone_to_owned()
+        .map_err(|e| E::custom(format!("could not duplicate a handle's descriptor: {e}")))
+}
+
+/// Serializes a file descriptor as an index into the frame's descriptors.
+/// For use in the `Serialize` impls of handles.
+pub(crate) fn serialize_fd<S: Serializer>(
+    fd: BorrowedFd<'_>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let index = push_fd(duplicate::<S::Error>(fd)?);
+    serialize_index(index, serializer)
+}
+
+/// As [`serialize_fd`], for a descriptor that handles only look at (see
+/// [`with_fd`]) and that names the file `key` (its device and inode): the
+/// first one of a file in a message is sent, later ones of the same file
+/// write the same index. A thousand locks of one arena travel with one
+/// descriptor.
+pub(crate) fn serialize_shared_fd<S: Serializer>(
+    fd: BorrowedFd<'_>,
+    key: (u64, u64),
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    let known = FD_SINK.with(|sink| {
+        if !sink.active.get() {
+            return None;
+        }
+        let start = sink.start.get();
+        let shared = sink.shared.try_borrow().ok()?;
+        shared
+            .iter()
+            .rev()
+            .take_while(|(_, at)| *at >= start)
+            .find(|(k, _)| *k == key)
+            .map(|(_, at)| at.wrapping_add(sink.offset.get()))
+    });
+    if let Some(index) = known {
+        return serialize_index(Some(index), serializer);
+    }
+    let index = push_fd(duplicate::<S::Error>(fd)?);
+    if let Some(index) = index {
+        FD_SINK.with(|sink| {
+            if let Ok(mut shared) = sink.shared.try_borrow_mut() {
+                shared.push((key, index.wrapping_sub(sink.offset.get())));
+            }
+        });
+    }
+    serialize_index(index, serializer)
+}
+
+/// Takes descriptor `index` of the message being decoded (written by
+/// [`serialize_fd`]).
+pub(crate) fn take_fd(index: u32) -> std::result::Result<OwnedFd, String> {
     FD_SOURCE.with(|source| {
         let mut source = source.borrow_mut();
-        let slots = source.as_mut().ok_or_else(|| {
-            D::Error::custom("multiproc handles can only be deserialized by multiproc itself")
-        })?;
-        slots.get_mut(index).and_then(Option::take).ok_or_else(|| {
-            D::Error::custom(format!(
-                "handle descriptor {index} missing from the message"
-            ))
-        })
+        let slots = source
+            .as_mut()
+            .ok_or("multiproc handles can only be deserialized by multiproc itself")?;
+        slots
+            .get_mut(index as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("handle descriptor {index} missing from the message"))
+    })
+}
+
+/// Runs `f` on descriptor `index` of the message being decoded, leaving it
+/// there (closed with the message unless `f` duplicated it): a descriptor
+/// written by [`serialize_shared_fd`], which several handles may name.
+pub(crate) fn with_fd<R>(
+    index: u32,
+    f: impl FnOnce(BorrowedFd<'_>) -> R,
+) -> std::result::Result<R, String> {
+    FD_SOURCE.with(|source| {
+        let source = source.borrow();
+        let slots = source
+            .as_ref()
+            .ok_or("multiproc handles can only be deserialized by multiproc itself")?;
+        let fd = slots
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| format!("handle descriptor {index} missing from the message"))?;
+        Ok(f(fd.as_fd()))
     })
 }
 
@@ -188,12 +268,14 @@ impl Serialize for FdOut<'_> {
     }
 }
 
-/// A received descriptor, deserialized through [`deserialize_fd`].
-pub(crate) struct FdIn(pub(crate) OwnedFd);
+/// A descriptor that serializes through [`serialize_shared_fd`], with its
+/// file's key.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedFdOut<'a>(pub(crate) BorrowedFd<'a>, pub(crate) (u64, u64));
 
-impl<'de> Deserialize<'de> for FdIn {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserialize_fd(deserializer).map(FdIn)
+impl Serialize for SharedFdOut<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serialize_shared_fd(self.0, self.1, serializer)
     }
 }
 

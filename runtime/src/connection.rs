@@ -24,9 +24,28 @@
 //! it, made on the end's first large message or first copy). If a sender
 //! dies in the middle of such a message, nobody can finish it: the next
 //! sender that takes the lock over gets an [`Error::Io`] saying so, the end
-//! is unusable from then on for every sender, and the receiver gets an
-//! [`Error::Io`] of kind `InvalidData` (once; then
-//! [`Error::Disconnected`]) instead of waiting for the rest.
+//! is unusable from then on for every sender, and the receiver gets a
+//! [`RecvError::Failed`] with an [`Error::Io`] of kind `InvalidData` (once;
+//! then `Disconnected`) instead of waiting for the rest.
+//!
+//! # Errors
+//!
+//! Receiving has crossbeam-channel's per-operation errors, as
+//! [`Queue`](crate::Queue)'s `get` has: [`recv`](Connection::recv) fails
+//! with a [`RecvError`], [`try_recv`](Connection::try_recv) with a
+//! [`TryRecvError`] (`Empty`: nothing now), and
+//! [`recv_timeout`](Connection::recv_timeout) with a [`RecvTimeoutError`]
+//! (`Timeout`). Each has `Disconnected` (the peer is gone: Python's
+//! `EOFError`) and `Failed(Error)` (a message that arrived but could not be
+//! received: the [`Error`] inside says why), the predicates
+//! `is_disconnected()`, `is_timeout()` / `is_empty()`, and a `From`
+//! conversion into [`Error`] for `?`. Sending has nothing to hand back (it
+//! borrows the value), so [`send`](Connection::send) returns
+//! [`multiproc::Result`](crate::Result).
+//!
+//! [`iter`](Connection::iter) (also `for x in &mut conn`) waits for each
+//! message until the peer is gone, and [`try_iter`](Connection::try_iter)
+//! takes what is there now, as `std::sync::mpsc::Receiver`'s.
 //!
 //! # What a receiver can count on
 //!
@@ -35,17 +54,18 @@
 //!   the next call resumes it.
 //! - A length is checked against [`set_max_message_size`] before anything
 //!   is allocated, and the allocation itself may fail without aborting:
-//!   a message over the limit is [`Error::MessageTooLarge`], one this
-//!   process cannot allocate an [`Error::Io`] of kind `OutOfMemory`. Either
-//!   is skipped, and the end stays usable.
+//!   a message over the limit fails with [`Error::MessageTooLarge`], one
+//!   this process cannot allocate with an [`Error::Io`] of kind
+//!   `OutOfMemory` (both inside `Failed`). Either is skipped, and the end
+//!   stays usable.
 //! - A message whose descriptors the kernel had to drop (a full descriptor
-//!   table: MSG_CTRUNC) is an [`Error::Io`] of its own; the descriptors of
+//!   table: MSG_CTRUNC) fails with an [`Error::Io`] of its own; the descriptors of
 //!   it that did arrive are closed, and later messages work once
 //!   descriptors are free again. Descriptors that come with a message
 //!   without belonging to it are closed, never handed to another one.
 //! - Bytes that no sender writes (an impossible header) make the end
-//!   corrupt: an [`Error::Io`] of kind `InvalidData` once, then
-//!   [`Error::Disconnected`].
+//!   corrupt: a failure with an [`Error::Io`] of kind `InvalidData` once,
+//!   then `Disconnected`.
 //!
 //! Several *receivers* on one end are not supported (as in Python): each
 //! would get parts of the other's messages.
@@ -58,7 +78,7 @@
 //! such a send instead (a pipe write has no `MSG_NOSIGNAL`).
 //!
 //! A `recv` after the other end was closed, or its process died, is
-//! [`Error::Disconnected`] (Python's `EOFError`), never a hang.
+//! [`RecvError::Disconnected`] (Python's `EOFError`), never a hang.
 //!
 //! ```no_run
 //! use multiproc::{process_fn, Pipe, Process};
@@ -96,8 +116,11 @@ use crate::error::{Error, Result};
 use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
 use crate::sys;
 
+mod error;
 mod link;
 mod send_lock;
+use self::error::Sorted;
+pub use self::error::{RecvError, RecvTimeoutError, TryRecvError};
 use link::Link;
 
 const TAG_VALUE: u32 = 1;
@@ -169,7 +192,7 @@ impl Pipe {
 /// Connections are moved, not cloned; the reading state (a buffer) lives
 /// in the handle. Dropping the last handle to an end (in every process)
 /// closes it, and the other end's `recv` then returns
-/// [`Error::Disconnected`].
+/// [`RecvError::Disconnected`].
 pub struct Connection<T> {
     link: Link,
     bytes: Vec<u8>,
@@ -211,16 +234,13 @@ impl<T> Connection<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Disconnected`] when the other end is closed and nothing is
-    /// left to read; [`Error::MessageTooLarge`] for a message over
+    /// [`RecvError::Disconnected`] when the other end is closed and nothing
+    /// is left to read; [`RecvError::Failed`] with
+    /// [`Error::MessageTooLarge`] for a message over
     /// [`max_message_size`](Connection::set_max_message_size) (it is
     /// skipped; the connection stays usable).
-    pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
-        self.fds.clear();
-        let mut out = Vec::new();
-        self.link.recv_into(&mut out, &mut self.fds, None)?;
-        self.fds.clear();
-        Ok(out)
+    pub fn recv_bytes(&mut self) -> Result<Vec<u8>, RecvError> {
+        self.recv_bytes_inner(None).map_err(RecvError::from)
     }
 
     /// Like [`recv_bytes`](Connection::recv_bytes), waiting at most
@@ -228,13 +248,19 @@ impl<T> Connection<T> {
     ///
     /// # Errors
     ///
-    /// As [`recv_bytes`](Connection::recv_bytes), plus [`Error::Timeout`].
-    pub fn recv_bytes_timeout(&mut self, timeout: Duration) -> Result<Vec<u8>> {
+    /// As [`recv_bytes`](Connection::recv_bytes), plus
+    /// [`RecvTimeoutError::Timeout`].
+    pub fn recv_bytes_timeout(&mut self, timeout: Duration) -> Result<Vec<u8>, RecvTimeoutError> {
+        self.recv_bytes_inner(Some(timeout))
+            .map_err(RecvTimeoutError::from)
+    }
+
+    fn recv_bytes_inner(&mut self, timeout: Option<Duration>) -> Result<Vec<u8>, Sorted> {
         self.fds.clear();
         let mut out = Vec::new();
-        self.link
-            .recv_into(&mut out, &mut self.fds, Some(timeout))?;
+        let got = self.link.recv_into(&mut out, &mut self.fds, timeout);
         self.fds.clear();
+        got.map_err(error::sort)?;
         Ok(out)
     }
 
@@ -249,14 +275,15 @@ impl<T> Connection<T> {
     }
 
     /// Sets the largest message this end accepts (default 1 GiB); a larger
-    /// one is an error for that message ([`Error::MessageTooLarge`], once
-    /// its bytes were skipped), not an allocation.
+    /// one is an error for that message (a `Failed` receive with
+    /// [`Error::MessageTooLarge`], once its bytes were skipped), not an
+    /// allocation.
     pub fn set_max_message_size(&mut self, bytes: u64) {
         self.link.set_max_frame(bytes);
     }
 
     /// Closes this end (dropping it does the same). The other end's
-    /// `recv` then reports [`Error::Disconnected`] once every copy of this
+    /// `recv` then reports `Disconnected` once every copy of this
     /// end, in every process, is closed.
     pub fn close(self) {}
 }
@@ -296,19 +323,35 @@ impl<T: DeserializeOwned> Connection<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Disconnected`] when the other end is closed (or its
-    /// process died) and nothing is left to read; [`Error::Decode`] if the
-    /// message is not a `T`; [`Error::MessageTooLarge`] for a message over
-    /// the limit (skipped).
-    pub fn recv(&mut self) -> Result<T> {
-        self.recv_inner(None)
+    /// [`RecvError::Disconnected`] when the other end is closed (or its
+    /// process died) and nothing is left to read; [`RecvError::Failed`]
+    /// with [`Error::Decode`] if the message is not a `T`, or with
+    /// [`Error::MessageTooLarge`] for a message over the limit (skipped).
+    /// `?` turns either into a [`multiproc::Error`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// use multiproc::connection::RecvError;
+    /// let (a, mut b) = Pipe::new::<u8>()?;
+    /// a.send(&7)?;
+    /// drop(a);
+    /// assert_eq!(b.recv()?, 7);
+    /// assert!(matches!(b.recv(), Err(RecvError::Disconnected)));
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn recv(&mut self) -> Result<T, RecvError> {
+        self.recv_inner(None).map_err(RecvError::from)
     }
 
     /// Like [`recv`](Connection::recv), waiting at most `timeout`.
     ///
     /// # Errors
     ///
-    /// As [`recv`](Connection::recv), plus [`Error::Timeout`].
+    /// [`RecvTimeoutError::Timeout`] if no whole message arrived in time
+    /// (a part that did stays buffered); otherwise as
+    /// [`recv`](Connection::recv).
     ///
     /// # Examples
     ///
@@ -317,37 +360,216 @@ impl<T: DeserializeOwned> Connection<T> {
     /// use multiproc::Pipe;
     /// let (a, mut b) = Pipe::new::<u8>()?;
     /// assert!(b.recv_timeout(Duration::from_millis(10)).unwrap_err().is_timeout());
+    /// a.send(&1)?;
+    /// assert_eq!(b.recv_timeout(Duration::from_secs(1))?, 1);
     /// drop(a);
     /// assert!(b.recv_timeout(Duration::from_secs(1)).unwrap_err().is_disconnected());
     /// # Ok::<(), multiproc::Error>(())
     /// ```
-    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T> {
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T, RecvTimeoutError> {
         self.recv_inner(Some(timeout))
+            .map_err(RecvTimeoutError::from)
     }
 
-    /// The next value if one is ready now, `Ok(None)` otherwise.
+    /// The next value if one is ready now (Python's `poll()` then
+    /// `recv()`).
     ///
     /// # Errors
     ///
-    /// As [`recv`](Connection::recv).
-    pub fn try_recv(&mut self) -> Result<Option<T>> {
-        match self.recv_inner(Some(Duration::ZERO)) {
-            Ok(v) => Ok(Some(v)),
-            Err(Error::Timeout) => Ok(None),
-            Err(e) => Err(e),
+    /// [`TryRecvError::Empty`] if no whole message is there; otherwise as
+    /// [`recv`](Connection::recv).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// use multiproc::connection::TryRecvError;
+    /// let (a, mut b) = Pipe::new::<u8>()?;
+    /// assert!(matches!(b.try_recv(), Err(TryRecvError::Empty)));
+    /// a.send(&1)?;
+    /// assert_eq!(b.try_recv()?, 1);
+    /// drop(a);
+    /// assert!(b.try_recv().unwrap_err().is_disconnected());
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
+        self.recv_inner(Some(Duration::ZERO))
+            .map_err(TryRecvError::from)
+    }
+
+    /// An iterator that waits for each message, as
+    /// [`std::sync::mpsc::Receiver::iter`]: it ends once the other end is
+    /// closed, in every process (or its process died), and every message
+    /// sent before was read. A message that cannot be received
+    /// ([`RecvError::Failed`]) ends it too; [`Iter::take_error`] tells
+    /// which.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// let (tx, mut rx) = Pipe::new::<u32>()?;
+    /// for i in 0..3 {
+    ///     tx.send(&i)?;
+    /// }
+    /// drop(tx);
+    /// let mut got = rx.iter();
+    /// assert_eq!(got.by_ref().collect::<Vec<_>>(), [0, 1, 2]);
+    /// assert!(got.take_error().is_none()); // ended by the disconnect
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn iter(&mut self) -> Iter<'_, T> {
+        Iter {
+            conn: self,
+            error: None,
+            done: false,
         }
     }
 
-    fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T> {
+    /// An iterator over the messages that are there now, as
+    /// [`std::sync::mpsc::Receiver::try_iter`]: it never waits, and ends at
+    /// the first [`try_recv`](Connection::try_recv) that gives no value.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// let (tx, mut rx) = Pipe::new::<u32>()?;
+    /// tx.send(&1)?;
+    /// tx.send(&2)?;
+    /// assert_eq!(rx.try_iter().collect::<Vec<_>>(), [1, 2]);
+    /// assert_eq!(rx.try_iter().count(), 0); // nothing now; tx is still open
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn try_iter(&mut self) -> TryIter<'_, T> {
+        TryIter {
+            conn: self,
+            error: None,
+        }
+    }
+
+    fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T, Sorted> {
         self.fds.clear();
         self.link
-            .recv_into(&mut self.bytes, &mut self.fds, timeout)?;
+            .recv_into(&mut self.bytes, &mut self.fds, timeout)
+            .map_err(error::sort)?;
         let fds = std::mem::take(&mut self.fds);
         let value = codec::decode(&self.bytes, fds);
         if self.bytes.capacity() > 1 << 20 {
             self.bytes = Vec::new();
         }
-        value
+        value.map_err(Sorted::Failed)
+    }
+}
+
+/// The blocking iterator of a [`Connection`] or [`Receiver`]: see
+/// [`Connection::iter`].
+#[must_use = "iterators are lazy and do nothing unless consumed"]
+pub struct Iter<'a, T> {
+    conn: &'a mut Connection<T>,
+    error: Option<Error>,
+    done: bool,
+}
+
+/// The non-blocking iterator of a [`Connection`] or [`Receiver`]: see
+/// [`Connection::try_iter`].
+#[must_use = "iterators are lazy and do nothing unless consumed"]
+pub struct TryIter<'a, T> {
+    conn: &'a mut Connection<T>,
+    error: Option<Error>,
+}
+
+/// The owning blocking iterator of a [`Connection`] or [`Receiver`]
+/// (`for x in rx`): as [`Connection::iter`].
+#[must_use = "iterators are lazy and do nothing unless consumed"]
+pub struct IntoIter<T> {
+    conn: Connection<T>,
+    error: Option<Error>,
+    done: bool,
+}
+
+/// The next value of a blocking iteration; `None` (for good) once the
+/// peer is gone or a message failed, which is kept in `error`.
+fn next_blocking<T: DeserializeOwned>(
+    conn: &mut Connection<T>,
+    error: &mut Option<Error>,
+    done: &mut bool,
+) -> Option<T> {
+    if *done {
+        return None;
+    }
+    match conn.recv() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            *done = true;
+            *error = e.failure().cloned();
+            None
+        }
+    }
+}
+
+crate::error::iter_take_error!(
+    "The failure that ended the iteration, if a message that could not be received ended it rather than the end of the stream (or, for [`TryIter`], no message being ready).":
+    Iter<'a>, TryIter<'a>, IntoIter
+);
+
+impl<T: DeserializeOwned> Iterator for Iter<'_, T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        next_blocking(self.conn, &mut self.error, &mut self.done)
+    }
+}
+
+impl<T: DeserializeOwned> Iterator for IntoIter<T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        next_blocking(&mut self.conn, &mut self.error, &mut self.done)
+    }
+}
+
+/// Once it has returned `None`, it always does.
+impl<T: DeserializeOwned> std::iter::FusedIterator for Iter<'_, T> {}
+
+/// Once it has returned `None`, it always does.
+impl<T: DeserializeOwned> std::iter::FusedIterator for IntoIter<T> {}
+
+/// Unlike [`Iter`], a `TryIter` may be resumed: after `None`, a later
+/// `next` looks again.
+impl<T: DeserializeOwned> Iterator for TryIter<'_, T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        match self.conn.try_recv() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error = e.failure().cloned();
+                None
+            }
+        }
+    }
+}
+
+impl<'a, T: DeserializeOwned> IntoIterator for &'a mut Connection<T> {
+    type Item = T;
+    type IntoIter = Iter<'a, T>;
+
+    fn into_iter(self) -> Iter<'a, T> {
+        self.iter()
+    }
+}
+
+impl<T: DeserializeOwned> IntoIterator for Connection<T> {
+    type Item = T;
+    type IntoIter = IntoIter<T>;
+
+    fn into_iter(self) -> IntoIter<T> {
+        IntoIter {
+            conn: self,
+            error: None,
+            done: false,
+        }
     }
 }
 
@@ -368,8 +590,9 @@ impl<T> AsFd for Connection<T> {
 impl<T> Connection<T> {
     fn wire_parts(&self) -> Result<Parts<'_, ()>> {
         if self.link.has_buffered_data() {
-            return Err(Error::invalid(
-                "a connection with received but unread data cannot move to another process",
+            return Err(Error::misuse(
+                "a connection with received but unread data cannot move to another process: \
+                 receive the rest first",
             ));
         }
         let lock = self.link.lock_fd()?;
@@ -378,6 +601,8 @@ impl<T> Connection<T> {
             plain: (),
             fds: [rx, tx, Some(side), lock.map(|(fd, _)| fd)],
             size: lock.map_or(0, |(_, len)| len),
+            place: crate::sys::arena::Place::OWN,
+            arena: None,
         })
     }
 
@@ -449,8 +674,10 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///
     /// # Errors
     ///
-    /// [`Error::Disconnected`] once the sender is gone and nothing is left.
-    pub fn recv(&mut self) -> Result<T> {
+    /// [`RecvError::Disconnected`] once every copy of the sender is gone
+    /// and nothing is left; [`RecvError::Failed`] as for
+    /// [`Connection::recv`].
+    pub fn recv(&mut self) -> Result<T, RecvError> {
         self.conn.recv()
     }
 
@@ -458,8 +685,8 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///
     /// # Errors
     ///
-    /// As [`recv`](Receiver::recv), plus [`Error::Timeout`].
-    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T> {
+    /// [`RecvTimeoutError::Timeout`], or as [`recv`](Receiver::recv).
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<T, RecvTimeoutError> {
         self.conn.recv_timeout(timeout)
     }
 
@@ -467,9 +694,51 @@ impl<T: DeserializeOwned> Receiver<T> {
     ///
     /// # Errors
     ///
-    /// As [`recv`](Receiver::recv).
-    pub fn try_recv(&mut self) -> Result<Option<T>> {
+    /// [`TryRecvError::Empty`], or as [`recv`](Receiver::recv).
+    pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
         self.conn.try_recv()
+    }
+
+    /// Waits for each message until every copy of the sender is closed.
+    /// See [`Connection::iter`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Pipe;
+    /// let (mut rx, tx) = Pipe::simplex::<String>()?;
+    /// tx.send(&"a".to_string())?;
+    /// tx.close();
+    /// for s in &mut rx {
+    ///     assert_eq!(s, "a");
+    /// }
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn iter(&mut self) -> Iter<'_, T> {
+        self.conn.iter()
+    }
+
+    /// The messages that are there now. See [`Connection::try_iter`].
+    pub fn try_iter(&mut self) -> TryIter<'_, T> {
+        self.conn.try_iter()
+    }
+}
+
+impl<'a, T: DeserializeOwned> IntoIterator for &'a mut Receiver<T> {
+    type Item = T;
+    type IntoIter = Iter<'a, T>;
+
+    fn into_iter(self) -> Iter<'a, T> {
+        self.iter()
+    }
+}
+
+impl<T: DeserializeOwned> IntoIterator for Receiver<T> {
+    type Item = T;
+    type IntoIter = IntoIter<T>;
+
+    fn into_iter(self) -> IntoIter<T> {
+        self.conn.into_iter()
     }
 }
 
@@ -479,8 +748,18 @@ impl<T> Receiver<T> {
     /// # Errors
     ///
     /// As [`Connection::recv_bytes`].
-    pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
+    pub fn recv_bytes(&mut self) -> Result<Vec<u8>, RecvError> {
         self.conn.recv_bytes()
+    }
+
+    /// Receives raw bytes, waiting at most `timeout`. See
+    /// [`Connection::recv_bytes_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::recv_bytes_timeout`].
+    pub fn recv_bytes_timeout(&mut self, timeout: Duration) -> Result<Vec<u8>, RecvTimeoutError> {
+        self.conn.recv_bytes_timeout(timeout)
     }
 
     /// `true` if a message can be read within `timeout`.
@@ -523,7 +802,8 @@ impl<T> Sender<T> {
         self.conn.send_bytes(bytes)
     }
 
-    /// Closes this end; the receiver then sees [`Error::Disconnected`].
+    /// Closes this end; the receiver then sees
+    /// [`RecvError::Disconnected`] (once every copy of this end is closed).
     pub fn close(self) {}
 }
 
@@ -658,7 +938,7 @@ impl<W: Waitable + ?Sized> Waitable for &W {
 /// so that the caller keeps its own (mutable) handles.
 ///
 /// Ready means: a connection or receiver has a message to read, or its
-/// peer is gone (`recv` then reports [`Error::Disconnected`] instead of
+/// peer is gone (`recv` then reports [`RecvError::Disconnected`] instead of
 /// blocking); a process has ended (join returns at once); a sender's
 /// receiver is gone.
 ///
@@ -728,7 +1008,7 @@ mod tests {
         a.send_bytes(b"raw").expect("bytes");
         assert_eq!(b.recv_bytes().expect("recv bytes"), b"raw");
         assert!(!b.poll(Duration::ZERO).expect("poll"));
-        assert!(b.try_recv().expect("try").is_none());
+        assert!(b.try_recv().expect_err("try").is_empty());
     }
 
     #[test]

@@ -2,9 +2,19 @@
 //!
 //! Every variant says what happened in words a user can act on: a child's
 //! panic message, a dead worker's pid and signal, which function was not
-//! registered. Queue and Pipe operations that hand the item back use their
-//! own small error enums (see [`crate::queue`]); everything else returns
-//! [`Result<T>`].
+//! registered. Putting into a queue and receiving from a queue or a pipe
+//! have their own small error enums, crossbeam-channel's shapes (see
+//! [`crate::queue`] and [`crate::connection`]): a `put` hands the item
+//! back, a receive says `Disconnected`, `Empty` or `Timeout` or carries the
+//! [`Error`] of a message that could not be received. Each converts into
+//! [`Error`] for `?`. Everything else returns [`Result<T>`].
+//!
+//! Whose fault: [`Error::InvalidArgument`] is an argument out of range,
+//! [`Error::Misuse`] a call the object's state does not allow, and
+//! [`Error::Remote`] a failure another process could only describe in
+//! words; an operation that would have had to wait is [`Error::Full`],
+//! [`Error::Empty`] or [`Error::WouldBlock`], never [`Error::Timeout`],
+//! which is a wait that ran out.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -120,7 +130,9 @@ pub enum Error {
     AlreadyStarted,
     /// The operation needs a started process.
     NotStarted,
-    /// An argument was out of range (`Pool::new(0)`...).
+    /// An argument was out of range (`Pool::new(0)`, a chunksize of 0, an
+    /// index past the end...). For a call the object's state does not
+    /// allow, see [`Error::Misuse`].
     InvalidArgument {
         /// What is wrong with it.
         message: String,
@@ -144,6 +156,37 @@ pub enum Error {
         #[serde(with = "io_error_serde")]
         source: Arc<io::Error>,
     },
+    /// A call the object's state or history does not allow: a bug in the
+    /// calling code, not in its arguments. `Pool::join` before `close`,
+    /// `JoinableQueue::task_done` called more often than items were put
+    /// and `BoundedSemaphore::release` past its bound (Python's
+    /// `ValueError` for the last two), a value taken twice from an
+    /// `AsyncResult`, a `Process` built without a target, a connection
+    /// sent on with unread data in its buffer.
+    Misuse {
+        /// What was done wrong, and what to do instead.
+        message: String,
+    },
+    /// Another process (a pool worker) failed in a way it could only
+    /// describe in words: an OS error there, or a report this process
+    /// could not decode. Its own failures keep their variants
+    /// ([`Error::Panicked`], [`Error::Decode`], ...).
+    Remote {
+        /// The pid of the process that failed, when known.
+        pid: Option<u32>,
+        /// What it said.
+        message: String,
+    },
+    /// `try_put` on a full queue: Python's `queue.Full`. (Only a
+    /// conversion from [`TryPutError::Full`](crate::queue::TryPutError::Full)
+    /// gives it; a wait that ran out is [`Error::Timeout`].)
+    Full,
+    /// `try_get` or `try_recv` found nothing: Python's `queue.Empty`. (A
+    /// wait that ran out is [`Error::Timeout`].)
+    Empty,
+    /// `try_acquire` found the lock held by another holder (`?` on
+    /// [`std::sync::TryLockError::WouldBlock`]).
+    WouldBlock,
 }
 
 impl Error {
@@ -155,6 +198,14 @@ impl Error {
     /// `true` for [`Error::Disconnected`].
     pub fn is_disconnected(&self) -> bool {
         matches!(self, Error::Disconnected)
+    }
+
+    /// `true` for the errors of an operation that would have had to wait:
+    /// [`Error::Full`], [`Error::Empty`] and [`Error::WouldBlock`]
+    /// (`io::ErrorKind::WouldBlock`'s meaning). A timeout is not one of
+    /// them: see [`is_timeout`](Error::is_timeout).
+    pub fn is_would_block(&self) -> bool {
+        matches!(self, Error::Full | Error::Empty | Error::WouldBlock)
     }
 
     /// The panic message, for [`Error::Panicked`].
@@ -178,6 +229,12 @@ impl Error {
 
     pub(crate) fn invalid(message: impl Into<String>) -> Error {
         Error::InvalidArgument {
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn misuse(message: impl Into<String>) -> Error {
+        Error::Misuse {
             message: message.into(),
         }
     }
@@ -325,6 +382,17 @@ impl fmt::Display for Error {
                  so the data it protects may be inconsistent",
             ),
             Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Misuse { message } => write!(f, "misuse: {message}"),
+            Error::Remote {
+                pid: Some(pid),
+                message,
+            } => write!(f, "process {pid} failed: {message}"),
+            Error::Remote { pid: None, message } => {
+                write!(f, "another process failed: {message}")
+            }
+            Error::Full => f.write_str("the queue is full"),
+            Error::Empty => f.write_str("nothing to receive right now"),
+            Error::WouldBlock => f.write_str("the lock is held by another holder"),
         }
     }
 }
@@ -364,6 +432,11 @@ impl Error {
             Error::BrokenBarrier => "BrokenBarrier",
             Error::Poisoned => "Poisoned",
             Error::Io { .. } => "Io",
+            Error::Misuse { .. } => "Misuse",
+            Error::Remote { .. } => "Remote",
+            Error::Full => "Full",
+            Error::Empty => "Empty",
+            Error::WouldBlock => "WouldBlock",
         }
     }
 }
@@ -391,11 +464,13 @@ impl<T> From<std::sync::PoisonError<T>> for Error {
 }
 
 impl<T> From<std::sync::TryLockError<T>> for Error {
-    /// `?` on `try_acquire`/`acquire_timeout`: [`Error::Timeout`] when the
-    /// lock was busy, [`Error::Poisoned`] when it was poisoned.
+    /// `?` on `try_acquire`/`acquire_timeout`: [`Error::WouldBlock`] when
+    /// the lock was busy (`acquire_timeout` reports a lock that stayed
+    /// busy the same way, as std's `TryLockError` has no timeout of its
+    /// own), [`Error::Poisoned`] when it was poisoned.
     fn from(err: std::sync::TryLockError<T>) -> Error {
         match err {
-            std::sync::TryLockError::WouldBlock => Error::Timeout,
+            std::sync::TryLockError::WouldBlock => Error::WouldBlock,
             std::sync::TryLockError::Poisoned(_) => Error::Poisoned,
         }
     }
@@ -407,5 +482,177 @@ impl std::error::Error for Error {
             Error::Io { source, .. } => Some(&**source),
             _ => None,
         }
+    }
+}
+
+/// Defines the error enum of one receiving operation (a queue's `get`, a
+/// connection's `recv`, and their `try_`/`_timeout` forms): the variants
+/// given (each with its predicate, message and conversion into [`Error`]),
+/// then `Disconnected` and `Failed(Error)` (a message that could not be
+/// received), with `Display`, `std::error::Error` (the failure as its
+/// `source`) and `From<_> for Error`. crossbeam-channel's shape.
+macro_rules! receive_error {
+    (
+        $(#[$doc:meta])*
+        $name:ident {
+            $($(#[$vdoc:meta])* $variant:ident, $is:ident => $msg:expr, $to:expr;)*
+        }
+        $(#[$ddoc:meta])* Disconnected => $dmsg:expr;
+        $(#[$fdoc:meta])* Failed => $fmsg:expr;
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        #[non_exhaustive]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)*
+            $(#[$ddoc])*
+            Disconnected,
+            $(#[$fdoc])*
+            Failed($crate::error::Error),
+        }
+
+        impl $name {
+            $(
+                #[doc = concat!("`true` for [`", stringify!($name), "::", stringify!($variant), "`].")]
+                #[must_use]
+                pub fn $is(&self) -> bool {
+                    matches!(self, $name::$variant)
+                }
+            )*
+
+            #[doc = concat!("`true` for [`", stringify!($name), "::Disconnected`].")]
+            #[must_use]
+            pub fn is_disconnected(&self) -> bool {
+                matches!(self, $name::Disconnected)
+            }
+
+            #[doc = concat!("The error of [`", stringify!($name), "::Failed`].")]
+            #[must_use]
+            pub fn failure(&self) -> Option<&$crate::error::Error> {
+                match self {
+                    $name::Failed(e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                match self {
+                    $($name::$variant => f.write_str($msg),)*
+                    $name::Disconnected => f.write_str($dmsg),
+                    $name::Failed(e) => write!(f, "{}: {e}", $fmsg),
+                }
+            }
+        }
+
+        impl ::std::error::Error for $name {
+            fn source(&self) -> Option<&(dyn ::std::error::Error + 'static)> {
+                match self {
+                    $name::Failed(e) => Some(e),
+                    _ => None,
+                }
+            }
+        }
+
+        impl From<$name> for $crate::error::Error {
+            #[doc = concat!("`?` on a [`", stringify!($name), "`]: `Disconnected` is ")]
+            /// [`Error::Disconnected`], `Failed(e)` is `e`.
+            fn from(err: $name) -> $crate::error::Error {
+                match err {
+                    $($name::$variant => $to,)*
+                    $name::Disconnected => $crate::error::Error::Disconnected,
+                    $name::Failed(e) => e,
+                }
+            }
+        }
+    };
+}
+
+pub(crate) use receive_error;
+
+/// `From<$from> for` each of the wider receive errors: the blocking
+/// operation's error is one of the others' (crossbeam's
+/// `From<RecvError> for TryRecvError`).
+macro_rules! widen_receive_error {
+    ($from:ident => $($to:ident),*) => {
+        $(
+            impl From<$from> for $to {
+                fn from(err: $from) -> $to {
+                    match err {
+                        $from::Disconnected => $to::Disconnected,
+                        $from::Failed(e) => $to::Failed(e),
+                    }
+                }
+            }
+        )*
+    };
+}
+
+pub(crate) use widen_receive_error;
+
+/// `take_error` and `Debug` for the receiving iterators of `Queue` and
+/// `Connection` (`Iter`, `TryIter`, `IntoIter`), which keep the failure
+/// that ended them in a field `error: Option<Error>`. `$doc` says what
+/// else ends the iteration for that type.
+macro_rules! iter_take_error {
+    ($doc:literal: $($ty:ident $(<$lt:lifetime>)?),*) => {
+        $(
+            impl<$($lt,)? T> $ty<$($lt,)? T> {
+                #[doc = $doc]
+                ///
+                /// Taking it leaves `None`.
+                pub fn take_error(&mut self) -> Option<$crate::Error> {
+                    self.error.take()
+                }
+            }
+
+            impl<$($lt,)? T> ::std::fmt::Debug for $ty<$($lt,)? T> {
+                fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                    f.debug_struct(stringify!($ty))
+                        .field("error", &self.error)
+                        .finish_non_exhaustive()
+                }
+            }
+        )*
+    };
+}
+pub(crate) use iter_take_error;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn would_block_is_not_a_timeout_and_the_new_variants_travel() {
+        for err in [Error::Full, Error::Empty, Error::WouldBlock] {
+            assert!(err.is_would_block() && !err.is_timeout(), "{err}");
+        }
+        assert!(!Error::Timeout.is_would_block());
+        let remote = Error::Remote {
+            pid: Some(7),
+            message: "EBADF".into(),
+        };
+        assert_eq!(remote.to_string(), "process 7 failed: EBADF");
+        assert_eq!(
+            format!("{remote:#?}"),
+            "Error::Remote: process 7 failed: EBADF"
+        );
+        let misuse = Error::misuse("join() needs close() first");
+        assert_eq!(misuse.to_string(), "misuse: join() needs close() first");
+        for err in [remote, misuse, Error::Full, Error::Empty, Error::WouldBlock] {
+            let bytes = crate::codec::encode_plain(&err).expect("encode");
+            let back: Error = crate::codec::decode_plain(&bytes).expect("decode");
+            assert_eq!(back.to_string(), err.to_string());
+            assert_eq!(back.variant(), err.variant());
+        }
+    }
+
+    #[test]
+    fn try_lock_errors_convert_to_would_block_and_poisoned() {
+        let busy: std::sync::TryLockError<()> = std::sync::TryLockError::WouldBlock;
+        assert!(matches!(Error::from(busy), Error::WouldBlock));
+        let poisoned = std::sync::TryLockError::Poisoned(std::sync::PoisonError::new(()));
+        assert!(matches!(Error::from(poisoned), Error::Poisoned));
     }
 }

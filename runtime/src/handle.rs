@@ -10,12 +10,24 @@
 //! 1. a **tag**: a magic number with the handle's [`Kind`], the
 //!    fingerprint of its element type ([`Elem`]: a hash of
 //!    `std::any::type_name` with the type's size and alignment; `()` for
-//!    untyped handles), and the size in bytes of its shared mapping (0 if
-//!    it has none);
+//!    untyped handles), the size in bytes of its shared memory (0 if it
+//!    has none), and where that memory is: a cell of an arena (its offset
+//!    and stamp, see `sys::arena`) or a memfd of its own (both 0);
 //! 2. its **plain fields**, no descriptors (an array's length, a barrier's
 //!    party count, a name), checked by the handle;
 //! 3. up to [`SLOTS`] **descriptors**, each an optional index into the
 //!    message's descriptors (see [`codec`](crate::codec)).
+//!
+//! Small objects (`Lock`, `Value`, `Event`...: every [`Block`] handle of at
+//! most `sys::arena::MAX_OBJECT` bytes) live in cells of shared arenas, and
+//! their descriptor slot names the arena's memfd: a message sends each
+//! arena once however many of its objects it holds, and the receiver maps
+//! an arena once however many messages bring it (a file it already maps is
+//! recognised by `fstat`, and the descriptor that came is closed with the
+//! message). Sending such a handle marks its object shared, so that its
+//! creator never reuses the cell (see `sys::arena` for the lifetime of
+//! cells); on arrival, the cell must hold an object of the handle's kind,
+//! element type and size (its trailer) under the stamp the handle names.
 //!
 //! # What the receiver checks, before it maps or uses anything
 //!
@@ -29,7 +41,14 @@
 //!   arrives has exactly that size ([`Received::mapping`]; handles' memfds
 //!   are sealed against resizing, and a memfd that is not sealed against
 //!   shrinking is refused): a received handle never maps a size other than
-//!   the one its type computes.
+//!   the one its type computes. An object in an arena names a cell
+//!   instead: the descriptor must be a sealed memfd of exactly an arena's
+//!   size that this process maps as nothing else, the offset a cell's
+//!   start for that arena's cell size, the size one of that cell size, and
+//!   the cell's trailer must hold the handle's stamp, kind and element
+//!   fingerprint ([`kind_word`]) and size; a cell this process holds as
+//!   another object, or one of its own arenas that holds none, is refused
+//!   (`sys::arena`, [`Received::block`]).
 //! - Descriptors the handle does not use are closed.
 //!
 //! Then the handle rebuilds itself ([`HandleWire::rebuild`]) and checks
@@ -56,13 +75,15 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::ser::SerializeTuple;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::codec::{FdIn, FdOut};
+use crate::codec::{self, FdOut, SharedFdOut};
 use crate::error::{Error, Result};
+use crate::sys::arena::{self, Block, Place};
 use crate::sys::shm::Mapping;
 
 /// Most descriptors one handle sends (a queue's four).
@@ -166,8 +187,26 @@ pub(crate) struct Tag {
     /// [`MAGIC`] | the kind's number.
     kind: u32,
     elem: Elem,
-    /// Bytes of the handle's shared mapping (0: none).
+    /// Bytes of the handle's shared memory (0: none).
     size: u64,
+    /// Where that memory is in the descriptor of slot 0: a cell's offset
+    /// in its arena (0 for a memfd of its own).
+    offset: u64,
+    /// The cell's stamp (0: a memfd of its own).
+    stamp: u64,
+}
+
+/// The fingerprint of a handle type that an arena cell's trailer holds:
+/// the kind's number and 24 bits of the element type's hash.
+pub(crate) fn kind_word<H: HandleWire>() -> u32 {
+    ((Elem::of::<H::Elem>().hash as u32) << 8) | H::KIND as u32
+}
+
+/// The memory of a new handle of type `H`: `len` zero bytes aligned to
+/// `align`, a cell of an arena when it fits one, else a memfd of its own
+/// named `name`.
+pub(crate) fn new_block<H: HandleWire>(name: &str, len: usize, align: usize) -> Result<Arc<Block>> {
+    Ok(arena::create(name, len, align, kind_word::<H>())?)
 }
 
 /// A handle's wire form, and how it is rebuilt from it. Implemented by
@@ -200,6 +239,10 @@ pub(crate) struct Parts<'a, P> {
     pub(crate) fds: [Option<BorrowedFd<'a>>; SLOTS],
     /// Bytes of the handle's mapping (0: none).
     pub(crate) size: usize,
+    /// Where the memory is: [`Place::OWN`] unless slot 0 is an arena.
+    pub(crate) place: Place,
+    /// The arena's file when slot 0 is one (sent once per message).
+    pub(crate) arena: Option<(u64, u64)>,
 }
 
 impl<'a, P> Parts<'a, P> {
@@ -209,45 +252,107 @@ impl<'a, P> Parts<'a, P> {
             plain,
             fds: [Some(map.fd()), None, None, None],
             size: map.len(),
+            place: Place::OWN,
+            arena: None,
+        }
+    }
+
+    /// The parts of a handle that is one [`Block`]: a cell of an arena or a
+    /// memfd of its own (its descriptor in slot 0). The object is marked
+    /// shared: its cell is never reused by this process.
+    pub(crate) fn block(block: &'a Block, plain: P) -> Parts<'a, P> {
+        block.sent();
+        Parts {
+            plain,
+            fds: [Some(block.fd()), None, None, None],
+            size: block.len(),
+            place: block.place(),
+            arena: block.in_arena().then(|| block.file().key()),
         }
     }
 }
 
-/// The descriptors of a received handle, for [`HandleWire::rebuild`]; those
-/// it does not take are closed when this is dropped.
+/// The descriptors of a received handle, for [`HandleWire::rebuild`], as
+/// indices into the message's descriptors; those it does not take are
+/// closed when this is dropped (but an arena's, which other handles of the
+/// message may name: it is closed with the message).
 pub(crate) struct Received {
     kind: Kind,
-    slots: [Option<OwnedFd>; SLOTS],
+    slots: [Option<u32>; SLOTS],
     /// The mapping size checked against the tag.
     size: usize,
+    place: Place,
+    /// [`kind_word`] of the type being decoded.
+    kind_word: u32,
 }
 
 impl Received {
     /// The descriptor in `slot`; an error if it did not come.
     pub(crate) fn fd(&mut self, slot: usize) -> Result<OwnedFd> {
-        self.optional_fd(slot).ok_or_else(|| {
-            decode(format!(
-                "a {} arrived without its descriptor {slot}",
-                self.kind.name()
-            ))
-        })
+        match self.index(slot)? {
+            Some(index) => codec::take_fd(index).map_err(decode),
+            None => Err(self.missing(slot)),
+        }
     }
 
-    /// The descriptor in `slot`, if one came.
-    pub(crate) fn optional_fd(&mut self, slot: usize) -> Option<OwnedFd> {
-        self.slots.get_mut(slot).and_then(Option::take)
+    fn missing(&self, slot: usize) -> Error {
+        decode(format!(
+            "a {} arrived without its descriptor {slot}",
+            self.kind.name()
+        ))
+    }
+
+    /// The index of `slot`, taken; an error for slot 0 of a handle in an
+    /// arena (only [`block`](Received::block) reads it).
+    fn index(&mut self, slot: usize) -> Result<Option<u32>> {
+        if slot == 0 && self.place.is_cell() {
+            return Err(decode(format!(
+                "a {} arrived as a cell of an arena, which this kind never is",
+                self.kind.name()
+            )));
+        }
+        Ok(self.slots.get_mut(slot).and_then(Option::take))
     }
 
     /// The memfd in `slot`, mapped, refused unless it has exactly the size
     /// the handle's type computed ([`HandleWire::mapping_size`]).
     pub(crate) fn mapping(&mut self, slot: usize) -> Result<Mapping> {
         let fd = self.fd(slot)?;
-        self.map(fd)
-    }
-
-    fn map(&self, fd: OwnedFd) -> Result<Mapping> {
         Mapping::from_fd_sized(fd, self.size)
             .map_err(|e| decode(format!("a received {}: {e}", self.kind.name())))
+    }
+
+    /// Expects the cell of an arena to hold an object made as an `H`
+    /// (a `BoundedSemaphore` is a `Semaphore`'s memory under another kind).
+    pub(crate) fn expect_cell_of<H: HandleWire>(&mut self) {
+        self.kind_word = kind_word::<H>();
+    }
+
+    /// The object in slot 0: the cell of an arena the tag names, or a memfd
+    /// of its own, refused unless it holds exactly the size the handle's
+    /// type computed and, in an arena, an object of this kind (see
+    /// `sys::arena`).
+    pub(crate) fn block(&mut self) -> Result<Arc<Block>> {
+        let name = self.kind.name();
+        let what = |e: std::io::Error| decode(format!("a received {name}: {e}"));
+        if !self.place.is_cell() {
+            let fd = self.fd(0)?;
+            return arena::receive_own(fd, self.size).map_err(what);
+        }
+        let index = self.slots[0].take().ok_or_else(|| self.missing(0))?;
+        let (place, size, kind) = (self.place, self.size, self.kind_word);
+        codec::with_fd(index, |fd| arena::receive_cell(fd, place, size, kind))
+            .map_err(decode)?
+            .map_err(what)
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        let first = usize::from(self.place.is_cell());
+        for index in self.slots[first..].iter_mut().filter_map(Option::take) {
+            drop(codec::take_fd(index));
+        }
     }
 }
 
@@ -315,6 +420,23 @@ fn check_tag<H: HandleWire>(tag: &Tag) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// A descriptor on the wire: one of its own, or an arena's (sent once per
+/// message). Both are an index into the message's descriptors.
+#[derive(Clone, Copy)]
+enum FdWire<'a> {
+    Own(BorrowedFd<'a>),
+    Shared(SharedFdOut<'a>),
+}
+
+impl Serialize for FdWire<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            FdWire::Own(fd) => FdOut(*fd).serialize(serializer),
+            FdWire::Shared(fd) => fd.serialize(serializer),
+        }
+    }
+}
+
 /// The `Serialize` of every handle.
 pub(crate) fn serialize<H: HandleWire, S: Serializer>(
     handle: &H,
@@ -326,11 +448,17 @@ pub(crate) fn serialize<H: HandleWire, S: Serializer>(
         kind: MAGIC | H::KIND as u32,
         elem: Elem::of::<H::Elem>(),
         size: parts.size as u64,
+        offset: parts.place.offset,
+        stamp: parts.place.stamp,
     };
     let mut tuple = serializer.serialize_tuple(3)?;
     tuple.serialize_element(&tag)?;
     tuple.serialize_element(&parts.plain)?;
-    tuple.serialize_element(&parts.fds.map(|fd| fd.map(FdOut)))?;
+    let mut fds = parts.fds.map(|fd| fd.map(FdWire::Own));
+    if let (Some(key), Some(FdWire::Own(fd))) = (parts.arena, fds[0]) {
+        fds[0] = Some(FdWire::Shared(SharedFdOut(fd, key)));
+    }
+    tuple.serialize_element(&fds)?;
     tuple.end()
 }
 
@@ -362,11 +490,24 @@ pub(crate) fn deserialize<'de, H: HandleWire, D: Deserializer<'de>>(
                     tag.size
                 )));
             }
-            let slots: [Option<FdIn>; SLOTS] = seq.next_element()?.ok_or_else(|| missing(2))?;
+            let place = Place {
+                offset: tag.offset,
+                stamp: tag.stamp,
+            };
+            if !place.is_cell() && place.offset != 0 {
+                return Err(A::Error::custom(format!(
+                    "a {} of a memfd of its own announces an offset ({})",
+                    expected::<H>(),
+                    place.offset
+                )));
+            }
+            let slots: [Option<u32>; SLOTS] = seq.next_element()?.ok_or_else(|| missing(2))?;
             let mut fds = Received {
                 kind: H::KIND,
-                slots: slots.map(|fd| fd.map(|fd| fd.0)),
+                slots,
                 size,
+                place,
+                kind_word: kind_word::<H>(),
             };
             H::rebuild(plain, &mut fds).map_err(|e| A::Error::custom(reason(&e)))
         }
@@ -400,8 +541,8 @@ macro_rules! handle_serde {
 }
 pub(crate) use handle_serde;
 
-/// The whole wire form of a handle that is one fixed-size mapping and
-/// nothing else (`struct $ty { map: Arc<Mapping> }`): `mapped_handle!(Lock,
+/// The whole wire form of a handle that is one fixed-size [`Block`] and
+/// nothing else (`struct $ty { map: Arc<Block> }`): `mapped_handle!(Lock,
 /// LOCK_BYTES)`.
 macro_rules! mapped_handle {
     ($ty:ident, $bytes:expr) => {
@@ -411,7 +552,7 @@ macro_rules! mapped_handle {
             type Plain = ();
 
             fn parts(&self) -> $crate::error::Result<$crate::handle::Parts<'_, ()>> {
-                Ok($crate::handle::Parts::mapped(&self.map, ()))
+                Ok($crate::handle::Parts::block(&self.map, ()))
             }
 
             fn mapping_size((): &()) -> $crate::error::Result<usize> {
@@ -422,9 +563,7 @@ macro_rules! mapped_handle {
                 (): (),
                 fds: &mut $crate::handle::Received,
             ) -> $crate::error::Result<Self> {
-                Ok($ty {
-                    map: ::std::sync::Arc::new(fds.mapping(0)?),
-                })
+                Ok($ty { map: fds.block()? })
             }
         }
 

@@ -63,17 +63,44 @@
 //! locks, shared values) travel too, their descriptors beside the bytes.
 //! Closures cannot travel: pass a `#[process_fn]`.
 //!
+//! # Errors
+//!
+//! Most operations return [`Result<T>`](Result), whose [`Error`] names what
+//! happened in words a user can act on (a child's panic message, a dead
+//! worker's pid and signal, a function that is not registered). Receiving
+//! and putting have crossbeam-channel's per-operation errors instead:
+//! [`Queue`]'s `put` family hands the item back
+//! ([`PutError`](queue::PutError), [`TryPutError`](queue::TryPutError)...),
+//! its `get` family and a [`Connection`](connection::Connection)'s `recv`
+//! family say `Disconnected`, `Empty` or `Timeout`, or carry the [`Error`]
+//! of a message that could not be received
+//! ([`GetTimeoutError`](queue::GetTimeoutError),
+//! [`RecvTimeoutError`](connection::RecvTimeoutError)...). Each has
+//! predicates (`is_timeout()`, `is_disconnected()`...) and converts into
+//! [`Error`], so `?` works in a function returning [`Result`]: a full queue
+//! becomes [`Error::Full`], nothing to receive [`Error::Empty`], a busy
+//! lock [`Error::WouldBlock`], a wait that ran out [`Error::Timeout`].
+//!
 //! # What dropping a handle does
 //!
 //! | handle | when dropped |
 //! |---|---|
-//! | [`Process`] (started) | nothing stops: as in Python, the child runs on; the end of `main` joins it (terminates it if daemonic) |
-//! | [`JoinHandle`] | the child is killed and reaped (call `join` to keep its result) |
-//! | [`Pool`] | workers get SIGTERM, then SIGKILL after a short grace, and are reaped; uncollected results are lost (`close` + `join` let work finish) |
-//! | [`AsyncResult`](pool::AsyncResult), [`Imap`](pool::Imap) | the result is not wanted: queued chunks are dropped, late results discarded |
-//! | [`Queue`], [`Connection`](connection::Connection), [`Lock`], [`Value`], [`Array`] and the other sync handles | this process's handle closes; the object lives while any process holds a handle |
-//! | a lock guard ([`LockGuard`](sync::LockGuard), a `Value`/`Array` guard) | the lock is released |
-//! | [`SharedMemory`](shared::SharedMemory) | this mapping goes; the name stays until `unlink` or until its creator exits |
+//! | [`Process`], not started | nothing |
+//! | [`Process`], started | nothing stops: as in Python, the child runs on; the end of `main` (of `#[multiproc::main]`, or the program's exit without it) joins it, or sends SIGTERM and reaps it if daemonic |
+//! | [`JoinHandle`] (from [`spawn`]) | the child is killed (SIGKILL) and reaped; its result is lost (call `join` to keep it; `join_timeout` keeps the handle) |
+//! | [`Pool`] | workers get SIGTERM, then SIGKILL after 500 ms, and are reaped; work not yet collected is lost (`close` then `join` let it finish) |
+//! | [`PoolBuilder`](pool::PoolBuilder), [`ProcessBuilder`](process::ProcessBuilder) | nothing (`#[must_use]`) |
+//! | [`AsyncResult`](pool::AsyncResult), [`Imap`](pool::Imap) | the result is not wanted: queued chunks are dropped, late results discarded; the pool serves on |
+//! | [`Connection`](connection::Connection), [`Receiver`](connection::Receiver), [`Sender`](connection::Sender) | this copy of the end closes; once every copy (in every process) is closed, the peer's `recv` is `Disconnected` and its `send` fails |
+//! | [`Queue`], [`SimpleQueue`](queue::SimpleQueue), [`JoinableQueue`](queue::JoinableQueue) | this handle goes; the queue and its messages live while any process holds a handle. Dropping is not [`close`](Queue::close): the other processes' `iter` does not end |
+//! | [`Lock`], [`RLock`](sync::RLock), [`Semaphore`](sync::Semaphore), [`Event`](sync::Event), [`Condition`](sync::Condition), [`Barrier`](sync::Barrier), [`Value`], [`Array`], the `Raw` forms | this handle goes; the object lives while any process holds a handle. Units taken from a semaphore are not given back |
+//! | a guard: [`LockGuard`](sync::LockGuard), [`RLockGuard`](sync::RLockGuard) (the outermost), [`ConditionGuard`](sync::ConditionGuard), a `Value`/`Array` guard | the lock is released (a `Value` guard writes its copy back first); if the thread is panicking, the lock is poisoned first |
+//! | [`SharedMemory`](shared::SharedMemory) | this mapping goes; the name stays until `unlink` or until its creator exits, the memory until the last mapping goes |
+//! | [`iter`](Queue::iter) and the other iterators | nothing: messages not yet taken stay in the queue or the pipe |
+//!
+//! A process that ends (or is killed) drops all of its handles at once,
+//! with the same effects; a lock it held is taken over by the next waiter,
+//! with [`PoisonError`](std::sync::PoisonError).
 //!
 //! # Testing
 //!

@@ -191,6 +191,7 @@ impl Process {
     ///
     /// Nothing starts until [`start`](Process::start); an unregistered `f`
     /// (a closure, a fn without `#[process_fn]`) is reported there.
+    #[must_use = "a Process does nothing until start() is called"]
     pub fn new<F, A>(f: F, args: A) -> Process
     where
         F: ProcessFn<A>,
@@ -202,6 +203,7 @@ impl Process {
     /// A process that will run `task`'s [`ProcessTask::run`](crate::ProcessTask::run),
     /// like a Python `Process` subclass that overrides `run`. Its name is
     /// `task.name()` if that returns one.
+    #[must_use = "a Process does nothing until start() is called"]
     pub fn from_task<T: crate::ProcessTask>(task: T) -> Process {
         Process::builder().task(task).build()
     }
@@ -348,6 +350,7 @@ impl Process {
 
 /// Builds a [`Process`]: `Process::builder().name("worker").daemon(true).target(f, args).build()`.
 #[derive(Debug)]
+#[must_use = "a builder does nothing until build() is called"]
 pub struct ProcessBuilder {
     name: Option<String>,
     daemon: bool,
@@ -385,12 +388,13 @@ impl ProcessBuilder {
     }
 
     /// The process, not yet started. A builder without a target gives a
-    /// process whose `start` fails with [`Error::InvalidArgument`].
+    /// process whose `start` fails with [`Error::Misuse`].
+    #[must_use = "a Process does nothing until start() is called"]
     pub fn build(self) -> Process {
         let (target, task_name) = match self.target {
             Some((target, name)) => (target, name),
             None => (
-                Err(Error::invalid(
+                Err(Error::misuse(
                     "the process has no target: call .target(f, args) or .task(task)",
                 )),
                 None,

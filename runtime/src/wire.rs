@@ -94,6 +94,19 @@ pub(crate) fn remaining(deadline: Option<Instant>) -> Option<Duration> {
     deadline.map(|d| d.saturating_duration_since(Instant::now()))
 }
 
+/// Waits until `fd` is readable or `deadline` passes (`Err(Timeout)`);
+/// without a deadline, returns at once (the read that follows blocks).
+/// Used by `Channel` and by the Pipe link before each read.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> Result<()> {
+    if let Some(left) = remaining(deadline) {
+        let ev = sys::poll_one(fd, PollFlags::POLLIN, Some(left))?;
+        if ev.is_empty() {
+            return Err(Error::Timeout);
+        }
+    }
+    Ok(())
+}
+
 /// The error for a stream that can no longer be read in step; `why` says
 /// what was found.
 pub(crate) fn corrupt(why: &'static str) -> Error {
@@ -356,7 +369,7 @@ impl Channel {
             // consumed, and a header is smaller than the buffer.
             return Err(Error::invalid("a channel's read buffer is full"));
         }
-        self.wait_readable(deadline)?;
+        wait_readable(self.fd.as_fd(), deadline)?;
         let mut fds = Vec::new();
         let got = sys::recv_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)
             .map_err(|e| Error::transport("recv", e))?;
@@ -375,17 +388,6 @@ impl Channel {
         self.grow = self.end == self.rbuf.len();
         self.received += got.bytes as u64;
         Ok(got.bytes > 0)
-    }
-
-    fn wait_readable(&self, deadline: Option<Instant>) -> Result<()> {
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ev = sys::poll_one(self.fd.as_fd(), PollFlags::POLLIN, Some(left))?;
-            if ev.is_empty() {
-                return Err(Error::Timeout);
-            }
-        }
-        Ok(())
     }
 
     /// Receives one frame. `Err(Disconnected)` at end of stream,
@@ -527,7 +529,7 @@ impl Channel {
             let direct = p.remaining >= (READ_BUF / 2) as u64 && p.fds.len() >= p.nfds as usize;
             match &mut p.body {
                 Body::Keep(body) if direct => {
-                    self.wait_readable(deadline)?;
+                    wait_readable(self.fd.as_fd(), deadline)?;
                     let want = usize::try_from(p.remaining).unwrap_or(usize::MAX);
                     let n = sys::read_to_spare(self.fd.as_fd(), body, want)
                         .map_err(|e| Error::transport_errno("recv", e))?;

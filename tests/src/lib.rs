@@ -78,3 +78,72 @@ pub fn child_pids() -> Vec<u32> {
     }
     pids
 }
+
+/// Forcing pid reuse: a process given a chosen pid, and the start times
+/// that tell it from the pid's previous owner.
+pub mod pid_reuse {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    /// A `sleep` process started with pid `pid`, if the kernel can be made to
+    /// hand that pid out now (`/proc/sys/kernel/ns_last_pid` is writable: root
+    /// in this pid namespace). Other processes on the machine may take it
+    /// first: a bounded number of tries.
+    pub fn spawn_with_pid(pid: u32) -> Option<std::process::Child> {
+        for _ in 0..100 {
+            let last = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/proc/sys/kernel/ns_last_pid")
+                .and_then(|mut f| f.write_all(format!("{}", pid - 1).as_bytes()));
+            if let Err(e) = last {
+                eprintln!("cannot choose the next pid ({e}): pid reuse not forced");
+                return None;
+            }
+            let mut child = std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .expect("spawn sleep");
+            if child.id() == pid {
+                return Some(child);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        eprintln!("pid {pid} was always taken by another process first: pid reuse not forced");
+        None
+    }
+
+    /// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks.
+    pub fn start_ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let after = &stat[stat.rfind(')').expect("comm") + 1..];
+        after
+            .split_ascii_whitespace()
+            .nth(19)
+            .and_then(|s| s.parse().ok())
+            .expect("start time")
+    }
+
+    /// Clock ticks since boot (`/proc/uptime` has hundredths of a second, the
+    /// tick of `/proc/<pid>/stat` on Linux: USER_HZ is 100).
+    pub fn uptime_ticks() -> u64 {
+        let uptime = std::fs::read_to_string("/proc/uptime").expect("uptime");
+        let secs = uptime.split_ascii_whitespace().next().expect("uptime");
+        let (whole, hundredths) = secs.split_once('.').expect("uptime");
+        whole.parse::<u64>().expect("uptime") * 100 + hundredths.parse::<u64>().expect("uptime")
+    }
+
+    /// Waits until the clock has moved past the tick in which `pid` started:
+    /// a process that reuses the pid of one that started in the same tick is
+    /// taken for it (`Holder`'s documented limit, on the safe side). Fails the
+    /// test if the clock has not moved within `limit`.
+    pub fn let_it_age(pid: u32, limit: Duration) -> u64 {
+        let started = start_ticks(pid);
+        let deadline = Instant::now() + limit;
+        while uptime_ticks() <= started + 1 {
+            assert!(Instant::now() < deadline, "the clock does not tick");
+            std::thread::yield_now();
+        }
+        started
+    }
+}

@@ -2,7 +2,7 @@
 //! end of stream when the peer dies, connections that travel.
 use std::time::Duration;
 
-use multiproc::connection::{Connection, Receiver, Sender};
+use multiproc::connection::{Connection, Receiver, RecvTimeoutError, Sender};
 use multiproc::{Pipe, Process, Queue, process_fn};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -100,7 +100,10 @@ fn oversized_message_is_an_error_not_an_allocation() {
     });
     let err = b.recv_timeout(LONG).expect_err("too large");
     assert!(
-        matches!(err, multiproc::Error::MessageTooLarge { .. }),
+        matches!(
+            err,
+            RecvTimeoutError::Failed(multiproc::Error::MessageTooLarge { .. })
+        ),
         "{err}"
     );
     assert_eq!(b.recv_timeout(LONG).expect("next"), vec![1u8; 10]);
@@ -211,4 +214,123 @@ fn handles_inside_messages_reach_another_process() {
             .expect("exited")
             .success()
     );
+}
+
+// ---------------------------------------------------------------------
+// Iteration, error predicates and conversions.
+
+#[process_fn]
+fn send_range_and_exit(tx: Sender<u32>, n: u32) {
+    for i in 0..n {
+        tx.send(&i).expect("send");
+    }
+}
+
+#[test]
+fn iteration_ends_when_the_sending_process_is_gone() {
+    let _serial = serial();
+    let (mut rx, tx) = Pipe::simplex::<u32>().expect("pipe");
+    let mut p = Process::new(send_range_and_exit, (tx, 500));
+    p.start().expect("start");
+    let mut got = Vec::new();
+    for x in &mut rx {
+        got.push(x);
+    }
+    assert_eq!(got, (0..500).collect::<Vec<_>>());
+    let mut it = rx.iter();
+    assert_eq!(it.next(), None);
+    assert!(it.take_error().is_none(), "ended by the disconnect");
+    drop(it);
+    assert!(rx.recv().expect_err("gone").is_disconnected());
+    p.join_timeout(LONG).expect("join").expect("ended");
+
+    // The owning form, on a duplex end.
+    let (a, b) = Pipe::new::<String>().expect("pipe");
+    a.send(&"x".to_string()).expect("send");
+    a.send(&"y".to_string()).expect("send");
+    drop(a);
+    assert_eq!(b.into_iter().collect::<Vec<_>>(), ["x", "y"]);
+}
+
+#[test]
+fn try_iter_takes_what_is_there_and_a_failed_message_ends_iter() {
+    let _serial = serial();
+    let (tx, mut rx) = Pipe::new::<Vec<u8>>().expect("pipe");
+    assert_eq!(rx.try_iter().count(), 0);
+    tx.send(&vec![1]).expect("send");
+    tx.send(&vec![2]).expect("send");
+    assert_eq!(rx.try_iter().collect::<Vec<_>>(), [vec![1], vec![2]]);
+    // A message over the limit ends the iteration with its error; the
+    // end stays usable.
+    rx.set_max_message_size(1024);
+    tx.send(&vec![3]).expect("send");
+    tx.send(&vec![0u8; 4096]).expect("send big");
+    tx.send(&vec![4]).expect("send");
+    let mut it = rx.iter();
+    assert_eq!(it.next(), Some(vec![3]));
+    assert_eq!(it.next(), None);
+    let err = it.take_error().expect("the big message ended it");
+    assert!(
+        matches!(err, multiproc::Error::MessageTooLarge { .. }),
+        "{err}"
+    );
+    assert_eq!(rx.recv_timeout(LONG).expect("the next one"), vec![4]);
+}
+
+fn recv_then(rx: &mut Receiver<u8>) -> multiproc::Result<u8> {
+    Ok(rx.recv()?)
+}
+
+fn try_recv_then(rx: &mut Receiver<u8>) -> multiproc::Result<u8> {
+    Ok(rx.try_recv()?)
+}
+
+fn recv_timeout_then(rx: &mut Receiver<u8>) -> multiproc::Result<u8> {
+    Ok(rx.recv_timeout(Duration::from_millis(10))?)
+}
+
+#[test]
+fn receive_errors_have_predicates_and_convert_into_error() {
+    use multiproc::Error;
+    use multiproc::connection::{RecvError, TryRecvError};
+    let _serial = serial();
+    let (mut rx, tx) = Pipe::simplex::<u8>().expect("pipe");
+
+    let empty = rx.try_recv().expect_err("nothing yet");
+    assert!(empty.is_empty() && !empty.is_disconnected(), "{empty}");
+    assert!(empty.failure().is_none());
+    assert!(matches!(try_recv_then(&mut rx), Err(Error::Empty)));
+    let late = rx
+        .recv_timeout(Duration::from_millis(10))
+        .expect_err("nothing yet");
+    assert!(late.is_timeout() && !late.is_disconnected(), "{late}");
+    let err = recv_timeout_then(&mut rx).expect_err("nothing yet");
+    assert!(matches!(err, Error::Timeout) && err.is_timeout());
+    assert!(
+        rx.recv_bytes_timeout(Duration::from_millis(10))
+            .expect_err("nothing yet")
+            .is_timeout()
+    );
+
+    tx.send(&9).expect("send");
+    assert_eq!(recv_then(&mut rx).expect("one"), 9);
+    tx.close();
+    let gone = rx.recv().expect_err("sender closed");
+    assert!(gone.is_disconnected(), "{gone}");
+    assert!(matches!(Error::from(gone.clone()), Error::Disconnected));
+    assert!(matches!(recv_then(&mut rx), Err(Error::Disconnected)));
+    assert!(rx.try_recv().expect_err("closed").is_disconnected());
+    assert!(
+        rx.recv_timeout(Duration::from_millis(10))
+            .expect_err("closed")
+            .is_disconnected()
+    );
+    // The blocking operation's error is one of the others'.
+    assert!(TryRecvError::from(gone.clone()).is_disconnected());
+    assert!(RecvTimeoutError::from(gone).is_disconnected());
+    let failed = RecvError::Failed(Error::Decode {
+        message: "x".into(),
+    });
+    assert!(failed.failure().is_some() && !failed.is_disconnected());
+    assert!(matches!(Error::from(failed), Error::Decode { .. }));
 }

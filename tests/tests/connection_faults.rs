@@ -7,7 +7,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use multiproc::connection::{Connection, Sender};
+use multiproc::connection::{Connection, RecvTimeoutError, Sender};
 use multiproc::{Error, Pipe, Process, process_fn, spawn};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
@@ -39,8 +39,9 @@ fn bounded<R: Send + 'static>(
     }
 }
 
-fn is_io(err: &Error, kind: std::io::ErrorKind) -> bool {
-    matches!(err, Error::Io { source, .. } if source.kind() == kind)
+/// An `Error::Io` of `kind`, or a receive error that failed with one.
+fn is_io<E: Clone + Into<Error>>(err: &E, kind: std::io::ErrorKind) -> bool {
+    matches!(err.clone().into(), Error::Io { source, .. } if source.kind() == kind)
 }
 
 fn joined_ok(p: &mut Process) {
@@ -244,7 +245,7 @@ fn a_peer_writing_half_a_frame_or_an_impossible_header_never_blocks_a_timed_rece
                 if half_frame {
                     assert!(err.is_timeout(), "{err}");
                     assert!(rx.recv_timeout(SHORT).expect_err("still").is_timeout());
-                    assert!(rx.try_recv().expect("try").is_none());
+                    assert!(rx.try_recv().expect_err("try").is_empty());
                 } else {
                     assert!(is_io(&err, std::io::ErrorKind::InvalidData), "{err}");
                     let err = rx.recv_timeout(SHORT).expect_err("then");
@@ -268,7 +269,7 @@ fn receive_under_memory_limit(mut end: Connection<()>) -> (String, String) {
     let (_, hard) = getrlimit(Resource::RLIMIT_AS).expect("getrlimit");
     setrlimit(Resource::RLIMIT_AS, limit, hard).expect("setrlimit");
     end.send_bytes(b"ready").expect("ready");
-    let describe = |r: multiproc::Result<Vec<u8>>| match r {
+    let describe = |r: Result<Vec<u8>, RecvTimeoutError>| match r {
         Ok(bytes) if bytes.len() < 100 => String::from_utf8_lossy(&bytes).into_owned(),
         Ok(bytes) => format!("{} bytes", bytes.len()),
         Err(e) => e.to_string(),

@@ -53,8 +53,8 @@ impl<'de, A, B: Deserialize<'de>> Deserialize<'de> for Confused<A, B> {
 }
 
 /// The message of the decode error `result` must be.
-fn decode_error<T>(result: multiproc::Result<T>) -> String {
-    match result {
+fn decode_error<T, E: Into<Error>>(result: Result<T, E>) -> String {
+    match result.map_err(Into::into) {
         Ok(_) => panic!("a handle was received as another type"),
         Err(Error::Decode { message }) => message,
         Err(other) => panic!("not a decode error: {other}"),
@@ -75,7 +75,7 @@ fn through_queue<A: Serialize + 'static, B: DeserializeOwned + 'static>(value: A
         .map_err(|e| e.to_string())
         .expect("put");
     match q.get_timeout(LONG) {
-        Err(GetTimeoutError::Failed(e)) => decode_error::<()>(Err(e)),
+        Err(GetTimeoutError::Failed(e)) => decode_error::<(), Error>(Err(e)),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a handle was received as another type"),
     }
@@ -239,22 +239,23 @@ fn leave_free(free: u64) -> (u64, u64) {
 
 #[process_fn]
 fn get_with_few_descriptors(
-    q: Queue<Vec<Lock>>,
+    q: Queue<Vec<Array<u8>>>,
     ready: Queue<u8>,
 ) -> (String, usize, usize, String) {
-    // Fewer than the six locks of a message.
+    // Fewer than the six arrays of a message (each large enough to have a
+    // memfd of its own: small objects share an arena's descriptor).
     let (soft, hard) = leave_free(3);
     let before = open_fd_numbers().len();
     ready.put(1).expect("ready");
     let first = match q.get_timeout(LONG) {
-        Ok(v) => format!("received {} locks", v.len()),
+        Ok(v) => format!("received {} arrays", v.len()),
         Err(e) => e.to_string(),
     };
     let after = open_fd_numbers().len();
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).expect("restore");
     ready.put(2).expect("ready again");
     let second = match q.get_timeout(LONG) {
-        Ok(v) => format!("received {} locks", v.len()),
+        Ok(v) => format!("received {} arrays", v.len()),
         Err(e) => e.to_string(),
     };
     (first, before, after, second)
@@ -263,13 +264,13 @@ fn get_with_few_descriptors(
 #[test]
 fn a_queue_message_whose_descriptors_were_truncated_is_an_error_and_later_ones_work() {
     let _serial = serial();
-    let q = Queue::<Vec<Lock>>::bounded(4).expect("queue");
+    let q = Queue::<Vec<Array<u8>>>::bounded(4).expect("queue");
     let ready = Queue::<u8>::bounded(2).expect("queue");
     let mut child =
         multiproc::spawn(get_with_few_descriptors, (q.clone(), ready.clone())).expect("spawn");
     let locks = || {
         (0..6)
-            .map(|_| Lock::new().expect("lock"))
+            .map(|_| Array::new(&[0u8; 8192]).expect("array"))
             .collect::<Vec<_>>()
     };
     assert_eq!(ready.get_timeout(LONG).expect("ready"), 1);
@@ -279,7 +280,7 @@ fn a_queue_message_whose_descriptors_were_truncated_is_an_error_and_later_ones_w
     let (first, before, after, second) = child.join_timeout(LONG).expect("the child returned");
     assert!(first.contains("MSG_CTRUNC"), "{first}");
     assert_eq!(before, after, "the descriptors that did arrive were closed");
-    assert_eq!(second, "received 6 locks");
+    assert_eq!(second, "received 6 arrays");
 }
 
 #[process_fn]

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use multiproc::{Error, Pool, process_fn};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -76,6 +76,24 @@ impl<'de> Deserialize<'de> for Undecodable {
 #[process_fn]
 fn undecodable(x: u8) -> Undecodable {
     Undecodable(x)
+}
+
+/// Never encodes when it holds 0.
+#[derive(Debug, Deserialize)]
+struct UnencodableZero(u64);
+
+impl Serialize for UnencodableZero {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            0 => Err(serde::ser::Error::custom("zero never encodes")),
+            x => s.serialize_u64(x),
+        }
+    }
+}
+
+#[process_fn]
+fn unwrap_zero(x: UnencodableZero) -> u64 {
+    x.0
 }
 
 #[process_fn]
@@ -408,6 +426,22 @@ fn undecodable_result_is_that_tasks_error() {
 }
 
 #[test]
+fn an_item_that_fails_to_encode_fails_in_its_place_alone() {
+    let pool = pool2();
+    // One item per chunk: the failing item is the first of its chunk.
+    let items = [1, 0, 2, 3].map(UnencodableZero);
+    let got: Vec<Result<u64, Error>> = pool.imap(unwrap_zero, items).expect("imap").collect();
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(matches!(got[1], Err(Error::Encode { .. })), "{got:?}");
+    let ok: Vec<(usize, u64)> = got
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().ok().map(|v| (i, *v)))
+        .collect();
+    assert_eq!(ok, vec![(0, 1), (2, 2), (3, 3)]);
+}
+
+#[test]
 fn misuse_is_reported() {
     assert!(matches!(Pool::new(0), Err(Error::InvalidArgument { .. })));
     let pool = pool2();
@@ -737,4 +771,22 @@ fn a_forged_result_length_is_a_decode_error_not_an_abort() {
     assert!(matches!(err, Error::Decode { .. }), "{err}");
     // The worker is still busy sleeping in the forged task; the pool lives.
     assert_eq!(pool.worker_pids().len(), 1);
+}
+
+#[test]
+fn calls_in_the_wrong_state_are_misuse_not_invalid_arguments() {
+    let pool = pool2();
+    let err = pool.join().expect_err("join before close");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+    let mut pending = pool.apply_async(add, (1, 2)).expect("apply_async");
+    assert_eq!(
+        pending.get_timeout(Duration::from_secs(30)).expect("value"),
+        3
+    );
+    let err = pending
+        .get_timeout(Duration::from_secs(30))
+        .expect_err("taken");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+    pool.close();
+    pool.join().expect("join after close");
 }

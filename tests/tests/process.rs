@@ -409,3 +409,10 @@ fn join_timeout_keeps_the_handle_for_another_wait() {
     go.set();
     assert_eq!(handle.join_timeout(LIMIT).expect("second wait"), 42);
 }
+
+#[test]
+fn a_process_built_without_a_target_is_misuse() {
+    let mut p = Process::builder().name("nothing to run").build();
+    let err = p.start().expect_err("no target");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+}

@@ -355,3 +355,165 @@ fn joinable_count_exact_when_producers_are_killed() {
         );
     }
 }
+
+// ---------------------------------------------------------------------
+// Iteration, error predicates and conversions, JoinableQueue's own methods.
+
+#[process_fn]
+fn put_range_then_close(q: Queue<u64>, n: u64) {
+    for i in 0..n {
+        q.put(i).expect("put");
+    }
+    q.close();
+}
+
+#[test]
+fn iter_waits_for_a_producer_and_ends_when_it_closes_the_queue() {
+    let _serial = serial();
+    let q = Queue::<u64>::bounded(16).expect("queue");
+    let mut p = Process::new(put_range_then_close, (q.clone(), 1_000));
+    p.start().expect("start");
+    let mut it = q.iter();
+    let got: Vec<u64> = it.by_ref().collect();
+    assert_eq!(got, (0..1_000).collect::<Vec<_>>());
+    assert!(it.take_error().is_none(), "ended by the close");
+    assert_eq!(it.next(), None, "an ended iteration stays ended");
+    assert!(
+        p.join_timeout(LONG)
+            .expect("join")
+            .expect("ended")
+            .success()
+    );
+    // The owning form, on a queue closed before it starts: what is left,
+    // then the end.
+    let q = Queue::<u64>::bounded(4).expect("queue");
+    q.put(7).expect("put");
+    q.close();
+    assert_eq!(q.into_iter().collect::<Vec<_>>(), [7]);
+}
+
+#[test]
+fn try_iter_takes_what_is_there_and_never_waits() {
+    let _serial = serial();
+    let q = Queue::<u64>::bounded(8).expect("queue");
+    assert_eq!(q.try_iter().next(), None);
+    for i in 0..5 {
+        q.put(i).expect("put");
+    }
+    let mut it = q.try_iter();
+    assert_eq!(it.by_ref().take(2).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(it.by_ref().collect::<Vec<_>>(), [2, 3, 4]);
+    assert!(it.take_error().is_none(), "ended by an empty queue");
+    q.put(5).expect("put");
+    assert_eq!(it.next(), Some(5), "a try_iter may be resumed");
+    let mut sum = 0;
+    q.put(1).expect("put");
+    q.put(2).expect("put");
+    q.close();
+    for x in &q {
+        sum += x;
+    }
+    assert_eq!(sum, 3);
+}
+
+/// `?` on each queue error in a function returning `multiproc::Result`.
+fn try_put_then(q: &Queue<u8>, item: u8) -> multiproc::Result<()> {
+    q.try_put(item)?;
+    Ok(())
+}
+
+fn try_get_then(q: &Queue<u8>) -> multiproc::Result<u8> {
+    Ok(q.try_get()?)
+}
+
+fn get_timeout_then(q: &Queue<u8>) -> multiproc::Result<u8> {
+    Ok(q.get_timeout(Duration::from_millis(10))?)
+}
+
+#[test]
+fn queue_errors_have_predicates_and_convert_into_error() {
+    use multiproc::Error;
+    use multiproc::queue::{GetError, PutTimeoutError, TryGetError};
+    let _serial = serial();
+    let q = Queue::<u8>::bounded(1).expect("queue");
+
+    let empty = q.try_get().expect_err("empty");
+    assert!(empty.is_empty() && !empty.is_disconnected(), "{empty}");
+    assert!(empty.failure().is_none());
+    assert!(matches!(try_get_then(&q), Err(Error::Empty)));
+    let timeout = q
+        .get_timeout(Duration::from_millis(10))
+        .expect_err("nothing");
+    assert!(timeout.is_timeout() && !timeout.is_disconnected());
+    assert!(matches!(get_timeout_then(&q), Err(Error::Timeout)));
+
+    q.put(1).expect("put");
+    let full = q.try_put(2).expect_err("full");
+    assert!(full.is_full() && !full.is_closed(), "{full:?}");
+    assert_eq!(full.into_inner(), 2);
+    let err = try_put_then(&q, 3).expect_err("full");
+    assert!(matches!(err, Error::Full) && err.is_would_block(), "{err}");
+    assert!(!err.is_timeout(), "a full queue is not a timeout");
+    let late = q
+        .put_timeout(4, Duration::from_millis(10))
+        .expect_err("still full");
+    assert!(late.is_timeout() && !late.is_closed());
+    assert!(matches!(Error::from(late), Error::Timeout));
+
+    q.close();
+    let closed = q.try_put(5).expect_err("closed");
+    assert!(closed.is_closed() && !closed.is_full());
+    assert!(matches!(Error::from(closed), Error::Closed));
+    assert_eq!(q.try_get().expect("left"), 1);
+    let gone = q.get().expect_err("closed and empty");
+    assert!(gone.is_disconnected(), "{gone}");
+    assert!(matches!(Error::from(gone.clone()), Error::Disconnected));
+    // The blocking operation's error is one of the others'.
+    assert!(TryGetError::from(GetError::Disconnected).is_disconnected());
+    assert!(GetTimeoutError::from(gone).is_disconnected());
+    assert!(matches!(
+        PutTimeoutError::Closed(0u8),
+        PutTimeoutError::Closed(_)
+    ));
+}
+
+#[test]
+fn joinable_queue_has_the_queue_methods_of_its_own() {
+    use multiproc::Error;
+    let _serial = serial();
+    let q = JoinableQueue::<u32>::bounded(2).expect("queue");
+    assert_eq!(q.capacity(), 2);
+    assert!(q.empty() && !q.full() && !q.is_closed());
+    q.put(1).expect("put");
+    q.try_put(2).expect("try_put");
+    assert!(q.full());
+    assert_eq!(q.qsize(), 2);
+    assert!(
+        q.put_timeout(3, Duration::from_millis(10))
+            .expect_err("full")
+            .is_timeout()
+    );
+    assert!(q.try_put(3).expect_err("full").is_full());
+    assert_eq!(q.get().expect("get"), 1);
+    assert_eq!(q.get_timeout(LONG).expect("get_timeout"), 2);
+    assert!(q.try_get().expect_err("empty").is_empty());
+    q.task_done().expect("one");
+    assert!(
+        matches!(
+            q.join_timeout(Duration::from_millis(10)),
+            Err(Error::Timeout)
+        ),
+        "one task still open"
+    );
+    q.task_done().expect("two");
+    q.join().expect("all done");
+    let err = q.task_done().expect_err("more than were put");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+    q.put(4).expect("put");
+    q.put(5).expect("put");
+    assert_eq!(q.try_iter().next(), Some(4));
+    q.close();
+    assert!(q.is_closed());
+    assert_eq!((&q).into_iter().collect::<Vec<_>>(), [5]);
+    assert_eq!(q.iter().next(), None);
+}

@@ -6,14 +6,14 @@
 //!
 //! Every wait is bounded: a queue that stops moving fails the test with a
 //! timeout instead of hanging it.
-use std::io::Write;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use multiproc::queue::{GetTimeoutError, TryPutError};
 use multiproc::shared::RawArray;
 use multiproc::sync::Event;
 use multiproc::{Process, Queue, process_fn};
+use multiproc_tests::pid_reuse::{let_it_age, spawn_with_pid, start_ticks};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Longest wait for anything that should happen (a message, a child).
@@ -423,69 +423,7 @@ fn consumer_killed_mid_get_thirty_times() {
 // ---------------------------------------------------------------------
 // A dead holder whose pid went to a live process.
 //
-// (The pid helpers are those of `sync_faults.rs`: each test file is its
-// own crate.)
-
-/// A `sleep` process started with pid `pid`, if the kernel can be made to
-/// hand that pid out now (`/proc/sys/kernel/ns_last_pid` is writable: root
-/// in this pid namespace). Other processes on the machine may take it
-/// first: a bounded number of tries.
-fn spawn_with_pid(pid: u32) -> Option<std::process::Child> {
-    for _ in 0..100 {
-        let last = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/proc/sys/kernel/ns_last_pid")
-            .and_then(|mut f| f.write_all(format!("{}", pid - 1).as_bytes()));
-        if let Err(e) = last {
-            eprintln!("cannot choose the next pid ({e}): pid reuse not forced");
-            return None;
-        }
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .expect("spawn sleep");
-        if child.id() == pid {
-            return Some(child);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    eprintln!("pid {pid} was always taken by another process first: pid reuse not forced");
-    None
-}
-
-/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks.
-fn start_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 1..];
-    after
-        .split_ascii_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
-        .expect("start time")
-}
-
-/// Clock ticks since boot (`/proc/uptime` has hundredths of a second, the
-/// tick of `/proc/<pid>/stat` on Linux: USER_HZ is 100).
-fn uptime_ticks() -> u64 {
-    let uptime = std::fs::read_to_string("/proc/uptime").expect("uptime");
-    let secs = uptime.split_ascii_whitespace().next().expect("uptime");
-    let (whole, hundredths) = secs.split_once('.').expect("uptime");
-    whole.parse::<u64>().expect("uptime") * 100 + hundredths.parse::<u64>().expect("uptime")
-}
-
-/// Waits until the clock has moved past the tick in which `pid` started:
-/// a process that reuses the pid of one that started in the same tick is
-/// taken for it (`Holder`'s documented limit, on the safe side).
-fn let_it_age(pid: u32) -> u64 {
-    let started = start_ticks(pid);
-    let deadline = Instant::now() + LONG;
-    while uptime_ticks() <= started + 1 {
-        assert!(Instant::now() < deadline, "the clock does not tick");
-        std::thread::yield_now();
-    }
-    started
-}
+// (The pid helpers are `multiproc_tests::pid_reuse`.)
 
 /// Set in a child that must stop for good in the middle of encoding
 /// (`HANG_PUT`) or decoding (`HANG_GET`) a [`Msg`]: the event is set when
@@ -554,7 +492,7 @@ fn kill_mid_message(
     let pid = p.0[0].pid().expect("started");
     // A holder is told from the process that reuses its pid by its start
     // time in clock ticks: let it live past its first tick (see above).
-    let started = let_it_age(pid);
+    let started = let_it_age(pid, LONG);
     p.0[0].kill().expect("kill");
     p.0[0].join_timeout(LONG).expect("join").expect("reaped");
     let heir = spawn_with_pid(pid);

@@ -168,7 +168,7 @@ fn bounded_semaphore_refuses_release_past_its_bound() {
     assert!(sem.release().is_err());
     assert!(sem.try_acquire());
     sem.release().expect("back to the bound");
-    assert!(matches!(sem.release(), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(sem.release(), Err(Error::Misuse { .. })));
     assert_eq!(sem.value(), 2);
 }
 
@@ -325,4 +325,36 @@ fn handles_are_clones_of_one_object() {
     assert!(matches!(other.try_acquire(), Err(TryLockError::WouldBlock)));
     drop(guard);
     assert!(other.try_acquire().is_ok());
+}
+
+#[test]
+fn bounded_semaphore_has_the_semaphore_methods_of_its_own() {
+    let sem = BoundedSemaphore::new(2).expect("semaphore");
+    assert_eq!(sem.value(), 2);
+    sem.acquire();
+    assert!(sem.try_acquire());
+    assert!(!sem.try_acquire());
+    assert!(!sem.acquire_timeout(Duration::from_millis(10)));
+    sem.release().expect("one back");
+    assert!(sem.acquire_timeout(JOIN));
+    sem.release().expect("one back");
+    sem.release().expect("both back");
+    let err = sem.release().expect_err("past the bound");
+    assert!(matches!(err, Error::Misuse { .. }), "{err}");
+}
+
+fn try_lock_then(lock: &Lock) -> multiproc::Result<()> {
+    let _guard = lock.try_acquire()?;
+    Ok(())
+}
+
+#[test]
+fn a_busy_lock_under_question_mark_is_would_block_not_timeout() {
+    let lock = Lock::new().expect("lock");
+    let held = lock.acquire().expect("acquire");
+    let err = try_lock_then(&lock).expect_err("held");
+    assert!(matches!(err, Error::WouldBlock), "{err}");
+    assert!(err.is_would_block() && !err.is_timeout());
+    drop(held);
+    try_lock_then(&lock).expect("free");
 }

@@ -4,7 +4,6 @@
 //!
 //! Every wait is bounded; nothing sleeps to synchronise.
 
-use std::io::Write;
 use std::sync::TryLockError;
 use std::time::{Duration, Instant};
 
@@ -12,6 +11,7 @@ use multiproc::Error;
 use multiproc::shared::RawValue;
 use multiproc::sync::{Barrier, Event, RLock};
 use multiproc::{Lock, Process, process_fn};
+use multiproc_tests::pid_reuse::{let_it_age, spawn_with_pid, start_ticks};
 
 const JOIN: Duration = Duration::from_secs(60);
 
@@ -32,67 +32,6 @@ fn hold_lock_forever(lock: Lock, held: Event) {
     }
 }
 
-/// A `sleep` process started with pid `pid`, if the kernel can be made to
-/// hand that pid out now (`/proc/sys/kernel/ns_last_pid` is writable: root
-/// in this pid namespace). Other processes on the machine may take it
-/// first: a bounded number of tries.
-fn spawn_with_pid(pid: u32) -> Option<std::process::Child> {
-    for _ in 0..100 {
-        let last = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/proc/sys/kernel/ns_last_pid")
-            .and_then(|mut f| f.write_all(format!("{}", pid - 1).as_bytes()));
-        if let Err(e) = last {
-            eprintln!("cannot choose the next pid ({e}): pid reuse not forced");
-            return None;
-        }
-        let mut child = std::process::Command::new("sleep")
-            .arg("60")
-            .spawn()
-            .expect("spawn sleep");
-        if child.id() == pid {
-            return Some(child);
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    eprintln!("pid {pid} was always taken by another process first: pid reuse not forced");
-    None
-}
-
-/// Field 22 of `/proc/<pid>/stat`: the start time in clock ticks.
-fn start_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let after = &stat[stat.rfind(')').expect("comm") + 1..];
-    after
-        .split_ascii_whitespace()
-        .nth(19)
-        .and_then(|s| s.parse().ok())
-        .expect("start time")
-}
-
-/// Clock ticks since boot (`/proc/uptime` has hundredths of a second, the
-/// tick of `/proc/<pid>/stat` on Linux: USER_HZ is 100).
-fn uptime_ticks() -> u64 {
-    let uptime = std::fs::read_to_string("/proc/uptime").expect("uptime");
-    let secs = uptime.split_ascii_whitespace().next().expect("uptime");
-    let (whole, hundredths) = secs.split_once('.').expect("uptime");
-    whole.parse::<u64>().expect("uptime") * 100 + hundredths.parse::<u64>().expect("uptime")
-}
-
-/// Waits until the clock has moved past the tick in which `pid` started
-/// (see the pid-reuse tests: a process that reuses the pid of one that
-/// started in the same tick is taken for it, the documented limit).
-fn let_it_age(pid: u32) -> u64 {
-    let started = start_ticks(pid);
-    let deadline = Instant::now() + JOIN;
-    while uptime_ticks() <= started + 1 {
-        assert!(Instant::now() < deadline, "the clock does not tick");
-        std::thread::yield_now();
-    }
-    started
-}
-
 #[process_fn]
 fn wait_at_barrier(barrier: Barrier) -> bool {
     barrier.wait_timeout(JOIN).is_ok()
@@ -109,7 +48,7 @@ fn a_killed_barrier_party_whose_pid_went_to_a_live_process_breaks_it() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let pid = victim.pid().expect("started");
-    let started = let_it_age(pid);
+    let started = let_it_age(pid, JOIN);
     victim.kill().expect("kill");
     victim.join_timeout(JOIN).expect("join").expect("reaped");
     let mut heir = spawn_with_pid(pid);
@@ -139,7 +78,7 @@ fn a_killed_holder_whose_pid_went_to_a_live_process_is_taken_over() {
     // time in clock ticks (10 ms): one that started in the same tick is
     // taken for the holder (the documented limit, on the safe side). Make
     // this the common case, a holder that lived past its first tick.
-    let started = let_it_age(pid);
+    let started = let_it_age(pid, JOIN);
     p.kill().expect("kill");
     // Reaped, so that its pid is free for another process.
     p.join_timeout(JOIN).expect("join").expect("reaped");

@@ -24,10 +24,8 @@ use std::time::Duration;
 use nix::poll::PollFlags;
 
 use super::{
-    CHILD_FD, ENV_VAR, IDENTITY, Identity, MAIN_THREAD, Mode, READY, Start, TAG_FAILED,
-    TAG_PANICKED, TAG_RETURNED, TAG_START, exe_identity,
+    CHILD_FD, ENV_VAR, IDENTITY, Identity, MAIN_THREAD, Message, Mode, READY, exe_identity,
 };
-use crate::codec;
 use crate::error::Error;
 use crate::registry::{self, Call, Entry, PanicRecord};
 use crate::sys;
@@ -241,10 +239,17 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
     registry::install_panic_hook();
     let mut channel = Channel::new(claim.socket);
     let frame = match channel.recv(Some(START_WAIT)) {
-        Ok(frame) if frame.tag == TAG_START => frame,
+        Ok(frame) => frame,
         // The parent died or closed the socket before it could send.
         Err(Error::Disconnected) => return Err(1),
-        Ok(frame) => {
+        Err(err) => {
+            eprintln!("multiproc: no start message from the parent: {err}");
+            return Err(EXIT_REFUSED);
+        }
+    };
+    let (start, args_at) = match Message::parse(frame.tag, &frame.bytes) {
+        Ok(Message::Start { start, args }) => (start, frame.bytes.len() - args.len()),
+        Ok(_) => {
             eprintln!(
                 "multiproc: the parent's first message has tag {} instead of a start",
                 frame.tag
@@ -252,13 +257,9 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
             return Err(EXIT_REFUSED);
         }
         Err(err) => {
-            eprintln!("multiproc: no start message from the parent: {err}");
+            eprintln!("multiproc: the parent's start message is malformed: {err}");
             return Err(EXIT_REFUSED);
         }
-    };
-    let Some((start, args_at)) = split_start(&frame.bytes) else {
-        eprintln!("multiproc: the parent's start message is malformed");
-        return Err(EXIT_REFUSED);
     };
     if start.exe != exe_identity() {
         return Err(refuse(
@@ -333,9 +334,7 @@ fn run_started(started: Started) -> i32 {
 /// Tells the parent why the child cannot run, and gives the exit code.
 fn refuse(channel: &Channel, err: Error) -> i32 {
     eprintln!("multiproc: {err}");
-    if let Ok(bytes) = codec::encode_plain(&err) {
-        let _ = channel.send(TAG_FAILED, &[&bytes], &[]);
-    }
+    let _ = Message::Failed(err).send(channel, &[]);
     EXIT_REFUSED
 }
 
@@ -348,9 +347,7 @@ static REPORT_TO: OnceLock<(Channel, Mode)> = OnceLock::new();
 fn report_abort(record: PanicRecord) {
     if let Some((channel, mode)) = REPORT_TO.get() {
         if *mode == Mode::Spawn {
-            if let Ok(bytes) = codec::encode_plain(&record) {
-                let _ = channel.send(TAG_PANICKED, &[&bytes], &[]);
-            }
+            let _ = Message::Panicked(record).send(channel, &[]);
         }
     }
     std::process::exit(1);
@@ -375,7 +372,7 @@ fn run_function(
     match result {
         Ok(()) => {
             if mode == Mode::Spawn {
-                let _ = channel.send(TAG_RETURNED, &[&out], &out_fds);
+                let _ = Message::Returned(&out).send(&channel, &out_fds);
             }
             0
         }
@@ -384,22 +381,12 @@ fn run_function(
         }) => {
             if mode == Mode::Spawn {
                 let record = PanicRecord { message, location };
-                if let Ok(bytes) = codec::encode_plain(&record) {
-                    let _ = channel.send(TAG_PANICKED, &[&bytes], &[]);
-                }
+                let _ = Message::Panicked(record).send(&channel, &[]);
             }
             1
         }
         Err(err) => refuse(&channel, err),
     }
-}
-
-/// The start header and where the arguments start after it.
-fn split_start(bytes: &[u8]) -> Option<(Start, usize)> {
-    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-    let end = 4_usize.checked_add(len)?;
-    let start: Start = codec::decode_plain(bytes.get(4..end)?).ok()?;
-    Some((start, end))
 }
 
 /// A thread that kills this process when the parent's end of the socket
@@ -436,76 +423,5 @@ mod tests {
         assert_eq!(ok("3:42:yes"), None);
         assert_eq!(ok("3::1"), None);
         assert_eq!(ok(""), None);
-    }
-
-    #[test]
-    fn a_start_message_that_lies_about_its_length_is_malformed() {
-        assert!(split_start(&[0xff, 0xff, 0xff, 0xff, 1, 2]).is_none());
-        assert!(split_start(&[1, 0]).is_none());
-    }
-
-    fn valid_start() -> Vec<u8> {
-        let header = codec::encode_plain(&Start {
-            exe: 7,
-            registry: registry::fingerprint(),
-            name: "some::function".into(),
-            process_name: "Process-1".into(),
-            parent_name: "MainProcess".into(),
-            parent_pid: 42,
-            mode: Mode::Spawn,
-        })
-        .expect("encode");
-        let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&header);
-        bytes.extend_from_slice(b"arguments");
-        bytes
-    }
-
-    #[test]
-    fn a_valid_start_message_splits_at_its_arguments() {
-        let bytes = valid_start();
-        let (start, at) = split_start(&bytes).expect("valid");
-        assert_eq!(
-            (start.name.as_str(), start.parent_pid),
-            ("some::function", 42)
-        );
-        assert_eq!(&bytes[at..], b"arguments");
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
-
-        /// Random bytes: never a panic, and an offset inside the message
-        /// whenever they parse.
-        #[test]
-        fn random_start_messages_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
-            if let Some((_, at)) = split_start(&bytes) {
-                proptest::prop_assert!(at <= bytes.len());
-            }
-        }
-
-        /// A valid message with bytes flipped, cut or its length rewritten:
-        /// never a panic, never an offset outside it.
-        #[test]
-        fn mutated_start_messages_never_panic(
-            flips in proptest::collection::vec((proptest::num::usize::ANY, proptest::num::u8::ANY), 0..8),
-            cut in proptest::option::of(proptest::num::usize::ANY),
-            len in proptest::option::of(proptest::num::u32::ANY),
-        ) {
-            let mut bytes = valid_start();
-            for (at, b) in flips {
-                let n = bytes.len();
-                bytes[at % n] ^= b;
-            }
-            if let Some(len) = len {
-                bytes[..4].copy_from_slice(&len.to_le_bytes());
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut % (bytes.len() + 1));
-            }
-            if let Some((_, at)) = split_start(&bytes) {
-                proptest::prop_assert!(at <= bytes.len());
-            }
-        }
     }
 }

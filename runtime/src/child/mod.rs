@@ -12,14 +12,10 @@
 //! named `main`, sends back the outcome and exits. The user's `main` (or
 //! the test harness) never runs in a child.
 //!
-//! The start protocol, over the socket (frames of [`crate::wire`]):
-//! - parent → child, [`TAG_START`]: `u32` length, a [`Start`] header, then
-//!   the encoded arguments; their descriptors ride with the frame;
-//! - child → parent, one of [`TAG_RETURNED`] (the encoded return value and
-//!   its descriptors, `spawn` only), [`TAG_PANICKED`] (a panic record,
-//!   `spawn` only), [`TAG_FAILED`] (an encoded [`Error`]: the child could
-//!   not run what was asked). A runtime-internal entry (the pool worker)
-//!   speaks its own protocol on the socket after the start.
+//! The start protocol, its messages and their layouts, is in
+//! [`protocol`]: the parent sends a start, the child answers with its
+//! outcome. A runtime-internal entry (the pool worker) speaks its own
+//! protocol on the socket after the start.
 //!
 //! The child dies with its parent: `PR_SET_PDEATHSIG(SIGKILL)` when it was
 //! started from a thread that lives as long as the parent process,
@@ -30,54 +26,21 @@ use std::os::fd::RawFd;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
-use crate::registry::Fingerprint;
 
 mod boot;
+mod protocol;
 mod start;
 
 pub use boot::init;
-pub(crate) use start::{ChildProc, next_process_name, read_outcome, refusal, start_child};
+pub(crate) use protocol::{Message, Mode, Start};
+pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child};
 
 /// The environment variable that marks a process as a multiproc child.
 pub(crate) const ENV_VAR: &str = "MULTIPROC_CHILD";
 
 /// The descriptor number at which a child finds its socket to the parent.
 pub(crate) const CHILD_FD: RawFd = 3;
-
-/// Frame tags of the start protocol.
-pub(crate) const TAG_START: u32 = 1;
-pub(crate) const TAG_RETURNED: u32 = 2;
-pub(crate) const TAG_PANICKED: u32 = 3;
-pub(crate) const TAG_FAILED: u32 = 4;
-
-/// What the parent wants from the child.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum Mode {
-    /// `Process`: run, discard the return value, exit 0 (1 after a panic).
-    Process,
-    /// `spawn`: also send the return value or the panic back.
-    Spawn,
-    /// A runtime-internal entry point (a pool worker...).
-    Internal,
-}
-
-/// The header of the start message.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Start {
-    /// The parent's [`exe_identity`]: the child must run the same file.
-    pub(crate) exe: u64,
-    /// The parent's registrations, for the diagnosis of a missing name.
-    pub(crate) registry: Fingerprint,
-    /// The registered name to run.
-    pub(crate) name: String,
-    pub(crate) process_name: String,
-    pub(crate) parent_name: String,
-    pub(crate) parent_pid: u32,
-    pub(crate) mode: Mode,
-}
 
 /// Who this process is, as `current_process()` reports it.
 #[derive(Debug)]
@@ -112,7 +75,7 @@ pub(crate) fn ensure_ready() -> Result<()> {
     if READY.load(Ordering::SeqCst) {
         Ok(())
     } else {
-        Err(Error::invalid(
+        Err(Error::misuse(
             "multiproc is not initialized in this program: call multiproc::init() as the first \
              line of main (or use #[multiproc::main])",
         ))

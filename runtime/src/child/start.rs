@@ -12,12 +12,12 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::{
-    CHILD_FD, ENV_VAR, Mode, Start, TAG_FAILED, TAG_PANICKED, TAG_RETURNED, TAG_START,
-    ensure_ready, exe_identity, identity, on_long_lived_thread,
+    CHILD_FD, ENV_VAR, Message, Mode, Start, ensure_ready, exe_identity, identity,
+    on_long_lived_thread,
 };
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::registry::{self, PanicRecord};
+use crate::registry;
 use crate::sys;
 use crate::wire::Channel;
 
@@ -192,7 +192,7 @@ pub(super) fn start_child_as(
     };
     let channel = Channel::new(parent_end);
     let me = identity();
-    let header = codec::encode_plain(&Start {
+    let start = Start {
         exe,
         registry: registry::fingerprint(),
         name: name.to_string(),
@@ -200,21 +200,12 @@ pub(super) fn start_child_as(
         parent_name: me.name.clone(),
         parent_pid: std::process::id(),
         mode,
-    })?;
-    let header_len =
-        u32::try_from(header.len()).map_err(|_| Error::invalid("process name too long"))?;
-    match channel.send(TAG_START, &[&header_len.to_le_bytes(), &header, args], fds) {
+    };
+    match (Message::Start { start, args }).send(&channel, fds) {
         // The child died at once; its exit status tells why.
         Ok(()) | Err(Error::Disconnected) => Ok((child, channel)),
         Err(err) => Err(err),
     }
-}
-
-/// The error a child sent in a [`TAG_FAILED`] frame.
-pub(crate) fn refusal(bytes: &[u8]) -> Error {
-    codec::decode_plain::<Error>(bytes).unwrap_or_else(|_| Error::InvalidArgument {
-        message: String::from_utf8_lossy(bytes).into_owned(),
-    })
 }
 
 /// Reads a spawned child's outcome: its return value (decoded as `R`), or
@@ -234,16 +225,14 @@ pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(
         }
         Err(err) => return Err(err),
     };
-    let result = match frame.tag {
-        TAG_RETURNED => codec::decode(&frame.bytes, frame.fds),
-        TAG_PANICKED => {
-            let record: PanicRecord = codec::decode_plain(&frame.bytes)?;
-            Err(record.into_error(child.pid(), None))
-        }
-        TAG_FAILED => Err(refusal(&frame.bytes)),
-        tag => Err(Error::Decode {
-            message: format!("the child answered with an unknown message (tag {tag})"),
+    let result = match Message::parse(frame.tag, &frame.bytes) {
+        Ok(Message::Returned(value)) => codec::decode(value, frame.fds),
+        Ok(Message::Panicked(record)) => Err(record.into_error(child.pid(), None)),
+        Ok(Message::Failed(err)) => Err(err),
+        Ok(Message::Start { .. }) => Err(Error::Decode {
+            message: "the child answered with a start message".into(),
         }),
+        Err(err) => Err(err),
     };
     // The child exits right after sending; reap it.
     let _ = child.wait(Some(Duration::from_secs(5)));
@@ -255,13 +244,29 @@ mod tests {
     use super::*;
 
     fn echo_main(channel: Channel, args: Vec<u8>, _fds: Vec<OwnedFd>) -> i32 {
-        match channel.send(TAG_RETURNED, &[&args], &[]) {
+        match Message::Returned(&args).send(&channel, &[]) {
             Ok(()) => 0,
             Err(_) => 3,
         }
     }
 
     const ECHO: &str = "__multiproc::test::echo";
+
+    /// The child's first answer, which must be a refusal.
+    fn refusal(channel: &mut Channel) -> Error {
+        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
+        match Message::parse(frame.tag, &frame.bytes) {
+            Ok(Message::Failed(err)) => err,
+            other => panic!("not a refusal: {other:?}"),
+        }
+    }
+
+    fn exit_code(child: &ChildProc) -> i32 {
+        child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("exited")
+    }
 
     inventory::submit! {
         crate::registry::Entry::internal(ECHO, echo_main)
@@ -272,46 +277,36 @@ mod tests {
         let (child, mut channel) =
             start_child(ECHO, "echo", Mode::Internal, b"ping", &[]).expect("start");
         let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
-        assert_eq!((frame.tag, &frame.bytes[..]), (TAG_RETURNED, &b"ping"[..]));
-        let code = child
-            .wait(Some(Duration::from_secs(20)))
-            .expect("wait")
-            .expect("exited");
-        assert_eq!(code, 0);
+        assert!(
+            matches!(
+                Message::parse(frame.tag, &frame.bytes),
+                Ok(Message::Returned(b"ping"))
+            ),
+            "{frame:?}"
+        );
+        assert_eq!(exit_code(&child), 0);
     }
 
     #[test]
     fn a_child_of_another_executable_refuses_with_exit_code_2() {
         let (child, mut channel) =
             start_child_as(0x5eed, ECHO, "echo", Mode::Internal, b"", &[]).expect("start");
-        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
-        assert_eq!(frame.tag, TAG_FAILED);
-        let err = refusal(&frame.bytes);
+        let err = refusal(&mut channel);
         assert!(matches!(err, Error::BuildMismatch { .. }), "{err}");
         assert!(err.to_string().contains("rebuilt"), "{err}");
-        let code = child
-            .wait(Some(Duration::from_secs(20)))
-            .expect("wait")
-            .expect("exited");
-        assert_eq!(code, 2);
+        assert_eq!(exit_code(&child), 2);
     }
 
     #[test]
     fn a_name_the_child_lacks_is_a_missing_registration_not_a_rebuild() {
         let (child, mut channel) =
             start_child("no::such::function", "missing", Mode::Spawn, b"", &[]).expect("start");
-        let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
-        assert_eq!(frame.tag, TAG_FAILED);
-        let err = refusal(&frame.bytes);
+        let err = refusal(&mut channel);
         let text = err.to_string();
         assert!(matches!(err, Error::RegistrationMissing { .. }), "{text}");
         assert!(text.contains("no::such::function"), "{text}");
         assert!(!text.contains("rebuilt"), "{text}");
-        let code = child
-            .wait(Some(Duration::from_secs(20)))
-            .expect("wait")
-            .expect("exited");
-        assert_eq!(code, 2);
+        assert_eq!(exit_code(&child), 2);
     }
 
     #[test]

@@ -56,6 +56,16 @@ const READ_BUF: usize = 16 * 1024;
 /// Header flag: the message is the next frame on the side socket.
 const SIDE: u32 = 1;
 
+/// A pipe write that the kernel cut short (it never does for a blocking
+/// write, nor for one of at most `PIPE_BUF` bytes): an OS failure, not the
+/// caller's.
+fn short_write() -> Error {
+    Error::io(
+        "a short write to a pipe",
+        std::io::Error::from(std::io::ErrorKind::WriteZero),
+    )
+}
+
 fn header(len: u64, tag: u32, flags: u32) -> [u8; HEADER] {
     let mut h = [0u8; HEADER];
     h[..8].copy_from_slice(&len.to_le_bytes());
@@ -259,7 +269,7 @@ impl Link {
         let n = sys::write(tx, frame).map_err(|e| Error::transport_errno("send", e))?;
         // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
         if n != frame.len() {
-            return Err(Error::invalid("a short write to a pipe"));
+            return Err(short_write());
         }
         Ok(())
     }
@@ -292,7 +302,7 @@ impl Link {
             let n = sys::writev(tx, slices).map_err(|e| Error::transport_errno("send", e))?;
             // At most PIPE_BUF bytes to a blocking pipe: all or nothing.
             if n != HEADER + len {
-                return Err(Error::invalid("a short write to a pipe"));
+                return Err(short_write());
             }
             return Ok(());
         }
@@ -306,7 +316,7 @@ impl Link {
         let h = header(0, tag, SIDE);
         let n = sys::write(tx, &h).map_err(|e| Error::transport_errno("send", e))?;
         if n != HEADER {
-            return Err(Error::invalid("a short write to a pipe"));
+            return Err(short_write());
         }
         // The marker is out: a frame that does not follow whole leaves the
         // receiver out of step for good.
@@ -349,12 +359,7 @@ impl Link {
             // Unreachable: a whole inline frame fits the buffer many times.
             return Err(Error::invalid("a pipe's read buffer is full"));
         }
-        if let Some(left) = wire::remaining(deadline) {
-            let ev = sys::poll_one(rx.as_fd(), PollFlags::POLLIN, Some(left))?;
-            if ev.is_empty() {
-                return Err(Error::Timeout);
-            }
-        }
+        wire::wait_readable(rx.as_fd(), deadline)?;
         let n = sys::read(rx.as_fd(), &mut self.rbuf[self.end..])
             .map_err(|e| Error::transport_errno("recv", e))?;
         self.end += n;

@@ -39,7 +39,9 @@ fn confused<A: Serialize, B: DeserializeOwned>(value: &A) -> String {
 }
 
 /// Bytes of an encoded [`Tag`] (fixed-width).
-const TAG_BYTES: usize = 4 + 8 + 4 + 4 + 8;
+const TAG_BYTES: usize = 4 + 8 + 4 + 4 + 8 + 8 + 8;
+/// Where the tag's place (offset, then stamp) starts.
+const PLACE_AT: usize = TAG_BYTES - 16;
 
 fn shm_name(what: &str) -> String {
     format!("unit-handle-{what}-{}", std::process::id())
@@ -187,16 +189,30 @@ fn a_memfd_of_another_size_is_refused_before_it_is_mapped() {
     let big = Mapping::create("unit-big", 4096).expect("memfd");
     let lock = Lock::new().expect("lock");
     let (bytes, fds) = with_fd(&lock, 0, big.fd().try_clone_to_owned().expect("dup"));
+    // A lock lives in an arena: the memfd offered in its place is not one.
     let msg = refusal::<Lock>(&bytes, &fds);
-    assert!(msg.contains("4096 bytes where 16 were expected"), "{msg}");
-    // A Value<u64>'s memory offered as a Value<u32>'s, the tag rewritten to
-    // say u32 (a lying sender): the size still gives it away.
+    assert!(
+        msg.contains("4096 bytes where 1048576 were expected"),
+        "{msg}"
+    );
+    // An object of its own memfd (too large for an arena) given a smaller
+    // memfd.
+    let array = Array::new(&[0u64; 1024]).expect("array");
+    let (bytes, fds) = with_fd(&array, 0, big.fd().try_clone_to_owned().expect("dup"));
+    let msg = refusal::<Array<u64>>(&bytes, &fds);
+    assert!(msg.contains("4096 bytes where 8256 were expected"), "{msg}");
+    // A Value<u64>'s cell offered as a Value<u32>'s, the tag rewritten to
+    // say u32 (a lying sender): the cell's trailer still gives it away.
     let wide = Value::new(1u64).expect("value");
     let narrow = Value::new(1u32).expect("value");
-    let (bytes, _) = encode(&narrow);
-    let (_, fds) = encode(&wide);
+    let (mut bytes, _) = encode(&narrow);
+    let (wide_bytes, fds) = encode(&wide);
+    bytes[PLACE_AT..TAG_BYTES].copy_from_slice(&wide_bytes[PLACE_AT..TAG_BYTES]);
     let msg = refusal::<Value<u32>>(&bytes, &fds);
-    assert!(msg.contains("24 bytes where 20 were expected"), "{msg}");
+    assert!(msg.contains("holds as another object"), "{msg}");
+    drop(wide);
+    let msg = refusal::<Value<u32>>(&bytes, &fds);
+    assert!(msg.contains("holds another kind of object"), "{msg}");
     // Not a memfd at all.
     let (r, _w) = crate::sys::pipe().expect("pipe");
     let (bytes, fds) = with_fd(&Event::new().expect("event"), 0, r);
@@ -212,6 +228,47 @@ fn a_memfd_of_another_size_is_refused_before_it_is_mapped() {
         msg.contains("announces a shared mapping of 80 bytes"),
         "{msg}"
     );
+}
+
+#[test]
+fn a_forged_cell_is_a_decode_error_that_says_why() {
+    let lock = Lock::new().expect("lock");
+    let (bytes, fds) = encode(&lock);
+    let offset = u64::from_le_bytes(bytes[PLACE_AT..PLACE_AT + 8].try_into().expect("8"));
+    let forged = |offset: u64, stamp: Option<u64>| {
+        let mut b = bytes.clone();
+        b[PLACE_AT..PLACE_AT + 8].copy_from_slice(&offset.to_le_bytes());
+        if let Some(stamp) = stamp {
+            b[PLACE_AT + 8..TAG_BYTES].copy_from_slice(&stamp.to_le_bytes());
+        }
+        refusal::<Lock>(&b, &fds)
+    };
+    let msg = forged(offset + 16, None);
+    assert!(
+        msg.contains("a received Lock: refused a handle at byte"),
+        "{msg}"
+    );
+    let msg = forged(1 << 40, None);
+    assert!(msg.contains("not where one of its cells"), "{msg}");
+    let msg = forged(offset, Some(12345));
+    assert!(msg.contains("holds as another object"), "{msg}");
+    // The next cells of the arena: not allocated, or another object.
+    let msg = forged(offset + 64 * 1000, None);
+    assert!(
+        msg.contains("holds no object") || msg.contains("another object"),
+        "{msg}"
+    );
+    // A Lock's cell read as an Event's (the tag's kind and size are the
+    // Event's, the place the Lock's): refused, never an Event over a
+    // Lock's bytes.
+    let event = Event::new().expect("event");
+    let (mut as_event, _) = encode(&event);
+    as_event[PLACE_AT..TAG_BYTES].copy_from_slice(&bytes[PLACE_AT..TAG_BYTES]);
+    let msg = refusal::<Event>(&as_event, &fds);
+    assert!(msg.contains("holds as another object"), "{msg}");
+    drop(lock);
+    let msg = refusal::<Event>(&as_event, &fds);
+    assert!(msg.contains("holds another kind of object"), "{msg}");
 }
 
 #[test]
@@ -481,5 +538,114 @@ mod properties {
                 every_kind(&bytes, &fds).map(drop)
             })
             .expect("every spoiled payload is refused or sized right");
+    }
+
+    /// How a cell's place is forged: which sample, then the offset (taken
+    /// from another sample and moved, or any), the stamp (its own, another
+    /// sample's, any) and the tag's size (its own or another's).
+    type Forgery = (usize, usize, i64, Option<u64>, usize, Option<u64>, bool);
+
+    fn forgeries() -> impl Strategy<Value = Forgery> {
+        let delta = prop_oneof![
+            Just(0i64),
+            Just(64),
+            Just(-64),
+            Just(8),
+            Just(1),
+            (-4096i64..4096),
+            Just(1 << 20),
+            Just(i64::MIN),
+        ];
+        (
+            any::<usize>(),
+            any::<usize>(),
+            delta,
+            proptest::option::weighted(0.1, any::<u64>()),
+            any::<usize>(),
+            proptest::option::weighted(0.2, any::<u64>()),
+            any::<bool>(),
+        )
+    }
+
+    fn word(bytes: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    #[test]
+    fn forged_cells_are_refused_or_name_a_cell_of_their_kind() {
+        // Handles in arena cells, held (so that their cells stay theirs),
+        // and a few that were dropped after they were sent.
+        let lock = Lock::new().expect("lock");
+        let value = Value::new(7u64).expect("value");
+        let byte = Value::new(1u8).expect("value");
+        let event = Event::new().expect("event");
+        let barrier = Barrier::new(3).expect("barrier");
+        let array = Array::new(&[1u64; 40]).expect("array");
+        let raw = RawArray::new(&[2u8; 300]).expect("array");
+        let sem = BoundedSemaphore::new(2).expect("sem");
+        let mut samples = vec![
+            encode(&lock),
+            encode(&value),
+            encode(&byte),
+            encode(&event),
+            encode(&barrier),
+            encode(&array),
+            encode(&raw),
+            encode(&sem),
+        ];
+        for _ in 0..3 {
+            samples.push(encode(&Lock::new().expect("lock")));
+            samples.push(encode(&Value::new(3u64).expect("value")));
+        }
+        for (i, (bytes, fds)) in samples.iter().enumerate() {
+            assert_ne!(word(bytes, PLACE_AT + 8), 0, "sample {i} is in an arena");
+            let kinds = every_kind(bytes, fds).expect("a valid payload");
+            assert_eq!(kinds.len(), 1, "sample {i} decodes as {kinds:?}");
+        }
+        let mut runner = TestRunner::new(Config {
+            cases: 600,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        runner
+            .run(
+                &forgeries(),
+                |(pick, from, delta, offset, stamp_of, stamp, size_of)| {
+                    let n = samples.len();
+                    let (bytes, fds) = &samples[pick % n];
+                    let mut bytes = bytes.clone();
+                    let other = &samples[from % n].0;
+                    let offset =
+                        offset.unwrap_or_else(|| word(other, PLACE_AT).wrapping_add_signed(delta));
+                    let stamp =
+                        stamp.unwrap_or_else(|| word(&samples[stamp_of % n].0, PLACE_AT + 8));
+                    bytes[PLACE_AT..PLACE_AT + 8].copy_from_slice(&offset.to_le_bytes());
+                    bytes[PLACE_AT + 8..TAG_BYTES].copy_from_slice(&stamp.to_le_bytes());
+                    if size_of {
+                        bytes[PLACE_AT - 8..PLACE_AT]
+                            .copy_from_slice(&other[PLACE_AT - 8..PLACE_AT]);
+                    }
+                    // The arenas' descriptors may be swapped too: a message's
+                    // descriptors are all arenas here.
+                    let mut fds = dup(fds);
+                    if delta == 1 {
+                        fds = dup(&samples[from % n].1);
+                    }
+                    let kinds = every_kind(&bytes, &fds)?;
+                    // A forged place decodes only as a cell that holds an
+                    // object of that kind under that stamp: one of the
+                    // samples, the same handle again.
+                    prop_assert!(kinds.len() <= 1, "{kinds:?}");
+                    if !kinds.is_empty() {
+                        let real = samples.iter().any(|(b, _)| {
+                            word(b, PLACE_AT) == offset && word(b, PLACE_AT + 8) == stamp
+                        });
+                        prop_assert!(real, "decoded a cell no handle was sent for");
+                    }
+                    Ok(())
+                },
+            )
+            .expect("every forged cell is refused or is a real one");
+        drop((lock, value, byte, event, barrier, array, raw, sem));
     }
 }

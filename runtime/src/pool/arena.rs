@@ -1,7 +1,7 @@
 //! Shared-memory arenas for large chunk payloads.
 //!
 //! Each worker gets two memfd mappings from the parent, sent with the
-//! first control frame ([`TAG_ARENAS`](super::worker::TAG_ARENAS)): an
+//! first control frame ([`ToWorker::Arenas`](super::protocol::ToWorker::Arenas)): an
 //! *input* arena (parent writes, worker reads) and an *output* arena
 //! (worker writes, parent reads). A chunk whose payload is at least
 //! [`SHM_MIN`] bytes and carries no descriptors goes through its arena and

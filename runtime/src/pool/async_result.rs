@@ -51,7 +51,7 @@ impl<'pool, R> AsyncResult<'pool, R> {
 
     fn take_value(&mut self, deadline: Option<Instant>) -> Result<R> {
         if self.taken {
-            return Err(Error::invalid(
+            return Err(Error::misuse(
                 "the value of this AsyncResult was already taken",
             ));
         }
@@ -98,6 +98,7 @@ impl<'pool, R> AsyncResult<'pool, R> {
     }
 
     /// Waits at most `timeout`; `true` if the result is ready.
+    #[must_use = "false means the timeout passed and the result is not ready"]
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.job.0.wait_all(Some(Instant::now() + timeout))
     }

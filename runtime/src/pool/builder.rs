@@ -6,12 +6,13 @@ use serde::Serialize;
 
 use super::Pool;
 use super::engine::{Config, Core};
-use super::worker;
+use super::protocol;
 use crate::error::{Error, Result};
 use crate::process::{ProcessFn, Target};
 
 /// Builds a [`Pool`]: `Pool::builder().processes(4).initializer(f, args).max_tasks_per_child(100).build()`.
 #[derive(Debug)]
+#[must_use = "a builder does nothing until build() is called"]
 pub struct PoolBuilder {
     pub(super) processes: Option<usize>,
     pub(super) initializer: Option<Result<Target>>,
@@ -73,7 +74,7 @@ impl PoolBuilder {
         let has_initializer = initializer.is_some();
         let config = Config {
             processes,
-            init: worker::WorkerInit {
+            init: protocol::WorkerInit {
                 initializer,
                 max_tasks: self.max_tasks_per_child.map(|k| k as u64),
             },

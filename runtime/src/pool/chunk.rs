@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::job::{ChunkInfo, Outcome};
+use super::protocol::ChunkBody;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, PanicRecord};
@@ -87,31 +88,27 @@ impl ChunkEncoder {
     ) -> Option<(usize, Result<Encoded>)> {
         let first = items.next()?;
         let mut buf = Vec::with_capacity(self.hint.max(64));
-        buf.extend_from_slice(&[0u8; 4]);
-        buf.extend_from_slice(&(self.name.len() as u32).to_le_bytes());
-        buf.extend_from_slice(self.name.as_bytes());
         let mut fds = Vec::new();
-        let mut count = 0usize;
-        let result = codec::with_fd_sink(&mut fds, || {
-            let mut enc = codec::SeqEncoder::new(&mut buf);
-            enc.push_value(&first)?;
-            count = 1;
-            while count < max {
-                let Some(item) = items.next() else { break };
-                count += 1;
-                enc.push_value(&item)?;
-            }
-            Ok(())
+        // Items taken so far (the first one, even if it fails to encode).
+        let mut count = 1usize;
+        let result = ChunkBody::begin(&mut buf, self.name).and_then(|()| {
+            codec::with_fd_sink(&mut fds, || {
+                let mut enc = codec::SeqEncoder::new(&mut buf);
+                enc.push_value(&first)?;
+                while count < max {
+                    let Some(item) = items.next() else { break };
+                    count += 1;
+                    enc.push_value(&item)?;
+                }
+                Ok(())
+            })
         });
+        let result = result.and_then(|()| ChunkBody::set_count(&mut buf, count));
         if let Err(err) = result {
             // Keep the item count right for the caller's indices.
             count += items.take(max - count).count();
             return Some((count, Err(err)));
         }
-        let Ok(count32) = u32::try_from(count) else {
-            return Some((count, Err(Error::invalid("chunksize too large"))));
-        };
-        buf[..4].copy_from_slice(&count32.to_le_bytes());
         self.hint = buf.len();
         Some((count, Ok((buf, fds))))
     }
@@ -129,7 +126,12 @@ pub(super) fn decode_chunk<R: DeserializeOwned + 'static>(
     // in the worker's output arena, read in place and released on return.
     let (frame_bytes, fds, lease, offset, pid) = match outcome {
         Outcome::Failed(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
-        Outcome::Done { frame, offset, pid } => (frame.bytes, frame.fds, None, offset, pid),
+        Outcome::Done {
+            bytes,
+            fds,
+            offset,
+            pid,
+        } => (bytes, fds, None, offset, pid),
         Outcome::Shared { lease, pid } => (Vec::new(), Vec::new(), Some(lease), 0, pid),
     };
     let bytes: &[u8] = match &lease {

@@ -28,8 +28,12 @@ use std::time::{Duration, Instant};
 use nix::poll::PollFlags;
 use nix::sys::signal::Signal;
 
-use super::arena::{InArena, OutArena, SHM_MIN};
-use super::worker::{self, TaskFailure, WorkerInit};
+use super::arena::{InArena, Lease, OutArena, SHM_MIN};
+use super::protocol::{
+    self, AbortReport, ChunkBody, FromWorker, Malformed, POOL_MAX_FRAME, RESULT_AT, TaskFailure,
+    ToWorker, WorkerInit,
+};
+use super::worker;
 use crate::child::{self, ChildProc, Mode};
 use crate::codec;
 use crate::error::{Error, Result};
@@ -53,8 +57,7 @@ static WORKER_COUNTER: AtomicUsize = AtomicUsize::new(1);
 pub(crate) struct Task {
     pub(crate) job: Arc<Job>,
     pub(crate) info: ChunkInfo,
-    /// `count: u32`, `name_len: u32`, name, the items' argument tuples
-    /// (the id goes in front when sent).
+    /// The chunk's [`ChunkBody`] (the id goes in front when sent).
     payload: Arc<Vec<u8>>,
     fds: Arc<Vec<OwnedFd>>,
     /// The encoded outcomes of the chunk's first items, when this task is
@@ -87,7 +90,7 @@ impl Task {
 
     /// How many items the payload holds (the chunk's, or its rest's).
     fn items(&self) -> usize {
-        worker::read_u32(&self.payload, 0).map_or(0, |n| n as usize)
+        ChunkBody::items(&self.payload)
     }
 }
 
@@ -238,7 +241,7 @@ impl Core {
         let mut channel = channel;
         // Results are as large as the user's data, but a header that
         // announces more than any result can be is refused unread.
-        channel.set_max_frame(worker::POOL_MAX_FRAME);
+        channel.set_max_frame(POOL_MAX_FRAME);
         channel.set_strict();
         let tx = Channel::new(
             channel
@@ -282,7 +285,7 @@ impl Core {
             .iter()
             .map(|fd| fd.try_clone_to_owned())
             .collect();
-        match fds.map(|fds| tx.send(worker::TAG_ARENAS, &[], &fds)) {
+        match fds.map(|fds| ToWorker::Arenas.send(tx, &fds)) {
             Ok(Ok(())) => (Some(input), Some(Arc::new(output))),
             _ => (None, None),
         }
@@ -370,10 +373,10 @@ impl Core {
                     continue;
                 }
                 let size = task.payload.len() as u64 + 8;
-                if size > worker::POOL_MAX_FRAME {
+                if size > POOL_MAX_FRAME {
                     let err = Error::MessageTooLarge {
                         size,
-                        limit: worker::POOL_MAX_FRAME,
+                        limit: POOL_MAX_FRAME,
                     };
                     task.job.complete(task.info, Outcome::Failed(err));
                     continue;
@@ -410,19 +413,17 @@ impl Core {
             if let Some((arena, start)) = placed {
                 // The region is this chunk's alone until its result arrives.
                 if arena.write(start, &payload).is_ok() {
-                    let _ = lock(&conn.tx).send(
-                        worker::TAG_TASK_SHM,
-                        &[
-                            &id.to_le_bytes(),
-                            &(start as u64).to_le_bytes(),
-                            &(payload.len() as u64).to_le_bytes(),
-                        ],
-                        &[],
-                    );
+                    let task = ToWorker::TaskShm {
+                        id,
+                        start: start as u64,
+                        len: payload.len() as u64,
+                    };
+                    let _ = task.send(&lock(&conn.tx), &[]);
                     continue;
                 }
             }
-            let _ = lock(&conn.tx).send(worker::TAG_TASK, &[&id.to_le_bytes(), &payload], &fds);
+            let task = ToWorker::Task { id, body: &payload };
+            let _ = task.send(&lock(&conn.tx), &fds);
         }
     }
 
@@ -538,8 +539,9 @@ impl Core {
 
     /// One frame from worker `key`.
     fn on_frame(&self, key: u64, frame: Frame) {
-        match frame.tag {
-            worker::TAG_READY => {
+        let Frame { tag, bytes, fds } = frame;
+        let answer = match FromWorker::parse(tag, &bytes) {
+            Ok(FromWorker::Ready) => {
                 let mut st = lock(&self.state);
                 st.early_deaths = 0;
                 if let Some(w) = st.workers.iter_mut().find(|w| w.key == key) {
@@ -547,23 +549,48 @@ impl Core {
                 }
                 drop(st);
                 self.changed.notify_all();
+                return;
             }
-            worker::TAG_INIT_FAILED => {
-                let message = match codec::decode_plain::<TaskFailure>(&frame.bytes) {
-                    Ok(f) => f.describe(),
-                    Err(e) => e.to_string(),
-                };
-                self.break_pool(Error::InitializerFailed { message });
+            Ok(FromWorker::InitFailed(failure)) => {
+                let message = failure.describe();
+                return self.break_pool(Error::InitializerFailed { message });
             }
             // The worker could not start at all (another executable...).
-            child::TAG_FAILED => self.break_pool(Error::InitializerFailed {
-                message: child::refusal(&frame.bytes).to_string(),
-            }),
-            worker::TAG_RESULT | worker::TAG_TASK_FAILED | worker::TAG_RESULT_SHM => {
-                self.on_result(key, frame);
+            Ok(FromWorker::Refused(err)) => {
+                let message = err.to_string();
+                return self.break_pool(Error::InitializerFailed { message });
             }
-            worker::TAG_TASK_ABORTED => self.on_aborted(key, &frame.bytes),
-            _ => {}
+            Ok(FromWorker::Aborted(report)) => return self.on_aborted(key, &report),
+            Ok(FromWorker::Result { id, .. }) => (id, Answer::Outcomes),
+            Ok(FromWorker::ResultShm { id, start, len }) => {
+                (id, Answer::Shared(self.lease(key, start, len)))
+            }
+            Ok(FromWorker::TaskFailed { id, failure }) => (id, Answer::Failed(failure)),
+            // A frame that names its chunk fails it; one that names none
+            // is dropped.
+            Err(Malformed {
+                id: Some(id),
+                error,
+            }) => return self.fail_chunk(key, id, error),
+            Err(Malformed { id: None, .. }) => return,
+        };
+        self.on_result(key, answer, bytes, fds);
+    }
+
+    /// Takes charge of the result region `start..start + len` that worker
+    /// `key` announced (also when its chunk is unknown, so that the
+    /// arena's consumed counter moves on).
+    fn lease(&self, key: u64, start: u64, len: u64) -> Result<Lease> {
+        let output = lock(&self.state)
+            .workers
+            .iter()
+            .find(|w| w.key == key)
+            .and_then(|w| w.output.clone());
+        match output {
+            Some(arena) => arena.lease(start, len),
+            None => Err(Error::Decode {
+                message: "a pool result frame is malformed".into(),
+            }),
         }
     }
 
@@ -578,50 +605,22 @@ impl Core {
         Some((w.in_flight.remove(at).task, w.conn.pid))
     }
 
-    fn on_result(&self, key: u64, frame: Frame) {
-        let Some(id) = worker::read_u64(&frame.bytes, 0) else {
+    /// Chunk `id` of worker `key` came back: its outcomes in `bytes`
+    /// (from [`RESULT_AT`]) with `fds`, in the output arena, or failed.
+    fn on_result(&self, key: u64, (id, answer): (u64, Answer), bytes: Vec<u8>, fds: Vec<OwnedFd>) {
+        let Some((task, pid)) = Core::take_in_flight(&mut lock(&self.state), key, id) else {
             return;
         };
-        let found = {
-            let mut st = lock(&self.state);
-            // A shared-memory result is accounted for even if its chunk is
-            // unknown, so that the arena's consumed counter moves on.
-            let lease = (frame.tag == worker::TAG_RESULT_SHM).then(|| {
-                let output = st
-                    .workers
-                    .iter()
-                    .find(|w| w.key == key)
-                    .and_then(|w| w.output.clone());
-                match (
-                    output,
-                    worker::read_u64(&frame.bytes, 8),
-                    worker::read_u64(&frame.bytes, 16),
-                ) {
-                    (Some(arena), Some(start), Some(len)) => arena.lease(start, len),
-                    _ => Err(Error::Decode {
-                        message: "a pool result frame is malformed".into(),
-                    }),
-                }
-            });
-            Core::take_in_flight(&mut st, key, id).map(|(task, pid)| (task, pid, lease))
-        };
-        let Some((task, pid, lease)) = found else {
-            return;
-        };
-        let outcome = match lease {
-            Some(Ok(lease)) => Outcome::Shared { lease, pid },
-            Some(Err(err)) => Outcome::Failed(err),
-            None if frame.tag == worker::TAG_RESULT => Outcome::Done {
-                frame,
-                offset: 8,
+        let outcome = match answer {
+            Answer::Outcomes => Outcome::Done {
+                bytes,
+                fds,
+                offset: RESULT_AT,
                 pid,
             },
-            None => Outcome::Failed(
-                match codec::decode_plain::<TaskFailure>(frame.bytes.get(8..).unwrap_or(&[])) {
-                    Ok(f) => f.into_error(pid, None),
-                    Err(e) => e,
-                },
-            ),
+            Answer::Shared(Ok(lease)) => Outcome::Shared { lease, pid },
+            Answer::Shared(Err(err)) => Outcome::Failed(err),
+            Answer::Failed(failure) => Outcome::Failed(failure.into_error(pid, None)),
         };
         task.job
             .complete(task.info, with_prefix(task.prefix, outcome));
@@ -632,10 +631,7 @@ impl Core {
     /// ending it: item `done` of chunk `id` panicked, the items before it
     /// gave `partial`. Those outcomes are kept, and the items after it go
     /// back to the queue as the rest of the chunk.
-    fn on_aborted(&self, key: u64, bytes: &[u8]) {
-        let Some(report) = worker::AbortReport::parse(bytes) else {
-            return;
-        };
+    fn on_aborted(&self, key: u64, report: &AbortReport<'_>) {
         let Some((task, pid)) = Core::take_in_flight(&mut lock(&self.state), key, report.id) else {
             return;
         };
@@ -665,24 +661,11 @@ impl Core {
         }
         let rest = items - failed_at - 1;
         if rest == 0 {
-            task.job.complete(
-                task.info,
-                Outcome::Done {
-                    frame: Frame {
-                        tag: worker::TAG_RESULT,
-                        bytes: prefix,
-                        fds: Vec::new(),
-                    },
-                    offset: 0,
-                    pid,
-                },
-            );
-            self.changed.notify_all();
-            return;
+            return self.complete_with(&task.job, task.info, prefix, pid);
         }
         let payload = match (
             task.fds.is_empty(),
-            worker::rest_of_chunk(&task.payload, rest, report.next),
+            ChunkBody::rest(&task.payload, rest, report.next),
         ) {
             (true, Some(payload)) => payload,
             _ => {
@@ -705,20 +688,7 @@ impl Core {
                     prefix.extend_from_slice(&0u32.to_le_bytes());
                     prefix.extend_from_slice(&lost);
                 }
-                task.job.complete(
-                    task.info,
-                    Outcome::Done {
-                        frame: Frame {
-                            tag: worker::TAG_RESULT,
-                            bytes: prefix,
-                            fds: Vec::new(),
-                        },
-                        offset: 0,
-                        pid,
-                    },
-                );
-                self.changed.notify_all();
-                return;
+                return self.complete_with(&task.job, task.info, prefix, pid);
             }
         };
         let rest = Task {
@@ -730,6 +700,19 @@ impl Core {
             requeued: task.requeued,
         };
         lock(&self.state).queue.push_front(rest);
+    }
+
+    /// Completes chunk `info` of `job` with the outcomes `bytes` of all
+    /// its items.
+    fn complete_with(&self, job: &Job, info: ChunkInfo, bytes: Vec<u8>, pid: u32) {
+        let outcome = Outcome::Done {
+            bytes,
+            fds: Vec::new(),
+            offset: 0,
+            pid,
+        };
+        job.complete(info, outcome);
+        self.changed.notify_all();
     }
 
     /// Worker `key` closed its socket: reap it; fail the chunk it was
@@ -944,7 +927,7 @@ impl Core {
                         // full table): that chunk fails, the worker is fine.
                         Err(err) if crate::wire::is_fds_truncated(&err) => {
                             fds.clear();
-                            if let Some(id) = worker::read_u64(&bytes, 0) {
+                            if let Some(id) = protocol::chunk_id(&bytes) {
                                 self.fail_chunk(*key, id, err);
                             }
                         }
@@ -1016,9 +999,14 @@ fn with_prefix(prefix: Option<Vec<u8>>, outcome: Outcome) -> Outcome {
         Outcome::Failed(_) => return outcome,
     };
     let fds = match outcome {
-        Outcome::Done { frame, offset, .. } => {
-            bytes.extend_from_slice(frame.bytes.get(offset..).unwrap_or(&[]));
-            frame.fds
+        Outcome::Done {
+            bytes: rest,
+            fds,
+            offset,
+            ..
+        } => {
+            bytes.extend_from_slice(rest.get(offset..).unwrap_or(&[]));
+            fds
         }
         Outcome::Shared { lease, .. } => match lease.bytes() {
             Ok(rest) => {
@@ -1030,12 +1018,19 @@ fn with_prefix(prefix: Option<Vec<u8>>, outcome: Outcome) -> Outcome {
         Outcome::Failed(err) => return Outcome::Failed(err),
     };
     Outcome::Done {
-        frame: Frame {
-            tag: worker::TAG_RESULT,
-            bytes,
-            fds,
-        },
+        bytes,
+        fds,
         offset: 0,
         pid,
     }
+}
+
+/// How a chunk came back (see [`Core::on_result`]).
+enum Answer {
+    /// Its outcomes are in the frame.
+    Outcomes,
+    /// Its outcomes are in the output arena.
+    Shared(Result<Lease>),
+    /// The whole chunk failed.
+    Failed(TaskFailure),
 }

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 /// one `Result` per input item, pulling input as results are consumed.
 ///
 /// Dropping it early discards the work in flight.
+#[must_use = "iterators are lazy and do nothing unless consumed"]
 pub struct Imap<'pool, I, R> {
     pub(super) pool: &'pool Pool,
     pub(super) input: Option<I>,

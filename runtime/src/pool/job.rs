@@ -3,12 +3,12 @@
 //! thread takes them.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::arena::Lease;
 use crate::error::Error;
-use crate::wire::Frame;
 
 /// The pool's locks are never left inconsistent by a panic (every change
 /// is one step), so a poisoned one is used as it is.
@@ -19,9 +19,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What one chunk came back as.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// The worker's result frame: outcomes of the items start at `offset`.
+    /// The worker's result frame's bytes (outcomes of the items start
+    /// at `offset`) and descriptors.
     Done {
-        frame: Frame,
+        bytes: Vec<u8>,
+        fds: Vec<OwnedFd>,
         offset: usize,
         pid: u32,
     },

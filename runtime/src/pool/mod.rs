@@ -41,6 +41,7 @@ mod chunk;
 mod engine;
 mod imap;
 mod job;
+mod protocol;
 mod worker;
 
 pub use self::async_result::AsyncResult;
@@ -58,6 +59,48 @@ use self::engine::{Core, Task};
 use self::job::{ChunkInfo, Job, JobGuard, lock};
 use crate::error::{Error, Result};
 use crate::process::ProcessFn;
+
+/// A registered function a pool can run on the argument tuple `Args`: a
+/// [`ProcessFn`] whose arguments encode and whose result decodes. It names
+/// the bounds every method of [`Pool`] shares; `fn(A) -> R` is a
+/// `PoolFn<(A,)>` (for [`map`](Pool::map) and the like) and `fn(A, B) -> R` a
+/// `PoolFn<(A, B)>` (for [`starmap`](Pool::starmap) and the like).
+///
+/// Implemented for every such function, and for nothing else.
+pub trait PoolFn<Args>:
+    ProcessFn<Args, Output: DeserializeOwned + 'static> + sealed::Encodes<Args>
+{
+}
+
+impl<F, Args> PoolFn<Args> for F
+where
+    F: ProcessFn<Args, Output: DeserializeOwned + 'static>,
+    Args: Serialize + 'static,
+{
+}
+
+mod sealed {
+    use serde::Serialize;
+
+    /// What makes [`PoolFn`](super::PoolFn) impossible to implement outside,
+    /// and gives the pool `Args` under a name that says it encodes.
+    pub trait Encodes<Args> {
+        /// `Args` itself.
+        type Encoded: Serialize + 'static;
+        /// `args`, unchanged.
+        fn encoded(args: Args) -> Self::Encoded;
+    }
+
+    impl<F, Args: Serialize + 'static> Encodes<Args> for F {
+        type Encoded = Args;
+        #[inline]
+        fn encoded(args: Args) -> Args {
+            args
+        }
+    }
+}
+
+use self::sealed::Encodes;
 
 /// A pool of worker processes: Python's `multiprocessing.Pool`.
 ///
@@ -234,10 +277,8 @@ impl Pool {
     /// ```
     pub fn map<F, A, I>(&self, f: F, iter: I) -> Result<Vec<F::Output>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.map_async_impl::<F, A>(&f, iter, None)?.get()
     }
@@ -249,10 +290,8 @@ impl Pool {
     /// As [`map`](Pool::map); [`Error::InvalidArgument`] for a chunksize of 0.
     pub fn map_chunked<F, A, I>(&self, f: F, iter: I, chunksize: usize) -> Result<Vec<F::Output>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.map_async_impl::<F, A>(&f, iter, Some(chunksize))?
             .get()
@@ -283,10 +322,8 @@ impl Pool {
     /// ```
     pub fn starmap<F, T, I>(&self, f: F, iter: I) -> Result<Vec<F::Output>>
     where
-        F: ProcessFn<T>,
-        T: Serialize + 'static,
+        F: PoolFn<T>,
         I: IntoIterator<Item = T>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.starmap_async(f, iter)?.get()
     }
@@ -300,10 +337,8 @@ impl Pool {
     /// the items' errors from [`AsyncResult::get`].
     pub fn map_async<F, A, I>(&self, f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.map_async_impl::<F, A>(&f, iter, None)
     }
@@ -315,11 +350,13 @@ impl Pool {
         chunksize: Option<usize>,
     ) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
-        F::Output: DeserializeOwned + 'static,
+        F: PoolFn<(A,)>,
     {
-        let (job, chunks, items) = self.submit_all::<F, A>(iter, chunksize)?;
+        // An item is its function's 1-tuple of arguments (the same bytes).
+        let items = iter
+            .into_iter()
+            .map(|a| <F as Encodes<(A,)>>::encoded((a,)));
+        let (job, chunks, items) = self.submit_all::<F, _>(items, chunksize)?;
         Ok(AsyncResult::new(
             job,
             chunks,
@@ -335,12 +372,11 @@ impl Pool {
     /// As [`map_async`](Pool::map_async).
     pub fn starmap_async<F, T, I>(&self, _f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
-        F: ProcessFn<T>,
-        T: Serialize + 'static,
+        F: PoolFn<T>,
         I: IntoIterator<Item = T>,
-        F::Output: DeserializeOwned + 'static,
     {
-        let (job, chunks, items) = self.submit_all::<F, T>(iter, None)?;
+        let items = iter.into_iter().map(<F as Encodes<T>>::encoded);
+        let (job, chunks, items) = self.submit_all::<F, _>(items, None)?;
         Ok(AsyncResult::new(
             job,
             chunks,
@@ -356,9 +392,7 @@ impl Pool {
     /// As [`apply_async`](Pool::apply_async) and [`AsyncResult::get`].
     pub fn apply<F, T>(&self, f: F, args: T) -> Result<F::Output>
     where
-        F: ProcessFn<T>,
-        T: Serialize + 'static,
-        F::Output: DeserializeOwned + 'static,
+        F: PoolFn<T>,
     {
         self.apply_async(f, args)?.get()
     }
@@ -395,11 +429,10 @@ impl Pool {
     /// ```
     pub fn apply_async<F, T>(&self, _f: F, args: T) -> Result<AsyncResult<'_, F::Output>>
     where
-        F: ProcessFn<T>,
-        T: Serialize + 'static,
-        F::Output: DeserializeOwned + 'static,
+        F: PoolFn<T>,
     {
-        let (job, chunks, items) = self.submit_all::<F, T>(std::iter::once(args), Some(1))?;
+        let args = <F as Encodes<T>>::encoded(args);
+        let (job, chunks, items) = self.submit_all::<F, _>(std::iter::once(args), Some(1))?;
         Ok(AsyncResult::new(
             job,
             chunks,
@@ -442,10 +475,8 @@ impl Pool {
     /// ```
     pub fn imap<F, A, I>(&self, f: F, iter: I) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.imap_impl(&f, iter, 1, true)
     }
@@ -462,10 +493,8 @@ impl Pool {
         chunksize: usize,
     ) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.imap_impl(&f, iter, chunksize, true)
     }
@@ -478,10 +507,8 @@ impl Pool {
     /// As [`imap`](Pool::imap).
     pub fn imap_unordered<F, A, I>(&self, f: F, iter: I) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         self.imap_impl(&f, iter, 1, false)
     }
@@ -494,10 +521,8 @@ impl Pool {
         ordered: bool,
     ) -> Result<Imap<'_, I::IntoIter, F::Output>>
     where
-        F: ProcessFn<(A,)>,
-        A: Serialize + 'static,
+        F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
-        F::Output: DeserializeOwned + 'static,
     {
         if chunksize == 0 {
             return Err(Error::invalid("chunksize must be at least 1"));
@@ -530,10 +555,10 @@ impl Pool {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if the pool was neither closed nor terminated.
+    /// [`Error::Misuse`] if the pool was neither closed nor terminated.
     pub fn join(&self) -> Result<()> {
         if !self.core.is_closed() {
-            return Err(Error::invalid("join() needs close() or terminate() first"));
+            return Err(Error::misuse("join() needs close() or terminate() first"));
         }
         let reader = lock(&self.reader).take();
         if reader.is_some() {

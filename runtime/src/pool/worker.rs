@@ -1,34 +1,20 @@
-//! The pool's wire protocol and the worker process's main loop.
+//! The worker process's main loop (its messages are in
+//! [`protocol`](super::protocol)).
 //!
 //! A worker is a re-executed child started into [`main`] (an internal entry
 //! of `child`). Its start arguments are a [`WorkerInit`] (the initializer's
 //! registered name and encoded arguments, the task limit); the descriptors
-//! of the initializer's arguments come with the start frame.
-//!
-//! Frames, parent to worker: [`TAG_TASK`], payload `id: u64`, `count: u32`,
-//! `name_len: u32`, the registered name, then `count` argument tuples back
-//! to back (the chunk), with the descriptors of handles inside them.
-//!
-//! Frames, worker to parent: [`TAG_READY`] once the initializer ran;
-//! [`TAG_INIT_FAILED`] (a [`TaskFailure`]) if it failed, then the worker
-//! exits; [`TAG_RESULT`], payload `id: u64` then one outcome per item
-//! (`registry::Call::chunk`'s format); [`TAG_TASK_FAILED`], payload
-//! `id: u64` then a [`TaskFailure`], when a whole chunk could not run.
-//!
-//! Shared memory (see [`arena`](super::arena)): [`TAG_ARENAS`], parent to
-//! worker, first frame after the start, carries the input and output
-//! arenas' descriptors; [`TAG_TASK_SHM`] (`id`, `start: u64`, `len: u64`)
-//! is a [`TAG_TASK`] whose payload after the id lies in the input arena;
-//! [`TAG_RESULT_SHM`] (same fields) is a [`TAG_RESULT`] whose outcomes
-//! lie in the output arena.
+//! of the initializer's arguments come with the start frame. It answers
+//! [`FromWorker::Ready`] once the initializer ran, then runs chunks until
+//! the parent closes its socket or the task limit is reached.
 //!
 //! Under `panic = "abort"`, a panicking item ends its worker; the panic hook
-//! first sends [`TAG_TASK_ABORTED`] (an [`AbortReport`]: the chunk, the
-//! item, the outcomes of the items before it, the panic record), so the
-//! parent fails that item alone and sends the rest of the chunk again.
-//! Before it runs a chunk the worker marks it started in its output arena,
-//! so that after a death the parent tells the running chunk from those the
-//! worker never started (they go to another worker).
+//! first sends [`FromWorker::Aborted`] (the chunk, the item, the outcomes
+//! of the items before it, the panic record), so the parent fails that
+//! item alone and sends the rest of the chunk again. Before it runs a
+//! chunk the worker marks it started in its output arena, so that after a
+//! death the parent tells the running chunk from those the worker never
+//! started (they go to another worker).
 //!
 //! The worker reads its socket on a thread of its own, so the parent's
 //! writes never wait for the worker to finish a task: the parent can send
@@ -39,9 +25,10 @@
 use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 
-use serde::{Deserialize, Serialize};
-
 use super::arena::{OutWriter, SHM_MIN};
+use super::protocol::{
+    AbortReport, ChunkBody, FromWorker, POOL_MAX_FRAME, TaskFailure, ToWorker, WorkerInit,
+};
 use crate::codec;
 use crate::error::Error;
 use crate::registry::{self, Call, Entry};
@@ -55,157 +42,11 @@ inventory::submit! {
     Entry::internal(ENTRY, main)
 }
 
-pub(crate) const TAG_TASK: u32 = 0x5001;
-pub(crate) const TAG_READY: u32 = 0x5002;
-pub(crate) const TAG_INIT_FAILED: u32 = 0x5003;
-pub(crate) const TAG_RESULT: u32 = 0x5004;
-pub(crate) const TAG_TASK_FAILED: u32 = 0x5005;
-pub(crate) const TAG_ARENAS: u32 = 0x5006;
-pub(crate) const TAG_TASK_SHM: u32 = 0x5007;
-pub(crate) const TAG_RESULT_SHM: u32 = 0x5008;
-pub(crate) const TAG_TASK_ABORTED: u32 = 0x5009;
-
-/// The largest frame either side of a pool accepts: a peer's header that
-/// announces more is refused before anything is allocated. Results are
-/// as large as the user's data, so the bound is generous.
-pub(crate) const POOL_MAX_FRAME: u64 = 1 << 32;
-
-/// Bytes before the name in a task body (the payload after the id):
-/// count, name length.
-pub(crate) const TASK_HEADER: usize = 8;
-
-/// What a worker is started with.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct WorkerInit {
-    /// Registered name of the initializer and its encoded argument tuple.
-    pub(crate) initializer: Option<(String, Vec<u8>)>,
-    /// Exit after this many tasks (chunks).
-    pub(crate) max_tasks: Option<u64>,
-}
-
-/// Why a whole task (or the initializer) failed, as it travels back.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum TaskFailure {
-    Panicked {
-        message: String,
-        location: Option<String>,
-    },
-    NotRegistered(String),
-    Decode(String),
-    Encode(String),
-    TooLarge {
-        size: u64,
-        limit: u64,
-    },
-    Other(String),
-}
-
-impl TaskFailure {
-    fn from_error(err: Error) -> TaskFailure {
-        match err {
-            Error::Panicked {
-                message, location, ..
-            } => TaskFailure::Panicked { message, location },
-            Error::NotRegistered { name } => TaskFailure::NotRegistered(name),
-            Error::Decode { message } => TaskFailure::Decode(message),
-            Error::Encode { message } => TaskFailure::Encode(message),
-            Error::MessageTooLarge { size, limit } => TaskFailure::TooLarge { size, limit },
-            other => TaskFailure::Other(other.to_string()),
-        }
-    }
-
-    /// The error a whole chunk's items report.
-    pub(crate) fn into_error(self, pid: u32, item: Option<usize>) -> Error {
-        match self {
-            TaskFailure::Panicked { message, location } => Error::Panicked {
-                message,
-                location,
-                pid,
-                item,
-            },
-            TaskFailure::NotRegistered(name) => Error::NotRegistered { name },
-            TaskFailure::Decode(message) => Error::Decode { message },
-            TaskFailure::Encode(message) => Error::Encode { message },
-            TaskFailure::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
-            TaskFailure::Other(message) => Error::InvalidArgument { message },
-        }
-    }
-
-    /// The message of a failed initializer.
-    pub(crate) fn describe(&self) -> String {
-        match self {
-            TaskFailure::Panicked {
-                message,
-                location: Some(at),
-            } => format!("panicked at {at}: {message}"),
-            TaskFailure::Panicked {
-                message,
-                location: None,
-            } => format!("panicked: {message}"),
-            TaskFailure::NotRegistered(name) => {
-                Error::NotRegistered { name: name.clone() }.to_string()
-            }
-            TaskFailure::TooLarge { size, limit } => Error::MessageTooLarge {
-                size: *size,
-                limit: *limit,
-            }
-            .to_string(),
-            TaskFailure::Decode(m) | TaskFailure::Encode(m) | TaskFailure::Other(m) => m.clone(),
-        }
-    }
-}
-
 /// Chunks are large: a send buffer that holds a good part of one means
 /// fewer wake-ups of the reader per chunk. The kernel caps it at
 /// `net.core.wmem_max`; failing to raise it only costs speed.
 pub(crate) fn enlarge_send_buffer(fd: std::os::fd::BorrowedFd<'_>) {
     let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &(1 << 20));
-}
-
-/// What a worker's panic hook sends under `panic = "abort"`: payload
-/// `id: u64`, `done: u32` (the panicking item's place in the chunk),
-/// `next: u64` (where the next item's arguments start), `partial_len: u64`,
-/// the outcomes of the items before it, then the panic record.
-#[derive(Debug)]
-pub(crate) struct AbortReport<'a> {
-    pub(crate) id: u64,
-    pub(crate) done: u32,
-    pub(crate) next: usize,
-    pub(crate) partial: &'a [u8],
-    pub(crate) record: &'a [u8],
-}
-
-impl<'a> AbortReport<'a> {
-    pub(crate) fn parse(bytes: &'a [u8]) -> Option<AbortReport<'a>> {
-        let id = read_u64(bytes, 0)?;
-        let done = read_u32(bytes, 8)?;
-        let next = usize::try_from(read_u64(bytes, 12)?).ok()?;
-        let partial_len = usize::try_from(read_u64(bytes, 20)?).ok()?;
-        let partial = bytes.get(28..28usize.checked_add(partial_len)?)?;
-        let record = bytes.get(28 + partial_len..)?;
-        Some(AbortReport {
-            id,
-            done,
-            next,
-            partial,
-            record,
-        })
-    }
-}
-
-/// The payload of the last `rest` items of a chunk whose payload is
-/// `payload`, their arguments starting at `next` within the chunk's.
-pub(crate) fn rest_of_chunk(payload: &[u8], rest: usize, next: usize) -> Option<Vec<u8>> {
-    let name_len = read_u32(payload, 4)? as usize;
-    let args_at = TASK_HEADER.checked_add(name_len)?;
-    let name = payload.get(TASK_HEADER..args_at)?;
-    let args = payload.get(args_at..)?.get(next..)?;
-    let mut out = Vec::with_capacity(TASK_HEADER + name.len() + args.len());
-    out.extend_from_slice(&u32::try_from(rest).ok()?.to_le_bytes());
-    out.extend_from_slice(&(name.len() as u32).to_le_bytes());
-    out.extend_from_slice(name);
-    out.extend_from_slice(args);
-    Some(out)
 }
 
 /// Where the panic hook reports under `panic = "abort"`, and the chunk
@@ -224,48 +65,31 @@ fn report_abort(record: crate::registry::PanicRecord) {
             message: record.message,
             location: record.location,
         };
-        send_failure(channel, TAG_INIT_FAILED, None, &failure);
+        send_failure(channel, None, failure);
         std::process::exit(1);
     };
     let (done, next, partial) =
         registry::take_abort_progress().unwrap_or((u32::MAX, 0, Vec::new()));
     if let Ok(record) = codec::encode_plain(&record) {
-        let _ = channel.send(
-            TAG_TASK_ABORTED,
-            &[
-                &id.to_le_bytes(),
-                &done.to_le_bytes(),
-                &(next as u64).to_le_bytes(),
-                &(partial.len() as u64).to_le_bytes(),
-                &partial,
-                &record,
-            ],
-            &[],
-        );
+        let report = AbortReport {
+            id,
+            done,
+            next,
+            partial: &partial,
+            record: &record,
+        };
+        let _ = FromWorker::Aborted(report).send(channel, &[]);
     }
     std::process::exit(1);
 }
 
-/// Reads a little-endian integer field of a task payload.
-pub(crate) fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
-}
-
-pub(crate) fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn send_failure(channel: &Channel, tag: u32, id: Option<u64>, failure: &TaskFailure) -> bool {
-    let Ok(body) = codec::encode_plain(failure) else {
-        return false;
+/// Sends the failure of chunk `id`, or of the initializer (`None`).
+fn send_failure(channel: &Channel, id: Option<u64>, failure: TaskFailure) -> bool {
+    let message = match id {
+        Some(id) => FromWorker::TaskFailed { id, failure },
+        None => FromWorker::InitFailed(failure),
     };
-    let id = id.map(u64::to_le_bytes);
-    let parts: Vec<&[u8]> = id
-        .iter()
-        .map(|b| &b[..])
-        .chain(std::iter::once(&body[..]))
-        .collect();
-    channel.send(tag, &parts, &[]).is_ok()
+    message.send(channel, &[]).is_ok()
 }
 
 /// The worker process's main: run the initializer, then tasks until the
@@ -275,12 +99,7 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     let init: WorkerInit = match codec::decode_plain(&args) {
         Ok(init) => init,
         Err(err) => {
-            send_failure(
-                &channel,
-                TAG_INIT_FAILED,
-                None,
-                &TaskFailure::from_error(err),
-            );
+            send_failure(&channel, None, TaskFailure::from_error(err));
             return 2;
         }
     };
@@ -326,16 +145,11 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
             entry.invoke(&mut Call::single(init_args, fds, &mut out, &mut out_fds))
         });
         if let Err(err) = outcome {
-            send_failure(
-                &channel,
-                TAG_INIT_FAILED,
-                None,
-                &TaskFailure::from_error(err),
-            );
+            send_failure(&channel, None, TaskFailure::from_error(err));
             return 1;
         }
     }
-    if channel.send(TAG_READY, &[], &[]).is_err() {
+    if FromWorker::Ready.send(&channel, &[]).is_err() {
         return 0;
     }
 
@@ -347,22 +161,19 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     let mut output_arena: Option<OutWriter> = None;
     while let Ok(frame) = rx.recv() {
         let Frame { tag, bytes, fds } = frame;
-        if tag == TAG_ARENAS {
-            let mut fds = fds.into_iter();
-            input_arena = fds.next().and_then(|fd| Mapping::from_fd(fd).ok());
-            output_arena = fds
-                .next()
-                .and_then(|fd| Mapping::from_fd(fd).ok())
-                .and_then(|m| OutWriter::new(m).ok());
-            continue;
-        }
-        let Some(id) = read_u64(&bytes, 0) else {
-            return 2;
-        };
-        let body: Result<&[u8], Error> = match tag {
-            TAG_TASK => Ok(&bytes[8..]),
-            TAG_TASK_SHM => match (&input_arena, read_u64(&bytes, 8), read_u64(&bytes, 16)) {
-                (Some(arena), Some(start), Some(len)) => {
+        let (id, body) = match ToWorker::parse(tag, &bytes) {
+            Some(ToWorker::Arenas) => {
+                let mut fds = fds.into_iter();
+                input_arena = fds.next().and_then(|fd| Mapping::from_fd(fd).ok());
+                output_arena = fds
+                    .next()
+                    .and_then(|fd| Mapping::from_fd(fd).ok())
+                    .and_then(|m| OutWriter::new(m).ok());
+                continue;
+            }
+            Some(ToWorker::Task { id, body }) => (id, Ok(body)),
+            Some(ToWorker::TaskShm { id, start, len }) => match &input_arena {
+                Some(arena) => {
                     // SAFETY: the input arena's protocol (`pool::arena`):
                     // the parent wrote this region whole before it sent
                     // this frame (the socket orders its writes before our
@@ -374,53 +185,44 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
                     // it (the parent's allocator), and nothing in this
                     // process writes the input arena.
                     let view = unsafe { arena.view(start as usize, len as usize) };
-                    view.map_err(Error::from)
+                    (id, view.map_err(Error::from))
                 }
-                _ => Err(Error::invalid(
-                    "a pool task came through shared memory the worker does not have",
-                )),
+                None => (
+                    id,
+                    Err(Error::invalid(
+                        "a pool task came through shared memory the worker does not have",
+                    )),
+                ),
             },
-            _ => continue,
+            // Not a frame the parent sends: it is not speaking the protocol.
+            None => return 2,
         };
         let body = match body {
             Ok(body) => body,
             Err(err) => {
-                if !send_failure(
-                    &channel,
-                    TAG_TASK_FAILED,
-                    Some(id),
-                    &TaskFailure::from_error(err),
-                ) {
+                if !send_failure(&channel, Some(id), TaskFailure::from_error(err)) {
                     return 0;
                 }
                 continue;
             }
         };
-        let (Some(count), Some(name_len)) = (read_u32(body, 0), read_u32(body, 4)) else {
-            return 2;
-        };
-        let name_end = TASK_HEADER + name_len as usize;
-        let Some(name) = body
-            .get(TASK_HEADER..name_end)
-            .and_then(|n| std::str::from_utf8(n).ok())
-        else {
+        let Some(chunk) = ChunkBody::parse(body) else {
             return 2;
         };
         let entry = match &cached {
-            Some((cached_name, entry)) if cached_name == name => Ok(*entry),
-            _ => registry::lookup_name(name)
-                .inspect(|entry| cached = Some((name.to_string(), entry))),
+            Some((cached_name, entry)) if cached_name == chunk.name => Ok(*entry),
+            _ => registry::lookup_name(chunk.name)
+                .inspect(|entry| cached = Some((chunk.name.to_string(), entry))),
         };
         RUNNING.store(id.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
         if let Some(arena) = &output_arena {
             arena.mark_started(id);
         }
         out.clear();
-        out.extend_from_slice(&id.to_le_bytes());
         let result = entry.and_then(|entry| {
             entry.invoke(&mut Call::chunk(
-                &body[name_end..],
-                count as usize,
+                chunk.args,
+                chunk.count as usize,
                 fds,
                 &mut out,
                 &mut out_fds,
@@ -428,43 +230,34 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         });
         let sent = match result {
             Ok(()) => {
-                let results = &out[8..];
-                let in_arena = if out_fds.is_empty() && results.len() >= SHM_MIN {
-                    output_arena.as_mut().and_then(|a| a.put(results))
+                let in_arena = if out_fds.is_empty() && out.len() >= SHM_MIN {
+                    output_arena.as_mut().and_then(|a| a.put(&out))
                 } else {
                     None
                 };
-                let size = results.len() as u64 + 8;
-                match in_arena {
-                    None if size > POOL_MAX_FRAME => send_failure(
-                        &channel,
-                        TAG_TASK_FAILED,
-                        Some(id),
-                        &TaskFailure::TooLarge {
+                let size = out.len() as u64 + 8;
+                let message = match in_arena {
+                    None if size > POOL_MAX_FRAME => FromWorker::TaskFailed {
+                        id,
+                        failure: TaskFailure::TooLarge {
                             size,
                             limit: POOL_MAX_FRAME,
                         },
-                    ),
-                    Some(start) => channel
-                        .send(
-                            TAG_RESULT_SHM,
-                            &[
-                                &id.to_le_bytes(),
-                                &start.to_le_bytes(),
-                                &(results.len() as u64).to_le_bytes(),
-                            ],
-                            &[],
-                        )
-                        .is_ok(),
-                    None => channel.send(TAG_RESULT, &[&out], &out_fds).is_ok(),
-                }
+                    },
+                    Some(start) => FromWorker::ResultShm {
+                        id,
+                        start,
+                        len: out.len() as u64,
+                    },
+                    None => FromWorker::Result { id, outcomes: &out },
+                };
+                let fds = match message {
+                    FromWorker::Result { .. } => &out_fds[..],
+                    _ => &[],
+                };
+                message.send(&channel, fds).is_ok()
             }
-            Err(err) => send_failure(
-                &channel,
-                TAG_TASK_FAILED,
-                Some(id),
-                &TaskFailure::from_error(err),
-            ),
+            Err(err) => send_failure(&channel, Some(id), TaskFailure::from_error(err)),
         };
         out_fds.clear();
         if !sent {
@@ -480,66 +273,4 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         }
     }
     0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn payload(count: u32, name: &[u8], args: &[u8]) -> Vec<u8> {
-        let mut p = count.to_le_bytes().to_vec();
-        p.extend_from_slice(&(name.len() as u32).to_le_bytes());
-        p.extend_from_slice(name);
-        p.extend_from_slice(args);
-        p
-    }
-
-    #[test]
-    fn the_rest_of_a_chunk_keeps_its_name_and_the_later_arguments() {
-        let p = payload(5, b"f", &[1, 2, 3, 4, 5]);
-        assert_eq!(rest_of_chunk(&p, 2, 3), Some(payload(2, b"f", &[4, 5])));
-        assert_eq!(rest_of_chunk(&p, 2, 6), None, "past the arguments");
-        assert_eq!(rest_of_chunk(&p[..6], 1, 0), None, "cut in the header");
-    }
-
-    proptest::proptest! {
-        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
-
-        /// What a worker (or a task writing to its socket) can send the
-        /// parent: random abort reports, task failures and payload cuts
-        /// never panic, and every slice they give lies inside the input.
-        #[test]
-        fn hostile_worker_frames_never_panic(
-            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
-            rest in proptest::num::usize::ANY,
-            next in proptest::num::usize::ANY,
-        ) {
-            if let Some(report) = AbortReport::parse(&bytes) {
-                proptest::prop_assert!(report.partial.len() + report.record.len() + 28 <= bytes.len());
-            }
-            let _ = codec::decode_plain::<TaskFailure>(&bytes);
-            let _ = codec::decode_plain::<WorkerInit>(&bytes);
-            if let Some(out) = rest_of_chunk(&bytes, rest % 1000, next % 400) {
-                proptest::prop_assert!(out.len() <= bytes.len());
-            }
-        }
-
-        /// A valid abort report with its length fields rewritten.
-        #[test]
-        fn abort_reports_with_forged_lengths_never_panic(
-            partial_len in proptest::num::u64::ANY,
-            next in proptest::num::u64::ANY,
-            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..64),
-        ) {
-            let mut bytes = 7u64.to_le_bytes().to_vec();
-            bytes.extend_from_slice(&3u32.to_le_bytes());
-            bytes.extend_from_slice(&next.to_le_bytes());
-            bytes.extend_from_slice(&partial_len.to_le_bytes());
-            bytes.extend_from_slice(&tail);
-            if let Some(report) = AbortReport::parse(&bytes) {
-                proptest::prop_assert_eq!(report.partial.len() as u64, partial_len);
-                proptest::prop_assert!(report.partial.len() <= tail.len());
-            }
-        }
-    }
 }

@@ -1,13 +1,15 @@
 //! Per-operation errors of queues. Those of `put` give the item back
 //! (crossbeam's `SendError` shape); all convert into [`crate::Error`] so
-//! that `?` works in a function returning [`crate::Result`].
+//! that `?` works in a function returning [`crate::Result`]: a full queue
+//! is [`Error::Full`], an empty one [`Error::Empty`], a wait that ran out
+//! [`Error::Timeout`].
 
 use std::fmt;
 
-use crate::error::Error;
+use crate::error::{Error, receive_error, widen_receive_error};
 
 macro_rules! item_error {
-    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $msg:expr, $to:expr;)* }) => {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident, $is:ident => $msg:expr, $to:expr;)* }) => {
         $(#[$doc])*
         #[non_exhaustive]
         pub enum $name<T> {
@@ -18,6 +20,14 @@ macro_rules! item_error {
         }
 
         impl<T> $name<T> {
+            $(
+                #[doc = concat!("`true` for [`", stringify!($name), "::", stringify!($variant), "`].")]
+                #[must_use]
+                pub fn $is(&self) -> bool {
+                    matches!(self, $name::$variant(_))
+                }
+            )*
+
             /// The item that was not put.
             pub fn into_inner(self) -> T {
                 match self {
@@ -69,7 +79,7 @@ item_error! {
     /// Why [`Queue::put`](super::Queue::put) failed.
     PutError {
         /// The queue was closed.
-        Closed => "the queue is closed", Error::Closed;
+        Closed, is_closed => "the queue is closed", Error::Closed;
     }
 }
 
@@ -77,9 +87,9 @@ item_error! {
     /// Why [`Queue::try_put`](super::Queue::try_put) failed.
     TryPutError {
         /// The queue is full.
-        Full => "the queue is full", Error::Timeout;
+        Full, is_full => "the queue is full", Error::Full;
         /// The queue was closed.
-        Closed => "the queue is closed", Error::Closed;
+        Closed, is_closed => "the queue is closed", Error::Closed;
     }
 }
 
@@ -87,74 +97,46 @@ item_error! {
     /// Why [`Queue::put_timeout`](super::Queue::put_timeout) failed.
     PutTimeoutError {
         /// The queue stayed full for the whole timeout.
-        Timeout => "timed out waiting for room in the queue", Error::Timeout;
+        Timeout, is_timeout => "timed out waiting for room in the queue", Error::Timeout;
         /// The queue was closed.
-        Closed => "the queue is closed", Error::Closed;
+        Closed, is_closed => "the queue is closed", Error::Closed;
     }
 }
 
-macro_rules! get_error {
-    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $msg:expr, $to:expr;)* }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone)]
-        #[non_exhaustive]
-        pub enum $name {
-            $($(#[$vdoc])* $variant,)*
-            /// The queue was closed and is empty.
-            Disconnected,
-            /// A message could not be decoded as the queue's type (it is
-            /// consumed), or the OS refused an operation.
-            Failed(Error),
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                match self {
-                    $($name::$variant => f.write_str($msg),)*
-                    $name::Disconnected => f.write_str("the queue is closed and empty"),
-                    $name::Failed(e) => write!(f, "could not get an item: {e}"),
-                }
-            }
-        }
-
-        impl std::error::Error for $name {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                match self {
-                    $name::Failed(e) => Some(e),
-                    _ => None,
-                }
-            }
-        }
-
-        impl From<$name> for Error {
-            fn from(err: $name) -> Error {
-                match err {
-                    $($name::$variant => $to,)*
-                    $name::Disconnected => Error::Disconnected,
-                    $name::Failed(e) => e,
-                }
-            }
-        }
-    };
-}
-
-get_error! {
+receive_error! {
     /// Why [`Queue::get`](super::Queue::get) failed.
     GetError {}
+    /// The queue was closed and is empty.
+    Disconnected => "the queue is closed and empty";
+    /// A message could not be decoded as the queue's type (it is
+    /// consumed), or the OS refused an operation.
+    Failed => "could not get an item";
 }
 
-get_error! {
+receive_error! {
     /// Why [`Queue::try_get`](super::Queue::try_get) failed.
     TryGetError {
         /// Nothing to get right now.
-        Empty => "the queue is empty", Error::Timeout;
+        Empty, is_empty => "the queue is empty", Error::Empty;
     }
+    /// The queue was closed and is empty.
+    Disconnected => "the queue is closed and empty";
+    /// A message could not be decoded as the queue's type (it is
+    /// consumed), or the OS refused an operation.
+    Failed => "could not get an item";
 }
 
-get_error! {
+receive_error! {
     /// Why [`Queue::get_timeout`](super::Queue::get_timeout) failed.
     GetTimeoutError {
         /// Nothing arrived within the timeout.
-        Timeout => "timed out waiting for an item", Error::Timeout;
+        Timeout, is_timeout => "timed out waiting for an item", Error::Timeout;
     }
+    /// The queue was closed and is empty.
+    Disconnected => "the queue is closed and empty";
+    /// A message could not be decoded as the queue's type (it is
+    /// consumed), or the OS refused an operation.
+    Failed => "could not get an item";
 }
+
+widen_receive_error!(GetError => TryGetError, GetTimeoutError);

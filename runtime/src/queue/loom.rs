@@ -54,26 +54,8 @@ use ::loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use ::loom::thread;
 
 use super::protocol::{
-    Gate, Geometry, ReadRight, Roster, Slots, Take, Word, WriteRight, join, who_alive,
+    Gate, Geometry, ReadRight, Roster, Slots, Take, WriteRight, join, who_alive,
 };
-
-impl Word for AtomicU64 {
-    fn load(&self, order: Ordering) -> u64 {
-        AtomicU64::load(self, order)
-    }
-    fn store(&self, value: u64, order: Ordering) {
-        AtomicU64::store(self, value, order)
-    }
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64> {
-        AtomicU64::compare_exchange(self, current, new, success, failure)
-    }
-}
 
 /// Pids 1..PIDS.
 const PIDS: usize = 5;

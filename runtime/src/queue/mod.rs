@@ -228,7 +228,8 @@ impl<T> Queue<T> {
 
     /// Closes the queue for every process: later puts fail with
     /// `Closed` (the item handed back); gets return what is left, then
-    /// `Disconnected`. Waiting producers and consumers wake up.
+    /// `Disconnected`. Waiting producers and consumers wake up, and an
+    /// [`iter`](Queue::iter) ends once the queue is drained.
     pub fn close(&self) {
         self.ring.close();
     }
@@ -460,6 +461,176 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
             GetFail::Failed(e) => TryGetError::Failed(e),
         })
     }
+
+    /// An iterator that waits for each message, as
+    /// [`std::sync::mpsc::Receiver::iter`]; also `for x in &queue`.
+    ///
+    /// What ends it: a queue cannot know that its producers are gone (a
+    /// handle may sit unused in any process, or travel inside a message),
+    /// so "disconnected" means *closed*: the iteration ends once
+    /// [`close`](Queue::close) was called, in any process, and every
+    /// message put before was taken. Until then it waits, as
+    /// [`get`](Queue::get) does. Close the queue when the last producer is
+    /// done (the producer itself, or the parent once it has joined them).
+    /// A message that cannot be decoded ([`GetError::Failed`]) ends the
+    /// iteration too; [`Iter::take_error`] gives it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Queue;
+    /// let q = Queue::bounded(4)?;
+    /// q.put(1u32)?;
+    /// q.put(2)?;
+    /// q.close(); // without this, the loop would wait for a third item
+    /// let mut sum = 0;
+    /// for x in &q {
+    ///     sum += x;
+    /// }
+    /// assert_eq!(sum, 3);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn iter(&self) -> Iter<'_, T> {
+        Iter {
+            queue: self,
+            error: None,
+            done: false,
+        }
+    }
+
+    /// An iterator over the messages that can be taken now, as
+    /// [`std::sync::mpsc::Receiver::try_iter`]: it never waits, and ends at
+    /// the first [`try_get`](Queue::try_get) that gives no message (the
+    /// queue is empty, closed and empty, or a message failed:
+    /// [`TryIter::take_error`]). Other consumers may take messages
+    /// meanwhile, so it does not promise to drain the queue.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Queue;
+    /// let q = Queue::bounded(4)?;
+    /// q.put(1u32)?;
+    /// q.put(2)?;
+    /// assert_eq!(q.try_iter().collect::<Vec<_>>(), [1, 2]);
+    /// assert_eq!(q.try_iter().next(), None); // empty, still open
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn try_iter(&self) -> TryIter<'_, T> {
+        TryIter {
+            queue: self,
+            error: None,
+        }
+    }
+}
+
+/// The blocking iterator of a [`Queue`]: see [`Queue::iter`].
+#[must_use = "iterators are lazy and do nothing unless consumed"]
+pub struct Iter<'a, T> {
+    queue: &'a Queue<T>,
+    error: Option<Error>,
+    done: bool,
+}
+
+/// The non-blocking iterator of a [`Queue`]: see [`Queue::try_iter`].
+#[must_use = "iterators are lazy and do nothing unless consumed"]
+pub struct TryIter<'a, T> {
+    queue: &'a Queue<T>,
+    error: Option<Error>,
+}
+
+/// The owning blocking iterator of a [`Queue`] (`for x in queue`): as
+/// [`Queue::iter`].
+#[must_use = "iterators are lazy and do nothing unless consumed"]
+pub struct IntoIter<T> {
+    queue: Queue<T>,
+    error: Option<Error>,
+    done: bool,
+}
+
+/// The next message of a blocking iteration; `None` (for good) once the
+/// queue is closed and drained, or a message failed (kept in `error`).
+fn next_blocking<T: DeserializeOwned + 'static>(
+    queue: &Queue<T>,
+    error: &mut Option<Error>,
+    done: &mut bool,
+) -> Option<T> {
+    if *done {
+        return None;
+    }
+    match queue.get() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            *done = true;
+            *error = e.failure().cloned();
+            None
+        }
+    }
+}
+
+crate::error::iter_take_error!(
+    "The failure that ended the iteration, if a message that could not be decoded (or an OS failure) ended it rather than a closed (or, for [`TryIter`], an empty) queue.":
+    Iter<'a>, TryIter<'a>, IntoIter
+);
+
+impl<T: DeserializeOwned + 'static> Iterator for Iter<'_, T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        next_blocking(self.queue, &mut self.error, &mut self.done)
+    }
+}
+
+impl<T: DeserializeOwned + 'static> Iterator for IntoIter<T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        next_blocking(&self.queue, &mut self.error, &mut self.done)
+    }
+}
+
+/// Once it has returned `None`, it always does.
+impl<T: DeserializeOwned + 'static> std::iter::FusedIterator for Iter<'_, T> {}
+
+/// Once it has returned `None`, it always does.
+impl<T: DeserializeOwned + 'static> std::iter::FusedIterator for IntoIter<T> {}
+
+/// Unlike [`Iter`], a `TryIter` may be resumed: after `None`, a later
+/// `next` looks again.
+impl<T: DeserializeOwned + 'static> Iterator for TryIter<'_, T> {
+    type Item = T;
+
+    fn next(&mut self) -> Option<T> {
+        match self.queue.try_get() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error = e.failure().cloned();
+                None
+            }
+        }
+    }
+}
+
+impl<'a, T: DeserializeOwned + 'static> IntoIterator for &'a Queue<T> {
+    type Item = T;
+    type IntoIter = Iter<'a, T>;
+
+    fn into_iter(self) -> Iter<'a, T> {
+        self.iter()
+    }
+}
+
+impl<T: DeserializeOwned + 'static> IntoIterator for Queue<T> {
+    type Item = T;
+    type IntoIter = IntoIter<T>;
+
+    fn into_iter(self) -> IntoIter<T> {
+        IntoIter {
+            queue: self,
+            error: None,
+            done: false,
+        }
+    }
 }
 
 /// A queue travels as its capacity, which fixes the size of its shared
@@ -473,6 +644,8 @@ impl<T> Queue<T> {
             plain: self.ring.capacity() as u64,
             fds: [Some(mem), Some(tx), Some(rx), Some(arena)],
             size: self.ring.mapping_len(),
+            place: crate::sys::arena::Place::OWN,
+            arena: None,
         }
     }
 
@@ -614,10 +787,13 @@ impl<T> HandleWire for SimpleQueue<T> {
 
 handle_serde!([T] SimpleQueue<T>);
 
-/// Python's `JoinableQueue`: a [`Queue`] (it derefs to one) that counts
-/// unfinished tasks. Each `put` adds one; a consumer calls
+/// Python's `JoinableQueue`: a [`Queue`] that counts unfinished tasks. It
+/// has the queue's methods (`put`, `get`, their `try_`/`_timeout` forms,
+/// `iter`, `qsize`, `close`...), each as [`Queue`]'s, plus Python's
+/// task count: each `put` adds one; a consumer calls
 /// [`task_done`](JoinableQueue::task_done) when it has processed an item;
 /// [`join`](JoinableQueue::join) waits until the count is back to zero.
+/// It is not a `Queue` (no `Deref`): it travels as a kind of its own.
 ///
 /// # Examples
 ///
@@ -651,14 +827,6 @@ impl<T> fmt::Debug for JoinableQueue<T> {
     }
 }
 
-impl<T> std::ops::Deref for JoinableQueue<T> {
-    type Target = Queue<T>;
-
-    fn deref(&self) -> &Queue<T> {
-        &self.inner
-    }
-}
-
 impl<T> JoinableQueue<T> {
     /// A new joinable queue (capacity [`DEFAULT_CAPACITY`]).
     ///
@@ -680,11 +848,41 @@ impl<T> JoinableQueue<T> {
         })
     }
 
+    /// The number of messages in the queue. See [`Queue::qsize`].
+    pub fn qsize(&self) -> usize {
+        self.inner.qsize()
+    }
+
+    /// `true` if the queue holds no message. See [`Queue::empty`].
+    pub fn empty(&self) -> bool {
+        self.inner.empty()
+    }
+
+    /// `true` if the queue is at capacity. See [`Queue::full`].
+    pub fn full(&self) -> bool {
+        self.inner.full()
+    }
+
+    /// The most messages the queue holds.
+    pub fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+
+    /// Closes the queue for every process. See [`Queue::close`].
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    /// `true` once the queue was closed (in any process).
+    pub fn is_closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
     /// Marks one item taken from the queue as processed.
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if called more times than items were put
+    /// [`Error::Misuse`] if called more times than items were put
     /// (Python's `ValueError`).
     pub fn task_done(&self) -> Result<()> {
         self.inner.ring.task_done()
@@ -706,6 +904,89 @@ impl<T> JoinableQueue<T> {
     /// [`Error::Timeout`] if tasks were still unfinished.
     pub fn join_timeout(&self, timeout: Duration) -> Result<()> {
         self.inner.ring.join(Some(Instant::now() + timeout))
+    }
+}
+
+impl<T: Serialize + 'static> JoinableQueue<T> {
+    /// Puts `item`, adding one unfinished task. See [`Queue::put`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::put`].
+    pub fn put(&self, item: T) -> Result<(), PutError<T>> {
+        self.inner.put(item)
+    }
+
+    /// Puts `item`, waiting at most `timeout` for room. See
+    /// [`Queue::put_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::put_timeout`].
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<(), PutTimeoutError<T>> {
+        self.inner.put_timeout(item, timeout)
+    }
+
+    /// Puts `item` if there is room now. See [`Queue::try_put`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::try_put`].
+    pub fn try_put(&self, item: T) -> Result<(), TryPutError<T>> {
+        self.inner.try_put(item)
+    }
+}
+
+impl<T: DeserializeOwned + 'static> JoinableQueue<T> {
+    /// Takes the first message, waiting. See [`Queue::get`]. Call
+    /// [`task_done`](JoinableQueue::task_done) once it is processed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::get`].
+    pub fn get(&self) -> Result<T, GetError> {
+        self.inner.get()
+    }
+
+    /// Takes the first message, waiting at most `timeout`. See
+    /// [`Queue::get_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::get_timeout`].
+    pub fn get_timeout(&self, timeout: Duration) -> Result<T, GetTimeoutError> {
+        self.inner.get_timeout(timeout)
+    }
+
+    /// Takes the first message if there is one now. See
+    /// [`Queue::try_get`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::try_get`].
+    pub fn try_get(&self) -> Result<T, TryGetError> {
+        self.inner.try_get()
+    }
+
+    /// Waits for each message until the queue is closed and drained. See
+    /// [`Queue::iter`]; each item still needs its
+    /// [`task_done`](JoinableQueue::task_done).
+    pub fn iter(&self) -> Iter<'_, T> {
+        self.inner.iter()
+    }
+
+    /// The messages that can be taken now. See [`Queue::try_iter`].
+    pub fn try_iter(&self) -> TryIter<'_, T> {
+        self.inner.try_iter()
+    }
+}
+
+impl<'a, T: DeserializeOwned + 'static> IntoIterator for &'a JoinableQueue<T> {
+    type Item = T;
+    type IntoIter = Iter<'a, T>;
+
+    fn into_iter(self) -> Iter<'a, T> {
+        self.iter()
     }
 }
 

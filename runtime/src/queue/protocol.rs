@@ -146,39 +146,7 @@ impl Geometry {
     }
 }
 
-/// A 64-bit atomic word: `std`'s, or `loom`'s in the model.
-pub(crate) trait Word {
-    fn load(&self, order: Ordering) -> u64;
-    fn store(&self, value: u64, order: Ordering);
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64>;
-}
-
-impl Word for std::sync::atomic::AtomicU64 {
-    #[inline(always)]
-    fn load(&self, order: Ordering) -> u64 {
-        std::sync::atomic::AtomicU64::load(self, order)
-    }
-    #[inline(always)]
-    fn store(&self, value: u64, order: Ordering) {
-        std::sync::atomic::AtomicU64::store(self, value, order)
-    }
-    #[inline(always)]
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64> {
-        std::sync::atomic::AtomicU64::compare_exchange(self, current, new, success, failure)
-    }
-}
+pub(crate) use crate::sys::word::Word;
 
 /// The right to write the payload of the slot of `pos`: only a won claim
 /// (or the takeover of a dead writer's claim) makes one.

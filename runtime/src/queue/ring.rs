@@ -35,7 +35,7 @@
 //!   that says otherwise is corrupt (see below).
 //!
 //! The transitions of the state words and of the head and tail live in
-//! [`protocol`](super::protocol), generic so that the `loom` model
+//! [`protocol`], generic so that the `loom` model
 //! (`queue::loom`) checks the same code; a won transition returns the
 //! right ([`WriteRight`], [`ReadRight`]) from which the slot's payload
 //! token is made (`try_claim`, `hold`: the ring's only `unsafe`).
@@ -115,19 +115,24 @@
 //! or the extent, an arena header that does not match its slot: each is an
 //! error returned to the caller, never an out-of-bounds access, a panic or
 //! an endless loop.
+//!
+//! # Files
+//!
+//! This file holds the header's layout, the slots and the arena; the side
+//! socket and its lock are in [`side`], the unfinished-task count of
+//! joinable queues in [`joinable`]. All three are `impl Ring`.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::PollFlags;
 
 use super::protocol::{
     self, Gate, Geometry, MAX_ENTRIES, PARTICIPANT, ReadRight, Refused, Roster, Slots, TAG_FREE,
-    TAG_MASK, TAG_TOMB, Take, WHO_MASK, WriteRight, lap_diff,
+    TAG_MASK, Take, WHO_MASK, WriteRight, lap_diff,
 };
 use crate::error::{Error, Result};
 use crate::sys;
@@ -135,6 +140,11 @@ use crate::sys::futex;
 use crate::sys::ipc::{self, Holder, Liveness};
 use crate::sys::lock::protocol::{register, register_is};
 use crate::sys::shm::{Exclusive, Mapping};
+
+mod joinable;
+mod side;
+
+use self::side::SideLock;
 
 const MAGIC: u64 = 0x6d70_7175_6575_6534; // "mpqueue4"
 /// The header: a page of counters and flags, then a page of the
@@ -151,9 +161,6 @@ pub(crate) const INLINE_MAX: usize = STRIDE - SLOT_HEADER;
 pub(crate) const ARENA_HEADER: usize = 16;
 /// Largest extent per slot: 1 TiB (the arena is sparse).
 const MAX_EXTENT_SHIFT: u32 = 40;
-/// Bytes of a handle datagram: magic, descriptor count, position id.
-const DGRAM_LEN: usize = 16;
-const DGRAM_MAGIC: u32 = 0x6466_706d; // "mpfd"
 
 // Header words (u64 indices).
 const W_MAGIC: usize = 0;
@@ -217,15 +224,6 @@ fn corrupt(what: impl Into<String>) -> Error {
     Error::io(
         "the queue's shared memory is corrupt",
         io::Error::new(io::ErrorKind::InvalidData, what.into()),
-    )
-}
-
-/// The error of a message whose handles' descriptors the kernel dropped.
-fn side_fds_truncated() -> Error {
-    Error::io(
-        "the kernel dropped descriptors of a queue message's handles (MSG_CTRUNC: is the \
-         descriptor table full?); the message was skipped",
-        io::Error::other("control message truncated"),
     )
 }
 
@@ -298,7 +296,7 @@ impl Ring {
         map.atomics_u64()[W_MAGIC].store(MAGIC, Ordering::Relaxed);
         map.atomics_u64()[W_CAP].store(cap as u64, Ordering::Relaxed);
         map.atomics_u32()[H_JOINABLE].store(joinable as u32, Ordering::Relaxed);
-        let (tx, rx) = sys::socketpair_dgram()?;
+        let (tx, rx) = ipc::socketpair_dgram()?;
         sys::set_nonblocking(tx.as_fd(), true)?;
         sys::set_nonblocking(rx.as_fd(), true)?;
         let arena = nix::sys::memfd::memfd_create(
@@ -321,7 +319,7 @@ impl Ring {
     /// already) and its descriptors.
     pub(crate) fn from_fds(map: Mapping, tx: OwnedFd, rx: OwnedFd, arena: OwnedFd) -> Result<Ring> {
         if map.len() < HEADER_BYTES || map.atomics_u64()[W_MAGIC].load(Ordering::Relaxed) != MAGIC {
-            return Err(Error::invalid("not a multiproc queue"));
+            return Err(corrupt("not a multiproc queue"));
         }
         let cap = map.atomics_u64()[W_CAP].load(Ordering::Relaxed);
         if cap == 0
@@ -331,7 +329,7 @@ impl Ring {
                 .saturating_add(HEADER_BYTES)
                 > map.len()
         {
-            return Err(Error::invalid("corrupt queue header"));
+            return Err(corrupt("an impossible capacity in the header"));
         }
         Ring::assemble(map, tx, rx, arena, cap)
     }
@@ -452,10 +450,6 @@ impl Ring {
         self.count(tail)
             .saturating_sub(self.count(head))
             .saturating_sub(live_tombs) as usize
-    }
-
-    fn joinable(&self) -> bool {
-        self.u32w(H_JOINABLE).load(Ordering::Relaxed) != 0
     }
 
     // -----------------------------------------------------------------
@@ -843,93 +837,6 @@ impl Ring {
     }
 
     // -----------------------------------------------------------------
-    // Joinable queues.
-
-    //
-    // The unfinished-task count is not a counter that `put` increments: a
-    // producer killed between reserving its slot and counting would leave
-    // it off by one, whichever order the two steps come in. It is derived
-    // from three monotonic numbers instead,
-    //
-    //     unfinished = positions reserved - tombstones - task_done calls,
-    //
-    // where every reserved position ends exactly one way: published (a
-    // consumer takes it; the user calls `task_done`) or tombstoned (by the
-    // consumer who gave up on a dead or stalled writer, or by the writer
-    // itself, or dropped by `recover`), and the one who tombstones it
-    // counts it after the winning CAS. A put in progress counts as
-    // unfinished, as in Python (whose `put` counts before its feeder
-    // thread sends).
-
-    /// Unfinished tasks, never below the true value at the moment `tail` is
-    /// read: `done` and `tombs` only grow and are read first.
-    fn unfinished(&self) -> u64 {
-        let done = self.u64w(W_DONE).load(Ordering::SeqCst);
-        let tombs = self.u64w(W_TOMBS).load(Ordering::SeqCst);
-        let tail = self.u64w(W_TAIL).load(Ordering::SeqCst);
-        self.count(tail).saturating_sub(tombs).saturating_sub(done)
-    }
-
-    fn count_tombstone(&self) {
-        self.u64w(W_TOMBS).fetch_add(1, Ordering::SeqCst);
-        if self.joinable() {
-            self.wake_joiners_if_done();
-        }
-    }
-
-    fn wake_joiners_if_done(&self) {
-        if self.unfinished() == 0 {
-            let word = self.u32w(H_JOIN_SEQ);
-            word.fetch_add(1, Ordering::SeqCst);
-            futex::wake(word, u32::MAX);
-        }
-    }
-
-    pub(crate) fn task_done(&self) -> Result<()> {
-        let done = self.u64w(W_DONE);
-        let mut cur = done.load(Ordering::SeqCst);
-        loop {
-            let tombs = self.u64w(W_TOMBS).load(Ordering::SeqCst);
-            let put = self
-                .count(self.u64w(W_TAIL).load(Ordering::SeqCst))
-                .saturating_sub(tombs);
-            if cur >= put {
-                return Err(Error::invalid(
-                    "task_done() called more times than there were items put",
-                ));
-            }
-            match done.compare_exchange_weak(cur, cur + 1, Ordering::SeqCst, Ordering::SeqCst) {
-                Ok(_) => break,
-                Err(now) => cur = now,
-            }
-        }
-        self.wake_joiners_if_done();
-        Ok(())
-    }
-
-    pub(crate) fn join(&self, deadline: Option<Instant>) -> Result<()> {
-        // Lost wake-ups: `v` is read before the count; whoever brings the
-        // count to zero bumps `word` after its own update, so either we see
-        // zero or `futex::wait` sees a changed word.
-        let word = self.u32w(H_JOIN_SEQ);
-        loop {
-            let v = word.load(Ordering::SeqCst);
-            if self.unfinished() == 0 {
-                return Ok(());
-            }
-            let mut slice = Duration::from_millis(100);
-            if let Some(d) = deadline {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Timeout);
-                }
-                slice = slice.min(left);
-            }
-            futex::wait(word, v, Some(slice));
-        }
-    }
-
-    // -----------------------------------------------------------------
     // The arena.
 
     fn extent(&self, idx: usize) -> u64 {
@@ -957,7 +864,12 @@ impl Ring {
         let mut rest: &[u8] = buf;
         while !rest.is_empty() {
             match nix::sys::uio::pwrite(&self.arena, rest, off as libc::off_t) {
-                Ok(0) => return Err(Error::invalid("queue arena refused a write")),
+                Ok(0) => {
+                    return Err(Error::io(
+                        "queue arena refused a write",
+                        io::Error::from(io::ErrorKind::WriteZero),
+                    ));
+                }
                 Ok(n) => {
                     rest = &rest[n..];
                     off += n as u64;
@@ -1027,225 +939,6 @@ impl Ring {
             self.extent(idx) as libc::off_t,
             (1i64 << self.extent_shift) as libc::off_t,
         );
-    }
-
-    // -----------------------------------------------------------------
-    // The side socket (handles).
-
-    /// Sends the handle datagram of `pos` without waiting: `Ok(false)` if
-    /// the socket has no room.
-    fn send_fds(&self, pos: u64, fds: &[OwnedFd]) -> Result<bool> {
-        if fds.len() > sys::MAX_FDS_PER_MSG {
-            return Err(Error::invalid("too many handles in one queue message"));
-        }
-        let mut d = [0u8; DGRAM_LEN];
-        d[..4].copy_from_slice(&DGRAM_MAGIC.to_le_bytes());
-        d[4..8].copy_from_slice(&(fds.len() as u32).to_le_bytes());
-        d[8..].copy_from_slice(&self.pos_id(pos).to_le_bytes());
-        let raw: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-        match sys::send_with_fds(self.tx.as_fd(), &[io::IoSlice::new(&d)], &raw) {
-            Ok(_) => Ok(true),
-            Err(Errno::EAGAIN | Errno::ENOBUFS) => Ok(false),
-            Err(e) => Err(Error::errno("queue side channel send", e)),
-        }
-    }
-
-    /// Waits a little (longer each `attempt`) for room in the side socket,
-    /// holding nothing. `false` once `deadline` has passed.
-    pub(crate) fn wait_side_room(&self, deadline: Option<Instant>, attempt: u32) -> bool {
-        let mut slice = Duration::from_millis(1 << attempt.min(5));
-        if let Some(d) = deadline {
-            let left = d.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            slice = slice.min(left);
-        }
-        let _ = sys::poll_one(self.tx.as_fd(), PollFlags::POLLOUT, Some(slice));
-        true
-    }
-
-    /// Takes the side lock: the right to walk (and trim) the socket's
-    /// queue, whose peek offset is shared by every process. Its holder only
-    /// makes non-blocking calls. A dead holder's lock is taken over.
-    /// `None` if `deadline` passed (without `wait`: after a few attempts).
-    fn lock_side(&self, deadline: Option<Instant>, wait: bool) -> Option<SideLock<'_>> {
-        let w = self.u32w(H_SIDE_LOCK);
-        // Release as well as acquire, as a slot claim: whoever reads our
-        // name here and looks it up sees our participant entry.
-        let me = self.me as u32;
-        let mut checked: Option<(u32, Instant)> = None;
-        let mut i = 0u32;
-        loop {
-            i = i.saturating_add(1);
-            let holder = match w.compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Some(SideLock { ring: self }),
-                Err(holder) => holder,
-            };
-            if i < 64 {
-                std::hint::spin_loop();
-                continue;
-            }
-            if !wait && i >= 128 {
-                return None;
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return None;
-            }
-            if holder != me {
-                match checked {
-                    Some((p, at)) if p == holder => {
-                        if now.duration_since(at) >= LIVENESS_EVERY {
-                            if !self.alive(u64::from(holder))
-                                && w.compare_exchange(
-                                    holder,
-                                    me,
-                                    Ordering::AcqRel,
-                                    Ordering::Relaxed,
-                                )
-                                .is_ok()
-                            {
-                                return Some(SideLock { ring: self });
-                            }
-                            checked = Some((holder, now));
-                        }
-                    }
-                    _ => checked = Some((holder, now)),
-                }
-            }
-            if i < 128 {
-                std::thread::yield_now();
-            } else {
-                let mut slice = Duration::from_millis(1);
-                if let Some(d) = deadline {
-                    slice = slice.min(d.saturating_duration_since(now));
-                }
-                futex::wait(w, holder, Some(slice));
-            }
-        }
-    }
-
-    /// `true` if the handle datagram of position id `id` is no longer
-    /// needed: its position was consumed or tombstoned (or it is garbage).
-    fn side_done(&self, id: u64) -> bool {
-        let idx = (id & 0xffff_ffff) as usize;
-        let Some(slot) = self.checked_state(idx) else {
-            return true;
-        };
-        let s = slot.load(Ordering::Acquire);
-        match lap_diff(s, id >> 32) {
-            0 => matches!(s & TAG_MASK, TAG_TOMB | TAG_FREE),
-            _ => true,
-        }
-    }
-
-    /// The position id and descriptor count of a handle datagram, `None`
-    /// if it is not one.
-    fn parse_dgram(bytes: &[u8]) -> Option<(u64, usize)> {
-        let d: &[u8; DGRAM_LEN] = bytes.try_into().ok()?;
-        if d[..4] != DGRAM_MAGIC.to_le_bytes() {
-            return None;
-        }
-        let mut count = [0u8; 4];
-        count.copy_from_slice(&d[4..8]);
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&d[8..]);
-        Some((u64::from_le_bytes(id), u32::from_le_bytes(count) as usize))
-    }
-
-    /// Removes the datagram at the front of the socket (its descriptors are
-    /// closed, as are any the kernel could not all install). Side lock held.
-    fn drop_front(&self) -> Result<()> {
-        let mut buf = [0u8; 64];
-        let mut fds = Vec::new();
-        match sys::recv_fds(self.rx.as_fd(), &mut buf, &mut fds) {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(e) => Err(Error::io("queue side channel recv", e)),
-        }
-    }
-
-    /// Duplicates of the handles of position `pos` (taken by us), found by
-    /// walking the socket's queue with peeks; datagrams at the front whose
-    /// positions are done are removed on the way. Side lock held.
-    ///
-    /// The message gets exactly the descriptors its datagram declares:
-    /// more are closed (none for a datagram that declares none), fewer is
-    /// an error of this message, and so is a peek whose descriptors the
-    /// kernel had to drop (MSG_CTRUNC, typically a full descriptor table;
-    /// those that did arrive are closed). The datagram stays in the socket
-    /// until its position is done, as always, so later messages are not
-    /// affected.
-    ///
-    /// Cold and never inlined: only messages with handles walk the socket
-    /// (with system calls), and keeping the walk out of `Held::read` keeps
-    /// the plain get path as it was (measured: a same-thread 1 KiB get was
-    /// some 4% slower with it inlined).
-    #[cold]
-    #[inline(never)]
-    fn take_fds(&self, pos: u64) -> Result<Vec<OwnedFd>> {
-        let want = self.pos_id(pos);
-        let io = |e: io::Error| Error::io("queue side channel peek", e);
-        sys::ipc::set_peek_offset(self.rx.as_fd(), 0).map_err(io)?;
-        let mut buf = [0u8; 64];
-        let mut at_front = true;
-        loop {
-            let mut fds = Vec::new();
-            let got = match sys::ipc::peek_fds(self.rx.as_fd(), &mut buf, &mut fds) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Err(corrupt("the handles of a queue message are missing"));
-                }
-                Err(e) => return Err(io(e)),
-            };
-            let dgram = Ring::parse_dgram(&buf[..got.bytes.min(buf.len())]);
-            if at_front && dgram.is_none_or(|(id, _)| self.side_done(id)) {
-                // The receive moves the peek offset back to the front.
-                drop(fds);
-                self.drop_front()?;
-                continue;
-            }
-            at_front = false;
-            let Some((id, count)) = dgram else { continue };
-            if id != want {
-                continue;
-            }
-            if got.truncated {
-                return Err(side_fds_truncated());
-            }
-            if fds.len() < count {
-                return Err(corrupt(format!(
-                    "a queue message declares {count} handles, {} arrived",
-                    fds.len()
-                )));
-            }
-            fds.truncate(count);
-            return Ok(fds);
-        }
-    }
-
-    /// Removes the datagrams at the front of the socket whose positions are
-    /// done, if the side lock is free now.
-    fn trim_side(&self) {
-        let Some(_side) = self.lock_side(None, false) else {
-            return;
-        };
-        if sys::ipc::set_peek_offset(self.rx.as_fd(), 0).is_err() {
-            return;
-        }
-        let mut buf = [0u8; 64];
-        loop {
-            let mut fds = Vec::new();
-            let Ok(got) = sys::ipc::peek_fds(self.rx.as_fd(), &mut buf, &mut fds) else {
-                return;
-            };
-            drop(fds);
-            let dgram = Ring::parse_dgram(&buf[..got.bytes.min(buf.len())]);
-            if dgram.is_some_and(|(id, _)| !self.side_done(id)) || self.drop_front().is_err() {
-                return;
-            }
-        }
     }
 }
 
@@ -1331,7 +1024,7 @@ impl Roster for Ring {
     /// A bare pid: the same namespace condition, then the pid-only check
     /// (a reused pid reads as alive).
     fn pid_dead(&self, pid: u64) -> bool {
-        register_is(self.u32w(H_NS), ipc::pid_namespace()) && !sys::pid_alive(pid as u32)
+        register_is(self.u32w(H_NS), ipc::pid_namespace()) && !ipc::pid_alive(pid as u32)
     }
 }
 
@@ -1343,20 +1036,6 @@ impl Drop for Ring {
         if self.holder != 0 {
             protocol::leave(self, self.me, self.holder);
         }
-    }
-}
-
-/// The side lock, released when dropped.
-#[derive(Debug)]
-pub(crate) struct SideLock<'a> {
-    ring: &'a Ring,
-}
-
-impl Drop for SideLock<'_> {
-    fn drop(&mut self) {
-        let w = self.ring.u32w(H_SIDE_LOCK);
-        w.store(0, Ordering::Release);
-        futex::wake(w, 1);
     }
 }
 
@@ -1411,7 +1090,7 @@ impl<'a> Claim<'a> {
     fn payload(&mut self) -> Result<&mut Exclusive<'a>> {
         match &mut self.slot {
             Some((_, payload)) => Ok(payload),
-            None => Err(Error::invalid("a queue slot used after it was handed on")),
+            None => Err(corrupt("a queue slot used after it was handed on")),
         }
     }
 
@@ -1539,7 +1218,7 @@ impl Held<'_> {
             Vec::new()
         };
         let Some((_, Some(payload))) = &self.slot else {
-            return Err(Error::invalid("a queue slot without its payload"));
+            return Err(corrupt("a queue slot without its payload"));
         };
         let payload = payload.bytes();
         if self.kind & K_ARENA != 0 {
@@ -1604,6 +1283,9 @@ impl Drop for Held<'_> {
 #[cfg(test)]
 mod tests {
     use super::super::protocol::{TAG_READY, TAG_TAKEN, TAG_WRITING, participant, word};
+    use std::os::fd::AsRawFd;
+
+    use super::side::{DGRAM_LEN, DGRAM_MAGIC};
     use super::*;
     use crate::sys::lock::protocol::NS_MIXED;
 
@@ -1790,7 +1472,7 @@ mod tests {
         assert!(ended, "the wait behind a live writer did not end");
         drop(claim);
         // A message with handles while another holds the side lock.
-        let (a, _b) = sys::socketpair_dgram().expect("fds");
+        let (a, _b) = ipc::socketpair_dgram().expect("fds");
         let Claimed::Slot(claim) = ring.try_claim() else {
             panic!("no room");
         };

@@ -13,8 +13,8 @@ use super::value::data_offset;
 use crate::error::{Error, Result};
 use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
 use crate::sync::deadline;
+use crate::sys::arena::Block;
 use crate::sys::lock::{Header, RawGuard};
-use crate::sys::shm::Mapping;
 
 // Header: the lock header (`LOCK_HEADER`, 16 bytes), then the length and
 // element size as u64s at bytes 16 and 24; data from byte 64 (aligned for
@@ -29,10 +29,10 @@ fn bytes_for<T: Pod>(data: usize, len: usize) -> Option<usize> {
         .and_then(|b| b.checked_add(data))
 }
 
-fn create<T: Pod>(name: &str, data: usize, len: usize) -> Result<Mapping> {
+fn create<H: HandleWire, T: Pod>(name: &str, data: usize, len: usize) -> Result<Arc<Block>> {
     let bytes =
         bytes_for::<T>(data, len).ok_or_else(|| Error::invalid("shared array too large"))?;
-    let map = Mapping::create(name, bytes)?;
+    let map = handle::new_block::<H>(name, bytes, std::mem::align_of::<T>().max(8))?;
     map.atomics_u64()[LEN_WORD].store(len as u64, Ordering::Relaxed);
     map.atomics_u64()[SIZE_WORD].store(std::mem::size_of::<T>() as u64, Ordering::Relaxed);
     Ok(map)
@@ -53,8 +53,8 @@ fn array_size<T: Pod>(data: usize, len: u64, what: Kind) -> Result<usize> {
         })
 }
 
-fn arrive<T: Pod>(len: u64, fds: &mut Received, what: Kind) -> Result<(Arc<Mapping>, usize)> {
-    let map = fds.mapping(0)?;
+fn arrive<T: Pod>(len: u64, fds: &mut Received, what: Kind) -> Result<(Arc<Block>, usize)> {
+    let map = fds.block()?;
     let words = map.atomics_u64();
     let (found_len, size) = match (words.get(LEN_WORD), words.get(SIZE_WORD)) {
         (Some(l), Some(s)) => (l.load(Ordering::Relaxed), s.load(Ordering::Relaxed)),
@@ -73,7 +73,7 @@ fn arrive<T: Pod>(len: u64, fds: &mut Received, what: Kind) -> Result<(Arc<Mappi
         )));
     }
     let len = usize::try_from(len).map_err(|_| handle::decode("array length"))?;
-    Ok((Arc::new(map), len))
+    Ok((map, len))
 }
 
 /// A fixed-length array of `T` in shared memory with a lock: Python's
@@ -97,7 +97,7 @@ fn arrive<T: Pod>(len: u64, fds: &mut Received, what: Kind) -> Result<(Arc<Mappi
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 pub struct Array<T: Pod> {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
     len: usize,
     _t: PhantomData<T>,
 }
@@ -128,10 +128,10 @@ impl<T: Pod> Array<T> {
     ///
     /// [`Error::Io`] if the shared memory cannot be created.
     pub fn new(values: &[T]) -> Result<Array<T>> {
-        let map = create::<T>("multiproc-array", Self::DATA, values.len())?;
+        let map = create::<Self, T>("multiproc-array", Self::DATA, values.len())?;
         map.store_pods(Self::DATA, values)?;
         Ok(Array {
-            map: Arc::new(map),
+            map,
             len: values.len(),
             _t: PhantomData,
         })
@@ -153,16 +153,16 @@ impl<T: Pod> Array<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn zeroed(len: usize) -> Result<Array<T>> {
-        let map = create::<T>("multiproc-array", Self::DATA, len)?;
+        let map = create::<Self, T>("multiproc-array", Self::DATA, len)?;
         Ok(Array {
-            map: Arc::new(map),
+            map,
             len,
             _t: PhantomData,
         })
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn wrap<'a>(&'a self, raw: RawGuard<'a>, poisoned: bool) -> LockResult<ArrayGuard<'a, T>> {
@@ -303,7 +303,7 @@ impl<T: Pod> HandleWire for Array<T> {
     type Plain = u64;
 
     fn parts(&self) -> Result<Parts<'_, u64>> {
-        Ok(Parts::mapped(&self.map, self.len as u64))
+        Ok(Parts::block(&self.map, self.len as u64))
     }
 
     fn mapping_size(&len: &u64) -> Result<usize> {
@@ -337,7 +337,7 @@ handle_serde!([T: Pod] Array<T>);
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 pub struct RawArray<T: Pod> {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
     len: usize,
     _t: PhantomData<T>,
 }
@@ -361,10 +361,10 @@ impl<T: Pod> RawArray<T> {
     ///
     /// [`Error::Io`] if the shared memory cannot be created.
     pub fn new(values: &[T]) -> Result<RawArray<T>> {
-        let map = create::<T>("multiproc-rawarray", Self::DATA, values.len())?;
+        let map = create::<Self, T>("multiproc-rawarray", Self::DATA, values.len())?;
         map.store_pods(Self::DATA, values)?;
         Ok(RawArray {
-            map: Arc::new(map),
+            map,
             len: values.len(),
             _t: PhantomData,
         })
@@ -378,7 +378,7 @@ impl<T: Pod> RawArray<T> {
     /// [`Error::InvalidArgument`] if the size overflows.
     pub fn zeroed(len: usize) -> Result<RawArray<T>> {
         Ok(RawArray {
-            map: Arc::new(create::<T>("multiproc-rawarray", Self::DATA, len)?),
+            map: create::<Self, T>("multiproc-rawarray", Self::DATA, len)?,
             len,
             _t: PhantomData,
         })
@@ -467,7 +467,7 @@ impl<T: Pod> HandleWire for RawArray<T> {
     type Plain = u64;
 
     fn parts(&self) -> Result<Parts<'_, u64>> {
-        Ok(Parts::mapped(&self.map, self.len as u64))
+        Ok(Parts::block(&self.map, self.len as u64))
     }
 
     fn mapping_size(&len: &u64) -> Result<usize> {

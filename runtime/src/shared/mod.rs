@@ -7,8 +7,11 @@
 //! `#[derive(Pod, Zeroable)] #[repr(C)]` structs): every bit pattern is a
 //! valid value, so a process that dies mid-write can leave a half-written
 //! value but never an invalid one. The memory is a memfd mapped in each
-//! process that has a handle, and is freed when the last handle is gone,
-//! however its processes end: nothing is ever left in `/dev/shm`.
+//! process that has a handle (for a `Value`, or an array of at most 4080
+//! bytes, a cell of a memfd arena shared by thousands of such objects), and
+//! is freed when no process maps it any more, however its processes end:
+//! nothing is ever left in `/dev/shm`. A small object that was sent to
+//! another process keeps its cell until its whole arena is given up.
 
 mod array;
 mod memory;

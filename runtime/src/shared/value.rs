@@ -10,10 +10,11 @@ use std::time::Duration;
 use bytemuck::Pod;
 
 use crate::error::Result;
-use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
+use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde, new_block};
 use crate::sync::deadline;
+use crate::sys::arena::Block;
 use crate::sys::lock::{Header, RawGuard};
-use crate::sys::shm::{AtomicWord, LOCK_HEADER, Mapping};
+use crate::sys::shm::{AtomicWord, LOCK_HEADER};
 
 /// Where a value's data starts: past the lock header, aligned for `T`.
 pub(crate) const fn data_offset<T>(header: usize) -> usize {
@@ -70,7 +71,7 @@ pub(crate) const fn data_offset<T>(header: usize) -> usize {
 /// # }
 /// ```
 pub struct Value<T: Pod> {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
     _t: PhantomData<T>,
 }
 
@@ -111,16 +112,20 @@ impl<T: Pod> Value<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn new(value: T) -> Result<Value<T>> {
-        let map = Mapping::create("multiproc-value", Self::DATA + std::mem::size_of::<T>())?;
+        let map = new_block::<Self>(
+            "multiproc-value",
+            Self::DATA + std::mem::size_of::<T>(),
+            std::mem::align_of::<T>().max(8),
+        )?;
         map.store_pods(Self::DATA, std::slice::from_ref(&value))?;
         Ok(Value {
-            map: Arc::new(map),
+            map,
             _t: PhantomData,
         })
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn read(&self) -> T {
@@ -249,7 +254,7 @@ impl<T: Pod> HandleWire for Value<T> {
     type Plain = ();
 
     fn parts(&self) -> Result<Parts<'_, ()>> {
-        Ok(Parts::mapped(&self.map, ()))
+        Ok(Parts::block(&self.map, ()))
     }
 
     fn mapping_size((): &()) -> Result<usize> {
@@ -258,7 +263,7 @@ impl<T: Pod> HandleWire for Value<T> {
 
     fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(Value {
-            map: Arc::new(fds.mapping(0)?),
+            map: fds.block()?,
             _t: PhantomData,
         })
     }
@@ -414,7 +419,7 @@ impl<T: AtomicInteger> Value<T> {
 /// # Ok::<(), multiproc::Error>(())
 /// ```
 pub struct RawValue<T: Pod> {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
     _t: PhantomData<T>,
 }
 
@@ -436,10 +441,14 @@ impl<T: Pod> RawValue<T> {
     ///
     /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
     pub fn new(value: T) -> Result<RawValue<T>> {
-        let map = Mapping::create("multiproc-rawvalue", Self::DATA + std::mem::size_of::<T>())?;
+        let map = new_block::<Self>(
+            "multiproc-rawvalue",
+            Self::DATA + std::mem::size_of::<T>(),
+            std::mem::align_of::<T>().max(8),
+        )?;
         map.store_pods(Self::DATA, std::slice::from_ref(&value))?;
         Ok(RawValue {
-            map: Arc::new(map),
+            map,
             _t: PhantomData,
         })
     }
@@ -473,7 +482,7 @@ impl<T: Pod> HandleWire for RawValue<T> {
     type Plain = ();
 
     fn parts(&self) -> Result<Parts<'_, ()>> {
-        Ok(Parts::mapped(&self.map, ()))
+        Ok(Parts::block(&self.map, ()))
     }
 
     fn mapping_size((): &()) -> Result<usize> {
@@ -482,7 +491,7 @@ impl<T: Pod> HandleWire for RawValue<T> {
 
     fn rebuild((): (), fds: &mut Received) -> Result<Self> {
         Ok(RawValue {
-            map: Arc::new(fds.mapping(0)?),
+            map: fds.block()?,
             _t: PhantomData,
         })
     }

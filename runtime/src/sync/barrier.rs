@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use super::deadline;
 use crate::error::{Error, Result};
-use crate::handle::{self, HandleWire, Kind, Parts, Received};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, new_block};
+use crate::sys::arena::Block;
 use crate::sys::futex;
 use crate::sys::lock::{self as raw, Header, RawGuard};
-use crate::sys::shm::{LOCK_HEADER, Mapping};
+use crate::sys::shm::LOCK_HEADER;
 
 // The lock header (u32 words 0..4), the u32 words arrived, generation,
 // broken and parties, then from byte 32 one u64 per waiting party: its
@@ -60,7 +61,7 @@ const SLOTS_BYTE: usize = SLOTS * 8;
 /// ```
 #[derive(Clone)]
 pub struct Barrier {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 /// What [`Barrier::wait`] tells a party.
@@ -85,9 +86,9 @@ impl Barrier {
         if parties == 0 || parties > 1 << 20 {
             return Err(Error::invalid("a barrier needs between 1 and 2^20 parties"));
         }
-        let map = Mapping::create("multiproc-barrier", SLOTS_BYTE + parties as usize * 8)?;
+        let map = new_block::<Barrier>("multiproc-barrier", SLOTS_BYTE + parties as usize * 8, 8)?;
         map.atomics_u32()[PARTIES].store(parties, Ordering::Relaxed);
-        Ok(Barrier { map: Arc::new(map) })
+        Ok(Barrier { map })
     }
 
     fn word(&self, i: usize) -> &AtomicU32 {
@@ -95,7 +96,7 @@ impl Barrier {
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn slot(&self, i: usize) -> &AtomicU64 {
@@ -246,7 +247,7 @@ impl HandleWire for Barrier {
     type Plain = u32;
 
     fn parts(&self) -> Result<Parts<'_, u32>> {
-        Ok(Parts::mapped(&self.map, self.parties()))
+        Ok(Parts::block(&self.map, self.parties()))
     }
 
     fn mapping_size(&parties: &u32) -> Result<usize> {
@@ -257,14 +258,14 @@ impl HandleWire for Barrier {
     }
 
     fn rebuild(parties: u32, fds: &mut Received) -> Result<Self> {
-        let map = fds.mapping(0)?;
+        let map = fds.block()?;
         let found = map.atomics_u32()[PARTIES].load(Ordering::Relaxed);
         if found != parties {
             return Err(handle::decode(format!(
                 "a Barrier sent as one of {parties} parties holds {found}"
             )));
         }
-        Ok(Barrier { map: Arc::new(map) })
+        Ok(Barrier { map })
     }
 }
 

@@ -6,10 +6,11 @@ use std::sync::{Arc, LockResult, PoisonError};
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::handle::mapped_handle;
+use crate::handle::{mapped_handle, new_block};
+use crate::sys::arena::Block;
 use crate::sys::futex;
-use crate::sys::lock::{Header, RawGuard};
-use crate::sys::shm::{LOCK_HEADER, Mapping};
+use crate::sys::lock::RawGuard;
+use crate::sys::shm::LOCK_HEADER;
 
 // The lock header, then the u32 words sequence and sleepers.
 const SEQ: usize = LOCK_HEADER / 4;
@@ -50,7 +51,7 @@ const COND_BYTES: usize = LOCK_HEADER + 8;
 /// ```
 #[derive(Clone)]
 pub struct Condition {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 /// Holds a [`Condition`]'s lock; dropping it releases the lock.
@@ -80,7 +81,7 @@ impl Condition {
     /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
     pub fn new() -> Result<Condition> {
         Ok(Condition {
-            map: Arc::new(Mapping::create("multiproc-condition", COND_BYTES)?),
+            map: new_block::<Condition>("multiproc-condition", COND_BYTES, 8)?,
         })
     }
 
@@ -98,7 +99,7 @@ impl Condition {
     /// [`Lock::acquire`](crate::Lock::acquire).
     pub fn acquire(&self) -> LockResult<ConditionGuard<'_>> {
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(Header::of(&self.map), None) {
+            if let Some((raw, poisoned)) = RawGuard::lock(self.map.lock_header(), None) {
                 let guard = ConditionGuard { cond: self, raw };
                 return if poisoned {
                     Err(PoisonError::new(guard))

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::deadline;
 use crate::error::Result;
-use crate::handle::mapped_handle;
+use crate::handle::{mapped_handle, new_block};
+use crate::sys::arena::Block;
 use crate::sys::futex::{self, Wake};
-use crate::sys::shm::Mapping;
 
 // Words: flag, sleepers.
 const EVENT_BYTES: usize = 8;
@@ -39,7 +39,7 @@ const EVENT_BYTES: usize = 8;
 /// ```
 #[derive(Clone)]
 pub struct Event {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 impl Event {
@@ -50,7 +50,7 @@ impl Event {
     /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
     pub fn new() -> Result<Event> {
         Ok(Event {
-            map: Arc::new(Mapping::create("multiproc-event", EVENT_BYTES)?),
+            map: new_block::<Event>("multiproc-event", EVENT_BYTES, 8)?,
         })
     }
 
@@ -97,6 +97,7 @@ impl Event {
 
     /// Waits at most `timeout` for the flag; `false` if it was still not
     /// set then (Python's `wait(timeout)`).
+    #[must_use = "false means the timeout passed and the event is not set"]
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         self.wait_until(deadline(timeout))
     }

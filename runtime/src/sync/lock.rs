@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::deadline;
 use crate::error::Result;
-use crate::handle::mapped_handle;
+use crate::handle::{mapped_handle, new_block};
+use crate::sys::arena::Block;
 use crate::sys::lock::{Header, RawGuard};
-use crate::sys::shm::{LOCK_HEADER, Mapping};
+use crate::sys::shm::LOCK_HEADER;
 
 /// A mutual-exclusion lock shared by processes and threads: Python's
 /// `multiprocessing.Lock` with std's `Mutex` shape (an RAII guard, and
@@ -56,7 +57,7 @@ use crate::sys::shm::{LOCK_HEADER, Mapping};
 /// ```
 #[derive(Clone)]
 pub struct Lock {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 /// Holds a [`Lock`]; dropping it releases the lock (and poisons it if the
@@ -76,13 +77,13 @@ impl Lock {
     /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
     pub fn new() -> Result<Lock> {
         Ok(Lock {
-            map: Arc::new(Mapping::create("multiproc-lock", LOCK_BYTES)?),
+            map: new_block::<Lock>("multiproc-lock", LOCK_BYTES, 8)?,
         })
     }
 
     #[inline]
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     #[inline]
@@ -154,8 +155,10 @@ impl Lock {
     ///
     /// # Errors
     ///
-    /// `Err(TryLockError::WouldBlock)` if the timeout passed (`?` makes it
-    /// [`Error::Timeout`](crate::Error::Timeout));
+    /// `Err(TryLockError::WouldBlock)` if the lock stayed held for the
+    /// whole timeout (`?` makes it
+    /// [`Error::WouldBlock`](crate::Error::WouldBlock), as for
+    /// [`try_acquire`](Lock::try_acquire));
     /// `Err(TryLockError::Poisoned)` (with the guard) as for
     /// [`acquire`](Lock::acquire).
     ///
@@ -166,7 +169,7 @@ impl Lock {
     /// let lock = multiproc::Lock::new()?;
     /// let _held = lock.acquire()?;
     /// let err = lock.acquire_timeout(Duration::from_millis(10)).map(drop).map_err(multiproc::Error::from);
-    /// assert!(err.is_err_and(|e| e.is_timeout()));
+    /// assert!(err.is_err_and(|e| e.is_would_block()));
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn acquire_timeout(&self, timeout: Duration) -> TryLockResult<LockGuard<'_>> {
@@ -230,7 +233,7 @@ mapped_handle!(Lock, LOCK_BYTES);
 /// ```
 #[derive(Clone)]
 pub struct RLock {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 /// Holds an [`RLock`] once; the lock is free when every guard is dropped.
@@ -253,12 +256,12 @@ impl RLock {
     /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
     pub fn new() -> Result<RLock> {
         Ok(RLock {
-            map: Arc::new(Mapping::create("multiproc-rlock", RLOCK_BYTES)?),
+            map: new_block::<RLock>("multiproc-rlock", RLOCK_BYTES, 8)?,
         })
     }
 
     fn header(&self) -> Header<'_> {
-        Header::of(&self.map)
+        self.map.lock_header()
     }
 
     fn count(&self) -> &AtomicU32 {

@@ -3,9 +3,11 @@
 //! [`Condition`] and [`Barrier`], Python's `multiprocessing` names with
 //! std's shapes (RAII guards, [`std::sync::LockResult`]).
 //!
-//! Each lives in a small shared mapping (a memfd, never a file in
-//! `/dev/shm`); a handle is `Clone` (another handle to the same object) and
-//! travels to other processes as an argument, a pool task or a message.
+//! Each lives in a cell of a shared arena (a memfd of 1 MiB holding
+//! thousands of them, never a file in `/dev/shm`), so a process can hold
+//! hundreds of thousands of them in a few descriptors; a handle is `Clone`
+//! (another handle to the same object) and travels to other processes as
+//! an argument, a pool task or a message.
 //!
 //! # Dead holders
 //!

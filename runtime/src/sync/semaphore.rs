@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::deadline;
 use crate::error::{Error, Result};
-use crate::handle::{self, HandleWire, Kind, Parts, Received, mapped_handle};
+use crate::handle::{self, HandleWire, Kind, Parts, Received, mapped_handle, new_block};
+use crate::sys::arena::Block;
 use crate::sys::futex::{self, Wake};
-use crate::sys::shm::Mapping;
 
 // Words: count, sleepers, bound (0: unbounded).
 const SEM_BYTES: usize = 12;
@@ -34,7 +34,7 @@ const SEM_BYTES: usize = 12;
 /// ```
 #[derive(Clone)]
 pub struct Semaphore {
-    map: Arc<Mapping>,
+    map: Arc<Block>,
 }
 
 impl Semaphore {
@@ -52,10 +52,10 @@ impl Semaphore {
         if value > i32::MAX as u32 {
             return Err(Error::invalid("a semaphore value must be at most i32::MAX"));
         }
-        let map = Mapping::create("multiproc-semaphore", SEM_BYTES)?;
+        let map = new_block::<Semaphore>("multiproc-semaphore", SEM_BYTES, 8)?;
         map.atomics_u32()[0].store(value, Ordering::Relaxed);
         map.atomics_u32()[2].store(bound, Ordering::Relaxed);
-        Ok(Semaphore { map: Arc::new(map) })
+        Ok(Semaphore { map })
     }
 
     fn words(&self) -> (&AtomicU32, &AtomicU32, &AtomicU32) {
@@ -91,11 +91,13 @@ impl Semaphore {
     }
 
     /// Takes one unit if one is available now; `false` otherwise.
+    #[must_use = "if it returns true, a unit was taken and must be released"]
     pub fn try_acquire(&self) -> bool {
         self.take(None, false)
     }
 
     /// Takes one unit, waiting at most `timeout`; `false` on timeout.
+    #[must_use = "if it returns true, a unit was taken and must be released"]
     pub fn acquire_timeout(&self, timeout: Duration) -> bool {
         self.take(deadline(timeout), true)
     }
@@ -104,8 +106,8 @@ impl Semaphore {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] for a [`BoundedSemaphore`] released more
-    /// often than acquired (Python's `ValueError`), or past `i32::MAX`.
+    /// [`Error::Misuse`] for a semaphore released past `i32::MAX` units
+    /// (a [`BoundedSemaphore`], past its bound: Python's `ValueError`).
     pub fn release(&self) -> Result<()> {
         let (count, sleepers, bound) = self.words();
         let limit = match bound.load(Ordering::Relaxed) {
@@ -115,7 +117,9 @@ impl Semaphore {
         let mut c = count.load(Ordering::Relaxed);
         loop {
             if c >= limit {
-                return Err(Error::invalid("semaphore released too many times"));
+                return Err(Error::misuse(
+                    "semaphore released more often than it was acquired",
+                ));
             }
             match count.compare_exchange_weak(c, c + 1, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => break,
@@ -146,8 +150,9 @@ impl fmt::Debug for Semaphore {
 mapped_handle!(Semaphore, SEM_BYTES);
 
 /// A [`Semaphore`] that refuses to be released above its initial value:
-/// Python's `BoundedSemaphore`. Derefs to [`Semaphore`] for `acquire`,
-/// `release` and the rest.
+/// Python's `BoundedSemaphore`. It has [`Semaphore`]'s methods, with the
+/// bound checked by [`release`](BoundedSemaphore::release); it is not a
+/// `Semaphore` (no `Deref`) and travels as a kind of its own.
 ///
 /// # Examples
 ///
@@ -182,11 +187,39 @@ impl BoundedSemaphore {
     }
 }
 
-impl std::ops::Deref for BoundedSemaphore {
-    type Target = Semaphore;
+impl BoundedSemaphore {
+    /// Takes one unit, waiting until one is available. See
+    /// [`Semaphore::acquire`].
+    pub fn acquire(&self) {
+        self.inner.acquire();
+    }
 
-    fn deref(&self) -> &Semaphore {
-        &self.inner
+    /// Takes one unit if one is available now; `false` otherwise.
+    #[must_use = "if it returns true, a unit was taken and must be released"]
+    pub fn try_acquire(&self) -> bool {
+        self.inner.try_acquire()
+    }
+
+    /// Takes one unit, waiting at most `timeout`; `false` on timeout.
+    #[must_use = "if it returns true, a unit was taken and must be released"]
+    pub fn acquire_timeout(&self, timeout: Duration) -> bool {
+        self.inner.acquire_timeout(timeout)
+    }
+
+    /// Gives one unit back, waking a waiter.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misuse`] if that would take the semaphore above its
+    /// initial value (Python's `ValueError`): it was released more often
+    /// than acquired.
+    pub fn release(&self) -> Result<()> {
+        self.inner.release()
+    }
+
+    /// The units available now; may be stale as soon as it is returned.
+    pub fn value(&self) -> u32 {
+        self.inner.value()
     }
 }
 
@@ -206,6 +239,8 @@ impl HandleWire for BoundedSemaphore {
     }
 
     fn rebuild(plain: (), fds: &mut Received) -> Result<Self> {
+        // Its memory was made as a Semaphore's (its cell says so).
+        fds.expect_cell_of::<Semaphore>();
         Ok(BoundedSemaphore {
             inner: Semaphore::rebuild(plain, fds)?,
         })

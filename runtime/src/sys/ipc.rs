@@ -75,16 +75,8 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     if raw == 0 {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and
-        // may itself contain spaces or parentheses.
-        Ok(stat) => match stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-        {
-            Some(state) => !matches!(state, "Z" | "X" | "x"),
-            None => true,
-        },
+    match std::fs::read(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat_state(&stat), Some(b'Z' | b'X' | b'x')),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => !matches!(
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None),
             Err(Errno::ESRCH)
@@ -296,13 +288,23 @@ fn own_tag(path: &str, id: u32) -> u32 {
     }
 }
 
-/// The state letter and start time (field 22) of a `/proc/<id>/stat`.
-fn parse_stat(stat: &[u8]) -> Option<(u8, u64)> {
-    // "pid (comm) S ...": the command may hold spaces and parentheses, so
-    // the fields start after the last ')'; the state is field 3.
+/// The fields of a `/proc/<id>/stat` from the state (field 3) on.
+fn stat_fields(stat: &[u8]) -> Option<std::str::SplitAsciiWhitespace<'_>> {
+    // "pid (comm) S ...": the command may hold spaces and parentheses (and
+    // bytes that are not UTF-8), so the fields start after the last ')'.
     let after = &stat[stat.iter().rposition(|&b| b == b')')? + 1..];
-    let text = std::str::from_utf8(after).ok()?;
-    let mut fields = text.split_ascii_whitespace();
+    Some(std::str::from_utf8(after).ok()?.split_ascii_whitespace())
+}
+
+/// The state letter (field 3) of a `/proc/<id>/stat`: `Z` for a zombie,
+/// `X` or `x` for a dead task.
+pub(crate) fn stat_state(stat: &[u8]) -> Option<u8> {
+    stat_fields(stat)?.next()?.as_bytes().first().copied()
+}
+
+/// The state letter and start time (field 22) of a `/proc/<id>/stat`.
+pub(crate) fn parse_stat(stat: &[u8]) -> Option<(u8, u64)> {
+    let mut fields = stat_fields(stat)?;
     let state = *fields.next()?.as_bytes().first()?;
     let start = fields.nth(22 - 4)?.parse().ok()?;
     Some((state, start))
@@ -449,6 +451,15 @@ mod tests {
         assert_eq!(parse_stat(stat), Some((b'S', 123_456)));
         assert_eq!(parse_stat(b"42 (x) Z 1"), None);
         assert_eq!(parse_stat(b"garbage"), None);
+        assert_eq!(stat_state(stat), Some(b'S'));
+        assert_eq!(stat_state(b"42 (x) Z 1"), Some(b'Z'));
+        assert_eq!(
+            stat_state(b"42 (\xff) x"),
+            Some(b'x'),
+            "a command that is not UTF-8"
+        );
+        assert_eq!(stat_state(b"42 (x)"), None);
+        assert_eq!(stat_state(b"garbage Z"), None);
     }
 
     #[test]

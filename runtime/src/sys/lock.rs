@@ -1,10 +1,10 @@
 //! The process-shared lock word under every multiproc lock, and the guard
 //! whose existence proves the lock is held (the one proof
-//! [`Mapping::locked_slice_mut`](super::shm::Mapping::locked_slice_mut)
+//! [`Region::locked_slice_mut`](super::shm::Region::locked_slice_mut)
 //! accepts).
 //!
-//! A lock's mapping starts with a [`LOCK_HEADER`](super::shm::LOCK_HEADER)
-//! of 16 bytes:
+//! A lock's region (its own mapping, or its cell of an arena) starts with a
+//! [`LOCK_HEADER`] of 16 bytes:
 //!
 //! | bytes | what |
 //! | --- | --- |
@@ -55,7 +55,6 @@ use std::time::{Duration, Instant};
 
 use super::futex::{self, Wake};
 use super::ipc::{self, Holder, Liveness};
-use super::shm::Mapping;
 
 pub(crate) mod protocol;
 
@@ -74,33 +73,16 @@ const SPIN_PAUSES: u32 = 400;
 /// The longest run of `pause`s between two reads of the word.
 const MAX_PAUSE: u32 = 128;
 
-impl protocol::Word for AtomicU64 {
-    #[inline]
-    fn load(&self, order: Ordering) -> u64 {
-        AtomicU64::load(self, order)
-    }
-    #[inline]
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64> {
-        AtomicU64::compare_exchange(self, current, new, success, failure)
-    }
-    #[inline]
-    fn swap(&self, value: u64, order: Ordering) -> u64 {
-        AtomicU64::swap(self, value, order)
-    }
-}
-
 /// The 32-bit words of the older API: values are ids below 2^31 with the
 /// contended mark in bit 31, so they fit.
 impl protocol::Word for AtomicU32 {
     #[inline]
     fn load(&self, order: Ordering) -> u64 {
         u64::from(AtomicU32::load(self, order))
+    }
+    #[inline]
+    fn store(&self, value: u64, order: Ordering) {
+        AtomicU32::store(self, value as u32, order)
     }
     #[inline]
     fn compare_exchange(
@@ -117,27 +99,6 @@ impl protocol::Word for AtomicU32 {
     #[inline]
     fn swap(&self, value: u64, order: Ordering) -> u64 {
         u64::from(AtomicU32::swap(self, value as u32, order))
-    }
-}
-
-impl protocol::Cell32 for AtomicU32 {
-    #[inline]
-    fn load(&self, order: Ordering) -> u32 {
-        AtomicU32::load(self, order)
-    }
-    #[inline]
-    fn store(&self, value: u32, order: Ordering) {
-        AtomicU32::store(self, value, order)
-    }
-    #[inline]
-    fn compare_exchange(
-        &self,
-        current: u32,
-        new: u32,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u32, u32> {
-        AtomicU32::compare_exchange(self, current, new, success, failure)
     }
 }
 
@@ -280,17 +241,7 @@ pub(crate) fn tid() -> u32 {
 pub(crate) fn is_dead(tid: u32) -> bool {
     match std::fs::read(format!("/proc/{tid}/stat")) {
         Err(e) => e.kind() == std::io::ErrorKind::NotFound && ipc::procfs_shows_all(),
-        Ok(stat) => {
-            // "pid (comm) S ...": the state follows the last ')'.
-            let after = stat
-                .iter()
-                .rposition(|&b| b == b')')
-                .map_or(&stat[..0], |i| &stat[i + 1..]);
-            matches!(
-                after.iter().find(|b| !b.is_ascii_whitespace()),
-                Some(b'Z' | b'X' | b'x')
-            )
-        }
+        Ok(stat) => matches!(ipc::stat_state(&stat), Some(b'Z' | b'X' | b'x')),
     }
 }
 
@@ -339,7 +290,12 @@ fn me_slow() -> (u64, u32) {
     (word, ns)
 }
 
-/// The lock header at the start of a mapping: see the module docs.
+/// Bytes at the start of a locked region: the 64-bit lock word, its
+/// poison flag and its namespace register (see the module docs); locked
+/// data starts at or after it.
+pub(crate) const LOCK_HEADER: usize = 16;
+
+/// The lock header at the start of a region: see the module docs.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Header<'a> {
     word: &'a AtomicU64,
@@ -348,16 +304,16 @@ pub(crate) struct Header<'a> {
 }
 
 impl<'a> Header<'a> {
-    /// The header of `map`, which must be at least
-    /// [`LOCK_HEADER`](super::shm::LOCK_HEADER) long (checked when it was
-    /// created or received).
+    /// The header in the first [`LOCK_HEADER`] bytes of a region, seen as
+    /// its 64-bit and its 32-bit words. The region must be at least
+    /// [`LOCK_HEADER`] long: its type's size, checked when it was created
+    /// or received (`Region::lock_header` is the one caller).
     #[inline]
-    pub(crate) fn of(map: &'a Mapping) -> Header<'a> {
-        let words = map.atomics_u32();
+    pub(crate) fn in_words(u64s: &'a [AtomicU64], u32s: &'a [AtomicU32]) -> Header<'a> {
         Header {
-            word: &map.atomics_u64()[0],
-            poison: &words[2],
-            register: &words[3],
+            word: &u64s[0],
+            poison: &u32s[2],
+            register: &u32s[3],
         }
     }
 
@@ -435,7 +391,7 @@ impl<'a> Header<'a> {
     }
 }
 
-/// A held lock: the header of a mapping, freed on drop. Only
+/// A held lock: the header of a region, freed on drop. Only
 /// [`RawGuard::lock`] and [`RawGuard::try_lock`] make one, and only once
 /// the word names this process: having one proves that no other guard of
 /// the same word exists in any process (a takeover happens only when the
@@ -503,11 +459,13 @@ impl Drop for RawGuard<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::shm::{Mapping, Region};
     use super::*;
 
     /// A 16-byte lock header in a fresh mapping.
-    fn mapping() -> Mapping {
-        Mapping::create("test-lock", super::super::shm::LOCK_HEADER).expect("mapping")
+    fn mapping() -> Region {
+        let map = Mapping::create("test-lock", LOCK_HEADER).expect("mapping");
+        Region::whole(std::sync::Arc::new(map))
     }
 
     const SOON: Duration = Duration::from_millis(350);
@@ -553,7 +511,7 @@ mod tests {
         // Data guards belong to the process: a guard leaked by a thread
         // that then exits keeps the lock (its borrows may still be alive).
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         std::thread::scope(|s| {
             s.spawn(|| std::mem::forget(RawGuard::lock(header, None)));
         });
@@ -563,7 +521,7 @@ mod tests {
     #[test]
     fn timeout_when_held_by_a_live_thread() {
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         let (held, _) = RawGuard::lock(header, None).expect("free");
         std::thread::scope(|s| {
             s.spawn(|| assert_eq!(lock_within(header, Duration::from_millis(30)), None));
@@ -584,14 +542,9 @@ mod tests {
         }
         fn holder(&self) -> Holder {
             // Read its start time as the sleeper itself would.
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id()))
-                .expect("stat of a live child");
-            let after = &stat[stat.rfind(')').expect("comm") + 1..];
-            let start: u64 = after
-                .split_ascii_whitespace()
-                .nth(19)
-                .and_then(|s| s.parse().ok())
-                .expect("start time");
+            let stat =
+                std::fs::read(format!("/proc/{}/stat", self.0.id())).expect("stat of a live child");
+            let (_, start) = ipc::parse_stat(&stat).expect("start time");
             Holder::new(self.0.id(), (start as u32).max(1))
         }
     }
@@ -614,7 +567,7 @@ mod tests {
     fn a_live_holder_is_never_taken_over() {
         let sleeper = Sleeper::start();
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         forge(header, sleeper.holder(), ipc::pid_namespace());
         // Several liveness checks (every 100 ms) find it alive.
         assert_eq!(lock_within(header, SOON), None);
@@ -633,7 +586,7 @@ mod tests {
         let dead = Holder::new(live.id(), live.tag().wrapping_sub(1).max(1));
         assert_ne!(dead, live);
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         forge(header, dead, ipc::pid_namespace());
         assert_eq!(lock_within(header, PATIENT), Some(true));
         assert!(header.is_poisoned());
@@ -655,7 +608,7 @@ mod tests {
         let sleeper = Sleeper::start();
         let other_ns = ipc::pid_namespace().wrapping_add(1).max(1);
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         // A pid that names nobody here: the sleeper's, once reaped.
         let gone = sleeper.holder();
         drop(sleeper);
@@ -699,7 +652,7 @@ mod tests {
         let gone = Holder::new(sleeper.holder().id(), 0);
         drop(sleeper);
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         forge(header, gone, ipc::pid_namespace());
         assert_eq!(lock_within(header, SOON), None);
     }
@@ -707,7 +660,7 @@ mod tests {
     #[test]
     fn the_word_names_this_process_with_its_start_time() {
         let map = mapping();
-        let header = Header::of(&map);
+        let header = map.lock_header();
         let (guard, poisoned) = RawGuard::lock(header, None).expect("free");
         assert!(!poisoned);
         assert_eq!(

@@ -24,13 +24,13 @@ use nix::unistd::Pid;
 
 use std::io;
 
+pub(crate) mod arena;
 pub(crate) mod boot;
 pub(crate) mod futex;
 pub(crate) mod ipc;
 pub(crate) mod lock;
 pub(crate) mod shm;
-
-pub(crate) use ipc::{pid_alive, socketpair_dgram};
+pub(crate) mod word;
 
 /// Most descriptors the kernel accepts in one SCM_RIGHTS message.
 pub(crate) const MAX_FDS_PER_MSG: usize = 253;

@@ -71,31 +71,7 @@ pub(crate) fn holder_id(value: u64) -> u32 {
     (value & HOLDER_ID_BITS) as u32
 }
 
-/// The 64-bit atomic a lock word lives in.
-pub(crate) trait Word {
-    fn load(&self, order: Ordering) -> u64;
-    fn compare_exchange(
-        &self,
-        current: u64,
-        new: u64,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u64, u64>;
-    fn swap(&self, value: u64, order: Ordering) -> u64;
-}
-
-/// A 32-bit atomic beside the word (poison flag, namespace register).
-pub(crate) trait Cell32 {
-    fn load(&self, order: Ordering) -> u32;
-    fn store(&self, value: u32, order: Ordering);
-    fn compare_exchange(
-        &self,
-        current: u32,
-        new: u32,
-        success: Ordering,
-        failure: Ordering,
-    ) -> Result<u32, u32>;
-}
+pub(crate) use crate::sys::word::{Cell32, Word};
 
 /// What the protocol needs from its surroundings.
 pub(crate) trait Env<W: ?Sized> {
