@@ -154,6 +154,29 @@ pub fn child_pids() -> Vec<u32> {
     pids
 }
 
+/// How many arenas of small shared objects (`Lock`, `Value`, `Event`...)
+/// a process may keep for its lifetime: its current arena of each size
+/// class, 1 to 64 cache lines by powers of two (`runtime/src/sys/arena.rs`,
+/// "the creator keeps its current arena of each class"). Not a leak.
+pub const ARENA_CLASSES: usize = 7;
+
+/// `(descriptors, memfds)` open in this process now, not counting up to
+/// [`ARENA_CLASSES`] arenas more than `arenas_before` (see
+/// [`arena_count`]).
+pub fn fd_counts_beyond_arenas(arenas_before: usize) -> (usize, usize) {
+    let (fds, memfds) = fd_counts();
+    let kept = arena_count()
+        .saturating_sub(arenas_before)
+        .min(ARENA_CLASSES);
+    (fds.saturating_sub(kept), memfds.saturating_sub(kept))
+}
+
+/// The runtime's arenas of small shared objects open in this process
+/// (memfds named `multiproc-arena`).
+pub fn arena_count() -> usize {
+    fds_of_kind("/memfd:multiproc-arena").len()
+}
+
 /// `(descriptors, memfds)` open in this process now.
 pub fn fd_counts() -> (usize, usize) {
     let (mut fds, mut memfds) = (0usize, 0usize);

@@ -156,7 +156,7 @@ fn nofile_64(ctx: &mut Ctx) -> Res {
         drop(fresh);
         // Drain whatever the full-table calls left.
         while q.try_get().is_ok() {}
-        while b.try_recv().ok().flatten().is_some() {}
+        while b.try_recv().is_ok() {}
         let mut p = start(Process::new(put_some, (q.clone(), 20u64)))?;
         for seq in 0..20 {
             match q.get_timeout(LIMIT) {

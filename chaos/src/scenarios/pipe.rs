@@ -89,7 +89,10 @@ fn peer_killed_mid_send(ctx: &mut Ctx) -> Res {
                 ctx.hang = Some("no end of stream 10 s after the sender died".into());
                 return Err("the receiver never learnt that the sender died".into());
             }
-            match mine.recv_bytes_timeout(Duration::from_secs(1)) {
+            match mine
+                .recv_bytes_timeout(Duration::from_secs(1))
+                .map_err(Error::from)
+            {
                 Ok(m) => match raw_whole(&m) {
                     Some((7, seq)) if seq == whole && m.len() == BIG => whole += 1,
                     _ => ctx.tear(1, || {
@@ -182,7 +185,10 @@ fn two_senders(ctx: &mut Ctx) -> Res {
                 ctx.fail(format!("a sender ended with {s:?}"));
             }
         }
-        match mine.recv_bytes_timeout(Duration::from_secs(5)) {
+        match mine
+            .recv_bytes_timeout(Duration::from_secs(5))
+            .map_err(Error::from)
+        {
             Err(Error::Disconnected) => Ok(()),
             other => Err(format!(
                 "after both senders ended: {:?}",
@@ -248,7 +254,9 @@ fn co_writer_killed(ctx: &mut Ctx) -> Res {
                 return Err("the receiver never saw the end of the stream".into());
             }
             let t0 = Instant::now();
-            let r = mine.recv_bytes_timeout(Duration::from_secs(1));
+            let r = mine
+                .recv_bytes_timeout(Duration::from_secs(1))
+                .map_err(Error::from);
             if t0.elapsed() > Duration::from_secs(3) {
                 ctx.hang = Some(format!("recv_timeout(1 s) took {:?}", t0.elapsed()));
             }
@@ -400,7 +408,7 @@ fn hostile<const SIDE: bool>(ctx: &mut Ctx) -> Res {
         for _ in 0..4 {
             let t = Duration::from_millis(100);
             let t0 = Instant::now();
-            let r = mine.recv_timeout(t);
+            let r = mine.recv_timeout(t).map_err(Error::from);
             let took = t0.elapsed();
             if took > t + Duration::from_millis(500) {
                 ctx.fail(format!("a receive with a 100 ms timeout took {took:?}"));
@@ -424,7 +432,10 @@ fn hostile<const SIDE: bool>(ctx: &mut Ctx) -> Res {
                 ctx.hang = Some("no end of stream 5 s after the hostile peer ended".into());
                 return Err("the receiver never saw the end of the stream".into());
             }
-            match mine.recv_timeout(Duration::from_millis(200)) {
+            match mine
+                .recv_timeout(Duration::from_millis(200))
+                .map_err(Error::from)
+            {
                 Err(Error::Disconnected) => break,
                 Ok(_)
                 | Err(Error::Timeout)

@@ -114,7 +114,9 @@ fn lock_holder_killed(ctx: &mut Ctx) -> Res {
         // A waiter in another process, already waiting when the holder dies.
         let ready = Event::new().ctx("Event")?;
         let mut waiter = spawn(wait_lock, (lock.clone(), ready.clone())).ctx("spawn")?;
-        ready.wait_timeout(LIMIT);
+        if !ready.wait_timeout(LIMIT) {
+            return Err("the waiter never started".into());
+        }
         let died = kill_holder(ctx, &mut h)?;
         let verdict = waiter.join_timeout(LIMIT).ctx("the waiter")?;
         recovered_in_time(ctx, died, "the waiting process's acquire");
