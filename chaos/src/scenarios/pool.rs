@@ -234,6 +234,15 @@ fn serves_on(ctx: &mut Ctx, pool: &Pool, seed: u64, dead: &[u32]) -> Res {
             "a map after the death".into()
         });
     }
+    // The pool's reader learns of a death from the dead worker's socket,
+    // asynchronously: a worker killed while idle may still be listed for
+    // a moment after a map that did not need it. No event announces the
+    // replacement, so poll for it (bounded).
+    let settled = || {
+        let pids = pool.worker_pids();
+        pids.len() == 2 && !dead.iter().any(|p| pids.contains(p))
+    };
+    util::eventually(Duration::from_secs(5), settled);
     let pids = pool.worker_pids();
     if pids.len() != 2 {
         return Err(format!(
