@@ -260,9 +260,13 @@ impl Channel {
         self.start != self.end || !self.arrived.is_empty() || self.partial.is_some()
     }
 
-    /// `true` when a whole frame can be handed out from what was already
-    /// read, without reading the socket.
-    pub(crate) fn has_buffered_frame(&self) -> bool {
+    /// `true` when the next receive returns without reading the socket:
+    /// a whole frame was already read, or the header already read is one
+    /// it refuses at once (an impossible length, or one over the limit of
+    /// a strict channel). A caller that polls the socket before the next
+    /// receive must receive first while this holds: the bytes are no
+    /// longer in the socket, so no poll would report them.
+    pub(crate) fn has_buffered_outcome(&self) -> bool {
         if self.broken {
             return false;
         }
@@ -283,7 +287,7 @@ impl Channel {
             return false;
         }
         let len = le_u64(&self.rbuf[off..off + 8]);
-        (n - HEADER) as u64 >= len
+        len > MAX_POSSIBLE || (self.strict && len > self.max_frame) || (n - HEADER) as u64 >= len
     }
 
     /// Sends one frame whose payload is the concatenation of `parts`.
@@ -693,7 +697,7 @@ mod tests {
             put(&raw, &payload[..len / 2]);
             let err = ch.recv(SHORT).expect_err("half a frame");
             assert!(err.is_timeout(), "{err}");
-            assert!(ch.has_buffered_data() && !ch.has_buffered_frame());
+            assert!(ch.has_buffered_data() && !ch.has_buffered_outcome());
             let err = ch.recv(Some(Duration::ZERO)).expect_err("still half");
             assert!(err.is_timeout(), "{err}");
             put(&raw, &payload[len / 2..]);
@@ -705,6 +709,40 @@ mod tests {
             let f = ch.recv(LONG).expect("next");
             assert_eq!((f.tag, &f.bytes[..]), (4, &b"g"[..]));
         }
+    }
+
+    #[test]
+    fn a_refused_header_behind_a_frame_is_announced_as_buffered() {
+        // The pool's reader polls its workers' sockets and receives only
+        // while this says so: a header read together with the frame before
+        // it is no longer in the socket, and would wait there forever.
+        for (len, strict) in [(1u64 << 63, false), (1 << 40, true)] {
+            let (raw, mut ch) = raw_pair();
+            if strict {
+                ch.set_strict();
+            }
+            let mut both = head(1, 0, 3).to_vec();
+            both.push(b'a');
+            both.extend_from_slice(&head(len, 0, 4));
+            put(&raw, &both);
+            let f = ch.recv(LONG).expect("the first frame");
+            assert_eq!((f.tag, &f.bytes[..]), (3, &b"a"[..]));
+            assert!(
+                ch.has_buffered_outcome(),
+                "header {len:#x}, strict {strict}"
+            );
+            let err = ch.recv(Some(Duration::ZERO)).expect_err("refused");
+            assert!(!err.is_timeout(), "{err}");
+        }
+        // A header over the limit of a lenient channel is read past: that
+        // needs its bytes, which have not come.
+        let (raw, mut ch) = raw_pair();
+        ch.set_max_frame(10);
+        let mut both = head(0, 0, 3).to_vec();
+        both.extend_from_slice(&head(100, 0, 4));
+        put(&raw, &both);
+        assert_eq!(ch.recv(LONG).expect("the first frame").tag, 3);
+        assert!(!ch.has_buffered_outcome());
     }
 
     #[test]

@@ -700,6 +700,50 @@ fn a_task_that_forges_frames_fails_and_the_pool_serves_on() {
     }
 }
 
+/// A task that writes, in one `send`, a whole frame of a tag the pool
+/// ignores and right behind it a header announcing 1 TiB, then waits to
+/// be stopped: the pool reads both at once, and must act on the header it
+/// already holds (no poll will report those bytes again).
+#[process_fn]
+fn forge_frame_behind_a_frame() -> u64 {
+    let mut bytes = Vec::new();
+    for (len, tag) in [(0u64, 0x7777u32), (1 << 40, 0x5004)] {
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&tag.to_le_bytes());
+    }
+    let _ = nix::sys::socket::send(3, &bytes, nix::sys::socket::MsgFlags::empty());
+    std::thread::sleep(Duration::from_secs(60));
+    0
+}
+
+#[test]
+fn a_forged_header_read_with_the_frame_before_it_ends_its_worker() {
+    let pool = Pool::new(1).expect("pool");
+    let before = pool.worker_pids();
+    let mut result = pool
+        .apply_async(forge_frame_behind_a_frame, ())
+        .expect("submit");
+    let err = result
+        .get_timeout(Duration::from_secs(10))
+        .expect_err("the forged header ends that worker");
+    assert!(
+        matches!(
+            err,
+            Error::WorkerDied {
+                signal: Some(9),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_ne!(pool.worker_pids(), before, "replaced");
+    assert_eq!(
+        pool.map(cube, 0..100u64).expect("the pool serves on"),
+        (0..100u64).map(cube).collect::<Vec<_>>()
+    );
+}
+
 /// A task that answers for itself: it writes a result frame for the
 /// pool's first chunk (id 0) whose one `String` announces 1 TiB.
 #[process_fn]

@@ -918,7 +918,7 @@ impl Core {
                             self.on_frame(*key, frame);
                             // Nothing more buffered: the next poll says
                             // when more arrives (no extra syscall here).
-                            if !channel.has_buffered_frame() {
+                            if !channel.has_buffered_outcome() {
                                 break;
                             }
                         }
