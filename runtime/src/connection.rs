@@ -116,15 +116,21 @@ use crate::error::{Error, Result};
 use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
 use crate::sys;
 
+mod auth;
+mod descriptor;
 mod error;
 mod link;
+mod listener;
 mod send_lock;
+pub use self::descriptor::Descriptor;
 use self::error::Sorted;
 pub use self::error::{RecvError, RecvTimeoutError, TryRecvError};
+pub use self::listener::{Address, Client, DEFAULT_HANDSHAKE_TIMEOUT, Listener};
 use link::Link;
 
 const TAG_VALUE: u32 = 1;
 const TAG_BYTES: u32 = 2;
+const TAG_HANDLE: u32 = 3;
 
 thread_local! {
     /// Reused encode buffer: sending does not allocate once it has grown.
@@ -260,8 +266,115 @@ impl<T> Connection<T> {
         let mut out = Vec::new();
         let got = self.link.recv_into(&mut out, &mut self.fds, timeout);
         self.fds.clear();
-        got.map_err(error::sort)?;
+        self.check_tag(got.map_err(error::sort)?)?;
         Ok(out)
+    }
+
+    /// Refuses a frame no sender of a user's messages writes: a handshake
+    /// message reaching a connection made without an authkey.
+    fn check_tag(&self, tag: u32) -> Result<(), Sorted> {
+        if tag == auth::TAG {
+            return Err(Sorted::Failed(Error::AuthenticationError {
+                message: "the peer asks for authentication: connect with its authkey".into(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Sends a duplicate of the descriptor `fd` as one message (Python's
+    /// `multiprocessing.reduction.send_handle`); the peer takes it with
+    /// [`recv_handle`](Connection::recv_handle). The message is the
+    /// encoding of a [`Descriptor`], so a `Connection<Descriptor>`'s
+    /// `recv` takes it too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] on a TCP connection (a descriptor means nothing
+    /// on another machine); [`Error::Io`] if the descriptor cannot be
+    /// duplicated; as [`send_bytes`](Connection::send_bytes).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::os::unix::net::UnixStream;
+    /// use multiproc::Pipe;
+    ///
+    /// let (a, mut b) = Pipe::new::<()>()?;
+    /// let (mut mine, theirs) = UnixStream::pair()?;
+    /// a.send_handle(&theirs)?;
+    /// drop(theirs); // the peer has its own
+    /// let mut got = UnixStream::from(b.recv_handle()?);
+    /// mine.write_all(b"hi")?;
+    /// let mut buf = [0u8; 2];
+    /// got.read_exact(&mut buf)?;
+    /// assert_eq!(&buf, b"hi");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send_handle(&self, fd: impl AsFd) -> Result<()> {
+        let handle = Descriptor::duplicate(fd.as_fd())?;
+        self.send_as(&handle, TAG_HANDLE, &mut Vec::new())
+    }
+
+    /// Receives a descriptor sent with
+    /// [`send_handle`](Connection::send_handle) (Python's
+    /// `multiprocessing.reduction.recv_handle`).
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Connection::recv); [`RecvError::Failed`] with
+    /// [`Error::Decode`] if the message is not a descriptor.
+    pub fn recv_handle(&mut self) -> Result<OwnedFd, RecvError> {
+        self.recv_as::<Descriptor>(None)
+            .map(Descriptor::into_owned_fd)
+            .map_err(RecvError::from)
+    }
+
+    /// Like [`recv_handle`](Connection::recv_handle), waiting at most
+    /// `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_handle`](Connection::recv_handle), plus
+    /// [`RecvTimeoutError::Timeout`].
+    pub fn recv_handle_timeout(&mut self, timeout: Duration) -> Result<OwnedFd, RecvTimeoutError> {
+        self.recv_as::<Descriptor>(Some(timeout))
+            .map(Descriptor::into_owned_fd)
+            .map_err(RecvTimeoutError::from)
+    }
+
+    /// Encodes `value` (refusing handles on a TCP connection) and sends it
+    /// as one message tagged `tag`.
+    fn send_as<U: Serialize + ?Sized>(&self, value: &U, tag: u32, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        buf.resize(link::HEADER, 0);
+        let mut fds = Vec::new();
+        if self.link.is_remote() {
+            codec::encode_remote(value, buf)?;
+        } else {
+            codec::encode(value, buf, &mut fds)?;
+        }
+        let result = self.link.send_framed(tag, buf, &fds);
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        result
+    }
+
+    /// Receives one message and decodes it as a `U`.
+    fn recv_as<U: DeserializeOwned>(&mut self, timeout: Option<Duration>) -> Result<U, Sorted> {
+        self.fds.clear();
+        let tag = self
+            .link
+            .recv_into(&mut self.bytes, &mut self.fds, timeout)
+            .map_err(error::sort)?;
+        let fds = std::mem::take(&mut self.fds);
+        self.check_tag(tag)?;
+        let value = codec::decode(&self.bytes, fds);
+        if self.bytes.capacity() > 1 << 20 {
+            self.bytes = Vec::new();
+        }
+        value.map_err(Sorted::Failed)
     }
 
     /// `true` if a message (or the end of the stream) can be read within
@@ -306,15 +419,7 @@ impl<T: Serialize> Connection<T> {
     }
 
     fn send_with(&self, value: &T, buf: &mut Vec<u8>) -> Result<()> {
-        buf.clear();
-        buf.resize(link::HEADER, 0);
-        let mut fds = Vec::new();
-        codec::encode(value, buf, &mut fds)?;
-        let result = self.link.send_framed(TAG_VALUE, buf, &fds);
-        if buf.capacity() > 1 << 20 {
-            *buf = Vec::new();
-        }
-        result
+        self.send_as(value, TAG_VALUE, buf)
     }
 }
 
@@ -449,16 +554,7 @@ impl<T: DeserializeOwned> Connection<T> {
     }
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T, Sorted> {
-        self.fds.clear();
-        self.link
-            .recv_into(&mut self.bytes, &mut self.fds, timeout)
-            .map_err(error::sort)?;
-        let fds = std::mem::take(&mut self.fds);
-        let value = codec::decode(&self.bytes, fds);
-        if self.bytes.capacity() > 1 << 20 {
-            self.bytes = Vec::new();
-        }
-        value.map_err(Sorted::Failed)
+        self.recv_as(timeout)
     }
 }
 
@@ -589,6 +685,12 @@ impl<T> AsFd for Connection<T> {
 /// [`Receiver`] has no write pipe and no lock, a [`Sender`] no read pipe).
 impl<T> Connection<T> {
     fn wire_parts(&self) -> Result<Parts<'_, ()>> {
+        if self.link.is_socket() {
+            return Err(Error::misuse(
+                "a connection made by a Listener or a Client cannot move to another process: \
+                 use it in the process that accepted or connected it",
+            ));
+        }
         if self.link.has_buffered_data() {
             return Err(Error::misuse(
                 "a connection with received but unread data cannot move to another process: \

@@ -187,6 +187,15 @@ pub enum Error {
     /// `try_acquire` found the lock held by another holder (`?` on
     /// [`std::sync::TryLockError::WouldBlock`]).
     WouldBlock,
+    /// The peer of a [`Listener`](crate::connection::Listener) or
+    /// [`Client`](crate::connection::Client) connection did not prove
+    /// that it knows the authentication key, or refused the proof this
+    /// side gave (Python's `multiprocessing.AuthenticationError`). Both
+    /// sides of a key mismatch get it.
+    AuthenticationError {
+        /// What went wrong in the handshake.
+        message: String,
+    },
 }
 
 impl Error {
@@ -206,6 +215,11 @@ impl Error {
     /// them: see [`is_timeout`](Error::is_timeout).
     pub fn is_would_block(&self) -> bool {
         matches!(self, Error::Full | Error::Empty | Error::WouldBlock)
+    }
+
+    /// `true` for [`Error::AuthenticationError`].
+    pub fn is_authentication_error(&self) -> bool {
+        matches!(self, Error::AuthenticationError { .. })
     }
 
     /// The panic message, for [`Error::Panicked`].
@@ -393,6 +407,9 @@ impl fmt::Display for Error {
             Error::Full => f.write_str("the queue is full"),
             Error::Empty => f.write_str("nothing to receive right now"),
             Error::WouldBlock => f.write_str("the lock is held by another holder"),
+            Error::AuthenticationError { message } => {
+                write!(f, "authentication failed: {message}")
+            }
         }
     }
 }
@@ -437,6 +454,7 @@ impl Error {
             Error::Full => "Full",
             Error::Empty => "Empty",
             Error::WouldBlock => "WouldBlock",
+            Error::AuthenticationError { .. } => "AuthenticationError",
         }
     }
 }

@@ -148,6 +148,7 @@ kinds! {
     Array = 16, typed: true;
     RawArray = 17, typed: true;
     SharedMemory = 18, typed: false;
+    Descriptor = 19, typed: false;
 }
 
 /// The fingerprint of a handle's element type.
@@ -443,6 +444,13 @@ pub(crate) fn serialize<H: HandleWire, S: Serializer>(
     serializer: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
+    if codec::encoding_for_remote() {
+        return Err(S::Error::custom(format!(
+            "a {} only makes sense on this machine and cannot be sent over a TCP connection \
+             (whose peer may be another host); send plain data instead",
+            expected::<H>()
+        )));
+    }
     let parts = handle.parts().map_err(|e| S::Error::custom(reason(&e)))?;
     let tag = Tag {
         kind: MAGIC | H::KIND as u32,

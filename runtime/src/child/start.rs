@@ -200,6 +200,7 @@ pub(super) fn start_child_as(
         parent_name: me.name.clone(),
         parent_pid: std::process::id(),
         mode,
+        authkey: super::authkey()?.to_vec(),
     };
     match (Message::Start { start, args }).send(&channel, fds) {
         // The child died at once; its exit status tells why.

@@ -33,9 +33,24 @@
 //! end is closed, `read` returns 0 and the receiver reports
 //! [`Error::Disconnected`]. A write to a pipe whose reader is gone is
 //! `EPIPE` (std and the child runtime ignore SIGPIPE), also `Disconnected`.
+//!
+//! # A socket link
+//!
+//! An end that a [`Listener`](super::Listener) accepted or a
+//! [`Client`](super::Client) connected is one stream socket (Unix or TCP)
+//! and nothing else: every message is one [`Channel`] frame on it (for a
+//! Unix socket, descriptors attached; a TCP socket never carries any), the
+//! pipes and the marker are not used. Its peer may be anyone who could
+//! reach the address, so its frames' buffers grow as their bytes arrive
+//! ([`Channel::set_grow_as_received`]) instead of being reserved from the
+//! length a header announces. Concurrent senders in this process are
+//! serialised by a mutex (such an end does not move to another process);
+//! a send that fails in the middle of a frame shuts the socket for
+//! writing and fails every later send, as the pipe's send lock does.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
@@ -106,6 +121,28 @@ pub(crate) struct Link {
     lock: OnceLock<SendLock>,
     /// The stream is out of step or over: every receive is `Disconnected`.
     broken: bool,
+    /// `Some` for an end that is one stream socket (see the module docs).
+    socket: Option<SocketState>,
+}
+
+/// The sending state of a socket link.
+#[derive(Debug)]
+struct SocketState {
+    /// TCP: the peer may be on another machine.
+    remote: bool,
+    /// Held across the writes of one frame.
+    send: Mutex<()>,
+    /// A frame went out half: the stream is out of step for the peer.
+    send_broken: AtomicBool,
+}
+
+/// The error of a send on a socket link whose earlier send failed half-way.
+fn socket_broken() -> Error {
+    Error::io(
+        "cannot send: an earlier send on this connection failed in the middle of a message, \
+         so the stream is out of step and unusable",
+        std::io::Error::from(std::io::ErrorKind::BrokenPipe),
+    )
 }
 
 impl Link {
@@ -130,7 +167,45 @@ impl Link {
             max_frame: DEFAULT_MAX_FRAME,
             lock: cell,
             broken: false,
+            socket: None,
         })
+    }
+
+    /// An end that is one connected stream socket, read through `channel`
+    /// (see the module docs); `remote` for TCP. The channel's limits are
+    /// reset to the defaults (a handshake may have set others).
+    pub(crate) fn socket(mut channel: Channel, remote: bool) -> Link {
+        channel.set_max_frame(DEFAULT_MAX_FRAME);
+        channel.set_strict_off();
+        channel.set_grow_as_received();
+        Link {
+            rx: None,
+            tx: None,
+            side: channel,
+            rbuf: Box::default(),
+            start: 0,
+            end: 0,
+            pending_side: false,
+            max_frame: DEFAULT_MAX_FRAME,
+            lock: OnceLock::new(),
+            broken: false,
+            socket: Some(SocketState {
+                remote,
+                send: Mutex::new(()),
+                send_broken: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// `true` for an end whose peer may be on another machine (TCP): it
+    /// carries no descriptors.
+    pub(crate) fn is_remote(&self) -> bool {
+        self.socket.as_ref().is_some_and(|s| s.remote)
+    }
+
+    /// `true` for an end that is one socket (a listener's or a client's).
+    pub(crate) fn is_socket(&self) -> bool {
+        self.socket.is_some()
     }
 
     /// Two connected duplex ends.
@@ -221,10 +296,44 @@ impl Link {
         self.start != self.end || self.pending_side || self.side.has_buffered_data()
     }
 
+    /// Sends one frame on a socket link, under its mutex.
+    fn send_socket(
+        &self,
+        state: &SocketState,
+        tag: u32,
+        parts: &[&[u8]],
+        fds: &[OwnedFd],
+    ) -> Result<()> {
+        if state.remote && !fds.is_empty() {
+            // The codec refuses such messages first; this is the backstop.
+            return Err(Error::invalid(
+                "descriptors cannot be sent over a TCP connection",
+            ));
+        }
+        let _guard = state.send.lock().unwrap_or_else(|e| e.into_inner());
+        if state.send_broken.load(Ordering::Relaxed) {
+            return Err(socket_broken());
+        }
+        let sent = self.side.send(tag, parts, fds);
+        if let Err(e) = &sent {
+            // A refusal before any byte went out (the peer is gone) leaves
+            // nothing half-written, but one cannot tell it from a frame cut
+            // short: stop the stream either way.
+            if !e.is_disconnected() {
+                state.send_broken.store(true, Ordering::Relaxed);
+                self.shut_side();
+            }
+        }
+        sent
+    }
+
     /// `true` when a receive would not wait on the pipe: a whole frame is
     /// buffered, a side frame is due, or the end is broken (the receive
     /// reports it at once).
     pub(crate) fn ready_now(&self) -> bool {
+        if self.socket.is_some() {
+            return self.side.has_buffered_outcome();
+        }
         self.broken || self.pending_side || !matches!(self.step(), Step::Need)
     }
 
@@ -261,7 +370,7 @@ impl Link {
     /// on the pipe is one plain `write` (measured cheaper than `writev`).
     pub(crate) fn send_framed(&self, tag: u32, frame: &mut [u8], fds: &[OwnedFd]) -> Result<()> {
         let len = frame.len().saturating_sub(HEADER);
-        if !fds.is_empty() || len > INLINE_MAX || frame.len() < HEADER {
+        if !fds.is_empty() || len > INLINE_MAX || frame.len() < HEADER || self.socket.is_some() {
             return self.send(tag, &[frame.get(HEADER..).unwrap_or(&[])], fds);
         }
         let tx = self.tx_fd()?;
@@ -289,6 +398,9 @@ impl Link {
 
     /// Sends one message whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
+        if let Some(state) = &self.socket {
+            return self.send_socket(state, tag, parts, fds);
+        }
         let tx = self.tx_fd()?;
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if fds.is_empty() && len <= INLINE_MAX && parts.len() < 8 {
@@ -379,6 +491,9 @@ impl Link {
     ) -> Result<u32> {
         if self.broken {
             return Err(Error::Disconnected);
+        }
+        if self.socket.is_some() {
+            return self.side.recv_into(bytes, fds, timeout);
         }
         let deadline = wire::deadline(timeout);
         while !self.pending_side {
