@@ -648,6 +648,22 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
+    fn a_remote_encoding_refuses_handles_and_restores_the_flag() {
+        let mut out = Vec::new();
+        let file = std::fs::File::open("/dev/null").expect("open");
+        let handle = crate::connection::Descriptor::from(file);
+        let err = encode_remote(&(1u8, &handle), &mut out).expect_err("a handle");
+        assert!(err.to_string().contains("Descriptor"), "{err}");
+        assert!(!encoding_for_remote());
+        // Plain data passes, and a local encoding still takes handles.
+        out.clear();
+        encode_remote(&(1u8, "two"), &mut out).expect("plain data");
+        let mut fds = Vec::new();
+        encode(&handle, &mut Vec::new(), &mut fds).expect("local");
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
     fn round_trip_plain() {
         let bytes = encode_plain(&(1u64, "two".to_string())).expect("encode");
         let back: (u64, String) = decode_plain(&bytes).expect("decode");

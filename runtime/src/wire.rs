@@ -729,6 +729,39 @@ mod tests {
     }
 
     #[test]
+    fn an_untrusted_peer_s_announced_length_reserves_nothing_up_front() {
+        let (raw, mut ch) = raw_pair();
+        ch.set_grow_as_received();
+        put(&raw, &head(512 << 20, 0, 1));
+        put(&raw, &[7u8; 100_000]);
+        let err = ch.recv(SHORT).expect_err("not all there");
+        assert!(err.is_timeout(), "{err}");
+        let held = match &ch.partial {
+            Some(Partial {
+                body: Body::Keep(body),
+                ..
+            }) => body.capacity(),
+            _ => panic!("the frame is kept, partly received"),
+        };
+        // What arrived, at most doubled: not the 512 MiB announced.
+        assert!((100_000..=4 * READ_BUF).contains(&held), "{held}");
+
+        // Frames still arrive whole, large and small.
+        let (a, mut b) = Channel::pair().expect("pair");
+        b.set_grow_as_received();
+        let big: Vec<u8> = (0..(5 << 20) + 3).map(|i| (i % 251) as u8).collect();
+        let want = big.clone();
+        let t = std::thread::spawn(move || {
+            a.send(1, &[&big], &[]).expect("big");
+            a.send(2, &[b"small"], &[]).expect("small");
+            a
+        });
+        assert!(b.recv(LONG).expect("big").bytes == want);
+        assert_eq!(b.recv(LONG).expect("small").bytes, b"small");
+        drop(t.join().expect("sender"));
+    }
+
+    #[test]
     fn a_frame_cut_short_times_out_and_resumes_whole() {
         for len in [6usize, 100_000] {
             let (raw, mut ch) = raw_pair();

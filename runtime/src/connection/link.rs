@@ -655,6 +655,61 @@ mod tests {
         assert_eq!(recv(&mut b, LONG).expect("ok"), (3, b"ok".to_vec(), 0));
     }
 
+    fn socket_pair(remote: bool) -> (Link, Link) {
+        let (a, b) = sys::socketpair().expect("socketpair");
+        (
+            Link::socket(Channel::new(a), remote),
+            Link::socket(Channel::new(b), remote),
+        )
+    }
+
+    #[test]
+    fn a_socket_link_keeps_concurrent_senders_whole_and_carries_descriptors() {
+        let (a, mut b) = socket_pair(false);
+        let a = std::sync::Arc::new(a);
+        let senders: Vec<_> = (0..3u32)
+            .map(|id| {
+                let a = std::sync::Arc::clone(&a);
+                std::thread::spawn(move || {
+                    for seq in 0..20u32 {
+                        let msg = vec![id as u8; 1 + (seq as usize * 40_000)];
+                        a.send(id, &[&seq.to_le_bytes(), &msg], &[]).expect("send");
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u32; 3];
+        for _ in 0..60 {
+            let (id, bytes, _) = recv(&mut b, LONG).expect("recv");
+            let seq = next[id as usize];
+            assert_eq!(bytes[..4], seq.to_le_bytes());
+            assert_eq!(bytes.len(), 4 + 1 + seq as usize * 40_000);
+            assert!(bytes[4..].iter().all(|&x| x == id as u8));
+            next[id as usize] += 1;
+        }
+        for t in senders {
+            t.join().expect("sender");
+        }
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        a.send(9, &[b"fd"], &[file]).expect("with a descriptor");
+        assert_eq!(recv(&mut b, LONG).expect("fd"), (9, b"fd".to_vec(), 1));
+        assert!(!b.ready_now());
+        a.send(10, &[b"x"], &[]).expect("send");
+        assert!(b.poll(LONG).expect("poll"));
+        drop(a);
+        assert_eq!(recv(&mut b, LONG).expect("x"), (10, b"x".to_vec(), 0));
+        assert!(recv(&mut b, LONG).expect_err("eof").is_disconnected());
+    }
+
+    #[test]
+    fn a_remote_socket_link_sends_no_descriptors() {
+        let (a, _b) = socket_pair(true);
+        assert!(a.is_remote() && a.is_socket());
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        assert!(a.send(1, &[b"x"], &[file]).is_err());
+        a.send(1, &[b"x"], &[]).expect("plain");
+    }
+
     #[test]
     fn a_simplex_end_refuses_the_wrong_direction() {
         let (rx, tx) = Link::simplex().expect("simplex");

@@ -90,8 +90,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// `"127.0.0.1:6000".parse()` is a TCP address, `"@name"` an abstract
 /// Unix name, anything else a Unix socket path;
-/// [`Address::tcp`] resolves a host name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// [`Address::tcp`] resolves a host name. An address is plain data: pass
+/// it to a child process or send it in a message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum Address {
     /// A TCP address: the peer may be on another machine.
