@@ -354,7 +354,7 @@ fn handles_are_refused_over_tcp_with_an_error_naming_them() {
         check(values.send(&Value::new(1u64)?), "Value<u64>");
         let (end, _other) = Pipe::new::<u8>()?;
         check(pipes.send(&end), "Connection<u8>");
-        let file = std::fs::File::open("/dev/null").map_err(|e| Error::from(e))?;
+        let file = std::fs::File::open("/dev/null").map_err(Error::from)?;
         check(fds.send(&Descriptor::from(file)), "Descriptor");
         check(fds.send_handle(std::io::stdin()), "Descriptor");
         // Plain data still passes on the same connection.
