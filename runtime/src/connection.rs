@@ -13,6 +13,60 @@
 //! [`wait`] waits on several connections and process sentinels at once
 //! (Python's `multiprocessing.connection.wait`).
 //!
+//! # Listeners and clients: other programs, other machines
+//!
+//! A [`Listener`] accepts connections on an [`Address`] (a Unix socket
+//! path, an abstract Unix name, or a TCP address) and [`Client::connect`]
+//! makes them, as Python's `multiprocessing.connection.Listener` and
+//! `Client`: each side gets a [`Connection<T>`] with the methods of a Pipe
+//! end, usable in [`wait`] (so is the `Listener`, ready when a peer
+//! waits). The two sides may be any two programs that agree on `T`.
+//!
+//! With an authkey on both sides, each proves it knows the key before
+//! the connection is handed out: CPython's challenge–response
+//! (`deliver_challenge`/`answer_challenge`), with **HMAC-SHA256** (the
+//! `hmac` and `sha2` crates; CPython 3.11 uses HMAC-MD5, 3.12 SHA-256), 40
+//! random bytes per challenge and a constant-time comparison. A wrong key
+//! is [`Error::AuthenticationError`] on both sides, and nothing an
+//! unauthenticated peer sends reaches a decoder (handshake messages are
+//! at most 256 bytes, compared as bytes). [`process::authkey`] is the key
+//! all processes of this program share: random in the main process,
+//! inherited by children (CPython's `current_process().authkey`).
+//!
+//! Deadlines: [`accept`](Listener::accept) waits for a peer as std's
+//! `TcpListener::accept` does ([`accept_timeout`](Listener::accept_timeout)
+//! gives up); each handshake must end within
+//! [`DEFAULT_HANDSHAKE_TIMEOUT`] (10 s;
+//! [`set_handshake_timeout`](Listener::set_handshake_timeout)), or accept
+//! returns [`Error::Timeout`], and one that breaks the protocol (random
+//! bytes, a huge length, a message instead of a response) is refused at
+//! once; the listener serves on. [`Client::connect_timeout`] bounds the
+//! connect and the handshake together.
+//!
+//! A message over a listener's or client's socket is one length-framed
+//! frame (the wire format of the side sockets); its buffer grows as its
+//! bytes arrive, never from the length a peer announces. Over a Unix
+//! socket, handles travel as over a Pipe. Over TCP the peer may be on
+//! another machine, where a [`Queue`](crate::Queue), a
+//! [`Lock`](crate::Lock), a [`Value`](crate::Value), shared memory, a Pipe
+//! end or a [`Descriptor`] mean nothing: a message holding one is an
+//! [`Error::Encode`] naming it, and nothing is sent. Messages are not
+//! encrypted. A connection from a listener or a client stays in its
+//! process (sending it to another is [`Error::Misuse`]).
+//!
+//! # Passing any descriptor
+//!
+//! A [`Descriptor`] wraps any open file descriptor (`OwnedFd`, `File`,
+//! `TcpStream`, `UnixStream`...) as a handle: it travels in a Queue, a
+//! Pipe, a Unix-socket connection or a process's arguments, and the
+//! receiver gets its own descriptor for the same open file.
+//! [`send_handle`](Connection::send_handle) and
+//! [`recv_handle`](Connection::recv_handle) are Python's
+//! `multiprocessing.reduction.send_handle`/`recv_handle` on any
+//! connection.
+//!
+//! [`process::authkey`]: crate::process::authkey
+//!
 //! # Several senders on one end
 //!
 //! Unlike Python's, an end may be used by several senders at once: threads
@@ -879,6 +933,25 @@ impl<T> Receiver<T> {
         self.conn.set_max_message_size(bytes);
     }
 
+    /// Receives a descriptor. See [`Connection::recv_handle`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::recv_handle`].
+    pub fn recv_handle(&mut self) -> Result<OwnedFd, RecvError> {
+        self.conn.recv_handle()
+    }
+
+    /// Receives a descriptor, waiting at most `timeout`. See
+    /// [`Connection::recv_handle_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::recv_handle_timeout`].
+    pub fn recv_handle_timeout(&mut self, timeout: Duration) -> Result<OwnedFd, RecvTimeoutError> {
+        self.conn.recv_handle_timeout(timeout)
+    }
+
     /// Closes this end.
     pub fn close(self) {}
 }
@@ -902,6 +975,16 @@ impl<T> Sender<T> {
     /// [`Error::Disconnected`] if the receiver is gone.
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
         self.conn.send_bytes(bytes)
+    }
+
+    /// Sends a duplicate of the descriptor `fd`. See
+    /// [`Connection::send_handle`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::send_handle`].
+    pub fn send_handle(&self, fd: impl AsFd) -> Result<()> {
+        self.conn.send_handle(fd)
     }
 
     /// Closes this end; the receiver then sees

@@ -625,7 +625,7 @@ impl From<&str> for AuthKey {
 ///
 /// # Errors
 ///
-/// [`Error::Io`](crate::Error::Io) if the kernel gives no random bytes
+/// [`Error::Io`] if the kernel gives no random bytes
 /// (it always does on a supported kernel).
 ///
 /// # Examples

@@ -15,7 +15,7 @@
 //! With an authkey (`Some(key)` on both sides), each side proves that it
 //! knows the key before the connection is handed out, by CPython's
 //! challenge–response (`deliver_challenge` / `answer_challenge`), with
-//! HMAC-SHA256 where CPython 3.11 uses HMAC-MD5 (see [`auth`](super::auth)
+//! HMAC-SHA256 where CPython 3.11 uses HMAC-MD5 (see `connection/auth.rs`
 //! for the messages). A key mismatch is [`Error::AuthenticationError`] on
 //! both sides; nothing an unauthenticated peer sends reaches the
 //! connection's decoder. [`process::authkey`](crate::process::authkey) is
@@ -205,7 +205,7 @@ enum Socket {
 }
 
 /// A socket that accepts connections: Python's
-/// `multiprocessing.connection.Listener`. See the [module docs](self).
+/// `multiprocessing.connection.Listener`. See the [module docs](super).
 ///
 /// Dropping it stops listening; a Unix socket file it created is removed
 /// (if it is still the one it created).
@@ -250,7 +250,7 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
 impl Listener {
     /// Listens on `address` (Python's `Listener(address, authkey=...)`).
     /// With `authkey`, every peer must prove it knows the key (see the
-    /// [module docs](self)); a TCP port 0 takes a free port, which
+    /// [module docs](super)); a TCP port 0 takes a free port, which
     /// [`address`](Listener::address) tells.
     ///
     /// # Errors
@@ -327,7 +327,7 @@ impl Listener {
     /// Waits for a peer, as long as it takes (like std's
     /// `TcpListener::accept`), and returns the connection once the peer
     /// has passed the handshake (with an authkey; the handshake has its
-    /// own deadline, see the [module docs](self)).
+    /// own deadline, see the [module docs](super)).
     ///
     /// # Errors
     ///
@@ -446,7 +446,7 @@ fn check_key(authkey: Option<&[u8]>) -> Result<Option<Arc<[u8]>>> {
 }
 
 /// Connects to a [`Listener`]: Python's
-/// `multiprocessing.connection.Client`. See the [module docs](self).
+/// `multiprocessing.connection.Client`. See the [module docs](super).
 #[derive(Debug, Clone, Copy)]
 pub struct Client(());
 
