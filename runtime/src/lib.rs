@@ -92,6 +92,7 @@
 //! | [`PoolBuilder`](pool::PoolBuilder), [`ProcessBuilder`](process::ProcessBuilder) | nothing (`#[must_use]`) |
 //! | [`AsyncResult`](pool::AsyncResult), [`Imap`](pool::Imap) | the result is not wanted: queued chunks are dropped, late results discarded; the pool serves on |
 //! | [`Connection`](connection::Connection), [`Receiver`](connection::Receiver), [`Sender`](connection::Sender) | this copy of the end closes; once every copy (in every process) is closed, the peer's `recv` is `Disconnected` and its `send` fails |
+//! | [`Listener`](connection::Listener) | it stops listening; a Unix socket file it created is removed. Connections it accepted live on |
 //! | [`Queue`], [`SimpleQueue`](queue::SimpleQueue), [`JoinableQueue`](queue::JoinableQueue) | this handle goes; the queue and its messages live while any process holds a handle. Dropping is not [`close`](Queue::close): the other processes' `iter` does not end |
 //! | [`Lock`], [`RLock`](sync::RLock), [`Semaphore`](sync::Semaphore), [`Event`](sync::Event), [`Condition`](sync::Condition), [`Barrier`](sync::Barrier), [`Value`], [`Array`], the `Raw` forms | this handle goes; the object lives while any process holds a handle. Units taken from a semaphore are not given back |
 //! | a guard: [`LockGuard`](sync::LockGuard), [`RLockGuard`](sync::RLockGuard) (the outermost), [`ConditionGuard`](sync::ConditionGuard), a `Value`/`Array` guard | the lock is released (a `Value` guard writes its copy back first); if the thread is panicking, the lock is poisoned first |
