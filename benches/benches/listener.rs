@@ -24,7 +24,7 @@ use multiproc::{Process, process_fn};
 const WAIT: Duration = Duration::from_secs(30);
 
 thread_local! {
-    static SAMPLES: RefCell<BTreeMap<&'static str, Vec<f64>>> = RefCell::new(BTreeMap::new());
+    static SAMPLES: RefCell<BTreeMap<&'static str, Vec<f64>>> = const { RefCell::new(BTreeMap::new()) };
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -174,10 +174,11 @@ fn run_python() -> BTreeMap<String, f64> {
         eprintln!("python3 failed: {}", String::from_utf8_lossy(&run.stderr));
     }
     for line in String::from_utf8_lossy(&run.stdout).lines() {
-        if let Some((k, v)) = line.split_once('=') {
-            if let Ok(v) = v.trim().parse::<f64>() {
-                out.insert(k.trim().to_string(), v);
-            }
+        let parsed = line
+            .split_once('=')
+            .and_then(|(k, v)| Some((k.trim(), v.trim().parse::<f64>().ok()?)));
+        if let Some((k, v)) = parsed {
+            out.insert(k.to_string(), v);
         }
     }
     out
