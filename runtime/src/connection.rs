@@ -1213,6 +1213,33 @@ mod tests {
     }
 
     #[test]
+    fn handles_of_any_descriptor_travel_on_every_kind_of_end() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (mut rx, tx) = Pipe::simplex::<u8>().expect("pipe");
+        let (mut mine, theirs) = UnixStream::pair().expect("pair");
+        tx.send_handle(&theirs).expect("send handle");
+        drop(theirs);
+        let mut got = UnixStream::from(rx.recv_handle_timeout(Duration::from_secs(5)).expect("fd"));
+        mine.write_all(b"ok").expect("write");
+        let mut buf = [0u8; 2];
+        got.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"ok");
+        // A message that is no descriptor is a decode error, not a handle.
+        tx.send(&7).expect("send");
+        let err = rx.recv_handle().expect_err("not a descriptor");
+        assert!(
+            matches!(err.failure(), Some(Error::Decode { .. })),
+            "{err:?}"
+        );
+        // The wire form of a Descriptor is what recv of one takes.
+        let (a, mut b) = Pipe::new::<Descriptor>().expect("pipe");
+        a.send_handle(std::io::stdout()).expect("send handle");
+        let d = b.recv().expect("a Descriptor");
+        assert!(d.into_owned_fd().try_clone().is_ok());
+    }
+
+    #[test]
     fn connection_travels_through_a_connection() {
         let (a, mut b) = Pipe::new::<Connection<u64>>().expect("pipe");
         let (x, mut y) = Pipe::new::<u64>().expect("pipe");
