@@ -301,7 +301,7 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
     if !kind_fits {
         return Err(refuse(
             &channel,
-            Error::invalid(format!(
+            Error::misuse(format!(
                 "`{}` is not an entry point of the kind the parent asked for",
                 start.name
             )),
