@@ -69,6 +69,11 @@ fn python(method: &str) -> Option<f64> {
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
 }
 
+/// `#[multiproc::main]`, as the README's programs have it: the children
+/// start from `main`'s first line. (A plain `main`, such as a test
+/// harness's, starts them from the load-time hook on a thread of their own,
+/// about 40-100 us more: BENCHMARKS.md.)
+#[multiproc::main]
 fn main() {
     if std::env::var_os(EXIT_NOW).is_some() {
         return;
