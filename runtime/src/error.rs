@@ -187,6 +187,14 @@ pub enum Error {
     /// `try_acquire` found the lock held by another holder (`?` on
     /// [`std::sync::TryLockError::WouldBlock`]).
     WouldBlock,
+    /// multiproc reached a state its own invariants rule out (a reader
+    /// thread that panicked, a buffer that cannot be full): a bug in
+    /// multiproc, not in the calling code or a peer. Please report it with
+    /// the message.
+    Internal {
+        /// What went wrong, and where.
+        message: String,
+    },
     /// The peer of a [`Listener`](crate::connection::Listener) or
     /// [`Client`](crate::connection::Client) connection did not prove
     /// that it knows the authentication key, or refused the proof this
@@ -217,6 +225,19 @@ impl Error {
         matches!(self, Error::Full | Error::Empty | Error::WouldBlock)
     }
 
+    /// The kind of the OS error, for [`Error::Io`]: for instance
+    /// [`io::ErrorKind::NotFound`] when [`SharedMemory::open`](crate::shared::SharedMemory::open)
+    /// finds no block of that name (Python's `FileNotFoundError`) and
+    /// [`io::ErrorKind::AlreadyExists`] when
+    /// [`SharedMemory::create`](crate::shared::SharedMemory::create) finds the
+    /// name taken (`FileExistsError`).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
+
     /// `true` for [`Error::AuthenticationError`].
     pub fn is_authentication_error(&self) -> bool {
         matches!(self, Error::AuthenticationError { .. })
@@ -243,6 +264,20 @@ impl Error {
 
     pub(crate) fn invalid(message: impl Into<String>) -> Error {
         Error::InvalidArgument {
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Io`] of kind `kind` whose context names what failed.
+    pub(crate) fn io_kind_owned(context: String, kind: io::ErrorKind) -> Error {
+        Error::Io {
+            context: Cow::Owned(context),
+            source: Arc::new(io::Error::from(kind)),
+        }
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Error {
+        Error::Internal {
             message: message.into(),
         }
     }
@@ -407,6 +442,10 @@ impl fmt::Display for Error {
             Error::Full => f.write_str("the queue is full"),
             Error::Empty => f.write_str("nothing to receive right now"),
             Error::WouldBlock => f.write_str("the lock is held by another holder"),
+            Error::Internal { message } => write!(
+                f,
+                "internal error (a bug in multiproc, please report it): {message}"
+            ),
             Error::AuthenticationError { message } => {
                 write!(f, "authentication failed: {message}")
             }
@@ -454,6 +493,7 @@ impl Error {
             Error::Full => "Full",
             Error::Empty => "Empty",
             Error::WouldBlock => "WouldBlock",
+            Error::Internal { .. } => "Internal",
             Error::AuthenticationError { .. } => "AuthenticationError",
         }
     }
