@@ -316,9 +316,9 @@ impl Link {
         }
         let sent = self.side.send(tag, parts, fds);
         if let Err(e) = &sent {
-            // A refusal before any byte went out (the peer is gone) leaves
-            // nothing half-written, but one cannot tell it from a frame cut
-            // short: stop the stream either way.
+            // A peer that is gone reads nothing more, so a frame it got
+            // half of harms no one; any other failure may have cut a frame
+            // short for a peer that still reads: stop the stream.
             if !e.is_disconnected() {
                 state.send_broken.store(true, Ordering::Relaxed);
                 self.shut_side();
