@@ -51,8 +51,9 @@
 //! [`Lock`](crate::Lock), a [`Value`](crate::Value), shared memory, a Pipe
 //! end or a [`Descriptor`] mean nothing: a message holding one is an
 //! [`Error::Encode`] naming it, and nothing is sent. Messages are not
-//! encrypted. A connection from a listener or a client stays in its
-//! process (sending it to another is [`Error::Misuse`]).
+//! encrypted. A connection from a listener or a client travels to other
+//! processes of this machine as a Pipe end does (a worker process can
+//! serve an accepted peer).
 //!
 //! # Passing any descriptor
 //!
@@ -739,12 +740,6 @@ impl<T> AsFd for Connection<T> {
 /// [`Receiver`] has no write pipe and no lock, a [`Sender`] no read pipe).
 impl<T> Connection<T> {
     fn wire_parts(&self) -> Result<Parts<'_, ()>> {
-        if self.link.is_socket() {
-            return Err(Error::misuse(
-                "a connection made by a Listener or a Client cannot move to another process: \
-                 use it in the process that accepted or connected it",
-            ));
-        }
         if self.link.has_buffered_data() {
             return Err(Error::misuse(
                 "a connection with received but unread data cannot move to another process: \
@@ -779,21 +774,53 @@ impl<T> Connection<T> {
     }
 }
 
+/// What carries a [`Connection`]'s messages: the plain field of its wire
+/// form.
+const VIA_PIPES: u8 = 0;
+/// One Unix socket (slot 2), from a [`Listener`] or a [`Client`].
+const VIA_UNIX_SOCKET: u8 = 1;
+/// One TCP socket (slot 2).
+const VIA_TCP_SOCKET: u8 = 2;
+
+/// A duplex end is its pipes and side socket, or (from a [`Listener`] or a
+/// [`Client`]) one socket in slot 2; either way with its send lock in
+/// slot 3.
 impl<T> HandleWire for Connection<T> {
     const KIND: Kind = Kind::Connection;
     type Elem = T;
-    type Plain = ();
+    type Plain = u8;
 
-    fn parts(&self) -> Result<Parts<'_, ()>> {
-        self.wire_parts()
+    fn parts(&self) -> Result<Parts<'_, u8>> {
+        let parts = self.wire_parts()?;
+        let via = match (self.link.is_socket(), self.link.is_remote()) {
+            (false, _) => VIA_PIPES,
+            (true, false) => VIA_UNIX_SOCKET,
+            (true, true) => VIA_TCP_SOCKET,
+        };
+        Ok(Parts {
+            plain: via,
+            fds: parts.fds,
+            size: parts.size,
+            place: parts.place,
+            arena: parts.arena,
+        })
     }
 
-    fn mapping_size((): &()) -> Result<usize> {
-        Ok(Self::wire_size(true))
+    fn mapping_size(via: &u8) -> Result<usize> {
+        match *via {
+            VIA_PIPES | VIA_UNIX_SOCKET | VIA_TCP_SOCKET => Ok(send_lock::BYTES),
+            other => Err(crate::handle::decode(format!(
+                "a Connection of an unknown kind ({other})"
+            ))),
+        }
     }
 
-    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
-        Self::rebuild_wire(fds, true, true)
+    fn rebuild(via: u8, fds: &mut Received) -> Result<Self> {
+        if via == VIA_PIPES {
+            return Self::rebuild_wire(fds, true, true);
+        }
+        let link = Link::socket_from_fds(fds.fd(2)?, fds.mapping(3)?, via == VIA_TCP_SOCKET)?;
+        Ok(Connection::from_link(link))
     }
 }
 

@@ -431,16 +431,36 @@ fn wait_sees_a_pending_peer_and_an_accepted_connection_s_message() {
     get(&client).expect("client");
 }
 
+/// Serves an accepted connection handed to it: doubles every number.
+#[process_fn]
+fn serve_handed_connection(mut conn: Connection<u64>) {
+    while let Ok(x) = conn.recv_timeout(LONG) {
+        conn.send(&(x * 2)).expect("send");
+    }
+}
+
 #[test]
-fn a_listener_connection_does_not_move_to_another_process() {
-    let mut listener = Listener::bind(Address::abstract_name(unique("stay")), None).expect("bind");
-    let addr = listener.address().clone();
-    let client = bounded(move || Client::connect::<u8>(&addr, None).map(drop));
-    let conn: Connection<u8> = listener.accept_timeout(LONG).expect("accept");
-    get(&client).expect("client");
-    let (tx, _rx) = Pipe::new::<Connection<u8>>().expect("pipe");
-    let err = tx.send(&conn).expect_err("refused");
-    assert!(err.to_string().contains("Listener"), "{err}");
+fn an_accepted_connection_is_served_by_a_child_process() {
+    for address in [tcp_any(), Address::abstract_name(unique("handed"))] {
+        let mut listener = Listener::bind(address, Some(b"k")).expect("bind");
+        let addr = listener.address().clone();
+        let client = bounded(move || -> multiproc::Result<Vec<u64>> {
+            let mut conn: Connection<u64> = Client::connect(&addr, Some(b"k"))?;
+            let mut got = Vec::new();
+            for x in [1u64, 5, 100] {
+                conn.send(&x)?;
+                got.push(conn.recv_timeout(LONG)?);
+            }
+            Ok(got)
+        });
+        let conn: Connection<u64> = listener.accept_timeout(LONG).expect("accept");
+        // The pre-fork server's pattern: a worker process serves it.
+        let mut p = Process::new(serve_handed_connection, (conn,));
+        p.start().expect("start");
+        assert_eq!(get(&client).expect("client"), [2, 10, 200]);
+        let status = p.join_timeout(LONG).expect("join").expect("exited");
+        assert!(status.success(), "{status}");
+    }
 }
 
 #[test]

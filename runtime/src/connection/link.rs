@@ -43,14 +43,15 @@
 //! pipes and the marker are not used. Its peer may be anyone who could
 //! reach the address, so its frames' buffers grow as their bytes arrive
 //! ([`Channel::set_grow_as_received`]) instead of being reserved from the
-//! length a header announces. Concurrent senders in this process are
-//! serialised by a mutex (such an end does not move to another process);
-//! a send that fails in the middle of a frame shuts the socket for
-//! writing and fails every later send, as the pipe's send lock does.
+//! length a header announces. Concurrent senders (threads, or processes
+//! that each hold a copy of the end) take the end's [`SendLock`] for each
+//! frame, as a pipe's large messages do; a send that fails in the middle
+//! of a frame, or a sender that dies in one, breaks the end for every
+//! sender and shuts the socket for writing, so that the peer gets an
+//! error instead of waiting for the rest.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::poll::PollFlags;
@@ -125,24 +126,11 @@ pub(crate) struct Link {
     socket: Option<SocketState>,
 }
 
-/// The sending state of a socket link.
-#[derive(Debug)]
+/// What a socket link is.
+#[derive(Debug, Clone, Copy)]
 struct SocketState {
     /// TCP: the peer may be on another machine.
     remote: bool,
-    /// Held across the writes of one frame.
-    send: Mutex<()>,
-    /// A frame went out half: the stream is out of step for the peer.
-    send_broken: AtomicBool,
-}
-
-/// The error of a send on a socket link whose earlier send failed half-way.
-fn socket_broken() -> Error {
-    Error::io(
-        "cannot send: an earlier send on this connection failed in the middle of a message, \
-         so the stream is out of step and unusable",
-        std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-    )
 }
 
 impl Link {
@@ -189,12 +177,16 @@ impl Link {
             max_frame: DEFAULT_MAX_FRAME,
             lock: OnceLock::new(),
             broken: false,
-            socket: Some(SocketState {
-                remote,
-                send: Mutex::new(()),
-                send_broken: AtomicBool::new(false),
-            }),
+            socket: Some(SocketState { remote }),
         }
+    }
+
+    /// A socket link received from another process: its socket and the
+    /// send lock every copy shares.
+    pub(crate) fn socket_from_fds(side: OwnedFd, lock: Mapping, remote: bool) -> Result<Link> {
+        let link = Link::socket(Channel::new(side), remote);
+        let _ = link.lock.set(SendLock::from_map(lock)?);
+        Ok(link)
     }
 
     /// `true` for an end whose peer may be on another machine (TCP): it
@@ -248,7 +240,7 @@ impl Link {
     /// for an end that cannot send). Creates the lock if no message needed
     /// it yet.
     pub(crate) fn lock_fd(&self) -> Result<Option<(BorrowedFd<'_>, usize)>> {
-        if self.tx.is_none() {
+        if self.tx.is_none() && self.socket.is_none() {
             return Ok(None);
         }
         let lock = self.send_lock()?;
@@ -296,10 +288,10 @@ impl Link {
         self.start != self.end || self.pending_side || self.side.has_buffered_data()
     }
 
-    /// Sends one frame on a socket link, under its mutex.
+    /// Sends one frame on a socket link, under its send lock.
     fn send_socket(
         &self,
-        state: &SocketState,
+        state: SocketState,
         tag: u32,
         parts: &[&[u8]],
         fds: &[OwnedFd],
@@ -310,17 +302,20 @@ impl Link {
                 "descriptors cannot be sent over a TCP connection",
             ));
         }
-        let _guard = state.send.lock().unwrap_or_else(|e| e.into_inner());
-        if state.send_broken.load(Ordering::Relaxed) {
-            return Err(socket_broken());
-        }
+        let guard = match self.send_lock()?.lock() {
+            Ok(guard) => guard,
+            Err(e) => {
+                self.shut_side();
+                return Err(e);
+            }
+        };
         let sent = self.side.send(tag, parts, fds);
         if let Err(e) = &sent {
             // A peer that is gone reads nothing more, so a frame it got
             // half of harms no one; any other failure may have cut a frame
             // short for a peer that still reads: stop the stream.
             if !e.is_disconnected() {
-                state.send_broken.store(true, Ordering::Relaxed);
+                guard.mark_broken();
                 self.shut_side();
             }
         }
@@ -396,7 +391,7 @@ impl Link {
 
     /// Sends one message whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
-        if let Some(state) = &self.socket {
+        if let Some(state) = self.socket {
             return self.send_socket(state, tag, parts, fds);
         }
         let tx = self.tx_fd()?;

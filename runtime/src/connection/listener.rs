@@ -57,8 +57,9 @@
 //! [`Error::Encode`] that names it, and nothing is sent. A Unix socket
 //! connection (same machine) carries handles as a Pipe does.
 //!
-//! A connection from a listener or a client stays in its process: sending
-//! it to another process is an [`Error::Misuse`].
+//! A connection from a listener or a client is a handle like a Pipe end:
+//! pass it to a child process (a worker that serves an accepted peer) or
+//! send it through a Queue or Pipe; copies share one send lock.
 
 use std::fmt;
 use std::io;
