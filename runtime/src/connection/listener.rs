@@ -461,9 +461,12 @@ impl Client {
     /// # Errors
     ///
     /// [`Error::Io`] if nothing listens there (connection refused, no such
-    /// file); [`Error::AuthenticationError`] if the keys differ (or the
-    /// listener wants one and none was given, or the other way round);
-    /// [`Error::Timeout`] if the handshake did not end in time;
+    /// file); [`Error::AuthenticationError`] if the keys differ, or if this
+    /// side has a key and the listener has none and sends a message
+    /// instead of a challenge; [`Error::Timeout`] if the handshake did not
+    /// end in time (a keyless listener that sends nothing leaves it to run
+    /// out). Without a key here, a keyed listener's challenge reaches no
+    /// decoder: the first receive is an [`Error::AuthenticationError`].
     /// [`Error::InvalidArgument`] for [`Address::Unnamed`] or an empty
     /// authkey.
     pub fn connect<T>(
