@@ -621,3 +621,15 @@ fn an_imap_is_a_stream() {
     assert_eq!(got.len(), 3);
     assert!(got[2].is_err());
 }
+
+static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+
+#[test]
+fn a_static_pool_gives_static_results_another_thread_can_take() {
+    // ARCHITECTURE.md's way to `'static` futures: the pool in a static.
+    let pool = POOL.get_or_init(|| Pool::new(1).expect("pool"));
+    let result: multiproc::pool::AsyncResult<'static, u64> =
+        pool.apply_async(square, (8,)).expect("apply_async");
+    let taker = std::thread::spawn(move || result.get());
+    assert_eq!(taker.join().expect("thread").expect("value"), 64);
+}

@@ -141,8 +141,10 @@ impl<R> Delivery<R> {
 /// took the value never runs (there is no value left to show it). A
 /// panicking callback is reported by the panic hook and otherwise ignored.
 /// [`Pool::join`] and [`Pool::terminate`] (and so dropping the pool) wait
-/// for the callbacks already due; a callback must not wait for another
-/// result's callbacks (they run on the same thread).
+/// for the callbacks already due (a callback that never returns keeps them
+/// waiting); a callback must not wait for another result's callbacks
+/// (they run on the same thread). Once the pool was joined or terminated,
+/// a callback added runs in the thread that adds it.
 ///
 /// # Examples
 ///
@@ -438,6 +440,7 @@ impl<R: Send + 'static> AsyncResult<'_, R> {
         }
         let f: DoneCallback<R> = Box::new(f);
         let callbacks = Arc::clone(&self.pool.callbacks);
+        callbacks.ensure_started();
         if let Some(delivery) = &self.delivery {
             let mut st = lock(&delivery.state);
             st.pending.push(f);

@@ -5,11 +5,11 @@
 //! The reader thread never runs user code: when a result with callbacks is
 //! complete, it hands a closure to this thread (a send on a channel, which
 //! never blocks) and goes on delivering other results. The thread is named
-//! `multiproc-pool-callbacks`, started on the first callback a pool gets,
-//! runs callbacks one at a time in the order their results completed, and
-//! is joined by [`Pool::join`](super::Pool::join) and
-//! [`Pool::terminate`](super::Pool::terminate) (so by the pool's drop) once
-//! every callback already due has run.
+//! `multiproc-pool-callbacks`, started when a pool's first callback is
+//! added, runs callbacks one at a time in the order their results
+//! completed, and is joined by [`Pool::join`](super::Pool::join) and
+//! [`Pool::terminate`](super::Pool::terminate) (so by the pool's drop)
+//! once every callback already due has run.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -74,6 +74,15 @@ impl CallbackThread {
         };
         if let Some(work) = work {
             run_one(work);
+        }
+    }
+
+    /// Starts the thread now if it is not running (so that the reader
+    /// thread, which hands work over, never has to start it).
+    pub(crate) fn ensure_started(&self) {
+        let mut st = lock(&self.state);
+        if !st.stopped && st.running.is_none() {
+            st.running = CallbackThread::start();
         }
     }
 

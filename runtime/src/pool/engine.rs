@@ -517,10 +517,16 @@ impl Core {
             let mut st = lock(&self.state);
             // Dispatch takes chunks off the queue under this lock, so no
             // chunk of the job can be sent while this looks.
+            // In flight, or the rest of a chunk that ran in part (a
+            // worker ended on a panic under `panic = "abort"`).
             let sent = st
                 .workers
                 .iter()
-                .any(|w| w.in_flight.iter().any(|f| Arc::ptr_eq(&f.task.job, job)));
+                .any(|w| w.in_flight.iter().any(|f| Arc::ptr_eq(&f.task.job, job)))
+                || st
+                    .queue
+                    .iter()
+                    .any(|t| t.prefix.is_some() && Arc::ptr_eq(&t.job, job));
             if sent || lock(&job.state).done > 0 {
                 return false;
             }

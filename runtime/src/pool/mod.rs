@@ -672,9 +672,10 @@ impl Pool {
         self.core.close();
     }
 
-    /// Waits for the outstanding work to finish and the workers to exit.
-    /// Python's `join()`: call [`close`](Pool::close) (or
-    /// [`terminate`](Pool::terminate)) first.
+    /// Waits for the outstanding work to finish, the workers to exit and
+    /// the callbacks due to run (then stops the callback thread; see
+    /// [`AsyncResult`]'s Callbacks). Python's `join()`: call
+    /// [`close`](Pool::close) (or [`terminate`](Pool::terminate)) first.
     ///
     /// # Errors
     ///
