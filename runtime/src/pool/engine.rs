@@ -903,7 +903,7 @@ impl Core {
         let err = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(err)) => err,
-            Err(record) => Error::invalid(format!(
+            Err(record) => Error::internal(format!(
                 "the pool's reader thread panicked: {}",
                 record.message
             )),
