@@ -123,7 +123,9 @@ impl<R> Delivery<R> {
 /// many). With the `async` feature it is also a [`Future`](std::future::Future)
 /// of `Result<R>`.
 ///
-/// It borrows its pool, so the pool outlives it. Dropping it discards the
+/// It borrows its pool, so the pool outlives it (for a `'static` result,
+/// one another thread or an async runtime's `spawn` can take, keep the
+/// pool in a `static`, e.g. a `OnceLock<Pool>`). Dropping it discards the
 /// result (chunks not yet started are not run), unless it has callbacks:
 /// then the work runs on and the callbacks get its outcome, as in Python.
 ///
