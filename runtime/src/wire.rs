@@ -249,12 +249,6 @@ impl Channel {
         self.strict = true;
     }
 
-    /// Undoes [`set_strict`](Channel::set_strict) (a handshake's limits
-    /// end with it).
-    pub(crate) fn set_strict_off(&mut self) {
-        self.strict = false;
-    }
-
     /// For a peer that anyone may be (a listener's socket): a frame's
     /// buffer is never reserved from the length its header announces, but
     /// grows (doubling, from [`READ_BUF`]) as its bytes arrive, so a peer

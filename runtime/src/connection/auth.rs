@@ -18,7 +18,9 @@
 //! Every handshake message is one frame of [`Channel`] with the tag
 //! [`TAG`], read with a limit of [`MAX_MESSAGE`] bytes (CPython's
 //! `recv_bytes(256)`; a header announcing more ends the handshake at once,
-//! nothing allocated) and within one deadline for the whole handshake. So
+//! nothing allocated) and within one deadline for the whole handshake,
+//! byte-exact (header, then payload), so that what the peer sends after
+//! the handshake stays in the socket for the connection. So
 //! nothing an unauthenticated peer sends reaches a user's decoder: its
 //! bytes are only ever compared with a challenge prefix or a digest.
 //! Descriptors it attached (on a Unix socket) are closed.
@@ -37,6 +39,8 @@ pub(crate) const TAG: u32 = u32::from_le_bytes(*b"AUTH");
 
 /// The largest handshake message read (CPython's `recv_bytes(256)`).
 const MAX_MESSAGE: u64 = 256;
+/// Bytes of a frame header (see [`crate::wire`]).
+const HEADER: usize = 16;
 
 const CHALLENGE: &[u8] = b"#CHALLENGE#";
 const WELCOME: &[u8] = b"#WELCOME#";
@@ -78,31 +82,56 @@ fn send(channel: &Channel, message: &[u8]) -> Result<()> {
     channel.send(TAG, &[message], &[])
 }
 
-/// Receives one handshake message by `deadline`. A peer that breaks the
-/// handshake's rules (a larger message, another tag, descriptors, bytes
-/// that are no frame) is an [`Error::AuthenticationError`]; one that
-/// stays silent is [`Error::Timeout`], one that leaves
+/// Fills `buf` from the channel's socket by `deadline`, reading no byte
+/// past it: what the peer sends after its last handshake message is its
+/// first message, left in the socket for the connection (which may move
+/// to another process at once).
+fn read_exact(channel: &Channel, buf: &mut [u8], deadline: Option<Instant>) -> Result<()> {
+    let fd = channel.fd();
+    let mut done = 0;
+    while done < buf.len() {
+        wire::wait_readable(fd, deadline)?;
+        let mut fds = Vec::new();
+        let got = sys::recv_fds(fd, &mut buf[done..], &mut fds)
+            .map_err(|e| Error::transport("recv", e))?;
+        if !fds.is_empty() || got.truncated {
+            // Dropping them closes them.
+            return Err(refused(
+                "the peer attached descriptors to a handshake message",
+            ));
+        }
+        if got.bytes == 0 {
+            return Err(Error::Disconnected);
+        }
+        done += got.bytes;
+    }
+    Ok(())
+}
+
+/// Receives one handshake message by `deadline`: a frame header (the wire
+/// format's: length, descriptor count, tag), checked before its payload
+/// is read. A peer that breaks the handshake's rules (a longer message,
+/// another tag, descriptors) is an [`Error::AuthenticationError`] at once;
+/// one that stays silent is [`Error::Timeout`], one that leaves
 /// [`Error::Disconnected`].
-fn recv(channel: &mut Channel, deadline: Option<Instant>) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    let mut fds = Vec::new();
-    let got = channel.recv_into(&mut bytes, &mut fds, wire::remaining(deadline));
-    let tag = match got {
-        Ok(tag) => tag,
-        Err(e @ (Error::Timeout | Error::Disconnected)) => return Err(e),
-        Err(Error::MessageTooLarge { size, .. }) => {
-            return Err(refused(format!(
-                "the peer sent a handshake message of {size} bytes (at most {MAX_MESSAGE}): \
-                 it does not speak this protocol"
-            )));
-        }
-        Err(e) => {
-            return Err(refused(format!(
-                "the peer's handshake message is not one: {e}"
-            )));
-        }
-    };
-    if !fds.is_empty() {
+fn recv(channel: &Channel, deadline: Option<Instant>) -> Result<Vec<u8>> {
+    let mut head = [0u8; HEADER];
+    read_exact(channel, &mut head, deadline)?;
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&head[..8]);
+    let len = u64::from_le_bytes(len);
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&head[8..12]);
+    let nfds = u32::from_le_bytes(word);
+    word.copy_from_slice(&head[12..]);
+    let tag = u32::from_le_bytes(word);
+    if len > MAX_MESSAGE {
+        return Err(refused(format!(
+            "the peer announced a handshake message of {len} bytes (at most {MAX_MESSAGE}): \
+             it does not speak this protocol"
+        )));
+    }
+    if nfds != 0 {
         return Err(refused(
             "the peer attached descriptors to a handshake message",
         ));
@@ -113,11 +142,13 @@ fn recv(channel: &mut Channel, deadline: Option<Instant>) -> Result<Vec<u8>> {
              (does it use an authkey?)",
         ));
     }
-    Ok(bytes)
+    let mut body = vec![0u8; len as usize];
+    read_exact(channel, &mut body, deadline)?;
+    Ok(body)
 }
 
 /// CPython's `deliver_challenge`: checks that the peer knows `key`.
-fn deliver_challenge(channel: &mut Channel, key: &[u8], deadline: Option<Instant>) -> Result<()> {
+fn deliver_challenge(channel: &Channel, key: &[u8], deadline: Option<Instant>) -> Result<()> {
     let mut nonce = DIGEST.to_vec();
     let mut random = [0u8; NONCE];
     sys::random_bytes(&mut random).map_err(|e| Error::io("could not make a challenge", e))?;
@@ -144,7 +175,7 @@ fn deliver_challenge(channel: &mut Channel, key: &[u8], deadline: Option<Instant
 
 /// CPython's `answer_challenge`: proves to the peer that this side knows
 /// `key`.
-fn answer_challenge(channel: &mut Channel, key: &[u8], deadline: Option<Instant>) -> Result<()> {
+fn answer_challenge(channel: &Channel, key: &[u8], deadline: Option<Instant>) -> Result<()> {
     let message = recv(channel, deadline)?;
     let Some(nonce) = message.strip_prefix(CHALLENGE) else {
         return Err(refused(
@@ -182,17 +213,15 @@ pub(crate) enum Side {
     Connecting,
 }
 
-/// Runs the whole mutual handshake on `channel` by `deadline`. The
-/// channel's limits are the handshake's while it runs; the caller resets
-/// them ([`Link::socket`](super::link::Link::socket) does).
+/// Runs the whole mutual handshake on `channel` by `deadline`. It reads
+/// the socket itself, never past the last handshake message: the
+/// channel's buffer is untouched.
 pub(crate) fn handshake(
-    channel: &mut Channel,
+    channel: &Channel,
     key: &[u8],
     side: Side,
     deadline: Option<Instant>,
 ) -> Result<()> {
-    channel.set_max_frame(MAX_MESSAGE);
-    channel.set_strict();
     match side {
         Side::Accepting => {
             deliver_challenge(channel, key, deadline)?;
@@ -221,10 +250,9 @@ mod tests {
 
     /// Runs the accepting side on a thread, the connecting side here.
     fn run(server_key: &'static [u8], client_key: &'static [u8]) -> (Result<()>, Result<()>) {
-        let (mut a, mut b) = pair();
-        let t =
-            std::thread::spawn(move || handshake(&mut a, server_key, Side::Accepting, deadline()));
-        let client = handshake(&mut b, client_key, Side::Connecting, deadline());
+        let (a, b) = pair();
+        let t = std::thread::spawn(move || handshake(&a, server_key, Side::Accepting, deadline()));
+        let client = handshake(&b, client_key, Side::Connecting, deadline());
         let server = t.join().expect("server thread");
         (server, client)
     }
@@ -258,16 +286,38 @@ mod tests {
     }
 
     #[test]
+    fn a_handshake_message_is_read_without_the_bytes_behind_it() {
+        let (a, b) = pair();
+        // One write: the peer's last handshake message and its first
+        // message to the user.
+        let mut both = Vec::new();
+        for (tag, body) in [(TAG, &WELCOME[..]), (1, &b"user data"[..])] {
+            both.extend_from_slice(&(body.len() as u64).to_le_bytes());
+            both.extend_from_slice(&0u32.to_le_bytes());
+            both.extend_from_slice(&tag.to_le_bytes());
+            both.extend_from_slice(body);
+        }
+        let n = sys::write(b.fd(), &both).expect("write");
+        assert_eq!(n, both.len());
+        assert_eq!(recv(&a, deadline()).expect("welcome"), WELCOME);
+        // The user's frame is still in the socket, not in a buffer.
+        assert!(!a.has_buffered_data());
+        let mut a = a;
+        let frame = a.recv(Some(Duration::from_secs(10))).expect("user frame");
+        assert_eq!((frame.tag, &frame.bytes[..]), (1, &b"user data"[..]));
+    }
+
+    #[test]
     fn a_peer_that_answers_with_no_challenge_is_refused() {
-        let (mut a, b) = pair();
+        let (a, b) = pair();
         b.send(TAG, &[b"hello"], &[]).expect("send");
-        let err = answer_challenge(&mut a, b"k", deadline()).expect_err("no challenge");
+        let err = answer_challenge(&a, b"k", deadline()).expect_err("no challenge");
         assert!(err.is_authentication_error(), "{err}");
         // A user's frame (another tag) is refused too.
-        let (mut a, b) = pair();
+        let (a, b) = pair();
         b.send(1, &[b"#CHALLENGE#{sha256}0123456789012345678901234"], &[])
             .expect("send");
-        let err = answer_challenge(&mut a, b"k", deadline()).expect_err("wrong tag");
+        let err = answer_challenge(&a, b"k", deadline()).expect_err("wrong tag");
         assert!(err.is_authentication_error(), "{err}");
     }
 }

@@ -160,11 +160,8 @@ impl Link {
     }
 
     /// An end that is one connected stream socket, read through `channel`
-    /// (see the module docs); `remote` for TCP. The channel's limits are
-    /// reset to the defaults (a handshake may have set others).
+    /// (see the module docs); `remote` for TCP.
     pub(crate) fn socket(mut channel: Channel, remote: bool) -> Link {
-        channel.set_max_frame(DEFAULT_MAX_FRAME);
-        channel.set_strict_off();
         channel.set_grow_as_received();
         Link {
             rx: None,

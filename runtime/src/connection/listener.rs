@@ -374,10 +374,10 @@ impl Listener {
             }
         };
         self.last_accepted = Some(peer);
-        let mut channel = Channel::new(fd);
+        let channel = Channel::new(fd);
         if let Some(key) = &self.authkey {
             let deadline = wire::deadline(Some(self.handshake_timeout));
-            auth::handshake(&mut channel, key, Side::Accepting, deadline)?;
+            auth::handshake(&channel, key, Side::Accepting, deadline)?;
         }
         Ok(Connection::from_link(Link::socket(channel, remote)))
     }
@@ -526,10 +526,10 @@ fn connect<T>(
             return Err(Error::invalid("cannot connect to an unnamed address"));
         }
     };
-    let mut channel = Channel::new(fd);
+    let channel = Channel::new(fd);
     if let Some(key) = &authkey {
         let deadline = deadline.or_else(|| wire::deadline(Some(DEFAULT_HANDSHAKE_TIMEOUT)));
-        auth::handshake(&mut channel, key, Side::Connecting, deadline)?;
+        auth::handshake(&channel, key, Side::Connecting, deadline)?;
     }
     Ok(Connection::from_link(Link::socket(channel, remote)))
 }
