@@ -291,7 +291,7 @@ mod tests {
         // One write: the peer's last handshake message and its first
         // message to the user.
         let mut both = Vec::new();
-        for (tag, body) in [(TAG, &WELCOME[..]), (1, &b"user data"[..])] {
+        for (tag, body) in [(TAG, WELCOME), (1, &b"user data"[..])] {
             both.extend_from_slice(&(body.len() as u64).to_le_bytes());
             both.extend_from_slice(&0u32.to_le_bytes());
             both.extend_from_slice(&tag.to_le_bytes());
