@@ -292,6 +292,21 @@ fn the_preload_runs_once_in_the_server_before_the_forks() {
     );
 }
 
+#[test]
+fn under_multiproc_main_a_forked_child_runs_on_the_main_thread_as_a_spawned_one() {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkserver_program"))
+        .arg("thread-name")
+        .output()
+        .expect("run the program");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), r#"Some("main") Some("main")"#);
+}
+
 fn read_pid(child: &mut std::process::Child) -> u32 {
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();

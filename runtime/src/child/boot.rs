@@ -74,9 +74,12 @@ fn on_load(load: LoadTime) {
         return;
     }
     if let Some(claim) = claim(true) {
-        if claim.server {
+        if claim.server && !claim.in_main {
             // The forkserver stays single-threaded: it runs here, on the
-            // thread the loader started, once the constructors ran.
+            // thread the loader started, once the constructors ran. (Under
+            // `#[multiproc::main]` it runs from `main`'s first line, on
+            // std's main thread, so that its children's thread is std's
+            // `main` as a spawned child's is.)
             load.finish_then_exit(move || {
                 if let Err(code) = prepare(&claim) {
                     return code;
@@ -251,7 +254,7 @@ pub(super) fn run_forked(socket: OwnedFd, requester: u32, server: u32) -> i32 {
     }
 }
 
-/// `fd:parent_pid:deathsig[:m|:s]`: `(parent, deathsig, in_main, server)`.
+/// `fd:parent_pid:deathsig[:m|:s|:sm]`: `(parent, deathsig, in_main, server)`.
 fn parse_env(value: &OsString) -> Option<(u32, bool, bool, bool)> {
     let value = value.to_str()?;
     let mut parts = value.split(':');
@@ -266,6 +269,7 @@ fn parse_env(value: &OsString) -> Option<(u32, bool, bool, bool)> {
         None => (false, false),
         Some("m") => (true, false),
         Some("s") => (false, true),
+        Some("sm") => (true, true),
         Some(_) => return None,
     };
     (fd == CHILD_FD && parts.next().is_none()).then_some((ppid, deathsig, in_main, server))
@@ -538,7 +542,9 @@ mod tests {
         assert_eq!(ok("3:42:0"), Some((42, false, false, false)));
         assert_eq!(ok("3:42:1:m"), Some((42, true, true, false)));
         assert_eq!(ok("3:42:0:s"), Some((42, false, false, true)));
+        assert_eq!(ok("3:42:0:sm"), Some((42, false, true, true)));
         assert_eq!(ok("3:42:0:s:m"), None);
+        assert_eq!(ok("3:42:0:ms"), None);
         assert_eq!(ok("4:42:1"), None);
         assert_eq!(ok("3:42:1:x"), None);
         assert_eq!(ok("3:42:1:m:m"), None);

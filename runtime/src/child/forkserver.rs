@@ -5,11 +5,14 @@
 //! # The server
 //!
 //! The server is the internal entry [`ENTRY`], started like any child
-//! (`posix_spawn` of `/proc/self/exe`) but marked `:s` in [`ENV_VAR`], so
+//! (`posix_spawn` of `/proc/self/exe`) but marked `:s` in `MULTIPROC_CHILD`, so
 //! that its load-time hook runs it on the thread the loader started,
 //! once the constructors ran, and starts no thread: the server is
 //! single-threaded by construction (no `main` thread, no parent watcher:
-//! its own loop sees the program's socket close). It checks that (a
+//! its own loop sees the program's socket close). Under
+//! `#[multiproc::main]` (`:sm`) it runs from `main`'s first line instead,
+//! on std's main thread, still the only one, so that its children run on
+//! std's `main` thread as spawned children do. It checks that (a
 //! constructor of another library may have started a thread) when it
 //! starts and again after the preload, and refuses to serve otherwise, so
 //! a fork never copies a lock held by a thread that does not exist in the

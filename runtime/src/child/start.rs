@@ -278,14 +278,8 @@ fn start_with(
     fds: &[OwnedFd],
 ) -> Result<(ChildProc, Channel)> {
     ensure_ready()?;
-    let (child, parent_end) = match how {
-        How::Spawn => spawn_child(false)?,
-        How::Server => spawn_child(true)?,
-        How::Fork => fork_child()?,
-    };
-    let channel = Channel::new(parent_end);
     let me = identity();
-    let start = Start {
+    let start = || Start {
         exe,
         registry: registry::fingerprint(),
         name: name.to_string(),
@@ -294,23 +288,56 @@ fn start_with(
         parent_pid: std::process::id(),
         mode,
     };
-    match (Message::Start { start, args }).send(&channel, fds) {
+    let send = |channel: &Channel| match (Message::Start {
+        start: start(),
+        args,
+    })
+    .send(channel, fds)
+    {
         // The child died at once; its exit status tells why.
-        Ok(()) | Err(Error::Disconnected) => Ok((child, channel)),
+        Ok(()) | Err(Error::Disconnected) => Ok(()),
         Err(err) => Err(err),
-    }
+    };
+    let (child, channel) = match how {
+        How::Spawn | How::Server => {
+            let (child, parent_end) = spawn_child(how == How::Server)?;
+            (child, Channel::new(parent_end))
+        }
+        How::Fork => return fork_child(args.len() <= PRESEND, send),
+    };
+    send(&channel)?;
+    Ok((child, channel))
 }
 
-/// A child of the forkserver, and the parent's end of its socket. A
+/// A start message whose arguments are at most this long is sent before
+/// the fork is asked for (the socket buffers it), so that the forked
+/// child finds it at once; a longer one could fill the socket's buffer
+/// with no reader yet, and is sent after.
+const PRESEND: usize = 16 * 1024;
+
+/// A child of the forkserver, and the parent's end of its socket, with
+/// its start message sent (by `send`; before the fork when `presend`). A
 /// server found dead is restarted once, with fresh sockets (a child the
 /// dead server may have forked dies with it, and must not see them).
-fn fork_child() -> Result<(ChildProc, OwnedFd)> {
+fn fork_child(
+    presend: bool,
+    send: impl Fn(&Channel) -> Result<()>,
+) -> Result<(ChildProc, Channel)> {
     let mut first = true;
     loop {
         let (parent_end, child_end) =
             sys::socketpair().map_err(|e| Error::io("could not create a socket pair", e))?;
+        let channel = Channel::new(parent_end);
+        if presend {
+            send(&channel)?;
+        }
         match super::forkserver::fork(child_end) {
-            Ok(child) => return Ok((child, parent_end)),
+            Ok(child) => {
+                if !presend {
+                    send(&channel)?;
+                }
+                return Ok((child, channel));
+            }
             Err(super::forkserver::ForkError::ServerGone(_)) if first => first = false,
             Err(
                 super::forkserver::ForkError::ServerGone(err)
@@ -332,12 +359,11 @@ fn spawn_child(server: bool) -> Result<(ChildProc, OwnedFd)> {
         child_end
     };
     let deathsig = on_long_lived_thread();
-    let kind = if server {
-        ":s"
-    } else if super::main_dispatches() {
-        ":m"
-    } else {
-        ""
+    let kind = match (server, super::main_dispatches()) {
+        (true, true) => ":sm",
+        (true, false) => ":s",
+        (false, true) => ":m",
+        (false, false) => "",
     };
     let marker = format!(
         "{ENV_VAR}={CHILD_FD}:{}:{}{kind}",

@@ -1,4 +1,6 @@
-//! Used by tests/forkserver.rs: a program that uses the forkserver.
+//! Used by tests/forkserver.rs: a program that uses the forkserver, with
+//! `#[multiproc::main]` (so its server runs from `main`, the other path
+//! than the test harness's).
 //!
 //! - `orphan` / `orphan-thread`: starts a sleeping child by the
 //!   forkserver (from the main thread, or from a short-lived thread),
@@ -9,6 +11,7 @@
 //! - `restart`: kills the server; prints the exit code of the child it
 //!   was running (`-9`), whether the next start has a new server, and
 //!   that start's exit code (`-9 true 0`).
+//! - `thread-name`: the thread name a forked and a spawned child see.
 //! - `default`: `set_start_method(ForkServer)`, then prints the method,
 //!   the parent pid of a plain `Process` child, and the error of a second
 //!   `set_start_method(Spawn)`.
@@ -36,6 +39,12 @@ fn my_parent() -> u32 {
     std::os::unix::process::parent_id()
 }
 
+#[process_fn]
+fn thread_name() -> Option<String> {
+    std::thread::current().name().map(String::from)
+}
+
+#[multiproc::main]
 fn main() -> multiproc::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_default();
     let ctx = multiproc::get_context(StartMethod::ForkServer);
@@ -93,6 +102,13 @@ fn main() -> multiproc::Result<()> {
                 .join_timeout(std::time::Duration::from_secs(30))?
                 .map_or(-1, |s| s.code());
             println!("{code} {} {q_code}", second != first);
+        }
+        "thread-name" => {
+            let forked = ctx.spawn(thread_name, ())?.join()?;
+            let spawned = multiproc::get_context(StartMethod::Spawn)
+                .spawn(thread_name, ())?
+                .join()?;
+            println!("{forked:?} {spawned:?}");
         }
         other => {
             eprintln!("unknown mode `{other}`");
