@@ -45,8 +45,6 @@ pub(crate) use boot::main_dispatches;
 pub use boot::{init, main_init};
 pub(crate) use forkserver::{set_preload, start_server_now};
 pub(crate) use protocol::{Message, Mode, Start};
-#[cfg(test)]
-pub(crate) use start::start_child;
 pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child_by};
 
 /// The environment variable that marks a process as a multiproc child.
