@@ -99,8 +99,9 @@ pub fn set_forkserver_preload<F: ProcessFn<()>>(f: F) -> Result<()> {
 
 /// Processes and pools that start by one method: CPython's context
 /// objects (`multiprocessing.get_context("forkserver")`). Handles that
-/// do not start processes (`Queue`, `Lock`, `Value`...) are the same
-/// under every method: make them with their own `new`.
+/// do not start processes are the same under every method: the context
+/// makes a [`Queue`](Context::queue) and a [`Lock`](Context::lock) as
+/// CPython's does (`ctx.Queue()`), the others come from their own `new`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Context {
     method: StartMethod,
@@ -152,5 +153,24 @@ impl Context {
     /// [`Pool::builder`], with this context's method.
     pub fn pool_builder(&self) -> PoolBuilder {
         Pool::builder().start_method(self.method)
+    }
+
+    /// [`Queue::new`](crate::Queue::new) (CPython's `ctx.Queue()`): a
+    /// queue is the same under every start method.
+    ///
+    /// # Errors
+    ///
+    /// As [`Queue::new`](crate::Queue::new).
+    pub fn queue<T>(&self) -> Result<crate::Queue<T>> {
+        crate::Queue::new()
+    }
+
+    /// [`Lock::new`](crate::Lock::new) (CPython's `ctx.Lock()`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Lock::new`](crate::Lock::new).
+    pub fn lock(&self) -> Result<crate::Lock> {
+        crate::Lock::new()
     }
 }

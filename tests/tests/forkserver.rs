@@ -258,6 +258,27 @@ fn pool_workers_start_by_the_forkserver_and_are_replaced_by_it() {
     );
 }
 
+#[process_fn]
+fn put_twice(q: multiproc::Queue<u64>, x: u64) {
+    q.put(x).expect("put");
+    q.put(x + 1).expect("put");
+}
+
+#[test]
+fn a_context_queue_travels_to_a_forked_child() {
+    let q = ctx().queue::<u64>().expect("queue");
+    let mut p = ctx().process(put_twice, (q.clone(), 40));
+    p.start().expect("start");
+    assert_eq!(q.get_timeout(LIMIT).expect("first"), 40);
+    assert_eq!(q.get_timeout(LIMIT).expect("second"), 41);
+    assert!(
+        p.join_timeout(LIMIT)
+            .expect("join")
+            .expect("ended")
+            .success()
+    );
+}
+
 #[test]
 fn set_start_method_picks_the_default_once() {
     let out = Command::new(env!("CARGO_BIN_EXE_forkserver_program"))
