@@ -328,6 +328,34 @@ fn under_multiproc_main_a_forked_child_runs_on_the_main_thread_as_a_spawned_one(
     assert_eq!(text.trim(), r#"Some("main") Some("main")"#);
 }
 
+#[test]
+fn end_of_main_terminates_forked_daemons_and_joins_the_others() {
+    let path = std::env::temp_dir().join(format!("multiproc-fs-daemon-end-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut program = Command::new(env!("CARGO_BIN_EXE_daemon_end"))
+        .arg(&path)
+        .arg("forkserver")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the program");
+    let daemon = read_pid(&mut program);
+    assert_ne!(ppid_of(daemon), program.id(), "forked by the server");
+    let ended = eventually(LIMIT, || matches!(program.try_wait(), Ok(Some(_))));
+    assert!(ended, "the program ended");
+    assert!(program.wait().expect("status").success());
+    // Reaped by the server before its status reached the program's
+    // shutdown, so gone by the time the program is.
+    assert!(
+        !pid_alive(daemon),
+        "the daemonic child was terminated at the end of main"
+    );
+    assert_eq!(
+        std::fs::read(&path).expect("the non-daemonic child finished before main returned"),
+        b"joined"
+    );
+    let _ = std::fs::remove_file(&path);
+}
+
 fn read_pid(child: &mut std::process::Child) -> u32 {
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
