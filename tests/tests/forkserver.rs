@@ -280,6 +280,21 @@ fn a_context_queue_travels_to_a_forked_child() {
 }
 
 #[test]
+fn a_panicking_preload_fails_each_start_with_its_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_forkserver_program"))
+        .arg("bad-preload")
+        .output()
+        .expect("run the program");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), "no warm-up today\nno warm-up today", "{text}");
+}
+
+#[test]
 fn set_start_method_picks_the_default_once() {
     let out = Command::new(env!("CARGO_BIN_EXE_forkserver_program"))
         .arg("default")

@@ -467,3 +467,41 @@ pub(crate) fn fork(child_end: OwnedFd) -> std::result::Result<ChildProc, ForkErr
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_malformed_request_is_refused_and_the_server_serves_on() {
+        {
+            let mut slot = lock(&CLIENT);
+            let client = client(&mut slot).expect("server");
+            let (_keep, one) = sys::socketpair().expect("pair");
+            client
+                .channel
+                .send(TAG_FORK, &[], &[one])
+                .expect("send a fork request with one descriptor");
+            let frame = client
+                .channel
+                .recv(Some(Duration::from_secs(20)))
+                .expect("an answer");
+            assert_eq!(frame.tag, TAG_FORK_FAILED);
+            assert_eq!(frame.bytes, libc::EINVAL.to_le_bytes());
+            assert!(frame.fds.is_empty());
+        }
+        // The same server forks the next request.
+        let (parent_end, child_end) = sys::socketpair().expect("pair");
+        let child = match fork(child_end) {
+            Ok(child) => child,
+            Err(ForkError::ServerGone(err) | ForkError::Failed(err)) => panic!("{err}"),
+        };
+        // No start message: the child gives up when its socket closes.
+        drop(parent_end);
+        let code = child
+            .wait(Some(Duration::from_secs(20)))
+            .expect("wait")
+            .expect("ended");
+        assert_eq!(code, 1);
+    }
+}

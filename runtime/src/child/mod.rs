@@ -29,6 +29,13 @@
 //! started from a thread that lives as long as the parent process,
 //! otherwise a watcher thread that sees the parent's end of the socket
 //! close.
+//!
+//! The start method `forkserver` ([`forkserver`]) starts one spawned child
+//! marked `:s` (`:sm` under `#[multiproc::main]`): the server, which runs
+//! single-threaded and forks the others on request. A forked child gets
+//! its socket from the server instead of at [`CHILD_FD`], and from there
+//! reads the same start message and makes the same checks as a spawned
+//! one (`boot::run_forked`).
 
 use std::os::fd::RawFd;
 use std::sync::OnceLock;

@@ -11,6 +11,8 @@
 //! - `restart`: kills the server; prints the exit code of the child it
 //!   was running (`-9`), whether the next start has a new server, and
 //!   that start's exit code (`-9 true 0`).
+//! - `bad-preload`: a preload that panics; prints the error of two
+//!   starts (the server's start fails each time, nothing hangs).
 //! - `thread-name`: the thread name a forked and a spawned child see.
 //! - `default`: `set_start_method(ForkServer)`, then prints the method,
 //!   the parent pid of a plain `Process` child, and the error of a second
@@ -24,6 +26,11 @@ static PRELOADED: AtomicU32 = AtomicU32::new(0);
 #[process_fn]
 fn preload() {
     PRELOADED.store(1, Ordering::SeqCst);
+}
+
+#[process_fn]
+fn preload_panics() {
+    panic!("no warm-up today");
 }
 
 #[process_fn]
@@ -102,6 +109,15 @@ fn main() -> multiproc::Result<()> {
                 .join_timeout(std::time::Duration::from_secs(30))?
                 .map_or(-1, |s| s.code());
             println!("{code} {} {q_code}", second != first);
+        }
+        "bad-preload" => {
+            multiproc::set_forkserver_preload(preload_panics)?;
+            for _ in 0..2 {
+                match ctx.spawn(preloaded, ()) {
+                    Err(multiproc::Error::Panicked { message, .. }) => println!("{message}"),
+                    other => println!("unexpected: {other:?}"),
+                }
+            }
         }
         "thread-name" => {
             let forked = ctx.spawn(thread_name, ())?.join()?;
