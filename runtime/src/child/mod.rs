@@ -4,7 +4,7 @@
 //! A child is this same executable, started again from `/proc/self/exe`
 //! with the parent's arguments, `/dev/null` as standard input, one
 //! inherited Unix socket at descriptor [`CHILD_FD`] and the variable
-//! [`ENV_VAR`] (`fd:parent_pid:deathsig[:m]`) in its environment. Before
+//! [`ENV_VAR`] (`fd:parent_pid:deathsig[:m|:s|:sm]`) in its environment. Before
 //! `main`, the child's load-time hook runs the load-time constructors that
 //! come after it (so every registration is in place whatever the link
 //! order), reads the start message, checks that it runs the parent's

@@ -213,7 +213,7 @@ pub(crate) fn start_child(
     start_child_by(None, name, process_name, mode, args, fds)
 }
 
-/// [`start_child`] by `method` (`None`: the program's default).
+/// Starts a child as `start_child` does, by `method` (`None`: the program's default).
 pub(crate) fn start_child_by(
     method: Option<StartMethod>,
     name: &str,
