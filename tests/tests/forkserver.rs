@@ -264,6 +264,26 @@ fn put_twice(q: multiproc::Queue<u64>, x: u64) {
     q.put(x + 1).expect("put");
 }
 
+#[process_fn]
+fn forks_a_grandchild(a: u64) -> (u64, bool) {
+    let mut handle = ctx().spawn(add, (a, 1)).expect("spawn a grandchild");
+    let value = handle.join_timeout(LIMIT).expect("join the grandchild");
+    (value, handle_parent_differs(std::process::id()))
+}
+
+/// Whether a forked child of this process has another parent (its own
+/// server), checked from this process.
+fn handle_parent_differs(me: u32) -> bool {
+    let mut handle = ctx().spawn(os_parent, ()).expect("spawn");
+    handle.join_timeout(LIMIT).expect("join") != me
+}
+
+#[test]
+fn a_forked_child_can_start_children_by_its_own_forkserver() {
+    let mut handle = ctx().spawn(forks_a_grandchild, (41,)).expect("spawn");
+    assert_eq!(handle.join_timeout(LIMIT).expect("join"), (42, true));
+}
+
 #[test]
 fn a_context_queue_travels_to_a_forked_child() {
     let q = ctx().queue::<u64>().expect("queue");
