@@ -129,8 +129,11 @@ impl ChildProc {
         if let Some(relay) = &self.relay {
             // Readable once the server wrote the status, or died.
             let deadline = crate::wire::deadline(timeout);
-            sys::poll_one(relay.as_fd(), PollFlags::POLLIN, timeout)
+            let ev = sys::poll_one(relay.as_fd(), PollFlags::POLLIN, timeout)
                 .map_err(|e| Error::io("poll", e))?;
+            if ev.is_empty() {
+                return Ok(None);
+            }
             if let Some(s) = self.try_wait()? {
                 return Ok(Some(s));
             }
