@@ -132,10 +132,35 @@ fn single_threaded(when: &str) -> Result<()> {
     }
 }
 
+/// Under `panic = "abort"`: where a panicking preload is reported, taken
+/// (and closed) once the preload is done, so that no forked child holds a
+/// copy of the server's socket.
+static PRELOAD_REPORT: Mutex<Option<Channel>> = Mutex::new(None);
+
+/// Under `panic = "abort"`: the panic hook's last act when the preload
+/// panics; the program gets the panic as it would with unwinding.
+fn report_preload_abort(record: registry::PanicRecord) {
+    let taken = PRELOAD_REPORT.try_lock().ok().and_then(|mut c| c.take());
+    if let Some(channel) = taken {
+        let err = record.into_error(std::process::id(), None);
+        let _ = Message::Failed(err).send(&channel, &[]);
+    }
+    std::process::exit(EXIT_REFUSED);
+}
+
+/// After the preload: a panic aborts as it would without a reporter.
+fn no_report(_record: registry::PanicRecord) {}
+
 /// The server's entry point (see the module docs).
 fn server_main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     if let Err(err) = single_threaded("at its start") {
         return refuse(&channel, err);
+    }
+    if cfg!(panic = "abort") {
+        if let Ok(fd) = channel.fd().try_clone_to_owned() {
+            *lock(&PRELOAD_REPORT) = Some(Channel::new(fd));
+            registry::set_abort_reporter(report_preload_abort);
+        }
     }
     let preloads: Preloads = match codec::decode(&args, fds) {
         Ok(preloads) => preloads,
@@ -157,6 +182,10 @@ fn server_main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         {
             return refuse(&channel, err);
         }
+    }
+    if cfg!(panic = "abort") {
+        drop(lock(&PRELOAD_REPORT).take());
+        registry::set_abort_reporter(no_report);
     }
     if let Err(err) = single_threaded("after its preload") {
         return refuse(&channel, err);
