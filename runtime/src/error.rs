@@ -187,6 +187,10 @@ pub enum Error {
     /// `try_acquire` found the lock held by another holder (`?` on
     /// [`std::sync::TryLockError::WouldBlock`]).
     WouldBlock,
+    /// The pool task was cancelled before it started
+    /// ([`AsyncResult::cancel`](crate::pool::AsyncResult::cancel)): Python's
+    /// `concurrent.futures.CancelledError`.
+    Cancelled,
     /// multiproc reached a state its own invariants rule out (a reader
     /// thread that panicked, a buffer that cannot be full): a bug in
     /// multiproc, not in the calling code or a peer. Please report it with
@@ -201,6 +205,11 @@ impl Error {
     /// `true` for [`Error::Timeout`].
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout)
+    }
+
+    /// `true` for [`Error::Cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Error::Cancelled)
     }
 
     /// `true` for [`Error::Disconnected`].
@@ -428,6 +437,7 @@ impl fmt::Display for Error {
             Error::Full => f.write_str("the queue is full"),
             Error::Empty => f.write_str("nothing to receive right now"),
             Error::WouldBlock => f.write_str("the lock is held by another holder"),
+            Error::Cancelled => f.write_str("the task was cancelled before it started"),
             Error::Internal { message } => write!(
                 f,
                 "internal error (a bug in multiproc, please report it): {message}"
@@ -476,6 +486,7 @@ impl Error {
             Error::Full => "Full",
             Error::Empty => "Empty",
             Error::WouldBlock => "WouldBlock",
+            Error::Cancelled => "Cancelled",
             Error::Internal { .. } => "Internal",
         }
     }
