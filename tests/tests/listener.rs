@@ -85,16 +85,21 @@ fn report_authkey(out: multiproc::connection::Sender<Vec<u8>>) {
 fn children_inherit_the_authkey_of_their_parent() {
     let mine = multiproc::process::authkey().expect("authkey");
     assert_eq!(mine.len(), 32);
-    let (mut rx, tx) = Pipe::simplex::<Vec<u8>>().expect("pipe");
-    let mut p = Process::new(report_authkey, (tx,));
-    p.start().expect("start");
-    assert_eq!(rx.recv_timeout(LONG).expect("recv"), mine.to_vec());
-    assert!(
-        p.join_timeout(LONG)
-            .expect("join")
-            .expect("exited")
-            .success()
-    );
+    for method in [
+        multiproc::StartMethod::Spawn,
+        multiproc::StartMethod::ForkServer,
+    ] {
+        let (mut rx, tx) = Pipe::simplex::<Vec<u8>>().expect("pipe");
+        let mut p = Process::builder()
+            .start_method(method)
+            .target(report_authkey, (tx,))
+            .build();
+        p.start().expect("start");
+        let got = rx.recv_timeout(LONG).expect("recv");
+        assert_eq!(got, mine.to_vec(), "{method:?}");
+        let status = p.join_timeout(LONG).expect("join").expect("exited");
+        assert!(status.success(), "{method:?}: {status}");
+    }
 }
 
 /// Every Pipe-end operation on one accepted connection and its client.
