@@ -30,6 +30,8 @@ use crate::error::{Error, Result};
 
 mod boot;
 mod protocol;
+#[cfg(feature = "mpi")]
+pub(crate) mod ranks;
 mod start;
 
 pub use boot::init;

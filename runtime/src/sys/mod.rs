@@ -29,6 +29,8 @@ pub(crate) mod boot;
 pub(crate) mod futex;
 pub(crate) mod ipc;
 pub(crate) mod lock;
+#[cfg(feature = "mpi")]
+pub(crate) mod mpi;
 pub(crate) mod shm;
 pub(crate) mod word;
 
