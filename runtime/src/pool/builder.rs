@@ -134,6 +134,7 @@ impl PoolBuilder {
         };
         let config = Config {
             processes,
+            workers,
             init: protocol::WorkerInit {
                 initializer,
                 max_tasks: self.max_tasks_per_child.map(|k| k as u64),
@@ -189,17 +190,27 @@ pub(super) fn start(
     Ok((core, reader))
 }
 
-/// A plain local pool of `workers` processes (a serving MPI rank's own).
+/// A local pool of `workers` processes with `init` (a serving MPI rank's
+/// own, for one session); waits until the initializer ran in each.
 #[cfg(feature = "mpi")]
-pub(super) fn start_local(workers: usize) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
+pub(super) fn start_local(
+    workers: usize,
+    init: protocol::WorkerInit,
+) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
+    let has_initializer = init.initializer.is_some();
     let config = Config {
         processes: workers,
-        init: protocol::WorkerInit {
-            initializer: None,
-            max_tasks: None,
-        },
+        workers,
+        init,
         init_fds: Vec::new(),
         transport: Transport::Local,
     };
-    start(config, workers)
+    let (core, reader) = start(config, workers)?;
+    if has_initializer {
+        if let Err(err) = core.wait_ready() {
+            core.terminate(Some(reader));
+            return Err(err);
+        }
+    }
+    Ok((core, reader))
 }

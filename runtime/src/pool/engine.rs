@@ -219,7 +219,10 @@ const RETRY_SPAWN: Duration = Duration::from_millis(100);
 /// Configuration a worker is started with.
 #[derive(Debug)]
 pub(crate) struct Config {
+    /// Processes that run tasks (a serving rank may run several).
     pub(crate) processes: usize,
+    /// Workers of the engine: processes locally, serving ranks on MPI.
+    pub(crate) workers: usize,
     pub(crate) init: WorkerInit,
     pub(crate) init_fds: Vec<OwnedFd>,
     pub(crate) transport: Transport,
@@ -439,7 +442,7 @@ impl Core {
                 return Err(err.clone());
             }
             // Every worker, replacements of those that died starting included.
-            if st.workers.len() >= self.config.processes && st.workers.iter().all(|w| w.ready) {
+            if st.workers.len() >= self.config.workers && st.workers.iter().all(|w| w.ready) {
                 return Ok(());
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());

@@ -427,34 +427,40 @@ fn finish() {
 // ---------------------------------------------------------------------
 // A serving rank.
 
+/// A session on a serving rank: its start, and its local pool if the
+/// rank fans its chunks out.
+struct Served {
+    fan: Option<LocalFanOut>,
+}
+
 /// A serving rank's loop, until rank 0 finishes: 0, or 2 when rank 0
 /// broke the protocol (the job is then aborted by the caller's exit).
 fn serve(world: &World) -> i32 {
+    // A task's panic is reported to rank 0 (with its location), not here.
+    registry::install_panic_hook();
     registry::set_quiet_panics(true);
     let comm = launch::comm();
     let root = comm.process_at_rank(0);
-    let mut local = if world.workers > 1 {
-        LocalFanOut::new(world.workers as usize).ok()
-    } else {
-        None
-    };
-    let mut sessions: HashMap<u32, WorkerInit> = HashMap::new();
+    let mut sessions: HashMap<u32, Served> = HashMap::new();
     let mut cached = None;
     let mut out = Vec::new();
     let mut out_fds = Vec::new();
     let mut backoff = Backoff::new();
     let answer = |session: u32, reply: &FromWorker<'_>| {
-        let sent = reply.with_parts(|tag, parts| {
+        // Only a start refusal has no parts, and it is never sent here.
+        let _ = reply.with_parts(|tag, parts| {
             root.send_with_tag(&pack(tag, session, parts)[..], MPI_TAG);
         });
-        // Only a start refusal has no parts, and it is never sent here.
-        let _ = sent;
     };
     loop {
-        if let Some(fan) = &mut local {
-            if fan.answer_finished(&answer) {
-                backoff.reset();
+        let mut finished = false;
+        for (session, served) in &mut sessions {
+            if let Some(fan) = &mut served.fan {
+                finished |= fan.answer_finished(*session, &answer);
             }
+        }
+        if finished {
+            backoff.reset();
         }
         let Some(message) = root.immediate_matched_probe_with_tag(MPI_TAG) else {
             backoff.snooze();
@@ -468,17 +474,24 @@ fn serve(world: &World) -> i32 {
         match tag {
             TAG_FINISH => return 0,
             TAG_STOP => {
-                sessions.remove(&session);
-                if let Some(fan) = &mut local {
-                    fan.stop(session);
+                if let Some(Served { fan: Some(fan) }) = sessions.remove(&session) {
+                    // Its chunks still running are answered (rank 0
+                    // counts on it) and dropped there.
+                    fan.stop(session, &answer);
                 }
             }
             TAG_START => {
-                let started = codec::decode_plain::<WorkerInit>(&bytes)
-                    .and_then(|init| worker::run_initializer(&init, Vec::new()).map(|()| init));
+                let started = codec::decode_plain::<WorkerInit>(&bytes).and_then(|init| {
+                    if world.workers > 1 {
+                        // The initializer runs in each local worker.
+                        LocalFanOut::new(world.workers as usize, init).map(Some)
+                    } else {
+                        worker::run_initializer(&init, Vec::new()).map(|()| None)
+                    }
+                });
                 match started {
-                    Ok(init) => {
-                        sessions.insert(session, init);
+                    Ok(fan) => {
+                        sessions.insert(session, Served { fan });
                         answer(session, &FromWorker::Ready);
                     }
                     Err(err) => {
@@ -493,13 +506,13 @@ fn serve(world: &World) -> i32 {
                 let Some(ToWorker::Task { id, body }) = ToWorker::parse(tag, &bytes) else {
                     return 2;
                 };
-                if !sessions.contains_key(&session) {
+                let Some(served) = sessions.get_mut(&session) else {
                     let failure = TaskFailure::from_error(Error::Closed);
                     answer(session, &FromWorker::TaskFailed { id, failure });
                     continue;
-                }
-                if let Some(fan) = &mut local {
-                    if let Err(err) = fan.submit(session, id, body) {
+                };
+                if let Some(fan) = &mut served.fan {
+                    if let Err(err) = fan.submit(id, body) {
                         let failure = TaskFailure::from_error(err);
                         answer(session, &FromWorker::TaskFailed { id, failure });
                     }
@@ -527,30 +540,31 @@ fn serve(world: &World) -> i32 {
     }
 }
 
-/// A serving rank's local pool: chunks from rank 0 go whole to local
-/// worker processes (the local transport), their outcomes back to rank 0.
+/// A session's local pool on a serving rank: chunks from rank 0 go whole
+/// to local worker processes (the local transport, with the session's
+/// initializer and task limit), their outcomes back to rank 0.
 struct LocalFanOut {
     core: Arc<Core>,
-    _reader: std::thread::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
     job: Arc<super::job::Job>,
-    /// Chunk index in `job` → (session, id at rank 0).
-    running: HashMap<usize, (u32, u64)>,
+    /// Chunk index in `job` → the chunk's id at rank 0.
+    running: HashMap<usize, u64>,
     next: usize,
 }
 
 impl LocalFanOut {
-    fn new(workers: usize) -> Result<LocalFanOut> {
-        let (core, reader) = super::builder::start_local(workers)?;
+    fn new(workers: usize, init: WorkerInit) -> Result<LocalFanOut> {
+        let (core, reader) = super::builder::start_local(workers, init)?;
         Ok(LocalFanOut {
             core,
-            _reader: reader,
+            reader: Some(reader),
             job: Arc::new(super::job::Job::default()),
             running: HashMap::new(),
             next: 0,
         })
     }
 
-    fn submit(&mut self, session: u32, id: u64, body: &[u8]) -> Result<()> {
+    fn submit(&mut self, id: u64, body: &[u8]) -> Result<()> {
         let index = self.next;
         self.next += 1;
         let info = super::job::ChunkInfo {
@@ -559,20 +573,26 @@ impl LocalFanOut {
             count: super::protocol::ChunkBody::items(body),
         };
         let task = super::engine::Task::new(Arc::clone(&self.job), info, body.to_vec(), Vec::new());
-        self.running.insert(index, (session, id));
+        self.running.insert(index, id);
         self.core.submit([task])
     }
 
-    /// Tasks of a stopped session still answer (as rank 0 counts on),
-    /// their results are dropped there.
-    fn stop(&mut self, _session: u32) {}
+    /// Stops the local workers; the chunks they were running are answered
+    /// as closed.
+    fn stop(mut self, session: u32, answer: &impl Fn(u32, &FromWorker<'_>)) {
+        self.core.terminate(self.reader.take());
+        for (_, id) in self.running.drain() {
+            let failure = TaskFailure::from_error(Error::Closed);
+            answer(session, &FromWorker::TaskFailed { id, failure });
+        }
+    }
 
     /// Answers the chunks the local workers finished; `true` if any.
-    fn answer_finished(&mut self, answer: &impl Fn(u32, &FromWorker<'_>)) -> bool {
+    fn answer_finished(&mut self, session: u32, answer: &impl Fn(u32, &FromWorker<'_>)) -> bool {
         let mut any = false;
         while let Some((info, outcome)) = self.job.take(None, Some(Instant::now())) {
             any = true;
-            let Some((session, id)) = self.running.remove(&info.index) else {
+            let Some(id) = self.running.remove(&info.index) else {
                 continue;
             };
             match outcome.into_bytes() {
@@ -590,5 +610,11 @@ impl LocalFanOut {
             }
         }
         any
+    }
+}
+
+impl Drop for LocalFanOut {
+    fn drop(&mut self) {
+        self.core.terminate(self.reader.take());
     }
 }
