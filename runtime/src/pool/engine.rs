@@ -109,6 +109,8 @@ struct Conn {
 
 /// How chunks reach a worker: the two transports.
 #[derive(Debug)]
+// One per worker, behind its `Arc<Conn>`: the size does not matter.
+#[cfg_attr(feature = "mpi", allow(clippy::large_enum_variant))]
 enum Tx {
     /// A local worker process's socket.
     Socket(Mutex<Channel>),
@@ -552,6 +554,11 @@ impl Core {
             placed,
         } in sends
         {
+            // Without the `mpi` feature there is one transport.
+            #[cfg_attr(
+                not(feature = "mpi"),
+                allow(clippy::infallible_destructuring_match)
+            )]
             let tx = match &conn.tx {
                 Tx::Socket(tx) => tx,
                 #[cfg(feature = "mpi")]
@@ -578,7 +585,7 @@ impl Core {
                     continue;
                 }
             }
-            let _ = key;
+            let _ = key; // the rank transport's
             let task = ToWorker::Task { id, body: &payload };
             let _ = task.send(&lock(tx), &fds);
         }
