@@ -7,8 +7,10 @@
 //! Slurm's included, `PMI_RANK` for MPICH's Hydra and PMI-1/2). When one
 //! of them is set, the load-time hook (after it ruled out a multiproc
 //! child, whose claim comes first) initializes MPI on every rank, with
-//! `MPI_THREAD_SERIALIZED` asked for (one thread of rank 0's makes the
-//! transport's calls), and learns, through two collectives
+//! `MPI_THREAD_MULTIPLE` asked for (the transport itself needs only
+//! `MPI_THREAD_SERIALIZED`: one thread of rank 0's makes its calls; with
+//! `MULTIPLE` the program's own MPI calls, on tags other than the pool's,
+//! may run beside it), and learns, through two collectives
 //! every rank takes part in, how many ranks share each host and each
 //! rank's pid and number of local workers. Then:
 //!
@@ -91,7 +93,7 @@ pub(crate) fn on_load(load: LoadTime) {
     if !launched() {
         return;
     }
-    let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Serialized) else {
+    let Some((universe, threading)) = mpi::initialize_with_threading(Threading::Multiple) else {
         return;
     };
     let comm = universe.world();

@@ -555,10 +555,7 @@ impl Core {
         } in sends
         {
             // Without the `mpi` feature there is one transport.
-            #[cfg_attr(
-                not(feature = "mpi"),
-                allow(clippy::infallible_destructuring_match)
-            )]
+            #[cfg_attr(not(feature = "mpi"), allow(clippy::infallible_destructuring_match))]
             let tx = match &conn.tx {
                 Tx::Socket(tx) => tx,
                 #[cfg(feature = "mpi")]

@@ -28,15 +28,16 @@
 //! One thread makes every MPI call after the start (`MPI_Isend` of the
 //! queued frames, `MPI_Improbe` + `MPI_Mrecv` of the answers, `MPI_Test` of
 //! the sends). Any thread of the pool queues a frame without waiting, so a
-//! busy rank never holds up the others. The thread spins for
-//! [`SPIN`] after the last message, then sleeps in growing steps up to
-//! [`MAX_NAP`] while answers are due, and waits on a condition variable
-//! (no CPU at all) when none is.
+//! busy rank never holds up the others. While answers are due the thread
+//! spins (yielding) for [`DUE_SPIN`] after the last message, then sleeps
+//! in growing steps up to [`DUE_NAP`]; when none is due it waits on a
+//! condition variable (no CPU at all).
 //!
 //! # A serving rank
 //!
-//! A single thread: probe (with the same back-off, so an idle rank costs
-//! well under 1% of a core), receive, run the chunk through the pool's
+//! A single thread: probe (spinning [`SPIN`] after a message, then
+//! sleeping up to [`MAX_NAP`]: an idle rank costs 1-2% of a core),
+//! receive, run the chunk through the pool's
 //! own worker code ([`worker::run_chunk`]: a panicking item fails alone,
 //! with its message), answer with a blocking send (rank 0 is always
 //! receiving while an answer is due). With more than one local worker
@@ -76,10 +77,16 @@ const TRAILER: usize = 8;
 /// The largest message MPI counts (`int` elements).
 const MPI_MAX: u64 = i32::MAX as u64;
 
-/// How long a thread keeps probing without sleeping after a message.
+/// How long a serving rank keeps probing without sleeping after a
+/// message, and its longest sleep between two probes when idle.
 const SPIN: Duration = Duration::from_micros(200);
-/// The longest sleep between two probes.
 const MAX_NAP: Duration = Duration::from_millis(1);
+
+/// Rank 0 while answers are due: a chunk's answer is picked up at most
+/// this late (it holds up the rank's next chunk), at the price of a few
+/// percent of a core while tasks run; with none due its thread sleeps.
+const DUE_SPIN: Duration = Duration::from_micros(50);
+const DUE_NAP: Duration = Duration::from_micros(100);
 
 /// How long rank 0's exit waits for answers still due (tasks still running
 /// on serving ranks) before it aborts the job instead of finalizing.
@@ -118,18 +125,22 @@ fn unpack(bytes: &mut Vec<u8>) -> Option<(u32, u32)> {
     Some((tag, session))
 }
 
-/// Probing with back-off: spin for [`SPIN`] after the last message, then
-/// sleep, doubling from 10 µs up to [`MAX_NAP`].
+/// Probing with back-off: spin (yielding the CPU) for `spin` after the
+/// last message, then sleep, doubling from 10 µs up to `max_nap`.
 struct Backoff {
     last: Instant,
     nap: Duration,
+    spin: Duration,
+    max_nap: Duration,
 }
 
 impl Backoff {
-    fn new() -> Backoff {
+    fn new(spin: Duration, max_nap: Duration) -> Backoff {
         Backoff {
             last: Instant::now(),
             nap: Duration::from_micros(10),
+            spin,
+            max_nap,
         }
     }
 
@@ -139,7 +150,7 @@ impl Backoff {
     }
 
     fn spinning(&self) -> bool {
-        self.last.elapsed() < SPIN
+        self.last.elapsed() < self.spin
     }
 
     fn snooze(&mut self) {
@@ -147,7 +158,7 @@ impl Backoff {
             std::thread::yield_now();
         } else {
             std::thread::sleep(self.nap);
-            self.nap = (self.nap * 2).min(MAX_NAP);
+            self.nap = (self.nap * 2).min(self.max_nap);
         }
     }
 }
@@ -224,7 +235,7 @@ impl Link {
     fn run(&self) -> bool {
         let comm = launch::comm();
         let mut sending: Vec<OwnedSend> = Vec::new();
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(DUE_SPIN, DUE_NAP);
         let mut deadline: Option<Instant> = None;
         loop {
             let batch: Vec<(i32, Vec<u8>)> = {
@@ -445,7 +456,7 @@ fn serve(world: &World) -> i32 {
     let mut cached = None;
     let mut out = Vec::new();
     let mut out_fds = Vec::new();
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(SPIN, MAX_NAP);
     let answer = |session: u32, reply: &FromWorker<'_>| {
         // Only a start refusal has no parts, and it is never sent here.
         let _ = reply.with_parts(|tag, parts| {
