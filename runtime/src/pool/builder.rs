@@ -146,6 +146,7 @@ impl PoolBuilder {
         let pool = Pool {
             core,
             reader: Mutex::new(Some(reader)),
+            callbacks: Arc::default(),
         };
         if has_initializer {
             pool.core.wait_ready()?;

@@ -129,10 +129,13 @@ fn check_server(name: &str, pid: i32, uid: u32, our_uid: u32) -> Result<()> {
     if uid == our_uid {
         return Ok(());
     }
-    Err(Error::invalid(format!(
-        "shared memory name {name:?} is held by process {pid} of another user (uid {uid}, \
-         not {our_uid}): refused, its memory could be rewritten or truncated by that user"
-    )))
+    Err(Error::io_kind_owned(
+        format!(
+            "shared memory name {name:?} is held by process {pid} of another user (uid {uid}, \
+             not {our_uid}): refused, its memory could be rewritten or truncated by that user"
+        ),
+        std::io::ErrorKind::PermissionDenied,
+    ))
 }
 
 /// Why `create` could not bind `addr`, which is in use: asks the holder
@@ -150,20 +153,30 @@ fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
         socket::getsockopt(&probe, sockopt::PeerCredentials)
     });
     let Ok(holder) = holder else {
-        return Error::invalid(format!("shared memory named {name:?} already exists"));
+        return exists(format!("shared memory named {name:?} already exists"));
     };
     let our_uid = nix::unistd::getuid().as_raw();
     match check_server(name, holder.pid(), holder.uid(), our_uid) {
-        Ok(()) => Error::invalid(format!(
+        Ok(()) => exists(format!(
             "shared memory named {name:?} already exists (created by process {})",
             holder.pid()
         )),
-        Err(_) => Error::invalid(format!(
+        Err(_) => exists(format!(
             "shared memory name {name:?} is taken by process {} of another user (uid {})",
             holder.pid(),
             holder.uid()
         )),
     }
+}
+
+/// Python's `FileExistsError`: an [`Error::Io`] of kind `AlreadyExists`.
+fn exists(context: String) -> Error {
+    Error::io_kind_owned(context, std::io::ErrorKind::AlreadyExists)
+}
+
+/// Python's `FileNotFoundError`: an [`Error::Io`] of kind `NotFound`.
+fn not_found(context: String) -> Error {
+    Error::io_kind_owned(context, std::io::ErrorKind::NotFound)
 }
 
 /// The name server's answer on `conn`: one byte, the number of
@@ -194,7 +207,7 @@ fn receive_memfd(conn: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
     let mut fds = fds.into_iter().take(usize::from(byte[0]));
     let memfd = fds.next();
     drop(fds);
-    memfd.ok_or_else(|| Error::invalid(format!("no shared memory named {name:?} (refused)")))
+    memfd.ok_or_else(|| not_found(format!("no shared memory named {name:?} (refused)")))
 }
 
 impl SharedMemory {
@@ -203,10 +216,11 @@ impl SharedMemory {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if the name is empty, longer than 64
-    /// bytes, or holds `/` or NUL, or if `size` is 0, or if the name is
-    /// already in use (Python's `FileExistsError`; the message names the
-    /// holder's pid, and its uid when another user took the name);
-    /// [`Error::Io`] if the OS refuses.
+    /// bytes, or holds `/` or NUL, or if `size` is 0; an [`Error::Io`] of
+    /// kind [`AlreadyExists`](std::io::ErrorKind::AlreadyExists) (see
+    /// [`Error::io_kind`]) if the name is already in use (Python's
+    /// `FileExistsError`; the message names the holder's pid, and its uid
+    /// when another user took the name); [`Error::Io`] if the OS refuses.
     pub fn create(name: &str, size: usize) -> Result<SharedMemory> {
         if size == 0 {
             return Err(Error::invalid("shared memory size must be at least 1 byte"));
@@ -245,10 +259,12 @@ impl SharedMemory {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if no block has that name (never created,
-    /// unlinked, or its creator exited: Python's `FileNotFoundError`), if
-    /// the name is malformed, or if a process of another user holds it;
-    /// [`Error::Io`] if the OS refuses, if the name's server does not
+    /// An [`Error::Io`] of kind [`NotFound`](std::io::ErrorKind::NotFound)
+    /// (see [`Error::io_kind`]) if no block has that name (never created,
+    /// unlinked, or its creator exited: Python's `FileNotFoundError`), of
+    /// kind [`PermissionDenied`](std::io::ErrorKind::PermissionDenied) if
+    /// a process of another user holds it; [`Error::InvalidArgument`] if
+    /// the name is malformed; [`Error::Io`] if the OS refuses, if the name's server does not
     /// answer within 30 s, or if the descriptor table is full (the kernel
     /// drops the memfd: MSG_CTRUNC; not a refusal, try again once
     /// descriptors are free).
@@ -264,7 +280,7 @@ impl SharedMemory {
         match socket::connect(conn.as_raw_fd(), &addr) {
             Ok(()) => {}
             Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
-                return Err(Error::invalid(format!("no shared memory named {name:?}")));
+                return Err(not_found(format!("no shared memory named {name:?}")));
             }
             Err(Errno::EAGAIN) => return Err(Error::errno(SERVER_SILENT, Errno::ETIMEDOUT)),
             Err(e) => return Err(Error::errno("could not reach the shared memory name", e)),
@@ -659,7 +675,7 @@ mod tests {
         let refused = check_server("n", 4242, 65534, 1000).expect_err("another uid");
         let message = refused.to_string();
         assert!(
-            matches!(refused, Error::InvalidArgument { .. }),
+            refused.io_kind() == Some(std::io::ErrorKind::PermissionDenied),
             "{message}"
         );
         assert!(message.contains("uid 65534"), "{message}");
@@ -674,9 +690,9 @@ mod tests {
     fn a_taken_name_says_who_holds_it() {
         let name = format!("unit-taken-{}", std::process::id());
         let a = SharedMemory::create(&name, 8).expect("create");
-        let message = SharedMemory::create(&name, 8)
-            .expect_err("taken")
-            .to_string();
+        let taken = SharedMemory::create(&name, 8).expect_err("taken");
+        assert_eq!(taken.io_kind(), Some(std::io::ErrorKind::AlreadyExists));
+        let message = taken.to_string();
         assert!(
             message.contains(&format!("created by process {}", std::process::id())),
             "{message}"
