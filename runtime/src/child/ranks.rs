@@ -148,6 +148,16 @@ pub(crate) fn on_load(load: LoadTime) {
                 mpi::topology::Communicator::abort(&SimpleCommunicator::world(), 70)
             }
         };
+        if code != 0 {
+            // Finalizing would leave rank 0 waiting for answers: the job
+            // ends instead, with the reason.
+            eprintln!(
+                "multiproc: MPI rank {} received a message that is not the pool's protocol; \
+                 aborting the job",
+                world.rank
+            );
+            mpi::topology::Communicator::abort(&SimpleCommunicator::world(), code)
+        }
         finalize();
         code
     })

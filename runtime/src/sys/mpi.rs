@@ -60,7 +60,6 @@ impl OwnedSend {
 
     /// Frees the buffer; the request must be complete (consumed).
     fn reclaim(&mut self) {
-        debug_assert!(self.request.is_none());
         let empty: *mut [u8] =
             std::ptr::slice_from_raw_parts_mut(std::ptr::NonNull::dangling().as_ptr(), 0);
         let buf = std::mem::replace(&mut self.buf, empty);
