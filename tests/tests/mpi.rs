@@ -207,6 +207,56 @@ fn a_task_carrying_a_handle_names_it_and_is_not_sent() {
     assert_eq!(pool.apply(cube, (3,)).expect("cube"), 27);
 }
 
+#[process_fn]
+fn make_lock(_x: u64) -> Lock {
+    Lock::new().expect("lock")
+}
+
+#[test]
+fn a_result_carrying_a_handle_fails_with_its_name() {
+    let pool = pool();
+    let outcome = pool.apply(make_lock, (1,));
+    if under_mpi() {
+        let text = outcome
+            .expect_err("a Lock cannot come back from another rank")
+            .to_string();
+        assert!(text.contains("Lock") && text.contains("MPI rank"), "{text}");
+    } else {
+        drop(outcome.expect("a local pool returns handles"));
+    }
+    assert_eq!(pool.apply(cube, (4,)).expect("cube"), 64);
+}
+
+#[test]
+fn chunked_variants_and_callbacks_match_the_local_pool() {
+    let pool = pool();
+    let pairs: Vec<(u64, u64)> = (0..300).map(|i| (i, i)).collect();
+    assert_eq!(
+        pool.starmap_chunked(add, pairs, 11)
+            .expect("starmap_chunked"),
+        (0..300).map(|i| 2 * i).collect::<Vec<u64>>()
+    );
+    let mut unordered: Vec<u64> = pool
+        .imap_unordered_chunked(cube, 0..100u64, 9)
+        .expect("imap_unordered_chunked")
+        .collect::<Result<_, _>>()
+        .expect("results");
+    unordered.sort_unstable();
+    assert_eq!(
+        unordered,
+        (0..100u64).map(|x| x * x * x).collect::<Vec<_>>()
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut result = pool
+        .apply_async(cube, (5,))
+        .expect("apply_async")
+        .callback(move |v| {
+            let _ = tx.send(*v);
+        });
+    assert_eq!(result.get_timeout(LONG).expect("result"), 125);
+    assert_eq!(rx.recv_timeout(LONG).expect("the callback ran"), 125);
+}
+
 #[test]
 fn the_initializer_runs_on_every_rank_and_task_limits_renew_it() {
     let pool = Pool::builder()

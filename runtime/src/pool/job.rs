@@ -60,11 +60,12 @@ impl Outcome {
     }
 }
 
-/// Why results that carry handles do not go back to rank 0.
+/// Why results that carry handles do not go back to rank 0 (a serving
+/// rank's local worker encoded them: only their descriptors tell).
 #[cfg(feature = "mpi")]
 fn codec_refusal() -> String {
     crate::codec::off_host(true, || {
-        crate::codec::off_host_refusal(|| "handle".to_string())
+        crate::codec::off_host_refusal(|| "handle (Queue, Lock, Value, Connection...)".to_string())
     })
     .unwrap_or_default()
 }
