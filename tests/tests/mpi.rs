@@ -280,9 +280,7 @@ fn terminate_with_work_running_then_a_new_pool_serves() {
         assert!(matches!(pool.apply(cube, (2,)), Err(Error::Closed)));
     }
     let pool = pool();
-    let started = Instant::now();
     assert_eq!(pool.map(cube, 0..4u64).expect("map"), vec![0, 1, 8, 27]);
-    assert!(started.elapsed() < LONG);
     pool.close();
     pool.join().expect("join");
 }
