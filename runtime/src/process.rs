@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::child::{self, ChildProc, Mode};
+use crate::child::{self, ChildProc, Mode, StartMethod};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, Entry};
@@ -181,6 +181,7 @@ fn sweep() {
 pub struct Process {
     name: String,
     daemon: bool,
+    method: Option<StartMethod>,
     target: Option<Result<Target>>,
     running: Option<Arc<Running>>,
 }
@@ -213,6 +214,7 @@ impl Process {
         ProcessBuilder {
             name: None,
             daemon: false,
+            method: None,
             target: None,
         }
     }
@@ -239,7 +241,8 @@ impl Process {
         };
         sweep();
         register_shutdown_at_exit();
-        let (child, channel) = child::start_child(
+        let (child, channel) = child::start_child_by(
+            self.method,
             target.entry.name(),
             &self.name,
             Mode::Process,
@@ -336,7 +339,7 @@ impl Process {
     /// Wait on it with [`wait`](crate::connection::wait), or with your own
     /// `poll`/`epoll` loop; it stays valid as long as this `Process`.
     pub fn sentinel(&self) -> Option<BorrowedFd<'_>> {
-        self.running.as_ref().map(|r| r.child.pidfd())
+        self.running.as_ref().map(|r| r.child.sentinel())
     }
 
     fn signal(&self, signal: Signal) -> Result<()> {
@@ -354,6 +357,7 @@ impl Process {
 pub struct ProcessBuilder {
     name: Option<String>,
     daemon: bool,
+    method: Option<StartMethod>,
     target: Option<(Result<Target>, Option<String>)>,
 }
 
@@ -367,6 +371,13 @@ impl ProcessBuilder {
     /// Daemonic processes are terminated, not joined, at the end of main.
     pub fn daemon(mut self, daemon: bool) -> Self {
         self.daemon = daemon;
+        self
+    }
+
+    /// How the child starts (default: the program's,
+    /// [`get_start_method`](crate::get_start_method) at `start`).
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.method = Some(method);
         self
     }
 
@@ -406,6 +417,7 @@ impl ProcessBuilder {
                 .or(task_name)
                 .unwrap_or_else(child::next_process_name),
             daemon: self.daemon,
+            method: self.method,
             target: Some(target),
             running: None,
         }
@@ -477,7 +489,7 @@ impl crate::connection::Waitable for Process {
 /// Ready once the child has ended.
 impl<R> crate::connection::Waitable for JoinHandle<R> {
     fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
-        Ok(self.child.pidfd())
+        Ok(self.child.sentinel())
     }
 }
 
@@ -512,9 +524,23 @@ where
     F: ProcessFn<A>,
     A: Serialize,
 {
+    spawn_by(None, f, args)
+}
+
+/// [`spawn`] by `method` (`None`: the program's default).
+pub(crate) fn spawn_by<F, A>(
+    method: Option<StartMethod>,
+    f: F,
+    args: A,
+) -> Result<JoinHandle<F::Output>>
+where
+    F: ProcessFn<A>,
+    A: Serialize,
+{
     let target = Target::of_fn(&f, &args)?;
     let name = child::next_process_name();
-    let (child, channel) = child::start_child(
+    let (child, channel) = child::start_child_by(
+        method,
         target.entry.name(),
         &name,
         Mode::Spawn,

@@ -18,6 +18,7 @@ pub struct PoolBuilder {
     pub(super) initializer: Option<Result<Target>>,
     pub(super) max_tasks_per_child: Option<usize>,
     pub(super) mpi: bool,
+    pub(super) start_method: Option<crate::StartMethod>,
 }
 
 impl PoolBuilder {
@@ -36,6 +37,13 @@ impl PoolBuilder {
         A: Serialize + 'static,
     {
         self.initializer = Some(Target::of_fn(&f, &args));
+        self
+    }
+
+    /// How the workers (and their replacements) start (default: the
+    /// program's, [`get_start_method`](crate::get_start_method)).
+    pub fn start_method(mut self, method: crate::StartMethod) -> Self {
+        self.start_method = Some(method);
         self
     }
 
@@ -141,6 +149,7 @@ impl PoolBuilder {
             },
             init_fds,
             transport,
+            start_method: self.start_method.unwrap_or_else(crate::get_start_method),
         };
         let (core, reader) = start(config, workers)?;
         let pool = Pool {
@@ -205,6 +214,9 @@ pub(super) fn start_local(
         init,
         init_fds: Vec::new(),
         transport: Transport::Local,
+        // Re-executed children: a fork of an MPI process would share its
+        // MPI state.
+        start_method: crate::StartMethod::Spawn,
     };
     let (core, reader) = start(config, workers)?;
     if has_initializer {

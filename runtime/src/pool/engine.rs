@@ -228,6 +228,8 @@ pub(crate) struct Config {
     pub(crate) init: WorkerInit,
     pub(crate) init_fds: Vec<OwnedFd>,
     pub(crate) transport: Transport,
+    /// How workers start: fixed when the pool is built.
+    pub(crate) start_method: crate::StartMethod,
 }
 
 /// Everything the pool's threads share.
@@ -312,7 +314,8 @@ impl Core {
             "PoolWorker-{}",
             WORKER_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let (child, channel) = child::start_child(
+        let (child, channel) = child::start_child_by(
+            Some(self.config.start_method),
             worker::ENTRY,
             &name,
             Mode::Internal,

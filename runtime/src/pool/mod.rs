@@ -172,6 +172,7 @@ impl Pool {
             initializer: None,
             max_tasks_per_child: None,
             mpi: false,
+            start_method: None,
         }
     }
 
