@@ -444,6 +444,10 @@ pub(crate) fn serialize<H: HandleWire, S: Serializer>(
     serializer: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
+    // Refused before anything is marked shared or duplicated.
+    if let Some(refusal) = codec::off_host_refusal(expected::<H>) {
+        return Err(S::Error::custom(refusal));
+    }
     if codec::encoding_for_remote() {
         return Err(S::Error::custom(format!(
             "a {} only makes sense on this machine and cannot be sent over a TCP connection \
