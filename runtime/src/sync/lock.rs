@@ -86,6 +86,18 @@ impl Lock {
         self.map.lock_header()
     }
 
+    /// A handle onto the lock word at the start of another object's memory
+    /// (a `Value`'s or an `Array`'s, for their `get_lock`). It works as
+    /// any lock here, but cannot be sent: its memory is not a Lock's.
+    pub(crate) fn view_of(map: Arc<Block>) -> Lock {
+        Lock { map }
+    }
+
+    /// Its memory (an `Array` over this lock checks guards against it).
+    pub(crate) fn block(&self) -> &Block {
+        &self.map
+    }
+
     #[inline]
     fn wrap<'a>(raw: RawGuard<'a>, poisoned: bool) -> LockResult<LockGuard<'a>> {
         let guard = LockGuard { _raw: raw };
@@ -212,7 +224,33 @@ impl fmt::Debug for LockGuard<'_> {
     }
 }
 
-mapped_handle!(Lock, LOCK_BYTES);
+/// A `Lock` travels as its cell; a view of another object's lock word
+/// ([`Lock::view_of`]) is refused when encoding, with a clear error.
+impl crate::handle::HandleWire for Lock {
+    const KIND: crate::handle::Kind = crate::handle::Kind::Lock;
+    type Elem = ();
+    type Plain = ();
+
+    fn parts(&self) -> Result<crate::handle::Parts<'_, ()>> {
+        if self.map.len() != LOCK_BYTES {
+            return Err(crate::Error::misuse(
+                "this Lock is the lock word of a Value or an Array (from get_lock) and cannot \
+                 be sent on its own: send the Value or Array, or build it with_lock over a Lock",
+            ));
+        }
+        Ok(crate::handle::Parts::block(&self.map, ()))
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(LOCK_BYTES)
+    }
+
+    fn rebuild((): (), fds: &mut crate::handle::Received) -> Result<Self> {
+        Ok(Lock { map: fds.block()? })
+    }
+}
+
+crate::handle::handle_serde!([] Lock);
 
 /// A re-entrant lock: the thread that holds it may acquire it again, and
 /// it is released when every guard is dropped. Python's

@@ -46,6 +46,7 @@ mod semaphore;
 pub use barrier::{Barrier, BarrierBuilder, BarrierWaitResult};
 pub use condition::{Condition, ConditionGuard, WaitTimeoutResult};
 pub use event::Event;
+pub(crate) use lock::Held;
 pub use lock::{AnyLock, Lock, LockGuard, RLock, RLockGuard};
 pub use semaphore::{BoundedSemaphore, Semaphore};
 
