@@ -170,7 +170,10 @@ pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 #[cfg(target_os = "linux")]
 pub use pool::Pool;
 #[cfg(target_os = "linux")]
-pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+pub use process::{
+    ExitStatus, JoinHandle, Process, ProcessFn, clear_child_initializer, set_child_initializer,
+    spawn,
+};
 #[cfg(target_os = "linux")]
 pub use queue::Queue;
 #[cfg(target_os = "linux")]

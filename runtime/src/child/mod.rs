@@ -50,6 +50,21 @@ pub(crate) struct Identity {
 }
 
 static IDENTITY: OnceLock<Identity> = OnceLock::new();
+
+/// The child initializer every child started from here runs first (a
+/// registered name and its encoded arguments); a child inherits its
+/// parent's, so that its own children run it too.
+static CHILD_INIT: std::sync::Mutex<Option<(String, Vec<u8>)>> = std::sync::Mutex::new(None);
+
+/// Sets (or, with `None`, clears) the child initializer.
+pub(crate) fn set_child_init(init: Option<(String, Vec<u8>)>) {
+    *CHILD_INIT.lock().unwrap_or_else(|p| p.into_inner()) = init;
+}
+
+/// The child initializer, for a start message.
+pub(crate) fn child_init() -> Option<(String, Vec<u8>)> {
+    CHILD_INIT.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 static READY: AtomicBool = AtomicBool::new(false);
 
 /// The thread that runs a load-time child's function: it lives as long

@@ -174,8 +174,12 @@ pub(super) fn start_child_as(
         })
         .collect();
     envp.push(sys::cstring(marker.into()));
-    let pid = sys::spawn(c"/proc/self/exe", &argv, &envp, child_end.as_fd(), CHILD_FD)
-        .map_err(|e| Error::io("could not start a child process", e))?;
+    let pid =
+        sys::spawn(c"/proc/self/exe", &argv, &envp, child_end.as_fd(), CHILD_FD).map_err(|e| {
+            let err = Error::io("could not start a child process", e);
+            log::error!("multiproc: could not start a child process to run `{name}`: {err}");
+            err
+        })?;
     drop(child_end);
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
@@ -200,6 +204,7 @@ pub(super) fn start_child_as(
         parent_name: me.name.clone(),
         parent_pid: std::process::id(),
         mode,
+        init: super::child_init(),
     };
     match (Message::Start { start, args }).send(&channel, fds) {
         // The child died at once; its exit status tells why.
@@ -228,7 +233,17 @@ pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(
     let result = match Message::parse(frame.tag, &frame.bytes) {
         Ok(Message::Returned(value)) => codec::decode(value, frame.fds),
         Ok(Message::Panicked(record)) => Err(record.into_error(child.pid(), None)),
-        Ok(Message::Failed(err)) => Err(err),
+        Ok(Message::Failed(err)) => {
+            if matches!(
+                err,
+                Error::BuildMismatch { .. }
+                    | Error::RegistrationMissing { .. }
+                    | Error::InitializerFailed { .. }
+            ) {
+                log::error!("multiproc: child {} refused to start: {err}", child.pid());
+            }
+            Err(err)
+        }
         Ok(Message::Start { .. }) => Err(Error::Decode {
             message: "the child answered with a start message".into(),
         }),
