@@ -16,18 +16,47 @@ use crate::sys::shm::LOCK_HEADER;
 
 // The lock header (used unless the condition was built over a lock of its
 // own), the u32 word sequence (the futex word, bumped by each notify), a
-// pad, then the u64 word that counts the waiters (high half) and the
-// wake-ups granted to them and not yet taken (low half): a waiter returns
-// as notified only by taking a grant, and a notify grants at most `n`, at
-// most one per waiter not yet granted, so `notify_n(n)` wakes at most `n`.
+// pad, then the u64 state word: four 16-bit fields, the epoch (bumped by
+// each notify), the waiters registered before the last notify ("old"),
+// those registered since ("new"), and the wake-ups granted to old waiters
+// and not yet taken. A notify makes every waiter old and grants at most
+// `n`, at most one per old waiter not yet granted; a wait returns notified
+// only by taking a grant, and only if it registered before the last notify
+// (its epoch is not the current one). So `notify_n(n)` wakes at most `n`,
+// and a waiter that starts waiting after a notify never takes its grant
+// from a waiter that was there (which would leave that one asleep).
 const SEQ: usize = LOCK_HEADER / 4;
-/// The waiters-and-grants word, as an index of u64 words.
+/// The state word, as an index of u64 words.
 const STATE: usize = LOCK_HEADER / 8 + 1;
 const COND_BYTES: usize = LOCK_HEADER + 16;
-const ONE_WAITER: u64 = 1 << 32;
+/// Most waiters at a time (16-bit counts); more wait in slices.
+const MAX_WAITERS: u16 = u16::MAX;
 
-fn split(state: u64) -> (u32, u32) {
-    ((state >> 32) as u32, state as u32)
+/// The fields of the state word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    epoch: u16,
+    old: u16,
+    new: u16,
+    grants: u16,
+}
+
+impl State {
+    fn of(word: u64) -> State {
+        State {
+            epoch: (word >> 48) as u16,
+            old: (word >> 32) as u16,
+            new: (word >> 16) as u16,
+            grants: word as u16,
+        }
+    }
+
+    fn word(self) -> u64 {
+        (u64::from(self.epoch) << 48)
+            | (u64::from(self.old) << 32)
+            | (u64::from(self.new) << 16)
+            | u64::from(self.grants)
+    }
 }
 
 /// A condition variable shared by processes and threads: Python's
@@ -187,56 +216,75 @@ impl Condition {
         }
     }
 
-    /// Takes a grant if one is there: this waiter was notified.
-    fn take_grant(&self) -> bool {
+    /// Updates the state word with `f` (`None`: leave it); the state it
+    /// changed, if it did.
+    fn update(&self, mut f: impl FnMut(State) -> Option<State>) -> Option<State> {
         let state = self.state();
         let mut now = state.load(Ordering::SeqCst);
         loop {
-            let (waiters, grants) = split(now);
-            if grants == 0 || waiters == 0 {
-                return false;
-            }
-            match state.compare_exchange_weak(
-                now,
-                now - ONE_WAITER - 1,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return true,
+            let next = f(State::of(now))?;
+            match state.compare_exchange_weak(now, next.word(), Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(State::of(now)),
                 Err(seen) => now = seen,
             }
         }
     }
 
-    /// A waiter whose time is up leaves; `true` if a grant came for it
-    /// meanwhile (it was notified after all).
-    fn leave_timed_out(&self) -> bool {
-        if self.take_grant() {
-            return true;
-        }
-        let state = self.state();
-        let mut now = state.load(Ordering::SeqCst);
-        loop {
-            let (waiters, grants) = split(now);
-            if grants > 0 {
-                // A grant came since: take it.
-                if self.take_grant() {
-                    return true;
+    /// Registers a waiter (with the lock held): its epoch, or `None` if
+    /// the count is full (it then waits as if woken spuriously).
+    fn register(&self) -> Option<u16> {
+        self.update(|s| {
+            (s.new < MAX_WAITERS && s.old.saturating_add(s.new) < MAX_WAITERS).then(|| State {
+                new: s.new + 1,
+                ..s
+            })
+        })
+        .map(|s| s.epoch)
+    }
+
+    /// Takes a grant if one is there for a waiter of `epoch`: it was
+    /// notified.
+    fn take_grant(&self, epoch: u16) -> bool {
+        self.update(|s| {
+            (s.epoch != epoch && s.grants > 0).then(|| State {
+                old: s.old.saturating_sub(1),
+                grants: s.grants - 1,
+                ..s
+            })
+        })
+        .is_some()
+    }
+
+    /// A waiter of `epoch` whose time is up leaves; `true` if a grant came
+    /// for it meanwhile (it was notified after all).
+    fn leave_timed_out(&self, epoch: u16) -> bool {
+        let mut granted = false;
+        self.update(|s| {
+            granted = false;
+            // (An epoch that came round again, after a multiple of 65536
+            // notifies, counts this waiter among the new: the totals stay
+            // right, and the next notify makes it old again.)
+            Some(if s.epoch == epoch && s.new > 0 {
+                State {
+                    new: s.new - 1,
+                    ..s
                 }
-                now = state.load(Ordering::SeqCst);
-                continue;
-            }
-            debug_assert!(waiters > 0);
-            match state.compare_exchange_weak(
-                now,
-                now.saturating_sub(ONE_WAITER),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return false,
-                Err(seen) => now = seen,
-            }
-        }
+            } else if s.grants > 0 {
+                granted = true;
+                State {
+                    old: s.old.saturating_sub(1),
+                    grants: s.grants - 1,
+                    ..s
+                }
+            } else {
+                State {
+                    old: s.old.saturating_sub(1),
+                    ..s
+                }
+            })
+        });
+        granted
     }
 
     /// Sleeps with the lock free until notified or `deadline`: the guard,
@@ -248,13 +296,24 @@ impl Condition {
         let mut guard = guard;
         let cond = guard.cond;
         // Registered with the lock held: a notify made after this thread
-        // took the lock sees it.
-        cond.state().fetch_add(ONE_WAITER, Ordering::SeqCst);
+        // took the lock counts it.
+        let epoch = cond.register();
         let seq = cond.seq();
         let (notified, poisoned) = guard.held.unlocked(|| {
+            let Some(epoch) = epoch else {
+                // Too many waiters to count: a short sleep, then back as if
+                // woken spuriously.
+                let seen = seq.load(Ordering::SeqCst);
+                let slice = crate::sys::lock::CHECK_EVERY;
+                let left = deadline.map_or(slice, |d| {
+                    d.saturating_duration_since(Instant::now()).min(slice)
+                });
+                futex::wait(seq, seen, Some(left));
+                return deadline.is_none_or(|d| Instant::now() < d);
+            };
             loop {
                 let seen = seq.load(Ordering::SeqCst);
-                if cond.take_grant() {
+                if cond.take_grant(epoch) {
                     return true;
                 }
                 let timeout = match deadline {
@@ -262,7 +321,7 @@ impl Condition {
                     Some(deadline) => {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
-                            return cond.leave_timed_out();
+                            return cond.leave_timed_out(epoch);
                         }
                         Some(left)
                     }
@@ -388,28 +447,27 @@ impl Condition {
     /// `notify(n)`); returns how many it woke. Waiters that start waiting
     /// later are not woken by it.
     pub fn notify_n(&self, n: u32) -> u32 {
-        let state = self.state();
-        let mut now = state.load(Ordering::SeqCst);
-        let granted = loop {
-            let (waiters, grants) = split(now);
-            let k = n.min(waiters.saturating_sub(grants));
-            if k == 0 {
-                return 0;
-            }
-            match state.compare_exchange_weak(
-                now,
-                now + u64::from(k),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => break k,
-                Err(seen) => now = seen,
-            }
-        };
+        let n = u16::try_from(n).unwrap_or(u16::MAX);
+        let mut granted = 0;
+        let before = self.update(|s| {
+            let old = s.old + s.new;
+            granted = n.min(old.saturating_sub(s.grants));
+            (granted > 0).then(|| State {
+                epoch: s.epoch.wrapping_add(1),
+                old,
+                new: 0,
+                grants: s.grants + granted,
+            })
+        });
+        if before.is_none() {
+            return 0;
+        }
         let seq = self.seq();
         seq.fetch_add(1, Ordering::SeqCst);
-        futex::wake(seq, granted);
-        granted
+        // Every sleeper re-checks: which ones the kernel would wake is not
+        // which ones may take a grant.
+        futex::wake(seq, u32::MAX);
+        u32::from(granted)
     }
 
     /// Wakes every waiter waiting now; returns how many.
