@@ -138,21 +138,9 @@ pub fn alive(pid: u32) -> bool {
     !matches!(proc_state(pid), None | Some('Z') | Some('X'))
 }
 
-/// Children of this process (every thread's), zombies included.
-pub fn child_pids() -> Vec<u32> {
-    let mut pids = Vec::new();
-    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-        for task in tasks.flatten() {
-            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
-                pids.extend(
-                    list.split_whitespace()
-                        .filter_map(|p| p.parse::<u32>().ok()),
-                );
-            }
-        }
-    }
-    pids
-}
+/// Children of this process (every thread's), zombies included: the
+/// integration tests' reader, shared.
+pub use multiproc_tests::child_pids;
 
 /// How many arenas of small shared objects (`Lock`, `Value`, `Event`...)
 /// a process may keep for its lifetime: its current arena of each size

@@ -134,7 +134,7 @@ pub(crate) fn main(args: &EntryArgs, item: &ItemFn) -> TokenStream {
         #(#attrs)*
         #vis #sig {
             fn __multiproc_main() #output #block
-            #krate::__private::init();
+            #krate::__private::main_init();
             let __multiproc_guard = #krate::__private::MainGuard::new();
             __multiproc_main()
         }

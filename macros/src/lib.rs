@@ -267,7 +267,7 @@ pub fn derive_process_task(input: TokenStream) -> TokenStream {
 ///         p.join()?;
 ///         Ok(())
 ///     }
-///     ::multiproc::__private::init();
+///     ::multiproc::__private::main_init();
 ///     let __multiproc_guard = ::multiproc::__private::MainGuard::new();
 ///     __multiproc_main()
 /// }

@@ -189,12 +189,29 @@ pub enum Error {
     /// `try_acquire` found the lock held by another holder (`?` on
     /// [`std::sync::TryLockError::WouldBlock`]).
     WouldBlock,
+    /// The pool task was cancelled before it started
+    /// ([`AsyncResult::cancel`](crate::pool::AsyncResult::cancel)): Python's
+    /// `concurrent.futures.CancelledError`.
+    Cancelled,
+    /// multiproc reached a state its own invariants rule out (a reader
+    /// thread that panicked, a buffer that cannot be full): a bug in
+    /// multiproc, not in the calling code or a peer. Please report it with
+    /// the message.
+    Internal {
+        /// What went wrong, and where.
+        message: String,
+    },
 }
 
 impl Error {
     /// `true` for [`Error::Timeout`].
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout)
+    }
+
+    /// `true` for [`Error::Cancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Error::Cancelled)
     }
 
     /// `true` for [`Error::Disconnected`].
@@ -208,6 +225,19 @@ impl Error {
     /// them: see [`is_timeout`](Error::is_timeout).
     pub fn is_would_block(&self) -> bool {
         matches!(self, Error::Full | Error::Empty | Error::WouldBlock)
+    }
+
+    /// The kind of the OS error, for [`Error::Io`]: for instance
+    /// [`io::ErrorKind::NotFound`] when [`SharedMemory::open`](crate::shared::SharedMemory::open)
+    /// finds no block of that name (Python's `FileNotFoundError`) and
+    /// [`io::ErrorKind::AlreadyExists`] when
+    /// [`SharedMemory::create`](crate::shared::SharedMemory::create) finds the
+    /// name taken (`FileExistsError`).
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Io { source, .. } => Some(source.kind()),
+            _ => None,
+        }
     }
 
     /// The panic message, for [`Error::Panicked`].
@@ -231,6 +261,20 @@ impl Error {
 
     pub(crate) fn invalid(message: impl Into<String>) -> Error {
         Error::InvalidArgument {
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Io`] of kind `kind` whose context names what failed.
+    pub(crate) fn io_kind_owned(context: String, kind: io::ErrorKind) -> Error {
+        Error::Io {
+            context: Cow::Owned(context),
+            source: Arc::new(io::Error::from(kind)),
+        }
+    }
+
+    pub(crate) fn internal(message: impl Into<String>) -> Error {
+        Error::Internal {
             message: message.into(),
         }
     }
@@ -395,6 +439,11 @@ impl fmt::Display for Error {
             Error::Full => f.write_str("the queue is full"),
             Error::Empty => f.write_str("nothing to receive right now"),
             Error::WouldBlock => f.write_str("the lock is held by another holder"),
+            Error::Cancelled => f.write_str("the task was cancelled before it started"),
+            Error::Internal { message } => write!(
+                f,
+                "internal error (a bug in multiproc, please report it): {message}"
+            ),
         }
     }
 }
@@ -439,6 +488,8 @@ impl Error {
             Error::Full => "Full",
             Error::Empty => "Empty",
             Error::WouldBlock => "WouldBlock",
+            Error::Cancelled => "Cancelled",
+            Error::Internal { .. } => "Internal",
         }
     }
 }

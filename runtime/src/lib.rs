@@ -46,7 +46,16 @@
 //! function over many inputs: `map`, `imap`, `starmap`, `apply_async`...
 //! A panic fails only its item; a worker that dies fails only the chunks
 //! it was running, with its pid and signal, and is replaced. See
-//! [`pool`] for how work travels.
+//! [`pool`] for how work travels. An [`AsyncResult`](pool::AsyncResult)
+//! takes callbacks (run on the pool's callback thread) and is a
+//! `concurrent.futures` future ([`pool::wait`], [`pool::as_completed`]).
+//!
+//! # Features
+//!
+//! `async` (off by default): [`AsyncResult`](pool::AsyncResult) is a
+//! [`Future`] and [`Imap`](pool::Imap) a
+//! `futures_core::Stream`, so pool results can be `.await`ed from any
+//! async runtime. It adds only `futures-core` (the trait), no runtime.
 //!
 //! # Panics
 //!
@@ -90,7 +99,7 @@
 //! | [`JoinHandle`] (from [`spawn`]) | the child is killed (SIGKILL) and reaped; its result is lost (call `join` to keep it; `join_timeout` keeps the handle) |
 //! | [`Pool`] | workers get SIGTERM, then SIGKILL after 500 ms, and are reaped; work not yet collected is lost (`close` then `join` let it finish) |
 //! | [`PoolBuilder`](pool::PoolBuilder), [`ProcessBuilder`](process::ProcessBuilder) | nothing (`#[must_use]`) |
-//! | [`AsyncResult`](pool::AsyncResult), [`Imap`](pool::Imap) | the result is not wanted: queued chunks are dropped, late results discarded; the pool serves on |
+//! | [`AsyncResult`](pool::AsyncResult), [`Imap`](pool::Imap) | the result is not wanted: queued chunks are dropped, late results discarded; the pool serves on. An `AsyncResult` with callbacks runs on instead, and its callbacks get the outcome |
 //! | [`Connection`](connection::Connection), [`Receiver`](connection::Receiver), [`Sender`](connection::Sender) | this copy of the end closes; once every copy (in every process) is closed, the peer's `recv` is `Disconnected` and its `send` fails |
 //! | [`Queue`], [`SimpleQueue`](queue::SimpleQueue), [`JoinableQueue`](queue::JoinableQueue) | this handle goes; the queue and its messages live while any process holds a handle. Dropping is not [`close`](Queue::close): the other processes' `iter` does not end |
 //! | [`Lock`], [`RLock`](sync::RLock), [`Semaphore`](sync::Semaphore), [`Event`](sync::Event), [`Condition`](sync::Condition), [`Barrier`](sync::Barrier), [`Value`], [`Array`], the `Raw` forms | this handle goes; the object lives while any process holds a handle. Units taken from a semaphore are not given back |

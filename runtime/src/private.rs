@@ -5,7 +5,7 @@
 pub use inventory;
 pub use serde;
 
-pub use crate::child::init;
+pub use crate::child::{init, main_init};
 pub use crate::process::MainGuard;
 pub use crate::registry::{Call, Entry, type_id_of};
 

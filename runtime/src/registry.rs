@@ -87,7 +87,7 @@ impl Entry {
     pub(crate) fn invoke(&self, call: &mut Call<'_>) -> Result<()> {
         match self.kind {
             Kind::User { invoke, .. } => invoke(call),
-            Kind::Internal(_) => Err(Error::invalid(format!(
+            Kind::Internal(_) => Err(Error::misuse(format!(
                 "`{}` is a runtime entry point, not a function to call",
                 self.name
             ))),

@@ -367,7 +367,7 @@ impl Channel {
         if self.end == self.rbuf.len() {
             // Unreachable: a read is only wanted once the buffer was
             // consumed, and a header is smaller than the buffer.
-            return Err(Error::invalid("a channel's read buffer is full"));
+            return Err(Error::internal("a channel's read buffer is full"));
         }
         wait_readable(self.fd.as_fd(), deadline)?;
         let mut fds = Vec::new();

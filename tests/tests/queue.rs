@@ -3,7 +3,7 @@
 //! middle of a put, big messages, handles that travel, no descriptor leaks.
 use std::time::Duration;
 
-use multiproc::queue::{GetTimeoutError, JoinableQueue, TryPutError};
+use multiproc::queue::{GetTimeoutError, JoinableQueue, TryGetError, TryPutError};
 use multiproc::{Process, Queue, process_fn};
 use serde::{Deserialize, Serialize};
 
@@ -213,9 +213,12 @@ fn producer_killed_mid_put_leaves_queue_usable() {
         p.kill().expect("kill");
         let status = p.join_timeout(LONG).expect("join").expect("exited");
         assert!(!status.success());
-        // Drain what it left: every message whole, none twice.
+        // Drain what it left: every message whole, none twice. The
+        // producer is reaped, so nothing more comes: what `try_get` does
+        // not give now (a slot its death left half-written is reclaimed by
+        // the take itself) is not there.
         loop {
-            match q.get_timeout(Duration::from_secs(3)) {
+            match q.try_get() {
                 Ok(m) => {
                     assert_eq!(
                         checksum(&m.data),
@@ -229,7 +232,7 @@ fn producer_killed_mid_put_leaves_queue_usable() {
                     );
                     last = Some(m.seq);
                 }
-                Err(GetTimeoutError::Timeout) => break,
+                Err(TryGetError::Empty) => break,
                 Err(e) => panic!("round {round}: {e}"),
             }
         }
@@ -341,10 +344,12 @@ fn joinable_count_exact_when_producers_are_killed() {
                 .expect("exited")
                 .success()
         );
+        // The producer is reaped: what `try_get` does not give now is
+        // not there.
         loop {
-            match q.get_timeout(Duration::from_secs(3)) {
+            match q.try_get() {
                 Ok(_) => q.task_done().expect("task_done while draining"),
-                Err(GetTimeoutError::Timeout) => break,
+                Err(TryGetError::Empty) => break,
                 Err(e) => panic!("round {round}: {e}"),
             }
         }

@@ -164,9 +164,11 @@ fn shared_memory_round_trip_by_name_and_gone_after_unlink() {
     assert_eq!(&shm.to_vec()[..5], b"hello");
     assert!(dev_shm().iter().all(|e| !e.contains(&name)));
     shm.unlink().expect("unlink");
-    assert!(
-        SharedMemory::open(&name).is_err(),
-        "the name outlived unlink"
+    let gone = SharedMemory::open(&name).expect_err("the name outlived unlink");
+    assert_eq!(
+        gone.io_kind(),
+        Some(std::io::ErrorKind::NotFound),
+        "FileNotFoundError's kind: {gone}"
     );
     assert_eq!(&shm.to_vec()[..5], b"hello", "open handles keep the memory");
 }
@@ -414,12 +416,17 @@ fn another_users_name_is_neither_opened_nor_taken() {
         .expect("the squatter did not take the name in time");
 
     let refused = SharedMemory::open(&name).expect_err("a foreign server must be refused");
+    assert_eq!(
+        refused.io_kind(),
+        Some(std::io::ErrorKind::PermissionDenied)
+    );
     let message = refused.to_string();
     assert!(
         message.contains(&format!("another user (uid {NOBODY}")),
         "{message}"
     );
     let taken = SharedMemory::create(&name, 64).expect_err("the name is taken");
+    assert_eq!(taken.io_kind(), Some(std::io::ErrorKind::AlreadyExists));
     let message = taken.to_string();
     assert!(
         message.contains(&format!("another user (uid {NOBODY})")),

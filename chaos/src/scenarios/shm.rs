@@ -241,7 +241,7 @@ fn check_squatted(ctx: &mut Ctx, name: &str, squatter: Squatter, expect: &str, m
         Err(e) => {
             let text = e.to_string();
             ctx.check(
-                matches!(e, multiproc::Error::InvalidArgument { .. })
+                e.io_kind() == Some(std::io::ErrorKind::AlreadyExists)
                     && text.contains(&pid.to_string()),
                 || format!("create of a squatted name: {text} (expected the holder, pid {pid})"),
             );

@@ -18,7 +18,7 @@
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::OnceLock;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::poll::PollFlags;
@@ -47,7 +47,23 @@ const EXIT_RUNTIME_PANIC: i32 = 70;
 struct Claim {
     parent: u32,
     deathsig: bool,
+    /// The parent's `main` began with `#[multiproc::main]`, so this
+    /// one's does too: the child runs from there, on the real main thread.
+    in_main: bool,
     socket: OwnedFd,
+}
+
+/// A claim made at load time for `main` to run (see [`main_init`]).
+static FOR_MAIN: std::sync::Mutex<Option<Claim>> = std::sync::Mutex::new(None);
+
+/// Set once `#[multiproc::main]`'s first line ran in this process: this
+/// executable's `main` starts a child itself, so its children are told to
+/// wait for it (the fourth field of [`ENV_VAR`](super::ENV_VAR)).
+static MAIN_DISPATCHES: AtomicBool = AtomicBool::new(false);
+
+/// Whether the children of this process run from their `main`.
+pub(crate) fn main_dispatches() -> bool {
+    MAIN_DISPATCHES.load(Ordering::Relaxed)
 }
 
 fn on_load(load: LoadTime) {
@@ -55,6 +71,17 @@ fn on_load(load: LoadTime) {
         return;
     }
     if let Some(claim) = claim(true) {
+        if claim.in_main {
+            // `main` takes it as its first line (`main_init`): std's
+            // runtime is then set up and this thread is std's main thread,
+            // so no thread of our own is needed (the 40-100 us of a new
+            // thread and its malloc arena are most of a child's start-up
+            // beyond exec). The constructors run as the loader runs them.
+            *FOR_MAIN
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(claim);
+            return;
+        }
         // The thread is started first, so that its start-up (tens of
         // microseconds: a fresh stack, a new malloc arena) overlaps the
         // constructors, the death-signal set-up and the reading of the
@@ -109,15 +136,36 @@ pub fn init() {
         return;
     }
     if let Some(claim) = claim(false) {
-        // In `main`: std's runtime is set up and this is the main thread.
-        let code = prepare(&claim).and_then(|()| {
-            registry::catch(|| read_start(claim)).unwrap_or_else(|r| Err(runtime_panicked(&r)))
-        });
-        std::process::exit(match code {
-            Ok(started) => run(started),
-            Err(code) => code,
-        });
+        run_in_main(claim);
     }
+}
+
+/// `#[multiproc::main]`'s first line: [`init`], and a claim the load-time
+/// hook left for `main` (this executable's `main` has this line, the
+/// parent's did, and tells its children so) runs here.
+#[doc(hidden)]
+pub fn main_init() {
+    MAIN_DISPATCHES.store(true, Ordering::Relaxed);
+    let left = FOR_MAIN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(claim) = left {
+        run_in_main(claim);
+    }
+    init();
+}
+
+/// Runs the child from `main`: std's runtime is set up and this is the
+/// main thread. Never returns.
+fn run_in_main(claim: Claim) -> ! {
+    let code = prepare(&claim).and_then(|()| {
+        registry::catch(|| read_start(claim)).unwrap_or_else(|r| Err(runtime_panicked(&r)))
+    });
+    std::process::exit(match code {
+        Ok(started) => run(started),
+        Err(code) => code,
+    });
 }
 
 /// `Some` when this process was started by a multiproc parent: the
@@ -141,7 +189,7 @@ fn claim(at_load: bool) -> Option<Claim> {
         // cannot rule out either.
         unsafe { sys::remove_env(ENV_VAR) };
     }
-    let (parent, deathsig) = parse_env(&value)?;
+    let (parent, deathsig, in_main) = parse_env(&value)?;
     // SAFETY: CHILD_FD is the number the parent placed this process's end
     // of the socket at (`child::start`); this runs once per process (both
     // callers swap READY first), before the program's own code (at load
@@ -151,11 +199,13 @@ fn claim(at_load: bool) -> Option<Claim> {
     Some(Claim {
         parent,
         deathsig,
+        in_main,
         socket,
     })
 }
 
-fn parse_env(value: &OsString) -> Option<(u32, bool)> {
+/// `fd:parent_pid:deathsig[:m]`: `(parent, deathsig, in_main)`.
+fn parse_env(value: &OsString) -> Option<(u32, bool, bool)> {
     let value = value.to_str()?;
     let mut parts = value.split(':');
     let fd: i32 = parts.next()?.parse().ok()?;
@@ -165,7 +215,12 @@ fn parse_env(value: &OsString) -> Option<(u32, bool)> {
         "0" => false,
         _ => return None,
     };
-    (fd == CHILD_FD && parts.next().is_none()).then_some((ppid, deathsig))
+    let in_main = match parts.next() {
+        None => false,
+        Some("m") => true,
+        Some(_) => return None,
+    };
+    (fd == CHILD_FD && parts.next().is_none()).then_some((ppid, deathsig, in_main))
 }
 
 /// What must happen on the thread the parent started: the death signal
@@ -321,7 +376,7 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
     if !kind_fits {
         return Err(refuse(
             &channel,
-            Error::invalid(format!(
+            Error::misuse(format!(
                 "`{}` is not an entry point of the kind the parent asked for",
                 start.name
             )),
@@ -455,10 +510,12 @@ mod tests {
     #[test]
     fn the_variable_is_checked_whole() {
         let ok = |s: &str| parse_env(&OsString::from(s));
-        assert_eq!(ok("3:42:1"), Some((42, true)));
-        assert_eq!(ok("3:42:0"), Some((42, false)));
+        assert_eq!(ok("3:42:1"), Some((42, true, false)));
+        assert_eq!(ok("3:42:0"), Some((42, false, false)));
+        assert_eq!(ok("3:42:1:m"), Some((42, true, true)));
         assert_eq!(ok("4:42:1"), None);
         assert_eq!(ok("3:42:1:x"), None);
+        assert_eq!(ok("3:42:1:m:m"), None);
         assert_eq!(ok("3:42:yes"), None);
         assert_eq!(ok("3::1"), None);
         assert_eq!(ok(""), None);

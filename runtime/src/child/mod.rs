@@ -4,13 +4,21 @@
 //! A child is this same executable, started again from `/proc/self/exe`
 //! with the parent's arguments, `/dev/null` as standard input, one
 //! inherited Unix socket at descriptor [`CHILD_FD`] and the variable
-//! [`ENV_VAR`] (`fd:parent_pid:deathsig`) in its environment. Before
+//! [`ENV_VAR`] (`fd:parent_pid:deathsig[:m]`) in its environment. Before
 //! `main`, the child's load-time hook runs the load-time constructors that
 //! come after it (so every registration is in place whatever the link
 //! order), reads the start message, checks that it runs the parent's
 //! executable, looks the registered name up, runs the function on a thread
 //! named `main`, sends back the outcome and exits. The user's `main` (or
 //! the test harness) never runs in a child.
+//!
+//! When the parent's `main` began with `#[multiproc::main]` (so the
+//! child's does: it is the same executable), the variable ends in `:m` and
+//! the hook only claims the socket: the loader runs the constructors, std
+//! sets its runtime up, and `main`'s first line runs the child on the real
+//! main thread, before any of the user's `main` body. That saves the
+//! thread of the load-time path (its stack and malloc arena), most of what
+//! a child costs beyond exec; see BENCHMARKS.md.
 //!
 //! The start protocol, its messages and their layouts, is in
 //! [`protocol`]: the parent sends a start, the child answers with its
@@ -32,7 +40,8 @@ mod boot;
 mod protocol;
 mod start;
 
-pub use boot::init;
+pub(crate) use boot::main_dispatches;
+pub use boot::{init, main_init};
 pub(crate) use protocol::{Message, Mode, Start};
 pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child};
 

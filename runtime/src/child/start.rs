@@ -160,9 +160,10 @@ pub(super) fn start_child_as(
     };
     let deathsig = on_long_lived_thread();
     let marker = format!(
-        "{ENV_VAR}={CHILD_FD}:{}:{}",
+        "{ENV_VAR}={CHILD_FD}:{}:{}{}",
         std::process::id(),
-        u8::from(deathsig)
+        u8::from(deathsig),
+        if super::main_dispatches() { ":m" } else { "" }
     );
     let argv: Vec<CString> = std::env::args_os().map(sys::cstring).collect();
     let mut envp: Vec<CString> = std::env::vars_os()

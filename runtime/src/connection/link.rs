@@ -188,7 +188,7 @@ impl Link {
         let _ = self.lock.set(SendLock::create()?);
         self.lock
             .get()
-            .ok_or_else(|| Error::invalid("a pipe's send lock could not be set"))
+            .ok_or_else(|| Error::internal("a pipe's send lock could not be set"))
     }
 
     /// The descriptor that is readable when a message (or the end of
@@ -276,11 +276,9 @@ impl Link {
 
     /// The pipe to write to, unless this end cannot send or is broken.
     fn tx_fd(&self) -> Result<BorrowedFd<'_>> {
-        let tx = self
-            .tx
-            .as_ref()
-            .map(AsFd::as_fd)
-            .ok_or_else(|| Error::invalid("this end of the pipe cannot send"))?;
+        let tx = self.tx.as_ref().map(AsFd::as_fd).ok_or_else(|| {
+            Error::misuse("this end of the pipe cannot send (a receive-only end)")
+        })?;
         if self.lock.get().is_some_and(SendLock::is_broken) {
             return Err(send_lock::broken());
         }
@@ -350,14 +348,13 @@ impl Link {
     /// Reads at least one more byte from the pipe. `Ok(false)` at end of
     /// stream, `Err(Timeout)` when the deadline passes first.
     fn fill(&mut self, deadline: Option<Instant>) -> Result<bool> {
-        let rx = self
-            .rx
-            .as_ref()
-            .ok_or_else(|| Error::invalid("this end of the pipe cannot receive"))?;
+        let rx = self.rx.as_ref().ok_or_else(|| {
+            Error::misuse("this end of the pipe cannot receive (a send-only end)")
+        })?;
         wire::make_room(&mut self.rbuf, &mut self.start, &mut self.end, READ_BUF);
         if self.end == self.rbuf.len() {
             // Unreachable: a whole inline frame fits the buffer many times.
-            return Err(Error::invalid("a pipe's read buffer is full"));
+            return Err(Error::internal("a pipe's read buffer is full"));
         }
         wire::wait_readable(rx.as_fd(), deadline)?;
         let n = sys::read(rx.as_fd(), &mut self.rbuf[self.end..])

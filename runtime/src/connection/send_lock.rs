@@ -70,7 +70,7 @@ impl SendLock {
 
     fn check(map: Mapping) -> Result<SendLock> {
         if map.atomics_u32().len() < 2 {
-            return Err(Error::invalid("a pipe's send lock is too small"));
+            return Err(crate::handle::decode("a pipe's send lock is too small"));
         }
         Ok(SendLock { map })
     }
@@ -104,7 +104,7 @@ impl SendLock {
     pub(super) fn lock(&self) -> Result<SendGuard<'_>> {
         let (lock, state) = self
             .words()
-            .ok_or_else(|| Error::invalid("a pipe's send lock is too small"))?;
+            .ok_or_else(|| Error::internal("a pipe's send lock is too small"))?;
         let taken_over = match raw::acquire(lock, raw::tid(), None) {
             Acquired::Free => false,
             Acquired::TakenOver => true,

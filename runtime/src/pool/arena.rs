@@ -204,7 +204,7 @@ pub(crate) struct OutWriter {
 impl OutWriter {
     pub(crate) fn new(map: Mapping) -> Result<OutWriter> {
         if map.len() <= OUT_HEADER {
-            return Err(Error::invalid("pool output arena too small"));
+            return Err(Error::internal("pool output arena too small"));
         }
         Ok(OutWriter {
             map,

@@ -91,6 +91,7 @@ impl PoolBuilder {
         let pool = Pool {
             core,
             reader: Mutex::new(Some(reader)),
+            callbacks: Arc::default(),
         };
         for _ in 0..processes {
             pool.core.start_worker()?;

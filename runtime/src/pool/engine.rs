@@ -509,6 +509,44 @@ impl Core {
         }
     }
 
+    /// Takes every chunk of `job` off the queue and fails it with
+    /// [`Error::Cancelled`], if none of them was sent to a worker and none
+    /// has an outcome; otherwise changes nothing and returns `false`.
+    pub(crate) fn cancel_unstarted(&self, job: &Arc<Job>) -> bool {
+        let mine: Vec<Task> = {
+            let mut st = lock(&self.state);
+            // Dispatch takes chunks off the queue under this lock, so no
+            // chunk of the job can be sent while this looks.
+            // In flight, or the rest of a chunk that ran in part (a
+            // worker ended on a panic under `panic = "abort"`).
+            let sent = st
+                .workers
+                .iter()
+                .any(|w| w.in_flight.iter().any(|f| Arc::ptr_eq(&f.task.job, job)))
+                || st
+                    .queue
+                    .iter()
+                    .any(|t| t.prefix.is_some() && Arc::ptr_eq(&t.job, job));
+            if sent || lock(&job.state).done > 0 {
+                return false;
+            }
+            let (mine, rest): (VecDeque<Task>, VecDeque<Task>) =
+                st.queue.drain(..).partition(|t| Arc::ptr_eq(&t.job, job));
+            st.queue = rest;
+            mine.into()
+        };
+        if mine.is_empty() {
+            // Nothing queued and nothing done: a job of no chunks, which
+            // is finished already.
+            return false;
+        }
+        for task in mine {
+            task.job
+                .complete(task.info, Outcome::Failed(Error::Cancelled));
+        }
+        true
+    }
+
     /// The pids of the current workers.
     pub(crate) fn pids(&self) -> Vec<u32> {
         lock(&self.state)
@@ -893,7 +931,7 @@ impl Core {
         let err = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(err)) => err,
-            Err(record) => Error::invalid(format!(
+            Err(record) => Error::internal(format!(
                 "the pool's reader thread panicked: {}",
                 record.message
             )),

@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::Waker;
 use std::time::Instant;
 
 use super::arena::Lease;
@@ -52,6 +53,35 @@ pub(crate) struct JobState {
     pub(crate) done: usize,
     /// Nobody will read the results: drop queued chunks and late results.
     pub(crate) cancelled: bool,
+    /// Every chunk was submitted: the job is finished once `done ==
+    /// submitted` (an `imap`'s job is never sealed).
+    pub(crate) sealed: bool,
+    /// Run once when the sealed job is finished, by the thread that
+    /// completes its last chunk (the reader): each must be quick and
+    /// never block (a send on a channel, a condvar, a waker).
+    pub(crate) on_finished: Hooks,
+    /// Woken at each chunk's completion (an async consumer's).
+    pub(crate) waker: Option<Waker>,
+    /// Its results are delivered to callbacks: dropping its owner does not
+    /// cancel it.
+    pub(crate) detached: bool,
+}
+
+/// Closures run when a job is finished.
+#[derive(Default)]
+pub(crate) struct Hooks(pub(crate) Vec<Box<dyn FnOnce() + Send>>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hooks({})", self.0.len())
+    }
+}
+
+impl JobState {
+    /// Sealed, and every chunk has an outcome.
+    pub(crate) fn finished(&self) -> bool {
+        self.sealed && self.done >= self.submitted
+    }
 }
 
 /// The results of one call (`map`, `apply_async`, an `imap`...).
@@ -73,15 +103,108 @@ impl Job {
         }
         st.outcomes[info.index] = Some((info, outcome));
         st.completed.push_back(info.index);
+        let waker = st.waker.take();
+        let hooks = if st.finished() {
+            std::mem::take(&mut st.on_finished.0)
+        } else {
+            Vec::new()
+        };
         drop(st);
         self.cond.notify_all();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        for hook in hooks {
+            hook();
+        }
     }
 
     pub(crate) fn cancel(&self) {
         let mut st = lock(&self.state);
+        if st.detached {
+            return;
+        }
         st.cancelled = true;
         st.outcomes.clear();
         st.completed.clear();
+        st.waker = None;
+        let hooks = std::mem::take(&mut st.on_finished.0);
+        drop(st);
+        // Dropped without running: nobody waits for this job any more.
+        drop(hooks);
+    }
+
+    /// No chunk will be added: from now on the job is finished once every
+    /// chunk has an outcome.
+    pub(crate) fn seal(&self) {
+        lock(&self.state).sealed = true;
+    }
+
+    /// Runs `hook` once the (sealed) job is finished: now, in this thread,
+    /// if it is; otherwise in the thread that completes its last chunk.
+    /// A cancelled job never runs it.
+    pub(crate) fn on_finished(&self, hook: Box<dyn FnOnce() + Send>) {
+        let mut st = lock(&self.state);
+        if st.cancelled {
+            return;
+        }
+        if !st.finished() {
+            st.on_finished.0.push(hook);
+            return;
+        }
+        drop(st);
+        hook();
+    }
+
+    /// From now on [`cancel`](Job::cancel) does nothing: the job runs to
+    /// its end for its callbacks.
+    pub(crate) fn detach(&self) {
+        lock(&self.state).detached = true;
+    }
+
+    /// `true` if the sealed job is finished; otherwise `waker` is woken at
+    /// the next chunk's completion.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn poll_finished(&self, waker: &Waker) -> bool {
+        let mut st = lock(&self.state);
+        if st.finished() {
+            return true;
+        }
+        set_waker(&mut st.waker, waker);
+        false
+    }
+
+    /// Takes the outcome of chunk `index` (or, with `None`, of any chunk)
+    /// if there is one; otherwise `waker` is woken at the next completion.
+    #[cfg_attr(not(feature = "async"), allow(dead_code))]
+    pub(crate) fn poll_take(
+        &self,
+        index: Option<usize>,
+        waker: &Waker,
+    ) -> Option<(ChunkInfo, Outcome)> {
+        let mut st = lock(&self.state);
+        let found = Job::find(&mut st, index);
+        if found.is_none() {
+            set_waker(&mut st.waker, waker);
+        }
+        found
+    }
+
+    fn find(st: &mut JobState, index: Option<usize>) -> Option<(ChunkInfo, Outcome)> {
+        match index {
+            Some(i) => st.outcomes.get_mut(i).and_then(Option::take),
+            None => loop {
+                let i = st.completed.pop_front()?;
+                if let Some(o) = st.outcomes.get_mut(i).and_then(Option::take) {
+                    return Some(o);
+                }
+            },
+        }
+    }
+
+    /// Whether the sealed job is finished.
+    pub(crate) fn is_finished(&self) -> bool {
+        lock(&self.state).finished()
     }
 
     /// Waits until chunk `index` (or, with `None`, any chunk) has an
@@ -93,19 +216,7 @@ impl Job {
     ) -> Option<(ChunkInfo, Outcome)> {
         let mut st = lock(&self.state);
         loop {
-            let found = match index {
-                Some(i) => st.outcomes.get_mut(i).and_then(Option::take),
-                None => loop {
-                    match st.completed.pop_front() {
-                        None => break None,
-                        Some(i) => {
-                            if let Some(o) = st.outcomes.get_mut(i).and_then(Option::take) {
-                                break Some(o);
-                            }
-                        }
-                    }
-                },
-            };
+            let found = Job::find(&mut st, index);
             if found.is_some() {
                 return found;
             }
@@ -149,7 +260,17 @@ impl Job {
     }
 }
 
+/// Keeps the newest waker (a future is woken through the last one it was
+/// polled with).
+pub(crate) fn set_waker(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(old) if old.will_wake(waker) => {}
+        _ => *slot = Some(waker.clone()),
+    }
+}
+
 /// Cancels a job when the call that owns it returns or unwinds.
+#[derive(Debug)]
 pub(crate) struct JobGuard(pub(crate) Arc<Job>);
 
 impl Drop for JobGuard {

@@ -37,8 +37,10 @@
 mod arena;
 mod async_result;
 mod builder;
+mod callbacks;
 mod chunk;
 mod engine;
+mod futures;
 mod imap;
 mod job;
 mod protocol;
@@ -46,6 +48,7 @@ mod worker;
 
 pub use self::async_result::AsyncResult;
 pub use self::builder::PoolBuilder;
+pub use self::futures::{AsCompleted, DoneAndNotDone, ReturnWhen, as_completed, wait};
 pub use self::imap::Imap;
 
 use std::sync::{Arc, Mutex};
@@ -54,6 +57,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use self::callbacks::CallbackThread;
 use self::chunk::{ChunkEncoder, ChunkPlan, decode_chunk};
 use self::engine::{Core, Task};
 use self::job::{ChunkInfo, Job, JobGuard, lock};
@@ -135,6 +139,8 @@ use self::sealed::Encodes;
 pub struct Pool {
     core: Arc<Core>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Where [`AsyncResult`]'s callbacks run (see `callbacks.rs`).
+    callbacks: Arc<CallbackThread>,
 }
 
 impl Pool {
@@ -325,22 +331,82 @@ impl Pool {
         F: PoolFn<T>,
         I: IntoIterator<Item = T>,
     {
-        self.starmap_async(f, iter)?.get()
+        self.starmap_async_impl(&f, iter, None)?.get()
+    }
+
+    /// [`starmap`](Pool::starmap) with an explicit chunksize.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Pool::map); [`Error::InvalidArgument`] for a chunksize of 0.
+    pub fn starmap_chunked<F, T, I>(
+        &self,
+        f: F,
+        iter: I,
+        chunksize: usize,
+    ) -> Result<Vec<F::Output>>
+    where
+        F: PoolFn<T>,
+        I: IntoIterator<Item = T>,
+    {
+        self.starmap_async_impl(&f, iter, Some(chunksize))?.get()
     }
 
     /// Starts a [`map`](Pool::map) and returns at once; the input is
-    /// encoded and queued before this returns.
+    /// encoded and queued before this returns. Python's `callback` and
+    /// `error_callback` are [`AsyncResult::callback`] and
+    /// [`AsyncResult::error_callback`].
     ///
     /// # Errors
     ///
     /// [`Error::NotRegistered`], [`Error::Encode`], [`Error::Closed`] now;
     /// the items' errors from [`AsyncResult::get`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use multiproc::{process_fn, Pool};
+    ///
+    /// #[process_fn]
+    /// fn cube(x: u64) -> u64 {
+    ///     x * x * x
+    /// }
+    ///
+    /// # fn main() -> multiproc::Result<()> {
+    /// let pool = Pool::new(2)?;
+    /// let cubes = pool
+    ///     .map_async(cube, 0..4)?
+    ///     .callback(|all: &Vec<u64>| assert_eq!(all.len(), 4))
+    ///     .error_callback(|err| eprintln!("map failed: {err}"));
+    /// assert_eq!(cubes.get()?, vec![0, 1, 8, 27]);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn map_async<F, A, I>(&self, f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
         F: PoolFn<(A,)>,
         I: IntoIterator<Item = A>,
     {
         self.map_async_impl::<F, A>(&f, iter, None)
+    }
+
+    /// [`map_async`](Pool::map_async) with an explicit chunksize.
+    ///
+    /// # Errors
+    ///
+    /// As [`map_async`](Pool::map_async); [`Error::InvalidArgument`] for a
+    /// chunksize of 0.
+    pub fn map_async_chunked<F, A, I>(
+        &self,
+        f: F,
+        iter: I,
+        chunksize: usize,
+    ) -> Result<AsyncResult<'_, Vec<F::Output>>>
+    where
+        F: PoolFn<(A,)>,
+        I: IntoIterator<Item = A>,
+    {
+        self.map_async_impl::<F, A>(&f, iter, Some(chunksize))
     }
 
     fn map_async_impl<F, A>(
@@ -358,6 +424,7 @@ impl Pool {
             .map(|a| <F as Encodes<(A,)>>::encoded((a,)));
         let (job, chunks, items) = self.submit_all::<F, _>(items, chunksize)?;
         Ok(AsyncResult::new(
+            self,
             job,
             chunks,
             items,
@@ -370,14 +437,47 @@ impl Pool {
     /// # Errors
     ///
     /// As [`map_async`](Pool::map_async).
-    pub fn starmap_async<F, T, I>(&self, _f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
+    pub fn starmap_async<F, T, I>(&self, f: F, iter: I) -> Result<AsyncResult<'_, Vec<F::Output>>>
+    where
+        F: PoolFn<T>,
+        I: IntoIterator<Item = T>,
+    {
+        self.starmap_async_impl(&f, iter, None)
+    }
+
+    /// [`starmap_async`](Pool::starmap_async) with an explicit chunksize.
+    ///
+    /// # Errors
+    ///
+    /// As [`map_async`](Pool::map_async); [`Error::InvalidArgument`] for a
+    /// chunksize of 0.
+    pub fn starmap_async_chunked<F, T, I>(
+        &self,
+        f: F,
+        iter: I,
+        chunksize: usize,
+    ) -> Result<AsyncResult<'_, Vec<F::Output>>>
+    where
+        F: PoolFn<T>,
+        I: IntoIterator<Item = T>,
+    {
+        self.starmap_async_impl(&f, iter, Some(chunksize))
+    }
+
+    fn starmap_async_impl<F, T, I>(
+        &self,
+        _f: &F,
+        iter: I,
+        chunksize: Option<usize>,
+    ) -> Result<AsyncResult<'_, Vec<F::Output>>>
     where
         F: PoolFn<T>,
         I: IntoIterator<Item = T>,
     {
         let items = iter.into_iter().map(<F as Encodes<T>>::encoded);
-        let (job, chunks, items) = self.submit_all::<F, _>(items, None)?;
+        let (job, chunks, items) = self.submit_all::<F, _>(items, chunksize)?;
         Ok(AsyncResult::new(
+            self,
             job,
             chunks,
             items,
@@ -398,7 +498,9 @@ impl Pool {
     }
 
     /// Runs `f(args...)` in a worker; the result comes from the returned
-    /// [`AsyncResult`]: Python's `apply_async`.
+    /// [`AsyncResult`]: Python's `apply_async`. Python's `callback` and
+    /// `error_callback` are [`AsyncResult::callback`] and
+    /// [`AsyncResult::error_callback`].
     ///
     /// # Errors
     ///
@@ -434,6 +536,7 @@ impl Pool {
         let args = <F as Encodes<T>>::encoded(args);
         let (job, chunks, items) = self.submit_all::<F, _>(std::iter::once(args), Some(1))?;
         Ok(AsyncResult::new(
+            self,
             job,
             chunks,
             items,
@@ -513,6 +616,25 @@ impl Pool {
         self.imap_impl(&f, iter, 1, false)
     }
 
+    /// [`imap_unordered`](Pool::imap_unordered) with `chunksize` items per
+    /// message (the items of one chunk come out together, in their order).
+    ///
+    /// # Errors
+    ///
+    /// As [`imap`](Pool::imap); [`Error::InvalidArgument`] for a chunksize of 0.
+    pub fn imap_unordered_chunked<F, A, I>(
+        &self,
+        f: F,
+        iter: I,
+        chunksize: usize,
+    ) -> Result<Imap<'_, I::IntoIter, F::Output>>
+    where
+        F: PoolFn<(A,)>,
+        I: IntoIterator<Item = A>,
+    {
+        self.imap_impl(&f, iter, chunksize, false)
+    }
+
     fn imap_impl<F, A, I>(
         &self,
         _f: &F,
@@ -540,6 +662,7 @@ impl Pool {
             next_item: 0,
             ordered,
             ready: std::collections::VecDeque::new(),
+            input_error: None,
         })
     }
 
@@ -549,9 +672,10 @@ impl Pool {
         self.core.close();
     }
 
-    /// Waits for the outstanding work to finish and the workers to exit.
-    /// Python's `join()`: call [`close`](Pool::close) (or
-    /// [`terminate`](Pool::terminate)) first.
+    /// Waits for the outstanding work to finish, the workers to exit and
+    /// the callbacks due to run (then stops the callback thread; see
+    /// [`AsyncResult`]'s Callbacks). Python's `join()`: call
+    /// [`close`](Pool::close) (or [`terminate`](Pool::terminate)) first.
     ///
     /// # Errors
     ///
@@ -564,17 +688,23 @@ impl Pool {
         if reader.is_some() {
             self.core.shutdown_gracefully(reader);
         }
+        // Python's join() also waits for the result handler: every
+        // callback due has run when it returns.
+        self.callbacks.stop();
         Ok(())
     }
 
     /// Stops the workers now (SIGTERM, then SIGKILL after a short grace),
     /// reaps them, and fails outstanding work with [`Error::Closed`].
-    /// Python's `terminate()`; also what dropping the pool does.
+    /// Python's `terminate()`; also what dropping the pool does. Returns
+    /// once the callbacks due (their error callbacks get
+    /// [`Error::Closed`]) have run on the callback thread.
     pub fn terminate(&self) {
         let reader = lock(&self.reader).take();
         if reader.is_some() {
             self.core.terminate(reader);
         }
+        self.callbacks.stop();
     }
 }
 

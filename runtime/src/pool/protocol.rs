@@ -190,7 +190,7 @@ impl<'a> ChunkBody<'a> {
         let count = u32::try_from(count).map_err(|_| Error::invalid("chunksize too large"))?;
         let head = buf
             .get_mut(..4)
-            .ok_or_else(|| Error::invalid("a chunk body without its header"))?;
+            .ok_or_else(|| Error::internal("a chunk body without its header"))?;
         head.copy_from_slice(&count.to_le_bytes());
         Ok(())
     }

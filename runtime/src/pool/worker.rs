@@ -189,7 +189,7 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
                 }
                 None => (
                     id,
-                    Err(Error::invalid(
+                    Err(Error::internal(
                         "a pool task came through shared memory the worker does not have",
                     )),
                 ),

@@ -688,7 +688,8 @@ impl<T> HandleWire for Queue<T> {
 
 handle_serde!([T] Queue<T>);
 
-/// Python's `SimpleQueue`: `put`, `get`, `empty`, `close` only.
+/// Python's `SimpleQueue`: `put`, `get`, `empty`, `close`, and the
+/// blocking [`iter`](SimpleQueue::iter) a Rust `for` loop wants.
 ///
 /// # Examples
 ///
@@ -762,6 +763,33 @@ impl<T: DeserializeOwned + 'static> SimpleQueue<T> {
     /// As [`Queue::get`].
     pub fn get(&self) -> Result<T, GetError> {
         self.inner.get()
+    }
+
+    /// Waits for each message until the queue is closed and drained, as
+    /// [`Queue::iter`] (the Rust shape of Python's `iter(q.get, None)`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::queue::SimpleQueue;
+    /// let q = SimpleQueue::new()?;
+    /// q.put(1u32)?;
+    /// q.put(2)?;
+    /// q.close();
+    /// assert_eq!(q.iter().sum::<u32>(), 3);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn iter(&self) -> Iter<'_, T> {
+        self.inner.iter()
+    }
+}
+
+impl<'a, T: DeserializeOwned + 'static> IntoIterator for &'a SimpleQueue<T> {
+    type Item = T;
+    type IntoIter = Iter<'a, T>;
+
+    fn into_iter(self) -> Iter<'a, T> {
+        self.iter()
     }
 }
 

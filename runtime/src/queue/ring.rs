@@ -340,7 +340,9 @@ impl Ring {
     fn assemble(map: Mapping, tx: OwnedFd, rx: OwnedFd, arena: OwnedFd, cap: u64) -> Result<Ring> {
         let pid = u64::from(std::process::id());
         if pid == 0 || pid >= PARTICIPANT {
-            return Err(Error::invalid("process id does not fit a queue slot word"));
+            return Err(Error::internal(
+                "process id does not fit a queue slot word (Linux pids are below 2^22)",
+            ));
         }
         let geo = Geometry::new(cap);
         let mut ring = Ring {

@@ -130,10 +130,13 @@ fn check_server(name: &str, pid: i32, uid: u32, our_uid: u32) -> Result<()> {
     if uid == our_uid {
         return Ok(());
     }
-    Err(Error::invalid(format!(
-        "shared memory name {name:?} is held by process {pid} of another user (uid {uid}, \
-         not {our_uid}): refused, its memory could be rewritten or truncated by that user"
-    )))
+    Err(Error::io_kind_owned(
+        format!(
+            "shared memory name {name:?} is held by process {pid} of another user (uid {uid}, \
+             not {our_uid}): refused, its memory could be rewritten or truncated by that user"
+        ),
+        std::io::ErrorKind::PermissionDenied,
+    ))
 }
 
 /// Why `create` could not bind `addr`, which is in use: asks the holder
@@ -151,20 +154,30 @@ fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
         socket::getsockopt(&probe, sockopt::PeerCredentials)
     });
     let Ok(holder) = holder else {
-        return Error::invalid(format!("shared memory named {name:?} already exists"));
+        return exists(format!("shared memory named {name:?} already exists"));
     };
     let our_uid = nix::unistd::getuid().as_raw();
     match check_server(name, holder.pid(), holder.uid(), our_uid) {
-        Ok(()) => Error::invalid(format!(
+        Ok(()) => exists(format!(
             "shared memory named {name:?} already exists (created by process {})",
             holder.pid()
         )),
-        Err(_) => Error::invalid(format!(
+        Err(_) => exists(format!(
             "shared memory name {name:?} is taken by process {} of another user (uid {})",
             holder.pid(),
             holder.uid()
         )),
     }
+}
+
+/// Python's `FileExistsError`: an [`Error::Io`] of kind `AlreadyExists`.
+fn exists(context: String) -> Error {
+    Error::io_kind_owned(context, std::io::ErrorKind::AlreadyExists)
+}
+
+/// Python's `FileNotFoundError`: an [`Error::Io`] of kind `NotFound`.
+fn not_found(context: String) -> Error {
+    Error::io_kind_owned(context, std::io::ErrorKind::NotFound)
 }
 
 /// The name server's answer on `conn`: one byte, the number of
@@ -195,7 +208,7 @@ fn receive_memfd(conn: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
     let mut fds = fds.into_iter().take(usize::from(byte[0]));
     let memfd = fds.next();
     drop(fds);
-    memfd.ok_or_else(|| Error::invalid(format!("no shared memory named {name:?} (refused)")))
+    memfd.ok_or_else(|| not_found(format!("no shared memory named {name:?} (refused)")))
 }
 
 /// A connection to the server of `name`, checked to run as this user.
@@ -211,7 +224,7 @@ fn connect(name: &str) -> Result<OwnedFd> {
     match socket::connect(conn.as_raw_fd(), &addr) {
         Ok(()) => {}
         Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
-            return Err(Error::invalid(format!(
+            return Err(not_found(format!(
                 "no shared memory named {name:?} (never created, unlinked, or its creator \
                  exited)"
             )));
@@ -254,10 +267,11 @@ impl SharedMemory {
     /// # Errors
     ///
     /// [`Error::InvalidArgument`] if the name is empty, longer than 64
-    /// bytes, or holds `/` or NUL, or if `size` is 0, or if the name is
-    /// already in use (Python's `FileExistsError`; the message names the
-    /// holder's pid, and its uid when another user took the name);
-    /// [`Error::Io`] if the OS refuses.
+    /// bytes, or holds `/` or NUL, or if `size` is 0; an [`Error::Io`] of
+    /// kind [`AlreadyExists`](std::io::ErrorKind::AlreadyExists) (see
+    /// [`Error::io_kind`]) if the name is already in use (Python's
+    /// `FileExistsError`; the message names the holder's pid, and its uid
+    /// when another user took the name); [`Error::Io`] if the OS refuses.
     pub fn create(name: &str, size: usize) -> Result<SharedMemory> {
         if size == 0 {
             return Err(Error::invalid("shared memory size must be at least 1 byte"));
@@ -296,10 +310,12 @@ impl SharedMemory {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if no block has that name (never created,
-    /// unlinked, or its creator exited: Python's `FileNotFoundError`), if
-    /// the name is malformed, or if a process of another user holds it;
-    /// [`Error::Io`] if the OS refuses, if the name's server does not
+    /// An [`Error::Io`] of kind [`NotFound`](std::io::ErrorKind::NotFound)
+    /// (see [`Error::io_kind`]) if no block has that name (never created,
+    /// unlinked, or its creator exited: Python's `FileNotFoundError`), of
+    /// kind [`PermissionDenied`](std::io::ErrorKind::PermissionDenied) if
+    /// a process of another user holds it; [`Error::InvalidArgument`] if
+    /// the name is malformed; [`Error::Io`] if the OS refuses, if the name's server does not
     /// answer within 30 s, or if the descriptor table is full (the kernel
     /// drops the memfd: MSG_CTRUNC; not a refusal, try again once
     /// descriptors are free).
@@ -344,7 +360,9 @@ impl SharedMemory {
             let name = format!("mp_{:x}_{n:x}_{nanos:08x}", std::process::id());
             match SharedMemory::create(&name, size) {
                 // Taken (by a process whose pid this one reuses): another.
-                Err(err @ Error::InvalidArgument { .. }) if size > 0 => last = Some(err),
+                Err(err) if err.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
+                    last = Some(err);
+                }
                 other => return other,
             }
         }
@@ -364,10 +382,10 @@ impl SharedMemory {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidArgument`] if the name is gone already (unlinked
-    /// before, by this or another handle, or its creator exited: CPython's
-    /// `FileNotFoundError`), or names another block now;
-    /// [`Error::Io`] if the name's socket could not be shut down (the name
+    /// An [`Error::Io`] of kind [`NotFound`](std::io::ErrorKind::NotFound)
+    /// if the name is gone already (unlinked before, by this or another
+    /// handle, or its creator exited: CPython's `FileNotFoundError`), or
+    /// names another block now; [`Error::Io`] if the name's socket could not be shut down (the name
     /// is removed all the same) or its server does not answer within 30 s.
     pub fn unlink(&self) -> Result<()> {
         let served = match self.served.lock() {
@@ -385,7 +403,7 @@ impl SharedMemory {
     }
 
     fn gone(&self) -> Error {
-        Error::invalid(format!(
+        not_found(format!(
             "shared memory {:?} was already unlinked",
             self.name
         ))
@@ -395,7 +413,9 @@ impl SharedMemory {
     fn unlink_remote(&self) -> Result<()> {
         let conn = match connect(&self.name) {
             Ok(conn) => conn,
-            Err(Error::InvalidArgument { .. }) => return Err(self.gone()),
+            Err(err) if err.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                return Err(self.gone());
+            }
             Err(err) => return Err(err),
         };
         let (dev, ino) = names::identity(self.map.fd())
@@ -408,8 +428,9 @@ impl SharedMemory {
         let mut answer = [0u8; 1];
         match sys::read(conn.as_fd(), &mut answer) {
             Ok(1) if answer[0] == names::UNLINKED => Ok(()),
-            Ok(1) if answer[0] == names::OTHER_BLOCK => Err(Error::invalid(format!(
-                "shared memory name {:?} now names another block: not unlinked",
+            Ok(1) if answer[0] == names::OTHER_BLOCK => Err(not_found(format!(
+                "shared memory name {:?} now names another block (this one's name is gone): \
+                 not unlinked",
                 self.name
             ))),
             // Closed without an answer: unlinked meanwhile by its creator.
@@ -769,7 +790,7 @@ mod tests {
         let refused = check_server("n", 4242, 65534, 1000).expect_err("another uid");
         let message = refused.to_string();
         assert!(
-            matches!(refused, Error::InvalidArgument { .. }),
+            refused.io_kind() == Some(std::io::ErrorKind::PermissionDenied),
             "{message}"
         );
         assert!(message.contains("uid 65534"), "{message}");
@@ -784,9 +805,9 @@ mod tests {
     fn a_taken_name_says_who_holds_it() {
         let name = format!("unit-taken-{}", std::process::id());
         let a = SharedMemory::create(&name, 8).expect("create");
-        let message = SharedMemory::create(&name, 8)
-            .expect_err("taken")
-            .to_string();
+        let taken = SharedMemory::create(&name, 8).expect_err("taken");
+        assert_eq!(taken.io_kind(), Some(std::io::ErrorKind::AlreadyExists));
+        let message = taken.to_string();
         assert!(
             message.contains(&format!("created by process {}", std::process::id())),
             "{message}"
