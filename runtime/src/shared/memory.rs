@@ -245,20 +245,13 @@ fn connect(name: &str) -> Result<OwnedFd> {
     Ok(conn)
 }
 
-/// Sends a request to a name server (one write: a few bytes on a fresh
-/// connection, bounded by the send timeout).
-fn send_request(conn: &OwnedFd, request: &[u8]) -> Result<()> {
-    match sys::write(conn.as_fd(), request) {
-        Ok(n) if n == request.len() => Ok(()),
-        Ok(_) => Err(Error::io(
-            "could not send a request to the shared memory name server",
-            std::io::Error::from(std::io::ErrorKind::WriteZero),
-        )),
-        Err(e) => Err(Error::errno(
-            "could not send a request to the shared memory name server",
-            e,
-        )),
-    }
+/// Sends a request to a name server: one `sendmsg` of a few bytes on a
+/// fresh connection (bounded by the send timeout, no SIGPIPE). Best
+/// effort: a server that answered and closed before reading it (a
+/// squatter of the name, say) still left its answer to read, and what the
+/// answer says (or its absence) is the error worth reporting.
+fn send_request(conn: &OwnedFd, request: &[u8]) {
+    let _ = sys::send_with_fds(conn.as_fd(), &[std::io::IoSlice::new(request)], &[]);
 }
 
 impl SharedMemory {
@@ -321,7 +314,7 @@ impl SharedMemory {
     /// descriptors are free).
     pub fn open(name: &str) -> Result<SharedMemory> {
         let conn = connect(name)?;
-        send_request(&conn, &[names::OPEN])?;
+        send_request(&conn, &[names::OPEN]);
         let fd = receive_memfd(conn.as_fd(), name)?;
         Ok(SharedMemory {
             map: Mapping::from_fd(fd)?,
@@ -424,7 +417,7 @@ impl SharedMemory {
         request[0] = names::UNLINK;
         request[1..9].copy_from_slice(&dev.to_le_bytes());
         request[9..].copy_from_slice(&ino.to_le_bytes());
-        send_request(&conn, &request)?;
+        send_request(&conn, &request);
         let mut answer = [0u8; 1];
         match sys::read(conn.as_fd(), &mut answer) {
             Ok(1) if answer[0] == names::UNLINKED => Ok(()),

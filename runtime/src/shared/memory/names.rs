@@ -292,7 +292,11 @@ fn run(server: &'static Server, wake_rx: &OwnedFd) {
                         // once the round ends; the client is told by its
                         // connection closing (an error on its side).
                     } else {
-                        let _ = sys::write(p.conn.as_fd(), &[OTHER_BLOCK]);
+                        let _ = sys::send_with_fds(
+                            p.conn.as_fd(),
+                            &[IoSlice::new(&[OTHER_BLOCK])],
+                            &[],
+                        );
                     }
                 }
             }
@@ -307,7 +311,7 @@ fn run(server: &'static Server, wake_rx: &OwnedFd) {
         });
         for (conn, served) in unlinked {
             drop(served);
-            let _ = sys::write(conn.as_fd(), &[UNLINKED]);
+            let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[UNLINKED])], &[]);
         }
     }
 }
