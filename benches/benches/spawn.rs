@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use multiproc::{Process, process_fn};
+use multiproc::{Pool, Process, StartMethod, process_fn};
 
 #[process_fn]
 fn trivial() {}
@@ -16,6 +16,16 @@ fn trivial() {}
 #[process_fn]
 fn trivial_value() -> u32 {
     7
+}
+
+#[process_fn]
+fn echo(x: u32) -> u32 {
+    x
+}
+
+#[process_fn]
+fn server_pid() -> u32 {
+    std::os::unix::process::parent_id()
 }
 
 const EXIT_NOW: &str = "MULTIPROC_BENCH_EXIT_NOW";
@@ -57,6 +67,76 @@ fn multiproc_process() {
     let mut p = Process::new(trivial, ());
     p.start().expect("start");
     assert!(p.join().expect("join").success());
+}
+
+fn forkserver() -> multiproc::Context {
+    multiproc::get_context(StartMethod::ForkServer)
+}
+
+fn forkserver_spawn() {
+    let v = forkserver()
+        .spawn(trivial_value, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    assert_eq!(v, 7);
+}
+
+fn forkserver_process() {
+    let mut p = forkserver().process(trivial, ());
+    p.start().expect("start");
+    assert!(p.join().expect("join").success());
+}
+
+/// The time `Pool::new(2)` by `method` takes to return from `build`, and
+/// to give the results of a first `map` of two items (both workers up);
+/// the pool's drop (killing and reaping its workers) is not counted.
+fn pool_ready(method: StartMethod) -> (Duration, Duration) {
+    let t = Instant::now();
+    let pool = Pool::builder()
+        .processes(2)
+        .start_method(method)
+        .build()
+        .expect("pool");
+    let built = t.elapsed();
+    let out = pool.map_chunked(echo, 0..2u32, 1).expect("map");
+    let served = t.elapsed();
+    assert_eq!(out, vec![0, 1]);
+    drop(pool);
+    (built, served)
+}
+
+/// The medians of `n` calls of [`pool_ready`].
+fn pool_median(n: usize, method: StartMethod) -> (Duration, Duration) {
+    let (mut built, mut served): (Vec<_>, Vec<_>) = (0..n).map(|_| pool_ready(method)).unzip();
+    (median_of(&mut built), median_of(&mut served))
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// The server's resident memory (kB), and how many of its children are
+/// zombies.
+fn server_state(server: u32) -> (u64, usize) {
+    let rss = std::fs::read_to_string(format!("/proc/{server}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let zombies = std::fs::read_to_string(format!("/proc/{server}/task/{server}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        })
+        .count();
+    (rss, zombies)
 }
 
 /// CPU time (user + system) of this process and of its reaped children.
@@ -122,11 +202,16 @@ fn main() {
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1))
         .configure_from_args();
+    multiproc::start_forkserver().expect("forkserver");
     let mut group = c.benchmark_group("spawn_join");
     group.bench_function("bare_command_spawn_wait", |b| b.iter(|| bare_command(&exe)));
     group.bench_function("multiproc_spawn_join", |b| b.iter(multiproc_spawn));
     group.bench_function("multiproc_process_start_join", |b| {
         b.iter(multiproc_process)
+    });
+    group.bench_function("forkserver_spawn_join", |b| b.iter(forkserver_spawn));
+    group.bench_function("forkserver_process_start_join", |b| {
+        b.iter(forkserver_process)
     });
     group.finish();
 
@@ -134,14 +219,19 @@ fn main() {
     // hits both sides alike.
     let rounds = 15;
     let (mut bare, mut ours, mut proc_) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut fs_spawn, mut fs_proc) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         bare.push(time_median(9, || bare_command(&exe)));
         ours.push(time_median(9, multiproc_spawn));
         proc_.push(time_median(9, multiproc_process));
+        fs_spawn.push(time_median(9, forkserver_spawn));
+        fs_proc.push(time_median(9, forkserver_process));
     }
     let bare = median_of(&mut bare);
     let ours = median_of(&mut ours);
     let proc_ = median_of(&mut proc_);
+    let fs_spawn = median_of(&mut fs_spawn);
+    let fs_proc = median_of(&mut fs_proc);
     println!("\nspawn + join, medians of {rounds} interleaved rounds of 9:");
     println!(
         "  bare Command spawn+wait      {:>8.3} ms",
@@ -156,6 +246,16 @@ fn main() {
         "  Process start + join         {:>8.3} ms  ({:.3}x bare)",
         proc_.as_secs_f64() * 1e3,
         proc_.as_secs_f64() / bare.as_secs_f64()
+    );
+    println!(
+        "  forkserver spawn + join      {:>8.3} ms  ({:.2}x faster than spawn's)",
+        fs_spawn.as_secs_f64() * 1e3,
+        ours.as_secs_f64() / fs_spawn.as_secs_f64()
+    );
+    println!(
+        "  forkserver Process st+join   {:>8.3} ms  ({:.2}x faster than spawn's)",
+        fs_proc.as_secs_f64() * 1e3,
+        proc_.as_secs_f64() / fs_proc.as_secs_f64()
     );
     // CPU time, interleaved too: what a start costs the machine, parent and
     // child together (getrusage of this process and its reaped children).
@@ -194,13 +294,59 @@ fn main() {
         proc_cpu.as_secs_f64() * 1e3,
         proc_cpu.as_secs_f64() / bare_cpu.as_secs_f64()
     );
-    for method in ["fork", "spawn"] {
+    for method in ["fork", "forkserver", "spawn"] {
         match python(method) {
             Some(ms) => println!(
-                "  CPython Process ({method:5}) start+join {ms:>8.3} ms  (multiproc is {:.1}x faster)",
-                ms / (ours.as_secs_f64() * 1e3)
+                "  CPython Process ({method:10}) start+join {ms:>8.3} ms  (multiproc spawn {:.1}x, forkserver {:.1}x faster)",
+                ms / (proc_.as_secs_f64() * 1e3),
+                ms / (fs_proc.as_secs_f64() * 1e3),
             ),
             None => println!("  CPython ({method}): python3 not available"),
         }
     }
+
+    // Pool::new(2) until ready, by method (its drop not counted).
+    let (mut pool_spawn, mut pool_fs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        pool_spawn.push(pool_median(3, StartMethod::Spawn));
+        pool_fs.push(pool_median(3, StartMethod::ForkServer));
+    }
+    let split = |v: &mut Vec<(Duration, Duration)>| {
+        let (mut a, mut b): (Vec<_>, Vec<_>) = v.drain(..).unzip();
+        (median_of(&mut a), median_of(&mut b))
+    };
+    let (spawn_built, spawn_served) = split(&mut pool_spawn);
+    let (fs_built, fs_served) = split(&mut pool_fs);
+    println!(
+        "Pool::new(2): build() returned / first map of 2 items returned, medians of {rounds} \
+         interleaved rounds of 3:"
+    );
+    println!(
+        "  spawn                        {:>8.3} ms / {:>8.3} ms",
+        spawn_built.as_secs_f64() * 1e3,
+        spawn_served.as_secs_f64() * 1e3
+    );
+    println!(
+        "  forkserver                   {:>8.3} ms / {:>8.3} ms  ({:.2}x / {:.2}x faster)",
+        fs_built.as_secs_f64() * 1e3,
+        fs_served.as_secs_f64() * 1e3,
+        spawn_built.as_secs_f64() / fs_built.as_secs_f64(),
+        spawn_served.as_secs_f64() / fs_served.as_secs_f64()
+    );
+
+    // 1000 starts in a loop: descriptors, zombies, server memory.
+    let server = forkserver()
+        .spawn(server_pid, ())
+        .expect("spawn")
+        .join()
+        .expect("join");
+    let (fds_before, (rss_before, _)) = (open_fds(), server_state(server));
+    for _ in 0..1000 {
+        forkserver_process();
+    }
+    let (fds_after, (rss_after, zombies)) = (open_fds(), server_state(server));
+    println!(
+        "1000 forkserver Process starts: descriptors {fds_before} -> {fds_after}, server \
+         VmRSS {rss_before} -> {rss_after} kB, zombies under the server {zombies}"
+    );
 }

@@ -158,6 +158,8 @@ mod codec;
 #[cfg(target_os = "linux")]
 pub mod connection;
 #[cfg(target_os = "linux")]
+pub mod context;
+#[cfg(target_os = "linux")]
 pub mod error;
 #[cfg(target_os = "linux")]
 mod handle;
@@ -184,6 +186,11 @@ mod wire;
 pub use child::init;
 #[cfg(target_os = "linux")]
 pub use connection::{Pipe, Waitable, wait};
+
+pub use context::{
+    Context, StartMethod, force_start_method, get_all_start_methods, get_context, get_start_method,
+    set_forkserver_preload, set_start_method, start_forkserver,
+};
 #[cfg(target_os = "linux")]
 pub use error::{Error, Result};
 #[cfg(target_os = "linux")]

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::child::{self, ChildProc, Mode};
+use crate::child::{self, ChildProc, Mode, StartMethod};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, Entry};
@@ -181,6 +181,7 @@ fn sweep() {
 pub struct Process {
     name: String,
     daemon: bool,
+    method: Option<StartMethod>,
     target: Option<Result<Target>>,
     running: Option<Arc<Running>>,
     /// After [`close`](Process::close): the exit code it had (`None` if it
@@ -216,6 +217,7 @@ impl Process {
         ProcessBuilder {
             name: None,
             daemon: false,
+            method: None,
             target: None,
         }
     }
@@ -243,7 +245,8 @@ impl Process {
         };
         sweep();
         register_shutdown_at_exit();
-        let (child, channel) = child::start_child(
+        let (child, channel) = child::start_child_by(
+            self.method,
             target.entry.name(),
             &self.name,
             Mode::Process,
@@ -347,7 +350,7 @@ impl Process {
     /// Wait on it with [`wait`](crate::connection::wait), or with your own
     /// `poll`/`epoll` loop; it stays valid as long as this `Process`.
     pub fn sentinel(&self) -> Option<BorrowedFd<'_>> {
-        self.running.as_ref().map(|r| r.child.pidfd())
+        self.running.as_ref().map(|r| r.child.sentinel())
     }
 
     /// Releases what the handle holds (CPython's `close()`): the child's
@@ -430,6 +433,7 @@ impl Process {
 pub struct ProcessBuilder {
     name: Option<String>,
     daemon: bool,
+    method: Option<StartMethod>,
     target: Option<(Result<Target>, Option<String>)>,
 }
 
@@ -443,6 +447,13 @@ impl ProcessBuilder {
     /// Daemonic processes are terminated, not joined, at the end of main.
     pub fn daemon(mut self, daemon: bool) -> Self {
         self.daemon = daemon;
+        self
+    }
+
+    /// How the child starts (default: the program's,
+    /// [`get_start_method`](crate::get_start_method) at `start`).
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.method = Some(method);
         self
     }
 
@@ -482,6 +493,7 @@ impl ProcessBuilder {
                 .or(task_name)
                 .unwrap_or_else(child::next_process_name),
             daemon: self.daemon,
+            method: self.method,
             target: Some(target),
             running: None,
             closed: None,
@@ -554,7 +566,7 @@ impl crate::connection::Waitable for Process {
 /// Ready once the child has ended.
 impl<R> crate::connection::Waitable for JoinHandle<R> {
     fn wait_fd(&self) -> Result<BorrowedFd<'_>> {
-        Ok(self.child.pidfd())
+        Ok(self.child.sentinel())
     }
 }
 
@@ -589,9 +601,23 @@ where
     F: ProcessFn<A>,
     A: Serialize,
 {
+    spawn_by(None, f, args)
+}
+
+/// [`spawn`] by `method` (`None`: the program's default).
+pub(crate) fn spawn_by<F, A>(
+    method: Option<StartMethod>,
+    f: F,
+    args: A,
+) -> Result<JoinHandle<F::Output>>
+where
+    F: ProcessFn<A>,
+    A: Serialize,
+{
     let target = Target::of_fn(&f, &args)?;
     let name = child::next_process_name();
-    let (child, channel) = child::start_child(
+    let (child, channel) = child::start_child_by(
+        method,
         target.entry.name(),
         &name,
         Mode::Spawn,
@@ -662,7 +688,9 @@ pub fn parent_process() -> Option<ParentProcess> {
 ///
 /// It is watched through a pidfd, opened once per process and checked
 /// against `getppid()` (so a pid reused by another process after the
-/// parent died is never taken for it). A child usually dies with its
+/// parent died is never taken for it; a child of the forkserver, whose OS
+/// parent is the server, opens it by pid: the server and its children die
+/// with the program that started them). A child usually dies with its
 /// parent (see the crate docs: the death signal, or the watcher thread),
 /// so waiting for the parent mostly matters in a child that outlives it
 /// on purpose, or to learn it is gone.
@@ -700,13 +728,17 @@ impl ParentProcess {
         PIDFD
             .get_or_init(|| {
                 let ppid = || nix::unistd::getppid().as_raw() as u32;
-                if ppid() != pid {
+                let forked = ppid() != pid && ppid() == crate::child::forkserver_pid();
+                if ppid() != pid && !forked {
                     return None;
                 }
                 let fd = crate::sys::pidfd_open(nix::unistd::Pid::from_raw(pid as i32)).ok()?;
                 // Still our parent after the open: the pidfd is its (a
                 // parent that dies gives its children to another process).
-                (ppid() == pid).then_some(fd)
+                // A child of the forkserver has the server as its OS parent
+                // and dies with it, which dies with the program that asked
+                // for the child: its pidfd is opened by pid, alive or not.
+                (forked || ppid() == pid).then_some(fd)
             })
             .as_ref()
             .map(std::os::fd::AsFd::as_fd)

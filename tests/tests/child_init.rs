@@ -88,3 +88,18 @@ fn the_initializer_must_be_registered() {
     let err = multiproc::set_child_initializer(not_registered, (1,)).expect_err("plain fn");
     assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
 }
+
+#[test]
+fn the_initializer_runs_in_every_child_of_the_forkserver() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    multiproc::set_child_initializer(setup, (9,)).expect("registered");
+    let ctx = multiproc::get_context(multiproc::StartMethod::ForkServer);
+    let firsts: Vec<u32> = (0..2)
+        .map(|_| {
+            let mut child = ctx.spawn(seen, (0,)).expect("spawn");
+            child.join_timeout(JOIN).expect("join")
+        })
+        .collect();
+    multiproc::clear_child_initializer();
+    assert_eq!(firsts, [9, 9], "each forked child ran it");
+}

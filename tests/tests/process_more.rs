@@ -80,3 +80,18 @@ fn parent_process_is_alive_and_can_be_waited_on() {
     assert!(!ended, "join_timeout returns false while the parent runs");
     assert!(sentinel);
 }
+
+#[test]
+fn parent_process_of_a_forkserver_child_is_the_program_not_the_server() {
+    let ctx = multiproc::get_context(multiproc::StartMethod::ForkServer);
+    let mut child = ctx.spawn(look_at_parent, ()).expect("spawn");
+    let (pid, alive, ended, sentinel) = child.join_timeout(JOIN).expect("join");
+    assert_eq!(
+        pid,
+        std::process::id(),
+        "the program that asked, not the server"
+    );
+    assert!(alive);
+    assert!(!ended);
+    assert!(sentinel);
+}

@@ -24,7 +24,7 @@ use std::time::Duration;
 use nix::poll::PollFlags;
 
 use super::{
-    CHILD_FD, ENV_VAR, IDENTITY, Identity, MAIN_THREAD, Message, Mode, READY, exe_identity,
+    CHILD_FD, ENV_VAR, Identity, MAIN_THREAD, Message, Mode, READY, exe_identity, set_identity,
 };
 use crate::error::Error;
 use crate::registry::{self, Call, Entry, PanicRecord};
@@ -50,6 +50,9 @@ struct Claim {
     /// The parent's `main` began with `#[multiproc::main]`, so this
     /// one's does too: the child runs from there, on the real main thread.
     in_main: bool,
+    /// This process is the forkserver: it runs on the thread it was
+    /// started with and never starts another (`child::forkserver`).
+    server: bool,
     socket: OwnedFd,
 }
 
@@ -71,6 +74,23 @@ fn on_load(load: LoadTime) {
         return;
     }
     if let Some(claim) = claim(true) {
+        if claim.server && !claim.in_main {
+            // The forkserver stays single-threaded: it runs here, on the
+            // thread the loader started, once the constructors ran. (Under
+            // `#[multiproc::main]` it runs from `main`'s first line, on
+            // std's main thread, so that its children's thread is std's
+            // `main` as a spawned child's is.)
+            load.finish_then_exit(move || {
+                if let Err(code) = prepare(&claim) {
+                    return code;
+                }
+                match registry::catch(|| read_start(claim)) {
+                    Ok(Ok(started)) => run(started),
+                    Ok(Err(code)) => code,
+                    Err(record) => runtime_panicked(&record),
+                }
+            });
+        }
         if claim.in_main {
             // `main` takes it as its first line (`main_init`): std's
             // runtime is then set up and this thread is std's main thread,
@@ -189,7 +209,7 @@ fn claim(at_load: bool) -> Option<Claim> {
         // cannot rule out either.
         unsafe { sys::remove_env(ENV_VAR) };
     }
-    let (parent, deathsig, in_main) = parse_env(&value)?;
+    let (parent, deathsig, in_main, server) = parse_env(&value)?;
     // SAFETY: CHILD_FD is the number the parent placed this process's end
     // of the socket at (`child::start`); this runs once per process (both
     // callers swap READY first), before the program's own code (at load
@@ -200,12 +220,43 @@ fn claim(at_load: bool) -> Option<Claim> {
         parent,
         deathsig,
         in_main,
+        server,
         socket,
     })
 }
 
-/// `fd:parent_pid:deathsig[:m]`: `(parent, deathsig, in_main)`.
-fn parse_env(value: &OsString) -> Option<(u32, bool, bool)> {
+/// A child the forkserver just forked, on its only thread: it has the
+/// server's state (constructors run, registry built) and `socket`, its end
+/// of the socket to the program that asked for it (`requester`). From
+/// here it starts as a spawned child does: the same start message, the
+/// same checks, the same reports. Returns the exit code.
+pub(super) fn run_forked(socket: OwnedFd, requester: u32, server: u32) -> i32 {
+    // The death signal follows the server's only thread, that is the
+    // server, which dies with the program (it sees its socket close).
+    if sys::set_parent_death_signal().is_err() {
+        return EXIT_REFUSED;
+    }
+    if sys::parent_pid() != server {
+        // The server died before the death signal was armed.
+        return 1;
+    }
+    super::FORKED_BY.store(server, Ordering::Relaxed);
+    let claim = Claim {
+        parent: requester,
+        deathsig: true,
+        in_main: false,
+        server: false,
+        socket,
+    };
+    match registry::catch(|| read_start(claim)) {
+        Ok(Ok(started)) => run(started),
+        Ok(Err(code)) => code,
+        Err(record) => runtime_panicked(&record),
+    }
+}
+
+/// `fd:parent_pid:deathsig[:m|:s|:sm]`: `(parent, deathsig, in_main, server)`.
+fn parse_env(value: &OsString) -> Option<(u32, bool, bool, bool)> {
     let value = value.to_str()?;
     let mut parts = value.split(':');
     let fd: i32 = parts.next()?.parse().ok()?;
@@ -215,12 +266,14 @@ fn parse_env(value: &OsString) -> Option<(u32, bool, bool)> {
         "0" => false,
         _ => return None,
     };
-    let in_main = match parts.next() {
-        None => false,
-        Some("m") => true,
+    let (in_main, server) = match parts.next() {
+        None => (false, false),
+        Some("m") => (true, false),
+        Some("s") => (false, true),
+        Some("sm") => (true, true),
         Some(_) => return None,
     };
-    (fd == CHILD_FD && parts.next().is_none()).then_some((ppid, deathsig, in_main))
+    (fd == CHILD_FD && parts.next().is_none()).then_some((ppid, deathsig, in_main, server))
 }
 
 /// What must happen on the thread the parent started: the death signal
@@ -327,14 +380,29 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
             },
         ));
     }
-    let _ = IDENTITY.set(Identity {
+    set_identity(Identity {
         name: start.process_name.clone(),
         parent: Some((start.parent_name.clone(), start.parent_pid)),
     });
-    if !claim.deathsig {
+    if claim.server != (start.name == super::forkserver::ENTRY) {
+        return Err(refuse(
+            &channel,
+            Error::misuse(format!(
+                "`{}` cannot run as {}",
+                start.name,
+                if claim.server {
+                    "the forkserver"
+                } else {
+                    "a child"
+                }
+            )),
+        ));
+    }
+    if !claim.deathsig && !claim.server {
         // Started from a thread that may end before the parent does: the
         // death signal would follow that thread, so it was not armed, and
-        // a watcher thread sees the parent's end of the socket close.
+        // a watcher thread sees the parent's end of the socket close. (The
+        // forkserver has no thread of its own: its loop watches.)
         watch_parent(&channel);
     }
     let entry = match registry::lookup_name(&start.name) {
@@ -352,8 +420,9 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
         Err(err) => return Err(refuse(&channel, err)),
     };
     // The child initializer is looked up now (a missing name is a refusal
-    // like the target's), run just before the target, and inherited.
-    let init = match start.init {
+    // like the target's), run just before the target, and inherited. Not
+    // in the forkserver: each child it forks gets (and runs) its own.
+    let init = match start.init.filter(|_| !claim.server) {
         None => None,
         Some((name, args)) => match registry::lookup_name(&name) {
             Ok(init) if init.internal_main().is_none() => {
@@ -510,9 +579,13 @@ mod tests {
     #[test]
     fn the_variable_is_checked_whole() {
         let ok = |s: &str| parse_env(&OsString::from(s));
-        assert_eq!(ok("3:42:1"), Some((42, true, false)));
-        assert_eq!(ok("3:42:0"), Some((42, false, false)));
-        assert_eq!(ok("3:42:1:m"), Some((42, true, true)));
+        assert_eq!(ok("3:42:1"), Some((42, true, false, false)));
+        assert_eq!(ok("3:42:0"), Some((42, false, false, false)));
+        assert_eq!(ok("3:42:1:m"), Some((42, true, true, false)));
+        assert_eq!(ok("3:42:0:s"), Some((42, false, false, true)));
+        assert_eq!(ok("3:42:0:sm"), Some((42, false, true, true)));
+        assert_eq!(ok("3:42:0:s:m"), None);
+        assert_eq!(ok("3:42:0:ms"), None);
         assert_eq!(ok("4:42:1"), None);
         assert_eq!(ok("3:42:1:x"), None);
         assert_eq!(ok("3:42:1:m:m"), None);

@@ -4,7 +4,7 @@
 //! A child is this same executable, started again from `/proc/self/exe`
 //! with the parent's arguments, `/dev/null` as standard input, one
 //! inherited Unix socket at descriptor [`CHILD_FD`] and the variable
-//! [`ENV_VAR`] (`fd:parent_pid:deathsig[:m]`) in its environment. Before
+//! [`ENV_VAR`] (`fd:parent_pid:deathsig[:m|:s|:sm]`) in its environment. Before
 //! `main`, the child's load-time hook runs the load-time constructors that
 //! come after it (so every registration is in place whatever the link
 //! order), reads the start message, checks that it runs the parent's
@@ -29,21 +29,30 @@
 //! started from a thread that lives as long as the parent process,
 //! otherwise a watcher thread that sees the parent's end of the socket
 //! close.
+//!
+//! The start method `forkserver` ([`forkserver`]) starts one spawned child
+//! marked `:s` (`:sm` under `#[multiproc::main]`): the server, which runs
+//! single-threaded and forks the others on request. A forked child gets
+//! its socket from the server instead of at [`CHILD_FD`], and from there
+//! reads the same start message and makes the same checks as a spawned
+//! one (`boot::run_forked`).
 
 use std::os::fd::RawFd;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
 
 mod boot;
+mod forkserver;
 mod protocol;
 mod start;
 
 pub(crate) use boot::main_dispatches;
 pub use boot::{init, main_init};
+pub(crate) use forkserver::{set_preload, start_server_now};
 pub(crate) use protocol::{Message, Mode, Start};
-pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child};
+pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child_by};
 
 /// The environment variable that marks a process as a multiproc child.
 pub(crate) const ENV_VAR: &str = "MULTIPROC_CHILD";
@@ -58,12 +67,24 @@ pub(crate) struct Identity {
     pub(crate) parent: Option<(String, u32)>,
 }
 
-static IDENTITY: OnceLock<Identity> = OnceLock::new();
-
+/// Set in a child by its start; a child forked by the forkserver
+/// replaces the server's (so it is not a `OnceLock`). Each value is
+/// leaked: at most two per process. The lock is never held across a fork
+/// (the server is single-threaded).
+static IDENTITY: std::sync::Mutex<Option<&'static Identity>> = std::sync::Mutex::new(None);
 /// The child initializer every child started from here runs first (a
 /// registered name and its encoded arguments); a child inherits its
 /// parent's, so that its own children run it too.
 static CHILD_INIT: std::sync::Mutex<Option<(String, Vec<u8>)>> = std::sync::Mutex::new(None);
+
+/// In a child of the forkserver: the server's pid (its OS parent); 0
+/// otherwise.
+static FORKED_BY: AtomicU32 = AtomicU32::new(0);
+
+/// The forkserver's pid in a child it forked (0 in any other process).
+pub(crate) fn forkserver_pid() -> u32 {
+    FORKED_BY.load(Ordering::Relaxed)
+}
 
 /// Sets (or, with `None`, clears) the child initializer.
 pub(crate) fn set_child_init(init: Option<(String, Vec<u8>)>) {
@@ -81,10 +102,100 @@ static READY: AtomicBool = AtomicBool::new(false);
 static MAIN_THREAD: AtomicU32 = AtomicU32::new(0);
 
 pub(crate) fn identity() -> &'static Identity {
-    IDENTITY.get_or_init(|| Identity {
-        name: "MainProcess".to_string(),
-        parent: None,
+    let mut now = IDENTITY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    now.get_or_insert_with(|| {
+        Box::leak(Box::new(Identity {
+            name: "MainProcess".to_string(),
+            parent: None,
+        }))
     })
+}
+
+/// Sets this process's identity (a child's start).
+fn set_identity(identity: Identity) {
+    *IDENTITY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::leak(Box::new(identity)));
+}
+
+/// How a child process starts: Python's start methods.
+///
+/// `Spawn` (the default) starts the executable again from
+/// `/proc/self/exe`; `ForkServer` asks a small single-threaded server
+/// process, started once from `/proc/self/exe`, to fork the child, which
+/// is several times faster. Both run the same registered functions with
+/// the same semantics; see the README's "Start methods". There is no
+/// `fork`: forking a multithreaded Rust program is unsound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StartMethod {
+    /// A fresh start of the executable (CPython's `spawn`).
+    Spawn,
+    /// A fork of the forkserver (CPython's `forkserver`).
+    ForkServer,
+}
+
+impl StartMethod {
+    /// CPython's name for it: `"spawn"` or `"forkserver"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartMethod::Spawn => "spawn",
+            StartMethod::ForkServer => "forkserver",
+        }
+    }
+}
+
+impl std::fmt::Display for StartMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StartMethod {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<StartMethod> {
+        match s {
+            "spawn" => Ok(StartMethod::Spawn),
+            "forkserver" => Ok(StartMethod::ForkServer),
+            other => Err(Error::misuse(format!(
+                "unknown start method `{other}`; expected `spawn` or `forkserver`"
+            ))),
+        }
+    }
+}
+
+/// The program's default start method: 0 not set (spawn), 1 spawn, 2 forkserver.
+static DEFAULT_METHOD: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the default start method once; a second call with another method
+/// is refused.
+pub(crate) fn set_default_method(method: StartMethod, force: bool) -> Result<()> {
+    let code = match method {
+        StartMethod::Spawn => 1,
+        StartMethod::ForkServer => 2,
+    };
+    if force {
+        DEFAULT_METHOD.store(code, Ordering::SeqCst);
+        return Ok(());
+    }
+    match DEFAULT_METHOD.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => Ok(()),
+        Err(now) if now == code => Ok(()),
+        Err(_) => Err(Error::misuse(format!(
+            "the start method was already set to `{}`",
+            default_method()
+        ))),
+    }
+}
+
+/// The start method used when none is given.
+pub(crate) fn default_method() -> StartMethod {
+    match DEFAULT_METHOD.load(Ordering::SeqCst) {
+        2 => StartMethod::ForkServer,
+        _ => StartMethod::Spawn,
+    }
 }
 
 /// `true` on a thread that lives as long as this process (so a child's

@@ -12,8 +12,8 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use super::{
-    CHILD_FD, ENV_VAR, Message, Mode, Start, ensure_ready, exe_identity, identity,
-    on_long_lived_thread,
+    CHILD_FD, ENV_VAR, Message, Mode, Start, StartMethod, default_method, ensure_ready,
+    exe_identity, identity, on_long_lived_thread,
 };
 use crate::codec;
 use crate::error::{Error, Result};
@@ -23,7 +23,7 @@ use crate::wire::Channel;
 
 /// Python's `exitcode` of a reaped child: its exit code, or `-N` when
 /// signal N killed it.
-fn exit_code(status: WaitStatus) -> i32 {
+pub(super) fn exit_code(status: WaitStatus) -> i32 {
     match status {
         WaitStatus::Exited(_, code) => code,
         WaitStatus::Signaled(_, sig, _) => -(sig as i32),
@@ -44,16 +44,62 @@ pub(crate) fn death_error(pid: u32, code: i32) -> Error {
 
 /// A started child: its pid, a pidfd to wait on and signal without a
 /// pid-reuse race, and its exit code (Python's numbers) once reaped.
+///
+/// A child of the forkserver is not this process's child: the server
+/// reaps it and writes its exit code on the `relay` pipe (then closes it).
+/// Its pidfd, opened by the server before it could reap the child and
+/// passed here, still signals it without a pid-reuse race.
 #[derive(Debug)]
 pub(crate) struct ChildProc {
     pid: Pid,
     pidfd: OwnedFd,
+    /// The read end of the server's status pipe (non-blocking), for a
+    /// forked child.
+    relay: Option<OwnedFd>,
     status: std::sync::Mutex<Option<i32>>,
 }
 
+/// The exit code of a forked child whose server died without relaying
+/// it: the server's death killed it (its death signal is SIGKILL).
+const LOST_WITH_SERVER: i32 = -(Signal::SIGKILL as i32);
+
 impl ChildProc {
+    /// A child of the forkserver: its pid, the pidfd the server opened,
+    /// and the read end of its status pipe.
+    pub(super) fn forked(pid: Pid, pidfd: OwnedFd, relay: OwnedFd) -> ChildProc {
+        ChildProc {
+            pid,
+            pidfd,
+            relay: Some(relay),
+            status: std::sync::Mutex::new(None),
+        }
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.pid.as_raw() as u32
+    }
+
+    /// A forked child's relayed exit code, without blocking: `Some` once
+    /// the server wrote it, or once the server died and the child is gone.
+    fn relayed(&self, relay: &OwnedFd) -> Result<Option<i32>> {
+        let mut word = [0u8; 4];
+        match sys::read(relay.as_fd(), &mut word) {
+            // Four bytes written at once to a pipe are read at once.
+            Ok(4) => Ok(Some(i32::from_le_bytes(word))),
+            Ok(0) => {
+                // The server is gone without a word: the child dies with
+                // it; report it once it is gone.
+                let gone =
+                    sys::poll_one(self.pidfd.as_fd(), PollFlags::POLLIN, Some(Duration::ZERO))
+                        .map_err(|e| Error::io("poll", e))?;
+                Ok((!gone.is_empty()).then_some(LOST_WITH_SERVER))
+            }
+            Ok(_) => Err(Error::Decode {
+                message: "the forkserver relayed a torn exit status".into(),
+            }),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(Error::io("read", std::io::Error::from(e))),
+        }
     }
 
     /// The exit code if the child has ended (reaping it), without blocking.
@@ -61,6 +107,11 @@ impl ChildProc {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = *status {
             return Ok(Some(s));
+        }
+        if let Some(relay) = &self.relay {
+            let code = self.relayed(relay)?;
+            *status = code;
+            return Ok(code);
         }
         if let Some(ws) = sys::try_reap(self.pid).map_err(|e| Error::io("waitpid", e))? {
             let code = exit_code(ws);
@@ -74,6 +125,26 @@ impl ChildProc {
     pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<Option<i32>> {
         if let Some(s) = self.try_wait()? {
             return Ok(Some(s));
+        }
+        if let Some(relay) = &self.relay {
+            // Readable once the server wrote the status, or died.
+            let deadline = crate::wire::deadline(timeout);
+            let ev = sys::poll_one(relay.as_fd(), PollFlags::POLLIN, timeout)
+                .map_err(|e| Error::io("poll", e))?;
+            if ev.is_empty() {
+                return Ok(None);
+            }
+            if let Some(s) = self.try_wait()? {
+                return Ok(Some(s));
+            }
+            // The server died and the child is still dying of it.
+            sys::poll_one(
+                self.pidfd.as_fd(),
+                PollFlags::POLLIN,
+                crate::wire::remaining(deadline),
+            )
+            .map_err(|e| Error::io("poll", e))?;
+            return self.try_wait();
         }
         let ev = sys::poll_one(self.pidfd.as_fd(), PollFlags::POLLIN, timeout)
             .map_err(|e| Error::io("poll", e))?;
@@ -102,9 +173,13 @@ impl ChildProc {
             .map_err(|e| Error::io("could not signal the process", e))
     }
 
-    /// The pidfd (readable once the child has exited).
-    pub(crate) fn pidfd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.pidfd.as_fd()
+    /// A descriptor readable once the child's exit status is known: its
+    /// pidfd, or a forked child's status pipe.
+    pub(crate) fn sentinel(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.relay {
+            Some(relay) => relay.as_fd(),
+            None => self.pidfd.as_fd(),
+        }
     }
 }
 
@@ -128,8 +203,9 @@ pub(crate) fn next_process_name() -> String {
 }
 
 /// Starts a child that will run `name` with the encoded `args` (and the
-/// descriptors they carry). Returns the child and the parent's end of its
-/// socket.
+/// descriptors they carry), by the program's default start method.
+/// Returns the child and the parent's end of its socket.
+#[cfg(test)]
 pub(crate) fn start_child(
     name: &str,
     process_name: &str,
@@ -137,10 +213,27 @@ pub(crate) fn start_child(
     args: &[u8],
     fds: &[OwnedFd],
 ) -> Result<(ChildProc, Channel)> {
-    start_child_as(exe_identity(), name, process_name, mode, args, fds)
+    start_child_by(None, name, process_name, mode, args, fds)
+}
+
+/// Starts a child as `start_child` does, by `method` (`None`: the program's default).
+pub(crate) fn start_child_by(
+    method: Option<StartMethod>,
+    name: &str,
+    process_name: &str,
+    mode: Mode,
+    args: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(ChildProc, Channel)> {
+    let how = match method.unwrap_or_else(default_method) {
+        StartMethod::Spawn => How::Spawn,
+        StartMethod::ForkServer => How::Fork,
+    };
+    start_with(exe_identity(), how, name, process_name, mode, args, fds)
 }
 
 /// [`start_child`], claiming to run the executable `exe` (tests use another).
+#[cfg(test)]
 pub(super) fn start_child_as(
     exe: u64,
     name: &str,
@@ -149,7 +242,120 @@ pub(super) fn start_child_as(
     args: &[u8],
     fds: &[OwnedFd],
 ) -> Result<(ChildProc, Channel)> {
+    start_with(exe, How::Spawn, name, process_name, mode, args, fds)
+}
+
+/// Starts the forkserver (the internal entry `name`, with `args`): a
+/// spawned child told that it is the server, so that it runs on the
+/// thread the loader started and never starts another.
+pub(super) fn start_server(name: &str, args: &[u8]) -> Result<(ChildProc, Channel)> {
+    start_with(
+        exe_identity(),
+        How::Server,
+        name,
+        "ForkServer",
+        Mode::Internal,
+        args,
+        &[],
+    )
+}
+
+/// How a child comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// A fresh start of `/proc/self/exe`.
+    Spawn,
+    /// As `Spawn`, marked as the forkserver.
+    Server,
+    /// Forked by the forkserver.
+    Fork,
+}
+
+fn start_with(
+    exe: u64,
+    how: How,
+    name: &str,
+    process_name: &str,
+    mode: Mode,
+    args: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(ChildProc, Channel)> {
     ensure_ready()?;
+    let me = identity();
+    let start = || Start {
+        exe,
+        registry: registry::fingerprint(),
+        name: name.to_string(),
+        process_name: process_name.to_string(),
+        parent_name: me.name.clone(),
+        parent_pid: std::process::id(),
+        mode,
+        init: super::child_init(),
+    };
+    let send = |channel: &Channel| match (Message::Start {
+        start: start(),
+        args,
+    })
+    .send(channel, fds)
+    {
+        // The child died at once; its exit status tells why.
+        Ok(()) | Err(Error::Disconnected) => Ok(()),
+        Err(err) => Err(err),
+    };
+    let started = match how {
+        How::Spawn | How::Server => spawn_child(how == How::Server).and_then(|(child, end)| {
+            let channel = Channel::new(end);
+            send(&channel).map(|()| (child, channel))
+        }),
+        How::Fork => fork_child(args.len() <= PRESEND, send),
+    };
+    if let Err(err) = &started {
+        log::error!("multiproc: could not start a child process to run `{name}`: {err}");
+    }
+    started
+}
+
+/// A start message whose arguments are at most this long is sent before
+/// the fork is asked for (the socket buffers it), so that the forked
+/// child finds it at once; a longer one could fill the socket's buffer
+/// with no reader yet, and is sent after.
+const PRESEND: usize = 16 * 1024;
+
+/// A child of the forkserver, and the parent's end of its socket, with
+/// its start message sent (by `send`; before the fork when `presend`). A
+/// server found dead is restarted once, with fresh sockets (a child the
+/// dead server may have forked dies with it, and must not see them).
+fn fork_child(
+    presend: bool,
+    send: impl Fn(&Channel) -> Result<()>,
+) -> Result<(ChildProc, Channel)> {
+    let mut first = true;
+    loop {
+        let (parent_end, child_end) =
+            sys::socketpair().map_err(|e| Error::io("could not create a socket pair", e))?;
+        let channel = Channel::new(parent_end);
+        if presend {
+            send(&channel)?;
+        }
+        match super::forkserver::fork(child_end) {
+            Ok(child) => {
+                if !presend {
+                    send(&channel)?;
+                }
+                return Ok((child, channel));
+            }
+            Err(super::forkserver::ForkError::ServerGone(_)) if first => first = false,
+            Err(
+                super::forkserver::ForkError::ServerGone(err)
+                | super::forkserver::ForkError::Failed(err),
+            ) => return Err(err),
+        }
+    }
+}
+
+/// A fresh start of `/proc/self/exe` (marked as the forkserver when
+/// `server`), and the parent's end of its socket.
+fn spawn_child(server: bool) -> Result<(ChildProc, OwnedFd)> {
     let (parent_end, child_end) =
         sys::socketpair().map_err(|e| Error::io("could not create a socket pair", e))?;
     let child_end = if child_end.as_raw_fd() == CHILD_FD {
@@ -159,11 +365,16 @@ pub(super) fn start_child_as(
         child_end
     };
     let deathsig = on_long_lived_thread();
+    let kind = match (server, super::main_dispatches()) {
+        (true, true) => ":sm",
+        (true, false) => ":s",
+        (false, true) => ":m",
+        (false, false) => "",
+    };
     let marker = format!(
-        "{ENV_VAR}={CHILD_FD}:{}:{}{}",
+        "{ENV_VAR}={CHILD_FD}:{}:{}{kind}",
         std::process::id(),
         u8::from(deathsig),
-        if super::main_dispatches() { ":m" } else { "" }
     );
     let argv: Vec<CString> = std::env::args_os().map(sys::cstring).collect();
     let mut envp: Vec<CString> = std::env::vars_os()
@@ -175,12 +386,8 @@ pub(super) fn start_child_as(
         })
         .collect();
     envp.push(sys::cstring(marker.into()));
-    let pid =
-        sys::spawn(c"/proc/self/exe", &argv, &envp, child_end.as_fd(), CHILD_FD).map_err(|e| {
-            let err = Error::io("could not start a child process", e);
-            log::error!("multiproc: could not start a child process to run `{name}`: {err}");
-            err
-        })?;
+    let pid = sys::spawn(c"/proc/self/exe", &argv, &envp, child_end.as_fd(), CHILD_FD)
+        .map_err(|e| Error::io("could not start a child process", e))?;
     drop(child_end);
     let pidfd = match sys::pidfd_open(pid) {
         Ok(fd) => fd,
@@ -193,25 +400,10 @@ pub(super) fn start_child_as(
     let child = ChildProc {
         pid,
         pidfd,
+        relay: None,
         status: std::sync::Mutex::new(None),
     };
-    let channel = Channel::new(parent_end);
-    let me = identity();
-    let start = Start {
-        exe,
-        registry: registry::fingerprint(),
-        name: name.to_string(),
-        process_name: process_name.to_string(),
-        parent_name: me.name.clone(),
-        parent_pid: std::process::id(),
-        mode,
-        init: super::child_init(),
-    };
-    match (Message::Start { start, args }).send(&channel, fds) {
-        // The child died at once; its exit status tells why.
-        Ok(()) | Err(Error::Disconnected) => Ok((child, channel)),
-        Err(err) => Err(err),
-    }
+    Ok((child, parent_end))
 }
 
 /// Reads a spawned child's outcome: its return value (decoded as `R`), or

@@ -17,6 +17,7 @@ pub struct PoolBuilder {
     pub(super) processes: Option<usize>,
     pub(super) initializer: Option<Result<Target>>,
     pub(super) max_tasks_per_child: Option<usize>,
+    pub(super) start_method: Option<crate::StartMethod>,
 }
 
 impl PoolBuilder {
@@ -35,6 +36,13 @@ impl PoolBuilder {
         A: Serialize + 'static,
     {
         self.initializer = Some(Target::of_fn(&f, &args));
+        self
+    }
+
+    /// How the workers (and their replacements) start (default: the
+    /// program's, [`get_start_method`](crate::get_start_method)).
+    pub fn start_method(mut self, method: crate::StartMethod) -> Self {
+        self.start_method = Some(method);
         self
     }
 
@@ -79,6 +87,7 @@ impl PoolBuilder {
                 max_tasks: self.max_tasks_per_child.map(|k| k as u64),
             },
             init_fds,
+            start_method: self.start_method.unwrap_or_else(crate::get_start_method),
         };
         let (core, waker) = Core::new(config)?;
         let reader = {

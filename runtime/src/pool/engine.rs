@@ -164,6 +164,8 @@ pub(crate) struct Config {
     pub(crate) processes: usize,
     pub(crate) init: WorkerInit,
     pub(crate) init_fds: Vec<OwnedFd>,
+    /// How workers start: fixed when the pool is built.
+    pub(crate) start_method: crate::StartMethod,
 }
 
 /// Everything the pool's threads share.
@@ -231,7 +233,8 @@ impl Core {
             "PoolWorker-{}",
             WORKER_COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let (child, channel) = child::start_child(
+        let (child, channel) = child::start_child_by(
+            Some(self.config.start_method),
             worker::ENTRY,
             &name,
             Mode::Internal,

@@ -169,6 +169,7 @@ impl Pool {
             processes: None,
             initializer: None,
             max_tasks_per_child: None,
+            start_method: None,
         }
     }
 

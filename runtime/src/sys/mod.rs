@@ -26,6 +26,7 @@ use std::io;
 
 pub(crate) mod arena;
 pub(crate) mod boot;
+pub(crate) mod fork;
 pub(crate) mod futex;
 pub(crate) mod ipc;
 pub(crate) mod lock;
