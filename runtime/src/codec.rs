@@ -88,6 +88,41 @@ thread_local! {
     static FD_SOURCE: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// A scope of [`off_host`] is active on this thread.
+    static OFF_HOST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with handles refused when `on`: what is encoded inside goes to
+/// another host (a pool on MPI ranks), where a handle's descriptors and
+/// shared memory do not exist. A handle that serializes inside fails with
+/// the message of [`off_host_refusal`]; outside, handles serialize as usual.
+pub(crate) fn off_host<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    /// Restores the outer state, also when `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OFF_HOST.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(OFF_HOST.with(|flag| flag.replace(on)));
+    f()
+}
+
+/// `Some(message)` when a handle is being encoded for another host (`handle`
+/// names its type, as users write it): the handle's `Serialize` fails with
+/// it before it touches its descriptors or memory.
+pub(crate) fn off_host_refusal(handle: impl FnOnce() -> String) -> Option<String> {
+    OFF_HOST.with(Cell::get).then(|| {
+        let handle = handle();
+        format!(
+            "a {handle} cannot travel to another MPI rank: it is local to this machine (its \
+             descriptors and shared memory exist only here); pass plain data to a pool on MPI \
+             ranks, or use a local Pool for tasks that need the {handle}"
+        )
+    })
+}
+
 /// Runs `f` with `fds` as this thread's fd sink; descriptors serialized by
 /// handles inside `f` are appended to `fds`.
 pub(crate) fn with_fd_sink<R>(fds: &mut Vec<OwnedFd>, f: impl FnOnce() -> R) -> R {

@@ -443,6 +443,10 @@ pub(crate) fn serialize<H: HandleWire, S: Serializer>(
     serializer: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
+    // Refused before anything is marked shared or duplicated.
+    if let Some(refusal) = codec::off_host_refusal(expected::<H>) {
+        return Err(S::Error::custom(refusal));
+    }
     let parts = handle.parts().map_err(|e| S::Error::custom(reason(&e)))?;
     let tag = Tag {
         kind: MAGIC | H::KIND as u32,

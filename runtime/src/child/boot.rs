@@ -133,6 +133,11 @@ fn on_load(load: LoadTime) {
             }
             EXIT_RUNTIME_PANIC
         });
+    } else {
+        // Not a multiproc child: under an MPI launcher, the ranks other
+        // than 0 serve the pool here and never return.
+        #[cfg(feature = "mpi")]
+        super::ranks::on_load(load);
     }
 }
 

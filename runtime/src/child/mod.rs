@@ -46,6 +46,8 @@ use crate::error::{Error, Result};
 mod boot;
 mod forkserver;
 mod protocol;
+#[cfg(feature = "mpi")]
+pub(crate) mod ranks;
 mod start;
 
 pub(crate) use boot::main_dispatches;

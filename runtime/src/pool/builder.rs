@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 
 use super::Pool;
-use super::engine::{Config, Core};
+use super::engine::{Config, Core, Transport};
 use super::protocol;
 use crate::error::{Error, Result};
 use crate::process::{ProcessFn, Target};
@@ -17,6 +17,7 @@ pub struct PoolBuilder {
     pub(super) processes: Option<usize>,
     pub(super) initializer: Option<Result<Target>>,
     pub(super) max_tasks_per_child: Option<usize>,
+    pub(super) mpi: bool,
     pub(super) start_method: Option<crate::StartMethod>,
 }
 
@@ -54,6 +55,45 @@ impl PoolBuilder {
         self
     }
 
+    /// Uses the serving ranks of the MPI job when this program was
+    /// started by an MPI launcher (`mpirun -n 4 ./prog`, `srun -n 4
+    /// ./prog`) and is built with the `mpi` feature: rank 0 runs `main`,
+    /// every other rank is one worker of this pool (running its chunks in
+    /// its own process, or in a local pool of its host's CPUs shared among
+    /// the ranks on that host; `MULTIPROC_MPI_WORKERS` sets that number),
+    /// and [`processes`](PoolBuilder::processes) is ignored. Otherwise (no
+    /// launcher, a job of one rank, or a build without the feature) this
+    /// does nothing: the pool is the local one, so the same program runs
+    /// unchanged on one machine. Every method gives the same results,
+    /// errors and ordering on both.
+    ///
+    /// Arguments and results must be plain data there: a task whose
+    /// arguments carry a handle (`Queue`, `Lock`, `Value`, `Connection`...)
+    /// fails with [`Error::Encode`] naming the handle, and is not sent.
+    /// See the README's "Outgrowing one machine".
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use multiproc::{process_fn, Pool};
+    ///
+    /// #[process_fn]
+    /// fn cube(x: u64) -> u64 {
+    ///     x * x * x
+    /// }
+    ///
+    /// # fn main() -> multiproc::Result<()> {
+    /// // The ranks under `mpirun -n 3 ./prog`, local workers otherwise.
+    /// let pool = Pool::builder().mpi().build()?;
+    /// assert_eq!(pool.map(cube, 0..4)?, vec![0, 1, 8, 27]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn mpi(mut self) -> Self {
+        self.mpi = true;
+        self
+    }
+
     /// Starts the workers. With an initializer, waits until every worker
     /// has run it.
     ///
@@ -72,6 +112,7 @@ impl PoolBuilder {
         if self.max_tasks_per_child == Some(0) {
             return Err(Error::invalid("max_tasks_per_child must be at least 1"));
         }
+        let transport = self.transport();
         let (initializer, init_fds) = match self.initializer.transpose()? {
             Some(target) => (
                 Some((target.entry.name().to_string(), target.args)),
@@ -80,34 +121,109 @@ impl PoolBuilder {
             None => (None, Vec::new()),
         };
         let has_initializer = initializer.is_some();
+        #[cfg(feature = "mpi")]
+        let processes = match &transport {
+            Transport::Ranks(ranks) => {
+                if !init_fds.is_empty() {
+                    return Err(Error::Encode {
+                        message: "the initializer's arguments carry a handle (Queue, Lock, Value, \
+                                  Connection...), which cannot travel to another MPI rank"
+                            .into(),
+                    });
+                }
+                ranks.iter().map(|r| r.workers as usize).sum()
+            }
+            Transport::Local => processes,
+        };
+        let workers = match &transport {
+            Transport::Local => processes,
+            #[cfg(feature = "mpi")]
+            Transport::Ranks(ranks) => ranks.len(),
+        };
         let config = Config {
             processes,
+            workers,
             init: protocol::WorkerInit {
                 initializer,
                 max_tasks: self.max_tasks_per_child.map(|k| k as u64),
             },
             init_fds,
+            transport,
             start_method: self.start_method.unwrap_or_else(crate::get_start_method),
         };
-        let (core, waker) = Core::new(config)?;
-        let reader = {
-            let core = Arc::clone(&core);
-            std::thread::Builder::new()
-                .name("multiproc-pool".into())
-                .spawn(move || core.read_loop(waker))
-                .map_err(|e| Error::io("could not start the pool's thread", e))?
-        };
+        let (core, reader) = start(config, workers)?;
         let pool = Pool {
             core,
             reader: Mutex::new(Some(reader)),
             callbacks: Arc::default(),
         };
-        for _ in 0..processes {
-            pool.core.start_worker()?;
-        }
         if has_initializer {
             pool.core.wait_ready()?;
         }
         Ok(pool)
     }
+}
+
+impl PoolBuilder {
+    /// Where the workers will be.
+    fn transport(&self) -> Transport {
+        #[cfg(feature = "mpi")]
+        if self.mpi {
+            if let Some(ranks) = super::ranks::serving_ranks() {
+                return Transport::Ranks(ranks);
+            }
+        }
+        Transport::Local
+    }
+}
+
+/// Starts a pool's core, its reader thread and its `workers` workers.
+/// On failure, the workers already started are stopped.
+pub(super) fn start(
+    config: Config,
+    workers: usize,
+) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
+    let (core, waker) = Core::new(config)?;
+    let reader = {
+        let core = Arc::clone(&core);
+        std::thread::Builder::new()
+            .name("multiproc-pool".into())
+            .spawn(move || core.read_loop(waker))
+            .map_err(|e| Error::io("could not start the pool's thread", e))?
+    };
+    for _ in 0..workers {
+        if let Err(err) = core.start_worker() {
+            core.terminate(Some(reader));
+            return Err(err);
+        }
+    }
+    Ok((core, reader))
+}
+
+/// A local pool of `workers` processes with `init` (a serving MPI rank's
+/// own, for one session); waits until the initializer ran in each.
+#[cfg(feature = "mpi")]
+pub(super) fn start_local(
+    workers: usize,
+    init: protocol::WorkerInit,
+) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
+    let has_initializer = init.initializer.is_some();
+    let config = Config {
+        processes: workers,
+        workers,
+        init,
+        init_fds: Vec::new(),
+        transport: Transport::Local,
+        // Re-executed children: a fork of an MPI process would share its
+        // MPI state.
+        start_method: crate::StartMethod::Spawn,
+    };
+    let (core, reader) = start(config, workers)?;
+    if has_initializer {
+        if let Err(err) = core.wait_ready() {
+            core.terminate(Some(reader));
+            return Err(err);
+        }
+    }
+    Ok((core, reader))
 }

@@ -68,13 +68,16 @@ pub(super) struct ChunkEncoder {
     name: &'static str,
     /// Capacity for the next buffer (the last chunk's size).
     hint: usize,
+    /// The chunks go to another host: handles are refused.
+    remote: bool,
 }
 
 impl ChunkEncoder {
-    pub(super) fn new<F: 'static>() -> Result<ChunkEncoder> {
+    pub(super) fn new<F: 'static>(remote: bool) -> Result<ChunkEncoder> {
         Ok(ChunkEncoder {
             name: registry::lookup_type::<F>()?.name(),
             hint: 0,
+            remote,
         })
     }
 
@@ -92,15 +95,17 @@ impl ChunkEncoder {
         // Items taken so far (the first one, even if it fails to encode).
         let mut count = 1usize;
         let result = ChunkBody::begin(&mut buf, self.name).and_then(|()| {
-            codec::with_fd_sink(&mut fds, || {
-                let mut enc = codec::SeqEncoder::new(&mut buf);
-                enc.push_value(&first)?;
-                while count < max {
-                    let Some(item) = items.next() else { break };
-                    count += 1;
-                    enc.push_value(&item)?;
-                }
-                Ok(())
+            codec::off_host(self.remote, || {
+                codec::with_fd_sink(&mut fds, || {
+                    let mut enc = codec::SeqEncoder::new(&mut buf);
+                    enc.push_value(&first)?;
+                    while count < max {
+                        let Some(item) = items.next() else { break };
+                        count += 1;
+                        enc.push_value(&item)?;
+                    }
+                    Ok(())
+                })
             })
         });
         let result = result.and_then(|()| ChunkBody::set_count(&mut buf, count));

@@ -100,20 +100,80 @@ struct InFlight {
     task: Task,
 }
 
-/// The sending side of one worker's socket.
+/// The sending side of one worker.
 #[derive(Debug)]
 struct Conn {
     pid: u32,
-    tx: Mutex<Channel>,
+    tx: Tx,
+}
+
+/// How chunks reach a worker: the two transports.
+#[derive(Debug)]
+// One per worker, behind its `Arc<Conn>`: the size does not matter.
+#[cfg_attr(feature = "mpi", allow(clippy::large_enum_variant))]
+enum Tx {
+    /// A local worker process's socket.
+    Socket(Mutex<Channel>),
+    /// A serving MPI rank (`super::ranks`).
+    #[cfg(feature = "mpi")]
+    Rank(super::ranks::RankTx),
+}
+
+/// What runs a worker's chunks: a local child, or a session on a serving
+/// MPI rank.
+#[derive(Debug)]
+enum Proc {
+    Child(ChildProc),
+    #[cfg(feature = "mpi")]
+    Rank(super::ranks::RankProc),
+}
+
+impl Proc {
+    /// Waits for the worker to end; a rank's session is closed and ends
+    /// at once (`Some(0)`).
+    fn wait(&self, timeout: Option<Duration>) -> Result<Option<i32>> {
+        match self {
+            Proc::Child(child) => child.wait(timeout),
+            #[cfg(feature = "mpi")]
+            Proc::Rank(rank) => {
+                rank.stop();
+                Ok(Some(0))
+            }
+        }
+    }
+
+    /// Signals a child; closes a rank's session (a rank is never signalled).
+    fn signal(&self, signal: Signal) -> Result<()> {
+        match self {
+            Proc::Child(child) => child.signal(signal),
+            #[cfg(feature = "mpi")]
+            Proc::Rank(rank) => {
+                rank.stop();
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where a pool's workers are.
+#[derive(Debug)]
+pub(crate) enum Transport {
+    /// Child processes of this one.
+    Local,
+    /// The serving ranks of the MPI job this process is rank 0 of.
+    #[cfg(feature = "mpi")]
+    Ranks(Vec<crate::child::ranks::RankInfo>),
 }
 
 #[derive(Debug)]
 struct Worker {
     key: u64,
     conn: Arc<Conn>,
-    child: ChildProc,
+    child: Proc,
     in_flight: Vec<InFlight>,
     sent: u64,
+    /// Chunks it may hold at once ([`SLOTS`] per process that runs them).
+    slots: usize,
     ready: bool,
     /// Shared-memory arenas for large payloads (`None`: socket only).
     input: Option<InArena>,
@@ -122,7 +182,7 @@ struct Worker {
 
 impl Worker {
     fn accepts(&self, max_tasks: Option<u64>) -> bool {
-        self.in_flight.len() < SLOTS && max_tasks.is_none_or(|m| self.sent < m)
+        self.in_flight.len() < self.slots && max_tasks.is_none_or(|m| self.sent < m)
     }
 }
 
@@ -161,9 +221,13 @@ const RETRY_SPAWN: Duration = Duration::from_millis(100);
 /// Configuration a worker is started with.
 #[derive(Debug)]
 pub(crate) struct Config {
+    /// Processes that run tasks (a serving rank may run several).
     pub(crate) processes: usize,
+    /// Workers of the engine: processes locally, serving ranks on MPI.
+    pub(crate) workers: usize,
     pub(crate) init: WorkerInit,
     pub(crate) init_fds: Vec<OwnedFd>,
+    pub(crate) transport: Transport,
     /// How workers start: fixed when the pool is built.
     pub(crate) start_method: crate::StartMethod,
 }
@@ -171,6 +235,9 @@ pub(crate) struct Config {
 /// Everything the pool's threads share.
 #[derive(Debug)]
 pub(crate) struct Core {
+    /// This core, for the transports that call back into it.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    me: std::sync::Weak<Core>,
     state: Mutex<State>,
     /// Signalled when a worker becomes ready, work drains, or the pool breaks.
     changed: Condvar,
@@ -191,7 +258,8 @@ impl Core {
             .set_nonblocking(true)
             .and_then(|()| wake_tx.set_nonblocking(true))
             .map_err(|e| Error::io("fcntl", e))?;
-        let core = Arc::new(Core {
+        let core = Arc::new_cyclic(|me| Core {
+            me: me.clone(),
             state: Mutex::new(State {
                 workers: Vec::new(),
                 queue: VecDeque::new(),
@@ -216,6 +284,11 @@ impl Core {
         self.config.processes
     }
 
+    /// The workers are on other hosts: handles cannot go to them.
+    pub(crate) fn remote(&self) -> bool {
+        !matches!(self.config.transport, Transport::Local)
+    }
+
     fn wake(&self) {
         let _ = (&self.wake_tx).write(&[1]);
     }
@@ -223,12 +296,20 @@ impl Core {
     /// Starts one worker and registers it; the reader adopts its channel.
     pub(crate) fn start_worker(&self) -> Result<()> {
         let (key, channel) = self.spawn_worker()?;
-        lock(&self.state).adopt.push((key, channel));
-        self.wake();
+        if let Some(channel) = channel {
+            lock(&self.state).adopt.push((key, channel));
+            self.wake();
+        }
         Ok(())
     }
 
-    fn spawn_worker(&self) -> Result<(u64, Channel)> {
+    /// Starts one worker: a child and its channel, for the reader to
+    /// adopt, or a session on a serving rank (no channel).
+    fn spawn_worker(&self) -> Result<(u64, Option<Channel>)> {
+        #[cfg(feature = "mpi")]
+        if let Transport::Ranks(ranks) = &self.config.transport {
+            return self.start_rank(ranks).map(|key| (key, None));
+        }
         let name = format!(
             "PoolWorker-{}",
             WORKER_COUNTER.fetch_add(1, Ordering::Relaxed)
@@ -256,7 +337,7 @@ impl Core {
         let (input, output) = Core::send_arenas(&tx);
         let conn = Arc::new(Conn {
             pid: child.pid(),
-            tx: Mutex::new(tx),
+            tx: Tx::Socket(Mutex::new(tx)),
         });
         let mut st = lock(&self.state);
         if matches!(st.phase, Phase::Stopping) {
@@ -268,14 +349,77 @@ impl Core {
         st.workers.push(Worker {
             key,
             conn,
-            child,
+            child: Proc::Child(child),
             in_flight: Vec::new(),
             sent: 0,
+            slots: SLOTS,
             ready: false,
             input,
             output,
         });
-        Ok((key, channel))
+        Ok((key, Some(channel)))
+    }
+
+    /// Opens a session on the first serving rank no worker of this pool
+    /// uses, and sends it the start; the worker's key.
+    #[cfg(feature = "mpi")]
+    fn start_rank(&self, ranks: &[crate::child::ranks::RankInfo]) -> Result<u64> {
+        let proc = {
+            let mut st = lock(&self.state);
+            if matches!(st.phase, Phase::Stopping) {
+                return Err(Error::Closed);
+            }
+            let used = |rank: i32| {
+                st.workers
+                    .iter()
+                    .any(|w| matches!(&w.child, Proc::Rank(p) if p.rank() == rank))
+            };
+            let info = ranks
+                .iter()
+                .find(|info| !used(info.rank))
+                .copied()
+                .ok_or_else(|| {
+                    Error::invalid("every serving MPI rank already runs a worker of this pool")
+                })?;
+            let key = st.next_key;
+            st.next_key += 1;
+            let (proc, tx) = super::ranks::open(&info, self.me.clone(), key);
+            st.workers.push(Worker {
+                key,
+                conn: Arc::new(Conn {
+                    pid: info.pid,
+                    tx: Tx::Rank(tx),
+                }),
+                child: Proc::Rank(proc.clone()),
+                in_flight: Vec::new(),
+                sent: 0,
+                slots: SLOTS * info.workers as usize,
+                ready: false,
+                input: None,
+                output: None,
+            });
+            (key, proc)
+        };
+        // After the worker is in the state: its answer may come at once.
+        proc.1.start(&self.init_bytes)?;
+        Ok(proc.0)
+    }
+
+    /// A serving rank's worker that reached its task limit
+    /// (`max_tasks_per_child`) with nothing in flight ends like a worker
+    /// that exits, and a fresh session replaces it.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn retire_if_done(&self, key: u64) {
+        let done = {
+            let st = lock(&self.state);
+            let max = self.config.init.max_tasks;
+            st.workers
+                .iter()
+                .any(|w| w.key == key && w.in_flight.is_empty() && max.is_some_and(|m| w.sent >= m))
+        };
+        if done {
+            let _ = self.on_death(key);
+        }
     }
 
     /// Creates a worker's arenas and sends them as its first frame. Any
@@ -303,7 +447,7 @@ impl Core {
                 return Err(err.clone());
             }
             // Every worker, replacements of those that died starting included.
-            if st.workers.len() >= self.config.processes && st.workers.iter().all(|w| w.ready) {
+            if st.workers.len() >= self.config.workers && st.workers.iter().all(|w| w.ready) {
                 return Ok(());
             }
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
@@ -395,6 +539,7 @@ impl Core {
                 };
                 sends.push(Send {
                     conn: Arc::clone(&w.conn),
+                    key: w.key,
                     id,
                     payload: Arc::clone(&task.payload),
                     fds: Arc::clone(&task.fds),
@@ -405,12 +550,27 @@ impl Core {
         }
         for Send {
             conn,
+            key,
             id,
             payload,
             fds,
             placed,
         } in sends
         {
+            // Without the `mpi` feature there is one transport.
+            #[cfg_attr(not(feature = "mpi"), allow(clippy::infallible_destructuring_match))]
+            let tx = match &conn.tx {
+                Tx::Socket(tx) => tx,
+                #[cfg(feature = "mpi")]
+                Tx::Rank(rank) => {
+                    // Nothing sees a rank's send fail later: fail it now.
+                    let task = ToWorker::Task { id, body: &payload };
+                    if let Err(err) = task.with_parts(|tag, parts| rank.send(tag, parts)) {
+                        self.fail_chunk(key, id, err);
+                    }
+                    continue;
+                }
+            };
             // A failed send means the worker died: the reader sees its end
             // of stream and fails this chunk with the worker's exit status.
             if let Some((arena, start)) = placed {
@@ -421,12 +581,13 @@ impl Core {
                         start: start as u64,
                         len: payload.len() as u64,
                     };
-                    let _ = task.send(&lock(&conn.tx), &[]);
+                    let _ = task.send(&lock(tx), &[]);
                     continue;
                 }
             }
+            let _ = key; // the rank transport's
             let task = ToWorker::Task { id, body: &payload };
-            let _ = task.send(&lock(&conn.tx), &fds);
+            let _ = task.send(&lock(tx), &fds);
         }
     }
 
@@ -580,7 +741,7 @@ impl Core {
     }
 
     /// One frame from worker `key`.
-    fn on_frame(&self, key: u64, frame: Frame) {
+    pub(crate) fn on_frame(&self, key: u64, frame: Frame) {
         let Frame { tag, bytes, fds } = frame;
         let answer = match FromWorker::parse(tag, &bytes) {
             Ok(FromWorker::Ready) => {
@@ -869,17 +1030,17 @@ impl Core {
     /// fails with the reason instead of waiting.
     fn replace_worker(&self) -> Option<(u64, Channel)> {
         match self.spawn_worker() {
-            Ok(new) => {
+            Ok((key, channel)) => {
                 let mut st = lock(&self.state);
                 st.spawn_error = None;
-                if let Some(w) = st.workers.iter().find(|w| w.key == new.0) {
+                if let Some(w) = st.workers.iter().find(|w| w.key == key) {
                     log::info!(
                         "multiproc pool: started worker {} as a replacement",
                         w.conn.pid
                     );
                 }
                 drop(st);
-                Some(new)
+                channel.map(|channel| (key, channel))
             }
             Err(Error::Closed) => None,
             Err(err) => {
@@ -1055,6 +1216,7 @@ type Placed = (Arc<sys::shm::Mapping>, usize);
 /// One chunk to send, prepared under the state lock and sent after it.
 struct Send {
     conn: Arc<Conn>,
+    key: u64,
     id: u64,
     payload: Arc<Vec<u8>>,
     fds: Arc<Vec<OwnedFd>>,

@@ -34,6 +34,42 @@ pub(crate) enum Outcome {
     Failed(Error),
 }
 
+impl Outcome {
+    /// The chunk's encoded outcomes, as a worker wrote them (for a
+    /// serving MPI rank that passes a local worker's outcomes on).
+    #[cfg(feature = "mpi")]
+    pub(crate) fn into_bytes(self) -> Result<Vec<u8>, Error> {
+        match self {
+            Outcome::Done {
+                mut bytes,
+                fds,
+                offset,
+                ..
+            } => {
+                if !fds.is_empty() {
+                    return Err(Error::Encode {
+                        message: codec_refusal(),
+                    });
+                }
+                bytes.drain(..offset.min(bytes.len()));
+                Ok(bytes)
+            }
+            Outcome::Shared { lease, .. } => lease.bytes().map(<[u8]>::to_vec),
+            Outcome::Failed(err) => Err(err),
+        }
+    }
+}
+
+/// Why results that carry handles do not go back to rank 0 (a serving
+/// rank's local worker encoded them: only their descriptors tell).
+#[cfg(feature = "mpi")]
+fn codec_refusal() -> String {
+    crate::codec::off_host(true, || {
+        crate::codec::off_host_refusal(|| "handle (Queue, Lock, Value, Connection...)".to_string())
+    })
+    .unwrap_or_default()
+}
+
 /// One chunk of a job: where its items start in the job's input.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChunkInfo {

@@ -44,6 +44,8 @@ mod futures;
 mod imap;
 mod job;
 mod protocol;
+#[cfg(feature = "mpi")]
+mod ranks;
 mod worker;
 
 pub use self::async_result::AsyncResult;
@@ -169,6 +171,7 @@ impl Pool {
             processes: None,
             initializer: None,
             max_tasks_per_child: None,
+            mpi: false,
             start_method: None,
         }
     }
@@ -213,7 +216,7 @@ impl Pool {
         n: usize,
         chunksize: Option<usize>,
     ) -> Result<(JobGuard, usize, usize)> {
-        let mut encoder = ChunkEncoder::new::<F>()?;
+        let mut encoder = ChunkEncoder::new::<F>(self.core.remote())?;
         let mut plan = ChunkPlan::new(n, self.processes(), chunksize);
         let job = JobGuard(Arc::new(Job::default()));
         let (mut chunks, mut first) = (0usize, 0usize);
@@ -654,7 +657,7 @@ impl Pool {
         Ok(Imap {
             pool: self,
             input: Some(iter.into_iter()),
-            encoder: ChunkEncoder::new::<F>()?,
+            encoder: ChunkEncoder::new::<F>(self.core.remote())?,
             job: JobGuard(Arc::new(Job::default())),
             chunksize,
             window: (engine::SLOTS + 1) * self.processes(),

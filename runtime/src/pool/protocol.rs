@@ -229,13 +229,18 @@ pub(crate) enum ToWorker<'a> {
 
 impl<'a> ToWorker<'a> {
     pub(crate) fn send(&self, channel: &Channel, fds: &[OwnedFd]) -> Result<()> {
+        self.with_parts(|tag, parts| channel.send(tag, parts, fds))
+    }
+
+    /// Calls `f` with the message's tag and its bytes, in parts (what a
+    /// transport sends; the pool's frames and the MPI transport share it).
+    pub(crate) fn with_parts<R>(&self, f: impl FnOnce(u32, &[&[u8]]) -> R) -> R {
         match self {
-            ToWorker::Arenas => channel.send(TAG_ARENAS, &[], fds),
-            ToWorker::Task { id, body } => channel.send(TAG_TASK, &[&id.to_le_bytes(), body], fds),
-            ToWorker::TaskShm { id, start, len } => channel.send(
+            ToWorker::Arenas => f(TAG_ARENAS, &[]),
+            ToWorker::Task { id, body } => f(TAG_TASK, &[&id.to_le_bytes(), body]),
+            ToWorker::TaskShm { id, start, len } => f(
                 TAG_TASK_SHM,
                 &[&id.to_le_bytes(), &start.to_le_bytes(), &len.to_le_bytes()],
-                fds,
             ),
         }
     }
@@ -289,23 +294,29 @@ pub(crate) struct Malformed {
 
 impl<'a> FromWorker<'a> {
     pub(crate) fn send(&self, channel: &Channel, fds: &[OwnedFd]) -> Result<()> {
-        match self {
-            FromWorker::Ready => channel.send(TAG_READY, &[], fds),
+        if let FromWorker::Refused(err) = self {
+            return child::Message::Failed(err.clone()).send(channel, fds);
+        }
+        self.with_parts(|tag, parts| channel.send(tag, parts, fds))?
+    }
+
+    /// Calls `f` with the message's tag and its bytes, in parts (see
+    /// [`ToWorker::with_parts`]). [`FromWorker::Refused`] belongs to the
+    /// start protocol and has no parts here: an [`Error::Misuse`].
+    pub(crate) fn with_parts<R>(&self, f: impl FnOnce(u32, &[&[u8]]) -> R) -> Result<R> {
+        Ok(match self {
+            FromWorker::Ready => f(TAG_READY, &[]),
             FromWorker::InitFailed(failure) => {
-                channel.send(TAG_INIT_FAILED, &[&codec::encode_plain(failure)?], fds)
+                f(TAG_INIT_FAILED, &[&codec::encode_plain(failure)?])
             }
-            FromWorker::Result { id, outcomes } => {
-                channel.send(TAG_RESULT, &[&id.to_le_bytes(), outcomes], fds)
-            }
-            FromWorker::ResultShm { id, start, len } => channel.send(
+            FromWorker::Result { id, outcomes } => f(TAG_RESULT, &[&id.to_le_bytes(), outcomes]),
+            FromWorker::ResultShm { id, start, len } => f(
                 TAG_RESULT_SHM,
                 &[&id.to_le_bytes(), &start.to_le_bytes(), &len.to_le_bytes()],
-                fds,
             ),
-            FromWorker::TaskFailed { id, failure } => channel.send(
+            FromWorker::TaskFailed { id, failure } => f(
                 TAG_TASK_FAILED,
                 &[&id.to_le_bytes(), &codec::encode_plain(failure)?],
-                fds,
             ),
             FromWorker::Aborted(report) => {
                 let AbortReport {
@@ -315,7 +326,7 @@ impl<'a> FromWorker<'a> {
                     partial,
                     record,
                 } = report;
-                channel.send(
+                f(
                     TAG_TASK_ABORTED,
                     &[
                         &id.to_le_bytes(),
@@ -325,11 +336,12 @@ impl<'a> FromWorker<'a> {
                         partial,
                         record,
                     ],
-                    fds,
                 )
             }
-            FromWorker::Refused(err) => child::Message::Failed(err.clone()).send(channel, fds),
-        }
+            FromWorker::Refused(_) => {
+                return Err(Error::misuse("a start refusal is not a pool frame"));
+            }
+        })
     }
 
     pub(crate) fn parse(tag: u32, bytes: &'a [u8]) -> std::result::Result<Self, Malformed> {

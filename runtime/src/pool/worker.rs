@@ -136,18 +136,9 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         return 2;
     }
 
-    if let Some((name, init_args)) = &init.initializer {
-        let outcome = registry::lookup_name(name).and_then(|entry| {
-            let mut out = Vec::new();
-            let mut out_fds = Vec::new();
-            // A single call: a panic comes back as `Error::Panicked`.
-            registry::set_quiet_panics(true);
-            entry.invoke(&mut Call::single(init_args, fds, &mut out, &mut out_fds))
-        });
-        if let Err(err) = outcome {
-            send_failure(&channel, None, TaskFailure::from_error(err));
-            return 1;
-        }
+    if let Err(err) = run_initializer(&init, fds) {
+        send_failure(&channel, None, TaskFailure::from_error(err));
+        return 1;
     }
     if FromWorker::Ready.send(&channel, &[]).is_err() {
         return 0;
@@ -206,28 +197,13 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
                 continue;
             }
         };
-        let Some(chunk) = ChunkBody::parse(body) else {
-            return 2;
-        };
-        let entry = match &cached {
-            Some((cached_name, entry)) if cached_name == chunk.name => Ok(*entry),
-            _ => registry::lookup_name(chunk.name)
-                .inspect(|entry| cached = Some((chunk.name.to_string(), entry))),
-        };
         RUNNING.store(id.wrapping_add(1), std::sync::atomic::Ordering::Relaxed);
         if let Some(arena) = &output_arena {
             arena.mark_started(id);
         }
-        out.clear();
-        let result = entry.and_then(|entry| {
-            entry.invoke(&mut Call::chunk(
-                chunk.args,
-                chunk.count as usize,
-                fds,
-                &mut out,
-                &mut out_fds,
-            ))
-        });
+        let Some(result) = run_chunk(&mut cached, body, fds, &mut out, &mut out_fds) else {
+            return 2;
+        };
         let sent = match result {
             Ok(()) => {
                 let in_arena = if out_fds.is_empty() && out.len() >= SHM_MIN {
@@ -273,4 +249,48 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         }
     }
     0
+}
+
+/// Runs the pool's initializer, if it has one (a panic comes back as
+/// [`Error::Panicked`]). Shared by both transports.
+pub(super) fn run_initializer(init: &WorkerInit, fds: Vec<OwnedFd>) -> Result<(), Error> {
+    let Some((name, init_args)) = &init.initializer else {
+        return Ok(());
+    };
+    registry::lookup_name(name).and_then(|entry| {
+        let mut out = Vec::new();
+        let mut out_fds = Vec::new();
+        // A single call: a panic comes back as `Error::Panicked`.
+        registry::set_quiet_panics(true);
+        entry.invoke(&mut Call::single(init_args, fds, &mut out, &mut out_fds))
+    })
+}
+
+/// Runs the chunk `body` (a [`ChunkBody`]) with `fds`, its outcomes into
+/// `out` (cleared first) and `out_fds`: a panicking item fails alone,
+/// with its message. `None`: the body does not parse. `cached` keeps the
+/// last name looked up. Shared by both transports.
+pub(super) fn run_chunk(
+    cached: &mut Option<(String, &'static Entry)>,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+    out: &mut Vec<u8>,
+    out_fds: &mut Vec<OwnedFd>,
+) -> Option<Result<(), Error>> {
+    let chunk = ChunkBody::parse(body)?;
+    let entry = match cached {
+        Some((cached_name, entry)) if cached_name == chunk.name => Ok(*entry),
+        _ => registry::lookup_name(chunk.name)
+            .inspect(|entry| *cached = Some((chunk.name.to_string(), entry))),
+    };
+    out.clear();
+    Some(entry.and_then(|entry| {
+        entry.invoke(&mut Call::chunk(
+            chunk.args,
+            chunk.count as usize,
+            fds,
+            out,
+            out_fds,
+        ))
+    }))
 }

@@ -30,6 +30,8 @@ pub(crate) mod fork;
 pub(crate) mod futex;
 pub(crate) mod ipc;
 pub(crate) mod lock;
+#[cfg(feature = "mpi")]
+pub(crate) mod mpi;
 pub(crate) mod shm;
 pub(crate) mod word;
 
