@@ -58,6 +58,9 @@ pub(crate) struct Start {
     pub(crate) parent_name: String,
     pub(crate) parent_pid: u32,
     pub(crate) mode: Mode,
+    /// The child initializer ([`set_child_initializer`](crate::set_child_initializer)):
+    /// a registered name and its encoded arguments, run before `name`.
+    pub(crate) init: Option<(String, Vec<u8>)>,
 }
 
 /// One message of the start protocol (see the module docs for the
@@ -163,6 +166,7 @@ mod tests {
             parent_name: "MainProcess".into(),
             parent_pid: 42,
             mode: Mode::Spawn,
+            init: None,
         })
         .expect("encode");
         let mut bytes = (header.len() as u32).to_le_bytes().to_vec();
