@@ -137,7 +137,9 @@ pub enum Error {
         /// What is wrong with it.
         message: String,
     },
-    /// A pool's initializer panicked or failed.
+    /// A pool's initializer, or the child initializer
+    /// ([`set_child_initializer`](crate::set_child_initializer)), panicked
+    /// or failed.
     InitializerFailed {
         /// Why.
         message: String,
@@ -430,7 +432,7 @@ impl fmt::Display for Error {
             Error::NotStarted => f.write_str("the process was not started: call start() first"),
             Error::InvalidArgument { message } => write!(f, "invalid argument: {message}"),
             Error::InitializerFailed { message } => {
-                write!(f, "the pool initializer failed: {message}")
+                write!(f, "an initializer failed: {message}")
             }
             Error::BrokenBarrier => {
                 f.write_str("the barrier is broken (a party timed out, died or reset it)")

@@ -112,6 +112,18 @@
 //! with the same effects; a lock it held is taken over by the next waiter,
 //! with [`PoisonError`](std::sync::PoisonError).
 //!
+//! # Logging, and set-up in every child
+//!
+//! The runtime reports what it handles on its own (a pool worker that died
+//! and its replacement, a replacement the OS refused, a broken pool, a
+//! child that refused to start) through the [`log`](https://docs.rs/log)
+//! facade, under targets starting with `multiproc`: nothing is printed
+//! unless the program installs a logger. A child does not inherit the
+//! parent's logger (nor any other per-process state): register a function
+//! that sets it up with [`set_child_initializer`], and every child
+//! (`Process`, `spawn`, pool workers, and their own children) runs it
+//! before its target, as a `Pool`'s initializer does for its workers.
+//!
 //! # Testing
 //!
 //! Everything works under `cargo test`, in unit tests and integration
@@ -187,7 +199,10 @@ pub use multiproc_macros::{ProcessTask, main, process_fn, test};
 #[cfg(target_os = "linux")]
 pub use pool::Pool;
 #[cfg(target_os = "linux")]
-pub use process::{ExitStatus, JoinHandle, Process, ProcessFn, spawn};
+pub use process::{
+    ExitStatus, JoinHandle, Process, ProcessFn, clear_child_initializer, set_child_initializer,
+    spawn,
+};
 #[cfg(target_os = "linux")]
 pub use queue::Queue;
 #[cfg(target_os = "linux")]

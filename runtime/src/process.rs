@@ -184,6 +184,9 @@ pub struct Process {
     method: Option<StartMethod>,
     target: Option<Result<Target>>,
     running: Option<Arc<Running>>,
+    /// After [`close`](Process::close): the exit code it had (`None` if it
+    /// never started).
+    closed: Option<Option<i32>>,
 }
 
 impl Process {
@@ -227,6 +230,7 @@ impl Process {
     /// if the target is not registered; [`Error::Encode`] if the arguments
     /// cannot be encoded; [`Error::Io`] if the OS refuses a new process.
     pub fn start(&mut self) -> Result<()> {
+        self.check_open()?;
         if self.running.is_some() {
             return Err(Error::AlreadyStarted);
         }
@@ -267,6 +271,7 @@ impl Process {
     ///
     /// [`Error::NotStarted`] before [`start`](Process::start).
     pub fn join(&mut self) -> Result<ExitStatus> {
+        self.check_open()?;
         let running = self.running.as_ref().ok_or(Error::NotStarted)?;
         let code = running.child.wait(None)?.ok_or(Error::Timeout)?;
         forget(running);
@@ -279,6 +284,7 @@ impl Process {
     ///
     /// [`Error::NotStarted`] before [`start`](Process::start).
     pub fn join_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        self.check_open()?;
         let running = self.running.as_ref().ok_or(Error::NotStarted)?;
         let code = running.child.wait(Some(timeout))?;
         if code.is_some() {
@@ -289,9 +295,11 @@ impl Process {
 
     /// `true` between `start` and the end of the child.
     pub fn is_alive(&self) -> bool {
-        self.running
-            .as_ref()
-            .is_some_and(|r| matches!(r.child.try_wait(), Ok(None)))
+        self.closed.is_none()
+            && self
+                .running
+                .as_ref()
+                .is_some_and(|r| matches!(r.child.try_wait(), Ok(None)))
     }
 
     /// The child's pid, once started.
@@ -312,6 +320,9 @@ impl Process {
     /// Python's `exitcode`: `None` while running (or before start), the
     /// exit code after, `-N` if killed by signal N.
     pub fn exitcode(&self) -> Option<i32> {
+        if let Some(code) = self.closed {
+            return code;
+        }
         let running = self.running.as_ref()?;
         running.child.try_wait().ok().flatten()
     }
@@ -342,7 +353,72 @@ impl Process {
         self.running.as_ref().map(|r| r.child.sentinel())
     }
 
+    /// Releases what the handle holds (CPython's `close()`): the child's
+    /// pidfd and socket, its entry in the table of children, and the
+    /// encoded arguments of a process never started (the descriptors of
+    /// the handles among them). Afterwards [`start`](Process::start),
+    /// [`join`](Process::join), [`terminate`](Process::terminate) and
+    /// [`kill`](Process::kill) are [`Error::Misuse`], `pid()` and
+    /// `sentinel()` are `None`, `is_alive()` is `false`, and
+    /// [`exitcode`](Process::exitcode) keeps the code the process ended
+    /// with (CPython raises `ValueError` there). Closing twice is fine.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Misuse`] while the process is running (as CPython's
+    /// `ValueError`): nothing is released then.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # use multiproc::{process_fn, Process};
+    /// # #[process_fn] fn work() {}
+    /// # fn main() -> multiproc::Result<()> {
+    /// let mut p = Process::new(work, ());
+    /// p.start()?;
+    /// p.join()?;
+    /// p.close()?;
+    /// assert_eq!(p.exitcode(), Some(0));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed.is_some() {
+            return Ok(());
+        }
+        let code = match &self.running {
+            None => None,
+            Some(running) => match running.child.try_wait()? {
+                Some(code) => Some(code),
+                None => {
+                    return Err(Error::misuse(format!(
+                        "cannot close process {} ({}) while it is running: join it first",
+                        self.name,
+                        running.child.pid()
+                    )));
+                }
+            },
+        };
+        if let Some(running) = self.running.take() {
+            forget(&running);
+        }
+        self.target = None;
+        self.closed = Some(code);
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        match self.closed {
+            Some(_) => Err(Error::misuse(format!(
+                "process {} was closed (Process::close)",
+                self.name
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn signal(&self, signal: Signal) -> Result<()> {
+        self.check_open()?;
         self.running
             .as_ref()
             .ok_or(Error::NotStarted)?
@@ -420,6 +496,7 @@ impl ProcessBuilder {
             method: self.method,
             target: Some(target),
             running: None,
+            closed: None,
         }
     }
 }
@@ -684,17 +761,169 @@ pub fn current_process() -> ProcessInfo {
     }
 }
 
-/// The process that started this one, or `None` in the main process.
-pub fn parent_process() -> Option<ProcessInfo> {
+/// The process that started this one, or `None` in the main process
+/// (CPython's `parent_process()`): its name and pid, whether it is alive,
+/// and a way to wait for its end.
+pub fn parent_process() -> Option<ParentProcess> {
     child::identity()
         .parent
         .as_ref()
-        .map(|(name, pid)| ProcessInfo {
-            name: name.clone(),
-            pid: *pid,
-            daemon: false,
-            authkey: None,
+        .map(|(name, pid)| ParentProcess {
+            info: ProcessInfo {
+                name: name.clone(),
+                pid: *pid,
+                daemon: false,
+                authkey: None,
+            },
         })
+}
+
+/// The process that started this one, from [`parent_process`]: CPython's
+/// `_ParentProcess`, with `is_alive()` and `join(timeout)`.
+///
+/// It is watched through a pidfd, opened once per process and checked
+/// against `getppid()` (so a pid reused by another process after the
+/// parent died is never taken for it; a child of the forkserver, whose OS
+/// parent is the server, opens it by pid: the server and its children die
+/// with the program that started them). A child usually dies with its
+/// parent (see the crate docs: the death signal, or the watcher thread),
+/// so waiting for the parent mostly matters in a child that outlives it
+/// on purpose, or to learn it is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentProcess {
+    info: ProcessInfo,
+}
+
+impl ParentProcess {
+    /// The parent's name.
+    pub fn name(&self) -> &str {
+        self.info.name()
+    }
+
+    /// The parent's pid.
+    pub fn pid(&self) -> u32 {
+        self.info.pid()
+    }
+
+    /// Whether it is daemonic (never, as in CPython: a parent is not).
+    pub fn daemon(&self) -> bool {
+        self.info.daemon()
+    }
+
+    /// The parent as a [`ProcessInfo`].
+    pub fn info(&self) -> &ProcessInfo {
+        &self.info
+    }
+
+    /// A pidfd of the parent, or `None` if it is gone (this process was
+    /// given to another parent).
+    fn pidfd(&self) -> Option<BorrowedFd<'static>> {
+        static PIDFD: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+        let pid = self.info.pid;
+        PIDFD
+            .get_or_init(|| {
+                let ppid = || nix::unistd::getppid().as_raw() as u32;
+                let forked = ppid() != pid && ppid() == crate::child::forkserver_pid();
+                if ppid() != pid && !forked {
+                    return None;
+                }
+                let fd = crate::sys::pidfd_open(nix::unistd::Pid::from_raw(pid as i32)).ok()?;
+                // Still our parent after the open: the pidfd is its (a
+                // parent that dies gives its children to another process).
+                // A child of the forkserver has the server as its OS parent
+                // and dies with it, which dies with the program that asked
+                // for the child: its pidfd is opened by pid, alive or not.
+                (forked || ppid() == pid).then_some(fd)
+            })
+            .as_ref()
+            .map(std::os::fd::AsFd::as_fd)
+    }
+
+    /// `true` while the parent runs (CPython's `is_alive()`).
+    pub fn is_alive(&self) -> bool {
+        matches!(self.join_timeout(Duration::ZERO), Ok(false))
+    }
+
+    /// Waits at most `timeout` for the parent to end; `Ok(true)` once it
+    /// has (CPython's `join(timeout)`, which tells it with `is_alive()`).
+    ///
+    /// # Errors
+    ///
+    /// An OS error if the pidfd cannot be polled.
+    pub fn join_timeout(&self, timeout: Duration) -> Result<bool> {
+        let Some(fd) = self.pidfd() else {
+            return Ok(true);
+        };
+        let ready = crate::sys::poll_one(fd, nix::poll::PollFlags::POLLIN, Some(timeout))
+            .map_err(|e| Error::io("poll", e))?;
+        Ok(!ready.is_empty())
+    }
+
+    /// Python's `sentinel`: a descriptor that becomes readable when the
+    /// parent ends (`None` if it already has).
+    pub fn sentinel(&self) -> Option<BorrowedFd<'static>> {
+        self.pidfd()
+    }
+}
+
+/// Sets the child initializer: the registered function `f`
+/// (`#[process_fn]`), called with `args` in every child started from now
+/// on (by [`Process`], [`spawn`] and the workers of a [`Pool`](crate::Pool))
+/// before anything else runs there, and inherited by their own children.
+/// It is the place to set up per-process state that a child does not
+/// inherit, such as a logger: multiproc reports worker deaths and
+/// replacements through the [`log`](https://docs.rs/log) facade, which
+/// prints nothing until a logger is installed, in each process.
+///
+/// The function travels by its registered name, so this works in every
+/// build (LTO, functions registered in a library crate); its arguments
+/// are plain data (no handles). It runs on the child's main thread, before
+/// a pool's own initializer; if it panics, the child does not run its
+/// target: [`spawn`]'s `join` and a pool report
+/// [`Error::InitializerFailed`], a [`Process`] exits with a failure code.
+///
+/// # Errors
+///
+/// [`Error::NotRegistered`] if `f` is not registered;
+/// [`Error::InvalidArgument`] if `args` hold handles; [`Error::Encode`] if
+/// they cannot be encoded.
+///
+/// # Examples
+///
+/// ```no_run
+/// use multiproc::{process_fn, Pool};
+///
+/// #[process_fn]
+/// fn setup_logging(level: String) {
+///     // e.g. env_logger::Builder::new().parse_filters(&level).init();
+///     let _ = level;
+/// }
+///
+/// # fn main() -> multiproc::Result<()> {
+/// multiproc::set_child_initializer(setup_logging, ("warn".to_string(),))?;
+/// let pool = Pool::new(4)?; // every worker runs setup_logging first
+/// # Ok(())
+/// # }
+/// ```
+pub fn set_child_initializer<F, A>(f: F, args: A) -> Result<()>
+where
+    F: ProcessFn<A>,
+    A: Serialize,
+{
+    let target = Target::of_fn(&f, &args)?;
+    if !target.fds.is_empty() {
+        return Err(Error::invalid(
+            "the child initializer's arguments cannot hold handles (Lock, Value, Queue...): \
+             they are sent to every child as plain bytes",
+        ));
+    }
+    child::set_child_init(Some((target.entry.name().to_string(), target.args)));
+    Ok(())
+}
+
+/// Removes the child initializer: children started from now on run none.
+pub fn clear_child_initializer() {
+    child::set_child_init(None);
 }
 
 /// The children started with [`Process`] that are still running (reaping

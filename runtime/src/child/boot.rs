@@ -245,6 +245,7 @@ pub(super) fn run_forked(socket: OwnedFd, requester: u32, server: u32) -> i32 {
         // The server died before the death signal was armed.
         return 1;
     }
+    super::FORKED_BY.store(server, Ordering::Relaxed);
     let claim = Claim {
         parent: requester,
         deathsig: true,
@@ -306,6 +307,8 @@ struct Handoff {
 struct Started {
     channel: Channel,
     entry: &'static Entry,
+    /// The child initializer, to run first.
+    init: Option<(&'static Entry, Vec<u8>)>,
     mode: Mode,
     /// The start frame: the encoded arguments from `args_at`, and their
     /// descriptors.
@@ -422,6 +425,25 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
         }
         Err(err) => return Err(refuse(&channel, err)),
     };
+    // The child initializer is looked up now (a missing name is a refusal
+    // like the target's), run just before the target, and inherited. Not
+    // in the forkserver: each child it forks gets (and runs) its own.
+    let init = match start.init.filter(|_| !claim.server) {
+        None => None,
+        Some((name, args)) => match registry::lookup_name(&name) {
+            Ok(init) if init.internal_main().is_none() => {
+                super::set_child_init(Some((name, args.clone())));
+                Some((init, args))
+            }
+            Ok(_) => {
+                return Err(refuse(
+                    &channel,
+                    Error::invalid(format!("`{name}` is not a function to initialize a child")),
+                ));
+            }
+            Err(err) => return Err(refuse(&channel, err)),
+        },
+    };
     let kind_fits = match start.mode {
         Mode::Internal => entry.internal_main().is_some(),
         Mode::Process | Mode::Spawn => entry.internal_main().is_none(),
@@ -438,6 +460,7 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
     Ok(Started {
         channel,
         entry,
+        init,
         mode: start.mode,
         frame,
         args_at,
@@ -448,10 +471,28 @@ fn run_started(started: Started) -> i32 {
     let Started {
         channel,
         entry,
+        init,
         mode,
         frame,
         args_at,
     } = started;
+    if let Some((init, init_args)) = init {
+        let mut out = Vec::new();
+        let mut out_fds = Vec::new();
+        if let Err(err) = init.invoke(&mut Call::single(
+            &init_args,
+            Vec::new(),
+            &mut out,
+            &mut out_fds,
+        )) {
+            return refuse(
+                &channel,
+                Error::InitializerFailed {
+                    message: format!("the child initializer `{}`: {err}", init.name()),
+                },
+            );
+        }
+    }
     let args = frame.bytes.get(args_at..).unwrap_or(&[]);
     match entry.internal_main() {
         Some(main) => main(channel, args.to_vec(), frame.fds),

@@ -103,6 +103,30 @@ pub(crate) fn authkey() -> Result<Arc<[u8]>> {
 pub(crate) fn set_authkey(new: Arc<[u8]>) {
     *AUTHKEY.lock().unwrap_or_else(|e| e.into_inner()) = Some(new);
 }
+
+/// The child initializer every child started from here runs first (a
+/// registered name and its encoded arguments); a child inherits its
+/// parent's, so that its own children run it too.
+static CHILD_INIT: std::sync::Mutex<Option<(String, Vec<u8>)>> = std::sync::Mutex::new(None);
+
+/// In a child of the forkserver: the server's pid (its OS parent); 0
+/// otherwise.
+static FORKED_BY: AtomicU32 = AtomicU32::new(0);
+
+/// The forkserver's pid in a child it forked (0 in any other process).
+pub(crate) fn forkserver_pid() -> u32 {
+    FORKED_BY.load(Ordering::Relaxed)
+}
+
+/// Sets (or, with `None`, clears) the child initializer.
+pub(crate) fn set_child_init(init: Option<(String, Vec<u8>)>) {
+    *CHILD_INIT.lock().unwrap_or_else(|p| p.into_inner()) = init;
+}
+
+/// The child initializer, for a start message.
+pub(crate) fn child_init() -> Option<(String, Vec<u8>)> {
+    CHILD_INIT.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 static READY: AtomicBool = AtomicBool::new(false);
 
 /// The thread that runs a load-time child's function: it lives as long

@@ -61,6 +61,9 @@ pub(crate) struct Start {
     /// The parent's authentication key: the child's
     /// `current_process().authkey()`, as in CPython.
     pub(crate) authkey: Vec<u8>,
+    /// The child initializer ([`set_child_initializer`](crate::set_child_initializer)):
+    /// a registered name and its encoded arguments, run before `name`.
+    pub(crate) init: Option<(String, Vec<u8>)>,
 }
 
 /// One message of the start protocol (see the module docs for the
@@ -167,6 +170,7 @@ mod tests {
             authkey: vec![7; 32],
             parent_pid: 42,
             mode: Mode::Spawn,
+            init: None,
         })
         .expect("encode");
         let mut bytes = (header.len() as u32).to_le_bytes().to_vec();

@@ -292,6 +292,7 @@ fn start_with(
         parent_pid: std::process::id(),
         mode,
         authkey: authkey.to_vec(),
+        init: super::child_init(),
     };
     let send = |channel: &Channel| match (Message::Start {
         start: start(),
@@ -303,15 +304,17 @@ fn start_with(
         Ok(()) | Err(Error::Disconnected) => Ok(()),
         Err(err) => Err(err),
     };
-    let (child, channel) = match how {
-        How::Spawn | How::Server => {
-            let (child, parent_end) = spawn_child(how == How::Server)?;
-            (child, Channel::new(parent_end))
-        }
-        How::Fork => return fork_child(args.len() <= PRESEND, send),
+    let started = match how {
+        How::Spawn | How::Server => spawn_child(how == How::Server).and_then(|(child, end)| {
+            let channel = Channel::new(end);
+            send(&channel).map(|()| (child, channel))
+        }),
+        How::Fork => fork_child(args.len() <= PRESEND, send),
     };
-    send(&channel)?;
-    Ok((child, channel))
+    if let Err(err) = &started {
+        log::error!("multiproc: could not start a child process to run `{name}`: {err}");
+    }
+    started
 }
 
 /// A start message whose arguments are at most this long is sent before
@@ -425,7 +428,17 @@ pub(crate) fn read_outcome<R: serde::de::DeserializeOwned>(
     let result = match Message::parse(frame.tag, &frame.bytes) {
         Ok(Message::Returned(value)) => codec::decode(value, frame.fds),
         Ok(Message::Panicked(record)) => Err(record.into_error(child.pid(), None)),
-        Ok(Message::Failed(err)) => Err(err),
+        Ok(Message::Failed(err)) => {
+            if matches!(
+                err,
+                Error::BuildMismatch { .. }
+                    | Error::RegistrationMissing { .. }
+                    | Error::InitializerFailed { .. }
+            ) {
+                log::error!("multiproc: child {} refused to start: {err}", child.pid());
+            }
+            Err(err)
+        }
         Ok(Message::Start { .. }) => Err(Error::Decode {
             message: "the child answered with a start message".into(),
         }),

@@ -725,6 +725,7 @@ impl Core {
         let failed: Vec<(Arc<Job>, ChunkInfo)> = {
             let mut st = lock(&self.state);
             if st.broken.is_none() {
+                log::error!("multiproc pool: the pool is broken: {err}");
                 st.broken = Some(err.clone());
             }
             let mut failed: Vec<_> = st.queue.drain(..).map(|t| (t.job, t.info)).collect();
@@ -921,10 +922,11 @@ impl Core {
     /// running, give back those it had not started; replace it. Returns
     /// the replacement's channel.
     fn on_death(&self, key: u64) -> Option<(u64, Channel)> {
-        let worker = {
+        let (worker, stopping) = {
             let mut st = lock(&self.state);
             let at = st.workers.iter().position(|w| w.key == key)?;
-            st.workers.swap_remove(at)
+            let stopping = matches!(st.phase, Phase::Stopping);
+            (st.workers.swap_remove(at), stopping)
         };
         let pid = worker.conn.pid;
         let was_ready = worker.ready;
@@ -964,6 +966,20 @@ impl Core {
                 task.requeued += 1;
                 give_back.push(task);
             }
+        }
+        // A worker that served its `max_tasks_per_child` exits with 0: a
+        // retirement, not a death.
+        let retired = code == Some(0)
+            && self
+                .config
+                .init
+                .max_tasks
+                .is_some_and(|max| worker.sent >= max);
+        if !stopping && !retired {
+            log::warn!(
+                "multiproc pool: worker {pid} died ({err}); {} chunk(s) given to other workers",
+                give_back.len()
+            );
         }
         {
             let mut st = lock(&self.state);
@@ -1015,11 +1031,23 @@ impl Core {
     fn replace_worker(&self) -> Option<(u64, Channel)> {
         match self.spawn_worker() {
             Ok((key, channel)) => {
-                lock(&self.state).spawn_error = None;
+                let mut st = lock(&self.state);
+                st.spawn_error = None;
+                if let Some(w) = st.workers.iter().find(|w| w.key == key) {
+                    log::info!(
+                        "multiproc pool: started worker {} as a replacement",
+                        w.conn.pid
+                    );
+                }
+                drop(st);
                 channel.map(|channel| (key, channel))
             }
             Err(Error::Closed) => None,
             Err(err) => {
+                log::error!(
+                    "multiproc pool: could not start a replacement worker ({err}); trying again \
+                     every {RETRY_SPAWN:?}"
+                );
                 let failed: Vec<Task> = {
                     let mut st = lock(&self.state);
                     st.missing += 1;
@@ -1173,6 +1201,10 @@ impl Core {
     fn kill_worker(&self, key: u64) {
         let st = lock(&self.state);
         if let Some(w) = st.workers.iter().find(|w| w.key == key) {
+            log::warn!(
+                "multiproc pool: worker {} broke the protocol; killed",
+                w.conn.pid
+            );
             let _ = w.child.signal(Signal::SIGKILL);
         }
     }

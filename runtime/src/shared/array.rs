@@ -12,16 +12,36 @@ use bytemuck::Pod;
 use super::value::data_offset;
 use crate::error::{Error, Result};
 use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
-use crate::sync::deadline;
+use crate::sync::{AnyLock, Lock, deadline};
 use crate::sys::arena::Block;
 use crate::sys::lock::{Header, RawGuard};
 
 // Header: the lock header (`LOCK_HEADER`, 16 bytes), then the length and
-// element size as u64s at bytes 16 and 24; data from byte 64 (aligned for
-// T).
+// element size as u64s at bytes 16 and 24, then the identity of the lock
+// an `Array` was built over (`with_lock`; 0s for its own lock word): 1,
+// the lock memory's file (device, inode) and offset, at bytes 32 to 56;
+// data from byte 64 (aligned for T).
 const HEADER: usize = 64;
 const LEN_WORD: usize = 2;
 const SIZE_WORD: usize = 3;
+const LOCK_WORDS: usize = 4;
+
+/// The identity words of `lock`'s memory, as an array's header records it.
+fn lock_identity(lock: &Lock) -> [u64; 4] {
+    let block = lock.block();
+    let (dev, ino) = block.file().key();
+    [1, dev, ino, block.place().offset]
+}
+
+/// The lock identity recorded in an array's header.
+fn recorded_identity(map: &Block) -> [u64; 4] {
+    let words = map.atomics_u64();
+    std::array::from_fn(|i| {
+        words
+            .get(LOCK_WORDS + i)
+            .map_or(u64::MAX, |w| w.load(Ordering::Relaxed))
+    })
+}
 
 /// Bytes of an array of `len` `T`s whose data starts at `data`.
 fn bytes_for<T: Pod>(data: usize, len: usize) -> Option<usize> {
@@ -99,6 +119,8 @@ fn arrive<T: Pod>(len: u64, fds: &mut Received, what: Kind) -> Result<(Arc<Block
 pub struct Array<T: Pod> {
     map: Arc<Block>,
     len: usize,
+    /// The lock it was built over (`None`: the word in its header).
+    lock: Option<Lock>,
     _t: PhantomData<T>,
 }
 
@@ -107,6 +129,7 @@ impl<T: Pod> Clone for Array<T> {
         Array {
             map: Arc::clone(&self.map),
             len: self.len,
+            lock: self.lock.clone(),
             _t: PhantomData,
         }
     }
@@ -133,7 +156,72 @@ impl<T: Pod> Array<T> {
         Ok(Array {
             map,
             len: values.len(),
+            lock: None,
             _t: PhantomData,
+        })
+    }
+
+    /// A shared array holding a copy of `values`, guarded by an existing
+    /// [`Lock`] (CPython's `Array(t, v, lock=l)`): [`lock`](Array::lock),
+    /// `get`, `set` and `to_vec` take that lock, so one lock can guard
+    /// several arrays and values. The array keeps its own memory, and its
+    /// handle holds (and sends along) the lock's.
+    ///
+    /// Only a `Lock`, not an [`RLock`](crate::sync::RLock) as CPython
+    /// allows: the guard gives the elements in place (`&mut [T]`), and two
+    /// guards of a re-entrant lock on one thread would be two `&mut` to
+    /// the same elements. A [`Value`](super::Value), whose guard works on
+    /// a copy, takes either.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the shared memory cannot be created;
+    /// [`Error::Misuse`] if `lock` is itself another object's lock word
+    /// (from a `get_lock` of an object without a lock of its own).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::{Array, Lock};
+    ///
+    /// let lock = Lock::new()?;
+    /// let a = Array::with_lock(&[1u32, 2], lock.clone())?;
+    /// let b = Array::with_lock(&[3u32], lock.clone())?;
+    /// a.lock()?[0] = 7;
+    /// assert!(lock.try_acquire().is_ok()); // free again
+    /// assert_eq!(a.to_vec(), [7, 2]);
+    /// assert_eq!(b.to_vec(), [3]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn with_lock(values: &[T], lock: Lock) -> Result<Array<T>> {
+        if lock.block().len() != crate::sys::shm::LOCK_HEADER {
+            return Err(Error::misuse(
+                "an Array cannot be built over another object's lock word (a get_lock of a \
+                 Value or Array without a lock of its own): use a Lock of its own",
+            ));
+        }
+        let map = create::<Self, T>("multiproc-array", Self::DATA, values.len())?;
+        map.store_pods(Self::DATA, values)?;
+        let words = map.atomics_u64();
+        for (i, word) in lock_identity(&lock).into_iter().enumerate() {
+            words[LOCK_WORDS + i].store(word, Ordering::Relaxed);
+        }
+        Ok(Array {
+            map,
+            len: values.len(),
+            lock: Some(lock),
+            _t: PhantomData,
+        })
+    }
+
+    /// The lock that guards the array (CPython's `get_lock()`): the one it
+    /// was built over, or a [`Lock`] handle onto the word in its header.
+    /// A lock of the second kind cannot be sent to another process on its
+    /// own (see [`Value::get_lock`](super::Value::get_lock)).
+    pub fn get_lock(&self) -> AnyLock {
+        AnyLock::Lock(match &self.lock {
+            Some(lock) => lock.clone(),
+            None => Lock::view_of(Arc::clone(&self.map)),
         })
     }
 
@@ -157,12 +245,17 @@ impl<T: Pod> Array<T> {
         Ok(Array {
             map,
             len,
+            lock: None,
             _t: PhantomData,
         })
     }
 
+    /// The header of the lock that guards it.
     fn header(&self) -> Header<'_> {
-        self.map.lock_header()
+        match &self.lock {
+            Some(lock) => lock.header(),
+            None => self.map.lock_header(),
+        }
     }
 
     fn wrap<'a>(&'a self, raw: RawGuard<'a>, poisoned: bool) -> LockResult<ArrayGuard<'a, T>> {
@@ -267,19 +360,36 @@ impl<T: Pod> Deref for ArrayGuard<'_, T> {
     fn deref(&self) -> &[T] {
         // Cannot fail: range, alignment and lock identity are checked on
         // creation and arrival; the empty fallback keeps this panic-free.
-        self.array
-            .map
-            .locked_slice(&self.raw, Array::<T>::DATA, self.array.len)
-            .unwrap_or_default()
+        let array = self.array;
+        match &array.lock {
+            None => array
+                .map
+                .locked_slice(&self.raw, Array::<T>::DATA, array.len),
+            Some(lock) => {
+                array
+                    .map
+                    .locked_slice_under(lock.block(), &self.raw, Array::<T>::DATA, array.len)
+            }
+        }
+        .unwrap_or_default()
     }
 }
 
 impl<T: Pod> DerefMut for ArrayGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut [T] {
-        self.array
-            .map
-            .locked_slice_mut(&mut self.raw, Array::<T>::DATA, self.array.len)
-            .unwrap_or_default()
+        let array = self.array;
+        match &array.lock {
+            None => array
+                .map
+                .locked_slice_mut(&mut self.raw, Array::<T>::DATA, array.len),
+            Some(lock) => array.map.locked_slice_under_mut(
+                lock.block(),
+                &mut self.raw,
+                Array::<T>::DATA,
+                array.len,
+            ),
+        }
+        .unwrap_or_default()
     }
 }
 
@@ -297,24 +407,38 @@ impl<T: Pod> fmt::Debug for Array<T> {
     }
 }
 
+/// Travels as its length, its memory and the lock it was built over, if
+/// any, which must be the one its header records.
 impl<T: Pod> HandleWire for Array<T> {
     const KIND: Kind = Kind::Array;
     type Elem = T;
-    type Plain = u64;
+    type Plain = (u64, Option<Lock>);
 
-    fn parts(&self) -> Result<Parts<'_, u64>> {
-        Ok(Parts::block(&self.map, self.len as u64))
+    fn parts(&self) -> Result<Parts<'_, (u64, Option<Lock>)>> {
+        Ok(Parts::block(
+            &self.map,
+            (self.len as u64, self.lock.clone()),
+        ))
     }
 
-    fn mapping_size(&len: &u64) -> Result<usize> {
+    fn mapping_size(&(len, _): &(u64, Option<Lock>)) -> Result<usize> {
         array_size::<T>(Self::DATA, len, Self::KIND)
     }
 
-    fn rebuild(len: u64, fds: &mut Received) -> Result<Self> {
+    fn rebuild((len, lock): (u64, Option<Lock>), fds: &mut Received) -> Result<Self> {
         let (map, len) = arrive::<T>(len, fds, Self::KIND)?;
+        // Every handle of the array must use the same lock, or two
+        // processes could both hold "its" lock and its elements in place.
+        let expected = lock.as_ref().map_or([0; 4], lock_identity);
+        if recorded_identity(&map) != expected {
+            return Err(handle::decode(
+                "an Array arrived with another lock than the one it was built with",
+            ));
+        }
         Ok(Array {
             map,
             len,
+            lock,
             _t: PhantomData,
         })
     }
@@ -499,5 +623,55 @@ mod tests {
         assert!(arr.get(3).is_err());
         let empty = Array::<u64>::zeroed(0).expect("empty");
         assert!(empty.lock().expect("lock").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::*;
+    use crate::codec;
+
+    fn resend<T: Pod>(array: &Array<T>) -> Result<Array<T>> {
+        let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+        codec::encode(array, &mut bytes, &mut fds)?;
+        codec::decode(&bytes, fds)
+    }
+
+    fn forged<T: Pod>(array: &Array<T>, lock: Option<Lock>) -> Array<T> {
+        Array {
+            map: Arc::clone(&array.map),
+            len: array.len,
+            lock,
+            _t: PhantomData,
+        }
+    }
+
+    #[test]
+    fn an_array_arrives_only_with_the_lock_it_was_built_with() {
+        let lock = Lock::new().expect("lock");
+        let shared = Array::with_lock(&[1u32, 2], lock.clone()).expect("array");
+        let back = resend(&shared).expect("its own lock");
+        assert_eq!(back.to_vec(), [1, 2]);
+        let other = Lock::new().expect("lock");
+        for bad in [
+            forged(&shared, Some(other.clone())),
+            forged(&shared, None),
+            forged(&Array::new(&[1u32]).expect("own lock"), Some(other)),
+        ] {
+            let err = resend(&bad).map(drop).expect_err("another lock");
+            assert!(err.to_string().contains("another lock"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_view_lock_is_refused_as_an_arrays_lock() {
+        let own = Array::new(&[0u8; 4]).expect("array");
+        let AnyLock::Lock(view) = own.get_lock() else {
+            panic!("an Array's lock is a Lock");
+        };
+        let err = Array::with_lock(&[1u8], view)
+            .map(drop)
+            .expect_err("a view");
+        assert!(matches!(err, Error::Misuse { .. }), "{err}");
     }
 }

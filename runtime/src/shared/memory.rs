@@ -30,8 +30,9 @@ const MAX_NAME: usize = 64;
 /// [`open`](SharedMemory::open) (to processes of the same user only,
 /// checked with `SO_PEERCRED`). One thread, `multiproc-shm`, serves every
 /// name of a process, however many blocks it creates.
-/// The name disappears on [`unlink`](SharedMemory::unlink) or when the
-/// creating process exits, however it exits; the memory disappears when
+/// The name disappears on [`unlink`](SharedMemory::unlink) (by any
+/// handle of the block, in any process) or when the creating process
+/// exits, however it exits; the memory disappears when
 /// the last process that mapped it unmaps it or dies. Unlike Python, a
 /// name cannot outlive its creator (open it, or pass the handle, before
 /// the creator ends), and dropping the creator's handle does not remove
@@ -210,6 +211,49 @@ fn receive_memfd(conn: BorrowedFd<'_>, name: &str) -> Result<OwnedFd> {
     memfd.ok_or_else(|| not_found(format!("no shared memory named {name:?} (refused)")))
 }
 
+/// A connection to the server of `name`, checked to run as this user.
+fn connect(name: &str) -> Result<OwnedFd> {
+    let addr = address(name)?;
+    let conn = unix_socket()?;
+    // A server that never accepts (a full backlog) or never answers
+    // must not hang us: both waits are bounded.
+    let limit = TimeVal::seconds(OPEN_TIMEOUT_SECS);
+    socket::setsockopt(&conn, sockopt::SendTimeout, &limit)
+        .and_then(|()| socket::setsockopt(&conn, sockopt::ReceiveTimeout, &limit))
+        .map_err(|e| Error::errno("could not set up a socket", e))?;
+    match socket::connect(conn.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
+            return Err(not_found(format!(
+                "no shared memory named {name:?} (never created, unlinked, or its creator \
+                 exited)"
+            )));
+        }
+        Err(Errno::EAGAIN) => return Err(Error::errno(SERVER_SILENT, Errno::ETIMEDOUT)),
+        Err(e) => return Err(Error::errno("could not reach the shared memory name", e)),
+    }
+    // Before anything is received: a server of another user could hand
+    // us memory it rewrites or truncates at will.
+    let server = socket::getsockopt(&conn, sockopt::PeerCredentials)
+        .map_err(|e| Error::errno("could not identify the shared memory name server", e))?;
+    check_server(
+        name,
+        server.pid(),
+        server.uid(),
+        nix::unistd::getuid().as_raw(),
+    )?;
+    Ok(conn)
+}
+
+/// Sends a request to a name server: one `sendmsg` of a few bytes on a
+/// fresh connection (bounded by the send timeout, no SIGPIPE). Best
+/// effort: a server that answered and closed before reading it (a
+/// squatter of the name, say) still left its answer to read, and what the
+/// answer says (or its absence) is the error worth reporting.
+fn send_request(conn: &OwnedFd, request: &[u8]) {
+    let _ = sys::send_with_fds(conn.as_fd(), &[std::io::IoSlice::new(request)], &[]);
+}
+
 impl SharedMemory {
     /// Creates a zero-filled block of `size` bytes named `name`.
     ///
@@ -269,32 +313,8 @@ impl SharedMemory {
     /// drops the memfd: MSG_CTRUNC; not a refusal, try again once
     /// descriptors are free).
     pub fn open(name: &str) -> Result<SharedMemory> {
-        let addr = address(name)?;
-        let conn = unix_socket()?;
-        // A server that never accepts (a full backlog) or never answers
-        // must not hang us: both waits are bounded.
-        let limit = TimeVal::seconds(OPEN_TIMEOUT_SECS);
-        socket::setsockopt(&conn, sockopt::SendTimeout, &limit)
-            .and_then(|()| socket::setsockopt(&conn, sockopt::ReceiveTimeout, &limit))
-            .map_err(|e| Error::errno("could not set up a socket", e))?;
-        match socket::connect(conn.as_raw_fd(), &addr) {
-            Ok(()) => {}
-            Err(Errno::ECONNREFUSED | Errno::ENOENT) => {
-                return Err(not_found(format!("no shared memory named {name:?}")));
-            }
-            Err(Errno::EAGAIN) => return Err(Error::errno(SERVER_SILENT, Errno::ETIMEDOUT)),
-            Err(e) => return Err(Error::errno("could not reach the shared memory name", e)),
-        }
-        // Before anything is received: a server of another user could hand
-        // us memory it rewrites or truncates at will.
-        let server = socket::getsockopt(&conn, sockopt::PeerCredentials)
-            .map_err(|e| Error::errno("could not identify the shared memory name server", e))?;
-        check_server(
-            name,
-            server.pid(),
-            server.uid(),
-            nix::unistd::getuid().as_raw(),
-        )?;
+        let conn = connect(name)?;
+        send_request(&conn, &[names::OPEN]);
         let fd = receive_memfd(conn.as_fd(), name)?;
         Ok(SharedMemory {
             map: Mapping::from_fd(fd)?,
@@ -303,25 +323,113 @@ impl SharedMemory {
         })
     }
 
-    /// Removes the name: once this returns, [`open`](SharedMemory::open)
-    /// fails and [`create`](SharedMemory::create) may use the name again;
-    /// handles already open keep working, and the memory is freed when the
-    /// last is dropped. Only the creating handle holds the name; on other
-    /// handles (and a second time) this does nothing.
+    /// Creates a zero-filled block of `size` bytes under a fresh name that
+    /// no other block of this user holds (CPython's
+    /// `SharedMemory(create=True, size=size)` without a name):
+    /// [`name`](SharedMemory::name) tells it, to pass to the processes that
+    /// [`open`](SharedMemory::open) it.
     ///
     /// # Errors
     ///
-    /// [`Error::Io`] if the name's socket could not be shut down (the name
-    /// is removed all the same).
+    /// [`Error::InvalidArgument`] if `size` is 0; [`Error::Io`] if the OS
+    /// refuses.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let shm = multiproc::shared::SharedMemory::new(16)?;
+    /// assert!(shm.name().starts_with("mp_"));
+    /// shm.unlink()?;
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn new(size: usize) -> Result<SharedMemory> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut last = None;
+        for _ in 0..16 {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let name = format!("mp_{:x}_{n:x}_{nanos:08x}", std::process::id());
+            match SharedMemory::create(&name, size) {
+                // Taken (by a process whose pid this one reuses): another.
+                Err(err) if err.io_kind() == Some(std::io::ErrorKind::AlreadyExists) => {
+                    last = Some(err);
+                }
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::invalid("no free shared memory name")))
+    }
+
+    /// Removes the name: once this returns, [`open`](SharedMemory::open)
+    /// fails and [`create`](SharedMemory::create) may use the name again;
+    /// handles already open keep working, and the memory is freed when the
+    /// last is dropped.
+    ///
+    /// Any handle of the block may do it, in any process, as in CPython
+    /// (a consumer often unlinks what a producer created): a handle that
+    /// did not create the name asks the creator's name server, which
+    /// removes it only if it still names this block (never a block created
+    /// later under the same name).
+    ///
+    /// # Errors
+    ///
+    /// An [`Error::Io`] of kind [`NotFound`](std::io::ErrorKind::NotFound)
+    /// if the name is gone already (unlinked before, by this or another
+    /// handle, or its creator exited: CPython's `FileNotFoundError`), or
+    /// names another block now; [`Error::Io`] if the name's socket could not be shut down (the name
+    /// is removed all the same) or its server does not answer within 30 s.
     pub fn unlink(&self) -> Result<()> {
         let served = match self.served.lock() {
             Ok(mut slot) => slot.take(),
             Err(poisoned) => poisoned.into_inner().take(),
         };
-        match served {
-            Some(token) => names::withdraw(token)
-                .map_err(|e| Error::io("could not remove the shared memory name", e)),
-            None => Ok(()),
+        let Some(token) = served else {
+            return self.unlink_remote();
+        };
+        match names::withdraw(token) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(self.gone()),
+            Err(e) => Err(Error::io("could not remove the shared memory name", e)),
+        }
+    }
+
+    fn gone(&self) -> Error {
+        not_found(format!(
+            "shared memory {:?} was already unlinked",
+            self.name
+        ))
+    }
+
+    /// `unlink` by a handle that does not serve the name.
+    fn unlink_remote(&self) -> Result<()> {
+        let conn = match connect(&self.name) {
+            Ok(conn) => conn,
+            Err(err) if err.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                return Err(self.gone());
+            }
+            Err(err) => return Err(err),
+        };
+        let (dev, ino) = names::identity(self.map.fd())
+            .map_err(|e| Error::io("could not identify the shared memory", e))?;
+        let mut request = [0u8; names::UNLINK_REQUEST];
+        request[0] = names::UNLINK;
+        request[1..9].copy_from_slice(&dev.to_le_bytes());
+        request[9..].copy_from_slice(&ino.to_le_bytes());
+        send_request(&conn, &request);
+        let mut answer = [0u8; 1];
+        match sys::read(conn.as_fd(), &mut answer) {
+            Ok(1) if answer[0] == names::UNLINKED => Ok(()),
+            Ok(1) if answer[0] == names::OTHER_BLOCK => Err(not_found(format!(
+                "shared memory name {:?} now names another block (this one's name is gone): \
+                 not unlinked",
+                self.name
+            ))),
+            // Closed without an answer: unlinked meanwhile by its creator.
+            Ok(_) => Err(self.gone()),
+            Err(Errno::EAGAIN) => Err(Error::errno(SERVER_SILENT, Errno::ETIMEDOUT)),
+            Err(e) => Err(Error::errno("could not unlink the shared memory name", e)),
         }
     }
 
@@ -572,8 +680,8 @@ impl fmt::Debug for SharedMemory {
 }
 
 /// Travels as its memory (the receiver maps the same bytes), its name and
-/// its size; the received handle does not hold the name (its `unlink` does
-/// nothing).
+/// its size; the received handle does not serve the name (its `unlink`
+/// asks the creator's server).
 impl HandleWire for SharedMemory {
     const KIND: Kind = Kind::SharedMemory;
     type Elem = ();

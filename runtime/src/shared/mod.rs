@@ -1,7 +1,9 @@
 //! Shared state: plain data in shared memory that several processes read
 //! and write. [`Value`] and [`Array`] carry a lock beside the data
 //! (Python's `Value` and `Array`), [`RawValue`] and [`RawArray`] do not,
-//! and [`SharedMemory`] is a block of bytes found by name.
+//! [`SharedMemory`] is a block of bytes found by name, and
+//! [`ShareableList`] a fixed-length list of numbers, booleans, strings and
+//! bytes in one such block.
 //!
 //! The data is any `T: bytemuck::Pod` (integers, floats, arrays of them,
 //! `#[derive(Pod, Zeroable)] #[repr(C)]` structs): every bit pattern is a
@@ -14,9 +16,11 @@
 //! another process keeps its cell until its whole arena is given up.
 
 mod array;
+mod list;
 mod memory;
 mod value;
 
 pub use array::{Array, ArrayGuard, RawArray};
+pub use list::{ListItem, ShareableList};
 pub use memory::SharedMemory;
 pub use value::{AtomicInteger, RawValue, Value, ValueGuard};

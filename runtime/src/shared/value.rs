@@ -11,7 +11,7 @@ use bytemuck::Pod;
 
 use crate::error::Result;
 use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde, new_block};
-use crate::sync::deadline;
+use crate::sync::{AnyLock, Held, Lock, deadline};
 use crate::sys::arena::Block;
 use crate::sys::lock::{Header, RawGuard};
 use crate::sys::shm::{AtomicWord, LOCK_HEADER};
@@ -44,6 +44,12 @@ pub(crate) const fn data_offset<T>(header: usize) -> usize {
 /// A clone is another handle to the same value; handles travel to other
 /// processes as arguments or messages.
 ///
+/// A value has a lock word of its own beside its data, or is built over
+/// an existing [`Lock`] or [`RLock`](crate::sync::RLock)
+/// ([`with_lock`](Value::with_lock), CPython's `Value(t, v, lock=l)`), so
+/// that one lock guards several values; [`get_lock`](Value::get_lock)
+/// returns the lock either way.
+///
 /// # Examples
 ///
 /// The Python docs' example, ported (see `examples/shared_value.rs`):
@@ -72,6 +78,8 @@ pub(crate) const fn data_offset<T>(header: usize) -> usize {
 /// ```
 pub struct Value<T: Pod> {
     map: Arc<Block>,
+    /// The lock it was built over (`None`: the word beside its data).
+    lock: Option<AnyLock>,
     _t: PhantomData<T>,
 }
 
@@ -79,6 +87,7 @@ impl<T: Pod> Clone for Value<T> {
     fn clone(&self) -> Self {
         Value {
             map: Arc::clone(&self.map),
+            lock: self.lock.clone(),
             _t: PhantomData,
         }
     }
@@ -90,7 +99,7 @@ pub struct ValueGuard<'a, T: Pod> {
     value: &'a Value<T>,
     local: T,
     dirty: bool,
-    _raw: RawGuard<'a>,
+    _held: Held<'a>,
 }
 
 impl<T: Pod> Value<T> {
@@ -112,6 +121,46 @@ impl<T: Pod> Value<T> {
     /// # Ok::<(), multiproc::Error>(())
     /// ```
     pub fn new(value: T) -> Result<Value<T>> {
+        Self::create(value, None)
+    }
+
+    /// A new shared value holding `value`, guarded by an existing
+    /// [`Lock`] or [`RLock`](crate::sync::RLock) (CPython's `lock=`):
+    /// [`lock`](Value::lock), [`get`](Value::get) and [`set`](Value::set)
+    /// take that lock, so one critical section can cover several values.
+    /// With an `RLock`, a thread that holds it can still `get` and `set`
+    /// (CPython's default); with a `Lock` it would wait for itself.
+    ///
+    /// The value keeps its own memory and the lock keeps its own (the
+    /// value's handle holds the lock's, and sends it along when it
+    /// travels).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::{sync::RLock, Value};
+    ///
+    /// let lock = RLock::new()?;
+    /// let x = Value::with_lock(1i64, lock.clone())?;
+    /// let y = Value::with_lock(2i64, lock.clone())?;
+    /// {
+    ///     let _both = lock.acquire()?; // one critical section for x and y
+    ///     let (a, b) = (x.get(), y.get()); // re-entrant: no deadlock
+    ///     x.set(b);
+    ///     y.set(a);
+    /// }
+    /// assert_eq!((x.get(), y.get()), (2, 1));
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn with_lock(value: T, lock: impl Into<AnyLock>) -> Result<Value<T>> {
+        Self::create(value, Some(lock.into()))
+    }
+
+    fn create(value: T, lock: Option<AnyLock>) -> Result<Value<T>> {
         let map = new_block::<Self>(
             "multiproc-value",
             Self::DATA + std::mem::size_of::<T>(),
@@ -120,12 +169,37 @@ impl<T: Pod> Value<T> {
         map.store_pods(Self::DATA, std::slice::from_ref(&value))?;
         Ok(Value {
             map,
+            lock,
             _t: PhantomData,
         })
     }
 
+    /// The lock that guards the value (CPython's `get_lock()`): the one it
+    /// was built over, or a [`Lock`] handle onto the word beside its data
+    /// (taking it excludes [`lock`](Value::lock), `get` and `set`).
+    ///
+    /// A lock of the second kind is a view of the value's memory: it
+    /// cannot be sent to another process on its own (that is an
+    /// [`Error::Misuse`](crate::Error::Misuse) when encoding); send the
+    /// value, or build it [`with_lock`](Value::with_lock) over a `Lock`
+    /// of its own.
+    pub fn get_lock(&self) -> AnyLock {
+        match &self.lock {
+            Some(lock) => lock.clone(),
+            None => AnyLock::Lock(Lock::view_of(Arc::clone(&self.map))),
+        }
+    }
+
     fn header(&self) -> Header<'_> {
         self.map.lock_header()
+    }
+
+    fn hold(&self, deadline: Option<std::time::Instant>) -> Option<(Held<'_>, bool)> {
+        match &self.lock {
+            Some(lock) => lock.hold(deadline, true),
+            None => RawGuard::lock(self.header(), deadline)
+                .map(|(raw, poisoned)| (Held::Raw(raw), poisoned)),
+        }
     }
 
     fn read(&self) -> T {
@@ -141,12 +215,12 @@ impl<T: Pod> Value<T> {
         let _ = self.map.store_pods(Self::DATA, std::slice::from_ref(value));
     }
 
-    fn guard<'a>(&'a self, raw: RawGuard<'a>) -> ValueGuard<'a, T> {
+    fn guard<'a>(&'a self, held: Held<'a>) -> ValueGuard<'a, T> {
         ValueGuard {
             value: self,
             local: self.read(),
             dirty: false,
-            _raw: raw,
+            _held: held,
         }
     }
 
@@ -158,8 +232,8 @@ impl<T: Pod> Value<T> {
     /// holding the lock (see [`Lock::acquire`](crate::Lock::acquire)).
     pub fn lock(&self) -> LockResult<ValueGuard<'_, T>> {
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(self.header(), None) {
-                let guard = self.guard(raw);
+            if let Some((held, poisoned)) = self.hold(None) {
+                let guard = self.guard(held);
                 return if poisoned {
                     Err(PoisonError::new(guard))
                 } else {
@@ -175,10 +249,10 @@ impl<T: Pod> Value<T> {
     ///
     /// `Err(TryLockError::WouldBlock)` on timeout; poisoning as for `lock`.
     pub fn lock_timeout(&self, timeout: Duration) -> TryLockResult<ValueGuard<'_, T>> {
-        match RawGuard::lock(self.header(), deadline(timeout)) {
+        match self.hold(deadline(timeout)) {
             None => Err(TryLockError::WouldBlock),
-            Some((raw, false)) => Ok(self.guard(raw)),
-            Some((raw, true)) => Err(TryLockError::Poisoned(PoisonError::new(self.guard(raw)))),
+            Some((held, false)) => Ok(self.guard(held)),
+            Some((held, true)) => Err(TryLockError::Poisoned(PoisonError::new(self.guard(held)))),
         }
     }
 
@@ -202,12 +276,18 @@ impl<T: Pod> Value<T> {
 
     /// `true` if a holder of the lock died or panicked holding it.
     pub fn is_poisoned(&self) -> bool {
-        self.header().is_poisoned()
+        match &self.lock {
+            Some(lock) => lock.is_poisoned(),
+            None => self.header().is_poisoned(),
+        }
     }
 
     /// Clears the poison flag.
     pub fn clear_poison(&self) {
-        self.header().clear_poison();
+        match &self.lock {
+            Some(lock) => lock.clear_poison(),
+            None => self.header().clear_poison(),
+        }
     }
 }
 
@@ -248,22 +328,24 @@ impl<T: Pod + fmt::Debug> fmt::Debug for Value<T> {
     }
 }
 
+/// Travels as its memory and the lock it was built over, if any.
 impl<T: Pod> HandleWire for Value<T> {
     const KIND: Kind = Kind::Value;
     type Elem = T;
-    type Plain = ();
+    type Plain = Option<AnyLock>;
 
-    fn parts(&self) -> Result<Parts<'_, ()>> {
-        Ok(Parts::block(&self.map, ()))
+    fn parts(&self) -> Result<Parts<'_, Option<AnyLock>>> {
+        Ok(Parts::block(&self.map, self.lock.clone()))
     }
 
-    fn mapping_size((): &()) -> Result<usize> {
+    fn mapping_size(_: &Option<AnyLock>) -> Result<usize> {
         Ok(Self::DATA + std::mem::size_of::<T>())
     }
 
-    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
+    fn rebuild(lock: Option<AnyLock>, fds: &mut Received) -> Result<Self> {
         Ok(Value {
             map: fds.block()?,
+            lock,
             _t: PhantomData,
         })
     }

@@ -1,30 +1,86 @@
 //! [`Condition`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LockResult, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use super::deadline;
+use super::lock::{AnyLock, Held};
 use crate::error::Result;
-use crate::handle::{mapped_handle, new_block};
+use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde, new_block};
 use crate::sys::arena::Block;
 use crate::sys::futex;
 use crate::sys::lock::RawGuard;
 use crate::sys::shm::LOCK_HEADER;
 
-// The lock header, then the u32 words sequence and sleepers.
+// The lock header (used unless the condition was built over a lock of its
+// own), the u32 word sequence (the futex word, bumped by each notify), a
+// pad, then the u64 state word: four 16-bit fields, the epoch (bumped by
+// each notify), the waiters registered before the last notify ("old"),
+// those registered since ("new"), and the wake-ups granted to old waiters
+// and not yet taken. A notify makes every waiter old and grants at most
+// `n`, at most one per old waiter not yet granted; a wait returns notified
+// only by taking a grant, and only if it registered before the last notify
+// (its epoch is not the current one). So `notify_n(n)` wakes at most `n`,
+// and a waiter that starts waiting after a notify never takes its grant
+// from a waiter that was there (which would leave that one asleep).
 const SEQ: usize = LOCK_HEADER / 4;
-const SLEEPERS: usize = SEQ + 1;
-const COND_BYTES: usize = LOCK_HEADER + 8;
+/// The state word, as an index of u64 words.
+const STATE: usize = LOCK_HEADER / 8 + 1;
+const COND_BYTES: usize = LOCK_HEADER + 16;
+/// Most waiters at a time (16-bit counts); more wait in slices.
+const MAX_WAITERS: u16 = u16::MAX;
 
-/// A condition variable with its own lock, shared by processes and
-/// threads: Python's `multiprocessing.Condition` in std's `Condvar` shape:
+/// The fields of the state word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    epoch: u16,
+    old: u16,
+    new: u16,
+    grants: u16,
+}
+
+impl State {
+    fn of(word: u64) -> State {
+        State {
+            epoch: (word >> 48) as u16,
+            old: (word >> 32) as u16,
+            new: (word >> 16) as u16,
+            grants: word as u16,
+        }
+    }
+
+    fn word(self) -> u64 {
+        (u64::from(self.epoch) << 48)
+            | (u64::from(self.old) << 32)
+            | (u64::from(self.new) << 16)
+            | u64::from(self.grants)
+    }
+}
+
+/// A condition variable shared by processes and threads: Python's
+/// `multiprocessing.Condition` in std's `Condvar` shape:
 /// [`acquire`](Condition::acquire) gives a guard and
 /// [`wait`](Condition::wait) takes it and gives it back.
 ///
-/// Waits may wake spuriously (as std's): check the condition in a loop, or
-/// use [`wait_while`](Condition::wait_while). The lock is recovered from a
-/// dead holder and poisoned exactly as a [`Lock`](crate::Lock).
+/// It has a lock of its own ([`new`](Condition::new)), or is built over an
+/// existing [`Lock`](crate::Lock) or [`RLock`](crate::sync::RLock)
+/// ([`with_lock`](Condition::with_lock), CPython's `Condition(lock)`):
+/// then `acquire` takes that lock, code that takes the lock directly is
+/// excluded as well, and `wait` frees it entirely while it sleeps (every
+/// recursion level of an `RLock`, restored after, as CPython does).
+///
+/// [`notify`](Condition::notify) wakes at most one waiter,
+/// [`notify_n`](Condition::notify_n) at most `n` (CPython's `notify(n)`:
+/// a separate name, since Rust has no default arguments) and
+/// [`notify_all`](Condition::notify_all) every one waiting now. A wait may
+/// still return without a notify (spuriously, as std's does; after a
+/// waiter died while waiting, for instance): check the condition in a
+/// loop, or use [`wait_while`](Condition::wait_while) /
+/// [`wait_timeout_while`](Condition::wait_timeout_while). The lock is
+/// recovered from a dead holder and poisoned exactly as a
+/// [`Lock`](crate::Lock).
 ///
 /// # Examples
 ///
@@ -52,13 +108,14 @@ const COND_BYTES: usize = LOCK_HEADER + 8;
 #[derive(Clone)]
 pub struct Condition {
     map: Arc<Block>,
+    lock: Option<AnyLock>,
 }
 
 /// Holds a [`Condition`]'s lock; dropping it releases the lock.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct ConditionGuard<'a> {
     cond: &'a Condition,
-    raw: RawGuard<'a>,
+    held: Held<'a>,
 }
 
 /// Whether [`Condition::wait_timeout`] returned because its time was up.
@@ -82,13 +139,65 @@ impl Condition {
     pub fn new() -> Result<Condition> {
         Ok(Condition {
             map: new_block::<Condition>("multiproc-condition", COND_BYTES, 8)?,
+            lock: None,
         })
     }
 
-    /// The sequence word (bumped by each notify) and the sleeper count.
-    fn words(&self) -> (&AtomicU32, &AtomicU32) {
-        let w = self.map.atomics_u32();
-        (&w[SEQ], &w[SLEEPERS])
+    /// A new condition variable over an existing lock, a
+    /// [`Lock`](crate::Lock) or an [`RLock`](crate::sync::RLock) (CPython's
+    /// `Condition(lock)`): [`acquire`](Condition::acquire) takes that lock.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`](crate::Error::Io) if the shared memory cannot be created.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::{sync::{Condition, RLock}};
+    ///
+    /// let rlock = RLock::new()?;
+    /// let cond = Condition::with_lock(rlock.clone())?;
+    /// let guard = cond.acquire()?;
+    /// // The RLock is held (by this thread), through the condition.
+    /// let again = rlock.acquire()?;
+    /// drop(again);
+    /// drop(guard);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn with_lock(lock: impl Into<AnyLock>) -> Result<Condition> {
+        Ok(Condition {
+            map: new_block::<Condition>("multiproc-condition", COND_BYTES, 8)?,
+            lock: Some(lock.into()),
+        })
+    }
+
+    /// The lock it was built over with [`with_lock`](Condition::with_lock)
+    /// (`None`: a lock of its own).
+    pub fn lock(&self) -> Option<&AnyLock> {
+        self.lock.as_ref()
+    }
+
+    fn seq(&self) -> &AtomicU32 {
+        &self.map.atomics_u32()[SEQ]
+    }
+
+    fn state(&self) -> &AtomicU64 {
+        &self.map.atomics_u64()[STATE]
+    }
+
+    fn hold(&self) -> (Held<'_>, bool) {
+        loop {
+            let taken = match &self.lock {
+                Some(lock) => lock.hold(None, true),
+                None => RawGuard::lock(self.map.lock_header(), None)
+                    .map(|(raw, poisoned)| (Held::Raw(raw), poisoned)),
+            };
+            // Without a deadline the lock is always eventually taken.
+            if let Some(taken) = taken {
+                return taken;
+            }
+        }
     }
 
     /// Takes the condition's lock.
@@ -98,47 +207,142 @@ impl Condition {
     /// `Err(PoisonError)` with the guard, as for
     /// [`Lock::acquire`](crate::Lock::acquire).
     pub fn acquire(&self) -> LockResult<ConditionGuard<'_>> {
+        let (held, poisoned) = self.hold();
+        let guard = ConditionGuard { cond: self, held };
+        if poisoned {
+            Err(PoisonError::new(guard))
+        } else {
+            Ok(guard)
+        }
+    }
+
+    /// Updates the state word with `f` (`None`: leave it); the state it
+    /// changed, if it did.
+    fn update(&self, mut f: impl FnMut(State) -> Option<State>) -> Option<State> {
+        let state = self.state();
+        let mut now = state.load(Ordering::SeqCst);
         loop {
-            if let Some((raw, poisoned)) = RawGuard::lock(self.map.lock_header(), None) {
-                let guard = ConditionGuard { cond: self, raw };
-                return if poisoned {
-                    Err(PoisonError::new(guard))
-                } else {
-                    Ok(guard)
-                };
+            let next = f(State::of(now))?;
+            match state.compare_exchange_weak(now, next.word(), Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(State::of(now)),
+                Err(seen) => now = seen,
             }
         }
     }
 
-    fn wait_for(
-        guard: ConditionGuard<'_>,
-        timeout: Option<Duration>,
-    ) -> LockResult<(ConditionGuard<'_>, bool)> {
-        let mut guard = guard;
-        let (seq, sleepers) = guard.cond.words();
-        let seen = seq.load(Ordering::SeqCst);
-        sleepers.fetch_add(1, Ordering::SeqCst);
-        let (wake, poisoned) = guard.raw.unlocked(|| futex::wait(seq, seen, timeout));
-        sleepers.fetch_sub(1, Ordering::SeqCst);
-        let timed_out = wake == futex::Wake::TimedOut;
-        if poisoned {
-            Err(PoisonError::new((guard, timed_out)))
-        } else {
-            Ok((guard, timed_out))
-        }
+    /// Registers a waiter (with the lock held): its epoch, or `None` if
+    /// the count is full (it then waits as if woken spuriously).
+    fn register(&self) -> Option<u16> {
+        self.update(|s| {
+            (s.new < MAX_WAITERS && s.old.saturating_add(s.new) < MAX_WAITERS).then(|| State {
+                new: s.new + 1,
+                ..s
+            })
+        })
+        .map(|s| s.epoch)
     }
 
-    /// Releases the lock, sleeps until notified (or spuriously woken), and
-    /// takes the lock again. `guard` must come from this condition's
+    /// Takes a grant if one is there for a waiter of `epoch`: it was
+    /// notified.
+    fn take_grant(&self, epoch: u16) -> bool {
+        self.update(|s| {
+            (s.epoch != epoch && s.grants > 0).then(|| State {
+                old: s.old.saturating_sub(1),
+                grants: s.grants - 1,
+                ..s
+            })
+        })
+        .is_some()
+    }
+
+    /// A waiter of `epoch` whose time is up leaves; `true` if a grant came
+    /// for it meanwhile (it was notified after all).
+    fn leave_timed_out(&self, epoch: u16) -> bool {
+        let mut granted = false;
+        self.update(|s| {
+            granted = false;
+            // (An epoch that came round again, after a multiple of 65536
+            // notifies, counts this waiter among the new: the totals stay
+            // right, and the next notify makes it old again.)
+            Some(if s.epoch == epoch && s.new > 0 {
+                State {
+                    new: s.new - 1,
+                    ..s
+                }
+            } else if s.grants > 0 {
+                granted = true;
+                State {
+                    old: s.old.saturating_sub(1),
+                    grants: s.grants - 1,
+                    ..s
+                }
+            } else {
+                State {
+                    old: s.old.saturating_sub(1),
+                    ..s
+                }
+            })
+        });
+        granted
+    }
+
+    /// Sleeps with the lock free until notified or `deadline`: the guard,
+    /// whether the time ran out, whether the lock is poisoned.
+    fn wait_until<'a>(
+        guard: ConditionGuard<'a>,
+        deadline: Option<Instant>,
+    ) -> (ConditionGuard<'a>, bool, bool) {
+        let mut guard = guard;
+        let cond = guard.cond;
+        // Registered with the lock held: a notify made after this thread
+        // took the lock counts it.
+        let epoch = cond.register();
+        let seq = cond.seq();
+        let (notified, poisoned) = guard.held.unlocked(|| {
+            let Some(epoch) = epoch else {
+                // Too many waiters to count: a short sleep, then back as if
+                // woken spuriously.
+                let seen = seq.load(Ordering::SeqCst);
+                let slice = crate::sys::lock::CHECK_EVERY;
+                let left = deadline.map_or(slice, |d| {
+                    d.saturating_duration_since(Instant::now()).min(slice)
+                });
+                futex::wait(seq, seen, Some(left));
+                return deadline.is_none_or(|d| Instant::now() < d);
+            };
+            loop {
+                let seen = seq.load(Ordering::SeqCst);
+                if cond.take_grant(epoch) {
+                    return true;
+                }
+                let timeout = match deadline {
+                    None => None,
+                    Some(deadline) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return cond.leave_timed_out(epoch);
+                        }
+                        Some(left)
+                    }
+                };
+                futex::wait(seq, seen, timeout);
+            }
+        });
+        (guard, !notified, poisoned)
+    }
+
+    /// Releases the lock, sleeps until notified, and takes the lock again.
+    /// `guard` must come from this condition's
     /// [`acquire`](Condition::acquire) (the guard's own condition is used).
     ///
     /// # Errors
     ///
     /// `Err(PoisonError)` with the re-acquired guard if the lock is poisoned.
     pub fn wait<'a>(&self, guard: ConditionGuard<'a>) -> LockResult<ConditionGuard<'a>> {
-        match Self::wait_for(guard, None) {
-            Ok((guard, _)) => Ok(guard),
-            Err(p) => Err(PoisonError::new(p.into_inner().0)),
+        match Self::wait_until(guard, None) {
+            (guard, _, false) => Ok(guard),
+            (guard, _, true) => Err(PoisonError::new(guard)),
         }
     }
 
@@ -153,12 +357,9 @@ impl Condition {
         guard: ConditionGuard<'a>,
         timeout: Duration,
     ) -> LockResult<(ConditionGuard<'a>, WaitTimeoutResult)> {
-        match Self::wait_for(guard, Some(timeout)) {
-            Ok((guard, t)) => Ok((guard, WaitTimeoutResult(t))),
-            Err(p) => {
-                let (guard, t) = p.into_inner();
-                Err(PoisonError::new((guard, WaitTimeoutResult(t))))
-            }
+        match Self::wait_until(guard, deadline(timeout)) {
+            (guard, t, false) => Ok((guard, WaitTimeoutResult(t))),
+            (guard, t, true) => Err(PoisonError::new((guard, WaitTimeoutResult(t)))),
         }
     }
 
@@ -176,13 +377,9 @@ impl Condition {
         let mut guard = guard;
         let mut poisoned = false;
         while condition() {
-            guard = match self.wait(guard) {
-                Ok(g) => g,
-                Err(p) => {
-                    poisoned = true;
-                    p.into_inner()
-                }
-            };
+            let (g, _, p) = Self::wait_until(guard, None);
+            guard = g;
+            poisoned |= p;
         }
         if poisoned {
             Err(PoisonError::new(guard))
@@ -191,28 +388,99 @@ impl Condition {
         }
     }
 
-    /// Wakes one waiter (if any).
-    pub fn notify(&self) {
-        self.wake(1);
-    }
-
-    /// Wakes every waiter.
-    pub fn notify_all(&self) {
-        self.wake(u32::MAX);
-    }
-
-    fn wake(&self, n: u32) {
-        let (seq, sleepers) = self.words();
-        seq.fetch_add(1, Ordering::SeqCst);
-        if sleepers.load(Ordering::SeqCst) > 0 {
-            futex::wake(seq, n);
+    /// Waits while `condition()` is true, for at most `timeout` in all
+    /// (Python's `wait_for(predicate, timeout)`, std's
+    /// `Condvar::wait_timeout_while`). The result's
+    /// [`timed_out`](WaitTimeoutResult::timed_out) is `true` if the time
+    /// ran out with the condition still true.
+    ///
+    /// # Errors
+    ///
+    /// `Err(PoisonError)` with the guard and the result if the lock is
+    /// poisoned.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cond = multiproc::sync::Condition::new()?;
+    /// let guard = cond.acquire()?;
+    /// let (_guard, result) = cond
+    ///     .wait_timeout_while(guard, Duration::from_millis(10), || true)
+    ///     .map_err(|_| multiproc::Error::Poisoned)?;
+    /// assert!(result.timed_out());
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn wait_timeout_while<'a>(
+        &self,
+        guard: ConditionGuard<'a>,
+        timeout: Duration,
+        mut condition: impl FnMut() -> bool,
+    ) -> LockResult<(ConditionGuard<'a>, WaitTimeoutResult)> {
+        let until = deadline(timeout);
+        let mut guard = guard;
+        let mut poisoned = false;
+        let mut timed_out = false;
+        while condition() {
+            if until.is_some_and(|d| Instant::now() >= d) {
+                timed_out = true;
+                break;
+            }
+            let (g, _, p) = Self::wait_until(guard, until);
+            guard = g;
+            poisoned |= p;
         }
+        let result = (guard, WaitTimeoutResult(timed_out));
+        if poisoned {
+            Err(PoisonError::new(result))
+        } else {
+            Ok(result)
+        }
+    }
+
+    /// Wakes one waiter (if any); `true` if one was waiting.
+    pub fn notify(&self) -> bool {
+        self.notify_n(1) == 1
+    }
+
+    /// Wakes at most `n` of the waiters waiting now (CPython's
+    /// `notify(n)`); returns how many it woke. Waiters that start waiting
+    /// later are not woken by it.
+    pub fn notify_n(&self, n: u32) -> u32 {
+        let n = u16::try_from(n).unwrap_or(u16::MAX);
+        let mut granted = 0;
+        let before = self.update(|s| {
+            let old = s.old + s.new;
+            granted = n.min(old.saturating_sub(s.grants));
+            (granted > 0).then(|| State {
+                epoch: s.epoch.wrapping_add(1),
+                old,
+                new: 0,
+                grants: s.grants + granted,
+            })
+        });
+        if before.is_none() {
+            return 0;
+        }
+        let seq = self.seq();
+        seq.fetch_add(1, Ordering::SeqCst);
+        // Every sleeper re-checks: which ones the kernel would wake is not
+        // which ones may take a grant.
+        futex::wake(seq, u32::MAX);
+        u32::from(granted)
+    }
+
+    /// Wakes every waiter waiting now; returns how many.
+    pub fn notify_all(&self) -> u32 {
+        self.notify_n(u32::MAX)
     }
 }
 
 impl fmt::Debug for Condition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Condition")
+        f.debug_struct("Condition")
+            .field("lock", &self.lock)
+            .finish_non_exhaustive()
     }
 }
 
@@ -222,4 +490,26 @@ impl fmt::Debug for ConditionGuard<'_> {
     }
 }
 
-mapped_handle!(Condition, COND_BYTES);
+/// Travels as its memory and the lock it was built over, if any.
+impl HandleWire for Condition {
+    const KIND: Kind = Kind::Condition;
+    type Elem = ();
+    type Plain = Option<AnyLock>;
+
+    fn parts(&self) -> Result<Parts<'_, Option<AnyLock>>> {
+        Ok(Parts::block(&self.map, self.lock.clone()))
+    }
+
+    fn mapping_size(_: &Option<AnyLock>) -> Result<usize> {
+        Ok(COND_BYTES)
+    }
+
+    fn rebuild(lock: Option<AnyLock>, fds: &mut Received) -> Result<Self> {
+        Ok(Condition {
+            map: fds.block()?,
+            lock,
+        })
+    }
+}
+
+handle_serde!([] Condition);

@@ -82,8 +82,20 @@ impl Lock {
     }
 
     #[inline]
-    fn header(&self) -> Header<'_> {
+    pub(crate) fn header(&self) -> Header<'_> {
         self.map.lock_header()
+    }
+
+    /// A handle onto the lock word at the start of another object's memory
+    /// (a `Value`'s or an `Array`'s, for their `get_lock`). It works as
+    /// any lock here, but cannot be sent: its memory is not a Lock's.
+    pub(crate) fn view_of(map: Arc<Block>) -> Lock {
+        Lock { map }
+    }
+
+    /// Its memory (an `Array` over this lock checks guards against it).
+    pub(crate) fn block(&self) -> &Block {
+        &self.map
     }
 
     #[inline]
@@ -212,7 +224,33 @@ impl fmt::Debug for LockGuard<'_> {
     }
 }
 
-mapped_handle!(Lock, LOCK_BYTES);
+/// A `Lock` travels as its cell; a view of another object's lock word
+/// ([`Lock::view_of`]) is refused when encoding, with a clear error.
+impl crate::handle::HandleWire for Lock {
+    const KIND: crate::handle::Kind = crate::handle::Kind::Lock;
+    type Elem = ();
+    type Plain = ();
+
+    fn parts(&self) -> Result<crate::handle::Parts<'_, ()>> {
+        if self.map.len() != LOCK_BYTES {
+            return Err(crate::Error::misuse(
+                "this Lock is the lock word of a Value or an Array (from get_lock) and cannot \
+                 be sent on its own: send the Value or Array, or build it with_lock over a Lock",
+            ));
+        }
+        Ok(crate::handle::Parts::block(&self.map, ()))
+    }
+
+    fn mapping_size((): &()) -> Result<usize> {
+        Ok(LOCK_BYTES)
+    }
+
+    fn rebuild((): (), fds: &mut crate::handle::Received) -> Result<Self> {
+        Ok(Lock { map: fds.block()? })
+    }
+}
+
+crate::handle::handle_serde!([] Lock);
 
 /// A re-entrant lock: the thread that holds it may acquire it again, and
 /// it is released when every guard is dropped. Python's
@@ -260,7 +298,7 @@ impl RLock {
         })
     }
 
-    fn header(&self) -> Header<'_> {
+    pub(crate) fn header(&self) -> Header<'_> {
         self.map.lock_header()
     }
 
@@ -336,6 +374,24 @@ impl RLock {
     pub fn clear_poison(&self) {
         self.header().clear_poison();
     }
+
+    /// For a thread that holds it (a guard of its proves it): frees it
+    /// whatever its recursion depth, returning that depth, for
+    /// [`relock`](RLock::relock) (CPython's `_release_save`).
+    pub(crate) fn unlock_all(&self) -> u32 {
+        let depth = self.count().swap(0, Ordering::Relaxed);
+        self.header().release_for_thread();
+        depth
+    }
+
+    /// Takes it again for this thread at `depth` after
+    /// [`unlock_all`](RLock::unlock_all) (CPython's `_acquire_restore`);
+    /// whether it is poisoned.
+    pub(crate) fn relock(&self, depth: u32) -> bool {
+        while self.header().lock_for_thread(None, true).is_none() {}
+        self.count().store(depth, Ordering::Relaxed);
+        self.header().is_poisoned()
+    }
 }
 
 impl Drop for RLockGuard<'_> {
@@ -365,6 +421,95 @@ impl fmt::Debug for RLockGuard<'_> {
 }
 
 mapped_handle!(RLock, RLOCK_BYTES);
+
+/// A [`Lock`] or an [`RLock`]: the lock a [`Condition`](crate::sync::Condition),
+/// a [`Value`](crate::Value) or an [`Array`](crate::Array) is built over
+/// when it shares one (CPython's `lock=` argument). `From` both, so
+/// `Condition::with_lock(lock.clone())` takes either.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum AnyLock {
+    /// A plain lock.
+    Lock(Lock),
+    /// A re-entrant lock.
+    RLock(RLock),
+}
+
+impl From<Lock> for AnyLock {
+    fn from(lock: Lock) -> AnyLock {
+        AnyLock::Lock(lock)
+    }
+}
+
+impl From<RLock> for AnyLock {
+    fn from(lock: RLock) -> AnyLock {
+        AnyLock::RLock(lock)
+    }
+}
+
+impl AnyLock {
+    /// `true` if a holder died or panicked holding it.
+    pub fn is_poisoned(&self) -> bool {
+        match self {
+            AnyLock::Lock(l) => l.is_poisoned(),
+            AnyLock::RLock(l) => l.is_poisoned(),
+        }
+    }
+
+    /// Clears the poison flag.
+    pub fn clear_poison(&self) {
+        match self {
+            AnyLock::Lock(l) => l.clear_poison(),
+            AnyLock::RLock(l) => l.clear_poison(),
+        }
+    }
+
+    /// Takes it (waiting until `deadline`, `None`: no limit; once, if not
+    /// `wait`): the hold and whether it is poisoned; `None` if not taken.
+    pub(crate) fn hold(&self, deadline: Option<Instant>, wait: bool) -> Option<(Held<'_>, bool)> {
+        match self {
+            AnyLock::Lock(l) => {
+                let taken = if wait {
+                    RawGuard::lock(l.header(), deadline)
+                } else {
+                    RawGuard::try_lock(l.header())
+                };
+                taken.map(|(raw, poisoned)| (Held::Raw(raw), poisoned))
+            }
+            AnyLock::RLock(l) => match l.lock(deadline, wait) {
+                Ok(guard) => Some((Held::Re(guard), false)),
+                Err(TryLockError::Poisoned(p)) => Some((Held::Re(p.into_inner()), true)),
+                Err(TryLockError::WouldBlock) => None,
+            },
+        }
+    }
+}
+
+/// A lock held by a [`Condition`](crate::sync::Condition), a
+/// [`Value`](crate::Value) or an [`Array`](crate::Array) guard: the lock
+/// word beside its data, a shared [`Lock`], or a shared [`RLock`].
+#[derive(Debug)]
+pub(crate) enum Held<'a> {
+    /// A process-owned lock word.
+    Raw(RawGuard<'a>),
+    /// A re-entrant lock, held once more by this thread.
+    Re(RLockGuard<'a>),
+}
+
+impl Held<'_> {
+    /// Frees the lock entirely while `f` runs (a condition variable's
+    /// wait: all recursion levels of an [`RLock`]), then takes it again;
+    /// whether it is poisoned then.
+    pub(crate) fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> (R, bool) {
+        match self {
+            Held::Raw(raw) => raw.unlocked(f),
+            Held::Re(guard) => {
+                let depth = guard.lock.unlock_all();
+                let r = f();
+                (r, guard.lock.relock(depth))
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

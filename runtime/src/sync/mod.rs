@@ -43,10 +43,11 @@ mod event;
 mod lock;
 mod semaphore;
 
-pub use barrier::{Barrier, BarrierWaitResult};
+pub use barrier::{Barrier, BarrierBuilder, BarrierWaitResult};
 pub use condition::{Condition, ConditionGuard, WaitTimeoutResult};
 pub use event::Event;
-pub use lock::{Lock, LockGuard, RLock, RLockGuard};
+pub(crate) use lock::Held;
+pub use lock::{AnyLock, Lock, LockGuard, RLock, RLockGuard};
 pub use semaphore::{BoundedSemaphore, Semaphore};
 
 use std::time::{Duration, Instant};

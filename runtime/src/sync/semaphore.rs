@@ -11,8 +11,11 @@ use crate::handle::{self, HandleWire, Kind, Parts, Received, mapped_handle, new_
 use crate::sys::arena::Block;
 use crate::sys::futex::{self, Wake};
 
-// Words: count, sleepers, bound (0: unbounded).
+// Words: count, sleepers, bound (0: unbounded; `BOUNDED | n`: at most n,
+// where n may be 0).
 const SEM_BYTES: usize = 12;
+/// The flag of a bounded semaphore's bound word (counts fit in 31 bits).
+const BOUNDED: u32 = 1 << 31;
 
 /// A counting semaphore shared by processes and threads: Python's
 /// `multiprocessing.Semaphore`, with its `acquire()` / `release()` pair.
@@ -112,7 +115,7 @@ impl Semaphore {
         let (count, sleepers, bound) = self.words();
         let limit = match bound.load(Ordering::Relaxed) {
             0 => i32::MAX as u32,
-            b => b,
+            b => b & !BOUNDED,
         };
         let mut c = count.load(Ordering::Relaxed);
         loop {
@@ -171,18 +174,17 @@ pub struct BoundedSemaphore {
 impl BoundedSemaphore {
     /// A semaphore holding, and bounded by, `value` units.
     ///
+    /// `BoundedSemaphore::new(0)` is allowed, as in CPython: it holds no
+    /// unit and refuses every `release` (a unit can only come back after
+    /// it was taken, and none can be).
+    ///
     /// # Errors
     ///
     /// [`Error::Io`] if the shared memory cannot be created;
-    /// [`Error::InvalidArgument`] if `value` is 0 or above `i32::MAX`.
+    /// [`Error::InvalidArgument`] if `value` is above `i32::MAX`.
     pub fn new(value: u32) -> Result<BoundedSemaphore> {
-        if value == 0 {
-            return Err(Error::invalid(
-                "a bounded semaphore needs a bound of at least 1",
-            ));
-        }
         Ok(BoundedSemaphore {
-            inner: Semaphore::with_bound(value, value)?,
+            inner: Semaphore::with_bound(value, value | BOUNDED)?,
         })
     }
 }

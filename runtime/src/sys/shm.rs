@@ -554,6 +554,13 @@ impl<'a> Span<'a> {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
+        self.check_guard(guard)?;
+        self.check_data::<T>(offset, len)
+    }
+
+    /// Checks that `guard` holds the lock whose word is this span's first
+    /// 8 bytes.
+    fn check_guard(self, guard: &RawGuard<'_>) -> io::Result<()> {
         let holds_ours = self
             .atomics_u64()
             .first()
@@ -561,6 +568,12 @@ impl<'a> Span<'a> {
         if !holds_ours {
             return Err(invalid("guard of another lock"));
         }
+        Ok(())
+    }
+
+    /// Checks that `len` `T`s at `offset` lie past the lock header,
+    /// aligned, inside the span.
+    fn check_data<T: Pod>(self, offset: usize, len: usize) -> io::Result<()> {
         if offset < LOCK_HEADER || offset % std::mem::align_of::<T>() != 0 {
             return Err(invalid(
                 "locked data overlaps the lock header or is misaligned",
@@ -720,6 +733,54 @@ impl Region {
         // `T: Pod` makes every bit pattern valid.
         Ok(unsafe {
             std::slice::from_raw_parts(span.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
+        })
+    }
+
+    /// As [`locked_slice`](Region::locked_slice), for a region whose data
+    /// is guarded by the lock word at the start of another region, `lock`
+    /// (an `Array` built over a shared `Lock`) instead of its own: the
+    /// layout rule of [`locked_slice_mut`](Region::locked_slice_mut) holds
+    /// with that lock in place of the region's, because every handle of
+    /// the region uses the same one (the region records its lock's
+    /// identity when it is created, and a received handle that brings
+    /// another lock is refused: `shared::array`).
+    pub(crate) fn locked_slice_under<'g, T: Pod>(
+        &'g self,
+        lock: &Region,
+        guard: &'g RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<&'g [T]> {
+        lock.span().check_guard(guard)?;
+        let span = self.span();
+        span.check_data::<T>(offset, len)?;
+        // SAFETY: `check_data` proved the range lies inside the region,
+        // past its header, aligned for `T`; `check_guard` that `guard`
+        // holds `lock`, the one lock every access to this region's data
+        // goes through (see above), and only one guard of it exists at a
+        // time in all processes; the shared borrow is tied to a shared
+        // borrow of the guard. `T: Pod` makes every bit pattern valid.
+        Ok(unsafe {
+            std::slice::from_raw_parts(span.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
+        })
+    }
+
+    /// As [`locked_slice_under`](Region::locked_slice_under), mutably.
+    pub(crate) fn locked_slice_under_mut<'g, T: Pod>(
+        &'g self,
+        lock: &Region,
+        guard: &'g mut RawGuard<'_>,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<&'g mut [T]> {
+        lock.span().check_guard(guard)?;
+        let span = self.span();
+        span.check_data::<T>(offset, len)?;
+        // SAFETY: as for `locked_slice_under`; here the borrow is tied to
+        // an exclusive borrow of the one guard of `lock` in all processes,
+        // so this is the only reference to the range anywhere until it ends.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(span.ptr.as_ptr().wrapping_add(offset).cast::<T>(), len)
         })
     }
 

@@ -9,21 +9,53 @@
 //! wake-up pipe; for each connection it checks the client's uid and sends
 //! the block's memfd. A new name wakes it to poll one more socket.
 //!
-//! [`withdraw`] (`unlink`) shuts the socket down, so connects are refused
-//! at once, then waits until the thread has let go of the descriptor (it
-//! polls a snapshot of the table, which it drops before it takes the next
-//! one) and closes it: once `unlink` returns, the name can be bound again.
+//! A client first sends one request: [`OPEN`] (answered with the memfd),
+//! or [`UNLINK`] and the identity of the block it holds (device and inode
+//! of its memfd, 16 bytes): the thread removes the name if it still serves
+//! that block and answers [`UNLINKED`] once the socket is closed, or
+//! [`OTHER_BLOCK`]. So any handle of a block, in any process, can unlink
+//! its name (as in CPython, where a consumer often unlinks what a producer
+//! created), and never the name of a block created later under it. A
+//! request not there yet when the connection is accepted is waited for
+//! (the connection is polled with the listeners) for at most
+//! [`REQUEST_WAIT`].
+//!
+//! [`withdraw`] (`unlink` on the creating handle) shuts the socket down,
+//! so connects are refused at once, then waits until the thread has let go
+//! of the descriptor (it polls a snapshot of the table, which it drops
+//! before it takes the next one) and closes it: once `unlink` returns, the
+//! name can be bound again.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 use nix::sys::socket::{self, Shutdown, SockFlag, sockopt};
 
 use crate::sys;
+
+/// A request: send the memfd.
+pub(super) const OPEN: u8 = b'O';
+/// A request: remove the name (16 bytes of block identity follow).
+pub(super) const UNLINK: u8 = b'U';
+/// The bytes of an unlink request.
+pub(super) const UNLINK_REQUEST: usize = 17;
+/// An answer to [`UNLINK`]: the name is gone.
+pub(super) const UNLINKED: u8 = 1;
+/// An answer to [`UNLINK`]: the name now holds another block.
+pub(super) const OTHER_BLOCK: u8 = 2;
+/// How long the thread waits for a connection's request.
+const REQUEST_WAIT: Duration = Duration::from_secs(30);
+
+/// The identity of the file `fd` refers to (device, inode).
+pub(super) fn identity(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<(u64, u64)> {
+    let st = nix::sys::stat::fstat(fd).map_err(io::Error::from)?;
+    Ok((st.st_dev, st.st_ino))
+}
 
 /// A name served by this process, as [`serve`] returned it.
 #[derive(Debug)]
@@ -102,12 +134,13 @@ pub(super) fn serve(listener: OwnedFd, memfd: OwnedFd) -> io::Result<Token> {
 }
 
 /// Stops serving the name of `token` and closes its socket; the name is
-/// free again when this returns.
-pub(super) fn withdraw(token: Token) -> io::Result<()> {
+/// free again when this returns. `Ok(false)` if it was not served anymore
+/// (another handle of the block unlinked it).
+pub(super) fn withdraw(token: Token) -> io::Result<bool> {
     let server = server();
     let mut state = server.lock();
     let Some(served) = state.names.remove(&token.0) else {
-        return Ok(());
+        return Ok(false);
     };
     // Connects are refused from here on, even before the socket closes.
     let shut = match socket::shutdown(served.listener.as_raw_fd(), Shutdown::Both) {
@@ -124,7 +157,7 @@ pub(super) fn withdraw(token: Token) -> io::Result<()> {
     drop(state);
     // The last reference: closing it frees the name.
     drop(served);
-    shut
+    shut.map(|()| true)
 }
 
 /// Wakes the server thread so that it takes a new snapshot.
@@ -147,43 +180,152 @@ impl Drop for Ended {
     }
 }
 
+/// A connection whose request has not come yet.
+struct Pending {
+    conn: OwnedFd,
+    token: u64,
+    listener: Arc<OwnedFd>,
+    memfd: Arc<OwnedFd>,
+    deadline: Instant,
+}
+
+/// What a request asks for.
+enum Request {
+    /// Not there yet.
+    Wait,
+    Open,
+    /// Unlink, if the block is this identity.
+    Unlink((u64, u64)),
+    /// Malformed, or the client went away.
+    Drop,
+}
+
+fn read_request(conn: &OwnedFd) -> Request {
+    let mut buf = [0u8; UNLINK_REQUEST];
+    match sys::read(conn.as_fd(), &mut buf) {
+        Err(Errno::EAGAIN) => Request::Wait,
+        Ok(1) if buf[0] == OPEN => Request::Open,
+        Ok(UNLINK_REQUEST) if buf[0] == UNLINK => {
+            let word = |at: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&buf[at..at + 8]);
+                u64::from_le_bytes(w)
+            };
+            Request::Unlink((word(1), word(9)))
+        }
+        _ => Request::Drop,
+    }
+}
+
 /// The server thread.
 fn run(server: &'static Server, wake_rx: &OwnedFd) {
     let _ended = Ended(server);
     let uid = nix::unistd::getuid().as_raw();
+    let mut pending: Vec<Pending> = Vec::new();
     loop {
-        let snapshot: Vec<(Arc<OwnedFd>, Arc<OwnedFd>)> = {
+        let snapshot: Vec<(u64, Arc<OwnedFd>, Arc<OwnedFd>)> = {
             let mut state = server.lock();
             state.rounds += 1;
             server.turned.notify_all();
             state
                 .names
-                .values()
-                .map(|s| (Arc::clone(&s.listener), Arc::clone(&s.memfd)))
+                .iter()
+                .map(|(t, s)| (*t, Arc::clone(&s.listener), Arc::clone(&s.memfd)))
                 .collect()
         };
-        let mut fds = Vec::with_capacity(snapshot.len() + 1);
+        let now = Instant::now();
+        pending.retain(|p| p.deadline > now);
+        let timeout = pending
+            .iter()
+            .map(|p| p.deadline.saturating_duration_since(now))
+            .min();
+        let mut fds = Vec::with_capacity(snapshot.len() + pending.len() + 1);
         fds.push((wake_rx.as_fd(), PollFlags::POLLIN));
-        fds.extend(snapshot.iter().map(|(l, _)| (l.as_fd(), PollFlags::POLLIN)));
-        let Ok(ready) = sys::poll_many(&fds, None) else {
+        fds.extend(
+            snapshot
+                .iter()
+                .map(|(_, l, _)| (l.as_fd(), PollFlags::POLLIN)),
+        );
+        fds.extend(pending.iter().map(|p| (p.conn.as_fd(), PollFlags::POLLIN)));
+        let Ok(ready) = sys::poll_many(&fds, timeout) else {
             return;
         };
+        drop(fds);
         if ready.first().is_some_and(|r| !r.is_empty()) {
             let mut drain = [0u8; 64];
             while matches!(sys::read(wake_rx.as_fd(), &mut drain), Ok(n) if n > 0) {}
         }
-        for ((listener, memfd), revents) in snapshot.iter().zip(ready.iter().skip(1)) {
+        let mut arrived: Vec<Pending> = Vec::new();
+        for ((token, listener, memfd), revents) in snapshot.iter().zip(ready.iter().skip(1)) {
             if revents.contains(PollFlags::POLLIN) {
-                answer_all(listener, memfd, uid);
+                accept_all(*token, listener, memfd, uid, &mut arrived);
             }
+        }
+        let flags: Vec<PollFlags> = ready.iter().skip(1 + snapshot.len()).copied().collect();
+        let mut still = Vec::with_capacity(pending.len());
+        for (i, p) in pending.drain(..).enumerate() {
+            if flags.get(i).is_some_and(|f| !f.is_empty()) {
+                arrived.push(p);
+            } else {
+                still.push(p);
+            }
+        }
+        pending = still;
+        // Answer what came; unlinks close their sockets before they answer.
+        let mut unlinked: Vec<(OwnedFd, Served)> = Vec::new();
+        for p in arrived {
+            match read_request(&p.conn) {
+                Request::Wait => pending.push(p),
+                Request::Drop => {}
+                Request::Open => {
+                    let fds = [p.memfd.as_raw_fd()];
+                    let _ = sys::send_with_fds(p.conn.as_fd(), &[IoSlice::new(&[1])], &fds);
+                }
+                Request::Unlink(id) => {
+                    if identity(p.memfd.as_fd()).is_ok_and(|ours| ours == id) {
+                        let removed = server.lock().names.remove(&p.token);
+                        if let Some(served) = removed {
+                            let _ = socket::shutdown(served.listener.as_raw_fd(), Shutdown::Both);
+                            unlinked.push((p.conn, served));
+                        }
+                        // Removed meanwhile by `withdraw`: the name is gone
+                        // once the round ends; the client is told by its
+                        // connection closing (an error on its side).
+                    } else {
+                        let _ = sys::send_with_fds(
+                            p.conn.as_fd(),
+                            &[IoSlice::new(&[OTHER_BLOCK])],
+                            &[],
+                        );
+                    }
+                }
+            }
+        }
+        // The thread's own references go with the snapshot and the pending
+        // connections of the names just removed: then the sockets close.
+        drop(snapshot);
+        pending.retain(|p| {
+            !unlinked
+                .iter()
+                .any(|(_, s)| Arc::ptr_eq(&s.listener, &p.listener))
+        });
+        for (conn, served) in unlinked {
+            drop(served);
+            let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[UNLINKED])], &[]);
         }
     }
 }
 
-/// Accepts every pending connection on `listener` and sends each client of
-/// user `uid` the memfd (others get no descriptor: a refusal). The one byte
-/// sent says how many descriptors ride with it (1 or 0).
-fn answer_all(listener: &OwnedFd, memfd: &OwnedFd, uid: u32) {
+/// Accepts every pending connection on `listener`, refusing clients of
+/// another user than `uid` (one byte, no descriptor); the others wait in
+/// `arrived` for their request.
+fn accept_all(
+    token: u64,
+    listener: &Arc<OwnedFd>,
+    memfd: &Arc<OwnedFd>,
+    uid: u32,
+    arrived: &mut Vec<Pending>,
+) {
     loop {
         let conn = match socket::accept4(
             listener.as_fd(),
@@ -196,11 +338,18 @@ fn answer_all(listener: &OwnedFd, memfd: &OwnedFd, uid: u32) {
         };
         let same_user =
             socket::getsockopt(&conn, sockopt::PeerCredentials).is_ok_and(|c| c.uid() == uid);
-        let fds = [memfd.as_raw_fd()];
-        let fds: &[i32] = if same_user { &fds } else { &[] };
-        // One byte on a fresh connection cannot block; a client that went
-        // away (EPIPE) is no concern of the others.
-        let count = [fds.len() as u8];
-        let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&count)], fds);
+        if !same_user {
+            // One byte on a fresh connection cannot block; a client that
+            // went away (EPIPE) is no concern of the others.
+            let _ = sys::send_with_fds(conn.as_fd(), &[IoSlice::new(&[0])], &[]);
+            continue;
+        }
+        arrived.push(Pending {
+            conn,
+            token,
+            listener: Arc::clone(listener),
+            memfd: Arc::clone(memfd),
+            deadline: Instant::now() + REQUEST_WAIT,
+        });
     }
 }
