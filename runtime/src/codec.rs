@@ -86,6 +86,42 @@ thread_local! {
         }
     };
     static FD_SOURCE: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
+    /// An [`encode_remote`] runs on this thread: handles refuse to encode.
+    static REMOTE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `true` while this thread encodes a message for a peer that may be on
+/// another machine ([`encode_remote`]): a handle, which only makes sense
+/// on this machine, must refuse to serialize, naming itself.
+pub(crate) fn encoding_for_remote() -> bool {
+    REMOTE.with(Cell::get)
+}
+
+/// Like [`encode`], for a peer that may be on another machine (a TCP
+/// connection): a handle anywhere in `value` (a Queue, a Lock, a Value, a
+/// Pipe end, a descriptor) makes it an [`Error::Encode`] that names the
+/// handle, and nothing is sent.
+pub(crate) fn encode_remote<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<()> {
+    /// Restores the flag, also when `value`'s serializer panics.
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REMOTE.with(|r| r.set(self.0));
+        }
+    }
+    let _reset = Reset(REMOTE.with(|r| r.replace(true)));
+    let mut fds = Vec::new();
+    encode(value, out, &mut fds)?;
+    if !fds.is_empty() {
+        // Every handle refuses first (see `handle::serialize`); this is the
+        // backstop for a descriptor that came some other way.
+        return Err(Error::Encode {
+            message: "the value carries file descriptors, which cannot be sent over a TCP \
+                      connection"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 thread_local! {
@@ -645,6 +681,22 @@ impl<'de> SeqDecoder<'de> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    #[test]
+    fn a_remote_encoding_refuses_handles_and_restores_the_flag() {
+        let mut out = Vec::new();
+        let file = std::fs::File::open("/dev/null").expect("open");
+        let handle = crate::connection::Descriptor::from(file);
+        let err = encode_remote(&(1u8, &handle), &mut out).expect_err("a handle");
+        assert!(err.to_string().contains("Descriptor"), "{err}");
+        assert!(!encoding_for_remote());
+        // Plain data passes, and a local encoding still takes handles.
+        out.clear();
+        encode_remote(&(1u8, "two"), &mut out).expect("plain data");
+        let mut fds = Vec::new();
+        encode(&handle, &mut Vec::new(), &mut fds).expect("local");
+        assert_eq!(fds.len(), 1);
+    }
 
     #[test]
     fn round_trip_plain() {

@@ -13,6 +13,61 @@
 //! [`wait`] waits on several connections and process sentinels at once
 //! (Python's `multiprocessing.connection.wait`).
 //!
+//! # Listeners and clients: other programs, other machines
+//!
+//! A [`Listener`] accepts connections on an [`Address`] (a Unix socket
+//! path, an abstract Unix name, or a TCP address) and [`Client::connect`]
+//! makes them, as Python's `multiprocessing.connection.Listener` and
+//! `Client`: each side gets a [`Connection<T>`] with the methods of a Pipe
+//! end, usable in [`wait`] (so is the `Listener`, ready when a peer
+//! waits). The two sides may be any two programs that agree on `T`.
+//!
+//! With an authkey on both sides, each proves it knows the key before
+//! the connection is handed out: CPython's challenge–response
+//! (`deliver_challenge`/`answer_challenge`), with **HMAC-SHA256** (the
+//! `hmac` and `sha2` crates; CPython 3.11 uses HMAC-MD5, 3.12 SHA-256), 40
+//! random bytes per challenge and a constant-time comparison. A wrong key
+//! is [`Error::AuthenticationError`] on both sides, and nothing an
+//! unauthenticated peer sends reaches a decoder (handshake messages are
+//! at most 256 bytes, compared as bytes). [`process::authkey`] is the key
+//! all processes of this program share: random in the main process,
+//! inherited by children (CPython's `current_process().authkey`).
+//!
+//! Deadlines: [`accept`](Listener::accept) waits for a peer as std's
+//! `TcpListener::accept` does ([`accept_timeout`](Listener::accept_timeout)
+//! gives up); each handshake must end within
+//! [`DEFAULT_HANDSHAKE_TIMEOUT`] (10 s;
+//! [`set_handshake_timeout`](Listener::set_handshake_timeout)), or accept
+//! returns [`Error::Timeout`], and one that breaks the protocol (random
+//! bytes, a huge length, a message instead of a response) is refused at
+//! once; the listener serves on. [`Client::connect_timeout`] bounds the
+//! connect and the handshake together.
+//!
+//! A message over a listener's or client's socket is one length-framed
+//! frame (the wire format of the side sockets); its buffer grows as its
+//! bytes arrive, never from the length a peer announces. Over a Unix
+//! socket, handles travel as over a Pipe. Over TCP the peer may be on
+//! another machine, where a [`Queue`](crate::Queue), a
+//! [`Lock`](crate::Lock), a [`Value`](crate::Value), shared memory, a Pipe
+//! end or a [`Descriptor`] mean nothing: a message holding one is an
+//! [`Error::Encode`] naming it, and nothing is sent. Messages are not
+//! encrypted. A connection from a listener or a client travels to other
+//! processes of this machine as a Pipe end does (a worker process can
+//! serve an accepted peer).
+//!
+//! # Passing any descriptor
+//!
+//! A [`Descriptor`] wraps any open file descriptor (`OwnedFd`, `File`,
+//! `TcpStream`, `UnixStream`...) as a handle: it travels in a Queue, a
+//! Pipe, a Unix-socket connection or a process's arguments, and the
+//! receiver gets its own descriptor for the same open file.
+//! [`send_handle`](Connection::send_handle) and
+//! [`recv_handle`](Connection::recv_handle) are Python's
+//! `multiprocessing.reduction.send_handle`/`recv_handle` on any
+//! connection.
+//!
+//! [`process::authkey`]: crate::process::authkey
+//!
 //! # Several senders on one end
 //!
 //! Unlike Python's, an end may be used by several senders at once: threads
@@ -116,15 +171,21 @@ use crate::error::{Error, Result};
 use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde};
 use crate::sys;
 
+mod auth;
+mod descriptor;
 mod error;
 mod link;
+mod listener;
 mod send_lock;
+pub use self::descriptor::Descriptor;
 use self::error::Sorted;
 pub use self::error::{RecvError, RecvTimeoutError, TryRecvError};
+pub use self::listener::{Address, Client, DEFAULT_HANDSHAKE_TIMEOUT, Listener};
 use link::Link;
 
 const TAG_VALUE: u32 = 1;
 const TAG_BYTES: u32 = 2;
+const TAG_HANDLE: u32 = 3;
 
 thread_local! {
     /// Reused encode buffer: sending does not allocate once it has grown.
@@ -260,8 +321,115 @@ impl<T> Connection<T> {
         let mut out = Vec::new();
         let got = self.link.recv_into(&mut out, &mut self.fds, timeout);
         self.fds.clear();
-        got.map_err(error::sort)?;
+        self.check_tag(got.map_err(error::sort)?)?;
         Ok(out)
+    }
+
+    /// Refuses a frame no sender of a user's messages writes: a handshake
+    /// message reaching a connection made without an authkey.
+    fn check_tag(&self, tag: u32) -> Result<(), Sorted> {
+        if tag == auth::TAG {
+            return Err(Sorted::Failed(Error::AuthenticationError {
+                message: "the peer asks for authentication: connect with its authkey".into(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Sends a duplicate of the descriptor `fd` as one message (Python's
+    /// `multiprocessing.reduction.send_handle`); the peer takes it with
+    /// [`recv_handle`](Connection::recv_handle). The message is the
+    /// encoding of a [`Descriptor`], so a `Connection<Descriptor>`'s
+    /// `recv` takes it too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] on a TCP connection (a descriptor means nothing
+    /// on another machine); [`Error::Io`] if the descriptor cannot be
+    /// duplicated; as [`send_bytes`](Connection::send_bytes).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use std::os::unix::net::UnixStream;
+    /// use multiproc::Pipe;
+    ///
+    /// let (a, mut b) = Pipe::new::<()>()?;
+    /// let (mut mine, theirs) = UnixStream::pair()?;
+    /// a.send_handle(&theirs)?;
+    /// drop(theirs); // the peer has its own
+    /// let mut got = UnixStream::from(b.recv_handle()?);
+    /// mine.write_all(b"hi")?;
+    /// let mut buf = [0u8; 2];
+    /// got.read_exact(&mut buf)?;
+    /// assert_eq!(&buf, b"hi");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn send_handle(&self, fd: impl AsFd) -> Result<()> {
+        let handle = Descriptor::duplicate(fd.as_fd())?;
+        self.send_as(&handle, TAG_HANDLE, &mut Vec::new())
+    }
+
+    /// Receives a descriptor sent with
+    /// [`send_handle`](Connection::send_handle) (Python's
+    /// `multiprocessing.reduction.recv_handle`).
+    ///
+    /// # Errors
+    ///
+    /// As [`recv`](Connection::recv); [`RecvError::Failed`] with
+    /// [`Error::Decode`] if the message is not a descriptor.
+    pub fn recv_handle(&mut self) -> Result<OwnedFd, RecvError> {
+        self.recv_as::<Descriptor>(None)
+            .map(Descriptor::into_owned_fd)
+            .map_err(RecvError::from)
+    }
+
+    /// Like [`recv_handle`](Connection::recv_handle), waiting at most
+    /// `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_handle`](Connection::recv_handle), plus
+    /// [`RecvTimeoutError::Timeout`].
+    pub fn recv_handle_timeout(&mut self, timeout: Duration) -> Result<OwnedFd, RecvTimeoutError> {
+        self.recv_as::<Descriptor>(Some(timeout))
+            .map(Descriptor::into_owned_fd)
+            .map_err(RecvTimeoutError::from)
+    }
+
+    /// Encodes `value` (refusing handles on a TCP connection) and sends it
+    /// as one message tagged `tag`.
+    fn send_as<U: Serialize + ?Sized>(&self, value: &U, tag: u32, buf: &mut Vec<u8>) -> Result<()> {
+        buf.clear();
+        buf.resize(link::HEADER, 0);
+        let mut fds = Vec::new();
+        if self.link.is_remote() {
+            codec::encode_remote(value, buf)?;
+        } else {
+            codec::encode(value, buf, &mut fds)?;
+        }
+        let result = self.link.send_framed(tag, buf, &fds);
+        if buf.capacity() > 1 << 20 {
+            *buf = Vec::new();
+        }
+        result
+    }
+
+    /// Receives one message and decodes it as a `U`.
+    fn recv_as<U: DeserializeOwned>(&mut self, timeout: Option<Duration>) -> Result<U, Sorted> {
+        self.fds.clear();
+        let tag = self
+            .link
+            .recv_into(&mut self.bytes, &mut self.fds, timeout)
+            .map_err(error::sort)?;
+        let fds = std::mem::take(&mut self.fds);
+        self.check_tag(tag)?;
+        let value = codec::decode(&self.bytes, fds);
+        if self.bytes.capacity() > 1 << 20 {
+            self.bytes = Vec::new();
+        }
+        value.map_err(Sorted::Failed)
     }
 
     /// `true` if a message (or the end of the stream) can be read within
@@ -306,15 +474,7 @@ impl<T: Serialize> Connection<T> {
     }
 
     fn send_with(&self, value: &T, buf: &mut Vec<u8>) -> Result<()> {
-        buf.clear();
-        buf.resize(link::HEADER, 0);
-        let mut fds = Vec::new();
-        codec::encode(value, buf, &mut fds)?;
-        let result = self.link.send_framed(TAG_VALUE, buf, &fds);
-        if buf.capacity() > 1 << 20 {
-            *buf = Vec::new();
-        }
-        result
+        self.send_as(value, TAG_VALUE, buf)
     }
 }
 
@@ -449,16 +609,7 @@ impl<T: DeserializeOwned> Connection<T> {
     }
 
     fn recv_inner(&mut self, timeout: Option<Duration>) -> Result<T, Sorted> {
-        self.fds.clear();
-        self.link
-            .recv_into(&mut self.bytes, &mut self.fds, timeout)
-            .map_err(error::sort)?;
-        let fds = std::mem::take(&mut self.fds);
-        let value = codec::decode(&self.bytes, fds);
-        if self.bytes.capacity() > 1 << 20 {
-            self.bytes = Vec::new();
-        }
-        value.map_err(Sorted::Failed)
+        self.recv_as(timeout)
     }
 }
 
@@ -623,21 +774,53 @@ impl<T> Connection<T> {
     }
 }
 
+/// What carries a [`Connection`]'s messages: the plain field of its wire
+/// form.
+const VIA_PIPES: u8 = 0;
+/// One Unix socket (slot 2), from a [`Listener`] or a [`Client`].
+const VIA_UNIX_SOCKET: u8 = 1;
+/// One TCP socket (slot 2).
+const VIA_TCP_SOCKET: u8 = 2;
+
+/// A duplex end is its pipes and side socket, or (from a [`Listener`] or a
+/// [`Client`]) one socket in slot 2; either way with its send lock in
+/// slot 3.
 impl<T> HandleWire for Connection<T> {
     const KIND: Kind = Kind::Connection;
     type Elem = T;
-    type Plain = ();
+    type Plain = u8;
 
-    fn parts(&self) -> Result<Parts<'_, ()>> {
-        self.wire_parts()
+    fn parts(&self) -> Result<Parts<'_, u8>> {
+        let parts = self.wire_parts()?;
+        let via = match (self.link.is_socket(), self.link.is_remote()) {
+            (false, _) => VIA_PIPES,
+            (true, false) => VIA_UNIX_SOCKET,
+            (true, true) => VIA_TCP_SOCKET,
+        };
+        Ok(Parts {
+            plain: via,
+            fds: parts.fds,
+            size: parts.size,
+            place: parts.place,
+            arena: parts.arena,
+        })
     }
 
-    fn mapping_size((): &()) -> Result<usize> {
-        Ok(Self::wire_size(true))
+    fn mapping_size(via: &u8) -> Result<usize> {
+        match *via {
+            VIA_PIPES | VIA_UNIX_SOCKET | VIA_TCP_SOCKET => Ok(send_lock::BYTES),
+            other => Err(crate::handle::decode(format!(
+                "a Connection of an unknown kind ({other})"
+            ))),
+        }
     }
 
-    fn rebuild((): (), fds: &mut Received) -> Result<Self> {
-        Self::rebuild_wire(fds, true, true)
+    fn rebuild(via: u8, fds: &mut Received) -> Result<Self> {
+        if via == VIA_PIPES {
+            return Self::rebuild_wire(fds, true, true);
+        }
+        let link = Link::socket_from_fds(fds.fd(2)?, fds.mapping(3)?, via == VIA_TCP_SOCKET)?;
+        Ok(Connection::from_link(link))
     }
 }
 
@@ -777,6 +960,25 @@ impl<T> Receiver<T> {
         self.conn.set_max_message_size(bytes);
     }
 
+    /// Receives a descriptor. See [`Connection::recv_handle`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::recv_handle`].
+    pub fn recv_handle(&mut self) -> Result<OwnedFd, RecvError> {
+        self.conn.recv_handle()
+    }
+
+    /// Receives a descriptor, waiting at most `timeout`. See
+    /// [`Connection::recv_handle_timeout`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::recv_handle_timeout`].
+    pub fn recv_handle_timeout(&mut self, timeout: Duration) -> Result<OwnedFd, RecvTimeoutError> {
+        self.conn.recv_handle_timeout(timeout)
+    }
+
     /// Closes this end.
     pub fn close(self) {}
 }
@@ -800,6 +1002,16 @@ impl<T> Sender<T> {
     /// [`Error::Disconnected`] if the receiver is gone.
     pub fn send_bytes(&self, bytes: &[u8]) -> Result<()> {
         self.conn.send_bytes(bytes)
+    }
+
+    /// Sends a duplicate of the descriptor `fd`. See
+    /// [`Connection::send_handle`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Connection::send_handle`].
+    pub fn send_handle(&self, fd: impl AsFd) -> Result<()> {
+        self.conn.send_handle(fd)
     }
 
     /// Closes this end; the receiver then sees
@@ -1025,6 +1237,33 @@ mod tests {
         assert_eq!(b.recv().expect("recv"), 2);
         assert!(wait(&[&b], Some(Duration::ZERO)).expect("wait").is_empty());
         assert!(wait(&[], None).is_err());
+    }
+
+    #[test]
+    fn handles_of_any_descriptor_travel_on_every_kind_of_end() {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (mut rx, tx) = Pipe::simplex::<u8>().expect("pipe");
+        let (mut mine, theirs) = UnixStream::pair().expect("pair");
+        tx.send_handle(&theirs).expect("send handle");
+        drop(theirs);
+        let mut got = UnixStream::from(rx.recv_handle_timeout(Duration::from_secs(5)).expect("fd"));
+        mine.write_all(b"ok").expect("write");
+        let mut buf = [0u8; 2];
+        got.read_exact(&mut buf).expect("read");
+        assert_eq!(&buf, b"ok");
+        // A message that is no descriptor is a decode error, not a handle.
+        tx.send(&7).expect("send");
+        let err = rx.recv_handle().expect_err("not a descriptor");
+        assert!(
+            matches!(err.failure(), Some(Error::Decode { .. })),
+            "{err:?}"
+        );
+        // The wire form of a Descriptor is what recv of one takes.
+        let (a, mut b) = Pipe::new::<Descriptor>().expect("pipe");
+        a.send_handle(std::io::stdout()).expect("send handle");
+        let d = b.recv().expect("a Descriptor");
+        assert!(d.into_owned_fd().try_clone().is_ok());
     }
 
     #[test]

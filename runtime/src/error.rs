@@ -201,6 +201,15 @@ pub enum Error {
         /// What went wrong, and where.
         message: String,
     },
+    /// The peer of a [`Listener`](crate::connection::Listener) or
+    /// [`Client`](crate::connection::Client) connection did not prove
+    /// that it knows the authentication key, or refused the proof this
+    /// side gave (Python's `multiprocessing.AuthenticationError`). Both
+    /// sides of a key mismatch get it.
+    AuthenticationError {
+        /// What went wrong in the handshake.
+        message: String,
+    },
 }
 
 impl Error {
@@ -238,6 +247,11 @@ impl Error {
             Error::Io { source, .. } => Some(source.kind()),
             _ => None,
         }
+    }
+
+    /// `true` for [`Error::AuthenticationError`].
+    pub fn is_authentication_error(&self) -> bool {
+        matches!(self, Error::AuthenticationError { .. })
     }
 
     /// The panic message, for [`Error::Panicked`].
@@ -444,6 +458,9 @@ impl fmt::Display for Error {
                 f,
                 "internal error (a bug in multiproc, please report it): {message}"
             ),
+            Error::AuthenticationError { message } => {
+                write!(f, "authentication failed: {message}")
+            }
         }
     }
 }
@@ -490,6 +507,7 @@ impl Error {
             Error::WouldBlock => "WouldBlock",
             Error::Cancelled => "Cancelled",
             Error::Internal { .. } => "Internal",
+            Error::AuthenticationError { .. } => "AuthenticationError",
         }
     }
 }

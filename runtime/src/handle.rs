@@ -148,6 +148,7 @@ kinds! {
     Array = 16, typed: true;
     RawArray = 17, typed: true;
     SharedMemory = 18, typed: false;
+    Descriptor = 19, typed: false;
 }
 
 /// The fingerprint of a handle's element type.
@@ -446,6 +447,13 @@ pub(crate) fn serialize<H: HandleWire, S: Serializer>(
     // Refused before anything is marked shared or duplicated.
     if let Some(refusal) = codec::off_host_refusal(expected::<H>) {
         return Err(S::Error::custom(refusal));
+    }
+    if codec::encoding_for_remote() {
+        return Err(S::Error::custom(format!(
+            "a {} only makes sense on this machine and cannot be sent over a TCP connection \
+             (whose peer may be another host); send plain data instead",
+            expected::<H>()
+        )));
     }
     let parts = handle.parts().map_err(|e| S::Error::custom(reason(&e)))?;
     let tag = Tag {

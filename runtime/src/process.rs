@@ -638,6 +638,7 @@ pub struct ProcessInfo {
     name: String,
     pid: u32,
     daemon: bool,
+    authkey: Option<AuthKey>,
 }
 
 impl ProcessInfo {
@@ -655,6 +656,98 @@ impl ProcessInfo {
     pub fn daemon(&self) -> bool {
         self.daemon
     }
+
+    /// The process's authentication key (CPython's
+    /// `current_process().authkey`): `Some` for [`current_process`] (see
+    /// [`authkey`]), `None` for the others, whose keys this process does
+    /// not keep.
+    pub fn authkey(&self) -> Option<&AuthKey> {
+        self.authkey.as_ref()
+    }
+}
+
+/// An authentication key: the secret a
+/// [`Listener`](crate::connection::Listener) and a
+/// [`Client`](crate::connection::Client) both prove they know before any
+/// message passes. `Debug` does not show the bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuthKey(Arc<[u8]>);
+
+impl AuthKey {
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AuthKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuthKey(<{} bytes>)", self.0.len())
+    }
+}
+
+impl std::ops::Deref for AuthKey {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for AuthKey {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&[u8]> for AuthKey {
+    fn from(bytes: &[u8]) -> AuthKey {
+        AuthKey(Arc::from(bytes))
+    }
+}
+
+impl From<Vec<u8>> for AuthKey {
+    fn from(bytes: Vec<u8>) -> AuthKey {
+        AuthKey(Arc::from(bytes))
+    }
+}
+
+impl From<&str> for AuthKey {
+    fn from(text: &str) -> AuthKey {
+        AuthKey::from(text.as_bytes())
+    }
+}
+
+/// This process's authentication key, CPython's
+/// `current_process().authkey`: in the main process 32 random bytes
+/// (from the kernel's CSPRNG, made on first use and then kept), in a child
+/// the key of the parent that started it, unless [`set_authkey`] replaced
+/// it. Pass it to [`Listener::bind`](crate::connection::Listener::bind)
+/// and [`Client::connect`](crate::connection::Client::connect) to let
+/// only this program's processes in.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the kernel gives no random bytes
+/// (it always does on a supported kernel).
+///
+/// # Examples
+///
+/// ```
+/// let key = multiproc::process::authkey()?;
+/// assert_eq!(key.len(), 32);
+/// assert_eq!(multiproc::process::authkey()?, key); // kept
+/// # Ok::<(), multiproc::Error>(())
+/// ```
+pub fn authkey() -> Result<AuthKey> {
+    child::authkey().map(AuthKey)
+}
+
+/// Replaces this process's authentication key (CPython's
+/// `current_process().authkey = key`); children started from now on
+/// inherit it.
+pub fn set_authkey(key: impl Into<AuthKey>) {
+    child::set_authkey(key.into().0);
 }
 
 /// This process: `MainProcess` in the parent, the name it was started with
@@ -664,6 +757,7 @@ pub fn current_process() -> ProcessInfo {
         name: child::identity().name.clone(),
         pid: std::process::id(),
         daemon: false,
+        authkey: authkey().ok(),
     }
 }
 
@@ -679,6 +773,7 @@ pub fn parent_process() -> Option<ParentProcess> {
                 name: name.clone(),
                 pid: *pid,
                 daemon: false,
+                authkey: None,
             },
         })
 }
@@ -841,6 +936,7 @@ pub fn active_children() -> Vec<ProcessInfo> {
             name: r.name.clone(),
             pid: r.child.pid(),
             daemon: r.daemon,
+            authkey: None,
         })
         .collect()
 }

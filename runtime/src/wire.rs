@@ -186,6 +186,11 @@ pub(crate) struct Channel {
     /// A frame over the limit ends the stream at once (its sender is not
     /// following the protocol) instead of being read past.
     strict: bool,
+    /// The peer is not trusted with our memory (a socket that anyone may
+    /// connect to): a payload's buffer grows with the bytes that arrive
+    /// instead of being reserved whole from the length its header
+    /// announces.
+    grow_as_received: bool,
     /// The frame being received, when a call returned before its end.
     partial: Option<Partial>,
     /// The stream ended or is out of step: every call is `Disconnected`.
@@ -217,6 +222,7 @@ impl Channel {
             arrived: VecDeque::new(),
             max_frame: DEFAULT_MAX_FRAME,
             strict: false,
+            grow_as_received: false,
             partial: None,
             broken: false,
             grow: false,
@@ -241,6 +247,14 @@ impl Channel {
     /// the channel is then disconnected, instead of read past.
     pub(crate) fn set_strict(&mut self) {
         self.strict = true;
+    }
+
+    /// For a peer that anyone may be (a listener's socket): a frame's
+    /// buffer is never reserved from the length its header announces, but
+    /// grows (doubling, from [`READ_BUF`]) as its bytes arrive, so a peer
+    /// that announces a gigabyte and sends nothing costs nothing.
+    pub(crate) fn set_grow_as_received(&mut self) {
+        self.grow_as_received = true;
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -484,7 +498,14 @@ impl Channel {
             body.clear();
             // A large payload goes straight from the socket into the spare
             // capacity of its destination: no zero-filling, no second copy.
-            let reserved = usize::try_from(len)
+            // An untrusted peer's announced length reserves at most one
+            // read buffer; the rest grows as it arrives (see `advance`).
+            let first = if self.grow_as_received {
+                len.min(READ_BUF as u64)
+            } else {
+                len
+            };
+            let reserved = usize::try_from(first)
                 .ok()
                 .is_some_and(|n| body.try_reserve_exact(n).is_ok());
             if reserved {
@@ -517,8 +538,13 @@ impl Channel {
             if have > 0 {
                 let take = (have as u64).min(p.remaining) as usize;
                 if let Body::Keep(body) = &mut p.body {
-                    // Within the capacity reserved for the whole payload.
-                    body.extend_from_slice(&self.rbuf[self.start..self.start + take]);
+                    // Within the capacity reserved for the whole payload
+                    // (grown here for an untrusted peer).
+                    if body.try_reserve(take).is_err() {
+                        p.body = Body::Skip(no_memory());
+                    } else {
+                        body.extend_from_slice(&self.rbuf[self.start..self.start + take]);
+                    }
                 }
                 self.start += take;
                 p.remaining -= take as u64;
@@ -530,7 +556,15 @@ impl Channel {
             match &mut p.body {
                 Body::Keep(body) if direct => {
                     wait_readable(self.fd.as_fd(), deadline)?;
-                    let want = usize::try_from(p.remaining).unwrap_or(usize::MAX);
+                    let mut want = usize::try_from(p.remaining).unwrap_or(usize::MAX);
+                    if self.grow_as_received {
+                        // At most double what arrived so far.
+                        want = want.min(body.len().max(READ_BUF));
+                        if body.try_reserve(want).is_err() {
+                            p.body = Body::Skip(no_memory());
+                            continue;
+                        }
+                    }
                     let n = sys::read_to_spare(self.fd.as_fd(), body, want)
                         .map_err(|e| Error::transport_errno("recv", e))?;
                     if n == 0 {
@@ -686,6 +720,39 @@ mod tests {
 
     fn is_kind(err: &Error, kind: io::ErrorKind) -> bool {
         matches!(err, Error::Io { source, .. } if source.kind() == kind)
+    }
+
+    #[test]
+    fn an_untrusted_peer_s_announced_length_reserves_nothing_up_front() {
+        let (raw, mut ch) = raw_pair();
+        ch.set_grow_as_received();
+        put(&raw, &head(512 << 20, 0, 1));
+        put(&raw, &[7u8; 100_000]);
+        let err = ch.recv(SHORT).expect_err("not all there");
+        assert!(err.is_timeout(), "{err}");
+        let held = match &ch.partial {
+            Some(Partial {
+                body: Body::Keep(body),
+                ..
+            }) => body.capacity(),
+            _ => panic!("the frame is kept, partly received"),
+        };
+        // What arrived, at most doubled: not the 512 MiB announced.
+        assert!((100_000..=4 * READ_BUF).contains(&held), "{held}");
+
+        // Frames still arrive whole, large and small.
+        let (a, mut b) = Channel::pair().expect("pair");
+        b.set_grow_as_received();
+        let big: Vec<u8> = (0..(5 << 20) + 3).map(|i| (i % 251) as u8).collect();
+        let want = big.clone();
+        let t = std::thread::spawn(move || {
+            a.send(1, &[&big], &[]).expect("big");
+            a.send(2, &[b"small"], &[]).expect("small");
+            a
+        });
+        assert!(b.recv(LONG).expect("big").bytes == want);
+        assert_eq!(b.recv(LONG).expect("small").bytes, b"small");
+        drop(t.join().expect("sender"));
     }
 
     #[test]

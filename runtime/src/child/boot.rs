@@ -385,6 +385,7 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
             },
         ));
     }
+    super::set_authkey(std::sync::Arc::from(&start.authkey[..]));
     set_identity(Identity {
         name: start.process_name.clone(),
         parent: Some((start.parent_name.clone(), start.parent_pid)),

@@ -38,8 +38,8 @@
 //! one (`boot::run_forked`).
 
 use std::os::fd::RawFd;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -74,6 +74,36 @@ pub(crate) struct Identity {
 /// leaked: at most two per process. The lock is never held across a fork
 /// (the server is single-threaded).
 static IDENTITY: std::sync::Mutex<Option<&'static Identity>> = std::sync::Mutex::new(None);
+
+/// This process's authentication key (`None` until first asked for or
+/// received from the parent).
+static AUTHKEY: Mutex<Option<Arc<[u8]>>> = Mutex::new(None);
+
+/// Bytes of a key made at random.
+pub(crate) const AUTHKEY_BYTES: usize = 32;
+
+/// This process's authentication key: the one the parent sent (a child),
+/// the one set last, or else 32 random bytes made now and kept (the main
+/// process), as CPython's `current_process().authkey`.
+pub(crate) fn authkey() -> Result<Arc<[u8]>> {
+    let mut key = AUTHKEY.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(key) = &*key {
+        return Ok(Arc::clone(key));
+    }
+    let mut fresh = [0u8; AUTHKEY_BYTES];
+    crate::sys::random_bytes(&mut fresh)
+        .map_err(|e| Error::io("could not make a random authentication key", e))?;
+    let fresh: Arc<[u8]> = Arc::from(&fresh[..]);
+    *key = Some(Arc::clone(&fresh));
+    Ok(fresh)
+}
+
+/// Replaces this process's authentication key; children started from now
+/// on inherit the new one.
+pub(crate) fn set_authkey(new: Arc<[u8]>) {
+    *AUTHKEY.lock().unwrap_or_else(|e| e.into_inner()) = Some(new);
+}
+
 /// The child initializer every child started from here runs first (a
 /// registered name and its encoded arguments); a child inherits its
 /// parent's, so that its own children run it too.

@@ -58,6 +58,9 @@ pub(crate) struct Start {
     pub(crate) parent_name: String,
     pub(crate) parent_pid: u32,
     pub(crate) mode: Mode,
+    /// The parent's authentication key: the child's
+    /// `current_process().authkey()`, as in CPython.
+    pub(crate) authkey: Vec<u8>,
     /// The child initializer ([`set_child_initializer`](crate::set_child_initializer)):
     /// a registered name and its encoded arguments, run before `name`.
     pub(crate) init: Option<(String, Vec<u8>)>,
@@ -164,6 +167,7 @@ mod tests {
             name: "some::function".into(),
             process_name: "Process-1".into(),
             parent_name: "MainProcess".into(),
+            authkey: vec![7; 32],
             parent_pid: 42,
             mode: Mode::Spawn,
             init: None,

@@ -282,6 +282,7 @@ fn start_with(
 ) -> Result<(ChildProc, Channel)> {
     ensure_ready()?;
     let me = identity();
+    let authkey = super::authkey()?;
     let start = || Start {
         exe,
         registry: registry::fingerprint(),
@@ -290,6 +291,7 @@ fn start_with(
         parent_name: me.name.clone(),
         parent_pid: std::process::id(),
         mode,
+        authkey: authkey.to_vec(),
         init: super::child_init(),
     };
     let send = |channel: &Channel| match (Message::Start {

@@ -33,6 +33,22 @@
 //! end is closed, `read` returns 0 and the receiver reports
 //! [`Error::Disconnected`]. A write to a pipe whose reader is gone is
 //! `EPIPE` (std and the child runtime ignore SIGPIPE), also `Disconnected`.
+//!
+//! # A socket link
+//!
+//! An end that a [`Listener`](super::Listener) accepted or a
+//! [`Client`](super::Client) connected is one stream socket (Unix or TCP)
+//! and nothing else: every message is one [`Channel`] frame on it (for a
+//! Unix socket, descriptors attached; a TCP socket never carries any), the
+//! pipes and the marker are not used. Its peer may be anyone who could
+//! reach the address, so its frames' buffers grow as their bytes arrive
+//! ([`Channel::set_grow_as_received`]) instead of being reserved from the
+//! length a header announces. Concurrent senders (threads, or processes
+//! that each hold a copy of the end) take the end's [`SendLock`] for each
+//! frame, as a pipe's large messages do; a send that fails in the middle
+//! of a frame, or a sender that dies in one, breaks the end for every
+//! sender and shuts the socket for writing, so that the peer gets an
+//! error instead of waiting for the rest.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::OnceLock;
@@ -106,6 +122,15 @@ pub(crate) struct Link {
     lock: OnceLock<SendLock>,
     /// The stream is out of step or over: every receive is `Disconnected`.
     broken: bool,
+    /// `Some` for an end that is one stream socket (see the module docs).
+    socket: Option<SocketState>,
+}
+
+/// What a socket link is.
+#[derive(Debug, Clone, Copy)]
+struct SocketState {
+    /// TCP: the peer may be on another machine.
+    remote: bool,
 }
 
 impl Link {
@@ -130,7 +155,46 @@ impl Link {
             max_frame: DEFAULT_MAX_FRAME,
             lock: cell,
             broken: false,
+            socket: None,
         })
+    }
+
+    /// An end that is one connected stream socket, read through `channel`
+    /// (see the module docs); `remote` for TCP.
+    pub(crate) fn socket(mut channel: Channel, remote: bool) -> Link {
+        channel.set_grow_as_received();
+        Link {
+            rx: None,
+            tx: None,
+            side: channel,
+            rbuf: Box::default(),
+            start: 0,
+            end: 0,
+            pending_side: false,
+            max_frame: DEFAULT_MAX_FRAME,
+            lock: OnceLock::new(),
+            broken: false,
+            socket: Some(SocketState { remote }),
+        }
+    }
+
+    /// A socket link received from another process: its socket and the
+    /// send lock every copy shares.
+    pub(crate) fn socket_from_fds(side: OwnedFd, lock: Mapping, remote: bool) -> Result<Link> {
+        let link = Link::socket(Channel::new(side), remote);
+        let _ = link.lock.set(SendLock::from_map(lock)?);
+        Ok(link)
+    }
+
+    /// `true` for an end whose peer may be on another machine (TCP): it
+    /// carries no descriptors.
+    pub(crate) fn is_remote(&self) -> bool {
+        self.socket.as_ref().is_some_and(|s| s.remote)
+    }
+
+    /// `true` for an end that is one socket (a listener's or a client's).
+    pub(crate) fn is_socket(&self) -> bool {
+        self.socket.is_some()
     }
 
     /// Two connected duplex ends.
@@ -173,7 +237,7 @@ impl Link {
     /// for an end that cannot send). Creates the lock if no message needed
     /// it yet.
     pub(crate) fn lock_fd(&self) -> Result<Option<(BorrowedFd<'_>, usize)>> {
-        if self.tx.is_none() {
+        if self.tx.is_none() && self.socket.is_none() {
             return Ok(None);
         }
         let lock = self.send_lock()?;
@@ -221,10 +285,47 @@ impl Link {
         self.start != self.end || self.pending_side || self.side.has_buffered_data()
     }
 
+    /// Sends one frame on a socket link, under its send lock.
+    fn send_socket(
+        &self,
+        state: SocketState,
+        tag: u32,
+        parts: &[&[u8]],
+        fds: &[OwnedFd],
+    ) -> Result<()> {
+        if state.remote && !fds.is_empty() {
+            // The codec refuses such messages first; this is the backstop.
+            return Err(Error::invalid(
+                "descriptors cannot be sent over a TCP connection",
+            ));
+        }
+        let guard = match self.send_lock()?.lock() {
+            Ok(guard) => guard,
+            Err(e) => {
+                self.shut_side();
+                return Err(e);
+            }
+        };
+        let sent = self.side.send(tag, parts, fds);
+        if let Err(e) = &sent {
+            // A peer that is gone reads nothing more, so a frame it got
+            // half of harms no one; any other failure may have cut a frame
+            // short for a peer that still reads: stop the stream.
+            if !e.is_disconnected() {
+                guard.mark_broken();
+                self.shut_side();
+            }
+        }
+        sent
+    }
+
     /// `true` when a receive would not wait on the pipe: a whole frame is
     /// buffered, a side frame is due, or the end is broken (the receive
     /// reports it at once).
     pub(crate) fn ready_now(&self) -> bool {
+        if self.socket.is_some() {
+            return self.side.has_buffered_outcome();
+        }
         self.broken || self.pending_side || !matches!(self.step(), Step::Need)
     }
 
@@ -261,7 +362,7 @@ impl Link {
     /// on the pipe is one plain `write` (measured cheaper than `writev`).
     pub(crate) fn send_framed(&self, tag: u32, frame: &mut [u8], fds: &[OwnedFd]) -> Result<()> {
         let len = frame.len().saturating_sub(HEADER);
-        if !fds.is_empty() || len > INLINE_MAX || frame.len() < HEADER {
+        if !fds.is_empty() || len > INLINE_MAX || frame.len() < HEADER || self.socket.is_some() {
             return self.send(tag, &[frame.get(HEADER..).unwrap_or(&[])], fds);
         }
         let tx = self.tx_fd()?;
@@ -287,6 +388,9 @@ impl Link {
 
     /// Sends one message whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
+        if let Some(state) = self.socket {
+            return self.send_socket(state, tag, parts, fds);
+        }
         let tx = self.tx_fd()?;
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if fds.is_empty() && len <= INLINE_MAX && parts.len() < 8 {
@@ -376,6 +480,9 @@ impl Link {
     ) -> Result<u32> {
         if self.broken {
             return Err(Error::Disconnected);
+        }
+        if self.socket.is_some() {
+            return self.side.recv_into(bytes, fds, timeout);
         }
         let deadline = wire::deadline(timeout);
         while !self.pending_side {
@@ -535,6 +642,61 @@ mod tests {
             );
         }
         assert_eq!(recv(&mut b, LONG).expect("ok"), (3, b"ok".to_vec(), 0));
+    }
+
+    fn socket_pair(remote: bool) -> (Link, Link) {
+        let (a, b) = sys::socketpair().expect("socketpair");
+        (
+            Link::socket(Channel::new(a), remote),
+            Link::socket(Channel::new(b), remote),
+        )
+    }
+
+    #[test]
+    fn a_socket_link_keeps_concurrent_senders_whole_and_carries_descriptors() {
+        let (a, mut b) = socket_pair(false);
+        let a = std::sync::Arc::new(a);
+        let senders: Vec<_> = (0..3u32)
+            .map(|id| {
+                let a = std::sync::Arc::clone(&a);
+                std::thread::spawn(move || {
+                    for seq in 0..20u32 {
+                        let msg = vec![id as u8; 1 + (seq as usize * 40_000)];
+                        a.send(id, &[&seq.to_le_bytes(), &msg], &[]).expect("send");
+                    }
+                })
+            })
+            .collect();
+        let mut next = [0u32; 3];
+        for _ in 0..60 {
+            let (id, bytes, _) = recv(&mut b, LONG).expect("recv");
+            let seq = next[id as usize];
+            assert_eq!(bytes[..4], seq.to_le_bytes());
+            assert_eq!(bytes.len(), 4 + 1 + seq as usize * 40_000);
+            assert!(bytes[4..].iter().all(|&x| x == id as u8));
+            next[id as usize] += 1;
+        }
+        for t in senders {
+            t.join().expect("sender");
+        }
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        a.send(9, &[b"fd"], &[file]).expect("with a descriptor");
+        assert_eq!(recv(&mut b, LONG).expect("fd"), (9, b"fd".to_vec(), 1));
+        assert!(!b.ready_now());
+        a.send(10, &[b"x"], &[]).expect("send");
+        assert!(b.poll(LONG).expect("poll"));
+        drop(a);
+        assert_eq!(recv(&mut b, LONG).expect("x"), (10, b"x".to_vec(), 0));
+        assert!(recv(&mut b, LONG).expect_err("eof").is_disconnected());
+    }
+
+    #[test]
+    fn a_remote_socket_link_sends_no_descriptors() {
+        let (a, _b) = socket_pair(true);
+        assert!(a.is_remote() && a.is_socket());
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        assert!(a.send(1, &[b"x"], &[file]).is_err());
+        a.send(1, &[b"x"], &[]).expect("plain");
     }
 
     #[test]

@@ -4,10 +4,48 @@
 //! with the `/proc` checks of whether that holder still runs.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::sys::socket;
+
+/// Connects a close-on-exec Unix stream socket to the listener at `name`
+/// (a path, or a name in the abstract namespace when `abstract_name`).
+/// A listener whose backlog is full is tried again every 10 ms until
+/// `deadline` (`None`: as long as it takes), which passes as
+/// `ErrorKind::TimedOut`; any other refusal is returned at once.
+pub(crate) fn unix_connect(
+    name: &[u8],
+    abstract_name: bool,
+    deadline: Option<std::time::Instant>,
+) -> io::Result<OwnedFd> {
+    let addr = if abstract_name {
+        socket::UnixAddr::new_abstract(name)?
+    } else {
+        socket::UnixAddr::new(name)?
+    };
+    let fd = socket::socket(
+        socket::AddressFamily::Unix,
+        socket::SockType::Stream,
+        socket::SockFlag::SOCK_CLOEXEC | socket::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    loop {
+        match socket::connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => break,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EAGAIN) => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    super::set_nonblocking(fd.as_fd(), false)?;
+    Ok(fd)
+}
 
 /// A connected pair of close-on-exec Unix datagram sockets.
 pub(crate) fn socketpair_dgram() -> io::Result<(OwnedFd, OwnedFd)> {
