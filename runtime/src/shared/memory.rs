@@ -170,6 +170,54 @@ fn name_in_use(name: &str, addr: &UnixAddr) -> Error {
     }
 }
 
+/// How long `create` waits for a name that is being released: unlinked,
+/// its socket shut down, but a copy of the socket still open in a child
+/// that another thread is starting (between its `clone` and its `exec`,
+/// which closes it).
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Binds `listener` to the name's address. A name whose socket refuses
+/// connections (shut down by `unlink`, closed once the last copy goes) is
+/// being released: the bind is tried again until it succeeds or
+/// [`RELEASE_WAIT`] is over, so that a name is free again after `unlink`
+/// even while other threads start processes.
+fn bind_name(listener: &OwnedFd, name: &str, addr: &UnixAddr) -> Result<()> {
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        match socket::bind(listener.as_raw_fd(), addr) {
+            Ok(()) => return Ok(()),
+            Err(Errno::EADDRINUSE) => {
+                if !being_released(addr) || std::time::Instant::now() >= deadline {
+                    return Err(name_in_use(name, addr));
+                }
+                // Nothing to wait on: the copy goes with another process's
+                // exec. Short pauses, doubling up to 2 ms.
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(Error::errno("could not bind the shared memory name", e)),
+        }
+    }
+}
+
+/// Whether the socket bound to `addr` refuses connections (it was shut
+/// down, or never listened), rather than serving them.
+fn being_released(addr: &UnixAddr) -> bool {
+    let Ok(probe) = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    matches!(
+        socket::connect(probe.as_raw_fd(), addr),
+        Err(Errno::ECONNREFUSED)
+    )
+}
+
 /// Python's `FileExistsError`: an [`Error::Io`] of kind `AlreadyExists`.
 fn exists(context: String) -> Error {
     Error::io_kind_owned(context, std::io::ErrorKind::AlreadyExists)
@@ -272,11 +320,7 @@ impl SharedMemory {
         let addr = address(name)?;
         let map = Mapping::create(name, size)?;
         let listener = unix_socket()?;
-        match socket::bind(listener.as_raw_fd(), &addr) {
-            Ok(()) => {}
-            Err(Errno::EADDRINUSE) => return Err(name_in_use(name, &addr)),
-            Err(e) => return Err(Error::errno("could not bind the shared memory name", e)),
-        }
+        bind_name(&listener, name, &addr)?;
         let backlog = Backlog::new(64).map_err(|e| Error::errno("listen", e))?;
         socket::listen(&listener, backlog).map_err(|e| Error::errno("listen", e))?;
         sys::set_nonblocking(listener.as_fd(), true)
