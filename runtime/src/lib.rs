@@ -187,7 +187,7 @@ mod wire;
 pub use child::init;
 #[cfg(target_os = "linux")]
 pub use connection::{Pipe, Waitable, wait};
-
+#[cfg(target_os = "linux")]
 pub use context::{
     Context, StartMethod, force_start_method, get_all_start_methods, get_context, get_start_method,
     set_forkserver_preload, set_start_method, start_forkserver,
