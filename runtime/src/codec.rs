@@ -418,6 +418,42 @@ pub(crate) fn encode_typed_into<T: Serialize + 'static>(
     }
 }
 
+/// Encodes the longest prefix of `items` (at most `max` of them) that fits
+/// `buf`, back to back as [`SeqEncoder`] writes them (so [`SeqDecoder`]
+/// reads them): `(items, bytes)` written. It stops before an item that
+/// does not fit, carries handles or fails to encode: that one is for a
+/// message of its own (which reports its error). A plain copy per item
+/// for primitive numbers.
+pub(crate) fn encode_batch_into<T: Serialize + 'static>(
+    items: &[T],
+    buf: &mut [u8],
+    max: usize,
+) -> (usize, usize) {
+    let items = &items[..items.len().min(max)];
+    if let Some((_, size)) = items.first().and_then(primitive_bytes) {
+        let n = items.len().min(buf.len() / size);
+        for (item, dst) in items[..n].iter().zip(buf.chunks_exact_mut(size)) {
+            if let Some((bytes, _)) = primitive_bytes(item) {
+                dst.copy_from_slice(&bytes[..size]);
+            }
+        }
+        return (n, n * size);
+    }
+    let mut used = 0;
+    let mut fds = Vec::new();
+    for (n, item) in items.iter().enumerate() {
+        let Some(rest) = buf.get_mut(used..) else {
+            return (n, used);
+        };
+        match encode_typed_into(item, rest, &mut fds) {
+            Ok(Some(len)) if fds.is_empty() => used += len,
+            // The duplicates of its descriptors close with `fds`.
+            _ => return (n, used),
+        }
+    }
+    (items.len(), used)
+}
+
 /// The bytes of `value` if it is a byte buffer with a fast path.
 fn as_bytes<T: 'static>(value: &T) -> Option<&[u8]> {
     let any = value as &dyn Any;

@@ -140,3 +140,79 @@ receive_error! {
 }
 
 widen_receive_error!(GetError => TryGetError, GetTimeoutError);
+
+/// Why [`Queue::put_many`](super::Queue::put_many) (or its `try_` or
+/// `_timeout` form) stopped before the end of the slice. Each variant says
+/// how many items, the first ones of the slice, were put before it
+/// stopped ([`put`](PutManyError::put)): the others were not, and are still
+/// the caller's.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum PutManyError {
+    /// The queue was closed.
+    Closed {
+        /// Items put before.
+        put: usize,
+    },
+    /// The queue stayed full until the deadline (`put_many_timeout` only).
+    Timeout {
+        /// Items put before.
+        put: usize,
+    },
+    /// The item at index `put` could not be encoded, or the OS refused an
+    /// operation.
+    Failed {
+        /// Items put before.
+        put: usize,
+        /// What went wrong.
+        error: Error,
+    },
+}
+
+impl PutManyError {
+    /// How many items (the first ones of the slice) were put.
+    #[must_use]
+    pub fn put(&self) -> usize {
+        match self {
+            PutManyError::Closed { put }
+            | PutManyError::Timeout { put }
+            | PutManyError::Failed { put, .. } => *put,
+        }
+    }
+}
+
+impl fmt::Display for PutManyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PutManyError::Closed { put } => {
+                write!(f, "the queue is closed (after {put} items were put)")
+            }
+            PutManyError::Timeout { put } => write!(
+                f,
+                "timed out waiting for room in the queue (after {put} items were put)"
+            ),
+            PutManyError::Failed { put, error } => {
+                write!(f, "could not put item {put} of the batch: {error}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PutManyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PutManyError::Failed { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<PutManyError> for Error {
+    fn from(err: PutManyError) -> Error {
+        match err {
+            PutManyError::Closed { .. } => Error::Closed,
+            PutManyError::Timeout { .. } => Error::Timeout,
+            PutManyError::Failed { error, .. } => error,
+        }
+    }
+}

@@ -98,9 +98,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 pub use self::error::{
-    GetError, GetTimeoutError, PutError, PutTimeoutError, TryGetError, TryPutError,
+    GetError, GetTimeoutError, PutError, PutManyError, PutTimeoutError, TryGetError, TryPutError,
 };
-use self::ring::{ARENA_HEADER, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait};
+use self::ring::{
+    ARENA_HEADER, BATCH_HEADER, Claim, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait,
+};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
@@ -117,6 +119,10 @@ use crate::handle::{self, HandleWire, Kind, Parts, Received, handle_serde};
 /// worth it against a bound that only a producer running 8192 messages
 /// ahead of its consumers ever meets. Need more? [`Queue::bounded`].
 pub const DEFAULT_CAPACITY: usize = 8192;
+
+/// The most items in one batch message (`put_many`): bounds what a
+/// consumer reserves for a count read from shared memory.
+const MAX_BATCH: usize = 4096;
 
 enum PutFail {
     Full,
@@ -247,7 +253,8 @@ impl<T: Serialize + 'static> Queue<T> {
         deadline: Option<Instant>,
         wait: bool,
     ) -> Result<(), (T, PutFail)> {
-        self.put_ref(&item, deadline, wait).map_err(|f| (item, f))
+        self.put_ref(&item, deadline, wait, None)
+            .map_err(|f| (item, f))
     }
 
     /// Claims a slot, then encodes straight into it (no intermediate
@@ -258,11 +265,24 @@ impl<T: Serialize + 'static> Queue<T> {
     /// sends them to the side socket, without waiting: when there is no
     /// room it gives its slot up, waits for room holding nothing, and
     /// claims again.
-    fn put_ref(&self, item: &T, deadline: Option<Instant>, wait: bool) -> Result<(), PutFail> {
+    ///
+    /// `first`: a slot the caller claimed already (`put_many`), used for
+    /// the first attempt.
+    fn put_ref(
+        &self,
+        item: &T,
+        deadline: Option<Instant>,
+        wait: bool,
+        mut first: Option<Claim<'_>>,
+    ) -> Result<(), PutFail> {
         let mut out: Option<Outgoing> = None;
         let mut side_waits = 0u32;
         loop {
-            let mut claim = match self.ring.try_claim() {
+            let claimed = match first.take() {
+                Some(claim) => Claimed::Slot(claim),
+                None => self.ring.try_claim(),
+            };
+            let mut claim = match claimed {
                 Claimed::Slot(claim) => claim,
                 Claimed::Closed => return Err(PutFail::Closed),
                 Claimed::Failed(e) => return Err(PutFail::Failed(*e)),
@@ -312,6 +332,134 @@ impl<T: Serialize + 'static> Queue<T> {
                     side_waits += 1;
                 }
             }
+        }
+    }
+
+    /// Puts `items` in order: several per message when they are small (as
+    /// many as fit a slot's ~1 KiB, a message the consumers take with one
+    /// claim), alone when one is large or carries handles.
+    fn put_many_inner(
+        &self,
+        items: &[T],
+        deadline: Option<Instant>,
+        wait: bool,
+    ) -> Result<(), (usize, PutFail)> {
+        let mut done = 0;
+        while let Some(rest) = items.get(done..).filter(|r| !r.is_empty()) {
+            let mut claim = match self.ring.try_claim() {
+                Claimed::Slot(claim) => claim,
+                Claimed::Closed => return Err((done, PutFail::Closed)),
+                Claimed::Failed(e) => return Err((done, PutFail::Failed(*e))),
+                Claimed::Full => {
+                    if !wait || self.ring.wait_not_full(deadline) == Wait::Deadline {
+                        return Err((done, PutFail::Full));
+                    }
+                    continue;
+                }
+            };
+            let written = claim.write(|buf| {
+                let (head, body) = buf.split_at_mut(BATCH_HEADER);
+                let (n, len) = codec::encode_batch_into(rest, body, MAX_BATCH);
+                if n == 1 {
+                    // One item: a plain message (its bytes moved to the front).
+                    buf.copy_within(BATCH_HEADER..BATCH_HEADER + len, 0);
+                } else {
+                    head[..4].copy_from_slice(&(n as u32).to_le_bytes());
+                }
+                (n, len)
+            });
+            match written {
+                Ok((0, _)) => {
+                    // Too large, with handles, or failing: on its own, in
+                    // the slot claimed for it.
+                    self.put_ref(&rest[0], deadline, wait, Some(claim))
+                        .map_err(|f| (done, f))?;
+                    done += 1;
+                }
+                Ok((1, len)) => {
+                    claim.publish_inline(len);
+                    done += 1;
+                }
+                Ok((n, len)) => {
+                    claim.publish_batch(BATCH_HEADER + len);
+                    done += n;
+                }
+                Err(e) => return Err((done, PutFail::Failed(e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts every item of `items`, in order, waiting while the queue is
+    /// full: the batch form of [`put`](Queue::put). Small items travel
+    /// several to a message (as many as fit a slot's ~1 KiB: 134 `u64`s),
+    /// which a consumer takes with one claim, so a batch costs far less
+    /// per item than single puts; a large item, or one that carries
+    /// handles, travels alone. The items stay in order with respect to
+    /// every other put of this thread.
+    ///
+    /// Such a message takes one slot of the queue's capacity and counts
+    /// as one in [`qsize`](Queue::qsize). A consumer that takes part of it
+    /// (a [`get`](Queue::get) takes one item) keeps the rest in its
+    /// process for its next gets: if that process dies first, those items
+    /// are lost with it, as items a consumer took always are.
+    ///
+    /// # Errors
+    ///
+    /// [`PutManyError::Closed`] after [`close`](Queue::close);
+    /// [`PutManyError::Failed`] if an item cannot be encoded. Both say how
+    /// many items went in before.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Queue;
+    /// let q = Queue::bounded(4)?;
+    /// q.put_many(&[1u64, 2, 3])?;
+    /// q.put(4)?;
+    /// let mut got = Vec::new();
+    /// assert_eq!(q.get_many(&mut got, 10)?, 4);
+    /// assert_eq!(got, [1, 2, 3, 4]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn put_many(&self, items: &[T]) -> Result<(), PutManyError> {
+        self.put_many_inner(items, None, true)
+            .map_err(|(put, f)| match f {
+                PutFail::Full | PutFail::Closed => PutManyError::Closed { put },
+                PutFail::Failed(error) => PutManyError::Failed { put, error },
+            })
+    }
+
+    /// Like [`put_many`](Queue::put_many), waiting at most `timeout` in
+    /// all for room.
+    ///
+    /// # Errors
+    ///
+    /// [`PutManyError::Timeout`] if the queue stayed full; otherwise as
+    /// [`put_many`](Queue::put_many).
+    pub fn put_many_timeout(&self, items: &[T], timeout: Duration) -> Result<(), PutManyError> {
+        let deadline = Instant::now() + timeout;
+        self.put_many_inner(items, Some(deadline), true)
+            .map_err(|(put, f)| match f {
+                PutFail::Full => PutManyError::Timeout { put },
+                PutFail::Closed => PutManyError::Closed { put },
+                PutFail::Failed(error) => PutManyError::Failed { put, error },
+            })
+    }
+
+    /// Puts as many of `items` (the first ones, in order) as there is room
+    /// for now, without waiting: how many it put (0 when the queue is
+    /// full). See [`put_many`](Queue::put_many).
+    ///
+    /// # Errors
+    ///
+    /// As [`put_many`](Queue::put_many).
+    pub fn try_put_many(&self, items: &[T]) -> Result<usize, PutManyError> {
+        match self.put_many_inner(items, None, false) {
+            Ok(()) => Ok(items.len()),
+            Err((put, PutFail::Full)) => Ok(put),
+            Err((put, PutFail::Closed)) => Err(PutManyError::Closed { put }),
+            Err((put, PutFail::Failed(error))) => Err(PutManyError::Failed { put, error }),
         }
     }
 
@@ -365,31 +513,33 @@ impl<T: Serialize + 'static> Queue<T> {
 }
 
 impl<T: DeserializeOwned + 'static> Queue<T> {
-    fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
-        let decode = |held: Held<'_>| {
-            held.read(|bytes, fds| codec::decode_typed(bytes, fds))
-                .and_then(|r| r)
-                .map_err(GetFail::Failed)
-        };
+    /// Takes the first message, waiting as `deadline` and `wait` say, and
+    /// hands it to `on`.
+    fn take_with<R>(
+        &self,
+        deadline: Option<Instant>,
+        wait: bool,
+        mut on: impl FnMut(Held<'_>) -> Result<R, GetFail>,
+    ) -> Result<R, GetFail> {
         // Whether this call has slept: only then (or without waiting) does
         // it look for messages of dead consumers (a scan reads every slot),
         // so the fast path, which waits by spinning, reads no clock.
         let mut slept = false;
         loop {
             match self.ring.try_take(deadline, wait) {
-                Taken::Slot(held) => return decode(held),
+                Taken::Slot(held) => return on(held),
                 Taken::Failed(e) => return Err(GetFail::Failed(*e)),
                 Taken::Busy => return Err(GetFail::Empty),
                 Taken::Closed => {
                     return match self.ring.recover(deadline, wait, true) {
-                        Some(held) => decode(held),
+                        Some(held) => on(held),
                         None => Err(GetFail::Disconnected),
                     };
                 }
                 Taken::Empty(stalled) => {
                     if !wait || slept {
                         if let Some(held) = self.ring.recover(deadline, wait, false) {
-                            return decode(held);
+                            return on(held);
                         }
                     }
                     if !wait {
@@ -403,6 +553,199 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
                 }
             }
         }
+    }
+
+    /// Decodes the message of `held` into `out`: at most `room` items of a
+    /// batch (the rest go to this process's stash), or the one item of a
+    /// plain message. Returns how many items it appended.
+    fn decode_into(&self, held: Held<'_>, out: &mut Vec<T>, room: usize) -> Result<usize, GetFail> {
+        if held.is_batch() {
+            return held
+                .read(|bytes, _| self.unbatch(bytes, out, room))
+                .and_then(|r| r)
+                .map_err(GetFail::Failed);
+        }
+        let v = held
+            .read(|bytes, fds| codec::decode_typed(bytes, fds))
+            .and_then(|r| r)
+            .map_err(GetFail::Failed)?;
+        out.push(v);
+        Ok(1)
+    }
+
+    /// The items of a batch message's `bytes`: up to `room` into `out`,
+    /// the others into the stash (copied: the slot is released next).
+    fn unbatch(&self, bytes: &[u8], out: &mut Vec<T>, room: usize) -> Result<usize> {
+        let bad = |what: String| Error::Decode { message: what };
+        let (head, items) = bytes
+            .split_at_checked(BATCH_HEADER)
+            .ok_or_else(|| bad("a batch message without its header".into()))?;
+        let count = head
+            .first_chunk::<4>()
+            .map_or(0, |c| u32::from_le_bytes(*c) as usize);
+        if count < 2 || count > MAX_BATCH {
+            return Err(bad(format!("a batch message of {count} items")));
+        }
+        let now = count.min(room);
+        let mut dec = codec::SeqDecoder::new(items);
+        dec.extend_into(now, out)?;
+        if now < count {
+            let rest = &items[items.len() - dec.remaining()..];
+            self.ring.with_stash(|stash| {
+                stash.bytes.clear();
+                stash.bytes.extend_from_slice(rest);
+                stash.left = count - now;
+            });
+        }
+        Ok(now)
+    }
+
+    /// Up to `room` items of this process's stash (see
+    /// [`put_many`](Queue::put_many)), appended to `out`.
+    fn from_stash(&self, out: &mut Vec<T>, room: usize) -> Result<usize> {
+        self.ring.with_stash(|stash| {
+            let now = stash.left.min(room);
+            if now == 0 {
+                return Ok(0);
+            }
+            let mut dec = codec::SeqDecoder::new(&stash.bytes);
+            let got = dec.extend_into(now, out);
+            let used = stash.bytes.len() - dec.remaining();
+            if got.is_err() {
+                // Undecodable: the rest cannot be found either.
+                stash.left = 0;
+                return got.map(|()| 0);
+            }
+            stash.bytes.drain(..used);
+            stash.left -= now;
+            Ok(now)
+        })
+    }
+
+    fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
+        if self.ring.has_stash() {
+            let mut one = Vec::with_capacity(1);
+            self.from_stash(&mut one, 1).map_err(GetFail::Failed)?;
+            if let Some(v) = one.pop() {
+                return Ok(v);
+            }
+        }
+        self.take_with(deadline, wait, |held| {
+            if held.is_batch() {
+                let mut one = Vec::with_capacity(1);
+                self.decode_into(held, &mut one, 1)?;
+                return one
+                    .pop()
+                    .ok_or_else(|| GetFail::Failed(Error::internal("an empty batch message")));
+            }
+            held.read(|bytes, fds| codec::decode_typed(bytes, fds))
+                .and_then(|r| r)
+                .map_err(GetFail::Failed)
+        })
+    }
+
+    /// Appends up to `limit` items to `buf`: those this process kept from
+    /// a batch, then the first message (waiting for one as `deadline` and
+    /// `wait` say if none came yet), then whatever can be taken without
+    /// waiting.
+    fn get_many_inner(
+        &self,
+        buf: &mut Vec<T>,
+        limit: usize,
+        deadline: Option<Instant>,
+        wait: bool,
+    ) -> Result<usize, GetFail> {
+        let mut got = 0;
+        if limit == 0 {
+            return Ok(0);
+        }
+        if self.ring.has_stash() {
+            got += self.from_stash(buf, limit).map_err(GetFail::Failed)?;
+        }
+        if got == 0 {
+            got += self.take_with(deadline, wait, |held| self.decode_into(held, buf, limit))?;
+        }
+        while got < limit {
+            match self.ring.try_take(None, false) {
+                Taken::Slot(held) => got += self.decode_into(held, buf, limit - got)?,
+                Taken::Failed(e) => return Err(GetFail::Failed(*e)),
+                Taken::Empty(_) | Taken::Busy | Taken::Closed => break,
+            }
+        }
+        Ok(got)
+    }
+
+    /// Appends to `buf` at least one item and at most `limit`, waiting
+    /// only for the first: the batch form of [`get`](Queue::get), as
+    /// tokio's `Receiver::recv_many`. It takes what a `get` would, in the
+    /// same order, and after the first item takes only what is there
+    /// already. Returns how many items it appended (0 only for `limit ==
+    /// 0`, which returns at once). Items of a batch message
+    /// ([`put_many`](Queue::put_many)) past `limit` are kept in this
+    /// process for its next gets.
+    ///
+    /// # Errors
+    ///
+    /// As [`get`](Queue::get). A message that does not decode ends the
+    /// call with [`GetError::Failed`]; the items taken before it are in
+    /// `buf`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use multiproc::Queue;
+    /// let q = Queue::bounded(8)?;
+    /// q.put_many(&[1u32, 2, 3, 4, 5])?;
+    /// let mut buf = Vec::new();
+    /// assert_eq!(q.get_many(&mut buf, 2)?, 2);
+    /// assert_eq!(q.get()?, 3); // the rest of the batch, in order
+    /// assert_eq!(q.get_many(&mut buf, 10)?, 2);
+    /// assert_eq!(buf, [1, 2, 4, 5]);
+    /// # Ok::<(), multiproc::Error>(())
+    /// ```
+    pub fn get_many(&self, buf: &mut Vec<T>, limit: usize) -> Result<usize, GetError> {
+        self.get_many_inner(buf, limit, None, true)
+            .map_err(|f| match f {
+                GetFail::Empty | GetFail::Disconnected => GetError::Disconnected,
+                GetFail::Failed(e) => GetError::Failed(e),
+            })
+    }
+
+    /// Like [`get_many`](Queue::get_many), waiting at most `timeout` for
+    /// the first item.
+    ///
+    /// # Errors
+    ///
+    /// [`GetTimeoutError::Timeout`] if nothing arrived; otherwise as
+    /// [`get_many`](Queue::get_many).
+    pub fn get_many_timeout(
+        &self,
+        buf: &mut Vec<T>,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<usize, GetTimeoutError> {
+        let deadline = Instant::now() + timeout;
+        self.get_many_inner(buf, limit, Some(deadline), true)
+            .map_err(|f| match f {
+                GetFail::Empty => GetTimeoutError::Timeout,
+                GetFail::Disconnected => GetTimeoutError::Disconnected,
+                GetFail::Failed(e) => GetTimeoutError::Failed(e),
+            })
+    }
+
+    /// Like [`get_many`](Queue::get_many), without waiting at all.
+    ///
+    /// # Errors
+    ///
+    /// [`TryGetError::Empty`] if there was nothing to take; otherwise as
+    /// [`get_many`](Queue::get_many).
+    pub fn try_get_many(&self, buf: &mut Vec<T>, limit: usize) -> Result<usize, TryGetError> {
+        self.get_many_inner(buf, limit, None, false)
+            .map_err(|f| match f {
+                GetFail::Empty => TryGetError::Empty,
+                GetFail::Disconnected => TryGetError::Disconnected,
+                GetFail::Failed(e) => TryGetError::Failed(e),
+            })
     }
 
     /// Removes and returns the first message, waiting as long as it takes.
@@ -1134,6 +1477,35 @@ mod tests {
             Msg::N(7) => {}
             _ => panic!("wrong message"),
         }
+    }
+
+    #[test]
+    fn a_corrupt_batch_count_is_an_error_and_the_queue_goes_on() {
+        let q = Queue::<u64>::bounded(4).expect("queue");
+        for count in [0u32, 1, MAX_BATCH as u32 + 1, u32::MAX] {
+            let Claimed::Slot(mut claim) = q.ring.try_claim() else {
+                panic!("no room");
+            };
+            claim
+                .write(|b| b[..4].copy_from_slice(&count.to_le_bytes()))
+                .expect("write");
+            claim.publish_batch(BATCH_HEADER + 16);
+            let err = q.try_get().expect_err("a forged count");
+            assert!(err.to_string().contains("batch message of"), "{err}");
+        }
+        // A count that promises more items than the bytes hold.
+        let Claimed::Slot(mut claim) = q.ring.try_claim() else {
+            panic!("no room");
+        };
+        claim
+            .write(|b| b[..4].copy_from_slice(&100u32.to_le_bytes()))
+            .expect("write");
+        claim.publish_batch(BATCH_HEADER + 16);
+        assert!(q.get_many(&mut Vec::new(), 1000).is_err());
+        q.put_many(&[1, 2, 3]).expect("put_many");
+        let mut got = Vec::new();
+        assert_eq!(q.get_many(&mut got, 10).expect("get_many"), 3);
+        assert_eq!(got, [1, 2, 3]);
     }
 
     #[test]

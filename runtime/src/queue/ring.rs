@@ -196,7 +196,14 @@ const K_FDS: u32 = 2;
 const K_CONSUMED: u32 = 4;
 /// Delivered again once already (its first consumer died).
 const K_REDELIVERED: u32 = 8;
-const K_KNOWN: u32 = K_ARENA | K_FDS | K_CONSUMED | K_REDELIVERED;
+/// Several items in one inline message (`Queue::put_many`): a count, then
+/// the items back to back (see [`BATCH_HEADER`]). Never with `K_ARENA` or
+/// `K_FDS`.
+const K_BATCH: u32 = 16;
+const K_KNOWN: u32 = K_ARENA | K_FDS | K_CONSUMED | K_REDELIVERED | K_BATCH;
+/// Bytes before the items of a batch message: the item count (u32, little
+/// endian) and four bytes of padding.
+pub(crate) const BATCH_HEADER: usize = 8;
 /// In a [`Held`] only, never in shared memory: drop the message (it
 /// counts as a tombstone) instead of delivering it.
 const K_DROP: u32 = 1 << 31;
@@ -269,6 +276,19 @@ pub(crate) struct Ring {
     /// When this process last looked for slots of dead consumers, the head
     /// then, and whether any slot was taken (by anyone) then.
     last_scan: Mutex<Option<(Instant, u64, bool)>>,
+    /// Items of a batch message this process took but has not handed to
+    /// its caller yet (a `get` takes one item of a batch), and whether
+    /// there are any (read without the lock on every `get`).
+    stash: Mutex<Stash>,
+    stashed: std::sync::atomic::AtomicBool,
+}
+
+/// The undelivered rest of a batch message, in this process's memory: the
+/// items' bytes as the message held them, and how many items they are.
+#[derive(Debug, Default)]
+pub(crate) struct Stash {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) left: usize,
 }
 
 /// How a wait ended.
@@ -359,6 +379,8 @@ impl Ring {
             stall_checked: AtomicU64::new(0),
             backlog: std::sync::atomic::AtomicBool::new(false),
             last_scan: Mutex::new(None),
+            stash: Mutex::new(Stash::default()),
+            stashed: std::sync::atomic::AtomicBool::new(false),
         };
         register(ring.u32w(H_NS), ipc::pid_namespace());
         // Without a start time the entry would prove nothing: a holder of
@@ -427,6 +449,24 @@ impl Ring {
 
     fn payload_off(&self, idx: usize) -> usize {
         self.slot_off(idx) + SLOT_HEADER
+    }
+
+    /// `true` if this process holds items of a batch message not yet
+    /// handed out (see [`Stash`]).
+    #[inline(always)]
+    pub(crate) fn has_stash(&self) -> bool {
+        self.stashed.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on this process's stash, under its lock.
+    pub(crate) fn with_stash<R>(&self, f: impl FnOnce(&mut Stash) -> R) -> R {
+        let mut stash = lock(&self.stash);
+        let r = f(&mut stash);
+        if stash.left == 0 {
+            stash.bytes = Vec::new();
+        }
+        self.stashed.store(stash.left != 0, Ordering::Release);
+        r
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -1121,6 +1161,12 @@ impl<'a> Claim<'a> {
         self.hand_on(0, len.min(INLINE_MAX) as u32);
     }
 
+    /// Publishes the `len` payload bytes written as a batch message: a
+    /// [`BATCH_HEADER`] holding the item count, then the items.
+    pub(crate) fn publish_batch(mut self, len: usize) {
+        self.hand_on(K_BATCH, len.min(INLINE_MAX) as u32);
+    }
+
     /// Publishes `out`: in the slot if it fits, else in the slot's arena
     /// extent; its handles, if any, are sent to the side socket without
     /// waiting. On failure the slot becomes a tombstone; on
@@ -1203,6 +1249,12 @@ impl Held<'_> {
         self.slot.as_ref().map_or(0, |(right, _)| right.pos())
     }
 
+    /// The message is a batch (`Queue::put_many`): its bytes are a
+    /// [`BATCH_HEADER`] and the items.
+    pub(crate) fn is_batch(&self) -> bool {
+        self.kind & K_BATCH != 0
+    }
+
     /// Runs `f` on the message's bytes and descriptors (read in place from
     /// the slot for inline messages), then releases the slot.
     pub(crate) fn read<R>(mut self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> R) -> Result<R> {
@@ -1274,7 +1326,7 @@ impl Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        if self.kind == 0 {
+        if self.kind & !K_BATCH == 0 {
             self.release();
         } else {
             self.finish();
