@@ -556,7 +556,7 @@ impl<'a> SeqEncoder<'a> {
 /// argument tuple), in a stack buffer with their length; `None` otherwise.
 /// The type tests are on constants and fold away.
 #[inline]
-fn primitive_bytes<T: 'static>(value: &T) -> Option<([u8; 16], usize)> {
+pub(crate) fn primitive_bytes<T: 'static>(value: &T) -> Option<([u8; 16], usize)> {
     let any = value as &dyn Any;
     macro_rules! primitive {
         ($($t:ty => $w:ty),*) => {$(
@@ -572,6 +572,20 @@ fn primitive_bytes<T: 'static>(value: &T) -> Option<([u8; 16], usize)> {
     primitive!(u64 => u64, i64 => i64, u32 => u32, i32 => i32, f64 => f64, f32 => f32,
         usize => u64, isize => i64, u16 => u16, i16 => i16, u8 => u8, i8 => i8, u128 => u128, i128 => i128);
     None
+}
+
+/// `true` if `T` is one of the fixed-width primitive numbers (or a
+/// 1-tuple of one) that [`primitive_bytes`] encodes: decoding one runs no
+/// user code. The type tests are on constants and fold away.
+#[inline]
+pub(crate) fn is_primitive<T: 'static>() -> bool {
+    let id = TypeId::of::<T>();
+    macro_rules! any_of {
+        ($($t:ty),*) => { false $(|| id == TypeId::of::<$t>() || id == TypeId::of::<($t,)>())* };
+    }
+    any_of!(
+        u64, i64, u32, i32, f64, f32, usize, isize, u16, i16, u8, i8, u128, i128
+    )
 }
 
 /// Appends what [`primitive_bytes`] gives for `value`; `false` (nothing

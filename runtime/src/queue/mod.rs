@@ -101,7 +101,7 @@ pub use self::error::{
     GetError, GetTimeoutError, PutError, PutManyError, PutTimeoutError, TryGetError, TryPutError,
 };
 use self::ring::{
-    ARENA_HEADER, BATCH_HEADER, Claim, Claimed, Held, Outgoing, Publish, Ring, Taken, Wait,
+    ARENA_HEADER, BATCH_HEADER, Claim, Claimed, Held, Outgoing, Publish, Quick, Ring, Taken, Wait,
 };
 use crate::codec;
 use crate::error::{Error, Result};
@@ -253,6 +253,12 @@ impl<T: Serialize + 'static> Queue<T> {
         deadline: Option<Instant>,
         wait: bool,
     ) -> Result<(), (T, PutFail)> {
+        // A number: written with two word stores at most, no encoder.
+        if let Some((bytes, len)) = codec::primitive_bytes(&item) {
+            if self.ring.try_put_small(&bytes, len) {
+                return Ok(());
+            }
+        }
         self.put_ref(&item, deadline, wait, None)
             .map_err(|f| (item, f))
     }
@@ -583,7 +589,7 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
         let count = head
             .first_chunk::<4>()
             .map_or(0, |c| u32::from_le_bytes(*c) as usize);
-        if count < 2 || count > MAX_BATCH {
+        if !(2..=MAX_BATCH).contains(&count) {
             return Err(bad(format!("a batch message of {count} items")));
         }
         let now = count.min(room);
@@ -602,7 +608,7 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
 
     /// Up to `room` items of this process's stash (see
     /// [`put_many`](Queue::put_many)), appended to `out`.
-    fn from_stash(&self, out: &mut Vec<T>, room: usize) -> Result<usize> {
+    fn take_stashed(&self, out: &mut Vec<T>, room: usize) -> Result<usize> {
         self.ring.with_stash(|stash| {
             let now = stash.left.min(room);
             if now == 0 {
@@ -625,12 +631,12 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
     fn get_inner(&self, deadline: Option<Instant>, wait: bool) -> Result<T, GetFail> {
         if self.ring.has_stash() {
             let mut one = Vec::with_capacity(1);
-            self.from_stash(&mut one, 1).map_err(GetFail::Failed)?;
+            self.take_stashed(&mut one, 1).map_err(GetFail::Failed)?;
             if let Some(v) = one.pop() {
                 return Ok(v);
             }
         }
-        self.take_with(deadline, wait, |held| {
+        let decode_held = |held: Held<'_>| {
             if held.is_batch() {
                 let mut one = Vec::with_capacity(1);
                 self.decode_into(held, &mut one, 1)?;
@@ -641,7 +647,22 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
             held.read(|bytes, fds| codec::decode_typed(bytes, fds))
                 .and_then(|r| r)
                 .map_err(GetFail::Failed)
-        })
+        };
+        // A number (at most two words) is copied out and its slot released
+        // before it is decoded: decoding it runs no user code, so nothing
+        // can die or panic in a decode after the slot was given back.
+        // Other types decode while they hold the slot (see `Queue`'s
+        // guarantees on consumers killed mid-get).
+        if codec::is_primitive::<T>() {
+            match self.ring.try_take_small() {
+                Quick::Bytes(bytes, len) => {
+                    return codec::decode_typed(&bytes[..len], Vec::new()).map_err(GetFail::Failed);
+                }
+                Quick::Held(held) => return decode_held(held),
+                Quick::Miss => {}
+            }
+        }
+        self.take_with(deadline, wait, decode_held)
     }
 
     /// Appends up to `limit` items to `buf`: those this process kept from
@@ -660,7 +681,7 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
             return Ok(0);
         }
         if self.ring.has_stash() {
-            got += self.from_stash(buf, limit).map_err(GetFail::Failed)?;
+            got += self.take_stashed(buf, limit).map_err(GetFail::Failed)?;
         }
         if got == 0 {
             got += self.take_with(deadline, wait, |held| self.decode_into(held, buf, limit))?;

@@ -272,7 +272,24 @@ pub(crate) trait Slots {
             let Some(slot) = self.checked_state(idx) else {
                 return Err(Refused::Corrupt("tail index", idx as u64, t));
             };
-            let s = slot.load(Ordering::Acquire);
+            // First a CAS straight from the word a free slot of this lap
+            // has (a released slot's word names no one): one transfer of
+            // the slot's line, in exclusive state, where a load and then
+            // a CAS would take two (the line was last written by the
+            // consumer that released it). Its failure reads the word.
+            let s = match slot.compare_exchange(
+                word(lap, TAG_FREE, 0),
+                word(lap, TAG_WRITING, self.me()),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    let _ =
+                        tail.compare_exchange(t, g.next(t), Ordering::Release, Ordering::Relaxed);
+                    return Ok(Some(WriteRight { pos: t }));
+                }
+                Err(s) => s,
+            };
             let d = lap_diff(s, lap);
             let tag = s & TAG_MASK;
             if d == 0 {

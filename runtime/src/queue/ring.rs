@@ -499,6 +499,7 @@ impl Ring {
 
     /// Publishes the claimed slot of `right`: its kind and length, then
     /// the ready word, then a wake-up.
+    #[inline]
     fn publish(&self, right: WriteRight, kind: u32, len: u32) {
         let (klen, kkind) = self.meta(self.split(right.pos()).1);
         klen.store(len, Ordering::Relaxed);
@@ -539,6 +540,7 @@ impl Ring {
     /// sleeper's RMW); a sleeper that cannot issue the barrier sleeps in
     /// short slices, so a wake-up lost to a registered waker costs at most
     /// one slice.
+    #[inline]
     fn wake_one(&self, word: usize, waiters: usize) {
         if self.light_wake {
             std::sync::atomic::compiler_fence(Ordering::SeqCst);
@@ -551,7 +553,30 @@ impl Ring {
         }
     }
 
+    /// The fast path of a small message (at most [`SMALL`] bytes: a
+    /// number's encoding): one attempt to claim the slot at the tail,
+    /// write the bytes with relaxed word stores (atomic: no payload token
+    /// needed; the publish orders them before the consumer's take) and
+    /// publish. `false` if there was no slot to claim now (full, closed or
+    /// corrupt): the general path tries again and says why.
+    #[inline]
+    pub(crate) fn try_put_small(&self, bytes: &[u8; SMALL], len: usize) -> bool {
+        let Ok(Some(right)) = self.claim() else {
+            return false;
+        };
+        let w = self.payload_off(self.split(right.pos()).1) / 8;
+        let words = self.map.atomics_u64();
+        for (i, chunk) in bytes.chunks_exact(8).enumerate().take(len.div_ceil(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            words[w + i].store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        self.publish(right, 0, len.min(SMALL) as u32);
+        true
+    }
+
     /// One attempt to claim the slot at the tail for a message.
+    #[inline]
     pub(crate) fn try_claim(&self) -> Claimed<'_> {
         match self.claim() {
             Ok(Some(right)) => {
@@ -592,6 +617,7 @@ impl Ring {
 
     /// The [`Held`] of a slot taken by this process (`right`), with the
     /// message's kind and the side lock if it has handles.
+    #[inline]
     fn hold<'a>(&'a self, right: ReadRight, kind: u32, side: Option<SideLock<'a>>) -> Held<'a> {
         let off = self.payload_off(self.split(right.pos()).1);
         // SAFETY: `right` exists only because this process won the CAS to
@@ -700,6 +726,7 @@ impl Ring {
     /// and then an upgrade whose latency the locked CAS cannot hide. A
     /// consumer that has caught up loads first, so as not to take the
     /// line away from a producer writing it.
+    #[inline]
     pub(crate) fn try_take(&self, deadline: Option<Instant>, wait: bool) -> Taken<'_> {
         // The side lock is taken before the slot, so that a consumer never
         // waits for it while holding a slot.
@@ -729,6 +756,50 @@ impl Ring {
             Take::Busy => Taken::Busy,
             Take::Corrupt(what, value, at) => Taken::Failed(bad_word(what, value, at)),
         }
+    }
+
+    /// The fast path of a consumer: one attempt to take the message at the
+    /// head; a plain inline message of at most [`SMALL`] bytes is read with
+    /// relaxed word loads and its slot released at once
+    /// ([`Quick::Bytes`]); another message is handed over taken
+    /// ([`Quick::Held`]). [`Quick::Miss`]: nothing taken (empty, stalled,
+    /// handles at the head, corrupt): the general path tries again and
+    /// says why.
+    #[inline]
+    pub(crate) fn try_take_small(&self) -> Quick<'_> {
+        // Messages with handles need the side lock: the general path.
+        let gate = |idx: usize| {
+            let kind = self.meta(idx).1.load(Ordering::Relaxed);
+            if kind & K_FDS == 0 {
+                Gate::Go(kind)
+            } else {
+                Gate::Busy
+            }
+        };
+        let (right, kind) = match self.take(gate) {
+            Take::Slot(right, Some(kind)) => (right, kind),
+            Take::Slot(right, None) => {
+                let kind = self
+                    .meta(self.split(right.pos()).1)
+                    .1
+                    .load(Ordering::Relaxed);
+                (right, kind)
+            }
+            _ => return Quick::Miss,
+        };
+        let idx = self.split(right.pos()).1;
+        let len = self.meta(idx).0.load(Ordering::Relaxed) as usize;
+        if kind != 0 || len > SMALL {
+            return Quick::Held(self.hold(right, kind, None));
+        }
+        let w = self.payload_off(idx) / 8;
+        let words = self.map.atomics_u64();
+        let mut bytes = [0u8; SMALL];
+        for (i, chunk) in bytes.chunks_exact_mut(8).enumerate().take(len.div_ceil(8)) {
+            chunk.copy_from_slice(&words[w + i].load(Ordering::Relaxed).to_ne_bytes());
+        }
+        self.release(right);
+        Quick::Bytes(bytes, len)
     }
 
     fn nothing(&self, stalled: Option<(usize, u64)>) -> Taken<'_> {
@@ -1129,6 +1200,7 @@ impl<'a> Claim<'a> {
         self.ring.split(self.pos()).1
     }
 
+    #[inline]
     fn payload(&mut self) -> Result<&mut Exclusive<'a>> {
         match &mut self.slot {
             Some((_, payload)) => Ok(payload),
@@ -1137,6 +1209,7 @@ impl<'a> Claim<'a> {
     }
 
     /// Runs `f` on the slot's payload area ([`INLINE_MAX`] bytes).
+    #[inline]
     pub(crate) fn write<R>(&mut self, f: impl FnOnce(&mut [u8]) -> R) -> Result<R> {
         Ok(f(self.payload()?.bytes_mut()))
     }
@@ -1149,6 +1222,7 @@ impl<'a> Claim<'a> {
 
     /// Hands the slot on: the payload token goes first, then the ready
     /// word is published.
+    #[inline]
     fn hand_on(&mut self, kind: u32, len: u32) {
         if let Some((right, payload)) = self.slot.take() {
             payload.give_up();
@@ -1157,6 +1231,7 @@ impl<'a> Claim<'a> {
     }
 
     /// Publishes the `len` payload bytes written as the message.
+    #[inline]
     pub(crate) fn publish_inline(mut self, len: usize) {
         self.hand_on(0, len.min(INLINE_MAX) as u32);
     }
@@ -1215,6 +1290,21 @@ impl Drop for Claim<'_> {
     }
 }
 
+/// Largest message of the fast paths ([`Ring::try_put_small`],
+/// [`Ring::try_take_small`]): two words.
+pub(crate) const SMALL: usize = 16;
+
+/// The outcome of [`Ring::try_take_small`].
+pub(crate) enum Quick<'a> {
+    /// A small plain message: its bytes (the first `.1`); its slot is
+    /// released already.
+    Bytes([u8; SMALL], usize),
+    /// Another message, taken: decode it as usual.
+    Held(Held<'a>),
+    /// Nothing taken.
+    Miss,
+}
+
 /// The outcome of one attempt to take a message.
 pub(crate) enum Taken<'a> {
     Slot(Held<'a>),
@@ -1257,6 +1347,7 @@ impl Held<'_> {
 
     /// Runs `f` on the message's bytes and descriptors (read in place from
     /// the slot for inline messages), then releases the slot.
+    #[inline]
     pub(crate) fn read<R>(mut self, f: impl FnOnce(&[u8], Vec<OwnedFd>) -> R) -> Result<R> {
         let ring = self.ring;
         let pos = self.pos();
@@ -1287,6 +1378,7 @@ impl Held<'_> {
     }
 
     /// Hands the slot back: the payload token goes first.
+    #[inline]
     fn release(&mut self) {
         if let Some((right, payload)) = self.slot.take() {
             if let Some(payload) = payload {
@@ -1325,6 +1417,7 @@ impl Held<'_> {
 }
 
 impl Drop for Held<'_> {
+    #[inline]
     fn drop(&mut self) {
         if self.kind & !K_BATCH == 0 {
             self.release();

@@ -324,6 +324,7 @@ impl Mapping {
     /// it hands the range on (the release store that lets the next holder
     /// in), and any access that came before the token must happen-before
     /// this call (the acquire that gave the range to the caller).
+    #[inline]
     pub(crate) unsafe fn exclusive(&self, offset: usize, len: usize) -> io::Result<Exclusive<'_>> {
         self.span().check(offset, len)?;
         Ok(Exclusive {
@@ -463,6 +464,7 @@ impl<'a> Span<'a> {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<AtomicU8>(), self.len) }
     }
 
+    #[inline]
     fn check(self, offset: usize, len: usize) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.len => Ok(()),
