@@ -13,6 +13,12 @@ def produce(q, n, item):
         q.put(item)
 
 
+def produce_lists(q, n, chunk):
+    items = list(range(chunk))
+    for _ in range(n // chunk):
+        q.put(items)
+
+
 def consume(q, n, done):
     for _ in range(n):
         q.get()
@@ -46,6 +52,22 @@ def one_to_one(n, item):
     dt = time.perf_counter() - t
     p.join()
     return (n - 1) / dt
+
+
+def batch_one_to_one(n, chunk=1024):
+    """The batch case: CPython's Queue has no put_many, so a batch is one
+    message holding a list of `chunk` ints (what a Python user would do).
+    Returns items per second."""
+    q = mp.Queue()
+    p = mp.Process(target=produce_lists, args=(q, n, chunk))
+    p.start()
+    q.get()
+    t = time.perf_counter()
+    for _ in range(n // chunk - 1):
+        q.get()
+    dt = time.perf_counter() - t
+    p.join()
+    return (n - chunk) / dt
 
 
 def four_to_two(n):
@@ -101,6 +123,7 @@ if __name__ == "__main__":
     mp.set_start_method("fork")
     print(f"cpython queue_1p1c u64:       {one_to_one(200_000, 12345) / 1e3:8.1f} k msgs/s")
     print(f"cpython queue_1p1c 1KiB bytes: {one_to_one(100_000, b'x' * 1024) / 1e3:8.1f} k msgs/s")
+    print(f"cpython queue batch u64 (lists of 1024): {batch_one_to_one(2_000_000) / 1e6:8.2f} M items/s")
     print(f"cpython queue_4p2c u64:       {four_to_two(200_000) / 1e3:8.1f} k msgs/s")
     print(f"cpython pipe round trip:      {pipe_rtt(20_000) * 1e6:8.1f} us")
     print(f"python raw os.pipe round trip: {raw_pipe_rtt(20_000) * 1e6:8.1f} us")
