@@ -605,7 +605,7 @@ pub(crate) fn push_primitive<T: 'static>(out: &mut Vec<u8>, value: &T) -> bool {
 /// front of `rest` when `T` is a fixed-width primitive number or a 1-tuple
 /// of one; `None` (nothing read) otherwise.
 #[inline]
-fn read_primitive<T: 'static>(rest: &mut &[u8]) -> Option<Result<T>> {
+pub(crate) fn read_primitive<T: 'static>(rest: &mut &[u8]) -> Option<Result<T>> {
     macro_rules! primitive {
         ($($t:ty => $w:ty),*) => {$(
             let id = TypeId::of::<T>();

@@ -656,7 +656,11 @@ impl<T: DeserializeOwned + 'static> Queue<T> {
         if codec::is_primitive::<T>() {
             match self.ring.try_take_small() {
                 Quick::Bytes(bytes, len) => {
-                    return codec::decode_typed(&bytes[..len], Vec::new()).map_err(GetFail::Failed);
+                    let mut rest = &bytes[..len.min(bytes.len())];
+                    return match codec::read_primitive::<T>(&mut rest) {
+                        Some(v) => v.map_err(GetFail::Failed),
+                        None => codec::decode_typed(rest, Vec::new()).map_err(GetFail::Failed),
+                    };
                 }
                 Quick::Held(held) => return decode_held(held),
                 Quick::Miss => {}
