@@ -4,6 +4,8 @@
 //! compared with in the `queue` and `pipe` benches: a child of the bench
 //! binary echoes 8-byte messages with plain `read`/`write`.
 
+pub mod plot;
+
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
