@@ -22,22 +22,8 @@ use std::time::{Duration, Instant};
 use multiproc::connection::Connection;
 use multiproc::{Pipe, Pool, Process, Queue, process_fn};
 use multiproc_benches::plot::{Chart, Series, Style};
+use multiproc_benches::work::{burn, cube};
 use rayon::prelude::*;
-
-#[process_fn]
-fn cube(x: u64) -> u64 {
-    x * x * x
-}
-
-/// About `iters` rounds of integer work.
-#[process_fn]
-fn burn(iters: u64) -> u64 {
-    let mut acc: u64 = 0;
-    for i in 0..iters {
-        acc = black_box(acc.wrapping_mul(31).wrapping_add(i) & 0xFFFF_FFFF);
-    }
-    acc
-}
 
 /// Puts `count` messages of `size` bytes for each request on `ctrl`.
 #[process_fn]
@@ -106,6 +92,42 @@ fn burn_per_us() -> f64 {
         }
         iters *= 2;
     }
+}
+
+/// `tasks` tasks of `burn(iters)` on the pool.
+fn pool_burn(pool: &Pool, tasks: u64, iters: u64) {
+    let args = std::iter::repeat_n(iters, tasks as usize);
+    black_box(pool.map(burn, args).expect("map"));
+}
+
+/// `tasks` tasks of `burn(iters)` on rayon's threads.
+fn rayon_burn(threads: &rayon::ThreadPool, tasks: u64, iters: u64) {
+    threads.install(|| {
+        let out: Vec<u64> = (0..tasks)
+            .into_par_iter()
+            .map(|_| burn(black_box(iters)))
+            .collect();
+        black_box(out);
+    });
+}
+
+/// `cube` over `0..n` on rayon's threads.
+fn rayon_cube(threads: &rayon::ThreadPool, n: u64) {
+    threads.install(|| black_box((0..n).into_par_iter().map(cube).collect::<Vec<u64>>()));
+}
+
+/// A chart of multiproc, CPython (its points named `python`) and rayon.
+fn peer_chart(
+    run: &Run,
+    (title, x_label, y_label): (&str, &str, &str),
+    ours: (&str, Vec<(f64, f64)>),
+    python: (&str, &str),
+    rayon: (&str, Vec<(f64, f64)>),
+) -> Chart {
+    Chart::new(title, x_label, y_label, COMMAND)
+        .series(Series::new(ours.0, Style::Ours, ours.1))
+        .series(Series::new(python.0, Style::Python, run.python(python.1)))
+        .series(Series::new(rayon.0, Style::Rayon, rayon.1))
 }
 
 fn rayon_pool(n: usize) -> rayon::ThreadPool {
@@ -192,30 +214,25 @@ fn map_against_size(run: &mut Run, pool: &Pool) {
             black_box(pool.map(cube, 0..n).expect("map"));
         });
         ours.push((n as f64, t * 1e3));
-        let t = time(runs, || {
-            rayon2.install(|| black_box((0..n).into_par_iter().map(cube).collect::<Vec<u64>>()));
-        });
-        ray.push((n as f64, t * 1e3));
+        ray.push((n as f64, time(runs, || rayon_cube(&rayon2, n)) * 1e3));
         let t = time(runs, || {
             black_box((0..n).map(|x| cube(black_box(x))).collect::<Vec<u64>>());
         });
         seq.push((n as f64, t * 1e3));
     }
-    let chart = Chart::new(
-        "map(cube, 0..n), 2 workers, warm",
-        "items n",
-        "wall time (ms)",
-        COMMAND,
+    let chart = peer_chart(
+        run,
+        (
+            "map(cube, 0..n), 2 workers, warm",
+            "items n",
+            "wall time (ms)",
+        ),
+        ("multiproc Pool(2)", ours),
+        ("CPython Pool(2), fork", "map_size"),
+        ("rayon, 2 threads", ray),
     )
     .log_x()
     .log_y()
-    .series(Series::new("multiproc Pool(2)", Style::Ours, ours))
-    .series(Series::new(
-        "CPython Pool(2), fork",
-        Style::Python,
-        run.python("map_size"),
-    ))
-    .series(Series::new("rayon, 2 threads", Style::Rayon, ray))
     .series(Series::new("sequential", Style::Floor, seq));
     run.chart(chart, "map_size.svg");
 }
@@ -232,41 +249,24 @@ fn map_against_task_cost(run: &mut Run, pool: &Pool, per_us: f64) {
     for &cost in &costs {
         let iters = ((cost * per_us) as u64).max(1);
         let runs = if cost >= 100.0 { 3 } else { 7 };
-        let t = time(runs, || {
-            black_box(
-                pool.map(burn, std::iter::repeat_n(iters, tasks as usize))
-                    .expect("map"),
-            );
-        });
-        ours.push((cost, t * 1e6 / tasks as f64));
-        let t = time(runs, || {
-            rayon2.install(|| {
-                black_box(
-                    (0..tasks)
-                        .into_par_iter()
-                        .map(|_| burn(black_box(iters)))
-                        .collect::<Vec<u64>>(),
-                )
-            });
-        });
-        ray.push((cost, t * 1e6 / tasks as f64));
+        let per_task = |t: f64| (cost, t * 1e6 / tasks as f64);
+        ours.push(per_task(time(runs, || pool_burn(pool, tasks, iters))));
+        ray.push(per_task(time(runs, || rayon_burn(&rayon2, tasks, iters))));
         ideal.push((cost, cost / 2.0));
     }
-    let chart = Chart::new(
-        "map of 1000 tasks of a given CPU cost, 2 workers",
-        "CPU cost of one task (µs)",
-        "wall time per task (µs)",
-        COMMAND,
+    let chart = peer_chart(
+        run,
+        (
+            "map of 1000 tasks of a given CPU cost, 2 workers",
+            "CPU cost of one task (µs)",
+            "wall time per task (µs)",
+        ),
+        ("multiproc Pool(2)", ours),
+        ("CPython Pool(2), fork", "map_cost"),
+        ("rayon, 2 threads", ray),
     )
     .log_x()
     .log_y()
-    .series(Series::new("multiproc Pool(2)", Style::Ours, ours))
-    .series(Series::new(
-        "CPython Pool(2), fork",
-        Style::Python,
-        run.python("map_cost"),
-    ))
-    .series(Series::new("rayon, 2 threads", Style::Rayon, ray))
     .series(Series::new("ideal: cost / 2", Style::Floor, ideal));
     run.chart(chart, "map_task_cost.svg");
 }
@@ -367,72 +367,48 @@ fn map_against_workers(run: &mut Run, per_us: f64) {
     let (mut burn_ours, mut burn_ray, mut cube_ours, mut cube_ray) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for &w in &workers {
+        let x = w as f64;
         let pool = Pool::new(w).expect("pool");
         black_box(pool.map(cube, 0..1000).expect("warm"));
-        let t = time(5, || {
-            black_box(
-                pool.map(burn, std::iter::repeat_n(iters, 1000))
-                    .expect("map"),
-            );
-        });
-        burn_ours.push((w as f64, t * 1e3));
+        burn_ours.push((x, time(5, || pool_burn(&pool, 1000, iters)) * 1e3));
         let t = time(5, || {
             black_box(pool.map(cube, 0..1_000_000).expect("map"));
         });
-        cube_ours.push((w as f64, t * 1e3));
+        cube_ours.push((x, t * 1e3));
         drop(pool);
-        let ray = rayon_pool(w);
-        let t = time(5, || {
-            ray.install(|| {
-                black_box(
-                    (0..1000)
-                        .into_par_iter()
-                        .map(|_| burn(black_box(iters)))
-                        .collect::<Vec<u64>>(),
-                )
-            });
-        });
-        burn_ray.push((w as f64, t * 1e3));
-        let t = time(5, || {
-            ray.install(|| {
-                black_box(
-                    (0..1_000_000u64)
-                        .into_par_iter()
-                        .map(cube)
-                        .collect::<Vec<u64>>(),
-                )
-            });
-        });
-        cube_ray.push((w as f64, t * 1e3));
+        let threads = rayon_pool(w);
+        burn_ray.push((x, time(5, || rayon_burn(&threads, 1000, iters)) * 1e3));
+        cube_ray.push((x, time(5, || rayon_cube(&threads, 1_000_000)) * 1e3));
     }
-    let chart = Chart::new(
-        "map of 1000 tasks of 100 µs against workers (2 cores)",
-        "workers",
-        "wall time (ms)",
-        COMMAND,
-    )
-    .series(Series::new("multiproc Pool(w)", Style::Ours, burn_ours))
-    .series(Series::new(
+    let labels = (
+        "multiproc Pool(w)",
         "CPython Pool(w), fork",
-        Style::Python,
-        run.python("workers_burn"),
-    ))
-    .series(Series::new("rayon, w threads", Style::Rayon, burn_ray));
+        "rayon, w threads",
+    );
+    let chart = peer_chart(
+        run,
+        (
+            "map of 1000 tasks of 100 µs against workers (2 cores)",
+            "workers",
+            "wall time (ms)",
+        ),
+        (labels.0, burn_ours),
+        (labels.1, "workers_burn"),
+        (labels.2, burn_ray),
+    );
     run.chart(chart, "map_workers_tasks.svg");
-    let chart = Chart::new(
-        "map(cube, 0..10^6) against workers (2 cores)",
-        "workers",
-        "wall time (ms)",
-        COMMAND,
+    let chart = peer_chart(
+        run,
+        (
+            "map(cube, 0..10^6) against workers (2 cores)",
+            "workers",
+            "wall time (ms)",
+        ),
+        (labels.0, cube_ours),
+        (labels.1, "workers_cube"),
+        (labels.2, cube_ray),
     )
-    .log_y()
-    .series(Series::new("multiproc Pool(w)", Style::Ours, cube_ours))
-    .series(Series::new(
-        "CPython Pool(w), fork",
-        Style::Python,
-        run.python("workers_cube"),
-    ))
-    .series(Series::new("rayon, w threads", Style::Rayon, cube_ray));
+    .log_y();
     run.chart(chart, "map_workers_cube.svg");
 }
 

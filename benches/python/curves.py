@@ -10,16 +10,7 @@ import statistics
 import sys
 import time
 
-
-def cube(x):
-    return x * x * x
-
-
-def burn(iters):
-    acc = 0
-    for i in range(iters):
-        acc = (acc * 31 + i) & 0xFFFFFFFF
-    return acc
+from pool_bench import burn, cube  # the same tasks as the pool bench
 
 
 def produce(q, count, size):

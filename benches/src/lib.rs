@@ -5,6 +5,7 @@
 //! binary echoes 8-byte messages with plain `read`/`write`.
 
 pub mod plot;
+pub mod work;
 
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
