@@ -392,15 +392,20 @@ fn condition_waiter_wakes_when_the_notifier_dies_holding_the_lock() {
     let cond = Condition::new().expect("condition");
     let flag = Value::new(0u32).expect("value");
     let (waiting, notified) = (Event::new().expect("event"), Event::new().expect("event"));
-    let mut waiter =
-        multiproc::spawn(wait_untimed, (cond.clone(), flag.clone(), waiting.clone())).expect("spawn");
+    let mut waiter = multiproc::spawn(wait_untimed, (cond.clone(), flag.clone(), waiting.clone()))
+        .expect("spawn");
     assert!(waiting.wait_timeout(JOIN));
     // The notifier gets the lock only once the waiter sleeps in wait.
-    let mut notifier = Process::new(notify_and_hold, (cond.clone(), flag.clone(), notified.clone()));
+    let mut notifier = Process::new(
+        notify_and_hold,
+        (cond.clone(), flag.clone(), notified.clone()),
+    );
     notifier.start().expect("start");
     assert!(notified.wait_timeout(JOIN), "the notifier never notified");
     notifier.kill().expect("kill");
-    let (poisoned, saw_flag) = waiter.join_timeout(JOIN).expect("the waiter was left asleep");
+    let (poisoned, saw_flag) = waiter
+        .join_timeout(JOIN)
+        .expect("the waiter was left asleep");
     assert!(saw_flag, "woken before the flag was set");
     assert!(poisoned, "the takeover from the dead notifier is reported");
     notifier.join_timeout(JOIN).expect("join").expect("reaped");
