@@ -52,14 +52,14 @@ fn spin_echo(word: Value<u64>) {
         if v == SPIN_STOP {
             return;
         }
-        if v % 2 == 1 {
+        if !v.is_multiple_of(2) {
             word.store(v + 1);
             last_ping = Instant::now();
             continue;
         }
         std::hint::spin_loop();
         spins = spins.wrapping_add(1);
-        if spins % 4096 == 0 && last_ping.elapsed() > Duration::from_secs(60) {
+        if spins.is_multiple_of(4096) && last_ping.elapsed() > Duration::from_secs(60) {
             return;
         }
     }
@@ -77,7 +77,7 @@ fn spin_round_trips(word: &Value<u64>, iters: u64) -> Duration {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
             assert!(
-                spins % 4096 != 0 || Instant::now() < deadline,
+                !spins.is_multiple_of(4096) || Instant::now() < deadline,
                 "the spin echo stopped answering"
             );
         }
