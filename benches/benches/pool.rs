@@ -239,7 +239,11 @@ fn main() {
                 println!("  thread {name}: {:.1} us/task", (t - before) * 1e6 / 200.0);
             }
             if !tiny {
-                println!("{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms, parent CPU {:.1} us/task", wall * 1e3, cpu * 1e6 / 200.0);
+                println!(
+                    "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms, parent CPU {:.1} us/task",
+                    wall * 1e3,
+                    cpu * 1e6 / 200.0
+                );
                 continue;
             }
             let (wall_s, cpu_s) = parent_cost(|| {

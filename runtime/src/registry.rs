@@ -572,6 +572,10 @@ fn fixed_run<A: 'static, R: 'static>(
     Some(run.map(|(finished, panicked)| went_through(finished, panicked)))
 }
 
+/// [`FirstRun`], and the bytes of the direct region used, when the whole
+/// outcome went there.
+type DirectRun = Result<(usize, Option<PanicRecord>, Option<usize>)>;
+
 /// [`fixed_run`] into `region` (a worker's output arena): when every item
 /// ran, the whole outcome is there and the used length comes back;
 /// after a panic, the run is copied to `out` and the chunk goes on there.
@@ -581,7 +585,7 @@ fn fixed_run_direct<A: 'static, R: 'static>(
     region: &mut [u8],
     out: &mut Vec<u8>,
     f: &mut impl FnMut(A) -> R,
-) -> Option<Result<(usize, Option<PanicRecord>, Option<usize>)>> {
+) -> Option<DirectRun> {
     let width = fixed_widths::<A, R>(input, count)?;
     let need = RUN_HEADER + count * width;
     if region.len() < need {
@@ -609,7 +613,11 @@ fn fixed_widths<A: 'static, R: 'static>(input: &[u8], count: usize) -> Option<us
 }
 
 fn went_through(finished: usize, panicked: Option<PanicRecord>) -> (usize, Option<PanicRecord>) {
-    let ran = if panicked.is_some() { finished + 1 } else { finished };
+    let ran = if panicked.is_some() {
+        finished + 1
+    } else {
+        finished
+    };
     (ran, panicked)
 }
 
@@ -627,11 +635,15 @@ fn fixed_loop<A: 'static, R: 'static>(
     // Items started so far (a plain store per item, no load).
     let mut started = 0usize;
     let run = catch(|| -> Result<()> {
-        let items = input.chunks_exact(arg_width).zip(results.chunks_exact_mut(width));
+        let items = input
+            .chunks_exact(arg_width)
+            .zip(results.chunks_exact_mut(width));
         for (i, (arg, slot)) in items.enumerate() {
             started = i + 1;
             let args: A = codec::read_primitive_exact(arg).unwrap_or_else(|| {
-                Err(Error::internal("a fixed-width argument has the wrong width"))
+                Err(Error::internal(
+                    "a fixed-width argument has the wrong width",
+                ))
             })?;
             let r = f(args);
             codec::write_primitive(&r, slot);

@@ -288,7 +288,10 @@ impl OutWriter {
         // Acquire there) every earlier region that shared its bytes, and
         // reads it only after this process announces it, once this copy
         // is done; nothing else in this process writes the arena.
-        let region = unsafe { self.map.exclusive(OUT_HEADER + (start % cap) as usize, data.len()) };
+        let region = unsafe {
+            self.map
+                .exclusive(OUT_HEADER + (start % cap) as usize, data.len())
+        };
         region.ok()?.bytes_mut().copy_from_slice(data);
         Some(start)
     }
@@ -315,8 +318,10 @@ impl OutWriter {
         // token (borrowing `self`) is gone; nothing else in this process
         // writes the arena.
         let region = unsafe {
-            self.map
-                .exclusive(OUT_HEADER + (reserved.start % cap) as usize, reserved.len as usize)
+            self.map.exclusive(
+                OUT_HEADER + (reserved.start % cap) as usize,
+                reserved.len as usize,
+            )
         };
         region.ok()
     }

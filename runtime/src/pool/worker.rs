@@ -210,16 +210,18 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
             }
             _ => None,
         };
-        let mut token = match (&output_arena, &reserved) {
-            (Some(arena), Some(reserved)) => arena.region(reserved),
-            _ => None,
+        // The region's token ends with this block, before the commit.
+        let result = {
+            let mut token = match (&output_arena, &reserved) {
+                (Some(arena), Some(reserved)) => arena.region(reserved),
+                _ => None,
+            };
+            let direct = token.as_mut().map(|t| t.bytes_mut());
+            run_chunk_into(&mut cached, body, fds, &mut out, &mut out_fds, direct)
         };
-        let direct = token.as_mut().map(|t| t.bytes_mut());
-        let Some(result) = run_chunk_into(&mut cached, body, fds, &mut out, &mut out_fds, direct)
-        else {
+        let Some(result) = result else {
             return 2;
         };
-        drop(token);
         let in_place = match (&mut output_arena, reserved) {
             (Some(arena), Some(reserved)) => {
                 let used = match &result {
