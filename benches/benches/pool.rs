@@ -24,25 +24,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use multiproc::{Pool, process_fn};
+use multiproc::Pool;
+// `cube`, and `burn` (the 8 ms task), registered in the benches library.
+use multiproc_benches::work::{burn, cube};
 use rayon::prelude::*;
 
 const N: u64 = 1_000_000;
-
-#[process_fn]
-fn cube(x: u64) -> u64 {
-    x * x * x
-}
-
-/// About `iters` rounds of integer work (the 8 ms task).
-#[process_fn]
-fn burn(iters: u64) -> u64 {
-    let mut acc: u64 = 0;
-    for i in 0..iters {
-        acc = black_box(acc.wrapping_mul(31).wrapping_add(i) & 0xFFFF_FFFF);
-    }
-    acc
-}
 
 fn cube_chunk(v: Vec<u64>) -> Vec<u64> {
     v.into_iter().map(cube).collect()
