@@ -86,77 +86,97 @@ thread_local! {
         }
     };
     static FD_SOURCE: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
-    /// An [`encode_remote`] runs on this thread: handles refuse to encode.
-    static REMOTE: Cell<bool> = const { Cell::new(false) };
+    /// Where what this thread encodes goes (see [`encoding_for`]).
+    static PEER: Cell<Peer> = const { Cell::new(Peer::ThisHost) };
 }
 
-/// `true` while this thread encodes a message for a peer that may be on
-/// another machine ([`encode_remote`]): a handle, which only makes sense
-/// on this machine, must refuse to serialize, naming itself.
-pub(crate) fn encoding_for_remote() -> bool {
-    REMOTE.with(Cell::get)
+/// Where an encoded message goes, as far as handles are concerned: a
+/// handle (Queue, Lock, Value, Connection, a descriptor...) is its
+/// descriptors and shared memory, which exist only on this machine, so it
+/// travels only to a process of this machine. This is the one check that
+/// keeps it from leaving: every handle's `Serialize` asks
+/// [`handle_refusal`] first, before it duplicates or marks anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Peer {
+    /// A process of this machine (a child, a local pool worker, the peer
+    /// of a pipe or a Unix socket): handles travel.
+    ThisHost,
+    /// The peer of a TCP connection, which may be another host.
+    Tcp,
+    /// A serving rank of an MPI job (a pool on MPI ranks), which may be
+    /// another host.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    MpiRank,
 }
 
-/// Like [`encode`], for a peer that may be on another machine (a TCP
-/// connection): a handle anywhere in `value` (a Queue, a Lock, a Value, a
-/// Pipe end, a descriptor) makes it an [`Error::Encode`] that names the
-/// handle, and nothing is sent.
-pub(crate) fn encode_remote<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<()> {
-    /// Restores the flag, also when `value`'s serializer panics.
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            REMOTE.with(|r| r.set(self.0));
-        }
-    }
-    let _reset = Reset(REMOTE.with(|r| r.replace(true)));
-    let mut fds = Vec::new();
-    encode(value, out, &mut fds)?;
-    if !fds.is_empty() {
-        // Every handle refuses first (see `handle::serialize`); this is the
-        // backstop for a descriptor that came some other way.
-        return Err(Error::Encode {
-            message: "the value carries file descriptors, which cannot be sent over a TCP \
-                      connection"
-                .into(),
-        });
-    }
-    Ok(())
-}
-
-thread_local! {
-    /// A scope of [`off_host`] is active on this thread.
-    static OFF_HOST: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Runs `f` with handles refused when `on`: what is encoded inside goes to
-/// another host (a pool on MPI ranks), where a handle's descriptors and
-/// shared memory do not exist. A handle that serializes inside fails with
-/// the message of [`off_host_refusal`]; outside, handles serialize as usual.
-pub(crate) fn off_host<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    /// Restores the outer state, also when `f` panics.
-    struct Restore(bool);
+/// Runs `f` with what this thread encodes going to `peer` (the outer
+/// destination is restored after it, also when `f` panics).
+pub(crate) fn encoding_for<R>(peer: Peer, f: impl FnOnce() -> R) -> R {
+    struct Restore(Peer);
     impl Drop for Restore {
         fn drop(&mut self) {
-            OFF_HOST.with(|flag| flag.set(self.0));
+            PEER.with(|p| p.set(self.0));
         }
     }
-    let _restore = Restore(OFF_HOST.with(|flag| flag.replace(on)));
+    let _restore = Restore(PEER.with(|p| p.replace(peer)));
     f()
 }
 
-/// `Some(message)` when a handle is being encoded for another host (`handle`
-/// names its type, as users write it): the handle's `Serialize` fails with
-/// it before it touches its descriptors or memory.
-pub(crate) fn off_host_refusal(handle: impl FnOnce() -> String) -> Option<String> {
-    OFF_HOST.with(Cell::get).then(|| {
-        let handle = handle();
-        format!(
-            "a {handle} cannot travel to another MPI rank: it is local to this machine (its \
-             descriptors and shared memory exist only here); pass plain data to a pool on MPI \
-             ranks, or use a local Pool for tasks that need the {handle}"
-        )
+/// `Some(message)` when a handle must not be encoded now, because what
+/// this thread encodes goes to another host ([`encoding_for`]); `handle`
+/// names the handle's type as users write it.
+pub(crate) fn handle_refusal(handle: impl FnOnce() -> String) -> Option<String> {
+    refusal(PEER.with(Cell::get), handle)
+}
+
+/// Why a `handle` cannot go to `peer`; `None` for this host.
+pub(crate) fn refusal(peer: Peer, handle: impl FnOnce() -> String) -> Option<String> {
+    match peer {
+        Peer::ThisHost => None,
+        Peer::Tcp => Some(format!(
+            "a {} only makes sense on this machine and cannot be sent over a TCP connection \
+             (whose peer may be another host); send plain data instead",
+            handle()
+        )),
+        Peer::MpiRank => {
+            let handle = handle();
+            Some(format!(
+                "a {handle} cannot travel to another MPI rank: it is local to this machine (its \
+                 descriptors and shared memory exist only here); pass plain data to a pool on \
+                 MPI ranks, or use a local Pool for tasks that need the {handle}"
+            ))
+        }
+    }
+}
+
+/// Why values that carry handles cannot go to `peer` (when only their
+/// descriptors tell that they did).
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+pub(crate) fn handles_refusal(peer: Peer) -> String {
+    refusal(peer, || {
+        "handle (Queue, Lock, Value, Connection...)".to_string()
     })
+    .unwrap_or_default()
+}
+
+/// Like [`encode`], for `peer`: a handle anywhere in `value` (a Queue, a
+/// Lock, a Value, a Pipe end, a descriptor) makes it an [`Error::Encode`]
+/// that names the handle, and nothing is sent.
+pub(crate) fn encode_for<T: Serialize + ?Sized>(
+    peer: Peer,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let mut fds = Vec::new();
+    encoding_for(peer, || encode(value, out, &mut fds))?;
+    if !fds.is_empty() {
+        // Every handle refuses first; this is the backstop for a
+        // descriptor that came some other way.
+        let message = refusal(peer, || "file descriptor".to_string())
+            .unwrap_or_else(|| "the value carries file descriptors".to_string());
+        return Err(Error::Encode { message });
+    }
+    Ok(())
 }
 
 /// Runs `f` with `fds` as this thread's fd sink; descriptors serialized by
@@ -683,16 +703,21 @@ mod tests {
     use std::os::fd::AsFd;
 
     #[test]
-    fn a_remote_encoding_refuses_handles_and_restores_the_flag() {
+    fn encoding_for_another_host_refuses_handles_and_restores_the_peer() {
         let mut out = Vec::new();
         let file = std::fs::File::open("/dev/null").expect("open");
         let handle = crate::connection::Descriptor::from(file);
-        let err = encode_remote(&(1u8, &handle), &mut out).expect_err("a handle");
+        let err = encode_for(Peer::Tcp, &(1u8, &handle), &mut out).expect_err("a handle");
         assert!(err.to_string().contains("Descriptor"), "{err}");
-        assert!(!encoding_for_remote());
+        assert!(err.to_string().contains("TCP"), "{err}");
+        assert_eq!(PEER.with(Cell::get), Peer::ThisHost);
+        out.clear();
+        let err = encode_for(Peer::MpiRank, &(1u8, &handle), &mut out).expect_err("a handle");
+        assert!(err.to_string().contains("Descriptor"), "{err}");
+        assert!(err.to_string().contains("MPI rank"), "{err}");
         // Plain data passes, and a local encoding still takes handles.
         out.clear();
-        encode_remote(&(1u8, "two"), &mut out).expect("plain data");
+        encode_for(Peer::Tcp, &(1u8, "two"), &mut out).expect("plain data");
         let mut fds = Vec::new();
         encode(&handle, &mut Vec::new(), &mut fds).expect("local");
         assert_eq!(fds.len(), 1);

@@ -405,7 +405,7 @@ impl<T> Connection<T> {
         buf.resize(link::HEADER, 0);
         let mut fds = Vec::new();
         if self.link.is_remote() {
-            codec::encode_remote(value, buf)?;
+            codec::encode_for(codec::Peer::Tcp, value, buf)?;
         } else {
             codec::encode(value, buf, &mut fds)?;
         }

@@ -445,15 +445,8 @@ pub(crate) fn serialize<H: HandleWire, S: Serializer>(
 ) -> std::result::Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
     // Refused before anything is marked shared or duplicated.
-    if let Some(refusal) = codec::off_host_refusal(expected::<H>) {
+    if let Some(refusal) = codec::handle_refusal(expected::<H>) {
         return Err(S::Error::custom(refusal));
-    }
-    if codec::encoding_for_remote() {
-        return Err(S::Error::custom(format!(
-            "a {} only makes sense on this machine and cannot be sent over a TCP connection \
-             (whose peer may be another host); send plain data instead",
-            expected::<H>()
-        )));
     }
     let parts = handle.parts().map_err(|e| S::Error::custom(reason(&e)))?;
     let tag = Tag {

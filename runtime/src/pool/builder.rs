@@ -123,22 +123,22 @@ impl PoolBuilder {
         let has_initializer = initializer.is_some();
         #[cfg(feature = "mpi")]
         let processes = match &transport {
-            Transport::Ranks(ranks) => {
+            Transport::Remote(hosts) => {
                 if !init_fds.is_empty() {
-                    return Err(Error::Encode {
-                        message: "the initializer's arguments carry a handle (Queue, Lock, Value, \
-                                  Connection...), which cannot travel to another MPI rank"
-                            .into(),
-                    });
+                    let message = format!(
+                        "the initializer's arguments: {}",
+                        crate::codec::handles_refusal(crate::codec::Peer::MpiRank)
+                    );
+                    return Err(Error::Encode { message });
                 }
-                ranks.iter().map(|r| r.workers as usize).sum()
+                hosts.places().iter().map(|r| r.workers as usize).sum()
             }
             Transport::Local => processes,
         };
         let workers = match &transport {
             Transport::Local => processes,
             #[cfg(feature = "mpi")]
-            Transport::Ranks(ranks) => ranks.len(),
+            Transport::Remote(hosts) => hosts.places().len(),
         };
         let config = Config {
             processes,
@@ -151,7 +151,7 @@ impl PoolBuilder {
             transport,
             start_method: self.start_method.unwrap_or_else(crate::get_start_method),
         };
-        let (core, reader) = start(config, workers)?;
+        let (core, reader) = Core::start(config, workers)?;
         let pool = Pool {
             core,
             reader: Mutex::new(Some(reader)),
@@ -169,61 +169,10 @@ impl PoolBuilder {
     fn transport(&self) -> Transport {
         #[cfg(feature = "mpi")]
         if self.mpi {
-            if let Some(ranks) = super::ranks::serving_ranks() {
-                return Transport::Ranks(ranks);
+            if let Some(ranks) = super::ranks::transport() {
+                return ranks;
             }
         }
         Transport::Local
     }
-}
-
-/// Starts a pool's core, its reader thread and its `workers` workers.
-/// On failure, the workers already started are stopped.
-pub(super) fn start(
-    config: Config,
-    workers: usize,
-) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
-    let (core, waker) = Core::new(config)?;
-    let reader = {
-        let core = Arc::clone(&core);
-        std::thread::Builder::new()
-            .name("multiproc-pool".into())
-            .spawn(move || core.read_loop(waker))
-            .map_err(|e| Error::io("could not start the pool's thread", e))?
-    };
-    for _ in 0..workers {
-        if let Err(err) = core.start_worker() {
-            core.terminate(Some(reader));
-            return Err(err);
-        }
-    }
-    Ok((core, reader))
-}
-
-/// A local pool of `workers` processes with `init` (a serving MPI rank's
-/// own, for one session); waits until the initializer ran in each.
-#[cfg(feature = "mpi")]
-pub(super) fn start_local(
-    workers: usize,
-    init: protocol::WorkerInit,
-) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
-    let has_initializer = init.initializer.is_some();
-    let config = Config {
-        processes: workers,
-        workers,
-        init,
-        init_fds: Vec::new(),
-        transport: Transport::Local,
-        // Re-executed children: a fork of an MPI process would share its
-        // MPI state.
-        start_method: crate::StartMethod::Spawn,
-    };
-    let (core, reader) = start(config, workers)?;
-    if has_initializer {
-        if let Err(err) = core.wait_ready() {
-            core.terminate(Some(reader));
-            return Err(err);
-        }
-    }
-    Ok((core, reader))
 }

@@ -68,16 +68,16 @@ pub(super) struct ChunkEncoder {
     name: &'static str,
     /// Capacity for the next buffer (the last chunk's size).
     hint: usize,
-    /// The chunks go to another host: handles are refused.
-    remote: bool,
+    /// Where the chunks go (handles are refused unless on this host).
+    peer: codec::Peer,
 }
 
 impl ChunkEncoder {
-    pub(super) fn new<F: 'static>(remote: bool) -> Result<ChunkEncoder> {
+    pub(super) fn new<F: 'static>(peer: codec::Peer) -> Result<ChunkEncoder> {
         Ok(ChunkEncoder {
             name: registry::lookup_type::<F>()?.name(),
             hint: 0,
-            remote,
+            peer,
         })
     }
 
@@ -95,7 +95,7 @@ impl ChunkEncoder {
         // Items taken so far (the first one, even if it fails to encode).
         let mut count = 1usize;
         let result = ChunkBody::begin(&mut buf, self.name).and_then(|()| {
-            codec::off_host(self.remote, || {
+            codec::encoding_for(self.peer, || {
                 codec::with_fd_sink(&mut fds, || {
                     let mut enc = codec::SeqEncoder::new(&mut buf);
                     enc.push_value(&first)?;

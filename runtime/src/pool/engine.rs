@@ -114,18 +114,51 @@ struct Conn {
 enum Tx {
     /// A local worker process's socket.
     Socket(Mutex<Channel>),
-    /// A serving MPI rank (`super::ranks`).
+    /// A worker on another host.
     #[cfg(feature = "mpi")]
-    Rank(super::ranks::RankTx),
+    Remote(Arc<dyn RemoteWorker>),
 }
 
-/// What runs a worker's chunks: a local child, or a session on a serving
-/// MPI rank.
+/// What runs a worker's chunks: a local child, or a worker on another
+/// host.
 #[derive(Debug)]
 enum Proc {
     Child(ChildProc),
     #[cfg(feature = "mpi")]
-    Rank(super::ranks::RankProc),
+    Remote(Arc<dyn RemoteWorker>),
+}
+
+/// A worker on another host, as the engine sees it. The transport that
+/// reaches it implements this (`super::ranks`: a session on a serving MPI
+/// rank), so the engine knows no transport but its own sockets. Its
+/// answers come back through [`Core::on_frame`] (then
+/// [`Core::retire_if_done`] and [`Core::dispatch`]).
+#[cfg(feature = "mpi")]
+pub(crate) trait RemoteWorker: std::marker::Send + Sync + std::fmt::Debug {
+    /// The place it runs on (a serving rank), one worker of a pool each.
+    fn place(&self) -> i32;
+    /// Sends its start (an encoded [`WorkerInit`]), answered `Ready` or
+    /// `InitFailed`.
+    fn start(&self, init: &[u8]) -> Result<()>;
+    /// Sends a frame of the pool protocol, in parts; it is answered.
+    fn send(&self, tag: u32, parts: &[&[u8]]) -> Result<()>;
+    /// Ends it: its late answers are dropped. Later calls do nothing.
+    fn stop(&self);
+}
+
+/// Where a pool's remote workers are opened (the serving ranks of an MPI
+/// job).
+#[cfg(feature = "mpi")]
+pub(crate) trait RemoteHosts: std::marker::Send + Sync + std::fmt::Debug {
+    /// The places, each of which runs one worker of a pool.
+    fn places(&self) -> &[crate::child::ranks::RankInfo];
+    /// Opens a worker on `place`, answering worker `key` of `core`.
+    fn open(
+        &self,
+        place: &crate::child::ranks::RankInfo,
+        core: std::sync::Weak<Core>,
+        key: u64,
+    ) -> Arc<dyn RemoteWorker>;
 }
 
 impl Proc {
@@ -135,8 +168,8 @@ impl Proc {
         match self {
             Proc::Child(child) => child.wait(timeout),
             #[cfg(feature = "mpi")]
-            Proc::Rank(rank) => {
-                rank.stop();
+            Proc::Remote(remote) => {
+                remote.stop();
                 Ok(Some(0))
             }
         }
@@ -147,8 +180,8 @@ impl Proc {
         match self {
             Proc::Child(child) => child.signal(signal),
             #[cfg(feature = "mpi")]
-            Proc::Rank(rank) => {
-                rank.stop();
+            Proc::Remote(remote) => {
+                remote.stop();
                 Ok(())
             }
         }
@@ -160,9 +193,10 @@ impl Proc {
 pub(crate) enum Transport {
     /// Child processes of this one.
     Local,
-    /// The serving ranks of the MPI job this process is rank 0 of.
+    /// Workers on other hosts (the serving ranks of the MPI job this
+    /// process is rank 0 of).
     #[cfg(feature = "mpi")]
-    Ranks(Vec<crate::child::ranks::RankInfo>),
+    Remote(Box<dyn RemoteHosts>),
 }
 
 #[derive(Debug)]
@@ -280,13 +314,40 @@ impl Core {
         Ok((core, Waker(wake_rx)))
     }
 
+    /// Starts a pool's core, its reader thread and its `workers` workers.
+    /// On failure, the workers already started are stopped.
+    pub(crate) fn start(
+        config: Config,
+        workers: usize,
+    ) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
+        let (core, waker) = Core::new(config)?;
+        let reader = {
+            let core = Arc::clone(&core);
+            std::thread::Builder::new()
+                .name("multiproc-pool".into())
+                .spawn(move || core.read_loop(waker))
+                .map_err(|e| Error::io("could not start the pool's thread", e))?
+        };
+        for _ in 0..workers {
+            if let Err(err) = core.start_worker() {
+                core.terminate(Some(reader));
+                return Err(err);
+            }
+        }
+        Ok((core, reader))
+    }
+
     pub(crate) fn processes(&self) -> usize {
         self.config.processes
     }
 
-    /// The workers are on other hosts: handles cannot go to them.
-    pub(crate) fn remote(&self) -> bool {
-        !matches!(self.config.transport, Transport::Local)
+    /// Where the chunks go (handles go only to this host).
+    pub(crate) fn peer(&self) -> codec::Peer {
+        match self.config.transport {
+            Transport::Local => codec::Peer::ThisHost,
+            #[cfg(feature = "mpi")]
+            Transport::Remote(_) => codec::Peer::MpiRank,
+        }
     }
 
     fn wake(&self) {
@@ -307,8 +368,8 @@ impl Core {
     /// adopt, or a session on a serving rank (no channel).
     fn spawn_worker(&self) -> Result<(u64, Option<Channel>)> {
         #[cfg(feature = "mpi")]
-        if let Transport::Ranks(ranks) = &self.config.transport {
-            return self.start_rank(ranks).map(|key| (key, None));
+        if let Transport::Remote(hosts) = &self.config.transport {
+            return self.start_remote(hosts.as_ref()).map(|key| (key, None));
         }
         let name = format!(
             "PoolWorker-{}",
@@ -360,21 +421,22 @@ impl Core {
         Ok((key, Some(channel)))
     }
 
-    /// Opens a session on the first serving rank no worker of this pool
-    /// uses, and sends it the start; the worker's key.
+    /// Opens a worker on the first place no worker of this pool uses,
+    /// and sends it the start; the worker's key.
     #[cfg(feature = "mpi")]
-    fn start_rank(&self, ranks: &[crate::child::ranks::RankInfo]) -> Result<u64> {
+    fn start_remote(&self, hosts: &dyn RemoteHosts) -> Result<u64> {
         let proc = {
             let mut st = lock(&self.state);
             if matches!(st.phase, Phase::Stopping) {
                 return Err(Error::Closed);
             }
-            let used = |rank: i32| {
+            let used = |place: i32| {
                 st.workers
                     .iter()
-                    .any(|w| matches!(&w.child, Proc::Rank(p) if p.rank() == rank))
+                    .any(|w| matches!(&w.child, Proc::Remote(p) if p.place() == place))
             };
-            let info = ranks
+            let info = hosts
+                .places()
                 .iter()
                 .find(|info| !used(info.rank))
                 .copied()
@@ -383,14 +445,14 @@ impl Core {
                 })?;
             let key = st.next_key;
             st.next_key += 1;
-            let (proc, tx) = super::ranks::open(&info, self.me.clone(), key);
+            let remote = hosts.open(&info, self.me.clone(), key);
             st.workers.push(Worker {
                 key,
                 conn: Arc::new(Conn {
                     pid: info.pid,
-                    tx: Tx::Rank(tx),
+                    tx: Tx::Remote(Arc::clone(&remote)),
                 }),
-                child: Proc::Rank(proc.clone()),
+                child: Proc::Remote(Arc::clone(&remote)),
                 in_flight: Vec::new(),
                 sent: 0,
                 slots: SLOTS * info.workers as usize,
@@ -398,7 +460,7 @@ impl Core {
                 input: None,
                 output: None,
             });
-            (key, proc)
+            (key, remote)
         };
         // After the worker is in the state: its answer may come at once.
         proc.1.start(&self.init_bytes)?;
@@ -562,10 +624,10 @@ impl Core {
             let tx = match &conn.tx {
                 Tx::Socket(tx) => tx,
                 #[cfg(feature = "mpi")]
-                Tx::Rank(rank) => {
-                    // Nothing sees a rank's send fail later: fail it now.
+                Tx::Remote(remote) => {
+                    // Nothing sees a remote send fail later: fail it now.
                     let task = ToWorker::Task { id, body: &payload };
-                    if let Err(err) = task.with_parts(|tag, parts| rank.send(tag, parts)) {
+                    if let Err(err) = task.with_parts(|tag, parts| remote.send(tag, parts)) {
                         self.fail_chunk(key, id, err);
                     }
                     continue;
@@ -585,7 +647,7 @@ impl Core {
                     continue;
                 }
             }
-            let _ = key; // the rank transport's
+            let _ = key; // the remote transport's
             let task = ToWorker::Task { id, body: &payload };
             let _ = task.send(&lock(tx), &fds);
         }

@@ -48,7 +48,7 @@ impl Outcome {
             } => {
                 if !fds.is_empty() {
                     return Err(Error::Encode {
-                        message: codec_refusal(),
+                        message: crate::codec::handles_refusal(crate::codec::Peer::MpiRank),
                     });
                 }
                 bytes.drain(..offset.min(bytes.len()));
@@ -58,16 +58,6 @@ impl Outcome {
             Outcome::Failed(err) => Err(err),
         }
     }
-}
-
-/// Why results that carry handles do not go back to rank 0 (a serving
-/// rank's local worker encoded them: only their descriptors tell).
-#[cfg(feature = "mpi")]
-fn codec_refusal() -> String {
-    crate::codec::off_host(true, || {
-        crate::codec::off_host_refusal(|| "handle (Queue, Lock, Value, Connection...)".to_string())
-    })
-    .unwrap_or_default()
 }
 
 /// One chunk of a job: where its items start in the job's input.

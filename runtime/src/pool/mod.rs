@@ -216,7 +216,7 @@ impl Pool {
         n: usize,
         chunksize: Option<usize>,
     ) -> Result<(JobGuard, usize, usize)> {
-        let mut encoder = ChunkEncoder::new::<F>(self.core.remote())?;
+        let mut encoder = ChunkEncoder::new::<F>(self.core.peer())?;
         let mut plan = ChunkPlan::new(n, self.processes(), chunksize);
         let job = JobGuard(Arc::new(Job::default()));
         let (mut chunks, mut first) = (0usize, 0usize);
@@ -657,7 +657,7 @@ impl Pool {
         Ok(Imap {
             pool: self,
             input: Some(iter.into_iter()),
-            encoder: ChunkEncoder::new::<F>(self.core.remote())?,
+            encoder: ChunkEncoder::new::<F>(self.core.peer())?,
             job: JobGuard(Arc::new(Job::default())),
             chunksize,
             window: (engine::SLOTS + 1) * self.processes(),

@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::Communicator;
 
-use super::engine::Core;
+use super::engine::{Config, Core, RemoteHosts, RemoteWorker, Task, Transport};
 use super::job::lock;
 use super::protocol::{FromWorker, TaskFailure, ToWorker, WorkerInit};
 use super::worker;
@@ -96,12 +96,35 @@ inventory::submit! {
     Role { serve, finish }
 }
 
-/// The serving ranks, when this process is rank 0 of an MPI job with at
-/// least one of them.
-pub(crate) fn serving_ranks() -> Option<Vec<RankInfo>> {
+/// The serving ranks as a pool's transport, when this process is rank 0
+/// of an MPI job with at least one of them.
+pub(crate) fn transport() -> Option<Transport> {
     let world = launch::world()?;
     (world.rank == 0 && world.serialized && !world.serving.is_empty())
-        .then(|| world.serving.clone())
+        .then(|| Transport::Remote(Box::new(Ranks(world.serving.clone()))))
+}
+
+/// The serving ranks, where a pool opens its sessions.
+#[derive(Debug)]
+struct Ranks(Vec<RankInfo>);
+
+impl RemoteHosts for Ranks {
+    fn places(&self) -> &[RankInfo] {
+        &self.0
+    }
+
+    fn open(&self, info: &RankInfo, core: Weak<Core>, key: u64) -> Arc<dyn RemoteWorker> {
+        let link = link();
+        let session = link.next_session.fetch_add(1, Ordering::Relaxed);
+        lock(&link.state)
+            .sessions
+            .insert(session, Session { core, key });
+        Arc::new(RankSession {
+            rank: info.rank,
+            session,
+            closed: AtomicBool::new(false),
+        })
+    }
 }
 
 /// A frame's bytes, in parts, with the trailer.
@@ -305,35 +328,34 @@ impl Link {
     }
 }
 
-/// Opens a session on `info`'s rank for the worker `key` of `core`.
-pub(crate) fn open(info: &RankInfo, core: Weak<Core>, key: u64) -> (RankProc, RankTx) {
-    let link = link();
-    let session = link.next_session.fetch_add(1, Ordering::Relaxed);
-    lock(&link.state)
-        .sessions
-        .insert(session, Session { core, key });
-    let proc = RankProc(Arc::new(ProcInner {
-        rank: info.rank,
-        session,
-        closed: AtomicBool::new(false),
-    }));
-    let tx = RankTx {
-        rank: info.rank,
-        session,
-    };
-    (proc, tx)
-}
-
-/// The sending side of a session.
+/// A session on a serving rank: what a worker process is to the local
+/// pool. Dropped (or stopped), its late answers are dropped and its queued
+/// tasks answered without running.
 #[derive(Debug)]
-pub(crate) struct RankTx {
+struct RankSession {
     rank: i32,
     session: u32,
+    closed: AtomicBool,
 }
 
-impl RankTx {
-    /// Queues a frame of the pool protocol (it is answered).
-    pub(crate) fn send(&self, tag: u32, parts: &[&[u8]]) -> Result<()> {
+impl RemoteWorker for RankSession {
+    fn place(&self) -> i32 {
+        self.rank
+    }
+
+    fn start(&self, init: &[u8]) -> Result<()> {
+        if init.len() as u64 + TRAILER as u64 > MPI_MAX {
+            return Err(Error::MessageTooLarge {
+                size: init.len() as u64,
+                limit: MPI_MAX,
+            });
+        }
+        let link = link();
+        link.ensure_thread()?;
+        link.push(self.rank, pack(TAG_START, self.session, &[init]), true)
+    }
+
+    fn send(&self, tag: u32, parts: &[&[u8]]) -> Result<()> {
         let size = parts.iter().map(|p| p.len() as u64).sum::<u64>() + TRAILER as u64;
         if size > MPI_MAX {
             return Err(Error::MessageTooLarge {
@@ -343,56 +365,20 @@ impl RankTx {
         }
         link().push(self.rank, pack(tag, self.session, parts), true)
     }
-}
 
-#[derive(Debug)]
-struct ProcInner {
-    rank: i32,
-    session: u32,
-    closed: AtomicBool,
-}
-
-/// A session on a serving rank: what a worker process is to the local pool.
-#[derive(Debug, Clone)]
-pub(crate) struct RankProc(Arc<ProcInner>);
-
-impl RankProc {
-    pub(crate) fn rank(&self) -> i32 {
-        self.0.rank
-    }
-
-    /// Sends the session's start (the initializer, the task limit).
-    pub(crate) fn start(&self, init: &[u8]) -> Result<()> {
-        if init.len() as u64 + TRAILER as u64 > MPI_MAX {
-            return Err(Error::MessageTooLarge {
-                size: init.len() as u64,
-                limit: MPI_MAX,
-            });
-        }
-        let link = link();
-        link.ensure_thread()?;
-        link.push(self.0.rank, pack(TAG_START, self.0.session, &[init]), true)
-    }
-
-    /// Ends the session: its late answers are dropped, its queued tasks
-    /// are answered without running. Once.
-    pub(crate) fn stop(&self) {
-        if self.0.closed.swap(true, Ordering::SeqCst) {
+    fn stop(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         let link = link();
-        lock(&link.state).sessions.remove(&self.0.session);
-        let _ = link.push(self.0.rank, pack(TAG_STOP, self.0.session, &[]), false);
+        lock(&link.state).sessions.remove(&self.session);
+        let _ = link.push(self.rank, pack(TAG_STOP, self.session, &[]), false);
     }
 }
 
-impl Drop for ProcInner {
+impl Drop for RankSession {
     fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::SeqCst) {
-            let link = link();
-            lock(&link.state).sessions.remove(&self.session);
-            let _ = link.push(self.rank, pack(TAG_STOP, self.session, &[]), false);
-        }
+        self.stop();
     }
 }
 
@@ -530,7 +516,7 @@ fn serve(world: &World) -> i32 {
                     continue;
                 }
                 // Results travel back to rank 0: handles are refused there too.
-                let ran = codec::off_host(true, || {
+                let ran = codec::encoding_for(codec::Peer::MpiRank, || {
                     worker::run_chunk(&mut cached, body, Vec::new(), &mut out, &mut out_fds)
                 });
                 out_fds.clear();
@@ -551,6 +537,33 @@ fn serve(world: &World) -> i32 {
     }
 }
 
+/// A local pool of `workers` processes with `init` (a serving rank's own,
+/// for one session); waits until the initializer ran in each.
+fn start_local(
+    workers: usize,
+    init: WorkerInit,
+) -> Result<(Arc<Core>, std::thread::JoinHandle<()>)> {
+    let has_initializer = init.initializer.is_some();
+    let config = Config {
+        processes: workers,
+        workers,
+        init,
+        init_fds: Vec::new(),
+        transport: Transport::Local,
+        // Re-executed children: a fork of an MPI process would share its
+        // MPI state.
+        start_method: crate::StartMethod::Spawn,
+    };
+    let (core, reader) = Core::start(config, workers)?;
+    if has_initializer {
+        if let Err(err) = core.wait_ready() {
+            core.terminate(Some(reader));
+            return Err(err);
+        }
+    }
+    Ok((core, reader))
+}
+
 /// A session's local pool on a serving rank: chunks from rank 0 go whole
 /// to local worker processes (the local transport, with the session's
 /// initializer and task limit), their outcomes back to rank 0.
@@ -565,7 +578,7 @@ struct LocalFanOut {
 
 impl LocalFanOut {
     fn new(workers: usize, init: WorkerInit) -> Result<LocalFanOut> {
-        let (core, reader) = super::builder::start_local(workers, init)?;
+        let (core, reader) = start_local(workers, init)?;
         Ok(LocalFanOut {
             core,
             reader: Some(reader),
@@ -583,7 +596,7 @@ impl LocalFanOut {
             first: 0,
             count: super::protocol::ChunkBody::items(body),
         };
-        let task = super::engine::Task::new(Arc::clone(&self.job), info, body.to_vec(), Vec::new());
+        let task = Task::new(Arc::clone(&self.job), info, body.to_vec(), Vec::new());
         self.running.insert(index, id);
         self.core.submit([task])
     }
