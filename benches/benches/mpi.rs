@@ -84,37 +84,41 @@ fn main() -> multiproc::Result<()> {
     let expect: Vec<u64> = (0..N).map(|x| x * x * x).collect();
     let mut out = String::new();
 
+    // `-x MPI_BENCH_ROUND_TRIP_ONLY=1`: the round trip and the idle CPU
+    // only (a few seconds; the figure that swings most with the load).
+    let only_rt = std::env::var_os("MPI_BENCH_ROUND_TRIP_ONLY").is_some();
     // 1. map(cube, 0..1M), alternating, warm.
-    assert_eq!(ranks.map(cube, 0..N)?, expect);
-    assert_eq!(local.map(cube, 0..N)?, expect);
-    let (mut on_ranks, mut on_local) = (Vec::new(), Vec::new());
-    for _ in 0..21 {
-        on_ranks.push(time(|| drop(ranks.map(cube, 0..N).expect("map"))));
-        on_local.push(time(|| drop(local.map(cube, 0..N).expect("map"))));
-    }
-    let (r, l) = (median(on_ranks), median(on_local));
-    writeln!(out, "| `map(cube, 0..1_000_000)` | 2 serving ranks: {:.2} ms | local pool, 2 workers: {:.2} ms | {:.2}x local (goal <= 2x) |", r * 1e3, l * 1e3, r / l).ok();
-
-    // 2. Tiny tasks, chunked.
-    for chunk in [1000usize, 100] {
-        let _ = ranks.map_chunked(cube, 0..N, chunk)?;
-        let mut runs = Vec::new();
-        for _ in 0..7 {
-            runs.push(time(|| {
-                drop(ranks.map_chunked(cube, 0..N, chunk).expect("map"))
-            }));
+    if !only_rt {
+        assert_eq!(ranks.map(cube, 0..N)?, expect);
+        assert_eq!(local.map(cube, 0..N)?, expect);
+        let (mut on_ranks, mut on_local) = (Vec::new(), Vec::new());
+        for _ in 0..21 {
+            on_ranks.push(time(|| drop(ranks.map(cube, 0..N).expect("map"))));
+            on_local.push(time(|| drop(local.map(cube, 0..N).expect("map"))));
         }
-        let t = median(runs);
-        let mut lruns = Vec::new();
-        for _ in 0..7 {
-            lruns.push(time(|| {
-                drop(local.map_chunked(cube, 0..N, chunk).expect("map"))
-            }));
-        }
-        let lt = median(lruns);
-        writeln!(out, "| tiny tasks, chunksize {chunk} | 2 serving ranks: {:.2} M tasks/s | local pool: {:.2} M tasks/s | goal >= 1.5 M/s |", N as f64 / t / 1e6, N as f64 / lt / 1e6).ok();
-    }
+        let (r, l) = (median(on_ranks), median(on_local));
+        writeln!(out, "| `map(cube, 0..1_000_000)` | 2 serving ranks: {:.2} ms | local pool, 2 workers: {:.2} ms | {:.2}x local (goal <= 2x) |", r * 1e3, l * 1e3, r / l).ok();
 
+        // 2. Tiny tasks, chunked.
+        for chunk in [1000usize, 100] {
+            let _ = ranks.map_chunked(cube, 0..N, chunk)?;
+            let mut runs = Vec::new();
+            for _ in 0..7 {
+                runs.push(time(|| {
+                    drop(ranks.map_chunked(cube, 0..N, chunk).expect("map"))
+                }));
+            }
+            let t = median(runs);
+            let mut lruns = Vec::new();
+            for _ in 0..7 {
+                lruns.push(time(|| {
+                    drop(local.map_chunked(cube, 0..N, chunk).expect("map"))
+                }));
+            }
+            let lt = median(lruns);
+            writeln!(out, "| tiny tasks, chunksize {chunk} | 2 serving ranks: {:.2} M tasks/s | local pool: {:.2} M tasks/s | goal >= 1.5 M/s |", N as f64 / t / 1e6, N as f64 / lt / 1e6).ok();
+        }
+    }
     // 3. One task's round trip, and the raw ping-pong with the same rank.
     let rounds = 2000u64;
     let (mut ours, mut raw, mut loc) = (Vec::new(), Vec::new(), Vec::new());

@@ -91,6 +91,26 @@ pub(crate) struct JobState {
     /// Its results are delivered to callbacks: dropping its owner does not
     /// cancel it.
     pub(crate) detached: bool,
+    /// The transport its chunks went to, when a waiting thread makes it
+    /// progress itself instead of sleeping (see [`Drive`]).
+    pub(crate) driver: Option<&'static dyn Drive>,
+}
+
+/// A transport that a thread waiting for a job's results drives itself:
+/// it polls for its own answers (the pool on MPI ranks), which saves the
+/// crossing of two threads that a wake-up costs. The wait falls back to
+/// the job's condition variable when [`drive`](Drive::drive) returns
+/// without progress.
+pub(crate) trait Drive: Sync {
+    /// Makes progress until `progressed()`, `deadline`, or a short while
+    /// has passed (never long: the transport's own thread takes over).
+    fn drive(&self, progressed: &dyn Fn() -> bool, deadline: Option<Instant>);
+}
+
+impl std::fmt::Debug for dyn Drive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Drive")
+    }
 }
 
 /// Closures run when a job is finished.
@@ -264,10 +284,25 @@ impl Job {
 
     /// Waits for the next completion; `None` once `deadline` has passed.
     fn wait<'a>(
-        &self,
+        &'a self,
         st: MutexGuard<'a, JobState>,
         deadline: Option<Instant>,
     ) -> Option<MutexGuard<'a, JobState>> {
+        let st = match st.driver {
+            Some(driver) => {
+                let seen = st.done;
+                drop(st);
+                driver.drive(&|| lock(&self.state).done != seen, deadline);
+                let st = lock(&self.state);
+                // A completion while this thread drove did not wait on
+                // the condition variable: it is seen here.
+                if st.done != seen {
+                    return Some(st);
+                }
+                st
+            }
+            None => st,
+        };
         match deadline {
             None => Some(self.cond.wait(st).unwrap_or_else(|p| p.into_inner())),
             Some(d) => {
