@@ -39,7 +39,8 @@
 //!   one task is one thread's send and receive, as in a raw ping-pong);
 //! - otherwise the transport's thread: while answers are due it spins
 //!   (yielding) for [`DUE_SPIN`] after the last message, then sleeps in
-//!   growing steps up to [`DUE_NAP`]. It sleeps while a thread drives.
+//!   growing steps up to [`DUE_NAP`]. While a thread drives it naps
+//!   ([`DUE_NAP`]) and takes over when the driver stops.
 //!   With nothing due it naps ([`IDLE_NAP`]) for [`IDLE_WINDOW`], so that
 //!   queuing a frame wakes nobody while callers drive their own answers,
 //!   then waits on a condition variable (no CPU at all) and a new frame
@@ -324,7 +325,15 @@ impl Link {
                         break;
                     }
                     let idle = last_work.elapsed();
-                    if idle < IDLE_WINDOW {
+                    if work {
+                        // A thread drives: this one takes over at most a
+                        // nap after it stops.
+                        st = self
+                            .changed
+                            .wait_timeout(st, DUE_NAP)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    } else if idle < IDLE_WINDOW {
                         st = self
                             .changed
                             .wait_timeout(st, IDLE_NAP.min(IDLE_WINDOW - idle))
@@ -408,21 +417,27 @@ impl Drive for Link {
         }
         let until = Instant::now() + DRIVE_SPIN;
         let until = deadline.map_or(until, |d| d.min(until));
-        loop {
+        let progress = loop {
             // Another driver, or the thread finishing a round: the next
             // turn is soon.
             if let Ok(mut sending) = self.calls.try_lock() {
                 self.round(&mut sending);
             }
-            if progressed() || Instant::now() >= until {
-                break;
+            if progressed() {
+                break true;
+            }
+            if Instant::now() >= until {
+                break false;
             }
             std::thread::yield_now();
-        }
+        };
         let mut st = lock(&self.state);
         st.drivers -= 1;
         let sending = self.sending.load(Ordering::Acquire) > 0;
-        let wake = st.drivers == 0 && (st.due > 0 || !st.outbox.is_empty() || sending);
+        // A caller that got its answer is usually back soon (the next
+        // result of its map): the thread takes over after its nap. One
+        // that gave up hands over now.
+        let wake = !progress && st.drivers == 0 && (st.due > 0 || !st.outbox.is_empty() || sending);
         drop(st);
         if wake {
             self.changed.notify_all();
