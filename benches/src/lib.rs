@@ -4,6 +4,9 @@
 //! compared with in the `queue` and `pipe` benches: a child of the bench
 //! binary echoes 8-byte messages with plain `read`/`write`.
 
+pub mod plot;
+pub mod work;
+
 use std::io::{Read, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 

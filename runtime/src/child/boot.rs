@@ -51,7 +51,7 @@ struct Claim {
     /// one's does too: the child runs from there, on the real main thread.
     in_main: bool,
     /// This process is the forkserver: it runs on the thread it was
-    /// started with and never starts another (`child::forkserver`).
+    /// started with and never starts another (`child::server`).
     server: bool,
     socket: OwnedFd,
 }
@@ -390,7 +390,7 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
         name: start.process_name.clone(),
         parent: Some((start.parent_name.clone(), start.parent_pid)),
     });
-    if claim.server != (start.name == super::forkserver::ENTRY) {
+    if claim.server != (start.name == super::protocol::FORKSERVER) {
         return Err(refuse(
             &channel,
             Error::misuse(format!(

@@ -30,12 +30,23 @@
 //! otherwise a watcher thread that sees the parent's end of the socket
 //! close.
 //!
-//! The start method `forkserver` ([`forkserver`]) starts one spawned child
-//! marked `:s` (`:sm` under `#[multiproc::main]`): the server, which runs
-//! single-threaded and forks the others on request. A forked child gets
-//! its socket from the server instead of at [`CHILD_FD`], and from there
-//! reads the same start message and makes the same checks as a spawned
-//! one (`boot::run_forked`).
+//! The start method `forkserver` starts one spawned child marked `:s`
+//! (`:sm` under `#[multiproc::main]`): the server ([`server`]), which runs
+//! single-threaded and forks the others on request ([`forkserver`] is the
+//! program's link to it). A forked child gets its socket from the server
+//! instead of at [`CHILD_FD`], and from there reads the same start message
+//! and makes the same checks as a spawned one (`boot::run_forked`).
+//!
+//! The files form layers, each using only those below it:
+//!
+//! - the parent's side: [`start`] (a start by either method, a spawned
+//!   child's outcome) over [`forkserver`] (the link to the server) over
+//!   [`spawn`] (a fresh start of the executable, the start message) over
+//!   [`proc`] (a started child: pidfd, exit status, its first frame);
+//! - the child's side: [`server`] (the forkserver process) over [`boot`]
+//!   (a child starts, runs, reports);
+//! - under both: [`protocol`] (every message, its tag and layout) and this
+//!   file (the process's identity, authkey, start method).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
@@ -45,16 +56,20 @@ use crate::error::{Error, Result};
 
 mod boot;
 mod forkserver;
+mod proc;
 mod protocol;
 #[cfg(feature = "mpi")]
 pub(crate) mod ranks;
+mod server;
+mod spawn;
 mod start;
 
 pub(crate) use boot::main_dispatches;
 pub use boot::{init, main_init};
 pub(crate) use forkserver::{set_preload, start_server_now};
+pub(crate) use proc::ChildProc;
 pub(crate) use protocol::{Message, Mode, Start};
-pub(crate) use start::{ChildProc, next_process_name, read_outcome, start_child_by};
+pub(crate) use start::{next_process_name, read_outcome, start_child_by};
 
 /// The environment variable that marks a process as a multiproc child.
 pub(crate) const ENV_VAR: &str = "MULTIPROC_CHILD";

@@ -17,6 +17,19 @@
 //! protocol on the socket after the start (`pool::protocol`), where a
 //! [`Message::Failed`] can still arrive before the worker ran.
 //!
+//! The forkserver ([`super::server`]) is started with a start message
+//! naming [`FORKSERVER`], whose arguments are its [`Preloads`], and then
+//! speaks its own protocol on the same socket:
+//!
+//! | message | direction | tag | bytes | descriptors |
+//! |---|---|---|---|---|
+//! | start | program → server | 1 | a [`Message::Start`] of [`FORKSERVER`], the [`Preloads`] (codec) as its arguments | none |
+//! | ready | server → program | 16 | none | none |
+//! | failed | server → program | 4 | a [`Message::Failed`]: the preload failed, or the server is not single-threaded | none |
+//! | fork | program → server | 17 | none | the child's end of its socket, the write end of its status pipe |
+//! | forked | server → program | 18 | `pid: u32` | a pidfd of the child |
+//! | fork failed | server → program | 19 | `errno: i32` | none |
+//!
 //! [`CHILD_FD`]: super::CHILD_FD
 
 use std::os::fd::OwnedFd;
@@ -32,6 +45,19 @@ const TAG_START: u32 = 1;
 const TAG_RETURNED: u32 = 2;
 const TAG_PANICKED: u32 = 3;
 const TAG_FAILED: u32 = 4;
+
+/// The forkserver's registered name (an internal entry, `child::server`).
+pub(crate) const FORKSERVER: &str = "__multiproc::forkserver";
+
+/// The forkserver's tags (see the module docs).
+pub(super) const TAG_READY: u32 = 16;
+pub(super) const TAG_FORK: u32 = 17;
+pub(super) const TAG_FORKED: u32 = 18;
+pub(super) const TAG_FORK_FAILED: u32 = 19;
+
+/// The forkserver's preloads: what it runs before it is ready, registered
+/// names and their encoded (empty) arguments.
+pub(super) type Preloads = Vec<(String, Vec<u8>)>;
 
 /// What the parent wants from the child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

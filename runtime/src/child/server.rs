@@ -1,0 +1,318 @@
+//! The forkserver process: small, single-threaded, it forks children on
+//! request, so that a child costs a fork instead of an exec (CPython's
+//! `forkserver` start method).
+//!
+//! # The server
+//!
+//! The server is the internal entry [`FORKSERVER`], started like any child
+//! (`posix_spawn` of `/proc/self/exe`) but marked `:s` in `MULTIPROC_CHILD`, so
+//! that its load-time hook runs it on the thread the loader started,
+//! once the constructors ran, and starts no thread: the server is
+//! single-threaded by construction (no `main` thread, no parent watcher:
+//! its own loop sees the program's socket close). Under
+//! `#[multiproc::main]` (`:sm`) it runs from `main`'s first line instead,
+//! on std's main thread, still the only one, so that its children run on
+//! std's `main` thread as spawned children do. It checks that (a
+//! constructor of another library may have started a thread) when it
+//! starts and again after the preload, and refuses to serve otherwise, so
+//! a fork never copies a lock held by a thread that does not exist in the
+//! child. Its loop `poll`s its socket to the program and the pidfds of
+//! its children; nothing else runs in it.
+//!
+//! # The protocol
+//!
+//! Its messages, tags and layouts are in [`super::protocol`]: the
+//! program starts the server with a start message (the preloads as its
+//! arguments) and asks for each child with a fork request carrying the
+//! child's end of its socket and the write end of its status pipe; the
+//! program's side is [`super::forkserver`].
+//!
+//! # Exit statuses and signals
+//!
+//! A forked child is the server's child: the server reaps it when its
+//! pidfd turns readable and writes its exit code (Python's numbers, an
+//! `i32`) to its status pipe, then closes the pipe. The program reads it
+//! there; the pipe is also the child's sentinel. The server opens the
+//! child's pidfd right after the fork, before it could reap it, and sends
+//! a copy: the program signals the child through it, so a signal never
+//! reaches a reused pid, without reparenting anything.
+//!
+//! # Lifetimes
+//!
+//! The server dies with the program: `PR_SET_PDEATHSIG` when it was
+//! started from the main thread, and in every case its loop ends when the
+//! program's end of its socket closes (SIGKILL included). A forked child
+//! arms `PR_SET_PDEATHSIG(SIGKILL)` towards the server (its only thread is
+//! the server), so it dies with the server, and so with the program. A
+//! server that died is restarted by the next start; a child it left dies
+//! with it and reports -9.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use nix::poll::PollFlags;
+use nix::unistd::Pid;
+
+use super::Message;
+use super::proc::exit_code;
+use super::protocol::{FORKSERVER, Preloads, TAG_FORK, TAG_FORK_FAILED, TAG_FORKED, TAG_READY};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::registry::{self, Call};
+use crate::sys;
+use crate::sys::fork::Forked;
+use crate::wire::Channel;
+
+inventory::submit! {
+    crate::registry::Entry::internal(FORKSERVER, server_main)
+}
+
+/// Exit code of a server that refuses to serve.
+const EXIT_REFUSED: i32 = 2;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A child of the server that it has not reaped yet.
+#[derive(Debug)]
+struct Kid {
+    pid: Pid,
+    pidfd: OwnedFd,
+    /// The write end of its status pipe.
+    status: OwnedFd,
+}
+
+#[derive(Debug)]
+struct Server {
+    /// `None` only in a forked child, which drops it at once.
+    control: Option<Channel>,
+    kids: Vec<Kid>,
+    requester: u32,
+    me: u32,
+}
+
+fn refuse(channel: &Channel, err: Error) -> i32 {
+    let _ = Message::Failed(err).send(channel, &[]);
+    EXIT_REFUSED
+}
+
+fn single_threaded(when: &str) -> Result<()> {
+    match sys::fork::thread_count() {
+        Ok(1) => Ok(()),
+        Ok(n) => Err(Error::misuse(format!(
+            "the forkserver has {n} threads {when}, and forking a multithreaded process is \
+             unsound; a load-time constructor or the preload started a thread (use the \
+             spawn start method)"
+        ))),
+        Err(err) => Err(Error::io("could not count the forkserver's threads", err)),
+    }
+}
+
+/// Under `panic = "abort"`: where a panicking preload is reported, taken
+/// (and closed) once the preload is done, so that no forked child holds a
+/// copy of the server's socket.
+static PRELOAD_REPORT: Mutex<Option<Channel>> = Mutex::new(None);
+
+/// Under `panic = "abort"`: the panic hook's last act when the preload
+/// panics; the program gets the panic as it would with unwinding.
+fn report_preload_abort(record: registry::PanicRecord) {
+    let taken = PRELOAD_REPORT.try_lock().ok().and_then(|mut c| c.take());
+    if let Some(channel) = taken {
+        let err = record.into_error(std::process::id(), None);
+        let _ = Message::Failed(err).send(&channel, &[]);
+    }
+    std::process::exit(EXIT_REFUSED);
+}
+
+/// After the preload: a panic aborts as it would without a reporter.
+fn no_report(_record: registry::PanicRecord) {}
+
+/// The server's entry point (see the module docs).
+fn server_main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
+    if let Err(err) = single_threaded("at its start") {
+        return refuse(&channel, err);
+    }
+    if cfg!(panic = "abort") {
+        if let Ok(fd) = channel.fd().try_clone_to_owned() {
+            *lock(&PRELOAD_REPORT) = Some(Channel::new(fd));
+            registry::set_abort_reporter(report_preload_abort);
+        }
+    }
+    let preloads: Preloads = match codec::decode(&args, fds) {
+        Ok(preloads) => preloads,
+        Err(err) => return refuse(&channel, err),
+    };
+    for (name, args) in &preloads {
+        let entry = match registry::lookup_name(name) {
+            Ok(entry) if entry.internal_main().is_none() => entry,
+            Ok(_) => {
+                return refuse(
+                    &channel,
+                    Error::misuse(format!("`{name}` cannot be a forkserver preload")),
+                );
+            }
+            Err(err) => return refuse(&channel, err),
+        };
+        let (mut out, mut out_fds) = (Vec::new(), Vec::new());
+        if let Err(err) = entry.invoke(&mut Call::single(args, Vec::new(), &mut out, &mut out_fds))
+        {
+            return refuse(&channel, err);
+        }
+    }
+    if cfg!(panic = "abort") {
+        drop(lock(&PRELOAD_REPORT).take());
+        registry::set_abort_reporter(no_report);
+    }
+    if let Err(err) = single_threaded("after its preload") {
+        return refuse(&channel, err);
+    }
+    // What the preload printed is flushed here, not by every child.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    if channel.send(TAG_READY, &[], &[]).is_err() {
+        return 1;
+    }
+    let requester = super::identity().parent.as_ref().map_or(0, |(_, pid)| *pid);
+    let mut server = Server {
+        control: Some(channel),
+        kids: Vec::new(),
+        requester,
+        me: std::process::id(),
+    };
+    server.serve()
+}
+
+impl Server {
+    /// The loop: forks on request, relays exit statuses, ends when the
+    /// program's end of the socket closes. Returns the exit code.
+    fn serve(&mut self) -> i32 {
+        loop {
+            let Some(control) = self.control.as_ref() else {
+                return 0;
+            };
+            let request_waiting = control.has_buffered_outcome();
+            let events = {
+                let mut fds = Vec::with_capacity(1 + self.kids.len());
+                fds.push((control.fd(), PollFlags::POLLIN | sys::POLLRDHUP));
+                fds.extend(
+                    self.kids
+                        .iter()
+                        .map(|k| (k.pidfd.as_fd(), PollFlags::POLLIN)),
+                );
+                let timeout = request_waiting.then_some(Duration::ZERO);
+                match sys::poll_many(&fds, timeout) {
+                    Ok(events) => events,
+                    Err(_) => return 1,
+                }
+            };
+            // Reap first: a pid is never reused while its kid is listed.
+            for at in (0..self.kids.len()).rev() {
+                if !events[at + 1].is_empty() {
+                    self.reap(at);
+                }
+            }
+            let control_events = events[0];
+            if request_waiting || control_events.contains(PollFlags::POLLIN) {
+                if let Err(code) = self.request() {
+                    return code;
+                }
+            } else if control_events
+                .intersects(PollFlags::POLLHUP | PollFlags::POLLERR | sys::POLLRDHUP)
+            {
+                // The program is gone: so is the server (its children die
+                // of their death signal).
+                return 0;
+            }
+        }
+    }
+
+    /// Reaps kid `at` if it has exited, and relays its status.
+    fn reap(&mut self, at: usize) {
+        match sys::try_reap(self.kids[at].pid) {
+            Ok(None) => {}
+            Ok(Some(status)) => {
+                let kid = self.kids.swap_remove(at);
+                let code = exit_code(status).to_le_bytes();
+                // A program that dropped its end does not want it.
+                let _ = sys::write(kid.status.as_fd(), &code);
+            }
+            // ECHILD: not ours (cannot happen); forget it, closing its pipe.
+            Err(_) => {
+                self.kids.swap_remove(at);
+            }
+        }
+    }
+
+    /// Reads and serves one request. `Err(code)`: the server must end.
+    fn request(&mut self) -> std::result::Result<(), i32> {
+        let Some(control) = self.control.as_mut() else {
+            return Err(0);
+        };
+        let frame = match control.recv(None) {
+            Ok(frame) => frame,
+            Err(Error::Disconnected) => return Err(0),
+            Err(_) => return Err(1),
+        };
+        let mut fds = frame.fds.into_iter();
+        match (frame.tag, fds.next(), fds.next(), fds.next()) {
+            (TAG_FORK, Some(socket), Some(status), None) => self.fork(socket, status),
+            _ => {
+                let errno = (libc::EINVAL).to_le_bytes();
+                let _ = control.send(TAG_FORK_FAILED, &[&errno], &[]);
+                Ok(())
+            }
+        }
+    }
+
+    /// Forks a child that starts on `socket`; tells the program its pid
+    /// and sends a pidfd, or why the fork failed.
+    fn fork(&mut self, socket: OwnedFd, status: OwnedFd) -> std::result::Result<(), i32> {
+        // SAFETY: this process is the forkserver, single-threaded by
+        // construction (it runs on the loader's thread and starts none),
+        // checked at its start and after its preload (`single_threaded`).
+        match unsafe { sys::fork::fork() } {
+            Ok(Forked::Child) => {
+                // The server's descriptors are not the child's: the
+                // socket to the program (whose close ends the server) and
+                // the other children's status pipes (whose close tells the
+                // program the server is gone).
+                self.control = None;
+                self.kids.clear();
+                drop(status);
+                let code = super::boot::run_forked(socket, self.requester, self.me);
+                std::process::exit(code)
+            }
+            Ok(Forked::Parent(pid)) => {
+                drop(socket);
+                let Some(control) = self.control.as_ref() else {
+                    return Err(0);
+                };
+                let opened = sys::pidfd_open(pid).and_then(|fd| Ok((fd.try_clone()?, fd)));
+                match opened {
+                    Ok((theirs, pidfd)) => {
+                        let pid_bytes = (pid.as_raw() as u32).to_le_bytes();
+                        let sent = control.send(TAG_FORKED, &[&pid_bytes], &[theirs]);
+                        // Listed even if the program is gone: it is reaped.
+                        self.kids.push(Kid { pid, pidfd, status });
+                        sent.map_err(|_| 0)
+                    }
+                    Err(err) => {
+                        // Not reaped yet, so the pid is still this child's.
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        let _ = sys::reap(pid);
+                        let errno = err.raw_os_error().unwrap_or(libc::EIO).to_le_bytes();
+                        control.send(TAG_FORK_FAILED, &[&errno], &[]).map_err(|_| 0)
+                    }
+                }
+            }
+            Err(err) => {
+                let Some(control) = self.control.as_ref() else {
+                    return Err(0);
+                };
+                let errno = err.raw_os_error().unwrap_or(libc::EIO).to_le_bytes();
+                control.send(TAG_FORK_FAILED, &[&errno], &[]).map_err(|_| 0)
+            }
+        }
+    }
+}
