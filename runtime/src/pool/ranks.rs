@@ -60,7 +60,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
@@ -408,6 +408,30 @@ const DRIVE_SPIN: Duration = Duration::from_micros(200);
 
 impl Drive for Link {
     fn drive(&self, progressed: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        /// Counts this thread out of the drivers, also if a round panics
+        /// (the transport's thread would otherwise never take over).
+        struct Driving<'a> {
+            link: &'a Link,
+            progress: bool,
+        }
+        impl Drop for Driving<'_> {
+            fn drop(&mut self) {
+                let link = self.link;
+                let mut st = lock(&link.state);
+                st.drivers -= 1;
+                let sending = link.sending.load(Ordering::Acquire) > 0;
+                // A caller that got its answer is usually back soon (the
+                // next result of its map): the thread takes over after
+                // its nap. One that gave up hands over now.
+                let wake = !self.progress
+                    && st.drivers == 0
+                    && (st.due > 0 || !st.outbox.is_empty() || sending);
+                drop(st);
+                if wake {
+                    link.changed.notify_all();
+                }
+            }
+        }
         {
             let mut st = lock(&self.state);
             if st.finishing {
@@ -415,32 +439,32 @@ impl Drive for Link {
             }
             st.drivers += 1;
         }
+        let mut driving = Driving {
+            link: self,
+            progress: false,
+        };
         let until = Instant::now() + DRIVE_SPIN;
         let until = deadline.map_or(until, |d| d.min(until));
-        let progress = loop {
-            // Another driver, or the thread finishing a round: the next
-            // turn is soon.
-            if let Ok(mut sending) = self.calls.try_lock() {
-                self.round(&mut sending);
+        loop {
+            // Busy (another driver, or the thread finishing a round): the
+            // next turn is soon.
+            match self.calls.try_lock() {
+                Ok(mut sending) => {
+                    self.round(&mut sending);
+                }
+                Err(TryLockError::Poisoned(poisoned)) => {
+                    self.round(&mut poisoned.into_inner());
+                }
+                Err(TryLockError::WouldBlock) => {}
             }
             if progressed() {
-                break true;
+                driving.progress = true;
+                return;
             }
             if Instant::now() >= until {
-                break false;
+                return;
             }
             std::thread::yield_now();
-        };
-        let mut st = lock(&self.state);
-        st.drivers -= 1;
-        let sending = self.sending.load(Ordering::Acquire) > 0;
-        // A caller that got its answer is usually back soon (the next
-        // result of its map): the thread takes over after its nap. One
-        // that gave up hands over now.
-        let wake = !progress && st.drivers == 0 && (st.due > 0 || !st.outbox.is_empty() || sending);
-        drop(st);
-        if wake {
-            self.changed.notify_all();
         }
     }
 }
