@@ -152,6 +152,8 @@ pub(crate) trait RemoteWorker: std::marker::Send + Sync + std::fmt::Debug {
 pub(crate) trait RemoteHosts: std::marker::Send + Sync + std::fmt::Debug {
     /// The places, each of which runs one worker of a pool.
     fn places(&self) -> &[crate::child::ranks::RankInfo];
+    /// What a thread waiting for these workers' answers drives itself.
+    fn driver(&self) -> Option<&'static dyn super::job::Drive>;
     /// Opens a worker on `place`, answering worker `key` of `core`.
     fn open(
         &self,
@@ -371,6 +373,15 @@ impl Core {
         self.config.processes
     }
 
+    /// What a thread waiting for this pool's results drives itself.
+    fn driver(&self) -> Option<&'static dyn super::job::Drive> {
+        match &self.config.transport {
+            Transport::Local => None,
+            #[cfg(feature = "mpi")]
+            Transport::Remote(hosts) => hosts.driver(),
+        }
+    }
+
     /// Where the chunks go (handles go only to this host).
     pub(crate) fn peer(&self) -> codec::Peer {
         match self.config.transport {
@@ -578,8 +589,12 @@ impl Core {
             if let Some(err) = Core::refuse(&st) {
                 return Err(err);
             }
+            let driver = self.driver();
             for task in tasks {
-                lock(&task.job.state).submitted += 1;
+                let mut job = lock(&task.job.state);
+                job.submitted += 1;
+                job.driver = job.driver.or(driver);
+                drop(job);
                 st.queue.push_back(task);
             }
         }

@@ -102,6 +102,9 @@ pub(crate) struct JobState {
     /// Its results are delivered to callbacks: dropping its owner does not
     /// cancel it.
     pub(crate) detached: bool,
+    /// The transport its chunks went to, when a waiting thread makes it
+    /// progress itself instead of sleeping (see [`Drive`]).
+    pub(crate) driver: Option<&'static dyn Drive>,
     /// Threads waiting in [`Job::wait`]: a completion with none skips the
     /// wake-up.
     waiting: usize,
@@ -109,6 +112,23 @@ pub(crate) struct JobState {
     lazy: Option<usize>,
     /// Outcomes delivered and not taken yet.
     untaken: usize,
+}
+
+/// A transport that a thread waiting for a job's results drives itself:
+/// it polls for its own answers (the pool on MPI ranks), which saves the
+/// crossing of two threads that a wake-up costs. The wait falls back to
+/// the job's condition variable when [`drive`](Drive::drive) returns
+/// without progress.
+pub(crate) trait Drive: Sync {
+    /// Makes progress until `progressed()`, `deadline`, or a short while
+    /// has passed (never long: the transport's own thread takes over).
+    fn drive(&self, progressed: &dyn Fn() -> bool, deadline: Option<Instant>);
+}
+
+impl std::fmt::Debug for dyn Drive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Drive")
+    }
 }
 
 /// A lazy consumer is woken once this many outcomes wait for it (or for
@@ -340,10 +360,25 @@ impl Job {
 
     /// Waits for the next completion; `None` once `deadline` has passed.
     fn wait<'a>(
-        &self,
-        mut st: MutexGuard<'a, JobState>,
+        &'a self,
+        st: MutexGuard<'a, JobState>,
         deadline: Option<Instant>,
     ) -> Option<MutexGuard<'a, JobState>> {
+        let mut st = match st.driver {
+            Some(driver) => {
+                let seen = st.done;
+                drop(st);
+                driver.drive(&|| lock(&self.state).done != seen, deadline);
+                let st = lock(&self.state);
+                // A completion while this thread drove did not wait on
+                // the condition variable: it is seen here.
+                if st.done != seen {
+                    return Some(st);
+                }
+                st
+            }
+            None => st,
+        };
         let left = match deadline {
             None => None,
             Some(d) => {
