@@ -13,7 +13,10 @@
 //!    c = 1000 and 100 on the ranks: tasks per second.
 //! 3. One task's round trip, `apply(cube, (x,))`, against a raw rsmpi
 //!    ping-pong of 8 bytes between rank 0 and the same serving rank (the
-//!    rank runs the echo as a pool task), and against the local pool's.
+//!    rank runs the echo as a pool task), and against the local pool's:
+//!    the mean of batches of 2000 (median of 5 batches), and the median
+//!    of 10000 single timed calls of each (a batch's mean on a loaded
+//!    machine is mostly the preemptions it met).
 //! 4. Idle CPU of each serving rank (and of rank 0) while rank 0 sleeps
 //!    3 s with the pool open: `utime + stime` from `/proc`.
 //!
@@ -84,40 +87,47 @@ fn main() -> multiproc::Result<()> {
     let expect: Vec<u64> = (0..N).map(|x| x * x * x).collect();
     let mut out = String::new();
 
+    // `-x MPI_BENCH_ROUND_TRIP_ONLY=1`: the round trip and the idle CPU
+    // only (a few seconds; the figure that swings most with the load).
+    let only_rt = std::env::var_os("MPI_BENCH_ROUND_TRIP_ONLY").is_some();
     // 1. map(cube, 0..1M), alternating, warm.
-    assert_eq!(ranks.map(cube, 0..N)?, expect);
-    assert_eq!(local.map(cube, 0..N)?, expect);
-    let (mut on_ranks, mut on_local) = (Vec::new(), Vec::new());
-    for _ in 0..21 {
-        on_ranks.push(time(|| drop(ranks.map(cube, 0..N).expect("map"))));
-        on_local.push(time(|| drop(local.map(cube, 0..N).expect("map"))));
-    }
-    let (r, l) = (median(on_ranks), median(on_local));
-    writeln!(out, "| `map(cube, 0..1_000_000)` | 2 serving ranks: {:.2} ms | local pool, 2 workers: {:.2} ms | {:.2}x local (goal <= 2x) |", r * 1e3, l * 1e3, r / l).ok();
-
-    // 2. Tiny tasks, chunked.
-    for chunk in [1000usize, 100] {
-        let _ = ranks.map_chunked(cube, 0..N, chunk)?;
-        let mut runs = Vec::new();
-        for _ in 0..7 {
-            runs.push(time(|| {
-                drop(ranks.map_chunked(cube, 0..N, chunk).expect("map"))
-            }));
+    if !only_rt {
+        assert_eq!(ranks.map(cube, 0..N)?, expect);
+        assert_eq!(local.map(cube, 0..N)?, expect);
+        let (mut on_ranks, mut on_local) = (Vec::new(), Vec::new());
+        for _ in 0..21 {
+            on_ranks.push(time(|| drop(ranks.map(cube, 0..N).expect("map"))));
+            on_local.push(time(|| drop(local.map(cube, 0..N).expect("map"))));
         }
-        let t = median(runs);
-        let mut lruns = Vec::new();
-        for _ in 0..7 {
-            lruns.push(time(|| {
-                drop(local.map_chunked(cube, 0..N, chunk).expect("map"))
-            }));
-        }
-        let lt = median(lruns);
-        writeln!(out, "| tiny tasks, chunksize {chunk} | 2 serving ranks: {:.2} M tasks/s | local pool: {:.2} M tasks/s | goal >= 1.5 M/s |", N as f64 / t / 1e6, N as f64 / lt / 1e6).ok();
-    }
+        let (r, l) = (median(on_ranks), median(on_local));
+        writeln!(out, "| `map(cube, 0..1_000_000)` | 2 serving ranks: {:.2} ms | local pool, 2 workers: {:.2} ms | {:.2}x local (goal <= 2x) |", r * 1e3, l * 1e3, r / l).ok();
 
+        // 2. Tiny tasks, chunked.
+        for chunk in [1000usize, 100] {
+            let _ = ranks.map_chunked(cube, 0..N, chunk)?;
+            let mut runs = Vec::new();
+            for _ in 0..7 {
+                runs.push(time(|| {
+                    drop(ranks.map_chunked(cube, 0..N, chunk).expect("map"))
+                }));
+            }
+            let t = median(runs);
+            let mut lruns = Vec::new();
+            for _ in 0..7 {
+                lruns.push(time(|| {
+                    drop(local.map_chunked(cube, 0..N, chunk).expect("map"))
+                }));
+            }
+            let lt = median(lruns);
+            writeln!(out, "| tiny tasks, chunksize {chunk} | 2 serving ranks: {:.2} M tasks/s | local pool: {:.2} M tasks/s | goal >= 1.5 M/s |", N as f64 / t / 1e6, N as f64 / lt / 1e6).ok();
+        }
+    }
     // 3. One task's round trip, and the raw ping-pong with the same rank.
     let rounds = 2000u64;
     let (mut ours, mut raw, mut loc) = (Vec::new(), Vec::new(), Vec::new());
+    // Each round trip alone too: on a loaded machine a batch's mean is
+    // mostly the preemptions it met, the median of single calls is not.
+    let (mut ours_each, mut raw_each) = (Vec::new(), Vec::new());
     let world = SimpleCommunicator::world();
     for _ in 0..5 {
         ours.push(
@@ -127,6 +137,11 @@ fn main() -> multiproc::Result<()> {
                 }
             }) / rounds as f64,
         );
+        for i in 0..rounds {
+            ours_each.push(time(|| {
+                assert_eq!(ranks.apply(cube, (i,)).expect("apply"), i * i * i);
+            }));
+        }
         loc.push(
             time(|| {
                 for i in 0..rounds {
@@ -134,7 +149,7 @@ fn main() -> multiproc::Result<()> {
                 }
             }) / rounds as f64,
         );
-        let mut echo = ranks.apply_async(raw_echo, (rounds + 100,))?;
+        let mut echo = ranks.apply_async(raw_echo, (2 * rounds + 100,))?;
         let (peer, _) = world.any_process().receive_with_tag::<i32>(RAW_TAG);
         let peer = world.process_at_rank(peer);
         for i in 0..100u64 {
@@ -150,10 +165,19 @@ fn main() -> multiproc::Result<()> {
                 }
             }) / rounds as f64,
         );
+        for i in 0..rounds {
+            raw_each.push(time(|| {
+                peer.send_with_tag(&i, RAW_TAG);
+                let (x, _) = peer.receive_with_tag::<u64>(RAW_TAG);
+                assert_eq!(x, i);
+            }));
+        }
         echo.get_timeout(Duration::from_secs(60))?;
     }
     let (o, w, lo) = (median(ours), median(raw), median(loc));
     writeln!(out, "| one task's round trip, `apply(cube, (x,))` | serving rank: {:.2} µs | raw rsmpi 8-byte ping-pong, same ranks: {:.2} µs | {:.2}x raw (goal <= 1.5x); local pool: {:.2} µs |", o * 1e6, w * 1e6, o / w, lo * 1e6).ok();
+    let (oe, we) = (median(ours_each), median(raw_each));
+    writeln!(out, "| one task's round trip, median of single calls | serving rank: {:.2} µs | raw rsmpi ping-pong: {:.2} µs | {:.2}x raw (goal <= 1.5x) |", oe * 1e6, we * 1e6, oe / we).ok();
 
     // 4. Idle CPU while rank 0 sleeps 3 s, the pool open.
     let pids = ranks.worker_pids();

@@ -1,18 +1,22 @@
 //! Pipe round trips between real processes, with the OS floors measured in
 //! the same run: a raw `pipe(2)` ping-pong and a raw Unix-socket ping-pong
-//! (8 bytes each way, plain `read`/`write`). CPython's number comes from
-//! `benches/python/queue_bench.py`.
+//! (8 bytes each way, plain `read`/`write`), and the shared-memory floor:
+//! two processes flipping one `Value<u64>` with busy-waiting, no system
+//! call (what a round trip costs when each side has a core and spins; on
+//! a loaded machine, or with both on one core, it is far worse than a
+//! pipe, which is why a library cannot spin without bound). CPython's
+//! number comes from `benches/python/queue_bench.py`.
 //!
 //! Run: `cargo bench -p multiproc-benches --bench pipe`.
 use std::hint::black_box;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use multiproc::connection::Connection;
-use multiproc::{Pipe, Process, process_fn};
+use multiproc::{Pipe, Process, Value, process_fn};
 
 use multiproc_benches::{ECHO_ENV, RawPipeEcho, raw_echo};
 
@@ -32,6 +36,53 @@ fn echo_bytes(mut conn: Connection<()>) {
             return;
         }
     }
+}
+
+/// The value that stops [`spin_echo`].
+const SPIN_STOP: u64 = u64::MAX;
+
+/// Answers every odd value of `word` with the next even one, busy-waiting;
+/// returns on [`SPIN_STOP`] or after 60 s without a ping.
+#[process_fn]
+fn spin_echo(word: Value<u64>) {
+    let mut last_ping = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        let v = word.load();
+        if v == SPIN_STOP {
+            return;
+        }
+        if !v.is_multiple_of(2) {
+            word.store(v + 1);
+            last_ping = Instant::now();
+            continue;
+        }
+        std::hint::spin_loop();
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(4096) && last_ping.elapsed() > Duration::from_secs(60) {
+            return;
+        }
+    }
+}
+
+/// `iters` shared-memory ping-pongs with [`spin_echo`].
+fn spin_round_trips(word: &Value<u64>, iters: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..iters {
+        let ping = word.load() + 1;
+        word.store(ping);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut spins = 0u32;
+        while word.load() != ping + 1 {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            assert!(
+                !spins.is_multiple_of(4096) || Instant::now() < deadline,
+                "the spin echo stopped answering"
+            );
+        }
+    }
+    t.elapsed()
 }
 
 fn round_trips(c: &mut Criterion) {
@@ -83,6 +134,15 @@ fn round_trips(c: &mut Criterion) {
     });
     drop(mine);
     child.wait().expect("wait raw socket echo");
+
+    let word = Value::new(0u64).expect("value");
+    let mut p = Process::new(spin_echo, (word.clone(),));
+    p.start().expect("start");
+    g.bench_function("shared_memory_spin_u64 (floor, a core each)", |b| {
+        b.iter_custom(|iters| spin_round_trips(&word, iters))
+    });
+    word.store(SPIN_STOP);
+    p.join_timeout(Duration::from_secs(30)).expect("join");
     g.finish();
 }
 

@@ -7,7 +7,13 @@
 //! 2. 200 tasks of ~8 ms CPU, 2 workers: speedup over sequential (runs
 //!    alternate, medians of 3), parent CPU time per task (getrusage of the
 //!    whole parent process, its pool thread included).
-//! 3. `map` of 10_000 items with chunksize 1: wall time per task.
+//! 3. `map` of 10_000 items with chunksize 1: wall time and parent CPU
+//!    per task.
+//! 4. 4 workers on the 2-core machine beside 2 workers: the warm 1M map,
+//!    the 200 tasks and the 10_000 tiny ones again (more processes than
+//!    cores: nothing may spin at the others' expense). The 200 tasks run
+//!    with the default chunks and with `map_chunked(.., 1)` (a round trip
+//!    per task: the parent's cost per task shows).
 //!
 //! Criterion times each case (`iter_custom`); the same samples give the
 //! medians of the table printed at the end (also written to
@@ -18,25 +24,12 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use multiproc::{Pool, process_fn};
+use multiproc::Pool;
+// `cube`, and `burn` (the 8 ms task), registered in the benches library.
+use multiproc_benches::work::{burn, cube};
 use rayon::prelude::*;
 
 const N: u64 = 1_000_000;
-
-#[process_fn]
-fn cube(x: u64) -> u64 {
-    x * x * x
-}
-
-/// About `iters` rounds of integer work (the 8 ms task).
-#[process_fn]
-fn burn(iters: u64) -> u64 {
-    let mut acc: u64 = 0;
-    for i in 0..iters {
-        acc = black_box(acc.wrapping_mul(31).wrapping_add(i) & 0xFFFF_FFFF);
-    }
-    acc
-}
 
 fn cube_chunk(v: Vec<u64>) -> Vec<u64> {
     v.into_iter().map(cube).collect()
@@ -94,6 +87,37 @@ fn parent_cpu() -> Duration {
     }
 }
 
+/// Wall time and parent CPU time (every thread of this process) of `f`.
+fn parent_cost(f: impl FnOnce()) -> (f64, f64) {
+    let cpu0 = parent_cpu();
+    let t = Instant::now();
+    f();
+    let wall = t.elapsed().as_secs_f64();
+    (wall, (parent_cpu() - cpu0).as_secs_f64())
+}
+
+/// CPU time of each thread of this process so far (schedstat, ns
+/// precision), by thread id and name.
+fn thread_times() -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        let ns: f64 = stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        let name = format!("{}:{}", entry.file_name().to_string_lossy(), comm.trim());
+        out.insert(name, ns / 1e9);
+    }
+    out
+}
+
 /// Iterations of `burn` that take about 8 ms here.
 fn calibrate_burn() -> u64 {
     let mut iters = 100_000u64;
@@ -106,6 +130,14 @@ fn calibrate_burn() -> u64 {
         }
         iters *= 2;
     }
+}
+
+/// One 200-task case: medians of sequential and pool wall time, and of
+/// the parent's CPU time per task.
+struct Long {
+    seq: f64,
+    par: f64,
+    cpu: f64,
 }
 
 struct Python {
@@ -170,6 +202,51 @@ fn main() {
         );
         return;
     }
+    // Profiling aid: `POOL_BENCH_IDLE=<workers>[,<chunksize>]`: 200 tasks of
+    // ~8 ms and 10_000 tiny ones, parent CPU per task (getrusage).
+    if let Ok(spec) = std::env::var("POOL_BENCH_IDLE") {
+        let mut parts = spec.split(',').map(|p| p.parse::<usize>().unwrap_or(1));
+        let workers = parts.next().unwrap_or(2);
+        let chunksize = parts.next().unwrap_or(1);
+        // A third field, 0: the long tasks only (for profiles).
+        let tiny = parts.next().unwrap_or(1) != 0;
+        let pool = Pool::new(workers).expect("pool");
+        let iters = calibrate_burn();
+        for _ in 0..3 {
+            let threads0 = thread_times();
+            let (wall, cpu) = parent_cost(|| {
+                black_box(
+                    pool.map_chunked(burn, std::iter::repeat_n(iters, 200), chunksize)
+                        .expect("map"),
+                );
+            });
+            let threads1 = thread_times();
+            for (name, t) in &threads1 {
+                let before = threads0.get(name).copied().unwrap_or(0.0);
+                println!("  thread {name}: {:.1} us/task", (t - before) * 1e6 / 200.0);
+            }
+            if !tiny {
+                println!(
+                    "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms, parent CPU {:.1} us/task",
+                    wall * 1e3,
+                    cpu * 1e6 / 200.0
+                );
+                continue;
+            }
+            let (wall_s, cpu_s) = parent_cost(|| {
+                black_box(pool.map_chunked(cube, 0..10_000u64, 1).expect("map"));
+            });
+            println!(
+                "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms, parent CPU {:.1} us/task; \
+                 10k tiny chunksize 1: {:.1} us/task wall, parent CPU {:.1} us/task",
+                wall * 1e3,
+                cpu * 1e6 / 200.0,
+                wall_s * 1e6 / 1e4,
+                cpu_s * 1e6 / 1e4
+            );
+        }
+        return;
+    }
     // Profiling aid: `POOL_BENCH_PROFILE=300 perf record -g <bench binary>`.
     if let Ok(n) = std::env::var("POOL_BENCH_PROFILE") {
         let pool = Pool::new(2).expect("pool");
@@ -232,36 +309,64 @@ fn main() {
         black_box(out);
     });
 
-    // Figure 3: per-task overhead.
+    // Figure 3: per-task overhead (wall and parent CPU per task).
+    let mut tiny_cpu = Vec::new();
     bench(&mut c, "multiproc_map_10k_chunksize1", || {
-        black_box(pool.map_chunked(cube, 0..10_000u64, 1).expect("map"));
+        let (_, cpu) = parent_cost(|| {
+            black_box(pool.map_chunked(cube, 0..10_000u64, 1).expect("map"));
+        });
+        tiny_cpu.push(cpu / 10_000.0);
     });
+    let tiny_cpu_2 = median(&tiny_cpu);
+
+    // Figure 4: more processes than cores (4 workers on this 2-core machine).
+    let pool4 = Pool::new(4).expect("pool");
+    assert_eq!(pool4.map(cube, 0..N).expect("map"), seq_expected);
+    bench(&mut c, "multiproc4_map_1m_warm", || {
+        black_box(pool4.map(cube, 0..N).expect("map"));
+    });
+    let mut tiny_cpu = Vec::new();
+    bench(&mut c, "multiproc4_map_10k_chunksize1", || {
+        let (_, cpu) = parent_cost(|| {
+            black_box(pool4.map_chunked(cube, 0..10_000u64, 1).expect("map"));
+        });
+        tiny_cpu.push(cpu / 10_000.0);
+    });
+    let tiny_cpu_4 = median(&tiny_cpu);
 
     // Figure 2: 200 tasks of ~8 ms CPU (timed by hand: each run takes ~1 s).
     // Sequential and pool runs alternate, so that both see the same load.
     let iters = calibrate_burn();
-    let mut seq_runs = Vec::new();
-    let mut runs = Vec::new();
-    let mut cpu_per_task = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        for _ in 0..200 {
-            black_box(burn(black_box(iters)));
+    let long = |pool: &Pool, chunksize: Option<usize>| -> Long {
+        let (mut seq, mut par, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..200 {
+                black_box(burn(black_box(iters)));
+            }
+            seq.push(t.elapsed().as_secs_f64());
+            let (wall, parent) = parent_cost(|| {
+                let items = std::iter::repeat_n(iters, 200);
+                black_box(match chunksize {
+                    None => pool.map(burn, items).expect("map"),
+                    Some(k) => pool.map_chunked(burn, items, k).expect("map"),
+                });
+            });
+            par.push(wall);
+            cpu.push(parent / 200.0);
         }
-        seq_runs.push(t.elapsed().as_secs_f64());
-        let cpu0 = parent_cpu();
-        let t = Instant::now();
-        black_box(
-            pool.map(burn, std::iter::repeat_n(iters, 200))
-                .expect("map"),
-        );
-        runs.push(t.elapsed().as_secs_f64());
-        cpu_per_task.push((parent_cpu() - cpu0).as_secs_f64() / 200.0);
-    }
-    let seq_200 = median(&seq_runs);
-    let par_200 = median(&runs);
-    let cpu_200 = median(&cpu_per_task);
+        Long {
+            seq: median(&seq),
+            par: median(&par),
+            cpu: median(&cpu),
+        }
+    };
+    let long_2 = long(&pool, None);
+    let long_2_c1 = long(&pool, Some(1));
+    let long_4 = long(&pool4, None);
+    let long_4_c1 = long(&pool4, Some(1));
     drop(pool);
+    drop(pool4);
 
     let py = run_python();
     let py_get = |k: &str| {
@@ -317,26 +422,63 @@ fn main() {
             secs / warm
         ));
     }
-    let per_task = result("multiproc_map_10k_chunksize1") / 10_000.0;
-    let py_per_task = py_get("cpython_fork_map_10k_chunksize1") / 10_000.0;
+    let rayon = result("rayon2_map_1m");
     table.push_str(&format!(
-        "\n| 200 tasks of ~8 ms CPU, 2 workers | multiproc | CPython fork |\n|---|---:|---:|\n\
-         | sequential | {} | {} |\n| pool | {} | {} |\n| speedup | {:.2}x | {:.2}x |\n\
-         | parent CPU per task | {:.1} us | {:.1} us |\n",
-        ms(seq_200),
-        ms(py_extra("cpython_fork_200x8ms.sequential")),
-        ms(par_200),
+        "\n| warm `map(cube, 0..1_000_000)` | median | vs rayon (2 threads) |\n|---|---:|---:|\n\
+         | multiproc, 2 workers | {} | {:.2}x |\n| multiproc, 4 workers on 2 cores | {} | {:.2}x |\n",
+        ms(warm),
+        warm / rayon,
+        ms(result("multiproc4_map_1m_warm")),
+        result("multiproc4_map_1m_warm") / rayon,
+    ));
+    let per_task = result("multiproc_map_10k_chunksize1") / 10_000.0;
+    let per_task_4 = result("multiproc4_map_10k_chunksize1") / 10_000.0;
+    let py_per_task = py_get("cpython_fork_map_10k_chunksize1") / 10_000.0;
+    let py_seq = py_extra("cpython_fork_200x8ms.sequential");
+    table.push_str(&format!(
+        "\n| 200 tasks of ~8 ms CPU | sequential | pool | speedup | parent CPU per task |\n|---|---:|---:|---:|---:|\n\
+         | multiproc, 2 workers, default chunks | {} | {} | {:.2}x | {:.1} us |\n\
+         | multiproc, 2 workers, chunksize 1 | {} | {} | {:.2}x | {:.1} us |\n\
+         | multiproc, 4 workers on 2 cores, default chunks | {} | {} | {:.2}x | {:.1} us |\n\
+         | multiproc, 4 workers on 2 cores, chunksize 1 | {} | {} | {:.2}x | {:.1} us |\n\
+         | CPython fork, 2 workers, default chunks | {} | {} | {:.2}x | {:.1} us |\n\
+         | CPython fork, 2 workers, chunksize 1 | {} | {} | {:.2}x | {:.1} us |\n",
+        ms(long_2.seq),
+        ms(long_2.par),
+        long_2.seq / long_2.par,
+        long_2.cpu * 1e6,
+        ms(long_2_c1.seq),
+        ms(long_2_c1.par),
+        long_2_c1.seq / long_2_c1.par,
+        long_2_c1.cpu * 1e6,
+        ms(long_4.seq),
+        ms(long_4.par),
+        long_4.seq / long_4.par,
+        long_4.cpu * 1e6,
+        ms(long_4_c1.seq),
+        ms(long_4_c1.par),
+        long_4_c1.seq / long_4_c1.par,
+        long_4_c1.cpu * 1e6,
+        ms(py_seq),
         ms(py_get("cpython_fork_200x8ms")),
-        seq_200 / par_200,
-        py_extra("cpython_fork_200x8ms.sequential") / py_get("cpython_fork_200x8ms"),
-        cpu_200 * 1e6,
+        py_seq / py_get("cpython_fork_200x8ms"),
         py_extra("cpython_fork_200x8ms.parent_cpu_per_task_us"),
+        ms(py_seq),
+        ms(py_get("cpython_fork_200x8ms_chunksize1")),
+        py_seq / py_get("cpython_fork_200x8ms_chunksize1"),
+        py_extra("cpython_fork_200x8ms_chunksize1.parent_cpu_per_task_us"),
     ));
     table.push_str(&format!(
-        "\n| `map` of 10_000 items, chunksize 1 | per task |\n|---|---:|\n| multiproc | {:.1} us |\n| CPython fork | {:.1} us ({:.1}x) |\n",
+        "\n| `map` of 10_000 items, chunksize 1 | wall per task | parent CPU per task |\n|---|---:|---:|\n\
+         | multiproc, 2 workers | {:.1} us | {:.1} us |\n| multiproc, 4 workers on 2 cores | {:.1} us | {:.1} us |\n\
+         | CPython fork, 2 workers | {:.1} us ({:.1}x multiproc) | {:.1} us |\n",
         per_task * 1e6,
+        tiny_cpu_2 * 1e6,
+        per_task_4 * 1e6,
+        tiny_cpu_4 * 1e6,
         py_per_task * 1e6,
-        py_per_task / per_task
+        py_per_task / per_task,
+        py_extra("cpython_fork_map_10k_chunksize1.parent_cpu_per_task_us"),
     ));
     println!("\n{table}");
     let _ = std::fs::write(

@@ -608,6 +608,78 @@ pub(crate) fn is_primitive<T: 'static>() -> bool {
     )
 }
 
+/// The bytes a value of `T` takes on the wire when `T` is one of the
+/// fixed-width primitive numbers (or 1-tuples of one) that
+/// [`primitive_bytes`] and [`read_primitive`] handle; `None` otherwise.
+/// The type tests are on constants and fold away.
+#[inline]
+pub(crate) fn primitive_width<T: 'static>() -> Option<usize> {
+    macro_rules! width {
+        ($($t:ty => $w:ty),*) => {$(
+            let id = TypeId::of::<T>();
+            if id == TypeId::of::<$t>() || id == TypeId::of::<($t,)>() {
+                return Some(std::mem::size_of::<$w>());
+            }
+        )*};
+    }
+    width!(u64 => u64, i64 => i64, u32 => u32, i32 => i32, f64 => f64, f32 => f32,
+        usize => u64, isize => i64, u16 => u16, i16 => i16, u8 => u8, i8 => i8, u128 => u128, i128 => i128);
+    None
+}
+
+/// Writes `value` (a type [`primitive_width`] knows) into `dst`, which is
+/// exactly that wide; `false` (nothing written) otherwise.
+#[inline]
+pub(crate) fn write_primitive<T: 'static>(value: &T, dst: &mut [u8]) -> bool {
+    match primitive_bytes(value) {
+        Some((buf, len)) if len == dst.len() => {
+            dst.copy_from_slice(&buf[..len]);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Reads one value of a type [`primitive_width`] knows from `src`, which
+/// is exactly that wide; `None` for other types or widths.
+#[inline]
+pub(crate) fn read_primitive_exact<T: 'static>(mut src: &[u8]) -> Option<Result<T>> {
+    if primitive_width::<T>() != Some(src.len()) {
+        return None;
+    }
+    read_primitive(&mut src)
+}
+
+/// Encodes up to `max` values from `items` back to back when `T` is a
+/// type [`primitive_width`] knows, in one loop of fixed-width stores (no
+/// per-value length bookkeeping); the number taken. `None` (nothing taken)
+/// for other types.
+#[inline]
+pub(crate) fn push_primitives<T: 'static>(
+    out: &mut Vec<u8>,
+    items: &mut impl Iterator<Item = T>,
+    max: usize,
+) -> Option<usize> {
+    let width = primitive_width::<T>()?;
+    let bound = items.size_hint().1.unwrap_or(max).min(max);
+    let start = out.len();
+    out.resize(start + bound * width, 0);
+    let mut count = 0usize;
+    for (dst, item) in out[start..].chunks_exact_mut(width).zip(items.by_ref()) {
+        write_primitive(&item, dst);
+        count += 1;
+    }
+    // An iterator that ends early (or announces no bound) is taken one by
+    // one for the rest.
+    out.truncate(start + count * width);
+    while count < max {
+        let Some(item) = items.next() else { break };
+        push_primitive(out, &item);
+        count += 1;
+    }
+    Some(count)
+}
+
 /// Appends what [`primitive_bytes`] gives for `value`; `false` (nothing
 /// written) when `T` is not such a type.
 #[inline]

@@ -354,6 +354,10 @@ pub struct Call<'a> {
     out: &'a mut Vec<u8>,
     out_fds: &'a mut Vec<OwnedFd>,
     mode: Mode,
+    /// Where a chunk of fixed-width results may be written in place of
+    /// `out` (a pool worker's output arena), and how much of it was.
+    direct: Option<&'a mut [u8]>,
+    direct_used: Option<usize>,
 }
 
 impl std::fmt::Debug for Call<'_> {
@@ -377,6 +381,8 @@ impl<'a> Call<'a> {
             out,
             out_fds,
             mode: Mode::Single,
+            direct: None,
+            direct_used: None,
         }
     }
 
@@ -393,7 +399,24 @@ impl<'a> Call<'a> {
             out,
             out_fds,
             mode: Mode::Chunk { count },
+            direct: None,
+            direct_used: None,
         }
+    }
+
+    /// Lets a chunk whose arguments and results are fixed-width numbers
+    /// write its outcomes into `region` instead of the output buffer,
+    /// when they fit and no item panics (see
+    /// [`direct_used`](Call::direct_used)).
+    pub(crate) fn with_direct(mut self, region: &'a mut [u8]) -> Self {
+        self.direct = Some(region);
+        self
+    }
+
+    /// The bytes of the direct region that hold the chunk's outcomes, if
+    /// they went there (the output buffer is then empty).
+    pub(crate) fn direct_used(&self) -> Option<usize> {
+        self.direct_used
     }
 
     /// Decodes the arguments, calls `f`, encodes the result(s).
@@ -447,11 +470,36 @@ impl<'a> Call<'a> {
                 let input = self.input;
                 let out = &mut *self.out;
                 let out_fds = &mut *self.out_fds;
+                let direct = self.direct.take();
+                let direct_used = &mut self.direct_used;
                 codec::with_fd_source(in_fds, || {
                     codec::with_fd_sink(out_fds, || {
-                        let mut dec = codec::SeqDecoder::new(input);
-                        let mut enc = codec::SeqEncoder::new(out);
+                        // Numbers in, numbers out: the first run in one
+                        // tight loop; after a panic, the rest as below.
                         let mut done = 0;
+                        let first = match direct {
+                            Some(region) => fixed_run_direct(input, count, region, out, &mut f)
+                                .map(|r| {
+                                    r.map(|(ran, panicked, used)| {
+                                        *direct_used = used;
+                                        (ran, panicked)
+                                    })
+                                }),
+                            None => fixed_run(input, count, out, &mut f),
+                        };
+                        if let Some(first) = first {
+                            let (ran, panicked) = first?;
+                            done = ran;
+                            if let Some(record) = panicked {
+                                codec::SeqEncoder::new(out).push(&record)?;
+                            }
+                        }
+                        let rest = codec::primitive_width::<A>()
+                            .and_then(|w| input.get(done * w..))
+                            .filter(|_| done > 0)
+                            .unwrap_or(input);
+                        let mut dec = codec::SeqDecoder::new(rest);
+                        let mut enc = codec::SeqEncoder::new(out);
                         let mut mark = 0;
                         while done < count {
                             // One catch_unwind for a run of items: the happy
@@ -494,6 +542,121 @@ impl<'a> Call<'a> {
             }
         }
     }
+}
+
+/// The outcome of a chunk's first run of fixed-width items: the items it
+/// went through (the panicking one included), the panic that stopped it.
+type FirstRun = Result<(usize, Option<PanicRecord>)>;
+
+/// A chunk's first run when its arguments and results are fixed-width
+/// numbers (see [`codec::primitive_width`]): the results are stored in
+/// place, with no per-item length bookkeeping, under one `catch`, the run
+/// (header and results) appended to `out`. `None` (nothing written) for
+/// other types or an input of the wrong length, which the general loop
+/// handles.
+fn fixed_run<A: 'static, R: 'static>(
+    input: &[u8],
+    count: usize,
+    out: &mut Vec<u8>,
+    f: &mut impl FnMut(A) -> R,
+) -> Option<FirstRun> {
+    let width = fixed_widths::<A, R>(input, count)?;
+    let base = out.len();
+    out.resize(base + RUN_HEADER + count * width, 0);
+    let run = fixed_loop(input, out.get_mut(base..).unwrap_or_default(), width, f);
+    let finished = match &run {
+        Ok((finished, _)) => *finished,
+        Err(_) => 0,
+    };
+    out.truncate(base + RUN_HEADER + finished * width);
+    Some(run.map(|(finished, panicked)| went_through(finished, panicked)))
+}
+
+/// [`FirstRun`], and the bytes of the direct region used, when the whole
+/// outcome went there.
+type DirectRun = Result<(usize, Option<PanicRecord>, Option<usize>)>;
+
+/// [`fixed_run`] into `region` (a worker's output arena): when every item
+/// ran, the whole outcome is there and the used length comes back;
+/// after a panic, the run is copied to `out` and the chunk goes on there.
+fn fixed_run_direct<A: 'static, R: 'static>(
+    input: &[u8],
+    count: usize,
+    region: &mut [u8],
+    out: &mut Vec<u8>,
+    f: &mut impl FnMut(A) -> R,
+) -> Option<DirectRun> {
+    let width = fixed_widths::<A, R>(input, count)?;
+    let need = RUN_HEADER + count * width;
+    if region.len() < need {
+        return fixed_run(input, count, out, f).map(|r| r.map(|(n, p)| (n, p, None)));
+    }
+    let region = &mut region[..need];
+    Some(
+        fixed_loop(input, region, width, f).map(|(finished, panicked)| match panicked {
+            None => (finished, None, Some(need)),
+            Some(record) => {
+                out.extend_from_slice(&region[..RUN_HEADER + finished * width]);
+                let (ran, panicked) = went_through(finished, Some(record));
+                (ran, panicked, None)
+            }
+        }),
+    )
+}
+
+/// The result width when `A` and `R` are fixed-width and `input` holds
+/// exactly `count` arguments.
+fn fixed_widths<A: 'static, R: 'static>(input: &[u8], count: usize) -> Option<usize> {
+    let arg_width = codec::primitive_width::<A>()?;
+    let width = codec::primitive_width::<R>()?;
+    (count > 0 && input.len() == count.checked_mul(arg_width)?).then_some(width)
+}
+
+fn went_through(finished: usize, panicked: Option<PanicRecord>) -> (usize, Option<PanicRecord>) {
+    let ran = if panicked.is_some() {
+        finished + 1
+    } else {
+        finished
+    };
+    (ran, panicked)
+}
+
+/// Runs the fixed-width items of `input` into `dst` (a run header, then
+/// `width` bytes per result, as long as the input has items), writes the
+/// header, and returns how many finished and the panic that stopped them.
+fn fixed_loop<A: 'static, R: 'static>(
+    input: &[u8],
+    dst: &mut [u8],
+    width: usize,
+    f: &mut impl FnMut(A) -> R,
+) -> Result<(usize, Option<PanicRecord>)> {
+    let arg_width = codec::primitive_width::<A>().unwrap_or(1);
+    let (header, results) = dst.split_at_mut(RUN_HEADER.min(dst.len()));
+    // Items started so far (a plain store per item, no load).
+    let mut started = 0usize;
+    let run = catch(|| -> Result<()> {
+        let items = input
+            .chunks_exact(arg_width)
+            .zip(results.chunks_exact_mut(width));
+        for (i, (arg, slot)) in items.enumerate() {
+            started = i + 1;
+            let args: A = codec::read_primitive_exact(arg).unwrap_or_else(|| {
+                Err(Error::internal(
+                    "a fixed-width argument has the wrong width",
+                ))
+            })?;
+            let r = f(args);
+            codec::write_primitive(&r, slot);
+        }
+        Ok(())
+    });
+    let (finished, panicked) = match run {
+        Ok(Ok(())) => (started, None),
+        Ok(Err(err)) => return Err(err),
+        Err(record) => (started.saturating_sub(1), Some(record)),
+    };
+    header.copy_from_slice(&(finished as u32).to_le_bytes()[..header.len()]);
+    Ok((finished, panicked))
 }
 
 /// Used by the macros: the `TypeId` of a value's type (a function item's

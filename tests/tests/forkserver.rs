@@ -57,6 +57,11 @@ fn os_parent_of(_item: u64) -> u32 {
 }
 
 #[process_fn]
+fn env_var(name: String) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+#[process_fn]
 fn inc(x: u64) -> u64 {
     x + 1
 }
@@ -140,6 +145,24 @@ fn spawn_returns_values_and_panics() {
         Err(Error::Panicked { message, .. }) => assert!(message.contains("no luck"), "{message}"),
         other => panic!("not a panic: {other:?}"),
     }
+}
+
+/// The server runs with `LD_BIND_NOW` (so that its children do not each
+/// resolve symbols lazily), but a child sees the program's environment.
+#[test]
+fn a_forked_child_has_the_programs_environment_without_the_servers_loader_variable() {
+    let mine = std::env::var("LD_BIND_NOW").ok();
+    let mut handle = ctx()
+        .spawn(env_var, ("LD_BIND_NOW".to_string(),))
+        .expect("spawn");
+    assert_eq!(handle.join_timeout(LIMIT).expect("join"), mine);
+    let mut handle = ctx()
+        .spawn(env_var, ("CARGO_PKG_NAME".to_string(),))
+        .expect("spawn");
+    assert_eq!(
+        handle.join_timeout(LIMIT).expect("join"),
+        std::env::var("CARGO_PKG_NAME").ok()
+    );
 }
 
 #[test]

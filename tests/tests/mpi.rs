@@ -47,10 +47,12 @@ fn add(a: u64, b: u64) -> u64 {
     a + b
 }
 
-/// The MPI rank a task ran on (`None` off MPI).
+/// The MPI rank a task ran on (`None` off MPI), as OpenMPI's launcher or
+/// MPICH's Hydra tells it.
 #[process_fn]
 fn rank_of(_x: u64) -> Option<u32> {
     std::env::var("OMPI_COMM_WORLD_RANK")
+        .or_else(|_| std::env::var("PMI_RANK"))
         .ok()
         .and_then(|r| r.parse().ok())
 }

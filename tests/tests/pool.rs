@@ -39,6 +39,14 @@ fn fail_on(x: u64, bad: u64) -> u64 {
 }
 
 #[process_fn]
+fn bad_at_61234(x: u64) -> u64 {
+    if x == 61_234 {
+        panic!("item {x} is bad");
+    }
+    x + 1
+}
+
+#[process_fn]
 fn kill_self() -> u32 {
     let pid = std::process::id();
     multiproc_tests::kill(pid, 9);
@@ -265,6 +273,40 @@ fn panic_fails_its_item_and_the_pool_lives_on() {
         pool.map(cube, 0..5).expect("next map"),
         vec![0, 1, 8, 27, 64]
     );
+}
+
+/// Numbers in and numbers out take a fast path in the worker (results
+/// stored in place, straight into the shared arena for large chunks): a
+/// panic in the middle of a large chunk still fails only its item, and
+/// every item around it keeps its result.
+#[test]
+fn a_panic_in_a_large_chunk_of_numbers_fails_only_its_item() {
+    let pool = pool2();
+    let err = pool
+        .map(bad_at_61234, 0..100_000u64)
+        .expect_err("item 61234 panics");
+    match &err {
+        Error::Panicked { message, item, .. } => {
+            assert_eq!(message, "item 61234 is bad");
+            assert_eq!(*item, Some(61_234));
+        }
+        other => panic!("expected a panic error, got {other}"),
+    }
+    let outcomes: Vec<Result<u64, Error>> = pool
+        .imap_chunked(bad_at_61234, 0..100_000u64, 20_000)
+        .expect("imap")
+        .collect();
+    assert_eq!(outcomes.len(), 100_000);
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Ok(v) => assert_eq!(*v, i as u64 + 1, "item {i}"),
+            Err(err) => assert_eq!(i, 61_234, "only item 61234 fails, not {i}: {err}"),
+        }
+    }
+    assert!(outcomes[61_234].is_err());
+    // Large maps of numbers come back whole and in order.
+    let big: Vec<u64> = pool.map(bad_at_61234, 70_000..270_000u64).expect("map");
+    assert!(big.iter().copied().eq(70_001..270_001u64));
 }
 
 #[test]

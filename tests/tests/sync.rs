@@ -358,3 +358,55 @@ fn a_busy_lock_under_question_mark_is_would_block_not_timeout() {
     drop(held);
     try_lock_then(&lock).expect("free");
 }
+
+#[process_fn]
+fn wait_untimed(cond: Condition, flag: Value<u32>, waiting: Event) -> (bool, bool) {
+    let guard = cond.acquire().expect("not poisoned");
+    waiting.set();
+    // No timeout on purpose: the test bounds it by joining with one.
+    match cond.wait_while(guard, || flag.load() == 0) {
+        Ok(_guard) => (false, flag.load() == 1),
+        Err(poisoned) => {
+            drop(poisoned.into_inner());
+            (true, flag.load() == 1)
+        }
+    }
+}
+
+#[process_fn]
+fn notify_and_hold(cond: Condition, flag: Value<u32>, notified: Event) {
+    let _guard = cond.acquire().expect("not poisoned");
+    flag.store(1);
+    cond.notify_all();
+    notified.set();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// A notify made under the condition's own lock wakes its waiter when the
+/// lock is released; a notifier killed before releasing it does not leave
+/// the waiter asleep: it wakes, takes the lock over and reports poisoning.
+#[test]
+fn condition_waiter_wakes_when_the_notifier_dies_holding_the_lock() {
+    let cond = Condition::new().expect("condition");
+    let flag = Value::new(0u32).expect("value");
+    let (waiting, notified) = (Event::new().expect("event"), Event::new().expect("event"));
+    let mut waiter = multiproc::spawn(wait_untimed, (cond.clone(), flag.clone(), waiting.clone()))
+        .expect("spawn");
+    assert!(waiting.wait_timeout(JOIN));
+    // The notifier gets the lock only once the waiter sleeps in wait.
+    let mut notifier = Process::new(
+        notify_and_hold,
+        (cond.clone(), flag.clone(), notified.clone()),
+    );
+    notifier.start().expect("start");
+    assert!(notified.wait_timeout(JOIN), "the notifier never notified");
+    notifier.kill().expect("kill");
+    let (poisoned, saw_flag) = waiter
+        .join_timeout(JOIN)
+        .expect("the waiter was left asleep");
+    assert!(saw_flag, "woken before the flag was set");
+    assert!(poisoned, "the takeover from the dead notifier is reported");
+    notifier.join_timeout(JOIN).expect("join").expect("reaped");
+}

@@ -7,6 +7,7 @@ use multiproc::{ExitStatus, Process};
 use crate::ctx::{Context, Ctx, Res};
 
 mod eintr;
+mod forkserver;
 mod hostile;
 mod limits;
 mod parent;
@@ -34,6 +35,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(reuse::scenarios());
     v.extend(shm::scenarios());
     v.extend(parent::scenarios());
+    v.extend(forkserver::scenarios());
     v.extend(eintr::scenarios());
     v.extend(limits::scenarios());
     v.extend(hostile::scenarios());
@@ -49,6 +51,11 @@ pub fn warm_up(name: &str) {
     if name.starts_with("shm/") {
         shm::warm_up();
     }
+    if name.starts_with("forkserver/") {
+        // The program's link to its server (a socket and the server's
+        // pidfd) lives as long as the process, restarted servers included.
+        let _ = multiproc::start_forkserver();
+    }
 }
 
 /// A probe program: `__probe <name> args...`. Returns the exit code.
@@ -58,6 +65,7 @@ pub fn probe_main(args: &[String]) -> i32 {
             parent::victim_main(args.get(1).map(String::as_str) == Some("thread"))
         }
         Some("squat") => shm::squat_main(&args[1..]),
+        Some("forkserver-victim") => forkserver::victim_main(),
         Some("main-ran") => {
             println!("main ran");
             3

@@ -24,7 +24,8 @@ use std::time::Duration;
 use nix::poll::PollFlags;
 
 use super::{
-    CHILD_FD, ENV_VAR, Identity, MAIN_THREAD, Message, Mode, READY, exe_identity, set_identity,
+    BIND_NOW_MARK, BIND_NOW_VAR, CHILD_FD, ENV_VAR, Identity, MAIN_THREAD, Message, Mode, READY,
+    exe_identity, set_identity,
 };
 use crate::error::Error;
 use crate::registry::{self, Call, Entry, PanicRecord};
@@ -215,6 +216,11 @@ fn claim(at_load: bool) -> Option<Claim> {
         unsafe { sys::remove_env(ENV_VAR) };
     }
     let (parent, deathsig, in_main, server) = parse_env(&value)?;
+    if at_load && server && std::env::var_os(BIND_NOW_VAR).is_some_and(|v| v == BIND_NOW_MARK) {
+        // SAFETY: as above: before `main`, before this process starts a
+        // thread (and the forkserver starts none).
+        unsafe { sys::remove_env(BIND_NOW_VAR) };
+    }
     // SAFETY: CHILD_FD is the number the parent placed this process's end
     // of the socket at (`child::start`); this runs once per process (both
     // callers swap READY first), before the program's own code (at load

@@ -2,7 +2,7 @@
 //! is started the first time a child is forked (or explicitly, early),
 //! asked for one child per request, and restarted when it is found dead.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -112,10 +112,10 @@ pub(crate) fn set_preload(preloads: Preloads) {
 pub(crate) fn fork(child_end: OwnedFd) -> std::result::Result<ChildProc, ForkError> {
     let mut slot = lock(&CLIENT);
     let client = client(&mut slot).map_err(ForkError::Failed)?;
-    let (relay, status) =
-        sys::pipe().map_err(|e| ForkError::Failed(Error::io("could not create a pipe", e)))?;
-    sys::set_nonblocking(relay.as_fd(), true)
-        .map_err(|e| ForkError::Failed(Error::io("fcntl", e)))?;
+    // Both ends non-blocking (one call): the server writes 4 bytes once to
+    // an empty pipe, which never blocks.
+    let (relay, status) = sys::pipe_nonblocking()
+        .map_err(|e| ForkError::Failed(Error::io("could not create a pipe", e)))?;
     match client.channel.send(TAG_FORK, &[], &[child_end, status]) {
         Ok(()) => {}
         Err(Error::Disconnected) => {

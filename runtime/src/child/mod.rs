@@ -74,6 +74,17 @@ pub(crate) use start::{next_process_name, read_outcome, start_child_by};
 /// The environment variable that marks a process as a multiproc child.
 pub(crate) const ENV_VAR: &str = "MULTIPROC_CHILD";
 
+/// The dynamic loader's variable that resolves every symbol at start
+/// instead of at first call, and the value the program gives it in the
+/// forkserver's environment when the program does not set it itself: the
+/// server then resolves each library's symbols once, so that its children
+/// (which start from its memory) do not each resolve, and copy-on-write,
+/// the ones their exit calls (libgcc_s's destructor among them: a dozen
+/// page faults per child, measured). The server removes the variable at
+/// load when it holds this value, so its children never see it.
+pub(crate) const BIND_NOW_VAR: &str = "LD_BIND_NOW";
+pub(crate) const BIND_NOW_MARK: &str = "multiproc-forkserver";
+
 /// The descriptor number at which a child finds its socket to the parent.
 pub(crate) const CHILD_FD: RawFd = 3;
 

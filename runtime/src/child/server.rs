@@ -288,11 +288,13 @@ impl Server {
                 let Some(control) = self.control.as_ref() else {
                     return Err(0);
                 };
-                let opened = sys::pidfd_open(pid).and_then(|fd| Ok((fd.try_clone()?, fd)));
-                match opened {
-                    Ok((theirs, pidfd)) => {
+                match sys::pidfd_open(pid) {
+                    Ok(pidfd) => {
                         let pid_bytes = (pid.as_raw() as u32).to_le_bytes();
-                        let sent = control.send(TAG_FORKED, &[&pid_bytes], &[theirs]);
+                        // The program gets its own copy of the pidfd
+                        // (SCM_RIGHTS), and the server keeps this one.
+                        let sent =
+                            control.send(TAG_FORKED, &[&pid_bytes], std::slice::from_ref(&pidfd));
                         // Listed even if the program is gone: it is reaped.
                         self.kids.push(Kid { pid, pidfd, status });
                         sent.map_err(|_| 0)

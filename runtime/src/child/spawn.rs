@@ -10,8 +10,8 @@ use nix::sys::signal::Signal;
 use super::proc::ChildProc;
 use super::protocol::FORKSERVER;
 use super::{
-    CHILD_FD, ENV_VAR, Message, Mode, Start, ensure_ready, exe_identity, identity,
-    on_long_lived_thread,
+    BIND_NOW_MARK, BIND_NOW_VAR, CHILD_FD, ENV_VAR, Message, Mode, Start, ensure_ready,
+    exe_identity, identity, on_long_lived_thread,
 };
 use crate::error::{Error, Result};
 use crate::registry;
@@ -124,6 +124,11 @@ fn spawn_child(server: bool) -> Result<(ChildProc, OwnedFd)> {
         })
         .collect();
     envp.push(sys::cstring(marker.into()));
+    if server && std::env::var_os(BIND_NOW_VAR).is_none() {
+        envp.push(sys::cstring(
+            format!("{BIND_NOW_VAR}={BIND_NOW_MARK}").into(),
+        ));
+    }
     let pid = sys::spawn(c"/proc/self/exe", &argv, &envp, child_end.as_fd(), CHILD_FD)
         .map_err(|e| Error::io("could not start a child process", e))?;
     drop(child_end);

@@ -23,20 +23,8 @@ pub(crate) fn next_process_name() -> String {
 }
 
 /// Starts a child that will run `name` with the encoded `args` (and the
-/// descriptors they carry), by the program's default start method.
+/// descriptors they carry), by `method` (`None`: the program's default).
 /// Returns the child and the parent's end of its socket.
-#[cfg(test)]
-pub(crate) fn start_child(
-    name: &str,
-    process_name: &str,
-    mode: Mode,
-    args: &[u8],
-    fds: &[OwnedFd],
-) -> Result<(ChildProc, Channel)> {
-    start_child_by(None, name, process_name, mode, args, fds)
-}
-
-/// Starts a child as `start_child` does, by `method` (`None`: the program's default).
 pub(crate) fn start_child_by(
     method: Option<StartMethod>,
     name: &str,
@@ -56,7 +44,8 @@ pub(crate) fn start_child_by(
     start_with(method.unwrap_or_else(default_method), &request)
 }
 
-/// [`start_child`], claiming to run the executable `exe` (tests use another).
+/// A spawned child of `name` with no arguments, claiming to run the
+/// executable `exe` (tests use another).
 #[cfg(test)]
 fn start_child_as(exe: u64, name: &str, mode: Mode) -> Result<(ChildProc, Channel)> {
     let request = Request {
@@ -188,7 +177,7 @@ mod tests {
     #[test]
     fn internal_echo_child_round_trip() {
         let (child, mut channel) =
-            start_child(ECHO, "echo", Mode::Internal, b"ping", &[]).expect("start");
+            start_child_by(None, ECHO, "echo", Mode::Internal, b"ping", &[]).expect("start");
         let frame = channel.recv(Some(Duration::from_secs(20))).expect("reply");
         assert!(
             matches!(
@@ -212,7 +201,8 @@ mod tests {
     #[test]
     fn a_name_the_child_lacks_is_a_missing_registration_not_a_rebuild() {
         let (child, mut channel) =
-            start_child("no::such::function", "missing", Mode::Spawn, b"", &[]).expect("start");
+            start_child_by(None, "no::such::function", "missing", Mode::Spawn, b"", &[])
+                .expect("start");
         let err = refusal(&mut channel);
         let text = err.to_string();
         assert!(matches!(err, Error::RegistrationMissing { .. }), "{text}");

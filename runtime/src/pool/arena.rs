@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::sys::shm::Mapping;
+use crate::sys::shm::{Exclusive, Mapping};
 
 /// Size of each arena. Pages never touched cost nothing.
 pub(crate) const ARENA_BYTES: usize = 32 << 20;
@@ -82,9 +82,54 @@ impl InArena {
         Some(at)
     }
 
+    /// [`alloc`](InArena::alloc), as the right to fill the region.
+    pub(crate) fn place(&mut self, id: u64, len: usize) -> Option<Placement> {
+        let start = self.alloc(id, len)?;
+        Some(Placement {
+            map: Arc::clone(&self.map),
+            start,
+            len,
+        })
+    }
+
     /// Chunk `id` is done: its region may be reused.
     pub(crate) fn free(&mut self, id: u64) {
         self.live.retain(|&(i, _, _)| i != id);
+    }
+}
+
+/// A region of an input arena that [`InArena::place`] gave a chunk not
+/// sent yet: the right to fill it, once, before the chunk is sent.
+#[derive(Debug)]
+pub(crate) struct Placement {
+    map: Arc<Mapping>,
+    start: usize,
+    len: usize,
+}
+
+impl Placement {
+    /// Where the region starts.
+    pub(crate) fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Copies the chunk's payload (exactly the region's length) in, with
+    /// one plain copy.
+    pub(crate) fn fill(self, data: &[u8]) -> Result<()> {
+        if data.len() != self.len {
+            return Err(Error::internal("a pool payload does not fit its region"));
+        }
+        // SAFETY: the input arena's protocol (module docs): the region was
+        // free when `place` gave it to this chunk (no worker reads a freed
+        // region: its chunk's result had arrived, and a worker reads a
+        // region only before it answers), no other chunk's region overlaps
+        // it (first fit over the live regions), and no worker is told of it
+        // before this fill returns (the frame that names it is sent
+        // after); `fill(self)` runs once. The socket orders our writes
+        // before the worker's reads.
+        let region = unsafe { self.map.exclusive(self.start, self.len) };
+        region?.bytes_mut().copy_from_slice(data);
+        Ok(())
     }
 }
 
@@ -192,6 +237,15 @@ impl Drop for Lease {
     }
 }
 
+/// A region of the output arena reserved for a chunk's outcomes (see
+/// [`OutWriter::reserve`]).
+#[derive(Debug)]
+pub(crate) struct Reserved {
+    start: u64,
+    len: u64,
+    prev_head: u64,
+}
+
 /// The worker's allocator over its output arena.
 #[derive(Debug)]
 pub(crate) struct OutWriter {
@@ -226,8 +280,73 @@ impl OutWriter {
     /// safe when the span from the oldest live start to its end is at most
     /// the capacity (positions are taken modulo the capacity).
     pub(crate) fn put(&mut self, data: &[u8]) -> Option<u64> {
+        let start = self.place(data.len() as u64)?;
         let cap = (self.map.len() - OUT_HEADER) as u64;
-        let len = data.len() as u64;
+        // SAFETY: the output arena's protocol (module docs): `place` gave
+        // a region within `consumed + cap` of every live region's start,
+        // so the parent released (Release store of `consumed`, read with
+        // Acquire there) every earlier region that shared its bytes, and
+        // reads it only after this process announces it, once this copy
+        // is done; nothing else in this process writes the arena.
+        let region = unsafe {
+            self.map
+                .exclusive(OUT_HEADER + (start % cap) as usize, data.len())
+        };
+        region.ok()?.bytes_mut().copy_from_slice(data);
+        Some(start)
+    }
+
+    /// Reserves `len` bytes for a chunk's outcomes to be written in place
+    /// ([`region`](OutWriter::region)), then kept in part or given back
+    /// ([`commit`](OutWriter::commit)) before anything else is placed.
+    pub(crate) fn reserve(&mut self, len: u64) -> Option<Reserved> {
+        let prev_head = self.head;
+        let start = self.place(len)?;
+        Some(Reserved {
+            start,
+            len,
+            prev_head,
+        })
+    }
+
+    /// The reserved bytes, to write alone until the token is dropped.
+    pub(crate) fn region(&self, reserved: &Reserved) -> Option<Exclusive<'_>> {
+        let cap = (self.map.len() - OUT_HEADER) as u64;
+        // SAFETY: as in `put`: the reservation's region is free of every
+        // region the parent may still read, and the parent reads it only
+        // once it is announced, which happens after `commit`, when the
+        // token (borrowing `self`) is gone; nothing else in this process
+        // writes the arena.
+        let region = unsafe {
+            self.map.exclusive(
+                OUT_HEADER + (reserved.start % cap) as usize,
+                reserved.len as usize,
+            )
+        };
+        region.ok()
+    }
+
+    /// Keeps the first `used` bytes of the newest reservation (0: gives it
+    /// all back); the start to announce.
+    pub(crate) fn commit(&mut self, reserved: Reserved, used: u64) -> u64 {
+        let used = used.min(reserved.len);
+        if used == 0 {
+            if self.live.back().is_some_and(|&(s, _)| s == reserved.start) {
+                self.live.pop_back();
+            }
+            self.head = reserved.prev_head;
+        } else {
+            if let Some(last) = self.live.back_mut().filter(|l| l.0 == reserved.start) {
+                last.1 = reserved.start + used;
+            }
+            self.head = reserved.start + used;
+        }
+        reserved.start
+    }
+
+    /// Finds room for `len` bytes and marks it live; its start position.
+    fn place(&mut self, len: u64) -> Option<u64> {
+        let cap = (self.map.len() - OUT_HEADER) as u64;
         if len == 0 || len > cap {
             return None;
         }
@@ -257,9 +376,6 @@ impl OutWriter {
                 }
             }
         };
-        self.map
-            .write(OUT_HEADER + (start % cap) as usize, data)
-            .ok()?;
         self.head = start + len;
         self.live.push_back((start, self.head));
         Some(start)
@@ -315,5 +431,28 @@ mod tests {
         drop((l2, l3, l4));
         let s5 = w.put(&big).expect("after all released");
         assert_eq!(s5 % cap as u64, 0);
+    }
+
+    #[test]
+    fn a_reservation_keeps_what_was_used_and_gives_the_rest_back() {
+        let parent = Arc::new(OutArena::create().expect("arena"));
+        let fd = parent.mapping().fd().try_clone_to_owned().expect("dup");
+        let mut w = OutWriter::new(Mapping::from_fd(fd).expect("map")).expect("writer");
+        let r = w.reserve(1000).expect("room");
+        {
+            let mut region = w.region(&r).expect("region");
+            region.bytes_mut()[..3].copy_from_slice(&[4, 5, 6]);
+        }
+        let s1 = w.commit(r, 3);
+        let l1 = parent.lease(s1, 3).expect("lease");
+        assert_eq!(l1.bytes().expect("view"), &[4, 5, 6]);
+        // The next region starts right after the bytes kept.
+        let s2 = w.put(&[7]).expect("put");
+        assert_eq!(s2, s1 + 3);
+        // A reservation given back whole leaves no trace.
+        let r = w.reserve(500).expect("room");
+        w.commit(r, 0);
+        assert_eq!(w.put(&[8]).expect("put"), s2 + 1);
+        drop(l1);
     }
 }

@@ -99,6 +99,11 @@ impl ChunkEncoder {
                 codec::with_fd_sink(&mut fds, || {
                     let mut enc = codec::SeqEncoder::new(&mut buf);
                     enc.push_value(&first)?;
+                    // Numbers: one loop of fixed-width stores.
+                    if let Some(more) = codec::push_primitives(enc.out(), items, max - count) {
+                        count += more;
+                        return Ok(());
+                    }
                     while count < max {
                         let Some(item) = items.next() else { break };
                         count += 1;

@@ -152,6 +152,8 @@ pub(crate) trait RemoteWorker: std::marker::Send + Sync + std::fmt::Debug {
 pub(crate) trait RemoteHosts: std::marker::Send + Sync + std::fmt::Debug {
     /// The places, each of which runs one worker of a pool.
     fn places(&self) -> &[crate::child::ranks::RankInfo];
+    /// What a thread waiting for these workers' answers drives itself.
+    fn driver(&self) -> Option<&'static dyn super::job::Drive>;
     /// Opens a worker on `place`, answering worker `key` of `core`.
     fn open(
         &self,
@@ -274,10 +276,40 @@ pub(crate) struct Core {
     me: std::sync::Weak<Core>,
     state: Mutex<State>,
     /// Signalled when a worker becomes ready, work drains, or the pool breaks.
-    changed: Condvar,
+    changed: Changed,
     config: Config,
     init_bytes: Vec<u8>,
     wake_tx: UnixStream,
+}
+
+/// A condition variable that skips the wake-up system call when no
+/// thread waits: the reader signals it at every result, and a thread waits
+/// on it only in [`Core::wait_ready`] and [`Core::wait_idle`]. Every
+/// change a waiter looks for is made under the state lock, and a waiter
+/// counts itself under that lock before it sleeps, so a signaller that
+/// sees no waiter after its change has nobody to wake.
+#[derive(Debug, Default)]
+struct Changed {
+    cond: Condvar,
+    waiters: AtomicUsize,
+}
+
+impl Changed {
+    fn notify_all(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.cond.notify_all();
+        }
+    }
+
+    fn wait<'a, T>(
+        &self,
+        guard: std::sync::MutexGuard<'a, T>,
+    ) -> std::sync::LockResult<std::sync::MutexGuard<'a, T>> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let woken = self.cond.wait(guard);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        woken
+    }
 }
 
 /// The reader thread's end of the wake-up socket.
@@ -306,7 +338,7 @@ impl Core {
                 missing: 0,
                 spawn_error: None,
             }),
-            changed: Condvar::new(),
+            changed: Changed::default(),
             config,
             init_bytes,
             wake_tx,
@@ -339,6 +371,15 @@ impl Core {
 
     pub(crate) fn processes(&self) -> usize {
         self.config.processes
+    }
+
+    /// What a thread waiting for this pool's results drives itself.
+    fn driver(&self) -> Option<&'static dyn super::job::Drive> {
+        match &self.config.transport {
+            Transport::Local => None,
+            #[cfg(feature = "mpi")]
+            Transport::Remote(hosts) => hosts.driver(),
+        }
     }
 
     /// Where the chunks go (handles go only to this host).
@@ -548,8 +589,12 @@ impl Core {
             if let Some(err) = Core::refuse(&st) {
                 return Err(err);
             }
+            let driver = self.driver();
             for task in tasks {
-                lock(&task.job.state).submitted += 1;
+                let mut job = lock(&task.job.state);
+                job.submitted += 1;
+                job.driver = job.driver.or(driver);
+                drop(job);
                 st.queue.push_back(task);
             }
         }
@@ -594,9 +639,9 @@ impl Core {
                 st.next_id += 1;
                 w.sent += 1;
                 let placed = match &mut w.input {
-                    Some(arena) if task.fds.is_empty() && task.payload.len() >= SHM_MIN => arena
-                        .alloc(id, task.payload.len())
-                        .map(|start| (Arc::clone(arena.mapping()), start)),
+                    Some(arena) if task.fds.is_empty() && task.payload.len() >= SHM_MIN => {
+                        arena.place(id, task.payload.len())
+                    }
                     _ => None,
                 };
                 sends.push(Send {
@@ -635,9 +680,10 @@ impl Core {
             };
             // A failed send means the worker died: the reader sees its end
             // of stream and fails this chunk with the worker's exit status.
-            if let Some((arena, start)) = placed {
+            if let Some(placement) = placed {
                 // The region is this chunk's alone until its result arrives.
-                if arena.write(start, &payload).is_ok() {
+                let start = placement.start();
+                if placement.fill(&payload).is_ok() {
                     let task = ToWorker::TaskShm {
                         id,
                         start: start as u64,
@@ -1273,7 +1319,7 @@ impl Core {
 }
 
 /// Where a chunk's payload was placed in its worker's input arena.
-type Placed = (Arc<sys::shm::Mapping>, usize);
+type Placed = super::arena::Placement;
 
 /// One chunk to send, prepared under the state lock and sent after it.
 struct Send {

@@ -35,6 +35,17 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// A few results in a frame: not worth waking a lazy consumer for
+    /// (see [`Job::take_lazy`]).
+    fn is_small(&self) -> bool {
+        match self {
+            Outcome::Done {
+                bytes, fds, offset, ..
+            } => fds.is_empty() && bytes.len().saturating_sub(*offset) < LAZY_SMALL,
+            Outcome::Shared { .. } | Outcome::Failed(_) => false,
+        }
+    }
+
     /// The chunk's encoded outcomes, as a worker wrote them (for a
     /// serving MPI rank that passes a local worker's outcomes on).
     #[cfg(feature = "mpi")]
@@ -91,7 +102,41 @@ pub(crate) struct JobState {
     /// Its results are delivered to callbacks: dropping its owner does not
     /// cancel it.
     pub(crate) detached: bool,
+    /// The transport its chunks went to, when a waiting thread makes it
+    /// progress itself instead of sleeping (see [`Drive`]).
+    pub(crate) driver: Option<&'static dyn Drive>,
+    /// Threads waiting in [`Job::wait`]: a completion with none skips the
+    /// wake-up.
+    waiting: usize,
+    /// The chunk a [`take_lazy`](Job::take_lazy) consumer waits for.
+    lazy: Option<usize>,
+    /// Outcomes delivered and not taken yet.
+    untaken: usize,
 }
+
+/// A transport that a thread waiting for a job's results drives itself:
+/// it polls for its own answers (the pool on MPI ranks), which saves the
+/// crossing of two threads that a wake-up costs. The wait falls back to
+/// the job's condition variable when [`drive`](Drive::drive) returns
+/// without progress.
+pub(crate) trait Drive: Sync {
+    /// Makes progress until `progressed()`, `deadline`, or a short while
+    /// has passed (never long: the transport's own thread takes over).
+    fn drive(&self, progressed: &dyn Fn() -> bool, deadline: Option<Instant>);
+}
+
+impl std::fmt::Debug for dyn Drive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Drive")
+    }
+}
+
+/// A lazy consumer is woken once this many outcomes wait for it (or for
+/// a large one, a failure, or the job's end).
+const LAZY_BATCH: usize = 64;
+
+/// Result bytes under which an outcome is worth no wake-up of its own.
+const LAZY_SMALL: usize = 64 << 10;
 
 /// Closures run when a job is finished.
 #[derive(Default)]
@@ -127,8 +172,22 @@ impl Job {
         if st.outcomes.len() <= info.index {
             st.outcomes.resize_with(info.index + 1, || None);
         }
+        let small = outcome.is_small();
         st.outcomes[info.index] = Some((info, outcome));
         st.completed.push_back(info.index);
+        st.untaken += 1;
+        // A lazy consumer (an ordered map) sleeps through small outcomes:
+        // it decodes them in a batch, and the parent does not pay a
+        // thread wake-up per task while workers run long ones.
+        let wake = st.waiting > usize::from(st.lazy.is_some())
+            || match st.lazy {
+                None => st.waiting > 0,
+                Some(i) => {
+                    st.finished()
+                        || (st.outcomes.get(i).is_some_and(Option::is_some)
+                            && (!small || st.untaken >= LAZY_BATCH))
+                }
+            };
         let waker = st.waker.take();
         let hooks = if st.finished() {
             std::mem::take(&mut st.on_finished.0)
@@ -136,7 +195,9 @@ impl Job {
             Vec::new()
         };
         drop(st);
-        self.cond.notify_all();
+        if wake {
+            self.cond.notify_all();
+        }
         if let Some(waker) = waker {
             waker.wake();
         }
@@ -153,6 +214,7 @@ impl Job {
         st.cancelled = true;
         st.outcomes.clear();
         st.completed.clear();
+        st.untaken = 0;
         st.waker = None;
         let hooks = std::mem::take(&mut st.on_finished.0);
         drop(st);
@@ -217,15 +279,21 @@ impl Job {
     }
 
     fn find(st: &mut JobState, index: Option<usize>) -> Option<(ChunkInfo, Outcome)> {
-        match index {
+        let found = match index {
             Some(i) => st.outcomes.get_mut(i).and_then(Option::take),
             None => loop {
-                let i = st.completed.pop_front()?;
+                let Some(i) = st.completed.pop_front() else {
+                    break None;
+                };
                 if let Some(o) = st.outcomes.get_mut(i).and_then(Option::take) {
-                    return Some(o);
+                    break Some(o);
                 }
             },
+        };
+        if found.is_some() {
+            st.untaken = st.untaken.saturating_sub(1);
         }
+        found
     }
 
     /// Whether the sealed job is finished.
@@ -250,6 +318,34 @@ impl Job {
         }
     }
 
+    /// [`take`](Job::take) of chunk `index` for a consumer that takes the
+    /// chunks in order and only wants them all: it is woken when a batch of
+    /// outcomes waits (see [`LAZY_BATCH`]), a large outcome or a failure
+    /// arrived, or the job is finished, not at every small outcome.
+    pub(crate) fn take_lazy(
+        &self,
+        index: usize,
+        deadline: Option<Instant>,
+    ) -> Option<(ChunkInfo, Outcome)> {
+        let mut st = lock(&self.state);
+        loop {
+            let found = Job::find(&mut st, Some(index));
+            if found.is_some() {
+                return found;
+            }
+            st.lazy = Some(index);
+            let next = self.wait(st, deadline);
+            match next {
+                Some(next) => st = next,
+                None => {
+                    lock(&self.state).lazy = None;
+                    return None;
+                }
+            }
+            st.lazy = None;
+        }
+    }
+
     /// Waits until every submitted chunk has an outcome; `false` on timeout.
     pub(crate) fn wait_all(&self, deadline: Option<Instant>) -> bool {
         let mut st = lock(&self.state);
@@ -264,25 +360,47 @@ impl Job {
 
     /// Waits for the next completion; `None` once `deadline` has passed.
     fn wait<'a>(
-        &self,
+        &'a self,
         st: MutexGuard<'a, JobState>,
         deadline: Option<Instant>,
     ) -> Option<MutexGuard<'a, JobState>> {
-        match deadline {
-            None => Some(self.cond.wait(st).unwrap_or_else(|p| p.into_inner())),
+        let mut st = match st.driver {
+            Some(driver) => {
+                let seen = st.done;
+                drop(st);
+                driver.drive(&|| lock(&self.state).done != seen, deadline);
+                let st = lock(&self.state);
+                // A completion while this thread drove did not wait on
+                // the condition variable: it is seen here.
+                if st.done != seen {
+                    return Some(st);
+                }
+                st
+            }
+            None => st,
+        };
+        let left = match deadline {
+            None => None,
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return None;
                 }
-                Some(
-                    self.cond
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0,
-                )
+                Some(left)
             }
-        }
+        };
+        st.waiting += 1;
+        let mut st = match left {
+            None => self.cond.wait(st).unwrap_or_else(|p| p.into_inner()),
+            Some(left) => {
+                self.cond
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+        };
+        st.waiting -= 1;
+        Some(st)
     }
 }
 

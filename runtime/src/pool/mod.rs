@@ -243,7 +243,7 @@ impl Pool {
     ) -> Result<Vec<R>> {
         let mut out = Vec::with_capacity(items);
         for i in 0..chunks {
-            let (info, outcome) = job.take(Some(i), deadline).ok_or(Error::Timeout)?;
+            let (info, outcome) = job.take_lazy(i, deadline).ok_or(Error::Timeout)?;
             if let Some((_, err)) = decode_chunk::<R>(info, outcome, &mut out)
                 .into_iter()
                 .next()

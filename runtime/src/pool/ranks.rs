@@ -25,14 +25,27 @@
 //!
 //! # Rank 0
 //!
-//! One thread makes every MPI call after the start (`MPI_Isend` of the
-//! queued frames, `MPI_Improbe` + `MPI_Mrecv` of the answers, `MPI_Test` of
-//! the sends). Any thread of the pool queues a frame without waiting, so a
-//! busy rank never holds up the others. While answers are due the thread
-//! spins (yielding) for [`DUE_SPIN`] after the last message, then sleeps
-//! in growing steps up to [`DUE_NAP`]; when none is due it waits on a
-//! condition variable (no CPU at all).
+//! Every MPI call after the start is made under one lock ([`Link`]'s
+//! `calls`: `MPI_Isend` of the queued frames, `MPI_Improbe` + `MPI_Mrecv`
+//! of the answers, `MPI_Test` of the sends), so `MPI_THREAD_SERIALIZED`
+//! is enough. Any thread of the pool queues a frame without waiting, so a
+//! busy rank never holds up the others. Who makes the calls:
 //!
+//! - a thread that waits for a job's results (`apply`, `get`, `map`,
+//!   `imap`'s `next`...) drives the link itself ([`Drive`]): rounds of
+//!   calls, yielding between them, until one of its answers came or
+//!   [`DRIVE_SPIN`] passed. The answer is delivered by the thread that
+//!   waits for it, with no wake-up between two threads (the round trip of
+//!   one task is one thread's send and receive, as in a raw ping-pong);
+//! - otherwise the transport's thread: while answers are due it spins
+//!   (yielding) for [`DUE_SPIN`] after the last message, then sleeps in
+//!   growing steps up to [`DUE_NAP`]. While a thread drives it naps
+//!   ([`DUE_NAP`]) and takes over when the driver stops.
+//!   With nothing due it naps ([`IDLE_NAP`]) for [`IDLE_WINDOW`], so that
+//!   queuing a frame wakes nobody while callers drive their own answers,
+//!   then waits on a condition variable (no CPU at all) and a new frame
+//!   wakes it.
+
 //! # A serving rank
 //!
 //! A single thread: probe (spinning [`SPIN`] after a message, then
@@ -46,15 +59,15 @@
 //! processes instead, and answers as they finish.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
 use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
 use mpi::topology::Communicator;
 
 use super::engine::{Config, Core, RemoteHosts, RemoteWorker, Task, Transport};
-use super::job::lock;
+use super::job::{Drive, lock};
 use super::protocol::{FromWorker, TaskFailure, ToWorker, WorkerInit};
 use super::worker;
 use crate::child::ranks::{self as launch, RankInfo, Role, World};
@@ -88,6 +101,13 @@ const MAX_NAP: Duration = Duration::from_millis(1);
 const DUE_SPIN: Duration = Duration::from_micros(50);
 const DUE_NAP: Duration = Duration::from_micros(100);
 
+/// Rank 0's thread after its last work: for [`IDLE_WINDOW`] it looks for
+/// new frames every [`IDLE_NAP`] (a frame queued then is picked up by a
+/// thread that waits for its answer, or at the end of the nap), then it
+/// sleeps until a frame wakes it.
+const IDLE_WINDOW: Duration = Duration::from_millis(2);
+const IDLE_NAP: Duration = Duration::from_micros(500);
+
 /// How long rank 0's exit waits for answers still due (tasks still running
 /// on serving ranks) before it aborts the job instead of finalizing.
 const FINISH_WAIT: Duration = Duration::from_secs(30);
@@ -111,6 +131,10 @@ struct Ranks(Vec<RankInfo>);
 impl RemoteHosts for Ranks {
     fn places(&self) -> &[RankInfo] {
         &self.0
+    }
+
+    fn driver(&self) -> Option<&'static dyn Drive> {
+        Some(link())
     }
 
     fn open(&self, info: &RankInfo, core: Weak<Core>, key: u64) -> Arc<dyn RemoteWorker> {
@@ -203,17 +227,30 @@ struct LinkState {
     /// Answers still due.
     due: usize,
     sessions: HashMap<u32, Session>,
+    /// Threads waiting for their answers that make the MPI calls
+    /// themselves meanwhile ([`Drive`]); the transport's thread sleeps.
+    drivers: usize,
     /// Rank 0 is exiting: the thread sends what is queued, waits for the
     /// answers due (up to [`FINISH_WAIT`]) and ends.
     finishing: bool,
+    /// The thread waits without a timeout: a new frame must wake it. Up to
+    /// [`IDLE_WINDOW`] after its last work it naps instead, so that the
+    /// frames of a caller that will drive its own answer (`apply` in a
+    /// loop) cost no wake-up.
+    asleep: bool,
 }
 
-/// Rank 0's side of the transport: the queue of frames and the thread that
-/// makes the MPI calls.
+/// Rank 0's side of the transport: the queue of frames, the right to make
+/// MPI calls, and the thread that makes them when no waiting thread does.
 #[derive(Debug, Default)]
 struct Link {
     state: Mutex<LinkState>,
     changed: Condvar,
+    /// Held for every MPI call after the start: the sends in progress.
+    /// Taken after `state`'s lock is released, never the other way.
+    calls: Mutex<Vec<OwnedSend>>,
+    /// Sends in progress (`calls`' length, readable under `state`).
+    sending: AtomicUsize,
     thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
     next_session: AtomicU32,
 }
@@ -235,8 +272,13 @@ impl Link {
         if answered {
             st.due += 1;
         }
+        // A driving thread sends it in its next round; a napping thread
+        // sees it when its nap ends, unless someone drives it first.
+        let wake = st.drivers == 0 && st.asleep;
         drop(st);
-        self.changed.notify_all();
+        if wake {
+            self.changed.notify_all();
+        }
         Ok(())
     }
 
@@ -253,20 +295,21 @@ impl Link {
         Ok(())
     }
 
-    /// The thread: sends, answers, back-off. `true` if it ended with every
-    /// answer in.
+    /// The thread: rounds of calls with back-off while something is due
+    /// and no waiting thread drives. `true` if it ended with every answer
+    /// in.
     fn run(&self) -> bool {
-        let comm = launch::comm();
-        let mut sending: Vec<OwnedSend> = Vec::new();
         let mut backoff = Backoff::new(DUE_SPIN, DUE_NAP);
         let mut deadline: Option<Instant> = None;
+        let mut last_work = Instant::now();
         loop {
-            let batch: Vec<(i32, Vec<u8>)> = {
+            {
                 let mut st = lock(&self.state);
                 loop {
+                    let sending = self.sending.load(Ordering::Acquire) > 0;
                     if st.finishing {
                         let left = *deadline.get_or_insert_with(|| Instant::now() + FINISH_WAIT);
-                        if st.outbox.is_empty() && sending.is_empty() && st.due == 0 {
+                        if st.outbox.is_empty() && !sending && st.due == 0 {
                             return true;
                         }
                         if Instant::now() >= left {
@@ -274,34 +317,64 @@ impl Link {
                         }
                         break;
                     }
-                    if !st.outbox.is_empty()
-                        || st.due > 0
-                        || !sending.is_empty()
-                        || backoff.spinning()
-                    {
+                    let work = !st.outbox.is_empty() || st.due > 0 || sending;
+                    if work || st.drivers > 0 {
+                        last_work = Instant::now();
+                    }
+                    if st.drivers == 0 && (work || backoff.spinning()) {
                         break;
                     }
-                    st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
-                    backoff.reset();
+                    let idle = last_work.elapsed();
+                    if work {
+                        // A thread drives: this one takes over at most a
+                        // nap after it stops.
+                        st = self
+                            .changed
+                            .wait_timeout(st, DUE_NAP)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    } else if idle < IDLE_WINDOW {
+                        st = self
+                            .changed
+                            .wait_timeout(st, IDLE_NAP.min(IDLE_WINDOW - idle))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    } else {
+                        st.asleep = true;
+                        st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                        st.asleep = false;
+                        backoff.reset();
+                    }
                 }
-                st.outbox.drain(..).collect()
-            };
-            let mut active = !batch.is_empty();
-            for (rank, bytes) in batch {
-                sending.push(OwnedSend::start(&comm, rank, MPI_TAG, bytes));
             }
-            sending.retain_mut(|send| !send.test());
-            while let Some(message) = comm.any_process().immediate_matched_probe_with_tag(MPI_TAG) {
-                let (bytes, _status) = message.matched_receive_vec::<u8>();
-                self.deliver(bytes);
-                active = true;
-            }
-            if active {
+            if self.round(&mut lock(&self.calls)) {
                 backoff.reset();
             } else {
                 backoff.snooze();
             }
         }
+    }
+
+    /// One round of MPI calls: starts the queued sends, tests those in
+    /// progress, receives and delivers every answer that arrived. `true`
+    /// if anything moved.
+    fn round(&self, sending: &mut Vec<OwnedSend>) -> bool {
+        let comm = launch::comm();
+        let batch: Vec<(i32, Vec<u8>)> = lock(&self.state).outbox.drain(..).collect();
+        let mut active = !batch.is_empty();
+        for (rank, bytes) in batch {
+            sending.push(OwnedSend::start(&comm, rank, MPI_TAG, bytes));
+        }
+        if !sending.is_empty() {
+            sending.retain_mut(|send| !send.test());
+            self.sending.store(sending.len(), Ordering::Release);
+        }
+        while let Some(message) = comm.any_process().immediate_matched_probe_with_tag(MPI_TAG) {
+            let (bytes, _status) = message.matched_receive_vec::<u8>();
+            self.deliver(bytes);
+            active = true;
+        }
+        active
     }
 
     /// An answer from a serving rank: to its session's pool.
@@ -324,6 +397,74 @@ impl Link {
             core.on_frame(key, frame);
             core.retire_if_done(key);
             core.dispatch();
+        }
+    }
+}
+
+/// A thread waiting for answers from the ranks polls for them itself for
+/// at most this long (then the transport's thread takes over with its
+/// back-off, and the waiting thread sleeps until woken).
+const DRIVE_SPIN: Duration = Duration::from_micros(200);
+
+impl Drive for Link {
+    fn drive(&self, progressed: &dyn Fn() -> bool, deadline: Option<Instant>) {
+        /// Counts this thread out of the drivers, also if a round panics
+        /// (the transport's thread would otherwise never take over).
+        struct Driving<'a> {
+            link: &'a Link,
+            progress: bool,
+        }
+        impl Drop for Driving<'_> {
+            fn drop(&mut self) {
+                let link = self.link;
+                let mut st = lock(&link.state);
+                st.drivers -= 1;
+                let sending = link.sending.load(Ordering::Acquire) > 0;
+                // A caller that got its answer is usually back soon (the
+                // next result of its map): the thread takes over after
+                // its nap. One that gave up hands over now.
+                let wake = !self.progress
+                    && st.drivers == 0
+                    && (st.due > 0 || !st.outbox.is_empty() || sending);
+                drop(st);
+                if wake {
+                    link.changed.notify_all();
+                }
+            }
+        }
+        {
+            let mut st = lock(&self.state);
+            if st.finishing {
+                return;
+            }
+            st.drivers += 1;
+        }
+        let mut driving = Driving {
+            link: self,
+            progress: false,
+        };
+        let until = Instant::now() + DRIVE_SPIN;
+        let until = deadline.map_or(until, |d| d.min(until));
+        loop {
+            // Busy (another driver, or the thread finishing a round): the
+            // next turn is soon.
+            match self.calls.try_lock() {
+                Ok(mut sending) => {
+                    self.round(&mut sending);
+                }
+                Err(TryLockError::Poisoned(poisoned)) => {
+                    self.round(&mut poisoned.into_inner());
+                }
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if progressed() {
+                driving.progress = true;
+                return;
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 }

@@ -31,7 +31,7 @@ use super::protocol::{
 };
 use crate::codec;
 use crate::error::Error;
-use crate::registry::{self, Call, Entry};
+use crate::registry::{self, Call, Entry, RUN_HEADER};
 use crate::sys::shm::Mapping;
 use crate::wire::{Channel, Frame};
 
@@ -201,11 +201,46 @@ pub(crate) fn main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
         if let Some(arena) = &output_arena {
             arena.mark_started(id);
         }
-        let Some(result) = run_chunk(&mut cached, body, fds, &mut out, &mut out_fds) else {
+        // Results of fixed-width numbers are written straight into the
+        // output arena when the chunk is large: room for the widest (16
+        // bytes a result), the unused part given back.
+        let reserved = match (&mut output_arena, ChunkBody::parse(body)) {
+            (Some(arena), Some(chunk)) if fds.is_empty() && chunk.count as usize * 8 >= SHM_MIN => {
+                arena.reserve(RUN_HEADER as u64 + u64::from(chunk.count) * 16)
+            }
+            _ => None,
+        };
+        // The region's token ends with this block, before the commit.
+        let result = {
+            let mut token = match (&output_arena, &reserved) {
+                (Some(arena), Some(reserved)) => arena.region(reserved),
+                _ => None,
+            };
+            let direct = token.as_mut().map(|t| t.bytes_mut());
+            run_chunk_into(&mut cached, body, fds, &mut out, &mut out_fds, direct)
+        };
+        let Some(result) = result else {
             return 2;
         };
+        let in_place = match (&mut output_arena, reserved) {
+            (Some(arena), Some(reserved)) => {
+                let used = match &result {
+                    Ok(Some(used)) => *used as u64,
+                    _ => 0,
+                };
+                let start = arena.commit(reserved, used);
+                (used > 0).then_some((start, used))
+            }
+            _ => None,
+        };
         let sent = match result {
-            Ok(()) => {
+            Ok(_) if in_place.is_some() => {
+                let (start, len) = in_place.unwrap_or_default();
+                FromWorker::ResultShm { id, start, len }
+                    .send(&channel, &[])
+                    .is_ok()
+            }
+            Ok(_) => {
                 let in_arena = if out_fds.is_empty() && out.len() >= SHM_MIN {
                     output_arena.as_mut().and_then(|a| a.put(&out))
                 } else {
@@ -270,6 +305,7 @@ pub(super) fn run_initializer(init: &WorkerInit, fds: Vec<OwnedFd>) -> Result<()
 /// `out` (cleared first) and `out_fds`: a panicking item fails alone,
 /// with its message. `None`: the body does not parse. `cached` keeps the
 /// last name looked up. Shared by both transports.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))] // the MPI transport's
 pub(super) fn run_chunk(
     cached: &mut Option<(String, &'static Entry)>,
     body: &[u8],
@@ -277,6 +313,20 @@ pub(super) fn run_chunk(
     out: &mut Vec<u8>,
     out_fds: &mut Vec<OwnedFd>,
 ) -> Option<Result<(), Error>> {
+    run_chunk_into(cached, body, fds, out, out_fds, None).map(|r| r.map(|_| ()))
+}
+
+/// [`run_chunk`], with `direct` a place where the outcomes of a chunk of
+/// fixed-width numbers may go instead of `out`: `Ok(Some(len))` when they
+/// went there (its first `len` bytes).
+fn run_chunk_into(
+    cached: &mut Option<(String, &'static Entry)>,
+    body: &[u8],
+    fds: Vec<OwnedFd>,
+    out: &mut Vec<u8>,
+    out_fds: &mut Vec<OwnedFd>,
+    direct: Option<&mut [u8]>,
+) -> Option<Result<Option<usize>, Error>> {
     let chunk = ChunkBody::parse(body)?;
     let entry = match cached {
         Some((cached_name, entry)) if cached_name == chunk.name => Ok(*entry),
@@ -285,12 +335,11 @@ pub(super) fn run_chunk(
     };
     out.clear();
     Some(entry.and_then(|entry| {
-        entry.invoke(&mut Call::chunk(
-            chunk.args,
-            chunk.count as usize,
-            fds,
-            out,
-            out_fds,
-        ))
+        let call = Call::chunk(chunk.args, chunk.count as usize, fds, out, out_fds);
+        let mut call = match direct {
+            Some(region) => call.with_direct(region),
+            None => call,
+        };
+        entry.invoke(&mut call).map(|()| call.direct_used())
     }))
 }

@@ -1,7 +1,7 @@
 //! [`Condition`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
 use std::sync::{Arc, LockResult, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -10,13 +10,13 @@ use super::lock::{AnyLock, Held};
 use crate::error::Result;
 use crate::handle::{HandleWire, Kind, Parts, Received, handle_serde, new_block};
 use crate::sys::arena::Block;
-use crate::sys::futex;
-use crate::sys::lock::RawGuard;
+use crate::sys::futex::{self, Wake};
+use crate::sys::lock::{CHECK_EVERY, RawGuard};
 use crate::sys::shm::LOCK_HEADER;
 
 // The lock header (used unless the condition was built over a lock of its
-// own), the u32 word sequence (the futex word, bumped by each notify), a
-// pad, then the u64 state word: four 16-bit fields, the epoch (bumped by
+// own), the u32 word sequence (the futex word, bumped by each notify), the
+// u32 word deferred (wake-ups owed, see below), then the u64 state word: four 16-bit fields, the epoch (bumped by
 // each notify), the waiters registered before the last notify ("old"),
 // those registered since ("new"), and the wake-ups granted to old waiters
 // and not yet taken. A notify makes every waiter old and grants at most
@@ -25,7 +25,28 @@ use crate::sys::shm::LOCK_HEADER;
 // (its epoch is not the current one). So `notify_n(n)` wakes at most `n`,
 // and a waiter that starts waiting after a notify never takes its grant
 // from a waiter that was there (which would leave that one asleep).
+//
+// A notify wakes as many sleepers as it granted, not all of them: the
+// kernel wakes a futex's sleepers first come, first served, so those are
+// the old ones, save the few that went back to sleep behind newer ones; a
+// woken waiter that finds grants it may not take passes one wake-up on,
+// and every sleep lasts at most `CHECK_EVERY`, so a grant is never left
+// behind a sleeper for longer.
+//
+// Wake-ups are deferred while the condition's own lock is held (the usual
+// notify, made under the lock): a waiter woken at once would only find the
+// lock taken and sleep again on it, two wake-ups and a spin where one
+// does. The notifier adds them to `deferred`, then checks the lock again;
+// every release of the own lock (a guard dropped, a wait) swaps `deferred`
+// to 0 and wakes that many. Publish-then-check on both sides, with SeqCst
+// fences: a release either sees the count or the notifier sees the lock
+// free (or held by a later holder, whose release wakes them). A holder
+// that dies before releasing leaves them to the sleepers' `CHECK_EVERY`
+// re-check, after which they take the lock over as any waiter does. A
+// condition over a `Lock`/`RLock` of the caller's wakes at once: code
+// that holds that lock directly does not release through this type.
 const SEQ: usize = LOCK_HEADER / 4;
+const DEFERRED: usize = SEQ + 1;
 /// The state word, as an index of u64 words.
 const STATE: usize = LOCK_HEADER / 8 + 1;
 const COND_BYTES: usize = LOCK_HEADER + 16;
@@ -115,7 +136,31 @@ pub struct Condition {
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct ConditionGuard<'a> {
     cond: &'a Condition,
+    // Dropped in this order: the lock is released, then the deferred
+    // wake-ups are made.
     held: Held<'a>,
+    _flush: Flush<'a>,
+}
+
+/// Makes the wake-ups deferred to a release of the condition's own lock,
+/// when its guard is dropped (after the lock, see [`ConditionGuard`]).
+struct Flush<'a>(&'a Condition);
+
+impl Drop for Flush<'_> {
+    fn drop(&mut self) {
+        self.0.after_release();
+    }
+}
+
+/// What a waiter found when it looked for a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    /// It took one: it was notified.
+    Taken,
+    /// There are grants, for waiters older than it.
+    Others,
+    /// There are none.
+    None,
 }
 
 /// Whether [`Condition::wait_timeout`] returned because its time was up.
@@ -186,6 +231,52 @@ impl Condition {
         &self.map.atomics_u64()[STATE]
     }
 
+    fn deferred(&self) -> &AtomicU32 {
+        &self.map.atomics_u32()[DEFERRED]
+    }
+
+    /// Wakes `n` sleepers, now or, while the condition's own lock is held,
+    /// at its release (see the layout notes at the top of the file).
+    fn wake(&self, n: u32) {
+        if self.lock.is_none() && self.map.lock_header().is_held() {
+            // (Saturating: the count is at most the grants, < 2^16, unless
+            // the memory was scribbled on.)
+            let _ = self
+                .deferred()
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |owed| {
+                    Some(owed.saturating_add(n))
+                });
+            fence(Ordering::SeqCst);
+            if self.map.lock_header().is_held() {
+                // The holder's release wakes them (or a later holder's).
+                return;
+            }
+            // Released meanwhile: this or that release's check takes them.
+            self.take_deferred();
+            return;
+        }
+        futex::wake(self.seq(), n);
+    }
+
+    /// After this thread released the condition's own lock: makes the
+    /// wake-ups deferred to a release.
+    fn after_release(&self) {
+        if self.lock.is_none() {
+            fence(Ordering::SeqCst);
+            self.take_deferred();
+        }
+    }
+
+    fn take_deferred(&self) {
+        let deferred = self.deferred();
+        if deferred.load(Ordering::Relaxed) != 0 {
+            let owed = deferred.swap(0, Ordering::SeqCst);
+            if owed > 0 {
+                futex::wake(self.seq(), owed);
+            }
+        }
+    }
+
     fn hold(&self) -> (Held<'_>, bool) {
         loop {
             let taken = match &self.lock {
@@ -208,7 +299,11 @@ impl Condition {
     /// [`Lock::acquire`](crate::Lock::acquire).
     pub fn acquire(&self) -> LockResult<ConditionGuard<'_>> {
         let (held, poisoned) = self.hold();
-        let guard = ConditionGuard { cond: self, held };
+        let guard = ConditionGuard {
+            cond: self,
+            held,
+            _flush: Flush(self),
+        };
         if poisoned {
             Err(PoisonError::new(guard))
         } else {
@@ -243,17 +338,22 @@ impl Condition {
         .map(|s| s.epoch)
     }
 
-    /// Takes a grant if one is there for a waiter of `epoch`: it was
-    /// notified.
-    fn take_grant(&self, epoch: u16) -> bool {
-        self.update(|s| {
+    /// Takes a grant if one is there for a waiter of `epoch`.
+    fn take_grant(&self, epoch: u16) -> Grant {
+        let mut others = false;
+        let taken = self.update(|s| {
+            others = s.grants > 0;
             (s.epoch != epoch && s.grants > 0).then(|| State {
                 old: s.old.saturating_sub(1),
                 grants: s.grants - 1,
                 ..s
             })
-        })
-        .is_some()
+        });
+        match (taken, others) {
+            (Some(_), _) => Grant::Taken,
+            (None, true) => Grant::Others,
+            (None, false) => Grant::None,
+        }
     }
 
     /// A waiter of `epoch` whose time is up leaves; `true` if a grant came
@@ -300,33 +400,44 @@ impl Condition {
         let epoch = cond.register();
         let seq = cond.seq();
         let (notified, poisoned) = guard.held.unlocked(|| {
+            cond.after_release();
             let Some(epoch) = epoch else {
                 // Too many waiters to count: a short sleep, then back as if
                 // woken spuriously.
                 let seen = seq.load(Ordering::SeqCst);
-                let slice = crate::sys::lock::CHECK_EVERY;
+                let slice = CHECK_EVERY;
                 let left = deadline.map_or(slice, |d| {
                     d.saturating_duration_since(Instant::now()).min(slice)
                 });
                 futex::wait(seq, seen, Some(left));
                 return deadline.is_none_or(|d| Instant::now() < d);
             };
+            let mut woken = false;
             loop {
                 let seen = seq.load(Ordering::SeqCst);
-                if cond.take_grant(epoch) {
-                    return true;
+                match cond.take_grant(epoch) {
+                    Grant::Taken => return true,
+                    // Perhaps woken by a notify meant for an older waiter
+                    // (one that went back to sleep behind this one): pass
+                    // the wake-up on.
+                    Grant::Others if woken => {
+                        futex::wake(seq, 1);
+                    }
+                    Grant::Others | Grant::None => {}
                 }
-                let timeout = match deadline {
-                    None => None,
+                // At most `CHECK_EVERY` at a time: a notifier that died
+                // holding the lock leaves its wake-ups undone.
+                let slice = match deadline {
+                    None => CHECK_EVERY,
                     Some(deadline) => {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if left.is_zero() {
                             return cond.leave_timed_out(epoch);
                         }
-                        Some(left)
+                        left.min(CHECK_EVERY)
                     }
                 };
-                futex::wait(seq, seen, timeout);
+                woken = futex::wait(seq, seen, Some(slice)) == Wake::Retry;
             }
         });
         (guard, !notified, poisoned)
@@ -462,11 +573,9 @@ impl Condition {
         if before.is_none() {
             return 0;
         }
-        let seq = self.seq();
-        seq.fetch_add(1, Ordering::SeqCst);
-        // Every sleeper re-checks: which ones the kernel would wake is not
-        // which ones may take a grant.
-        futex::wake(seq, u32::MAX);
+        self.seq().fetch_add(1, Ordering::SeqCst);
+        // As many as were granted (see the layout notes at the top).
+        self.wake(u32::from(granted));
         u32::from(granted)
     }
 

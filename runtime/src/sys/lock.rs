@@ -338,6 +338,14 @@ impl<'a> Header<'a> {
         self.word.load(Ordering::Relaxed) != 0
     }
 
+    /// `true` if some thread of some process holds the lock (a snapshot;
+    /// sequentially consistent, for a "publish, then check the holder"
+    /// handshake such as [`Condition`](crate::sync::Condition)'s deferred
+    /// wake).
+    pub(crate) fn is_held(&self) -> bool {
+        self.word.load(Ordering::SeqCst) != 0
+    }
+
     /// `true` if the poison flag is set.
     pub(crate) fn is_poisoned(&self) -> bool {
         self.poison.load(Ordering::Relaxed) != 0

@@ -22,6 +22,13 @@ pub(crate) struct OwnedSend {
     buf: *mut [u8],
 }
 
+// SAFETY: an `OwnedSend` owns its buffer alone (nothing else holds the
+// pointer), and its request is a handle that MPI lets any thread test or
+// wait for, one call at a time: every call on it takes `&mut self`, and
+// the transport makes its MPI calls under one lock (`MPI_THREAD_SERIALIZED`
+// or more, checked when MPI starts).
+unsafe impl Send for OwnedSend {}
+
 impl OwnedSend {
     /// Starts sending `buf` to `rank` of `comm` with `tag` (`MPI_Isend`).
     pub(crate) fn start(comm: &SimpleCommunicator, rank: i32, tag: i32, buf: Vec<u8>) -> OwnedSend {
