@@ -59,8 +59,11 @@ fn median(v: &mut [f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Median wall time of `runs` calls of `f`, in seconds.
+/// Median wall time of `runs` calls of `f`, in seconds, after two calls
+/// that are not timed (warm: a pool's arenas grow to the size's needs).
 fn time(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    f();
     let mut v: Vec<f64> = (0..runs)
         .map(|_| {
             let t = Instant::now();
