@@ -83,18 +83,23 @@ fn thread_cpu() -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
-/// Iterations of `burn` per microsecond of CPU on this machine.
+/// Iterations of `burn` per microsecond of CPU on this machine: the
+/// median of five measurements of about 20 ms each (the same method as
+/// `curves.py`).
 fn burn_per_us() -> f64 {
-    let mut iters = 100_000u64;
-    loop {
+    let cpu_of = |iters: u64| {
         let t = thread_cpu();
         black_box(burn(black_box(iters)));
-        let d = thread_cpu().saturating_sub(t);
-        if d >= Duration::from_millis(20) {
-            return iters as f64 / (d.as_secs_f64() * 1e6);
-        }
+        thread_cpu().saturating_sub(t)
+    };
+    let mut iters = 100_000u64;
+    while cpu_of(iters) < Duration::from_millis(20) {
         iters *= 2;
     }
+    let mut rates: Vec<f64> = (0..5)
+        .map(|_| iters as f64 / (cpu_of(iters).as_secs_f64() * 1e6))
+        .collect();
+    median(&mut rates)
 }
 
 /// `tasks` tasks of `burn(iters)` on the pool.
