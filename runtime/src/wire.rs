@@ -306,6 +306,17 @@ impl Channel {
 
     /// Sends one frame whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        self.send_borrowed(tag, parts, &fds)
+    }
+
+    /// [`Channel::send`] of descriptors the caller does not own.
+    pub(crate) fn send_borrowed(
+        &self,
+        tag: u32,
+        parts: &[&[u8]],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<()> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let nfds = u32::try_from(fds.len())
             .map_err(|_| Error::invalid("too many descriptors in one message"))?;
