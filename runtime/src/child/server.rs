@@ -358,3 +358,48 @@ fn fork_request(frame: Frame) -> Option<(Option<OwnedFd>, OwnedFd, Option<Frame>
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u32, bytes: &[u8], fds: usize) -> Frame {
+        let fds = (0..fds)
+            .map(|_| sys::pipe().map(|(r, _)| r).expect("pipe"))
+            .collect();
+        Frame {
+            tag,
+            bytes: bytes.to_vec(),
+            fds,
+        }
+    }
+
+    #[test]
+    fn fork_requests_are_checked_whole() {
+        let parts = |tag, bytes: &[u8], fds| {
+            fork_request(frame(tag, bytes, fds)).map(|(socket, _, start)| {
+                (
+                    socket.is_some(),
+                    start.map(|s| (s.tag, s.bytes, s.fds.len())),
+                )
+            })
+        };
+        assert_eq!(parts(TAG_FORK, b"", 2), Some((true, None)));
+        assert_eq!(parts(TAG_FORK, b"", 1), None);
+        assert_eq!(parts(TAG_FORK, b"", 3), None);
+        assert_eq!(parts(TAG_FORK, b"x", 2), None);
+        assert_eq!(
+            parts(TAG_FORK_START, b"\0start", 3),
+            Some((false, Some((START_TAG, b"start".to_vec(), 2))))
+        );
+        assert_eq!(
+            parts(TAG_FORK_START, b"\x01start", 3),
+            Some((true, Some((START_TAG, b"start".to_vec(), 1))))
+        );
+        assert_eq!(parts(TAG_FORK_START, b"\x01start", 1), None);
+        assert_eq!(parts(TAG_FORK_START, b"\x02start", 2), None);
+        assert_eq!(parts(TAG_FORK_START, b"", 1), None);
+        assert_eq!(parts(TAG_FORK_START, b"\0", 0), None);
+        assert_eq!(parts(TAG_READY, b"", 2), None);
+    }
+}
