@@ -26,6 +26,19 @@ pub fn kill(pid: u32, signal: i32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
+/// Taken by every test of the `alone` binary (tests/tests/alone/): each of
+/// them counts something of the whole process (open descriptors,
+/// children), lowers one of its limits (`RLIMIT_NOFILE`, `RLIMIT_AS`) or
+/// sets process-wide state (the child initializer, the logger), so no
+/// other test may run beside it. The tests of `procs` touch none of
+/// that and run in parallel. A test that failed while holding the turn
+/// does not poison it for the others.
+pub fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The number of open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
