@@ -24,8 +24,11 @@
 //! Its messages, tags and layouts are in [`super::protocol`]: the
 //! program starts the server with a start message (the preloads as its
 //! arguments) and asks for each child with a fork request carrying the
-//! child's end of its socket and the write end of its status pipe; the
-//! program's side is [`super::forkserver`].
+//! write end of the child's status pipe and either the child's start
+//! message (with its descriptors, and the child's end of its socket if it
+//! has one) or only the child's end of its socket (a start too long to
+//! carry, sent there after the fork); the program's side is
+//! [`super::forkserver`].
 //!
 //! # Exit statuses and signals
 //!
