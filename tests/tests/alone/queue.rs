@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use multiproc::queue::{GetTimeoutError, JoinableQueue, TryGetError, TryPutError};
 use multiproc::{Process, Queue, process_fn};
-use serde::{Deserialize, Serialize};
+use multiproc_tests::{Checked, checksum};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -153,28 +153,13 @@ fn joinable_queue_join_waits_for_task_done() {
     );
 }
 
-#[derive(Serialize, Deserialize, Debug)]
-struct Checked {
-    seq: u64,
-    data: Vec<u8>,
-    sum: u64,
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 #[process_fn]
 fn put_forever(q: Queue<Checked>) {
     let mut seq = 0u64;
     loop {
         // Sizes cross the inline/side-channel boundary.
         let len = [8usize, 300, 1_000, 5_000, 40_000][(seq % 5) as usize];
-        let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ seq) as u8).collect();
-        let sum = checksum(&data);
-        q.put(Checked { seq, data, sum }).expect("put");
+        q.put(Checked::new(seq, len)).expect("put");
         seq += 1;
     }
 }
