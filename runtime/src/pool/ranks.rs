@@ -259,12 +259,11 @@ fn receive_bulk(
     let (message, status) = comm
         .process_at_rank(source)
         .matched_probe_with_tag(MPI_TAG_BULK);
-    let count = usize::try_from(status.count(u8::equivalent_datatype())).unwrap_or(0);
+    let count = status.count(u8::equivalent_datatype());
     into.clear();
-    into.reserve(head.len() + count);
+    into.reserve(head.len() + usize::try_from(count).unwrap_or(0));
     into.extend_from_slice(head);
-    into.resize(head.len() + count, 0);
-    message.matched_receive_into(&mut into[head.len()..]);
+    crate::sys::mpi::receive_appended(message, count, into);
     Some(tag)
 }
 

@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use mpi::datatype::Equivalence;
-use mpi::point_to_point::{Destination, Source};
+use mpi::point_to_point::{Destination, Message, Source};
+use mpi::raw::AsRaw;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::{Communicator, SimpleCommunicator};
 
@@ -226,4 +227,38 @@ impl Drop for OwnedRecv {
         // never posted), so no reference to it is left.
         drop(unsafe { Box::from_raw(self.buf) });
     }
+}
+
+/// Receives the matched `message` of `count` bytes (its probe's count)
+/// at the end of `into`, without first filling the room with zeroes
+/// (`MPI_Mrecv` into the vector's spare capacity): a large chunk is
+/// written once, by MPI.
+pub(crate) fn receive_appended(message: Message, count: i32, into: &mut Vec<u8>) {
+    let len = count.max(0);
+    let count = usize::try_from(len).unwrap_or(0);
+    into.reserve(count);
+    let at = into.len();
+    let mut raw = message.as_raw();
+    // `MPI_Mrecv` consumes the handle through `raw`; the `Message` (whose
+    // drop checks that it was received) holds nothing else.
+    std::mem::forget(message);
+    let room = into.spare_capacity_mut();
+    let mut status = std::mem::MaybeUninit::uninit();
+    // SAFETY: `room` has at least `count` writable bytes (reserved above)
+    // that nothing else references while MPI writes them; `raw` is the
+    // matched message, received once, and its size is `count` bytes of
+    // `MPI_UNSIGNED_CHAR` (its probe's count), so MPI writes exactly that
+    // many; `status` is written by MPI.
+    unsafe {
+        mpi::ffi::MPI_Mrecv(
+            room.as_mut_ptr().cast(),
+            len,
+            u8::equivalent_datatype().as_raw(),
+            &mut raw,
+            status.as_mut_ptr(),
+        );
+    }
+    // SAFETY: MPI initialized the `count` bytes after `at` (above), within
+    // the capacity reserved.
+    unsafe { into.set_len(at + count) };
 }
