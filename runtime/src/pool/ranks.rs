@@ -12,6 +12,17 @@
 //! trailer comes last so that the receiver drops it without moving the
 //! frame's bytes, and a result's outcomes stay where the engine reads them.
 //!
+//! Each side keeps a receive of [`SMALL`] bytes (64 KiB) posted on
+//! [`MPI_TAG`] ([`OwnedRecv`]), so that a message is written where it is
+//! read, with no probe and no queue of unexpected messages between (a
+//! probing loop alone was 2.5-4x a raw blocking ping-pong). A larger frame
+//! travels as two messages: on [`MPI_TAG`] an announcement (its parts but
+//! the last, its tag, and a trailer with [`TAG_BULK`]), then its last part
+//! on [`MPI_TAG_BULK`], sent as it is (rank 0 sends a chunk's shared
+//! payload, a serving rank its outcomes buffer: no copy into one message)
+//! and received right after the announcement's parts, into room MPI
+//! writes once.
+//!
 //! | control message | tag | bytes | answer |
 //! |---|---|---|---|
 //! | rank 0 → rank: start a session | `0x5101` | a `WorkerInit` (codec) | `Ready` or `InitFailed` |
@@ -26,21 +37,28 @@
 //! # Rank 0
 //!
 //! Every MPI call after the start is made under one lock ([`Link`]'s
-//! `calls`: `MPI_Isend` of the queued frames, `MPI_Improbe` + `MPI_Mrecv`
-//! of the answers, `MPI_Test` of the sends), so `MPI_THREAD_SERIALIZED`
-//! is enough. Any thread of the pool queues a frame without waiting, so a
-//! busy rank never holds up the others. Who makes the calls:
+//! `calls`: `MPI_Isend` of the queued frames, `MPI_Test` of the sends and
+//! of the answers' posted receive, the blocking receive of an announced
+//! large answer), so `MPI_THREAD_SERIALIZED` is enough. Any thread of the
+//! pool queues a frame without waiting (and starts its send itself when
+//! the lock is free), so a busy rank never holds up the others. Who makes
+//! the calls:
 //!
 //! - a thread that waits for a job's results (`apply`, `get`, `map`,
 //!   `imap`'s `next`...) drives the link itself ([`Drive`]): rounds of
-//!   calls, yielding between them, until one of its answers came or
-//!   [`DRIVE_SPIN`] passed. The answer is delivered by the thread that
-//!   waits for it, with no wake-up between two threads (the round trip of
-//!   one task is one thread's send and receive, as in a raw ping-pong);
+//!   calls until one of its answers came or [`DRIVE_SPIN`] passed, with
+//!   no yield of its own between two (MPI's progress yields in each call
+//!   when the ranks oversubscribe the cores, as in its own blocking
+//!   receive; a yield when another thread holds the lock). The answer is
+//!   delivered by the thread that waits for it, with no wake-up between
+//!   two threads (the round trip of one task is one thread's send and
+//!   receive, as in a raw ping-pong), and its job skips the condition
+//!   variable's wake-up, since nobody sleeps on it;
 //! - otherwise the transport's thread: while answers are due it spins
 //!   (yielding) for [`DUE_SPIN`] after the last message, then sleeps in
-//!   growing steps up to [`DUE_NAP`]. While a thread drives it naps
-//!   ([`DUE_NAP`]) and takes over when the driver stops.
+//!   growing steps up to [`DUE_NAP`]. While a thread drives, or for one
+//!   [`DUE_NAP`] after a driver left with its answer (it is likely back
+//!   soon: `apply` in a loop), it naps and takes over after.
 //!   With nothing due it naps ([`IDLE_NAP`]) for [`IDLE_WINDOW`], so that
 //!   queuing a frame wakes nobody while callers drive their own answers,
 //!   then waits on a condition variable (no CPU at all) and a new frame
@@ -48,9 +66,10 @@
 
 //! # A serving rank
 //!
-//! A single thread: probe (spinning [`SPIN`] after a message, then
-//! sleeping up to [`MAX_NAP`]: an idle rank costs 1-2% of a core),
-//! receive, run the chunk through the pool's
+//! A single thread: test its posted receive (spinning [`SPIN`] after a
+//! message, then sleeping up to [`MAX_NAP`]: an idle rank costs 1-3% of
+//! a core), run the chunk, in place in the receive's buffer, through the
+//! pool's
 //! own worker code ([`worker::run_chunk`]: a panicking item fails alone,
 //! with its message), answer with a blocking send (rank 0 is always
 //! receiving while an answer is due). With more than one local worker
