@@ -380,6 +380,9 @@ struct Link {
     calls: Mutex<Calls>,
     /// Sends in progress (`calls`' length, readable under `state`).
     sending: AtomicUsize,
+    /// Frames in the outbox (changed under `state`'s lock, read without
+    /// it: a round with nothing queued takes no lock).
+    queued: AtomicUsize,
     thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
     next_session: AtomicU32,
 }
@@ -409,6 +412,7 @@ impl Link {
             return Err(Error::Closed);
         }
         st.outbox.push_back(frame);
+        self.queued.store(st.outbox.len(), Ordering::SeqCst);
         if answered {
             st.due += 1;
         }
@@ -537,7 +541,14 @@ impl Link {
 
     /// Starts the sends of the queued frames; `true` if there were any.
     fn start_sends(&self, comm: &mpi::topology::SimpleCommunicator, calls: &mut Calls) -> bool {
-        std::mem::swap(&mut lock(&self.state).outbox, &mut calls.batch);
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        {
+            let mut st = lock(&self.state);
+            std::mem::swap(&mut st.outbox, &mut calls.batch);
+            self.queued.store(0, Ordering::SeqCst);
+        }
         if calls.batch.is_empty() {
             return false;
         }
@@ -632,7 +643,16 @@ impl Drive for Link {
         };
         let until = Instant::now() + DRIVE_SPIN;
         let until = deadline.map_or(until, |d| d.min(until));
+        // Set by a round of this thread's that delivered the awaited answer.
+        let got = std::cell::Cell::new(false);
+        let enough = || {
+            let done = progressed();
+            got.set(done);
+            done
+        };
+        let mut turn = 0u32;
         loop {
+            turn = turn.wrapping_add(1);
             // Busy (another driver, or the thread finishing a round): the
             // next turn is soon, after a yield (the holder may be waiting
             // for a core). A round of this thread's own makes MPI calls,
@@ -640,16 +660,18 @@ impl Drive for Link {
             // more is added between two.
             let busy = match self.calls.try_lock() {
                 Ok(mut calls) => {
-                    self.round(&mut calls, Some(progressed));
+                    self.round(&mut calls, Some(&enough));
                     false
                 }
                 Err(TryLockError::Poisoned(poisoned)) => {
-                    self.round(&mut poisoned.into_inner(), Some(progressed));
+                    self.round(&mut poisoned.into_inner(), Some(&enough));
                     false
                 }
                 Err(TryLockError::WouldBlock) => true,
             };
-            if progressed() {
+            // Another thread may have delivered it (seen at once when it
+            // held the link, else within a few turns).
+            if got.get() || ((busy || turn % 8 == 0) && progressed()) {
                 driving.progress = true;
                 return;
             }
@@ -769,6 +791,7 @@ fn finish() {
                         bulk: None,
                     });
                 }
+                link.queued.store(st.outbox.len(), Ordering::SeqCst);
                 st.finishing = true;
             }
             link.changed.notify_all();
