@@ -107,6 +107,49 @@ fn map_and_map_chunked_give_the_local_results_in_order() {
     assert_eq!(pool.map(cube, Vec::<u64>::new()).expect("empty"), vec![]);
 }
 
+#[process_fn]
+fn reversed(bytes: Vec<u8>) -> Vec<u8> {
+    bytes.into_iter().rev().collect()
+}
+
+static BLOB: AtomicU64 = AtomicU64::new(0);
+
+#[process_fn]
+fn keep_blob_sum(blob: Vec<u8>) {
+    BLOB.store(blob.iter().map(|&b| u64::from(b)).sum(), Ordering::SeqCst);
+}
+
+#[process_fn]
+fn blob_sum(x: u64) -> u64 {
+    BLOB.load(Ordering::SeqCst) + x
+}
+
+/// Frames larger than the receive each side keeps posted (64 KiB) travel
+/// as an announcement and a second message: chunks and results of a
+/// large map, a large argument and result, and a large start (the
+/// initializer's arguments).
+#[test]
+fn large_chunks_results_and_starts_travel_whole() {
+    let pool = pool();
+    let expect: Vec<u64> = (0..300_000u64).map(|x| x * x * x).collect();
+    assert_eq!(pool.map(cube, 0..300_000u64).expect("map"), expect);
+    let bytes: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let back = pool.apply(reversed, (bytes.clone(),)).expect("apply");
+    assert_eq!(back.len(), bytes.len());
+    assert!(back.iter().rev().eq(bytes.iter()));
+
+    let blob = vec![3u8; 200_000];
+    let pool = Pool::builder()
+        .mpi()
+        .initializer(keep_blob_sum, (blob,))
+        .build()
+        .expect("pool");
+    assert_eq!(
+        pool.map_chunked(blob_sum, 0..8u64, 1).expect("map"),
+        (600_000..600_008).collect::<Vec<u64>>()
+    );
+}
+
 #[test]
 fn tasks_run_on_the_serving_ranks() {
     let pool = pool();

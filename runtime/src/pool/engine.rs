@@ -142,6 +142,9 @@ pub(crate) trait RemoteWorker: std::marker::Send + Sync + std::fmt::Debug {
     fn start(&self, init: &[u8]) -> Result<()>;
     /// Sends a frame of the pool protocol, in parts; it is answered.
     fn send(&self, tag: u32, parts: &[&[u8]]) -> Result<()>;
+    /// Sends chunk `id` (`ToWorker::Task`), whose body the transport may
+    /// keep (and send without a copy) until it is sent; it is answered.
+    fn send_task(&self, id: u64, body: &Arc<Vec<u8>>) -> Result<()>;
     /// Ends it: its late answers are dropped. Later calls do nothing.
     fn stop(&self);
 }
@@ -513,12 +516,14 @@ impl Core {
     /// that exits, and a fresh session replaces it.
     #[cfg(feature = "mpi")]
     pub(crate) fn retire_if_done(&self, key: u64) {
+        let Some(max) = self.config.init.max_tasks else {
+            return;
+        };
         let done = {
             let st = lock(&self.state);
-            let max = self.config.init.max_tasks;
             st.workers
                 .iter()
-                .any(|w| w.key == key && w.in_flight.is_empty() && max.is_some_and(|m| w.sent >= m))
+                .any(|w| w.key == key && w.in_flight.is_empty() && w.sent >= max)
         };
         if done {
             let _ = self.on_death(key);
@@ -671,8 +676,7 @@ impl Core {
                 #[cfg(feature = "mpi")]
                 Tx::Remote(remote) => {
                     // Nothing sees a remote send fail later: fail it now.
-                    let task = ToWorker::Task { id, body: &payload };
-                    if let Err(err) = task.with_parts(|tag, parts| remote.send(tag, parts)) {
+                    if let Err(err) = remote.send_task(id, &payload) {
                         self.fail_chunk(key, id, err);
                     }
                     continue;

@@ -179,15 +179,20 @@ impl Job {
         // A lazy consumer (an ordered map) sleeps through small outcomes:
         // it decodes them in a batch, and the parent does not pay a
         // thread wake-up per task while workers run long ones.
+        // Nobody on the condition variable (the consumer is not there
+        // yet, or drives the transport itself): no wake-up, whose system
+        // call is a good part of a round trip on MPI ranks. Whoever waits
+        // later looks at the state first, under this lock.
         let wake = st.waiting > usize::from(st.lazy.is_some())
-            || match st.lazy {
-                None => st.waiting > 0,
-                Some(i) => {
-                    st.finished()
-                        || (st.outcomes.get(i).is_some_and(Option::is_some)
-                            && (!small || st.untaken >= LAZY_BATCH))
-                }
-            };
+            || (st.waiting > 0
+                && match st.lazy {
+                    None => true,
+                    Some(i) => {
+                        st.finished()
+                            || (st.outcomes.get(i).is_some_and(Option::is_some)
+                                && (!small || st.untaken >= LAZY_BATCH))
+                    }
+                });
         let waker = st.waker.take();
         let hooks = if st.finished() {
             std::mem::take(&mut st.on_finished.0)

@@ -12,6 +12,17 @@
 //! trailer comes last so that the receiver drops it without moving the
 //! frame's bytes, and a result's outcomes stay where the engine reads them.
 //!
+//! Each side keeps a receive of [`SMALL`] bytes (64 KiB) posted on
+//! [`MPI_TAG`] ([`OwnedRecv`]), so that a message is written where it is
+//! read, with no probe and no queue of unexpected messages between (a
+//! probing loop alone was 2.5-4x a raw blocking ping-pong). A larger frame
+//! travels as two messages: on [`MPI_TAG`] an announcement (its parts but
+//! the last, its tag, and a trailer with [`TAG_BULK`]), then its last part
+//! on [`MPI_TAG_BULK`], sent as it is (rank 0 sends a chunk's shared
+//! payload, a serving rank its outcomes buffer: no copy into one message)
+//! and received right after the announcement's parts, into room MPI
+//! writes once.
+//!
 //! | control message | tag | bytes | answer |
 //! |---|---|---|---|
 //! | rank 0 → rank: start a session | `0x5101` | a `WorkerInit` (codec) | `Ready` or `InitFailed` |
@@ -26,21 +37,28 @@
 //! # Rank 0
 //!
 //! Every MPI call after the start is made under one lock ([`Link`]'s
-//! `calls`: `MPI_Isend` of the queued frames, `MPI_Improbe` + `MPI_Mrecv`
-//! of the answers, `MPI_Test` of the sends), so `MPI_THREAD_SERIALIZED`
-//! is enough. Any thread of the pool queues a frame without waiting, so a
-//! busy rank never holds up the others. Who makes the calls:
+//! `calls`: `MPI_Isend` of the queued frames, `MPI_Test` of the sends and
+//! of the answers' posted receive, the blocking receive of an announced
+//! large answer), so `MPI_THREAD_SERIALIZED` is enough. Any thread of the
+//! pool queues a frame without waiting (and starts its send itself when
+//! the lock is free), so a busy rank never holds up the others. Who makes
+//! the calls:
 //!
 //! - a thread that waits for a job's results (`apply`, `get`, `map`,
 //!   `imap`'s `next`...) drives the link itself ([`Drive`]): rounds of
-//!   calls, yielding between them, until one of its answers came or
-//!   [`DRIVE_SPIN`] passed. The answer is delivered by the thread that
-//!   waits for it, with no wake-up between two threads (the round trip of
-//!   one task is one thread's send and receive, as in a raw ping-pong);
+//!   calls until one of its answers came or [`DRIVE_SPIN`] passed, with
+//!   no yield of its own between two (MPI's progress yields in each call
+//!   when the ranks oversubscribe the cores, as in its own blocking
+//!   receive; a yield when another thread holds the lock). The answer is
+//!   delivered by the thread that waits for it, with no wake-up between
+//!   two threads (the round trip of one task is one thread's send and
+//!   receive, as in a raw ping-pong), and its job skips the condition
+//!   variable's wake-up, since nobody sleeps on it;
 //! - otherwise the transport's thread: while answers are due it spins
 //!   (yielding) for [`DUE_SPIN`] after the last message, then sleeps in
-//!   growing steps up to [`DUE_NAP`]. While a thread drives it naps
-//!   ([`DUE_NAP`]) and takes over when the driver stops.
+//!   growing steps up to [`DUE_NAP`]. While a thread drives, or for one
+//!   [`DUE_NAP`] after a driver left with its answer (it is likely back
+//!   soon: `apply` in a loop), it naps and takes over after.
 //!   With nothing due it naps ([`IDLE_NAP`]) for [`IDLE_WINDOW`], so that
 //!   queuing a frame wakes nobody while callers drive their own answers,
 //!   then waits on a condition variable (no CPU at all) and a new frame
@@ -48,9 +66,10 @@
 
 //! # A serving rank
 //!
-//! A single thread: probe (spinning [`SPIN`] after a message, then
-//! sleeping up to [`MAX_NAP`]: an idle rank costs 1-2% of a core),
-//! receive, run the chunk through the pool's
+//! A single thread: test its posted receive (spinning [`SPIN`] after a
+//! message, then sleeping up to [`MAX_NAP`]: an idle rank costs 1-3% of
+//! a core), run the chunk, in place in the receive's buffer, through the
+//! pool's
 //! own worker code ([`worker::run_chunk`]: a panicking item fails alone,
 //! with its message), answer with a blocking send (rank 0 is always
 //! receiving while an answer is due). With more than one local worker
@@ -63,7 +82,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError, Weak};
 use std::time::{Duration, Instant};
 
-use mpi::point_to_point::{Destination, MatchedReceiveVec, Source};
+use mpi::datatype::Equivalence;
+use mpi::point_to_point::{Destination, Source};
 use mpi::topology::Communicator;
 
 use super::engine::{Config, Core, RemoteHosts, RemoteWorker, Task, Transport};
@@ -74,7 +94,7 @@ use crate::child::ranks::{self as launch, RankInfo, Role, World};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry;
-use crate::sys::mpi::OwnedSend;
+use crate::sys::mpi::{OwnedRecv, OwnedSend};
 use crate::wire::Frame;
 
 /// The MPI tag of every message of multiproc's.
@@ -84,8 +104,25 @@ const TAG_START: u32 = 0x5101;
 const TAG_STOP: u32 = 0x5102;
 const TAG_FINISH: u32 = 0x5103;
 
+/// The MPI tag of a large frame's message, which follows its
+/// announcement ([`TAG_BULK`]) on [`MPI_TAG`].
+const MPI_TAG_BULK: i32 = 0x4d51;
+
+/// An announcement: the next message from this rank on [`MPI_TAG_BULK`]
+/// is a frame (with its trailer) larger than [`SMALL`].
+const TAG_BULK: u32 = 0x5104;
+
 /// `tag: u32`, `session: u32` after the frame's bytes.
 const TRAILER: usize = 8;
+
+/// The largest message (frame and trailer) sent on [`MPI_TAG`]: each side
+/// keeps a receive of this size posted, so that a message is written
+/// where it is read, with no queue of unexpected messages between. A
+/// larger frame is announced, then received whole as it comes.
+const SMALL: usize = 64 << 10;
+
+/// A serving rank keeps its buffer for large chunks up to this size.
+const BULK_KEPT: usize = 16 << 20;
 
 /// The largest message MPI counts (`int` elements).
 const MPI_MAX: u64 = i32::MAX as u64;
@@ -163,31 +200,114 @@ fn pack(tag: u32, session: u32, parts: &[&[u8]]) -> Vec<u8> {
     bytes
 }
 
-/// Takes the trailer off `bytes`: (tag, session).
-fn unpack(bytes: &mut Vec<u8>) -> Option<(u32, u32)> {
+/// A message's frame and trailer: (frame bytes, tag, session).
+fn split(bytes: &[u8]) -> Option<(&[u8], u32, u32)> {
     let at = bytes.len().checked_sub(TRAILER)?;
-    let tag = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?);
-    let session = u32::from_le_bytes(bytes.get(at + 4..at + 8)?.try_into().ok()?);
-    bytes.truncate(at);
-    Some((tag, session))
+    let (frame, trailer) = bytes.split_at(at);
+    let tag = u32::from_le_bytes(trailer.get(..4)?.try_into().ok()?);
+    let session = u32::from_le_bytes(trailer.get(4..8)?.try_into().ok()?);
+    Some((frame, tag, session))
 }
 
-/// Probing with back-off: spin (yielding the CPU) for `spin` after the
-/// last message, then sleep, doubling from 10 µs up to `max_nap`.
+/// A frame on its way to a serving rank: one message on [`MPI_TAG`] (the
+/// frame with its trailer, or the announcement of a large one) and, for a
+/// large frame, its last part on [`MPI_TAG_BULK`], sent without a copy.
+#[derive(Debug)]
+struct Outgoing {
+    rank: i32,
+    message: Vec<u8>,
+    bulk: Option<Arc<Vec<u8>>>,
+}
+
+/// The second message of a large frame.
+enum Bulk<'a> {
+    /// The frame's last part.
+    Last(&'a [u8]),
+    /// The whole frame (when the parts before the last do not fit an
+    /// announcement).
+    Whole(Vec<u8>),
+}
+
+impl Bulk<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Bulk::Last(bytes) => bytes,
+            Bulk::Whole(bytes) => bytes,
+        }
+    }
+}
+
+/// The messages that carry a frame (`tag`, `parts`) of `session`: the
+/// frame with its trailer if that fits the receive posted on [`MPI_TAG`]
+/// ([`SMALL`]); otherwise an announcement there (the parts but the last,
+/// the frame's tag, and the trailer with [`TAG_BULK`]) and the last part,
+/// which the receiver puts after the others.
+fn messages<'a>(tag: u32, session: u32, parts: &[&'a [u8]]) -> (Vec<u8>, Option<Bulk<'a>>) {
+    let len = parts.iter().map(|p| p.len()).sum::<usize>();
+    if len + TRAILER <= SMALL {
+        return (pack(tag, session, parts), None);
+    }
+    let tag_bytes = tag.to_le_bytes();
+    if let Some((last, head)) = parts.split_last() {
+        if len - last.len() + tag_bytes.len() + TRAILER <= SMALL {
+            let mut announced: Vec<&[u8]> = head.to_vec();
+            announced.push(&tag_bytes);
+            return (pack(TAG_BULK, session, &announced), Some(Bulk::Last(last)));
+        }
+    }
+    let whole = parts.concat();
+    (
+        pack(TAG_BULK, session, &[&tag_bytes]),
+        Some(Bulk::Whole(whole)),
+    )
+}
+
+/// Receives into `into` the large frame whose announcement (its frame
+/// part: the first parts and the frame's tag) came from `source`, and
+/// returns its tag. Blocking: the announcement's sender sends the rest
+/// right after. `None` if the announcement is malformed.
+fn receive_bulk(
+    comm: &mpi::topology::SimpleCommunicator,
+    source: i32,
+    announced: &[u8],
+    into: &mut Vec<u8>,
+) -> Option<u32> {
+    let at = announced.len().checked_sub(4)?;
+    let (head, tag) = announced.split_at(at);
+    let tag = u32::from_le_bytes(tag.try_into().ok()?);
+    let (message, status) = comm
+        .process_at_rank(source)
+        .matched_probe_with_tag(MPI_TAG_BULK);
+    let count = status.count(u8::equivalent_datatype());
+    into.clear();
+    into.reserve(head.len() + usize::try_from(count).unwrap_or(0));
+    into.extend_from_slice(head);
+    crate::sys::mpi::receive_appended(message, count, into);
+    Some(tag)
+}
+
+/// Probing with back-off: spin for `spin` after the last message, then
+/// sleep, doubling from 10 µs up to `max_nap`. While it spins it yields
+/// the CPU between two probes if `yielding`; otherwise it leaves that to
+/// MPI, whose progress engine yields in each call when the job has more
+/// ranks than the host has cores (OpenMPI's `mpi_yield_when_idle`, set
+/// under oversubscription), as its own blocking receive does.
 struct Backoff {
     last: Instant,
     nap: Duration,
     spin: Duration,
     max_nap: Duration,
+    yielding: bool,
 }
 
 impl Backoff {
-    fn new(spin: Duration, max_nap: Duration) -> Backoff {
+    fn new(spin: Duration, max_nap: Duration, yielding: bool) -> Backoff {
         Backoff {
             last: Instant::now(),
             nap: Duration::from_micros(10),
             spin,
             max_nap,
+            yielding,
         }
     }
 
@@ -202,7 +322,11 @@ impl Backoff {
 
     fn snooze(&mut self) {
         if self.spinning() {
-            std::thread::yield_now();
+            if self.yielding {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         } else {
             std::thread::sleep(self.nap);
             self.nap = (self.nap * 2).min(self.max_nap);
@@ -223,13 +347,17 @@ struct Session {
 #[derive(Debug, Default)]
 struct LinkState {
     /// Frames to send: (rank, bytes).
-    outbox: VecDeque<(i32, Vec<u8>)>,
+    outbox: VecDeque<Outgoing>,
     /// Answers still due.
     due: usize,
     sessions: HashMap<u32, Session>,
     /// Threads waiting for their answers that make the MPI calls
     /// themselves meanwhile ([`Drive`]); the transport's thread sleeps.
     drivers: usize,
+    /// When the last driver left with its answer: it is likely back soon
+    /// (`apply` in a loop, the next chunk of a map), so the thread leaves
+    /// the link to it for [`DUE_NAP`] more.
+    driven: Option<Instant>,
     /// Rank 0 is exiting: the thread sends what is queued, waits for the
     /// answers due (up to [`FINISH_WAIT`]) and ends.
     finishing: bool,
@@ -246,13 +374,28 @@ struct LinkState {
 struct Link {
     state: Mutex<LinkState>,
     changed: Condvar,
-    /// Held for every MPI call after the start: the sends in progress.
+    /// Held for every MPI call after the start: the sends in progress and
+    /// the receive posted for the next answer.
     /// Taken after `state`'s lock is released, never the other way.
-    calls: Mutex<Vec<OwnedSend>>,
+    calls: Mutex<Calls>,
     /// Sends in progress (`calls`' length, readable under `state`).
     sending: AtomicUsize,
+    /// Frames in the outbox (changed under `state`'s lock, read without
+    /// it: a round with nothing queued takes no lock).
+    queued: AtomicUsize,
     thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
     next_session: AtomicU32,
+}
+
+/// Rank 0's requests in progress (under [`Link`]'s `calls`).
+#[derive(Debug, Default)]
+struct Calls {
+    sending: Vec<OwnedSend>,
+    /// The outbox's frames being started (kept for its allocation).
+    batch: VecDeque<Outgoing>,
+    /// The next answer's receive, from any rank (posted at the first
+    /// round).
+    answer: Option<OwnedRecv>,
 }
 
 static LINK: OnceLock<Link> = OnceLock::new();
@@ -262,13 +405,14 @@ fn link() -> &'static Link {
 }
 
 impl Link {
-    /// Queues `bytes` for `rank`; `answered`: one answer is due for it.
-    fn push(&self, rank: i32, bytes: Vec<u8>, answered: bool) -> Result<()> {
+    /// Queues a frame; `answered`: one answer is due for it.
+    fn push(&self, frame: Outgoing, answered: bool) -> Result<()> {
         let mut st = lock(&self.state);
         if st.finishing {
             return Err(Error::Closed);
         }
-        st.outbox.push_back((rank, bytes));
+        st.outbox.push_back(frame);
+        self.queued.store(st.outbox.len(), Ordering::SeqCst);
         if answered {
             st.due += 1;
         }
@@ -299,7 +443,7 @@ impl Link {
     /// and no waiting thread drives. `true` if it ended with every answer
     /// in.
     fn run(&self) -> bool {
-        let mut backoff = Backoff::new(DUE_SPIN, DUE_NAP);
+        let mut backoff = Backoff::new(DUE_SPIN, DUE_NAP, true);
         let mut deadline: Option<Instant> = None;
         let mut last_work = Instant::now();
         loop {
@@ -321,7 +465,8 @@ impl Link {
                     if work || st.drivers > 0 {
                         last_work = Instant::now();
                     }
-                    if st.drivers == 0 && (work || backoff.spinning()) {
+                    let handed = st.driven.is_some_and(|at| at.elapsed() < DUE_NAP);
+                    if st.drivers == 0 && !handed && (work || backoff.spinning()) {
                         break;
                     }
                     let idle = last_work.elapsed();
@@ -347,7 +492,7 @@ impl Link {
                     }
                 }
             }
-            if self.round(&mut lock(&self.calls)) {
+            if self.round(&mut lock(&self.calls), None) {
                 backoff.reset();
             } else {
                 backoff.snooze();
@@ -356,32 +501,84 @@ impl Link {
     }
 
     /// One round of MPI calls: starts the queued sends, tests those in
-    /// progress, receives and delivers every answer that arrived. `true`
-    /// if anything moved.
-    fn round(&self, sending: &mut Vec<OwnedSend>) -> bool {
+    /// progress, receives and delivers every answer that arrived (or, with
+    /// `enough`, stops after the answer that made it `true`). `true` if
+    /// anything moved.
+    fn round(&self, calls: &mut Calls, enough: Option<&dyn Fn() -> bool>) -> bool {
         let comm = launch::comm();
-        let batch: Vec<(i32, Vec<u8>)> = lock(&self.state).outbox.drain(..).collect();
-        let mut active = !batch.is_empty();
-        for (rank, bytes) in batch {
-            sending.push(OwnedSend::start(&comm, rank, MPI_TAG, bytes));
+        let mut active = self.start_sends(&comm, calls);
+        if !calls.sending.is_empty() {
+            calls.sending.retain_mut(|send| !send.test());
+            self.sending.store(calls.sending.len(), Ordering::Release);
         }
-        if !sending.is_empty() {
-            sending.retain_mut(|send| !send.test());
-            self.sending.store(sending.len(), Ordering::Release);
-        }
-        while let Some(message) = comm.any_process().immediate_matched_probe_with_tag(MPI_TAG) {
-            let (bytes, _status) = message.matched_receive_vec::<u8>();
-            self.deliver(bytes);
+        // Posted after the sends: its cost overlaps their answers' way.
+        let answer = calls.answer.get_or_insert_with(|| OwnedRecv::new(SMALL));
+        answer.post(&comm, None, MPI_TAG);
+        while let Some((source, message)) = answer.test() {
+            let frame = match split(message) {
+                Some((announced, TAG_BULK, session)) => {
+                    let mut bytes = Vec::new();
+                    receive_bulk(&comm, source, announced, &mut bytes)
+                        .map(|tag| (tag, session, bytes))
+                }
+                Some((bytes, tag, session)) => Some((tag, session, bytes.to_vec())),
+                None => None,
+            };
+            // A malformed answer is dropped (the rank broke the protocol).
+            if let Some((tag, session, bytes)) = frame {
+                self.deliver(tag, session, bytes);
+            }
             active = true;
+            if enough.is_some_and(|enough| enough()) {
+                // The next round posts it again (an answer that comes
+                // meanwhile waits in MPI's queue).
+                break;
+            }
+            answer.post(&comm, None, MPI_TAG);
         }
         active
     }
 
+    /// Starts the sends of the queued frames; `true` if there were any.
+    fn start_sends(&self, comm: &mpi::topology::SimpleCommunicator, calls: &mut Calls) -> bool {
+        if self.queued.load(Ordering::SeqCst) == 0 {
+            return false;
+        }
+        {
+            let mut st = lock(&self.state);
+            std::mem::swap(&mut st.outbox, &mut calls.batch);
+            self.queued.store(0, Ordering::SeqCst);
+        }
+        if calls.batch.is_empty() {
+            return false;
+        }
+        for frame in calls.batch.drain(..) {
+            calls
+                .sending
+                .push(OwnedSend::start(comm, frame.rank, MPI_TAG, frame.message));
+            if let Some(bulk) = frame.bulk {
+                calls.sending.push(OwnedSend::start_shared(
+                    comm,
+                    frame.rank,
+                    MPI_TAG_BULK,
+                    bulk,
+                ));
+            }
+        }
+        self.sending.store(calls.sending.len(), Ordering::Release);
+        true
+    }
+
+    /// Starts the queued sends now if no other thread is making MPI calls:
+    /// a frame leaves at once rather than at the next round.
+    fn flush(&self) {
+        if let Ok(mut calls) = self.calls.try_lock() {
+            self.start_sends(&launch::comm(), &mut calls);
+        }
+    }
+
     /// An answer from a serving rank: to its session's pool.
-    fn deliver(&self, mut bytes: Vec<u8>) {
-        let Some((tag, session)) = unpack(&mut bytes) else {
-            return;
-        };
+    fn deliver(&self, tag: u32, session: u32, bytes: Vec<u8>) {
         let target = {
             let mut st = lock(&self.state);
             st.due = st.due.saturating_sub(1);
@@ -423,6 +620,7 @@ impl Drive for Link {
                 // A caller that got its answer is usually back soon (the
                 // next result of its map): the thread takes over after
                 // its nap. One that gave up hands over now.
+                st.driven = self.progress.then(Instant::now);
                 let wake = !self.progress
                     && st.drivers == 0
                     && (st.due > 0 || !st.outbox.is_empty() || sending);
@@ -445,26 +643,46 @@ impl Drive for Link {
         };
         let until = Instant::now() + DRIVE_SPIN;
         let until = deadline.map_or(until, |d| d.min(until));
+        // Set by a round of this thread's that delivered the awaited answer.
+        let got = std::cell::Cell::new(false);
+        let enough = || {
+            let done = progressed();
+            got.set(done);
+            done
+        };
+        let mut turn = 0u32;
         loop {
+            turn = turn.wrapping_add(1);
             // Busy (another driver, or the thread finishing a round): the
-            // next turn is soon.
-            match self.calls.try_lock() {
-                Ok(mut sending) => {
-                    self.round(&mut sending);
+            // next turn is soon, after a yield (the holder may be waiting
+            // for a core). A round of this thread's own makes MPI calls,
+            // which yield when the ranks oversubscribe the cores: nothing
+            // more is added between two.
+            let busy = match self.calls.try_lock() {
+                Ok(mut calls) => {
+                    self.round(&mut calls, Some(&enough));
+                    false
                 }
                 Err(TryLockError::Poisoned(poisoned)) => {
-                    self.round(&mut poisoned.into_inner());
+                    self.round(&mut poisoned.into_inner(), Some(&enough));
+                    false
                 }
-                Err(TryLockError::WouldBlock) => {}
-            }
-            if progressed() {
+                Err(TryLockError::WouldBlock) => true,
+            };
+            // Another thread may have delivered it (seen at once when it
+            // held the link, else within a few turns).
+            if got.get() || ((busy || turn % 8 == 0) && progressed()) {
                 driving.progress = true;
                 return;
             }
             if Instant::now() >= until {
                 return;
             }
-            std::thread::yield_now();
+            if busy {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 }
@@ -491,20 +709,16 @@ impl RemoteWorker for RankSession {
                 limit: MPI_MAX,
             });
         }
-        let link = link();
-        link.ensure_thread()?;
-        link.push(self.rank, pack(TAG_START, self.session, &[init]), true)
+        link().ensure_thread()?;
+        self.send(TAG_START, &[init])
     }
 
     fn send(&self, tag: u32, parts: &[&[u8]]) -> Result<()> {
-        let size = parts.iter().map(|p| p.len() as u64).sum::<u64>() + TRAILER as u64;
-        if size > MPI_MAX {
-            return Err(Error::MessageTooLarge {
-                size,
-                limit: MPI_MAX,
-            });
-        }
-        link().push(self.rank, pack(tag, self.session, parts), true)
+        self.send_frame(tag, parts, None)
+    }
+
+    fn send_task(&self, id: u64, body: &Arc<Vec<u8>>) -> Result<()> {
+        ToWorker::Task { id, body }.with_parts(|tag, parts| self.send_frame(tag, parts, Some(body)))
     }
 
     fn stop(&self) {
@@ -513,7 +727,42 @@ impl RemoteWorker for RankSession {
         }
         let link = link();
         lock(&link.state).sessions.remove(&self.session);
-        let _ = link.push(self.rank, pack(TAG_STOP, self.session, &[]), false);
+        let stop = Outgoing {
+            rank: self.rank,
+            message: pack(TAG_STOP, self.session, &[]),
+            bulk: None,
+        };
+        let _ = link.push(stop, false);
+    }
+}
+
+impl RankSession {
+    /// Queues a frame (answered) and starts its sending if the link is
+    /// free; `shared`: its last part, which a large frame sends as it is.
+    fn send_frame(&self, tag: u32, parts: &[&[u8]], shared: Option<&Arc<Vec<u8>>>) -> Result<()> {
+        let size = parts.iter().map(|p| p.len() as u64).sum::<u64>() + TRAILER as u64;
+        if size > MPI_MAX {
+            return Err(Error::MessageTooLarge {
+                size,
+                limit: MPI_MAX,
+            });
+        }
+        let (message, bulk) = messages(tag, self.session, parts);
+        let bulk = bulk.map(|bulk| match (bulk, shared) {
+            (Bulk::Last(_), Some(shared)) => Arc::clone(shared),
+            (bulk, _) => Arc::new(bulk.bytes().to_vec()),
+        });
+        let link = link();
+        link.push(
+            Outgoing {
+                rank: self.rank,
+                message,
+                bulk,
+            },
+            true,
+        )?;
+        link.flush();
+        Ok(())
     }
 }
 
@@ -536,8 +785,13 @@ fn finish() {
             {
                 let mut st = lock(&link.state);
                 for info in &world.serving {
-                    st.outbox.push_back((info.rank, pack(TAG_FINISH, 0, &[])));
+                    st.outbox.push_back(Outgoing {
+                        rank: info.rank,
+                        message: pack(TAG_FINISH, 0, &[]),
+                        bulk: None,
+                    });
                 }
+                link.queued.store(st.outbox.len(), Ordering::SeqCst);
                 st.finishing = true;
             }
             link.changed.notify_all();
@@ -549,6 +803,9 @@ fn finish() {
                 );
                 launch::comm().abort(3);
             }
+            // Every answer is in: the receive posted for the next one is
+            // cancelled before MPI is finalized.
+            lock(&link.calls).answer = None;
         }
         None => {
             // No pool ever used the ranks: this thread is the only one
@@ -578,21 +835,21 @@ fn serve(world: &World) -> i32 {
     registry::install_panic_hook();
     registry::set_quiet_panics(true);
     let comm = launch::comm();
-    let root = comm.process_at_rank(0);
-    let mut sessions: HashMap<u32, Served> = HashMap::new();
-    let mut cached = None;
-    let mut out = Vec::new();
-    let mut out_fds = Vec::new();
-    let mut backoff = Backoff::new(SPIN, MAX_NAP);
-    let answer = |session: u32, reply: &FromWorker<'_>| {
-        // Only a start refusal has no parts, and it is never sent here.
-        let _ = reply.with_parts(|tag, parts| {
-            root.send_with_tag(&pack(tag, session, parts)[..], MPI_TAG);
-        });
+    let mut server = Server {
+        world,
+        sessions: HashMap::new(),
+        cached: None,
+        out: Vec::new(),
+        out_fds: Vec::new(),
     };
+    let mut backoff = Backoff::new(SPIN, MAX_NAP, false);
+    let mut next = OwnedRecv::new(SMALL);
+    // Large chunks are received here (kept for its allocation).
+    let mut bulk = Vec::new();
     loop {
+        next.post(&comm, Some(0), MPI_TAG);
         let mut finished = false;
-        for (session, served) in &mut sessions {
+        for (session, served) in &mut server.sessions {
             if let Some(fan) = &mut served.fan {
                 finished |= fan.answer_finished(*session, &answer);
             }
@@ -600,36 +857,80 @@ fn serve(world: &World) -> i32 {
         if finished {
             backoff.reset();
         }
-        let Some(message) = root.immediate_matched_probe_with_tag(MPI_TAG) else {
+        let Some((_, message)) = next.test() else {
             backoff.snooze();
             continue;
         };
         backoff.reset();
-        let (mut bytes, _status) = message.matched_receive_vec::<u8>();
-        let Some((tag, session)) = unpack(&mut bytes) else {
-            return 2;
+        let ended = match split(message) {
+            Some((announced, TAG_BULK, session)) => {
+                match receive_bulk(&comm, 0, announced, &mut bulk) {
+                    Some(tag) => server.handle(tag, session, &bulk),
+                    None => Some(2),
+                }
+            }
+            Some((bytes, tag, session)) => server.handle(tag, session, bytes),
+            None => Some(2),
         };
+        if let Some(code) = ended {
+            return code;
+        }
+        if bulk.capacity() > BULK_KEPT {
+            bulk = Vec::new();
+        }
+    }
+}
+
+/// Sends a serving rank's answer to rank 0 (blocking: rank 0 keeps
+/// receiving while answers are due).
+fn answer(session: u32, reply: &FromWorker<'_>) {
+    let root = launch::comm();
+    let root = root.process_at_rank(0);
+    // Only a start refusal has no parts, and it is never sent here.
+    let _ = reply.with_parts(|tag, parts| {
+        let (message, bulk) = messages(tag, session, parts);
+        root.send_with_tag(&message[..], MPI_TAG);
+        if let Some(bulk) = bulk {
+            root.send_with_tag(bulk.bytes(), MPI_TAG_BULK);
+        }
+    });
+}
+
+/// A serving rank's sessions and the buffers its chunks reuse.
+struct Server<'a> {
+    world: &'a World,
+    sessions: HashMap<u32, Served>,
+    cached: Option<(String, &'static registry::Entry)>,
+    out: Vec<u8>,
+    out_fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Server<'_> {
+    /// One message from rank 0 (a frame with its trailer); `Some` exit
+    /// code when the loop ends.
+    fn handle(&mut self, tag: u32, session: u32, bytes: &[u8]) -> Option<i32> {
         match tag {
-            TAG_FINISH => return 0,
+            TAG_FINISH => return Some(0),
             TAG_STOP => {
-                if let Some(Served { fan: Some(fan) }) = sessions.remove(&session) {
+                if let Some(Served { fan: Some(fan) }) = self.sessions.remove(&session) {
                     // Its chunks still running are answered (rank 0
                     // counts on it) and dropped there.
                     fan.stop(session, &answer);
                 }
             }
             TAG_START => {
-                let started = codec::decode_plain::<WorkerInit>(&bytes).and_then(|init| {
-                    if world.workers > 1 {
+                let workers = self.world.workers;
+                let started = codec::decode_plain::<WorkerInit>(bytes).and_then(|init| {
+                    if workers > 1 {
                         // The initializer runs in each local worker.
-                        LocalFanOut::new(world.workers as usize, init).map(Some)
+                        LocalFanOut::new(workers as usize, init).map(Some)
                     } else {
                         worker::run_initializer(&init, Vec::new()).map(|()| None)
                     }
                 });
                 match started {
                     Ok(fan) => {
-                        sessions.insert(session, Served { fan });
+                        self.sessions.insert(session, Served { fan });
                         answer(session, &FromWorker::Ready);
                     }
                     Err(err) => {
@@ -641,28 +942,32 @@ fn serve(world: &World) -> i32 {
                 }
             }
             tag => {
-                let Some(ToWorker::Task { id, body }) = ToWorker::parse(tag, &bytes) else {
-                    return 2;
+                let Some(ToWorker::Task { id, body }) = ToWorker::parse(tag, bytes) else {
+                    return Some(2);
                 };
-                let Some(served) = sessions.get_mut(&session) else {
+                let Some(served) = self.sessions.get_mut(&session) else {
                     let failure = TaskFailure::from_error(Error::Closed);
                     answer(session, &FromWorker::TaskFailed { id, failure });
-                    continue;
+                    return None;
                 };
                 if let Some(fan) = &mut served.fan {
                     if let Err(err) = fan.submit(id, body) {
                         let failure = TaskFailure::from_error(err);
                         answer(session, &FromWorker::TaskFailed { id, failure });
                     }
-                    continue;
+                    return None;
                 }
                 // Results travel back to rank 0: handles are refused there too.
+                let (cached, out, out_fds) = (&mut self.cached, &mut self.out, &mut self.out_fds);
                 let ran = codec::encoding_for(codec::Peer::MpiRank, || {
-                    worker::run_chunk(&mut cached, body, Vec::new(), &mut out, &mut out_fds)
+                    worker::run_chunk(cached, body, Vec::new(), out, out_fds)
                 });
-                out_fds.clear();
+                self.out_fds.clear();
                 let reply = match ran {
-                    Some(Ok(())) => FromWorker::Result { id, outcomes: &out },
+                    Some(Ok(())) => FromWorker::Result {
+                        id,
+                        outcomes: &self.out,
+                    },
                     Some(Err(err)) => FromWorker::TaskFailed {
                         id,
                         failure: TaskFailure::from_error(err),
@@ -675,6 +980,7 @@ fn serve(world: &World) -> i32 {
                 answer(session, &reply);
             }
         }
+        None
     }
 }
 
