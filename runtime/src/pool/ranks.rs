@@ -265,7 +265,8 @@ fn messages<'a>(tag: u32, session: u32, parts: &[&'a [u8]]) -> (Vec<u8>, Option<
 /// Receives into `into` the large frame whose announcement (its frame
 /// part: the first parts and the frame's tag) came from `source`, and
 /// returns its tag. Blocking: the announcement's sender sends the rest
-/// right after. `None` if the announcement is malformed.
+/// right after. `None` if the announcement is malformed or MPI failed to
+/// receive the rest.
 fn receive_bulk(
     comm: &mpi::topology::SimpleCommunicator,
     source: i32,
@@ -282,8 +283,7 @@ fn receive_bulk(
     into.clear();
     into.reserve(head.len() + usize::try_from(count).unwrap_or(0));
     into.extend_from_slice(head);
-    crate::sys::mpi::receive_appended(message, count, into);
-    Some(tag)
+    crate::sys::mpi::receive_appended(message, count, into).then_some(tag)
 }
 
 /// Probing with back-off: spin for `spin` after the last message, then

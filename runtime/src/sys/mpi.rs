@@ -232,8 +232,10 @@ impl Drop for OwnedRecv {
 /// Receives the matched `message` of `count` bytes (its probe's count)
 /// at the end of `into`, without first filling the room with zeroes
 /// (`MPI_Mrecv` into the vector's spare capacity): a large chunk is
-/// written once, by MPI.
-pub(crate) fn receive_appended(message: Message, count: i32, into: &mut Vec<u8>) {
+/// written once, by MPI. `false` if MPI reported an error (the bytes are
+/// not appended: nothing says MPI wrote them).
+#[must_use]
+pub(crate) fn receive_appended(message: Message, count: i32, into: &mut Vec<u8>) -> bool {
     let len = count.max(0);
     let count = usize::try_from(len).unwrap_or(0);
     into.reserve(count);
@@ -249,16 +251,20 @@ pub(crate) fn receive_appended(message: Message, count: i32, into: &mut Vec<u8>)
     // matched message, received once, and its size is `count` bytes of
     // `MPI_UNSIGNED_CHAR` (its probe's count), so MPI writes exactly that
     // many; `status` is written by MPI.
-    unsafe {
+    let rc = unsafe {
         mpi::ffi::MPI_Mrecv(
             room.as_mut_ptr().cast(),
             len,
             u8::equivalent_datatype().as_raw(),
             &mut raw,
             status.as_mut_ptr(),
-        );
+        )
+    };
+    if rc != mpi::ffi::MPI_SUCCESS as i32 {
+        return false;
     }
-    // SAFETY: MPI initialized the `count` bytes after `at` (above), within
-    // the capacity reserved.
+    // SAFETY: MPI initialized the `count` bytes after `at` (it returned
+    // MPI_SUCCESS above), within the capacity reserved.
     unsafe { into.set_len(at + count) };
+    true
 }
