@@ -354,6 +354,49 @@ impl Channel {
         Ok(())
     }
 
+    /// Sends several frames without descriptors, each the concatenation
+    /// of its parts, in as few system calls as the kernel takes them (one,
+    /// usually): the same bytes as one [`send`](Channel::send) each.
+    pub(crate) fn send_frames(&self, frames: &[(u32, &[&[u8]])]) -> Result<()> {
+        let headers: Vec<[u8; HEADER]> = frames
+            .iter()
+            .map(|(tag, parts)| {
+                let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+                let mut header = [0u8; HEADER];
+                header[..8].copy_from_slice(&len.to_le_bytes());
+                header[12..].copy_from_slice(&tag.to_le_bytes());
+                header
+            })
+            .collect();
+        let all: Vec<&[u8]> = headers
+            .iter()
+            .zip(frames)
+            .flat_map(|(header, (_, parts))| std::iter::once(&header[..]).chain(parts.iter().copied()))
+            .filter(|part| !part.is_empty())
+            .collect();
+        let (mut at, mut skip) = (0usize, 0usize);
+        while at < all.len() {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity((all.len() - at).min(64));
+            slices.push(IoSlice::new(&all[at][skip..]));
+            slices.extend(all[at + 1..].iter().take(63).map(|part| IoSlice::new(part)));
+            let mut n = sys::send_with_fds(self.fd.as_fd(), &slices, &[])
+                .map_err(|e| Error::transport_errno("send", e))?;
+            // Move past what went out.
+            while n > 0 && at < all.len() {
+                let left = all[at].len() - skip;
+                if n >= left {
+                    n -= left;
+                    at += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The stream offset of the first unread byte.
     fn read_pos(&self) -> u64 {
         self.received - (self.end - self.start) as u64

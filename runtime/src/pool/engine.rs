@@ -48,6 +48,62 @@ use super::job::{ChunkInfo, Job, Outcome, lock};
 /// balanced across workers.
 pub(crate) const SLOTS: usize = 2;
 
+/// A local worker whose tasks take at least this long (as learned from
+/// its results) runs *deep*: it is given up to [`DEEP_SLOTS`] chunks of
+/// `map`s ahead (about [`AHEAD`] of work), and the reader lets their
+/// results wait in its socket until it has about two chunks left, then
+/// reads them all at once: one wake-up of the parent for several tasks
+/// instead of one each. Shorter tasks keep [`SLOTS`] and a wake-up per
+/// result, which costs less than their own run.
+const LONG_TASK: Duration = Duration::from_millis(1);
+
+/// The work a deep worker is given ahead of it.
+const AHEAD: Duration = Duration::from_millis(200);
+
+/// The most chunks a deep worker holds at once.
+const DEEP_SLOTS: usize = 32;
+
+/// How many chunks a worker whose tasks take `task_time` may hold, given
+/// its usual `slots`.
+fn window(slots: usize, task_time: Option<Duration>) -> usize {
+    match task_time {
+        Some(t) if t >= LONG_TASK => {
+            let ahead = (AHEAD.as_nanos() / t.as_nanos().max(1)) as usize;
+            (slots + ahead).clamp(slots, DEEP_SLOTS.max(slots))
+        }
+        _ => slots,
+    }
+}
+
+/// The next task-time estimate after a sample: down at once (a worker
+/// read too late idles), up by a quarter of the difference.
+fn learn(task_time: Option<Duration>, sample: Duration) -> Duration {
+    match task_time {
+        Some(t) if sample > t => t + (sample - t) / 4,
+        _ => sample,
+    }
+}
+
+/// Until when the reader may leave the results of a worker unread: it
+/// has held `in_flight` chunks of tasks of `task_time` since `from` (its
+/// last results were read then). With chunks still queued (`refill`),
+/// about two are left at the instant returned, so it never waits for its
+/// next one; without, one is left (the last result is read as it comes).
+/// `None`: read each result as it comes.
+fn defer_until(
+    from: Instant,
+    task_time: Duration,
+    in_flight: usize,
+    refill: bool,
+) -> Option<Instant> {
+    let keep = if refill { 2 } else { 1 };
+    if task_time < LONG_TASK || in_flight <= keep {
+        return None;
+    }
+    let ahead = u32::try_from(in_flight - keep).unwrap_or(u32::MAX);
+    Some(from + task_time.saturating_mul(ahead))
+}
+
 static WORKER_COUNTER: AtomicUsize = AtomicUsize::new(1);
 
 /// An encoded chunk waiting for a worker, or sent to one and not yet
@@ -208,8 +264,16 @@ struct Worker {
     child: Proc,
     in_flight: Vec<InFlight>,
     sent: u64,
-    /// Chunks it may hold at once ([`SLOTS`] per process that runs them).
+    /// Chunks it may hold at once ([`SLOTS`] per process that runs them);
+    /// more for `map`s when it runs long tasks (see [`LONG_TASK`]).
     slots: usize,
+    /// Since when it is known busy: its last results were read then, or
+    /// it got a chunk while it held none. `None`: it may be idle.
+    busy_from: Option<Instant>,
+    /// How long its tasks take, learned from its results (local workers),
+    /// and the job they belong to: the estimate holds for that job only.
+    task_time: Option<Duration>,
+    timed: std::sync::Weak<Job>,
     ready: bool,
     /// Shared-memory arenas for large payloads (`None`: socket only).
     input: Option<InArena>,
@@ -217,8 +281,70 @@ struct Worker {
 }
 
 impl Worker {
-    fn accepts(&self, max_tasks: Option<u64>) -> bool {
-        self.in_flight.len() < self.slots && max_tasks.is_none_or(|m| self.sent < m)
+    /// Whether it takes one more chunk now, `task`, when `share` is the
+    /// pool's chunks (queued and in flight) divided among its workers.
+    fn accepts(&self, max_tasks: Option<u64>, task: &Task, share: usize) -> bool {
+        if max_tasks.is_some_and(|m| self.sent >= m) {
+            return false;
+        }
+        let n = self.in_flight.len();
+        if n < self.slots {
+            return true;
+        }
+        // Deep: chunks of the `map` it was timed on only (an `apply` or
+        // an `imap` does not wait behind them), and no more than its share
+        // of the work left, so that a short map is spread evenly.
+        n < window(self.slots, self.task_time)
+            && n < share
+            && self.timed_on(&task.job)
+            && self.in_flight.iter().all(|f| self.timed_on(&f.task.job))
+    }
+
+    /// Whether its task time was learned on `job`, a `map`'s.
+    fn timed_on(&self, job: &Arc<Job>) -> bool {
+        job.batched && std::ptr::eq(self.timed.as_ptr(), Arc::as_ptr(job))
+    }
+
+    /// Until when the reader may leave its results unread (see
+    /// [`defer_until`]).
+    fn defer_until(&self, refill: bool) -> Option<Instant> {
+        let (from, task_time) = (self.busy_from?, self.task_time?);
+        if !self.in_flight.iter().all(|f| self.timed_on(&f.task.job)) {
+            return None;
+        }
+        defer_until(from, task_time, self.in_flight.len(), refill)
+    }
+
+    /// `k` of its results were read at `now` (`deferred`: after the
+    /// reader had let them wait): what they say of its task time, and
+    /// since when it is busy.
+    fn note_results(&mut self, k: usize, now: Instant, deferred: bool) {
+        match self.in_flight.first() {
+            // It ran out of work: idle for an unknown time, so no sample;
+            // and if its results were left waiting, the estimate was too
+            // long (it idled): learn again.
+            None => {
+                if deferred {
+                    self.task_time = None;
+                }
+                self.busy_from = None;
+                return;
+            }
+            // The chunk it runs now is of another job: learn that one's.
+            Some(f) if !std::ptr::eq(self.timed.as_ptr(), Arc::as_ptr(&f.task.job)) => {
+                self.timed = Arc::downgrade(&f.task.job);
+                self.task_time = None;
+            }
+            Some(_) => {
+                if let (Some(from), Ok(k)) = (self.busy_from, u32::try_from(k)) {
+                    // It still holds a chunk, so it ran `k` chunks and part
+                    // of one since `from`: a slight overestimate.
+                    let sample = now.saturating_duration_since(from) / k.max(1);
+                    self.task_time = Some(learn(self.task_time, sample));
+                }
+            }
+        }
+        self.busy_from = Some(now);
     }
 }
 
@@ -455,6 +581,9 @@ impl Core {
             in_flight: Vec::new(),
             sent: 0,
             slots: SLOTS,
+            busy_from: None,
+            task_time: None,
+            timed: std::sync::Weak::new(),
             ready: false,
             input,
             output,
@@ -497,6 +626,9 @@ impl Core {
                 in_flight: Vec::new(),
                 sent: 0,
                 slots: SLOTS * info.workers as usize,
+                busy_from: None,
+                task_time: None,
+                timed: std::sync::Weak::new(),
                 ready: false,
                 input: None,
                 output: None,
@@ -609,12 +741,15 @@ impl Core {
             let mut st = lock(&self.state);
             let st = &mut *st;
             let max_tasks = self.config.init.max_tasks;
-            while !st.queue.is_empty() {
+            // Taking a chunk off the queue puts it in flight: the sum stays.
+            let share = st.queue.len() + st.workers.iter().map(|w| w.in_flight.len()).sum::<usize>();
+            let share = share.div_ceil(st.workers.len().max(1));
+            while let Some(front) = st.queue.front() {
                 // The least loaded worker that can take one more chunk.
                 let Some(w) = st
                     .workers
                     .iter_mut()
-                    .filter(|w| w.accepts(max_tasks))
+                    .filter(|w| w.accepts(max_tasks, front, share))
                     .min_by_key(|w| w.in_flight.len())
                 else {
                     break;
@@ -638,6 +773,14 @@ impl Core {
                 let id = st.next_id;
                 st.next_id += 1;
                 w.sent += 1;
+                if w.in_flight.is_empty() {
+                    w.busy_from = Some(Instant::now());
+                    // Its first result times this job's tasks.
+                    if !std::ptr::eq(w.timed.as_ptr(), Arc::as_ptr(&task.job)) {
+                        w.timed = Arc::downgrade(&task.job);
+                        w.task_time = None;
+                    }
+                }
                 let placed = match &mut w.input {
                     Some(arena) if task.fds.is_empty() && task.payload.len() >= SHM_MIN => {
                         arena.place(id, task.payload.len())
@@ -655,48 +798,76 @@ impl Core {
                 w.in_flight.push(InFlight { id, task });
             }
         }
-        for Send {
+        // Each worker's chunks stay in the order they were assigned (it
+        // runs them in that order); a run of plain ones to one worker goes
+        // out in one system call.
+        sends.sort_by_key(|s| s.key);
+        let mut rest = &mut sends[..];
+        while let Some((first, tail)) = rest.split_first_mut() {
+            let run = 1 + tail
+                .iter()
+                .take_while(|s| s.key == first.key && s.is_plain())
+                .count();
+            // Without the `mpi` feature, a plain chunk's transport is the only one.
+            #[cfg_attr(not(feature = "mpi"), allow(irrefutable_let_patterns))]
+            if let (true, Tx::Socket(tx)) = (run >= 2 && first.is_plain(), &first.conn.tx) {
+                let tasks: Vec<([u8; 8], &[u8])> = std::iter::once(&*first)
+                    .chain(&tail[..run - 1])
+                    .map(|s| (s.id.to_le_bytes(), &s.payload[..]))
+                    .collect();
+                // A failed send means the worker died (see `send`).
+                let _ = ToWorker::send_tasks(&lock(tx), &tasks);
+                rest = &mut tail[run - 1..];
+                continue;
+            }
+            self.send(first);
+            rest = tail;
+        }
+    }
+
+    /// Sends one chunk to its worker.
+    fn send(&self, send: &mut Send) {
+        let Send {
             conn,
             key,
             id,
             payload,
             fds,
             placed,
-        } in sends
-        {
-            // Without the `mpi` feature there is one transport.
-            #[cfg_attr(not(feature = "mpi"), allow(clippy::infallible_destructuring_match))]
-            let tx = match &conn.tx {
-                Tx::Socket(tx) => tx,
-                #[cfg(feature = "mpi")]
-                Tx::Remote(remote) => {
-                    // Nothing sees a remote send fail later: fail it now.
-                    let task = ToWorker::Task { id, body: &payload };
-                    if let Err(err) = task.with_parts(|tag, parts| remote.send(tag, parts)) {
-                        self.fail_chunk(key, id, err);
-                    }
-                    continue;
+        } = send;
+        let (key, id) = (*key, *id);
+        // Without the `mpi` feature there is one transport.
+        #[cfg_attr(not(feature = "mpi"), allow(clippy::infallible_destructuring_match))]
+        let tx = match &conn.tx {
+            Tx::Socket(tx) => tx,
+            #[cfg(feature = "mpi")]
+            Tx::Remote(remote) => {
+                // Nothing sees a remote send fail later: fail it now.
+                let task = ToWorker::Task { id, body: payload };
+                if let Err(err) = task.with_parts(|tag, parts| remote.send(tag, parts)) {
+                    self.fail_chunk(key, id, err);
                 }
-            };
-            // A failed send means the worker died: the reader sees its end
-            // of stream and fails this chunk with the worker's exit status.
-            if let Some(placement) = placed {
-                // The region is this chunk's alone until its result arrives.
-                let start = placement.start();
-                if placement.fill(&payload).is_ok() {
-                    let task = ToWorker::TaskShm {
-                        id,
-                        start: start as u64,
-                        len: payload.len() as u64,
-                    };
-                    let _ = task.send(&lock(tx), &[]);
-                    continue;
-                }
+                return;
             }
-            let _ = key; // the remote transport's
-            let task = ToWorker::Task { id, body: &payload };
-            let _ = task.send(&lock(tx), &fds);
+        };
+        // A failed send means the worker died: the reader sees its end
+        // of stream and fails this chunk with the worker's exit status.
+        if let Some(placement) = placed.take() {
+            // The region is this chunk's alone until its result arrives.
+            let start = placement.start();
+            if placement.fill(payload).is_ok() {
+                let task = ToWorker::TaskShm {
+                    id,
+                    start: start as u64,
+                    len: payload.len() as u64,
+                };
+                let _ = task.send(&lock(tx), &[]);
+                return;
+            }
         }
+        let _ = key; // the remote transport's
+        let task = ToWorker::Task { id, body: payload };
+        let _ = task.send(&lock(tx), fds);
     }
 
     /// `close()`: no new work; queued work still runs.
@@ -1216,6 +1387,7 @@ impl Core {
         let mut scratch = [0u8; 64];
         let mut bytes = Vec::new();
         let mut fds = Vec::new();
+        let mut deferred: Vec<bool> = Vec::new();
         loop {
             let retry = {
                 let mut st = lock(&self.state);
@@ -1228,10 +1400,43 @@ impl Core {
             if retry {
                 channels.extend(self.retry_missing());
             }
+            // A worker deep in long tasks of `map`s is polled for its end
+            // only (`POLLHUP` is always reported): its results wait in its
+            // socket until it is about to run out of work, then come in
+            // one read with those of every other deferred worker.
+            let now = Instant::now();
+            let mut timeout = None;
+            deferred.clear();
+            {
+                let st = lock(&self.state);
+                let refill = !st.queue.is_empty();
+                for (key, _) in &channels {
+                    let until = st
+                        .workers
+                        .iter()
+                        .find(|w| w.key == *key)
+                        .and_then(|w| w.defer_until(refill))
+                        .filter(|until| *until > now);
+                    if let Some(until) = until {
+                        let left = until - now;
+                        timeout = Some(timeout.map_or(left, |t: Duration| t.min(left)));
+                    }
+                    deferred.push(until.is_some());
+                }
+                if st.missing > 0 {
+                    timeout = Some(timeout.map_or(RETRY_SPAWN, |t| t.min(RETRY_SPAWN)));
+                }
+            }
             let mut polled = Vec::with_capacity(channels.len() + 1);
             polled.push((waker.0.as_fd(), PollFlags::POLLIN));
-            polled.extend(channels.iter().map(|(_, c)| (c.fd(), PollFlags::POLLIN)));
-            let timeout = lock(&self.state).missing.gt(&0).then_some(RETRY_SPAWN);
+            polled.extend(channels.iter().zip(&deferred).map(|((_, c), deferred)| {
+                let events = if *deferred {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::POLLIN
+                };
+                (c.fd(), events)
+            }));
             let ready = sys::poll_many(&polled, timeout)?;
             drop(polled);
             if !ready[0].is_empty() {
@@ -1239,9 +1444,10 @@ impl Core {
             }
             let mut dead = Vec::new();
             for (i, (key, channel)) in channels.iter_mut().enumerate() {
-                if ready[i + 1].is_empty() {
+                if ready[i + 1].is_empty() && !deferred[i] {
                     continue;
                 }
+                let mut frames = 0usize;
                 // What has arrived, without waiting for the rest of a
                 // frame: a worker that stops in the middle of one must not
                 // stall the others (its frame stays buffered).
@@ -1254,6 +1460,7 @@ impl Core {
                                 fds: std::mem::take(&mut fds),
                             };
                             self.on_frame(*key, frame);
+                            frames += 1;
                             // Nothing more buffered: the next poll says
                             // when more arrives (no extra syscall here).
                             if !channel.has_buffered_outcome() {
@@ -1281,6 +1488,13 @@ impl Core {
                             dead.push(i);
                             break;
                         }
+                    }
+                }
+                if frames > 0 {
+                    let now = Instant::now();
+                    let mut st = lock(&self.state);
+                    if let Some(w) = st.workers.iter_mut().find(|w| w.key == *key) {
+                        w.note_results(frames, now, deferred[i]);
                     }
                 }
             }
@@ -1329,6 +1543,13 @@ struct Send {
     payload: Arc<Vec<u8>>,
     fds: Arc<Vec<OwnedFd>>,
     placed: Option<Placed>,
+}
+
+impl Send {
+    /// A chunk in the socket, without descriptors, to a local worker.
+    fn is_plain(&self) -> bool {
+        self.placed.is_none() && self.fds.is_empty() && matches!(self.conn.tx, Tx::Socket(_))
+    }
 }
 
 /// A chunk's outcome with the outcomes of its first items in front (see

@@ -218,7 +218,13 @@ impl Pool {
     ) -> Result<(JobGuard, usize, usize)> {
         let mut encoder = ChunkEncoder::new::<F>(self.core.peer())?;
         let mut plan = ChunkPlan::new(n, self.processes(), chunksize);
-        let job = JobGuard(Arc::new(Job::default()));
+        // A job of several items wants them all (one of a single item,
+        // an `apply`, wants it as soon as it exists).
+        let job = JobGuard(Arc::new(if n > 1 {
+            Job::batched()
+        } else {
+            Job::default()
+        }));
         let (mut chunks, mut first) = (0usize, 0usize);
         while let Some((count, encoded)) = encoder.next(&mut items, plan.next_size()) {
             let (payload, fds) = encoded?;
