@@ -86,9 +86,11 @@ fn learn(task_time: Option<Duration>, sample: Duration) -> Duration {
 
 /// Until when the reader may leave the results of a worker unread: it
 /// has held `in_flight` chunks of tasks of `task_time` since `from` (its
-/// last results were read then). With chunks still queued (`refill`),
-/// about two are left at the instant returned, so it never waits for its
-/// next one; without, one is left (the last result is read as it comes).
+/// last results were read then). With chunks still queued (`refill`), it
+/// keeps two, without one (the last result is read as it comes), and the
+/// reader wakes when half of the others should be done: a worker that
+/// runs up to twice as fast as it did (a busy machine's cores come and
+/// go) still never waits for work, nor its results for the reader.
 /// `None`: read each result as it comes.
 fn defer_until(
     from: Instant,
@@ -101,7 +103,7 @@ fn defer_until(
         return None;
     }
     let ahead = u32::try_from(in_flight - keep).unwrap_or(u32::MAX);
-    Some(from + task_time.saturating_mul(ahead))
+    Some(from + task_time.saturating_mul(ahead) / 2)
 }
 
 static WORKER_COUNTER: AtomicUsize = AtomicUsize::new(1);
@@ -281,9 +283,9 @@ struct Worker {
 }
 
 impl Worker {
-    /// Whether it takes one more chunk now, `task`, when `share` is the
-    /// pool's chunks (queued and in flight) divided among its workers.
-    fn accepts(&self, max_tasks: Option<u64>, task: &Task, share: usize) -> bool {
+    /// Whether it takes one more chunk now, `task`, the first of `queued`
+    /// for `workers` workers.
+    fn accepts(&self, max_tasks: Option<u64>, task: &Task, queued: usize, workers: usize) -> bool {
         if max_tasks.is_some_and(|m| self.sent >= m) {
             return false;
         }
@@ -292,10 +294,11 @@ impl Worker {
             return true;
         }
         // Deep: chunks of the `map` it was timed on only (an `apply` or
-        // an `imap` does not wait behind them), and no more than its share
-        // of the work left, so that a short map is spread evenly.
+        // an `imap` does not wait behind them), and no more extra ones
+        // than its share of the queue: the window shrinks with the queue
+        // (guided scheduling), so the workers still finish together.
         n < window(self.slots, self.task_time)
-            && n < share
+            && n - self.slots < queued / workers.max(1)
             && self.timed_on(&task.job)
             && self.in_flight.iter().all(|f| self.timed_on(&f.task.job))
     }
@@ -741,15 +744,14 @@ impl Core {
             let mut st = lock(&self.state);
             let st = &mut *st;
             let max_tasks = self.config.init.max_tasks;
-            // Taking a chunk off the queue puts it in flight: the sum stays.
-            let share = st.queue.len() + st.workers.iter().map(|w| w.in_flight.len()).sum::<usize>();
-            let share = share.div_ceil(st.workers.len().max(1));
+            let workers = st.workers.len();
             while let Some(front) = st.queue.front() {
+                let queued = st.queue.len();
                 // The least loaded worker that can take one more chunk.
                 let Some(w) = st
                     .workers
                     .iter_mut()
-                    .filter(|w| w.accepts(max_tasks, front, share))
+                    .filter(|w| w.accepts(max_tasks, front, queued, workers))
                     .min_by_key(|w| w.in_flight.len())
                 else {
                     break;
