@@ -371,7 +371,9 @@ impl Channel {
         let all: Vec<&[u8]> = headers
             .iter()
             .zip(frames)
-            .flat_map(|(header, (_, parts))| std::iter::once(&header[..]).chain(parts.iter().copied()))
+            .flat_map(|(header, (_, parts))| {
+                std::iter::once(&header[..]).chain(parts.iter().copied())
+            })
             .filter(|part| !part.is_empty())
             .collect();
         let (mut at, mut skip) = (0usize, 0usize);
@@ -673,6 +675,36 @@ mod tests {
         );
         let f = b.recv(Some(Duration::from_secs(5))).expect("recv");
         assert_eq!((f.tag, f.bytes.len()), (8, 0));
+    }
+
+    #[test]
+    fn several_frames_in_one_send_arrive_as_sent_one_by_one() {
+        let (a, mut b) = Channel::pair().expect("pair");
+        // More parts than one `sendmsg` takes (64 slices), empty ones,
+        // and a frame larger than the socket buffer (a partial send).
+        let big = vec![5u8; 1 << 20];
+        let mut frames: Vec<(u32, Vec<&[u8]>)> = (0..40u32)
+            .map(|i| (i, vec![&b"ab"[..], &[][..], &b"c"[..]]))
+            .collect();
+        frames.push((99, vec![&big[..]]));
+        frames.push((100, vec![]));
+        let sent: Vec<(u32, &[&[u8]])> = frames.iter().map(|(t, p)| (*t, &p[..])).collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..42 {
+                let f = b.recv(Some(Duration::from_secs(10))).expect("recv");
+                got.push((f.tag, f.bytes));
+            }
+            got
+        });
+        a.send_frames(&sent).expect("send");
+        let got = reader.join().expect("reader");
+        for (i, (tag, bytes)) in got.iter().enumerate().take(40) {
+            assert_eq!((*tag, &bytes[..]), (i as u32, &b"abc"[..]));
+        }
+        assert_eq!((got[40].0, got[40].1.len()), (99, big.len()));
+        assert!(got[40].1.iter().all(|&b| b == 5));
+        assert_eq!((got[41].0, got[41].1.len()), (100, 0));
     }
 
     #[test]

@@ -1600,3 +1600,44 @@ enum Answer {
     /// The whole chunk failed.
     Failed(TaskFailure),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn short_tasks_keep_the_usual_window_and_long_ones_get_work_ahead() {
+        assert_eq!(window(SLOTS, None), SLOTS);
+        assert_eq!(window(SLOTS, Some(Duration::from_micros(50))), SLOTS);
+        // 8 ms tasks: AHEAD of work beyond the usual slots.
+        assert_eq!(window(SLOTS, Some(8 * MS)), SLOTS + 25);
+        // Never more than DEEP_SLOTS, never fewer than the usual slots.
+        assert_eq!(window(SLOTS, Some(LONG_TASK)), DEEP_SLOTS);
+        assert_eq!(window(SLOTS, Some(10 * AHEAD)), SLOTS);
+        assert_eq!(window(64, Some(8 * MS)), 64);
+    }
+
+    #[test]
+    fn the_task_time_falls_at_once_and_rises_slowly() {
+        assert_eq!(learn(None, 8 * MS), 8 * MS);
+        assert_eq!(learn(Some(8 * MS), 2 * MS), 2 * MS);
+        assert_eq!(learn(Some(8 * MS), 12 * MS), 9 * MS);
+    }
+
+    #[test]
+    fn results_wait_only_while_a_worker_has_work_left() {
+        let t0 = Instant::now();
+        // Short tasks, or too little in flight: every result is read.
+        assert_eq!(defer_until(t0, Duration::from_micros(10), 16, true), None);
+        assert_eq!(defer_until(t0, 8 * MS, 2, true), None);
+        assert_eq!(defer_until(t0, 8 * MS, 1, false), None);
+        // 10 chunks of 8 ms, more queued: two kept, half of the other
+        // eight's time.
+        assert_eq!(defer_until(t0, 8 * MS, 10, true), Some(t0 + 32 * MS));
+        // Nothing queued: one kept.
+        assert_eq!(defer_until(t0, 8 * MS, 10, false), Some(t0 + 36 * MS));
+        assert_eq!(defer_until(t0, 8 * MS, 2, false), Some(t0 + 4 * MS));
+    }
+}
