@@ -10,7 +10,8 @@ import statistics
 import sys
 import time
 
-from pool_bench import burn, cube  # the same tasks as the pool bench
+import pool_bench  # its timer, and the same tasks as the pool bench
+from pool_bench import burn, cube
 
 
 def produce(q, count, size):
@@ -31,12 +32,8 @@ def sink(conn):
 
 
 def timed(fn, runs):
-    out = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+    """The median of `runs` timed calls of `fn`, in seconds."""
+    return statistics.median(pool_bench.timed(fn, runs))
 
 
 def emit(name, x, y):

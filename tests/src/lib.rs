@@ -26,6 +26,56 @@ pub fn kill(pid: u32, signal: i32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
 }
 
+/// A message that says whether it arrived whole: the queue tests send it
+/// through faults (killed producers, batches across slot kinds) and check
+/// every one they get.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Checked {
+    /// The producer's count, for order and duplicates.
+    pub seq: u64,
+    /// Bytes that depend on `seq`.
+    pub data: Vec<u8>,
+    /// [`checksum`] of `data`, taken before it was sent.
+    pub sum: u64,
+}
+
+impl Checked {
+    /// Message `seq` with `len` bytes.
+    pub fn new(seq: u64, len: usize) -> Checked {
+        let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ seq) as u8).collect();
+        Checked {
+            seq,
+            sum: checksum(&data),
+            data,
+        }
+    }
+
+    /// Its bytes are those its sum was taken of.
+    pub fn is_whole(&self) -> bool {
+        checksum(&self.data) == self.sum
+    }
+}
+
+/// FNV-1a of `data`: a torn or mixed-up message does not keep its sum.
+pub fn checksum(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Taken by every test of the `alone` binary (tests/tests/alone/): each of
+/// them counts something of the whole process (open descriptors,
+/// children), lowers one of its limits (`RLIMIT_NOFILE`, `RLIMIT_AS`) or
+/// sets process-wide state (the child initializer, the logger), so no
+/// other test may run beside it. The tests of `procs` touch none of
+/// that and run in parallel. A test that failed while holding the turn
+/// does not poison it for the others.
+pub fn alone() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The number of open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")

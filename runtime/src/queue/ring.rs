@@ -1560,7 +1560,7 @@ mod tests {
         };
         assert!(c.publish_out(&mut out).is_ok());
         ring.map
-            .write(ring.payload_off(2), &(1u64 << 50).to_le_bytes())
+            .store_bytes(ring.payload_off(2), &(1u64 << 50).to_le_bytes())
             .expect("poke");
         assert!(take_byte(&ring).is_err());
         put_inline(&ring, 9);

@@ -89,7 +89,7 @@ impl FileId {
 ///
 /// Safely: atomics (`atomics_u8/u32/u64`, [`atomic_at`](Mapping::atomic_at))
 /// and atomic copies ([`load_bytes`](Mapping::load_bytes),
-/// [`Region::load_pods`], [`write`](Mapping::write)...), so a
+/// [`Region::load_pods`], [`store_bytes`](Mapping::store_bytes)...), so a
 /// race with another process is a torn value, never undefined behaviour.
 /// In place: [`exclusive`](Mapping::exclusive) (a token for a range its
 /// holder alone touches), [`view`](Mapping::view), the locked slices of a
@@ -255,56 +255,6 @@ impl Mapping {
         self.span().atomics_u8()
     }
 
-    /// Copies `data` to `offset` with relaxed atomic stores of the aligned
-    /// 64-bit words that hold them (a partly covered word: a CAS that keeps
-    /// its other bytes; past the last whole word: byte stores). Out of
-    /// range: an error.
-    ///
-    /// Every byte is written at the one width its address gives it, so a
-    /// write that races with another is a torn value at worst, never
-    /// undefined behaviour; and for bulk data it is as fast as a plain
-    /// copy. A reader that borrows the range in place
-    /// ([`view`](Mapping::view)) is the one that must rule racing writes
-    /// out. For pool arenas; `SharedMemory`'s surface uses
-    /// [`store_bytes`](Mapping::store_bytes).
-    // The pool's arenas fill their regions through `exclusive` tokens
-    // now (a plain copy); this stays for bytes whose writers may race.
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn write(&self, offset: usize, data: &[u8]) -> io::Result<()> {
-        let span = self.span();
-        span.check(offset, data.len())?;
-        let words = span.atomics_u64();
-        let whole = words.len() * 8;
-        let split = whole.saturating_sub(offset).min(data.len());
-        let (in_words, past) = data.split_at(split);
-        let mut at = offset;
-        let mut rest = in_words;
-        if at % 8 != 0 && !rest.is_empty() {
-            let n = (8 - at % 8).min(rest.len());
-            if let Some(word) = words.get(at / 8) {
-                merge_word(word, at % 8, &rest[..n]);
-            }
-            at += n;
-            rest = &rest[n..];
-        }
-        let body = &words[at / 8..][..rest.len() / 8];
-        let mut chunks = rest.chunks_exact(8);
-        for (chunk, word) in (&mut chunks).zip(body) {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(chunk);
-            word.store(u64::from_ne_bytes(b), Ordering::Relaxed);
-        }
-        let tail = chunks.remainder();
-        if let (false, Some(word)) = (tail.is_empty(), words.get(at / 8 + body.len())) {
-            merge_word(word, 0, tail);
-        }
-        let cells = &span.atomics_u8()[offset + split..][..past.len()];
-        for (byte, cell) in past.iter().zip(cells) {
-            cell.store(*byte, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
     /// The integer atomic `A` (one of std's `AtomicI32`, `AtomicU64`, ...)
     /// at byte `offset`, which must be aligned for it and in range.
     pub(crate) fn atomic_at<A: AtomicWord>(&self, offset: usize) -> io::Result<&A> {
@@ -346,8 +296,8 @@ impl Mapping {
     ///
     /// While the returned slice lives, nothing writes any of these bytes:
     /// no thread or process, through no mapping of the memfd, and not
-    /// through `self` (its atomics, [`write`](Mapping::write), a token);
-    /// and every write made before the call happens-before it (a `&[u8]`
+    /// through `self` (its atomics, [`store_bytes`](Mapping::store_bytes),
+    /// a token); and every write made before the call happens-before it (a `&[u8]`
     /// promises the compiler that its bytes do not change). Other readers
     /// are allowed.
     pub(crate) unsafe fn view(&self, offset: usize, len: usize) -> io::Result<&[u8]> {
@@ -366,8 +316,8 @@ impl Mapping {
     /// While the returned slice lives, no process and no other mapping of
     /// the same memfd in this one may write any of these bytes, and no
     /// write may go through `self` either (its atomics, [`store_bytes`],
-    /// [`write`](Mapping::write)...): a `&[u8]` promises the compiler that
-    /// its bytes do not change.
+    /// a token...): a `&[u8]` promises the compiler that its bytes do not
+    /// change.
     ///
     /// [`store_bytes`]: Mapping::store_bytes
     pub(crate) unsafe fn bytes_unchecked(&self) -> &[u8] {
@@ -871,19 +821,6 @@ fn leave(id: FileId) {
     }
 }
 
-/// Stores `bytes` into `word` from byte `skip` on, keeping its other bytes
-/// (one CAS loop: another writer of those bytes is not overwritten).
-#[cfg_attr(not(test), allow(dead_code))]
-fn merge_word(word: &AtomicU64, skip: usize, bytes: &[u8]) {
-    let _ = word.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-        let mut b = old.to_ne_bytes();
-        if let Some(dst) = b.get_mut(skip..skip + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
-        Some(u64::from_ne_bytes(b))
-    });
-}
-
 /// A range of a mapping that its holder alone reads and writes, for as
 /// long as it lives (see [`Mapping::exclusive`], whose caller proved it).
 #[derive(Debug)]
@@ -972,14 +909,14 @@ mod tests {
     fn mapping_shares_through_its_fd() {
         let a = Mapping::create("test", 4096).expect("create");
         a.atomics_u32()[1].store(7, Ordering::SeqCst);
-        a.write(100, b"hello").expect("write");
+        a.store_bytes(100, b"hello").expect("store");
         let b = Mapping::from_fd(a.fd().try_clone_to_owned().expect("dup")).expect("map");
         assert_eq!(b.atomics_u32()[1].load(Ordering::SeqCst), 7);
         let mut out = [0u8; 5];
         b.load_bytes(100, &mut out).expect("read");
         assert_eq!(&out, b"hello");
         assert!(b.load_bytes(4094, &mut out).is_err());
-        assert!(b.write(4094, &out).is_err());
+        assert!(b.store_bytes(4094, &out).is_err());
     }
 
     #[test]
@@ -1035,29 +972,6 @@ mod tests {
         // Not a memfd: a pipe.
         let (read_end, _write_end) = crate::sys::pipe().expect("pipe");
         assert!(refusal(read_end).contains("not a memfd"));
-    }
-
-    #[test]
-    fn word_copies_write_exactly_their_bytes_at_every_alignment() {
-        // 61 bytes: the last 5 lie past the last whole word.
-        let m = Mapping::create("test-words", 61).expect("create");
-        let data: Vec<u8> = (1..=45).collect();
-        for offset in 0..16 {
-            for len in [0, 1, 7, 8, 9, 15, 17, 40, 45] {
-                if offset + len > 61 {
-                    continue;
-                }
-                m.store_bytes(0, &[0xee; 61]).expect("fill");
-                m.write(offset, &data[..len]).expect("write");
-                let mut all = [0u8; 61];
-                m.load_bytes(0, &mut all).expect("load");
-                let mut expected = [0xeeu8; 61];
-                expected[offset..offset + len].copy_from_slice(&data[..len]);
-                assert_eq!(all, expected, "offset {offset} len {len}");
-            }
-        }
-        assert!(m.write(57, &[0; 5]).is_err());
-        assert!(m.write(usize::MAX, &[0; 2]).is_err());
     }
 
     #[test]

@@ -11,10 +11,6 @@ const JOIN: Duration = Duration::from_secs(30);
 /// Keeps every record multiproc logs.
 struct Capture;
 
-/// The tests take turns: one of them sets the (process-wide) child
-/// initializer.
-static TURN: Mutex<()> = Mutex::new(());
-
 static RECORDS: Mutex<Vec<(log::Level, String)>> = Mutex::new(Vec::new());
 static LOGGER: Capture = Capture;
 
@@ -72,7 +68,7 @@ fn refuse_to_start(_: u32) {
 
 #[test]
 fn a_killed_worker_and_its_replacement_are_logged() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     install();
     let pool = Pool::new(1).expect("pool");
     assert_eq!(pool.map(double, 0..4).expect("map"), [0, 2, 4, 6]);
@@ -93,7 +89,7 @@ fn a_killed_worker_and_its_replacement_are_logged() {
 
 #[test]
 fn a_pool_whose_workers_cannot_start_is_logged_as_an_error() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     install();
     let pool = Pool::builder()
         .processes(1)
@@ -114,7 +110,7 @@ fn failing_child_setup() {
 
 #[test]
 fn a_child_that_refuses_to_start_is_logged_as_an_error() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     install();
     multiproc::set_child_initializer(failing_child_setup, ()).expect("registered");
     let child = multiproc::spawn(double, (1,));

@@ -382,7 +382,7 @@ fn another_users_name_is_neither_opened_nor_taken() {
     const NOBODY: u32 = 65534;
     let name = format!("test-squatted-{}", std::process::id());
     let child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "squatter", "--ignored", "--nocapture"])
+        .args(["--exact", "shared::squatter", "--ignored", "--nocapture"])
         .env(SQUAT_ENV, format!("multiproc-shm/{our_uid}/{name}"))
         .uid(NOBODY)
         .gid(NOBODY)

@@ -7,14 +7,6 @@ use multiproc::{Pipe, Process, Queue, process_fn};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// Tests in this file run one at a time: one of them counts the process's
-/// descriptors, which the others open and close.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[process_fn]
 fn send_greeting(conn: Connection<(u32, String, String)>) {
     conn.send(&(38, "snake".into(), "hello".into()))
@@ -23,7 +15,7 @@ fn send_greeting(conn: Connection<(u32, String, String)>) {
 
 #[test]
 fn child_sends_parent_receives() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mut parent, child) = Pipe::new().expect("pipe");
     let mut p = Process::new(send_greeting, (child,));
     p.start().expect("start");
@@ -47,7 +39,7 @@ fn echo_twice(mut conn: Connection<u64>) {
 
 #[test]
 fn duplex_round_trips() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mut a, b) = Pipe::new::<u64>().expect("pipe");
     let mut p = Process::new(echo_twice, (b,));
     p.start().expect("start");
@@ -72,7 +64,7 @@ fn send_big(tx: Sender<Vec<u8>>, len: usize) {
 
 #[test]
 fn fifty_mib_message_through_a_pipe() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let len = 50 << 20;
     let (mut rx, tx) = Pipe::simplex::<Vec<u8>>().expect("pipe");
     let mut p = Process::new(send_big, (tx, len));
@@ -91,7 +83,7 @@ fn fifty_mib_message_through_a_pipe() {
 
 #[test]
 fn oversized_message_is_an_error_not_an_allocation() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (a, mut b) = Pipe::new::<Vec<u8>>().expect("pipe");
     b.set_max_message_size(1024);
     let t = std::thread::spawn(move || {
@@ -120,7 +112,7 @@ fn hold_forever(conn: Connection<u8>) {
 
 #[test]
 fn recv_after_peer_died_is_disconnected() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mut parent, child) = Pipe::new::<u8>().expect("pipe");
     let mut p = Process::new(hold_forever, (child,));
     p.start().expect("start");
@@ -146,7 +138,7 @@ fn send_through_received(q: Queue<Connection<String>>) {
 
 #[test]
 fn connection_through_a_queue_to_another_process() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<Connection<String>>::new().expect("queue");
     let (mut mine, theirs) = Pipe::new::<String>().expect("pipe");
     let mut p = Process::new(send_through_received, (q.clone(),));
@@ -165,7 +157,7 @@ fn connection_through_a_queue_to_another_process() {
 
 #[test]
 fn fd_count_unchanged_after_a_thousand_connection_transfers() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (carrier_tx, mut carrier_rx) = Pipe::new::<Connection<u8>>().expect("carrier");
     // The carrier's first message with handles creates its send lock (a
     // memfd it keeps): count from after that one.
@@ -195,7 +187,7 @@ fn relay(mut inbox: Receiver<(String, Sender<String>)>) {
 
 #[test]
 fn handles_inside_messages_reach_another_process() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (inbox_rx, inbox_tx) = Pipe::simplex::<(String, Sender<String>)>().expect("pipe");
     let mut p = Process::new(relay, (inbox_rx,));
     p.start().expect("start");
@@ -228,7 +220,7 @@ fn send_range_and_exit(tx: Sender<u32>, n: u32) {
 
 #[test]
 fn iteration_ends_when_the_sending_process_is_gone() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mut rx, tx) = Pipe::simplex::<u32>().expect("pipe");
     let mut p = Process::new(send_range_and_exit, (tx, 500));
     p.start().expect("start");
@@ -254,7 +246,7 @@ fn iteration_ends_when_the_sending_process_is_gone() {
 
 #[test]
 fn try_iter_takes_what_is_there_and_a_failed_message_ends_iter() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (tx, mut rx) = Pipe::new::<Vec<u8>>().expect("pipe");
     assert_eq!(rx.try_iter().count(), 0);
     tx.send(&vec![1]).expect("send");
@@ -291,9 +283,9 @@ fn recv_timeout_then(rx: &mut Receiver<u8>) -> multiproc::Result<u8> {
 
 #[test]
 fn receive_errors_have_predicates_and_convert_into_error() {
+    let _alone = multiproc_tests::alone();
     use multiproc::Error;
     use multiproc::connection::{RecvError, TryRecvError};
-    let _serial = serial();
     let (mut rx, tx) = Pipe::simplex::<u8>().expect("pipe");
 
     let empty = rx.try_recv().expect_err("nothing yet");

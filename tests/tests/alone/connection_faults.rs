@@ -14,14 +14,6 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 const LONG: Duration = Duration::from_secs(60);
 const SHORT: Duration = Duration::from_millis(100);
 
-/// Tests in this file run one at a time: they are heavy, and one of them
-/// counts descriptors.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Runs `f` on a thread and fails the test if it has not returned within
 /// `limit` (a receive that ignores its timeout, a lost message).
 fn bounded<R: Send + 'static>(
@@ -85,7 +77,7 @@ fn blast(mut carrier: Connection<Connection<()>>, id: u8, count: u32) {
 
 #[test]
 fn two_processes_sending_on_one_end_deliver_every_message_whole() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mine, theirs) = Pipe::new::<()>().expect("pipe");
     let mut senders = Vec::new();
     for id in [1u8, 2] {
@@ -151,7 +143,7 @@ fn hold_then_send(mut carrier: Connection<Connection<()>>, mut control: Connecti
 
 #[test]
 fn a_co_writer_killed_mid_message_never_blocks_a_timed_receive() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mine, theirs) = Pipe::new::<()>().expect("pipe");
     let (mut control, control_theirs) = Pipe::new::<String>().expect("control");
     let (carrier_h, carrier_h_theirs) = Pipe::new::<Connection<()>>().expect("carrier");
@@ -226,7 +218,7 @@ fn pipe_header(len: u64, tag: u32, flags: u32) -> Vec<u8> {
 
 #[test]
 fn a_peer_writing_half_a_frame_or_an_impossible_header_never_blocks_a_timed_receive() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let mut half = pipe_header(100, 1, 0);
     half.extend_from_slice(&[7u8; 10]);
     let impossible = pipe_header(1 << 63, 1, 0);
@@ -281,7 +273,7 @@ fn receive_under_memory_limit(mut end: Connection<()>) -> (String, String) {
 
 #[test]
 fn a_message_the_receiver_cannot_allocate_is_an_error_not_an_abort() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mut mine, theirs) = Pipe::new::<()>().expect("pipe");
     let mut child = spawn(receive_under_memory_limit, (theirs,)).expect("spawn");
     assert_eq!(mine.recv_bytes_timeout(LONG).expect("ready"), b"ready");
@@ -347,7 +339,7 @@ fn receive_with_few_descriptors(
 
 #[test]
 fn a_message_whose_descriptors_were_truncated_is_an_error_and_later_ones_work() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mut mine, theirs) = Pipe::new::<Vec<Connection<u8>>>().expect("pipe");
     let mut child = spawn(receive_with_few_descriptors, (theirs,)).expect("spawn");
     let batch = || -> (Vec<Connection<u8>>, Vec<Connection<u8>>) {

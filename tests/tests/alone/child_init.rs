@@ -1,16 +1,14 @@
 //! The child initializer (`multiproc::set_child_initializer`): it runs in
 //! every child (Process, spawn, pool workers, their own children) before
-//! the target. Process-wide state: the tests of this file take turns.
+//! the target. Process-wide state, which
+//! is why this file is in the `alone` binary.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use multiproc::{Error, Pool, Process, process_fn};
 
 const JOIN: Duration = Duration::from_secs(30);
-
-static TURN: Mutex<()> = Mutex::new(());
 
 /// Set by the initializer in a child.
 static SETUP: AtomicU32 = AtomicU32::new(0);
@@ -43,7 +41,7 @@ fn exit_with_setup() {
 
 #[test]
 fn the_initializer_runs_in_every_kind_of_child_before_the_target() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     multiproc::set_child_initializer(setup, (7,)).expect("registered");
     let mut child = multiproc::spawn(seen, (0,)).expect("spawn");
     assert_eq!(child.join_timeout(JOIN).expect("join"), 7, "spawn");
@@ -68,7 +66,7 @@ fn the_initializer_runs_in_every_kind_of_child_before_the_target() {
 
 #[test]
 fn a_failing_initializer_stops_the_child_with_a_clear_error() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     multiproc::set_child_initializer(failing_setup, ()).expect("registered");
     let mut child = multiproc::spawn(seen, (0,)).expect("spawn");
     let err = child
@@ -84,14 +82,14 @@ fn not_registered(_: u32) {}
 
 #[test]
 fn the_initializer_must_be_registered() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     let err = multiproc::set_child_initializer(not_registered, (1,)).expect_err("plain fn");
     assert!(matches!(err, Error::NotRegistered { .. }), "{err}");
 }
 
 #[test]
 fn the_initializer_runs_in_every_child_of_the_forkserver() {
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let _alone = multiproc_tests::alone();
     multiproc::set_child_initializer(setup, (9,)).expect("registered");
     let ctx = multiproc::get_context(multiproc::StartMethod::ForkServer);
     let firsts: Vec<u32> = (0..2)

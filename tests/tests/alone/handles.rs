@@ -18,14 +18,6 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// Tests in this file run one at a time: some count the process's
-/// descriptors, which the others open and close.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 // ---------------------------------------------------------------------
 // A handle received as another type.
 
@@ -89,7 +81,7 @@ fn shm_name(what: &str) -> String {
 /// names what was expected and what came.
 #[test]
 fn a_handle_received_as_another_type_is_a_decode_error_naming_both() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let array = || Array::new(&[1u64, 2, 3]).expect("array");
     let bytes = || Array::new(&[1u8, 2, 3]).expect("array");
     let pair = || ("name".to_string(), Lock::new().expect("lock"));
@@ -155,7 +147,7 @@ fn receive_as_shared_memory(mut end: Connection<Confused<Array<u64>, SharedMemor
 
 #[test]
 fn another_process_refuses_a_handle_of_another_type() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (mine, theirs) = Pipe::new::<Confused<Array<u64>, SharedMemory>>().expect("pipe");
     let mut child = multiproc::spawn(receive_as_shared_memory, (theirs,)).expect("spawn");
     let array = Array::new(&[7u64; 100]).expect("array");
@@ -172,7 +164,7 @@ fn another_process_refuses_a_handle_of_another_type() {
 
 #[test]
 fn refused_handles_leave_no_descriptor_open() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (tx, mut rx) =
         Pipe::new::<Confused<(Queue<u64>, Array<u8>), Queue<String>>>().expect("pipe");
     let q = Queue::<Confused<(Queue<u64>, Array<u8>), (Queue<u64>, RawArray<u8>)>>::bounded(4)
@@ -263,7 +255,7 @@ fn get_with_few_descriptors(
 
 #[test]
 fn a_queue_message_whose_descriptors_were_truncated_is_an_error_and_later_ones_work() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<Vec<Array<u8>>>::bounded(4).expect("queue");
     let ready = Queue::<u8>::bounded(2).expect("queue");
     let mut child =
@@ -301,7 +293,7 @@ fn open_with_one_descriptor_free(name: String) -> (String, String) {
 
 #[test]
 fn a_shared_memory_dropped_by_a_full_descriptor_table_is_an_error_not_a_refusal() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let name = shm_name("ctrunc");
     let shm = SharedMemory::create(&name, 5).expect("create");
     shm.write(0, b"there").expect("write");
@@ -509,7 +501,7 @@ fn verify(what: &str, mut kept: Kept, seen: Seen) {
 
 #[test]
 fn every_kind_of_handle_round_trips_through_a_pipe() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (sent, kept) = handles("pipe");
     let (tx, mut rx) = Pipe::new::<Handles>().expect("pipe");
     tx.send(&sent).expect("send");
@@ -520,7 +512,7 @@ fn every_kind_of_handle_round_trips_through_a_pipe() {
 
 #[test]
 fn every_kind_of_handle_round_trips_through_a_queue() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (sent, kept) = handles("queue");
     let q = Queue::<Handles>::bounded(1).expect("queue");
     q.put(sent).map_err(|e| e.to_string()).expect("put");
@@ -530,7 +522,7 @@ fn every_kind_of_handle_round_trips_through_a_queue() {
 
 #[test]
 fn every_kind_of_handle_round_trips_as_a_process_argument() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (sent, kept) = handles("process");
     let mut child = multiproc::spawn(exercise_elsewhere, (sent,)).expect("spawn");
     verify(
@@ -542,7 +534,7 @@ fn every_kind_of_handle_round_trips_as_a_process_argument() {
 
 #[test]
 fn every_kind_of_handle_round_trips_as_a_pool_task() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let (sent, kept) = handles("pool");
     let pool = Pool::new(1).expect("pool");
     let seen = pool

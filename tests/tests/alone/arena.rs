@@ -2,11 +2,7 @@
 //! process holds 100 000 Locks and 100 000 Values in a few descriptors,
 //! and each still travels to other processes (as a process argument or on
 //! a queue) as the same memory.
-//!
-//! The tests of this file take `SERIAL` so that the descriptor counts see
-//! no other test's descriptors.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use multiproc::sync::{Barrier, Condition, Event, RLock, Semaphore};
@@ -14,14 +10,6 @@ use multiproc::{Lock, Process, Queue, Value, process_fn};
 
 const JOIN: Duration = Duration::from_secs(60);
 const WAIT: Duration = Duration::from_secs(30);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -99,7 +87,7 @@ fn check_child(
 
 #[test]
 fn a_hundred_thousand_locks_and_values_in_a_few_descriptors_each_passable() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let before = open_fds();
     let locks: Vec<Lock> = (0..100_000).map(|_| Lock::new().expect("lock")).collect();
     let values: Vec<Value<u64>> = (0..100_000u64)
@@ -199,7 +187,7 @@ fn use_the_others(
 
 #[test]
 fn events_conditions_semaphores_rlocks_and_barriers_share_arenas_too() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let before = open_fds();
     let n = 5000;
     let events: Vec<Event> = (0..n).map(|_| Event::new().expect("event")).collect();
@@ -278,7 +266,7 @@ fn make_and_send(queue: Queue<(Lock, Value<u64>)>, n: u32, sent: Event) {
 
 #[test]
 fn objects_outlive_the_killed_process_that_made_them() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let queue = Queue::new().expect("queue");
     let sent = Event::new().expect("event");
     let mut child = Process::new(make_and_send, (queue.clone(), 10u32, sent.clone()));

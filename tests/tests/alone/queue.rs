@@ -5,17 +5,9 @@ use std::time::Duration;
 
 use multiproc::queue::{GetTimeoutError, JoinableQueue, TryGetError, TryPutError};
 use multiproc::{Process, Queue, process_fn};
-use serde::{Deserialize, Serialize};
+use multiproc_tests::{Checked, checksum};
 
 const LONG: Duration = Duration::from_secs(30);
-
-/// Tests in this file run one at a time: one of them counts the process's
-/// descriptors, which the others open and close.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[process_fn]
 fn put_range(q: Queue<u64>, from: u64, to: u64) {
@@ -26,7 +18,7 @@ fn put_range(q: Queue<u64>, from: u64, to: u64) {
 
 #[test]
 fn fifo_with_one_producer() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<u64>::new().expect("queue");
     let mut p = Process::new(put_range, (q.clone(), 0, 5_000));
     p.start().expect("start");
@@ -60,7 +52,7 @@ fn put_some(q: Queue<Option<u64>>, from: u64, to: u64) {
 
 #[test]
 fn four_producers_two_consumers_every_item_once() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     const N: u64 = 10_000;
     let q = Queue::<Option<u64>>::bounded(1024).expect("queue");
     let consumers: Vec<_> = (0..2)
@@ -96,7 +88,7 @@ fn four_producers_two_consumers_every_item_once() {
 
 #[test]
 fn bounded_try_put_on_full_and_get_timeout_on_empty() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<u32>::bounded(2).expect("queue");
     let mut p = Process::new(fill_two, (q.clone(),));
     p.start().expect("start");
@@ -138,7 +130,7 @@ fn work_and_mark_done(q: JoinableQueue<u64>, done: Queue<u64>, n: u64) {
 
 #[test]
 fn joinable_queue_join_waits_for_task_done() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = JoinableQueue::<u64>::new().expect("queue");
     let done = Queue::<u64>::new().expect("results");
     for i in 0..100 {
@@ -161,35 +153,20 @@ fn joinable_queue_join_waits_for_task_done() {
     );
 }
 
-#[derive(Serialize, Deserialize, Debug)]
-struct Checked {
-    seq: u64,
-    data: Vec<u8>,
-    sum: u64,
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 #[process_fn]
 fn put_forever(q: Queue<Checked>) {
     let mut seq = 0u64;
     loop {
         // Sizes cross the inline/side-channel boundary.
         let len = [8usize, 300, 1_000, 5_000, 40_000][(seq % 5) as usize];
-        let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ seq) as u8).collect();
-        let sum = checksum(&data);
-        q.put(Checked { seq, data, sum }).expect("put");
+        q.put(Checked::new(seq, len)).expect("put");
         seq += 1;
     }
 }
 
 #[test]
 fn producer_killed_mid_put_leaves_queue_usable() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<Checked>::bounded(64).expect("queue");
     for round in 0..5 {
         let mut p = Process::new(put_forever, (q.clone(),));
@@ -261,7 +238,7 @@ fn put_big(q: Queue<Vec<u8>>, len: usize) {
 
 #[test]
 fn fifty_mib_message_through_a_queue() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let len = 50 << 20;
     let q = Queue::<Vec<u8>>::new().expect("queue");
     let mut p = Process::new(put_big, (q.clone(), len));
@@ -286,7 +263,7 @@ fn relay_from_outer(outer: Queue<Queue<u64>>) -> u64 {
 
 #[test]
 fn queue_passed_to_a_process_and_through_another_queue() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let outer = Queue::<Queue<u64>>::new().expect("outer");
     let inner = Queue::<u64>::new().expect("inner");
     let mut h = multiproc::spawn(relay_from_outer, (outer.clone(),)).expect("spawn");
@@ -297,7 +274,7 @@ fn queue_passed_to_a_process_and_through_another_queue() {
 
 #[test]
 fn fd_count_unchanged_after_a_thousand_handle_transfers() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let carrier = Queue::<Queue<u8>>::new().expect("carrier");
     let q = Queue::<u8>::new().expect("queue");
     // Warm up (thread-local buffers, lazily opened descriptors).
@@ -328,7 +305,7 @@ fn put_joinable_forever(q: JoinableQueue<u64>) {
 /// twice). Several kills make a kill inside a put likely.
 #[test]
 fn joinable_count_exact_when_producers_are_killed() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = JoinableQueue::<u64>::bounded(16).expect("queue");
     for round in 0..5 {
         let mut p = Process::new(put_joinable_forever, (q.clone(),));
@@ -374,7 +351,7 @@ fn put_range_then_close(q: Queue<u64>, n: u64) {
 
 #[test]
 fn iter_waits_for_a_producer_and_ends_when_it_closes_the_queue() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<u64>::bounded(16).expect("queue");
     let mut p = Process::new(put_range_then_close, (q.clone(), 1_000));
     p.start().expect("start");
@@ -399,7 +376,7 @@ fn iter_waits_for_a_producer_and_ends_when_it_closes_the_queue() {
 
 #[test]
 fn try_iter_takes_what_is_there_and_never_waits() {
-    let _serial = serial();
+    let _alone = multiproc_tests::alone();
     let q = Queue::<u64>::bounded(8).expect("queue");
     assert_eq!(q.try_iter().next(), None);
     for i in 0..5 {
@@ -437,9 +414,9 @@ fn get_timeout_then(q: &Queue<u8>) -> multiproc::Result<u8> {
 
 #[test]
 fn queue_errors_have_predicates_and_convert_into_error() {
+    let _alone = multiproc_tests::alone();
     use multiproc::Error;
     use multiproc::queue::{GetError, PutTimeoutError, TryGetError};
-    let _serial = serial();
     let q = Queue::<u8>::bounded(1).expect("queue");
 
     let empty = q.try_get().expect_err("empty");
@@ -484,8 +461,8 @@ fn queue_errors_have_predicates_and_convert_into_error() {
 
 #[test]
 fn joinable_queue_has_the_queue_methods_of_its_own() {
+    let _alone = multiproc_tests::alone();
     use multiproc::Error;
-    let _serial = serial();
     let q = JoinableQueue::<u32>::bounded(2).expect("queue");
     assert_eq!(q.capacity(), 2);
     assert!(q.empty() && !q.full() && !q.is_closed());

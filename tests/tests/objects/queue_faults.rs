@@ -13,6 +13,7 @@ use multiproc::queue::{GetTimeoutError, TryPutError};
 use multiproc::shared::RawArray;
 use multiproc::sync::Event;
 use multiproc::{Process, Queue, process_fn};
+use multiproc_tests::checksum;
 use multiproc_tests::pid_reuse::{let_it_age, spawn_with_pid, start_ticks};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -47,12 +48,6 @@ struct Big {
     seq: u64,
     data: Vec<u8>,
     sum: u64,
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 fn big(producer: u32, seq: u64, len: usize) -> Big {

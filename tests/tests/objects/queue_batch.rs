@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use multiproc::queue::{GetTimeoutError, PutManyError, TryGetError};
 use multiproc::{Process, Queue, process_fn};
+use multiproc_tests::{Checked, checksum};
 use serde::{Deserialize, Serialize};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -225,19 +226,6 @@ fn full_closed_and_empty_batches_report_how_far_they_got() {
     assert!(q.get_many(&mut got, 1).is_err(), "closed and drained");
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Checked {
-    seq: u64,
-    data: Vec<u8>,
-    sum: u64,
-}
-
-fn checksum(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
 #[process_fn]
 fn put_many_forever(q: Queue<Checked>) {
     let mut seq = 0u64;
@@ -245,14 +233,10 @@ fn put_many_forever(q: Queue<Checked>) {
         // Sizes cross the batch, inline and arena boundaries.
         let batch: Vec<Checked> = (0..9)
             .map(|k| {
-                let len = [8usize, 30, 100, 5_000, 16][((seq + k) % 5) as usize];
-                let data: Vec<u8> = (0..len).map(|i| (i as u64 ^ (seq + k)) as u8).collect();
-                let sum = checksum(&data);
-                Checked {
-                    seq: seq + k,
-                    data,
-                    sum,
-                }
+                Checked::new(
+                    seq + k,
+                    [8usize, 30, 100, 5_000, 16][((seq + k) % 5) as usize],
+                )
             })
             .collect();
         q.put_many(&batch).expect("put_many");
