@@ -209,7 +209,8 @@ fn main() {
         return;
     }
     // Profiling aid: `POOL_BENCH_IDLE=<workers>[,<chunksize>]`: 200 tasks of
-    // ~8 ms and 10_000 tiny ones, parent CPU per task (getrusage).
+    // ~8 ms and 10_000 tiny ones, parent CPU per task (getrusage), and per
+    // thread its CPU and wake-ups; `POOL_BENCH_ITERS` fixes the task.
     if let Ok(spec) = std::env::var("POOL_BENCH_IDLE") {
         let mut parts = spec.split(',').map(|p| p.parse::<usize>().unwrap_or(1));
         let workers = parts.next().unwrap_or(2);
@@ -217,7 +218,11 @@ fn main() {
         // A third field, 0: the long tasks only (for profiles).
         let tiny = parts.next().unwrap_or(1) != 0;
         let pool = Pool::new(workers).expect("pool");
-        let iters = calibrate_burn();
+        // `POOL_BENCH_ITERS`: the same tasks for two binaries (A/B).
+        let iters = std::env::var("POOL_BENCH_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(calibrate_burn);
         for _ in 0..3 {
             // The same tasks in this thread, for the ideal wall time
             // (200 tasks on `workers` cores, or on 2 when more workers).
