@@ -25,9 +25,10 @@
 //! waits for the parent between chunks. Results are decoded by the thread
 //! that asked for them, straight into the output, while the workers
 //! compute the next chunks. When a `map`'s chunks take a millisecond or
-//! more, a worker is sent up to about 200 ms of them ahead and the pool
-//! reads their results in batches, so a parent waiting for long tasks
-//! wakes a few times per second, not once per task.
+//! more, a worker is sent up to about 200 ms of them ahead, and while
+//! every worker has a core the pool reads their results in batches, so a
+//! parent waiting for long tasks wakes a few times per second, not once
+//! per task.
 //!
 //! # Failures
 //!
