@@ -50,11 +50,12 @@ pub(crate) const SLOTS: usize = 2;
 
 /// A local worker whose tasks take at least this long (as learned from
 /// its results) runs *deep*: it is given up to [`DEEP_SLOTS`] chunks of
-/// `map`s ahead (about [`AHEAD`] of work), and the reader lets their
-/// results wait in its socket until it has about two chunks left, then
-/// reads them all at once: one wake-up of the parent for several tasks
-/// instead of one each. Shorter tasks keep [`SLOTS`] and a wake-up per
-/// result, which costs less than their own run.
+/// `map`s ahead (about [`AHEAD`] of work) in one send, and, while every
+/// worker can have a core (`Core::defer`), the reader lets their results
+/// wait in its socket until about half of that work should be done (see
+/// [`defer_until`]), then reads them all at once: one wake-up of the
+/// parent for several tasks instead of one each. Shorter tasks keep
+/// [`SLOTS`] and a wake-up per result, which costs less than their run.
 const LONG_TASK: Duration = Duration::from_millis(1);
 
 /// The work a deep worker is given ahead of it.
