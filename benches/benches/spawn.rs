@@ -4,6 +4,12 @@
 //! `multiprocessing.Process` start + join (fork and spawn) in the same run.
 //!
 //! Run: `cargo bench -p multiproc-benches --bench spawn`
+//!
+//! `MULTIPROC_BENCH_ONLY=forkserver` runs only what the forkserver's
+//! figures need, in a minute: the interleaved rounds of `Process` start +
+//! join by both methods (and `spawn` + join), `Pool::new(2)` by both
+//! methods and the 1000-start loop; no criterion groups, no CPU section,
+//! no CPython.
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -29,6 +35,7 @@ fn server_pid() -> u32 {
 }
 
 const EXIT_NOW: &str = "MULTIPROC_BENCH_EXIT_NOW";
+const ONLY: &str = "MULTIPROC_BENCH_ONLY";
 
 fn median_of(samples: &mut [Duration]) -> Duration {
     samples.sort();
@@ -197,14 +204,23 @@ fn main() {
         return;
     }
     let exe = std::env::current_exe().expect("current exe");
+    let only_forkserver = std::env::var_os(ONLY).is_some_and(|v| v == "forkserver");
+    multiproc::start_forkserver().expect("forkserver");
+    if !only_forkserver {
+        criterion_groups(&exe);
+    }
+    report(&exe, only_forkserver);
+}
+
+/// The criterion groups: each start in a loop of its own.
+fn criterion_groups(exe: &std::path::Path) {
     let mut c = Criterion::default()
         .sample_size(30)
         .measurement_time(Duration::from_secs(4))
         .warm_up_time(Duration::from_secs(1))
         .configure_from_args();
-    multiproc::start_forkserver().expect("forkserver");
     let mut group = c.benchmark_group("spawn_join");
-    group.bench_function("bare_command_spawn_wait", |b| b.iter(|| bare_command(&exe)));
+    group.bench_function("bare_command_spawn_wait", |b| b.iter(|| bare_command(exe)));
     group.bench_function("multiproc_spawn_join", |b| b.iter(multiproc_spawn));
     group.bench_function("multiproc_process_start_join", |b| {
         b.iter(multiproc_process)
@@ -214,14 +230,18 @@ fn main() {
         b.iter(forkserver_process)
     });
     group.finish();
+}
 
+/// Everything after the criterion groups (see the module docs for what
+/// `only_forkserver` leaves out).
+fn report(exe: &std::path::Path, only_forkserver: bool) {
     // The ratio, from interleaved rounds so that drift in machine load
     // hits both sides alike.
     let rounds = 15;
     let (mut bare, mut ours, mut proc_) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fs_spawn, mut fs_proc) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        bare.push(time_median(9, || bare_command(&exe)));
+        bare.push(time_median(9, || bare_command(exe)));
         ours.push(time_median(9, multiproc_spawn));
         proc_.push(time_median(9, multiproc_process));
         fs_spawn.push(time_median(9, forkserver_spawn));
@@ -257,12 +277,22 @@ fn main() {
         fs_proc.as_secs_f64() * 1e3,
         proc_.as_secs_f64() / fs_proc.as_secs_f64()
     );
-    // CPU time, interleaved too: what a start costs the machine, parent and
-    // child together (getrusage of this process and its reaped children).
+    if !only_forkserver {
+        cpu_and_cpython(exe, proc_, fs_proc);
+    }
+    pool_and_loop();
+}
+
+/// CPU time, interleaved too: what a start costs the machine, parent and
+/// child together (getrusage of this process and its reaped children);
+/// then CPython's starts, against `proc_` and `fs_proc` (our `Process`
+/// start + join by spawn and by the forkserver).
+fn cpu_and_cpython(exe: &std::path::Path, proc_: Duration, fs_proc: Duration) {
+    let rounds = 15;
     let (mut bare_cpu, mut ours_cpu, mut proc_cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut faults = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..rounds {
-        let (cpu, f) = cpu_per_call(40, || bare_command(&exe));
+        let (cpu, f) = cpu_per_call(40, || bare_command(exe));
         bare_cpu.push(cpu);
         faults[0].push(f);
         let (cpu, f) = cpu_per_call(40, multiproc_spawn);
@@ -304,8 +334,12 @@ fn main() {
             None => println!("  CPython ({method}): python3 not available"),
         }
     }
+}
 
-    // Pool::new(2) until ready, by method (its drop not counted).
+/// `Pool::new(2)` until ready, by method (its drop not counted), and the
+/// 1000 starts of the forkserver's leak check.
+fn pool_and_loop() {
+    let rounds = 15;
     let (mut pool_spawn, mut pool_fs) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         pool_spawn.push(pool_median(3, StartMethod::Spawn));

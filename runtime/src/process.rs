@@ -127,8 +127,9 @@ struct Running {
     child: ChildProc,
     name: String,
     daemon: bool,
-    // Held open so that the child's parent watch sees the parent alive.
-    _channel: Mutex<Channel>,
+    // Held open so that the child's parent watch sees the parent alive
+    // (a forked child has none: it dies with the forkserver).
+    _channel: Mutex<Option<Channel>>,
 }
 
 fn table() -> &'static Mutex<Vec<Arc<Running>>> {
@@ -245,7 +246,7 @@ impl Process {
         };
         sweep();
         register_shutdown_at_exit();
-        let (child, channel) = child::start_child_by(
+        let (child, channel) = child::start_process_by(
             self.method,
             target.entry.name(),
             &self.name,

@@ -306,6 +306,17 @@ impl Channel {
 
     /// Sends one frame whose payload is the concatenation of `parts`.
     pub(crate) fn send(&self, tag: u32, parts: &[&[u8]], fds: &[OwnedFd]) -> Result<()> {
+        let fds: Vec<BorrowedFd<'_>> = fds.iter().map(AsFd::as_fd).collect();
+        self.send_borrowed(tag, parts, &fds)
+    }
+
+    /// [`Channel::send`] of descriptors the caller does not own.
+    pub(crate) fn send_borrowed(
+        &self,
+        tag: u32,
+        parts: &[&[u8]],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<()> {
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let nfds = u32::try_from(fds.len())
             .map_err(|_| Error::invalid("too many descriptors in one message"))?;
@@ -428,10 +439,22 @@ impl Channel {
             // consumed, and a header is smaller than the buffer.
             return Err(Error::internal("a channel's read buffer is full"));
         }
-        wait_readable(self.fd.as_fd(), deadline)?;
+        // No time left (a caller that polled already, or a `try_recv`):
+        // one read that does not wait, and nothing there is the timeout.
+        let now_or_never = remaining(deadline).is_some_and(|left| left.is_zero());
         let mut fds = Vec::new();
-        let got = sys::recv_fds(self.fd.as_fd(), &mut self.rbuf[self.end..], &mut fds)
-            .map_err(|e| Error::transport("recv", e))?;
+        let buf = &mut self.rbuf[self.end..];
+        let got = if now_or_never {
+            sys::try_recv_fds(self.fd.as_fd(), buf, &mut fds)
+        } else {
+            wait_readable(self.fd.as_fd(), deadline)?;
+            sys::recv_fds(self.fd.as_fd(), buf, &mut fds)
+        };
+        let got = match got {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(Error::Timeout),
+            Err(e) => return Err(Error::transport("recv", e)),
+        };
         // A read that brings descriptors ends inside the skb that carried
         // them (the kernel stops there), which lies inside one frame; the
         // read may have begun earlier, in bytes of previous frames.
@@ -745,6 +768,22 @@ mod tests {
         drop(a);
         let err = b.recv(Some(Duration::from_secs(5))).expect_err("eof");
         assert!(err.is_disconnected());
+    }
+
+    #[test]
+    fn a_zero_timeout_reads_what_is_there_without_waiting() {
+        let (a, mut b) = Channel::pair().expect("pair");
+        let err = b.recv(Some(Duration::ZERO)).expect_err("nothing there");
+        assert!(err.is_timeout(), "{err}");
+        let file: OwnedFd = std::fs::File::open("/dev/null").expect("open").into();
+        a.send(7, &[b"now"], &[file]).expect("send");
+        let f = b.recv(Some(Duration::ZERO)).expect("already there");
+        assert_eq!((f.tag, &f.bytes[..], f.fds.len()), (7, &b"now"[..], 1));
+        let err = b.recv(Some(Duration::ZERO)).expect_err("nothing more");
+        assert!(err.is_timeout(), "{err}");
+        drop(a);
+        let err = b.recv(Some(Duration::ZERO)).expect_err("eof");
+        assert!(err.is_disconnected(), "{err}");
     }
 
     const SHORT: Option<Duration> = Some(Duration::from_millis(100));

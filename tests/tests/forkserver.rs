@@ -108,6 +108,28 @@ fn exit_codes_are_pythons() {
     assert_eq!(run_to_end(quiet), 1);
 }
 
+/// Exits 0 when `bytes` are `len` bytes counting up from 0 (mod 251), 3
+/// otherwise.
+#[process_fn]
+fn exits_unless_counted(bytes: Vec<u8>, len: usize) {
+    let counted =
+        bytes.len() == len && bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8);
+    if !counted {
+        std::process::exit(3);
+    }
+}
+
+#[test]
+fn a_process_gets_its_arguments_in_the_request_or_on_its_socket_when_too_long() {
+    // 16 KiB and less ride in the fork request; more go on the child's
+    // socket after the fork.
+    for len in [0, 100, 16 * 1024 - 64, 16 * 1024 + 1, 1 << 20] {
+        let bytes: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let code = run_to_end(ctx().process(exits_unless_counted, (bytes, len)));
+        assert_eq!(code, 0, "{len} bytes of arguments");
+    }
+}
+
 #[test]
 fn terminate_and_kill_give_minus_the_signal() {
     for (signal, code) in [(false, -15), (true, -9)] {

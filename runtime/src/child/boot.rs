@@ -237,11 +237,18 @@ fn claim(at_load: bool) -> Option<Claim> {
 }
 
 /// A child the forkserver just forked, on its only thread: it has the
-/// server's state (constructors run, registry built) and `socket`, its end
-/// of the socket to the program that asked for it (`requester`). From
-/// here it starts as a spawned child does: the same start message, the
-/// same checks, the same reports. Returns the exit code.
-pub(super) fn run_forked(socket: OwnedFd, requester: u32, server: u32) -> i32 {
+/// server's state (constructors run, registry built), `socket`, its end
+/// of the socket to the program that asked for it (`requester`), if it
+/// has one, and `start`, its start message, when the request carried it
+/// (otherwise the program sends it on `socket`). From here it starts as a
+/// spawned child does: the same start message, the same checks, the same
+/// reports. Returns the exit code.
+pub(super) fn run_forked(
+    socket: Option<OwnedFd>,
+    start: Option<Frame>,
+    requester: u32,
+    server: u32,
+) -> i32 {
     // The death signal follows the server's only thread, that is the
     // server, which dies with the program (it sees its socket close).
     if sys::set_parent_death_signal().is_err() {
@@ -252,14 +259,21 @@ pub(super) fn run_forked(socket: OwnedFd, requester: u32, server: u32) -> i32 {
         return 1;
     }
     super::FORKED_BY.store(server, Ordering::Relaxed);
-    let claim = Claim {
-        parent: requester,
-        deathsig: true,
-        in_main: false,
-        server: false,
-        socket,
+    let read = || match (socket, start) {
+        (socket, Some(frame)) => {
+            registry::install_panic_hook();
+            check_start(socket.map(Channel::new), frame, false, true)
+        }
+        (Some(socket), None) => read_start(Claim {
+            parent: requester,
+            deathsig: true,
+            in_main: false,
+            server: false,
+            socket,
+        }),
+        (None, None) => Err(EXIT_REFUSED),
     };
-    match registry::catch(|| read_start(claim)) {
+    match registry::catch(read) {
         Ok(Ok(started)) => run(started),
         Ok(Err(code)) => code,
         Err(record) => runtime_panicked(&record),
@@ -311,7 +325,8 @@ struct Handoff {
 /// A start message, read and checked, its entry looked up: what to run,
 /// and how.
 struct Started {
-    channel: Channel,
+    /// The socket to the parent; a forked `Process` child has none.
+    channel: Option<Channel>,
     entry: &'static Entry,
     /// The child initializer, to run first.
     init: Option<(&'static Entry, Vec<u8>)>,
@@ -368,6 +383,18 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
             return Err(EXIT_REFUSED);
         }
     };
+    check_start(Some(channel), frame, claim.server, claim.deathsig)
+}
+
+/// Checks the start message `frame` and looks its entry up. `server`:
+/// this process is the forkserver; `deathsig`: the death signal is armed
+/// (otherwise a thread watches `channel`). `Err(code)`: exit with it.
+fn check_start(
+    channel: Option<Channel>,
+    frame: Frame,
+    server: bool,
+    deathsig: bool,
+) -> Result<Started, i32> {
     let (start, args_at) = match Message::parse(frame.tag, &frame.bytes) {
         Ok(Message::Start { start, args }) => (start, frame.bytes.len() - args.len()),
         Ok(_) => {
@@ -384,7 +411,7 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
     };
     if start.exe != exe_identity() {
         return Err(refuse(
-            &channel,
+            channel.as_ref(),
             Error::BuildMismatch {
                 expected: start.exe,
                 found: exe_identity(),
@@ -396,32 +423,30 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
         name: start.process_name.clone(),
         parent: Some((start.parent_name.clone(), start.parent_pid)),
     });
-    if claim.server != (start.name == super::protocol::FORKSERVER) {
+    if server != (start.name == super::protocol::FORKSERVER) {
         return Err(refuse(
-            &channel,
+            channel.as_ref(),
             Error::misuse(format!(
                 "`{}` cannot run as {}",
                 start.name,
-                if claim.server {
-                    "the forkserver"
-                } else {
-                    "a child"
-                }
+                if server { "the forkserver" } else { "a child" }
             )),
         ));
     }
-    if !claim.deathsig && !claim.server {
+    if !deathsig && !server {
         // Started from a thread that may end before the parent does: the
         // death signal would follow that thread, so it was not armed, and
         // a watcher thread sees the parent's end of the socket close. (The
         // forkserver has no thread of its own: its loop watches.)
-        watch_parent(&channel);
+        if let Some(channel) = &channel {
+            watch_parent(channel);
+        }
     }
     let entry = match registry::lookup_name(&start.name) {
         Ok(entry) => entry,
         Err(Error::NotRegistered { name }) => {
             return Err(refuse(
-                &channel,
+                channel.as_ref(),
                 Error::RegistrationMissing {
                     name,
                     parent_registrations: start.registry.count,
@@ -429,12 +454,12 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
                 },
             ));
         }
-        Err(err) => return Err(refuse(&channel, err)),
+        Err(err) => return Err(refuse(channel.as_ref(), err)),
     };
     // The child initializer is looked up now (a missing name is a refusal
     // like the target's), run just before the target, and inherited. Not
     // in the forkserver: each child it forks gets (and runs) its own.
-    let init = match start.init.filter(|_| !claim.server) {
+    let init = match start.init.filter(|_| !server) {
         None => None,
         Some((name, args)) => match registry::lookup_name(&name) {
             Ok(init) if init.internal_main().is_none() => {
@@ -443,11 +468,11 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
             }
             Ok(_) => {
                 return Err(refuse(
-                    &channel,
+                    channel.as_ref(),
                     Error::invalid(format!("`{name}` is not a function to initialize a child")),
                 ));
             }
-            Err(err) => return Err(refuse(&channel, err)),
+            Err(err) => return Err(refuse(channel.as_ref(), err)),
         },
     };
     let kind_fits = match start.mode {
@@ -456,11 +481,18 @@ fn read_start(claim: Claim) -> Result<Started, i32> {
     };
     if !kind_fits {
         return Err(refuse(
-            &channel,
+            channel.as_ref(),
             Error::misuse(format!(
                 "`{}` is not an entry point of the kind the parent asked for",
                 start.name
             )),
+        ));
+    }
+    if channel.is_none() && start.mode != Mode::Process {
+        // Only a `Process` child sends nothing back.
+        return Err(refuse(
+            None,
+            Error::misuse(format!("`{}` needs a socket to its parent", start.name)),
         ));
     }
     Ok(Started {
@@ -492,7 +524,7 @@ fn run_started(started: Started) -> i32 {
             &mut out_fds,
         )) {
             return refuse(
-                &channel,
+                channel.as_ref(),
                 Error::InitializerFailed {
                     message: format!("the child initializer `{}`: {err}", init.name()),
                 },
@@ -501,15 +533,23 @@ fn run_started(started: Started) -> i32 {
     }
     let args = frame.bytes.get(args_at..).unwrap_or(&[]);
     match entry.internal_main() {
-        Some(main) => main(channel, args.to_vec(), frame.fds),
+        Some(main) => match channel {
+            Some(channel) => main(channel, args.to_vec(), frame.fds),
+            None => refuse(
+                None,
+                Error::misuse(format!("`{}` needs a socket to its parent", entry.name())),
+            ),
+        },
         None => run_function(entry, mode, channel, args, frame.fds),
     }
 }
 
 /// Tells the parent why the child cannot run, and gives the exit code.
-fn refuse(channel: &Channel, err: Error) -> i32 {
+fn refuse(channel: Option<&Channel>, err: Error) -> i32 {
     eprintln!("multiproc: {err}");
-    let _ = Message::Failed(err).send(channel, &[]);
+    if let Some(channel) = channel {
+        let _ = Message::Failed(err).send(channel, &[]);
+    }
     EXIT_REFUSED
 }
 
@@ -531,12 +571,12 @@ fn report_abort(record: PanicRecord) {
 fn run_function(
     entry: &'static Entry,
     mode: Mode,
-    channel: Channel,
+    channel: Option<Channel>,
     args: &[u8],
     fds: Vec<OwnedFd>,
 ) -> i32 {
     if cfg!(panic = "abort") {
-        if let Ok(fd) = channel.fd().try_clone_to_owned() {
+        if let Some(Ok(fd)) = channel.as_ref().map(|c| c.fd().try_clone_to_owned()) {
             let _ = REPORT_TO.set((Channel::new(fd), mode));
             registry::set_abort_reporter(report_abort);
         }
@@ -546,21 +586,21 @@ fn run_function(
     let result = entry.invoke(&mut Call::single(args, fds, &mut out, &mut out_fds));
     match result {
         Ok(()) => {
-            if mode == Mode::Spawn {
-                let _ = Message::Returned(&out).send(&channel, &out_fds);
+            if let (Mode::Spawn, Some(channel)) = (mode, &channel) {
+                let _ = Message::Returned(&out).send(channel, &out_fds);
             }
             0
         }
         Err(Error::Panicked {
             message, location, ..
         }) => {
-            if mode == Mode::Spawn {
+            if let (Mode::Spawn, Some(channel)) = (mode, &channel) {
                 let record = PanicRecord { message, location };
-                let _ = Message::Panicked(record).send(&channel, &[]);
+                let _ = Message::Panicked(record).send(channel, &[]);
             }
             1
         }
-        Err(err) => refuse(&channel, err),
+        Err(err) => refuse(channel.as_ref(), err),
     }
 }
 

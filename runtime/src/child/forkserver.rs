@@ -2,14 +2,14 @@
 //! is started the first time a child is forked (or explicitly, early),
 //! asked for one child per request, and restarted when it is found dead.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::unistd::Pid;
 
 use super::proc::{ChildProc, recv_or_death};
-use super::protocol::{Preloads, TAG_FORK, TAG_FORK_FAILED, TAG_FORKED, TAG_READY};
+use super::protocol::{Preloads, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED, TAG_READY};
 use super::spawn::start_server;
 use super::{Message, ensure_ready};
 use crate::codec;
@@ -108,15 +108,50 @@ pub(crate) fn set_preload(preloads: Preloads) {
     *lock(&PRELOADS) = preloads;
 }
 
-/// Asks the server to fork a child that starts on `child_end`.
+/// Asks the server to fork a child that starts on `child_end` (the
+/// program sends the start message there).
 pub(crate) fn fork(child_end: OwnedFd) -> std::result::Result<ChildProc, ForkError> {
+    ask(TAG_FORK, &[], &[child_end.as_fd()], &[])
+}
+
+/// Asks the server to fork a child that starts with the start message
+/// `head` + `args` and its descriptors `fds`, carried by the request, and
+/// has `socket` (its end of its socket to the program), if any.
+pub(crate) fn fork_with_start(
+    socket: Option<&OwnedFd>,
+    head: &[u8],
+    args: &[u8],
+    fds: &[OwnedFd],
+) -> std::result::Result<ChildProc, ForkError> {
+    let mut after = Vec::with_capacity(1 + fds.len());
+    after.extend(socket.map(AsFd::as_fd));
+    after.extend(fds.iter().map(AsFd::as_fd));
+    let flag = [u8::from(socket.is_some())];
+    ask(TAG_FORK_START, &[&flag, head, args], &[], &after)
+}
+
+/// Sends a fork request `tag` of `bytes`, with the descriptors `before`,
+/// the write end of the child's status pipe and `after`; reads the answer.
+fn ask(
+    tag: u32,
+    bytes: &[&[u8]],
+    before: &[BorrowedFd<'_>],
+    after: &[BorrowedFd<'_>],
+) -> std::result::Result<ChildProc, ForkError> {
     let mut slot = lock(&CLIENT);
     let client = client(&mut slot).map_err(ForkError::Failed)?;
     // Both ends non-blocking (one call): the server writes 4 bytes once to
     // an empty pipe, which never blocks.
     let (relay, status) = sys::pipe_nonblocking()
         .map_err(|e| ForkError::Failed(Error::io("could not create a pipe", e)))?;
-    match client.channel.send(TAG_FORK, &[], &[child_end, status]) {
+    let mut fds = Vec::with_capacity(before.len() + 1 + after.len());
+    fds.extend_from_slice(before);
+    fds.push(status.as_fd());
+    fds.extend_from_slice(after);
+    let sent = client.channel.send_borrowed(tag, bytes, &fds);
+    drop(fds);
+    drop(status);
+    match sent {
         Ok(()) => {}
         Err(Error::Disconnected) => {
             let err = client.gone();

@@ -69,7 +69,7 @@ pub use boot::{init, main_init};
 pub(crate) use forkserver::{set_preload, start_server_now};
 pub(crate) use proc::ChildProc;
 pub(crate) use protocol::{Message, Mode, Start};
-pub(crate) use start::{next_process_name, read_outcome, start_child_by};
+pub(crate) use start::{next_process_name, read_outcome, start_child_by, start_process_by};
 
 /// The environment variable that marks a process as a multiproc child.
 pub(crate) const ENV_VAR: &str = "MULTIPROC_CHILD";

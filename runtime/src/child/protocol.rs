@@ -27,8 +27,17 @@
 //! | ready | server → program | 16 | none | none |
 //! | failed | server → program | 4 | a [`Message::Failed`]: the preload failed, or the server is not single-threaded | none |
 //! | fork | program → server | 17 | none | the child's end of its socket, the write end of its status pipe |
+//! | fork and start | program → server | 20 | `socket: u8` (1: the child has a socket), then the child's start message (the bytes of a [`Message::Start`]) | the write end of its status pipe, the child's end of its socket when `socket` is 1, then the start's descriptors |
 //! | forked | server → program | 18 | `pid: u32` | a pidfd of the child |
 //! | fork failed | server → program | 19 | `errno: i32` | none |
+//!
+//! A fork and start carries the child's start message in the request
+//! itself: the child finds it in the memory it got from the server, with
+//! its descriptors already open, and reads nothing before it runs. A
+//! `Process` child, which sends nothing back, then has no socket at all
+//! (its exit status comes by the status pipe); a `spawn` child or a pool
+//! worker has one for its answers. A start message too long to ride in a
+//! request goes the old way: a fork, then the start on the child's socket.
 //!
 //! [`CHILD_FD`]: super::CHILD_FD
 
@@ -54,6 +63,7 @@ pub(super) const TAG_READY: u32 = 16;
 pub(super) const TAG_FORK: u32 = 17;
 pub(super) const TAG_FORKED: u32 = 18;
 pub(super) const TAG_FORK_FAILED: u32 = 19;
+pub(super) const TAG_FORK_START: u32 = 20;
 
 /// The forkserver's preloads: what it runs before it is ready, registered
 /// names and their encoded (empty) arguments.
@@ -114,10 +124,7 @@ impl<'a> Message<'a> {
     pub(crate) fn send(&self, channel: &Channel, fds: &[OwnedFd]) -> Result<()> {
         match self {
             Message::Start { start, args } => {
-                let header = codec::encode_plain(start)?;
-                let header_len = u32::try_from(header.len())
-                    .map_err(|_| Error::invalid("process name too long"))?;
-                channel.send(TAG_START, &[&header_len.to_le_bytes(), &header, args], fds)
+                channel.send(TAG_START, &[&start_head(start)?, args], fds)
             }
             Message::Returned(value) => channel.send(TAG_RETURNED, &[value], fds),
             Message::Panicked(record) => {
@@ -157,6 +164,22 @@ impl<'a> Message<'a> {
         (tag == TAG_FAILED).then(|| refusal(bytes))
     }
 }
+
+/// The bytes of a [`Message::Start`] before its arguments: the header's
+/// length and the header.
+pub(crate) fn start_head(start: &Start) -> Result<Vec<u8>> {
+    let header = codec::encode_plain(start)?;
+    let header_len =
+        u32::try_from(header.len()).map_err(|_| Error::invalid("process name too long"))?;
+    let mut head = Vec::with_capacity(4 + header.len());
+    head.extend_from_slice(&header_len.to_le_bytes());
+    head.extend_from_slice(&header);
+    Ok(head)
+}
+
+/// The tag a [`Message::Start`] is sent with (a forked child's start
+/// rides in the server's request and gets it back).
+pub(crate) const START_TAG: u32 = TAG_START;
 
 /// The error a child sent in a [`Message::Failed`].
 fn refusal(bytes: &[u8]) -> Error {

@@ -24,8 +24,11 @@
 //! Its messages, tags and layouts are in [`super::protocol`]: the
 //! program starts the server with a start message (the preloads as its
 //! arguments) and asks for each child with a fork request carrying the
-//! child's end of its socket and the write end of its status pipe; the
-//! program's side is [`super::forkserver`].
+//! write end of the child's status pipe and either the child's start
+//! message (with its descriptors, and the child's end of its socket if it
+//! has one) or only the child's end of its socket (a start too long to
+//! carry, sent there after the fork); the program's side is
+//! [`super::forkserver`].
 //!
 //! # Exit statuses and signals
 //!
@@ -56,13 +59,16 @@ use nix::unistd::Pid;
 
 use super::Message;
 use super::proc::exit_code;
-use super::protocol::{FORKSERVER, Preloads, TAG_FORK, TAG_FORK_FAILED, TAG_FORKED, TAG_READY};
+use super::protocol::{
+    FORKSERVER, Preloads, START_TAG, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED,
+    TAG_READY,
+};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, Call};
 use crate::sys;
 use crate::sys::fork::Forked;
-use crate::wire::Channel;
+use crate::wire::{Channel, Frame};
 
 inventory::submit! {
     crate::registry::Entry::internal(FORKSERVER, server_main)
@@ -254,10 +260,9 @@ impl Server {
             Err(Error::Disconnected) => return Err(0),
             Err(_) => return Err(1),
         };
-        let mut fds = frame.fds.into_iter();
-        match (frame.tag, fds.next(), fds.next(), fds.next()) {
-            (TAG_FORK, Some(socket), Some(status), None) => self.fork(socket, status),
-            _ => {
+        match fork_request(frame) {
+            Some((socket, status, start)) => self.fork(socket, status, start),
+            None => {
                 let errno = (libc::EINVAL).to_le_bytes();
                 let _ = control.send(TAG_FORK_FAILED, &[&errno], &[]);
                 Ok(())
@@ -265,9 +270,15 @@ impl Server {
         }
     }
 
-    /// Forks a child that starts on `socket`; tells the program its pid
-    /// and sends a pidfd, or why the fork failed.
-    fn fork(&mut self, socket: OwnedFd, status: OwnedFd) -> std::result::Result<(), i32> {
+    /// Forks a child that starts with `start` (or on `socket` when the
+    /// request did not carry it); tells the program its pid and sends a
+    /// pidfd, or why the fork failed.
+    fn fork(
+        &mut self,
+        socket: Option<OwnedFd>,
+        status: OwnedFd,
+        start: Option<Frame>,
+    ) -> std::result::Result<(), i32> {
         // SAFETY: this process is the forkserver, single-threaded by
         // construction (it runs on the loader's thread and starts none),
         // checked at its start and after its preload (`single_threaded`).
@@ -280,11 +291,12 @@ impl Server {
                 self.control = None;
                 self.kids.clear();
                 drop(status);
-                let code = super::boot::run_forked(socket, self.requester, self.me);
+                let code = super::boot::run_forked(socket, start, self.requester, self.me);
                 std::process::exit(code)
             }
             Ok(Forked::Parent(pid)) => {
-                drop(socket);
+                // The child's copies are the child's.
+                drop((socket, start));
                 let Some(control) = self.control.as_ref() else {
                     return Err(0);
                 };
@@ -316,5 +328,81 @@ impl Server {
                 control.send(TAG_FORK_FAILED, &[&errno], &[]).map_err(|_| 0)
             }
         }
+    }
+}
+
+/// A fork request's parts: the child's socket (if it has one), the write
+/// end of its status pipe, and its start message when the request carries
+/// it. `None`: a malformed request.
+fn fork_request(frame: Frame) -> Option<(Option<OwnedFd>, OwnedFd, Option<Frame>)> {
+    let mut fds = frame.fds.into_iter();
+    match frame.tag {
+        TAG_FORK if frame.bytes.is_empty() => match (fds.next(), fds.next(), fds.next()) {
+            (Some(socket), Some(status), None) => Some((Some(socket), status, None)),
+            _ => None,
+        },
+        TAG_FORK_START => {
+            let (&flag, _) = frame.bytes.split_first()?;
+            let status = fds.next()?;
+            let socket = match flag {
+                0 => None,
+                1 => Some(fds.next()?),
+                _ => return None,
+            };
+            let mut bytes = frame.bytes;
+            bytes.remove(0);
+            let start = Frame {
+                tag: START_TAG,
+                bytes,
+                fds: fds.collect(),
+            };
+            Some((socket, status, Some(start)))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u32, bytes: &[u8], fds: usize) -> Frame {
+        let fds = (0..fds)
+            .map(|_| sys::pipe().map(|(r, _)| r).expect("pipe"))
+            .collect();
+        Frame {
+            tag,
+            bytes: bytes.to_vec(),
+            fds,
+        }
+    }
+
+    #[test]
+    fn fork_requests_are_checked_whole() {
+        let parts = |tag, bytes: &[u8], fds| {
+            fork_request(frame(tag, bytes, fds)).map(|(socket, _, start)| {
+                (
+                    socket.is_some(),
+                    start.map(|s| (s.tag, s.bytes, s.fds.len())),
+                )
+            })
+        };
+        assert_eq!(parts(TAG_FORK, b"", 2), Some((true, None)));
+        assert_eq!(parts(TAG_FORK, b"", 1), None);
+        assert_eq!(parts(TAG_FORK, b"", 3), None);
+        assert_eq!(parts(TAG_FORK, b"x", 2), None);
+        assert_eq!(
+            parts(TAG_FORK_START, b"\0start", 3),
+            Some((false, Some((START_TAG, b"start".to_vec(), 2))))
+        );
+        assert_eq!(
+            parts(TAG_FORK_START, b"\x01start", 3),
+            Some((true, Some((START_TAG, b"start".to_vec(), 1))))
+        );
+        assert_eq!(parts(TAG_FORK_START, b"\x01start", 1), None);
+        assert_eq!(parts(TAG_FORK_START, b"\x02start", 2), None);
+        assert_eq!(parts(TAG_FORK_START, b"", 1), None);
+        assert_eq!(parts(TAG_FORK_START, b"\0", 0), None);
+        assert_eq!(parts(TAG_READY, b"", 2), None);
     }
 }

@@ -38,8 +38,20 @@ impl Request<'_> {
     /// Sends the start message on `channel`. A child that died before it
     /// read it is not an error here: its exit status tells why.
     pub(super) fn send(&self, channel: &Channel) -> Result<()> {
+        let message = Message::Start {
+            start: self.start()?,
+            args: self.args,
+        };
+        match message.send(channel, self.fds) {
+            Ok(()) | Err(Error::Disconnected) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The header of its start message.
+    pub(super) fn start(&self) -> Result<Start> {
         let me = identity();
-        let start = Start {
+        Ok(Start {
             exe: self.exe,
             registry: registry::fingerprint(),
             name: self.name.to_string(),
@@ -49,15 +61,7 @@ impl Request<'_> {
             mode: self.mode,
             authkey: super::authkey()?.to_vec(),
             init: super::child_init(),
-        };
-        let message = Message::Start {
-            start,
-            args: self.args,
-        };
-        match message.send(channel, self.fds) {
-            Ok(()) | Err(Error::Disconnected) => Ok(()),
-            Err(err) => Err(err),
-        }
+        })
     }
 }
 

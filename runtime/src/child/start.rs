@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::forkserver::{self, ForkError};
 use super::proc::{ChildProc, recv_or_death};
+use super::protocol::start_head;
 use super::spawn::{Request, spawn};
 use super::{Message, Mode, StartMethod, default_method, ensure_ready, exe_identity};
 use crate::codec;
@@ -33,6 +34,23 @@ pub(crate) fn start_child_by(
     args: &[u8],
     fds: &[OwnedFd],
 ) -> Result<(ChildProc, Channel)> {
+    let (child, channel) = start_process_by(method, name, process_name, mode, args, fds)?;
+    // Only a forked `Process` child has no socket.
+    let channel = channel.ok_or_else(|| Error::internal("a child was started without a socket"))?;
+    Ok((child, channel))
+}
+
+/// [`start_child_by`], for a child that may have no socket: a `Process`
+/// child forked by the forkserver sends nothing back, and gets its start
+/// message with the fork request (`None`).
+pub(crate) fn start_process_by(
+    method: Option<StartMethod>,
+    name: &str,
+    process_name: &str,
+    mode: Mode,
+    args: &[u8],
+    fds: &[OwnedFd],
+) -> Result<(ChildProc, Option<Channel>)> {
     let request = Request {
         exe: exe_identity(),
         name,
@@ -56,13 +74,14 @@ fn start_child_as(exe: u64, name: &str, mode: Mode) -> Result<(ChildProc, Channe
         args: &[],
         fds: &[],
     };
-    start_with(StartMethod::Spawn, &request)
+    let (child, channel) = start_with(StartMethod::Spawn, &request)?;
+    Ok((child, channel.ok_or_else(|| Error::internal("no socket"))?))
 }
 
-fn start_with(method: StartMethod, request: &Request<'_>) -> Result<(ChildProc, Channel)> {
+fn start_with(method: StartMethod, request: &Request<'_>) -> Result<(ChildProc, Option<Channel>)> {
     ensure_ready()?;
     let started = match method {
-        StartMethod::Spawn => spawn(request, false),
+        StartMethod::Spawn => spawn(request, false).map(|(child, channel)| (child, Some(channel))),
         StartMethod::ForkServer => fork_child(request),
     };
     if let Err(err) = &started {
@@ -74,31 +93,44 @@ fn start_with(method: StartMethod, request: &Request<'_>) -> Result<(ChildProc, 
     started
 }
 
-/// A start message whose arguments are at most this long is sent before
-/// the fork is asked for (the socket buffers it), so that the forked
-/// child finds it at once; a longer one could fill the socket's buffer
-/// with no reader yet, and is sent after.
-const PRESEND: usize = 16 * 1024;
+/// A start message whose arguments are at most this long rides in the
+/// fork request, so that the forked child finds it in its memory at once;
+/// a longer one is sent on the child's socket after the fork (the server
+/// would otherwise hold it all while other starts wait).
+const INLINE: usize = 16 * 1024;
 
-/// A child of the forkserver, and the parent's end of its socket, with
-/// its start message sent (before the fork when its arguments are
-/// short). A server found dead is restarted once, with fresh sockets (a
+/// A child of the forkserver, and the parent's end of its socket (`None`
+/// for a `Process` child whose start rode in the request: it sends nothing
+/// back). A server found dead is restarted once, with fresh sockets (a
 /// child the dead server may have forked dies with it, and must not see
 /// them).
-fn fork_child(request: &Request<'_>) -> Result<(ChildProc, Channel)> {
-    let presend = request.args.len() <= PRESEND;
+fn fork_child(request: &Request<'_>) -> Result<(ChildProc, Option<Channel>)> {
+    let head = if request.args.len() <= INLINE {
+        Some(start_head(&request.start()?)?)
+    } else {
+        None
+    };
+    let needs_socket = head.is_none() || request.mode != Mode::Process;
     let mut first = true;
     loop {
-        let (parent_end, child_end) =
-            sys::socketpair().map_err(|e| Error::io("could not create a socket pair", e))?;
-        let channel = Channel::new(parent_end);
-        if presend {
-            request.send(&channel)?;
-        }
-        match forkserver::fork(child_end) {
+        let (channel, child_end) = if needs_socket {
+            let (parent_end, child_end) =
+                sys::socketpair().map_err(|e| Error::io("could not create a socket pair", e))?;
+            (Some(Channel::new(parent_end)), Some(child_end))
+        } else {
+            (None, None)
+        };
+        let forked = match (&head, child_end) {
+            (Some(head), child_end) => {
+                forkserver::fork_with_start(child_end.as_ref(), head, request.args, request.fds)
+            }
+            (None, Some(child_end)) => forkserver::fork(child_end),
+            (None, None) => return Err(Error::internal("a long start message needs a socket")),
+        };
+        match forked {
             Ok(child) => {
-                if !presend {
-                    request.send(&channel)?;
+                if let (None, Some(channel)) = (&head, &channel) {
+                    request.send(channel)?;
                 }
                 return Ok((child, channel));
             }

@@ -454,7 +454,19 @@ pub(crate) fn recv_fds(
     recvmsg_fds(sock, buf, fds, libc::MSG_CMSG_CLOEXEC)
 }
 
-/// `recvmsg(2)` with `flags`, for [`recv_fds`] and `ipc::peek_fds`.
+/// [`recv_fds`] that does not wait: `ErrorKind::WouldBlock` when nothing
+/// is there to read (for a caller whose deadline has passed, which needs
+/// no `poll` first).
+pub(crate) fn try_recv_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<Received> {
+    recvmsg_fds(sock, buf, fds, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT)
+}
+
+/// `recvmsg(2)` with `flags`, for [`recv_fds`], [`try_recv_fds`] and
+/// `ipc::peek_fds`.
 fn recvmsg_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
