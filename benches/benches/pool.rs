@@ -96,9 +96,9 @@ fn parent_cost(f: impl FnOnce()) -> (f64, f64) {
     (wall, (parent_cpu() - cpu0).as_secs_f64())
 }
 
-/// CPU time of each thread of this process so far (schedstat, ns
-/// precision), by thread id and name.
-fn thread_times() -> BTreeMap<String, f64> {
+/// CPU time (schedstat, ns precision) and wake-ups (voluntary context
+/// switches) of each thread of this process so far, by thread id and name.
+fn thread_times() -> BTreeMap<String, (f64, f64)> {
     let mut out = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return out;
@@ -112,8 +112,14 @@ fn thread_times() -> BTreeMap<String, f64> {
             .next()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0);
+        let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+        let switches: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
         let name = format!("{}:{}", entry.file_name().to_string_lossy(), comm.trim());
-        out.insert(name, ns / 1e9);
+        out.insert(name, (ns / 1e9, switches));
     }
     out
 }
@@ -203,7 +209,8 @@ fn main() {
         return;
     }
     // Profiling aid: `POOL_BENCH_IDLE=<workers>[,<chunksize>]`: 200 tasks of
-    // ~8 ms and 10_000 tiny ones, parent CPU per task (getrusage).
+    // ~8 ms and 10_000 tiny ones, parent CPU per task (getrusage), and per
+    // thread its CPU and wake-ups; `POOL_BENCH_ITERS` fixes the task.
     if let Ok(spec) = std::env::var("POOL_BENCH_IDLE") {
         let mut parts = spec.split(',').map(|p| p.parse::<usize>().unwrap_or(1));
         let workers = parts.next().unwrap_or(2);
@@ -211,8 +218,19 @@ fn main() {
         // A third field, 0: the long tasks only (for profiles).
         let tiny = parts.next().unwrap_or(1) != 0;
         let pool = Pool::new(workers).expect("pool");
-        let iters = calibrate_burn();
+        // `POOL_BENCH_ITERS`: the same tasks for two binaries (A/B).
+        let iters = std::env::var("POOL_BENCH_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(calibrate_burn);
         for _ in 0..3 {
+            // The same tasks in this thread, for the ideal wall time
+            // (200 tasks on `workers` cores, or on 2 when more workers).
+            let t = Instant::now();
+            for _ in 0..10 {
+                black_box(burn(black_box(iters)));
+            }
+            let ideal = t.elapsed().as_secs_f64() * 20.0 / workers.min(2) as f64;
             let threads0 = thread_times();
             let (wall, cpu) = parent_cost(|| {
                 black_box(
@@ -221,14 +239,19 @@ fn main() {
                 );
             });
             let threads1 = thread_times();
-            for (name, t) in &threads1 {
-                let before = threads0.get(name).copied().unwrap_or(0.0);
-                println!("  thread {name}: {:.1} us/task", (t - before) * 1e6 / 200.0);
+            for (name, (t, woken)) in &threads1 {
+                let (t0, woken0) = threads0.get(name).copied().unwrap_or((0.0, 0.0));
+                println!(
+                    "  thread {name}: {:.1} us/task, {:.2} wake-ups/task",
+                    (t - t0) * 1e6 / 200.0,
+                    (woken - woken0) / 200.0
+                );
             }
             if !tiny {
                 println!(
-                    "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms, parent CPU {:.1} us/task",
+                    "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms ({:.2}x ideal), parent CPU {:.1} us/task",
                     wall * 1e3,
+                    wall / ideal,
                     cpu * 1e6 / 200.0
                 );
                 continue;
@@ -237,9 +260,10 @@ fn main() {
                 black_box(pool.map_chunked(cube, 0..10_000u64, 1).expect("map"));
             });
             println!(
-                "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms, parent CPU {:.1} us/task; \
+                "{workers} workers: 200x8ms chunksize {chunksize}: {:.1} ms ({:.2}x ideal), parent CPU {:.1} us/task; \
                  10k tiny chunksize 1: {:.1} us/task wall, parent CPU {:.1} us/task",
                 wall * 1e3,
+                wall / ideal,
                 cpu * 1e6 / 200.0,
                 wall_s * 1e6 / 1e4,
                 cpu_s * 1e6 / 1e4

@@ -365,6 +365,51 @@ impl Channel {
         Ok(())
     }
 
+    /// Sends several frames without descriptors, each the concatenation
+    /// of its parts, in as few system calls as the kernel takes them (one,
+    /// usually): the same bytes as one [`send`](Channel::send) each.
+    pub(crate) fn send_frames(&self, frames: &[(u32, &[&[u8]])]) -> Result<()> {
+        let headers: Vec<[u8; HEADER]> = frames
+            .iter()
+            .map(|(tag, parts)| {
+                let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+                let mut header = [0u8; HEADER];
+                header[..8].copy_from_slice(&len.to_le_bytes());
+                header[12..].copy_from_slice(&tag.to_le_bytes());
+                header
+            })
+            .collect();
+        let all: Vec<&[u8]> = headers
+            .iter()
+            .zip(frames)
+            .flat_map(|(header, (_, parts))| {
+                std::iter::once(&header[..]).chain(parts.iter().copied())
+            })
+            .filter(|part| !part.is_empty())
+            .collect();
+        let (mut at, mut skip) = (0usize, 0usize);
+        while at < all.len() {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity((all.len() - at).min(64));
+            slices.push(IoSlice::new(&all[at][skip..]));
+            slices.extend(all[at + 1..].iter().take(63).map(|part| IoSlice::new(part)));
+            let mut n = sys::send_with_fds(self.fd.as_fd(), &slices, &[])
+                .map_err(|e| Error::transport_errno("send", e))?;
+            // Move past what went out.
+            while n > 0 && at < all.len() {
+                let left = all[at].len() - skip;
+                if n >= left {
+                    n -= left;
+                    at += 1;
+                    skip = 0;
+                } else {
+                    skip += n;
+                    n = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The stream offset of the first unread byte.
     fn read_pos(&self) -> u64 {
         self.received - (self.end - self.start) as u64
@@ -653,6 +698,36 @@ mod tests {
         );
         let f = b.recv(Some(Duration::from_secs(5))).expect("recv");
         assert_eq!((f.tag, f.bytes.len()), (8, 0));
+    }
+
+    #[test]
+    fn several_frames_in_one_send_arrive_as_sent_one_by_one() {
+        let (a, mut b) = Channel::pair().expect("pair");
+        // More parts than one `sendmsg` takes (64 slices), empty ones,
+        // and a frame larger than the socket buffer (a partial send).
+        let big = vec![5u8; 1 << 20];
+        let mut frames: Vec<(u32, Vec<&[u8]>)> = (0..40u32)
+            .map(|i| (i, vec![&b"ab"[..], &[][..], &b"c"[..]]))
+            .collect();
+        frames.push((99, vec![&big[..]]));
+        frames.push((100, vec![]));
+        let sent: Vec<(u32, &[&[u8]])> = frames.iter().map(|(t, p)| (*t, &p[..])).collect();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..42 {
+                let f = b.recv(Some(Duration::from_secs(10))).expect("recv");
+                got.push((f.tag, f.bytes));
+            }
+            got
+        });
+        a.send_frames(&sent).expect("send");
+        let got = reader.join().expect("reader");
+        for (i, (tag, bytes)) in got.iter().enumerate().take(40) {
+            assert_eq!((*tag, &bytes[..]), (i as u32, &b"abc"[..]));
+        }
+        assert_eq!((got[40].0, got[40].1.len()), (99, big.len()));
+        assert!(got[40].1.iter().all(|&b| b == 5));
+        assert_eq!((got[41].0, got[41].1.len()), (100, 0));
     }
 
     #[test]

@@ -48,6 +48,65 @@ use super::job::{ChunkInfo, Job, Outcome, lock};
 /// balanced across workers.
 pub(crate) const SLOTS: usize = 2;
 
+/// A local worker whose tasks take at least this long (as learned from
+/// its results) runs *deep*: it is given up to [`DEEP_SLOTS`] chunks of
+/// `map`s ahead (about [`AHEAD`] of work) in one send, and, while every
+/// worker can have a core (`Core::defer`), the reader lets their results
+/// wait in its socket until about half of that work should be done (see
+/// [`defer_until`]), then reads them all at once: one wake-up of the
+/// parent for several tasks instead of one each. Shorter tasks keep
+/// [`SLOTS`] and a wake-up per result, which costs less than their run.
+const LONG_TASK: Duration = Duration::from_millis(1);
+
+/// The work a deep worker is given ahead of it.
+const AHEAD: Duration = Duration::from_millis(200);
+
+/// The most chunks a deep worker holds at once.
+const DEEP_SLOTS: usize = 32;
+
+/// How many chunks a worker whose tasks take `task_time` may hold, given
+/// its usual `slots`.
+fn window(slots: usize, task_time: Option<Duration>) -> usize {
+    match task_time {
+        Some(t) if t >= LONG_TASK => {
+            let ahead = (AHEAD.as_nanos() / t.as_nanos().max(1)) as usize;
+            (slots + ahead).clamp(slots, DEEP_SLOTS.max(slots))
+        }
+        _ => slots,
+    }
+}
+
+/// The next task-time estimate after a sample: down at once (a worker
+/// read too late idles), up by a quarter of the difference.
+fn learn(task_time: Option<Duration>, sample: Duration) -> Duration {
+    match task_time {
+        Some(t) if sample > t => t + (sample - t) / 4,
+        _ => sample,
+    }
+}
+
+/// Until when the reader may leave the results of a worker unread: it
+/// has held `in_flight` chunks of tasks of `task_time` since `from` (its
+/// last results were read then). With chunks still queued (`refill`), it
+/// keeps two, without one (the last result is read as it comes), and the
+/// reader wakes when half of the others should be done: a worker that
+/// runs up to twice as fast as it did (a busy machine's cores come and
+/// go) still never waits for work, nor its results for the reader.
+/// `None`: read each result as it comes.
+fn defer_until(
+    from: Instant,
+    task_time: Duration,
+    in_flight: usize,
+    refill: bool,
+) -> Option<Instant> {
+    let keep = if refill { 2 } else { 1 };
+    if task_time < LONG_TASK || in_flight <= keep {
+        return None;
+    }
+    let ahead = u32::try_from(in_flight - keep).unwrap_or(u32::MAX);
+    Some(from + task_time.saturating_mul(ahead) / 2)
+}
+
 static WORKER_COUNTER: AtomicUsize = AtomicUsize::new(1);
 
 /// An encoded chunk waiting for a worker, or sent to one and not yet
@@ -211,8 +270,16 @@ struct Worker {
     child: Proc,
     in_flight: Vec<InFlight>,
     sent: u64,
-    /// Chunks it may hold at once ([`SLOTS`] per process that runs them).
+    /// Chunks it may hold at once ([`SLOTS`] per process that runs them);
+    /// more for `map`s when it runs long tasks (see [`LONG_TASK`]).
     slots: usize,
+    /// Since when it is known busy: its last results were read then, or
+    /// it got a chunk while it held none. `None`: it may be idle.
+    busy_from: Option<Instant>,
+    /// How long its tasks take, learned from its results (local workers),
+    /// and the job they belong to: the estimate holds for that job only.
+    task_time: Option<Duration>,
+    timed: std::sync::Weak<Job>,
     ready: bool,
     /// Shared-memory arenas for large payloads (`None`: socket only).
     input: Option<InArena>,
@@ -220,8 +287,71 @@ struct Worker {
 }
 
 impl Worker {
-    fn accepts(&self, max_tasks: Option<u64>) -> bool {
-        self.in_flight.len() < self.slots && max_tasks.is_none_or(|m| self.sent < m)
+    /// Whether it takes one more chunk now, `task`, the first of `queued`
+    /// for `workers` workers.
+    fn accepts(&self, max_tasks: Option<u64>, task: &Task, queued: usize, workers: usize) -> bool {
+        if max_tasks.is_some_and(|m| self.sent >= m) {
+            return false;
+        }
+        let n = self.in_flight.len();
+        if n < self.slots {
+            return true;
+        }
+        // Deep: chunks of the `map` it was timed on only (an `apply` or
+        // an `imap` does not wait behind them), and no more extra ones
+        // than its share of the queue: the window shrinks with the queue
+        // (guided scheduling), so the workers still finish together.
+        n < window(self.slots, self.task_time)
+            && n - self.slots < queued / workers.max(1)
+            && self.timed_on(&task.job)
+            && self.in_flight.iter().all(|f| self.timed_on(&f.task.job))
+    }
+
+    /// Whether its task time was learned on `job`, a `map`'s.
+    fn timed_on(&self, job: &Arc<Job>) -> bool {
+        job.batched && std::ptr::eq(self.timed.as_ptr(), Arc::as_ptr(job))
+    }
+
+    /// Until when the reader may leave its results unread (see
+    /// [`defer_until`]).
+    fn defer_until(&self, refill: bool) -> Option<Instant> {
+        let (from, task_time) = (self.busy_from?, self.task_time?);
+        if !self.in_flight.iter().all(|f| self.timed_on(&f.task.job)) {
+            return None;
+        }
+        defer_until(from, task_time, self.in_flight.len(), refill)
+    }
+
+    /// `k` of its results were read at `now` (`deferred`: after the
+    /// reader had let them wait): what they say of its task time, and
+    /// since when it is busy.
+    fn note_results(&mut self, k: usize, now: Instant, deferred: bool) {
+        match self.in_flight.first() {
+            // It ran out of work: idle for an unknown time, so no sample;
+            // and if its results were left waiting, the estimate was too
+            // long (it idled): learn again.
+            None => {
+                if deferred {
+                    self.task_time = None;
+                }
+                self.busy_from = None;
+                return;
+            }
+            // The chunk it runs now is of another job: learn that one's.
+            Some(f) if !std::ptr::eq(self.timed.as_ptr(), Arc::as_ptr(&f.task.job)) => {
+                self.timed = Arc::downgrade(&f.task.job);
+                self.task_time = None;
+            }
+            Some(_) => {
+                if let (Some(from), Ok(k)) = (self.busy_from, u32::try_from(k)) {
+                    // It still holds a chunk, so it ran `k` chunks and part
+                    // of one since `from`: a slight overestimate.
+                    let sample = now.saturating_duration_since(from) / k.max(1);
+                    self.task_time = Some(learn(self.task_time, sample));
+                }
+            }
+        }
+        self.busy_from = Some(now);
     }
 }
 
@@ -283,6 +413,12 @@ pub(crate) struct Core {
     config: Config,
     init_bytes: Vec<u8>,
     wake_tx: UnixStream,
+    /// Whether the reader may leave deep workers' results waiting (see
+    /// [`defer_until`]): only while every worker can have a core. Workers
+    /// that share cores run by turns, their speed swings by more than the
+    /// margin, and one left without work loses its turn (measured: 200
+    /// tasks of 8 ms took 1.4x as long with 4 workers on 2 cores).
+    defer: bool,
 }
 
 /// A condition variable that skips the wake-up system call when no
@@ -342,6 +478,9 @@ impl Core {
                 spawn_error: None,
             }),
             changed: Changed::default(),
+            defer: matches!(config.transport, Transport::Local)
+                && std::thread::available_parallelism()
+                    .is_ok_and(|cores| config.processes <= cores.get()),
             config,
             init_bytes,
             wake_tx,
@@ -458,6 +597,9 @@ impl Core {
             in_flight: Vec::new(),
             sent: 0,
             slots: SLOTS,
+            busy_from: None,
+            task_time: None,
+            timed: std::sync::Weak::new(),
             ready: false,
             input,
             output,
@@ -500,6 +642,9 @@ impl Core {
                 in_flight: Vec::new(),
                 sent: 0,
                 slots: SLOTS * info.workers as usize,
+                busy_from: None,
+                task_time: None,
+                timed: std::sync::Weak::new(),
                 ready: false,
                 input: None,
                 output: None,
@@ -614,12 +759,14 @@ impl Core {
             let mut st = lock(&self.state);
             let st = &mut *st;
             let max_tasks = self.config.init.max_tasks;
-            while !st.queue.is_empty() {
+            let workers = st.workers.len();
+            while let Some(front) = st.queue.front() {
+                let queued = st.queue.len();
                 // The least loaded worker that can take one more chunk.
                 let Some(w) = st
                     .workers
                     .iter_mut()
-                    .filter(|w| w.accepts(max_tasks))
+                    .filter(|w| w.accepts(max_tasks, front, queued, workers))
                     .min_by_key(|w| w.in_flight.len())
                 else {
                     break;
@@ -643,6 +790,14 @@ impl Core {
                 let id = st.next_id;
                 st.next_id += 1;
                 w.sent += 1;
+                if w.in_flight.is_empty() {
+                    w.busy_from = Some(Instant::now());
+                    // Its first result times this job's tasks.
+                    if !std::ptr::eq(w.timed.as_ptr(), Arc::as_ptr(&task.job)) {
+                        w.timed = Arc::downgrade(&task.job);
+                        w.task_time = None;
+                    }
+                }
                 let placed = match &mut w.input {
                     Some(arena) if task.fds.is_empty() && task.payload.len() >= SHM_MIN => {
                         arena.place(id, task.payload.len())
@@ -660,47 +815,75 @@ impl Core {
                 w.in_flight.push(InFlight { id, task });
             }
         }
-        for Send {
+        // Each worker's chunks stay in the order they were assigned (it
+        // runs them in that order); a run of plain ones to one worker goes
+        // out in one system call.
+        sends.sort_by_key(|s| s.key);
+        let mut rest = &mut sends[..];
+        while let Some((first, tail)) = rest.split_first_mut() {
+            let run = 1 + tail
+                .iter()
+                .take_while(|s| s.key == first.key && s.is_plain())
+                .count();
+            // Without the `mpi` feature, a plain chunk's transport is the only one.
+            #[cfg_attr(not(feature = "mpi"), allow(irrefutable_let_patterns))]
+            if let (true, Tx::Socket(tx)) = (run >= 2 && first.is_plain(), &first.conn.tx) {
+                let tasks: Vec<([u8; 8], &[u8])> = std::iter::once(&*first)
+                    .chain(&tail[..run - 1])
+                    .map(|s| (s.id.to_le_bytes(), &s.payload[..]))
+                    .collect();
+                // A failed send means the worker died (see `send`).
+                let _ = ToWorker::send_tasks(&lock(tx), &tasks);
+                rest = &mut tail[run - 1..];
+                continue;
+            }
+            self.send(first);
+            rest = tail;
+        }
+    }
+
+    /// Sends one chunk to its worker.
+    fn send(&self, send: &mut Send) {
+        let Send {
             conn,
             key,
             id,
             payload,
             fds,
             placed,
-        } in sends
-        {
-            // Without the `mpi` feature there is one transport.
-            #[cfg_attr(not(feature = "mpi"), allow(clippy::infallible_destructuring_match))]
-            let tx = match &conn.tx {
-                Tx::Socket(tx) => tx,
-                #[cfg(feature = "mpi")]
-                Tx::Remote(remote) => {
-                    // Nothing sees a remote send fail later: fail it now.
-                    if let Err(err) = remote.send_task(id, &payload) {
-                        self.fail_chunk(key, id, err);
-                    }
-                    continue;
+        } = send;
+        let (key, id) = (*key, *id);
+        // Without the `mpi` feature there is one transport.
+        #[cfg_attr(not(feature = "mpi"), allow(clippy::infallible_destructuring_match))]
+        let tx = match &conn.tx {
+            Tx::Socket(tx) => tx,
+            #[cfg(feature = "mpi")]
+            Tx::Remote(remote) => {
+                // Nothing sees a remote send fail later: fail it now.
+                if let Err(err) = remote.send_task(id, payload) {
+                    self.fail_chunk(key, id, err);
                 }
-            };
-            // A failed send means the worker died: the reader sees its end
-            // of stream and fails this chunk with the worker's exit status.
-            if let Some(placement) = placed {
-                // The region is this chunk's alone until its result arrives.
-                let start = placement.start();
-                if placement.fill(&payload).is_ok() {
-                    let task = ToWorker::TaskShm {
-                        id,
-                        start: start as u64,
-                        len: payload.len() as u64,
-                    };
-                    let _ = task.send(&lock(tx), &[]);
-                    continue;
-                }
+                return;
             }
-            let _ = key; // the remote transport's
-            let task = ToWorker::Task { id, body: &payload };
-            let _ = task.send(&lock(tx), &fds);
+        };
+        // A failed send means the worker died: the reader sees its end
+        // of stream and fails this chunk with the worker's exit status.
+        if let Some(placement) = placed.take() {
+            // The region is this chunk's alone until its result arrives.
+            let start = placement.start();
+            if placement.fill(payload).is_ok() {
+                let task = ToWorker::TaskShm {
+                    id,
+                    start: start as u64,
+                    len: payload.len() as u64,
+                };
+                let _ = task.send(&lock(tx), &[]);
+                return;
+            }
         }
+        let _ = key; // the remote transport's
+        let task = ToWorker::Task { id, body: payload };
+        let _ = task.send(&lock(tx), fds);
     }
 
     /// `close()`: no new work; queued work still runs.
@@ -1220,6 +1403,7 @@ impl Core {
         let mut scratch = [0u8; 64];
         let mut bytes = Vec::new();
         let mut fds = Vec::new();
+        let mut deferred: Vec<bool> = Vec::new();
         loop {
             let retry = {
                 let mut st = lock(&self.state);
@@ -1232,10 +1416,43 @@ impl Core {
             if retry {
                 channels.extend(self.retry_missing());
             }
+            // A worker deep in long tasks of `map`s is polled for its end
+            // only (`POLLHUP` is always reported): its results wait in its
+            // socket until it is about to run out of work, then come in
+            // one read with those of every other deferred worker.
+            let now = Instant::now();
+            let mut timeout = None;
+            deferred.clear();
+            {
+                let st = lock(&self.state);
+                let refill = !st.queue.is_empty();
+                for (key, _) in &channels {
+                    let until = st
+                        .workers
+                        .iter()
+                        .find(|w| w.key == *key && self.defer)
+                        .and_then(|w| w.defer_until(refill))
+                        .filter(|until| *until > now);
+                    if let Some(until) = until {
+                        let left = until - now;
+                        timeout = Some(timeout.map_or(left, |t: Duration| t.min(left)));
+                    }
+                    deferred.push(until.is_some());
+                }
+                if st.missing > 0 {
+                    timeout = Some(timeout.map_or(RETRY_SPAWN, |t| t.min(RETRY_SPAWN)));
+                }
+            }
             let mut polled = Vec::with_capacity(channels.len() + 1);
             polled.push((waker.0.as_fd(), PollFlags::POLLIN));
-            polled.extend(channels.iter().map(|(_, c)| (c.fd(), PollFlags::POLLIN)));
-            let timeout = lock(&self.state).missing.gt(&0).then_some(RETRY_SPAWN);
+            polled.extend(channels.iter().zip(&deferred).map(|((_, c), deferred)| {
+                let events = if *deferred {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::POLLIN
+                };
+                (c.fd(), events)
+            }));
             let ready = sys::poll_many(&polled, timeout)?;
             drop(polled);
             if !ready[0].is_empty() {
@@ -1243,9 +1460,10 @@ impl Core {
             }
             let mut dead = Vec::new();
             for (i, (key, channel)) in channels.iter_mut().enumerate() {
-                if ready[i + 1].is_empty() {
+                if ready[i + 1].is_empty() && !deferred[i] {
                     continue;
                 }
+                let mut frames = 0usize;
                 // What has arrived, without waiting for the rest of a
                 // frame: a worker that stops in the middle of one must not
                 // stall the others (its frame stays buffered).
@@ -1258,6 +1476,7 @@ impl Core {
                                 fds: std::mem::take(&mut fds),
                             };
                             self.on_frame(*key, frame);
+                            frames += 1;
                             // Nothing more buffered: the next poll says
                             // when more arrives (no extra syscall here).
                             if !channel.has_buffered_outcome() {
@@ -1285,6 +1504,13 @@ impl Core {
                             dead.push(i);
                             break;
                         }
+                    }
+                }
+                if frames > 0 {
+                    let now = Instant::now();
+                    let mut st = lock(&self.state);
+                    if let Some(w) = st.workers.iter_mut().find(|w| w.key == *key) {
+                        w.note_results(frames, now, deferred[i]);
                     }
                 }
             }
@@ -1335,6 +1561,13 @@ struct Send {
     placed: Option<Placed>,
 }
 
+impl Send {
+    /// A chunk in the socket, without descriptors, to a local worker.
+    fn is_plain(&self) -> bool {
+        self.placed.is_none() && self.fds.is_empty() && matches!(self.conn.tx, Tx::Socket(_))
+    }
+}
+
 /// A chunk's outcome with the outcomes of its first items in front (see
 /// [`Task::prefix`]).
 fn with_prefix(prefix: Option<Vec<u8>>, outcome: Outcome) -> Outcome {
@@ -1380,4 +1613,45 @@ enum Answer {
     Shared(Result<Lease>),
     /// The whole chunk failed.
     Failed(TaskFailure),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn short_tasks_keep_the_usual_window_and_long_ones_get_work_ahead() {
+        assert_eq!(window(SLOTS, None), SLOTS);
+        assert_eq!(window(SLOTS, Some(Duration::from_micros(50))), SLOTS);
+        // 8 ms tasks: AHEAD of work beyond the usual slots.
+        assert_eq!(window(SLOTS, Some(8 * MS)), SLOTS + 25);
+        // Never more than DEEP_SLOTS, never fewer than the usual slots.
+        assert_eq!(window(SLOTS, Some(LONG_TASK)), DEEP_SLOTS);
+        assert_eq!(window(SLOTS, Some(10 * AHEAD)), SLOTS);
+        assert_eq!(window(64, Some(8 * MS)), 64);
+    }
+
+    #[test]
+    fn the_task_time_falls_at_once_and_rises_slowly() {
+        assert_eq!(learn(None, 8 * MS), 8 * MS);
+        assert_eq!(learn(Some(8 * MS), 2 * MS), 2 * MS);
+        assert_eq!(learn(Some(8 * MS), 12 * MS), 9 * MS);
+    }
+
+    #[test]
+    fn results_wait_only_while_a_worker_has_work_left() {
+        let t0 = Instant::now();
+        // Short tasks, or too little in flight: every result is read.
+        assert_eq!(defer_until(t0, Duration::from_micros(10), 16, true), None);
+        assert_eq!(defer_until(t0, 8 * MS, 2, true), None);
+        assert_eq!(defer_until(t0, 8 * MS, 1, false), None);
+        // 10 chunks of 8 ms, more queued: two kept, half of the other
+        // eight's time.
+        assert_eq!(defer_until(t0, 8 * MS, 10, true), Some(t0 + 32 * MS));
+        // Nothing queued: one kept.
+        assert_eq!(defer_until(t0, 8 * MS, 10, false), Some(t0 + 36 * MS));
+        assert_eq!(defer_until(t0, 8 * MS, 2, false), Some(t0 + 4 * MS));
+    }
 }

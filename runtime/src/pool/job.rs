@@ -160,9 +160,21 @@ impl JobState {
 pub(crate) struct Job {
     pub(crate) state: Mutex<JobState>,
     pub(crate) cond: Condvar,
+    /// Its consumer wants all of its several results, not each as soon as
+    /// it exists (a `map`): the reader may let them wait in the sockets of
+    /// workers that run long tasks, and read them in batches.
+    pub(crate) batched: bool,
 }
 
 impl Job {
+    /// A job whose results are read in batches (see [`Job::batched`]).
+    pub(crate) fn batched() -> Job {
+        Job {
+            batched: true,
+            ..Job::default()
+        }
+    }
+
     pub(crate) fn complete(&self, info: ChunkInfo, outcome: Outcome) {
         let mut st = lock(&self.state);
         st.done += 1;

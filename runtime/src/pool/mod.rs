@@ -24,7 +24,11 @@
 //! item's outcome. Two chunks are in flight per worker, so a worker never
 //! waits for the parent between chunks. Results are decoded by the thread
 //! that asked for them, straight into the output, while the workers
-//! compute the next chunks.
+//! compute the next chunks. When a `map`'s chunks take a millisecond or
+//! more, a worker is sent up to about 200 ms of them ahead, and while
+//! every worker has a core the pool reads their results in batches, so a
+//! parent waiting for long tasks wakes a few times per second, not once
+//! per task.
 //!
 //! # Failures
 //!
@@ -218,7 +222,13 @@ impl Pool {
     ) -> Result<(JobGuard, usize, usize)> {
         let mut encoder = ChunkEncoder::new::<F>(self.core.peer())?;
         let mut plan = ChunkPlan::new(n, self.processes(), chunksize);
-        let job = JobGuard(Arc::new(Job::default()));
+        // A job of several items wants them all (one of a single item,
+        // an `apply`, wants it as soon as it exists).
+        let job = JobGuard(Arc::new(if n > 1 {
+            Job::batched()
+        } else {
+            Job::default()
+        }));
         let (mut chunks, mut first) = (0usize, 0usize);
         while let Some((count, encoded)) = encoder.next(&mut items, plan.next_size()) {
             let (payload, fds) = encoded?;

@@ -832,3 +832,73 @@ fn calls_in_the_wrong_state_are_misuse_not_invalid_arguments() {
     pool.close();
     pool.join().expect("join after close");
 }
+
+/// `(x, pid)` after `ms` milliseconds: a long task.
+#[process_fn]
+fn sleep_then_pid(x: u64, ms: u64) -> (u64, u32) {
+    std::thread::sleep(Duration::from_millis(ms));
+    (x, std::process::id())
+}
+
+/// Kills its worker at item `die`; otherwise sleeps `ms` milliseconds.
+#[process_fn]
+fn sleep_or_die_at(x: u64, ms: u64, die: u64) -> u64 {
+    if x == die {
+        kill_self();
+    }
+    std::thread::sleep(Duration::from_millis(ms));
+    x
+}
+
+#[test]
+fn a_map_of_long_tasks_one_a_chunk_keeps_its_order_and_the_task_limit() {
+    // Tasks of 3 ms make the workers deep (chunks sent ahead, results read
+    // in batches): neither the order nor `max_tasks_per_child` changes.
+    let pool = Pool::builder()
+        .processes(2)
+        .max_tasks_per_child(7)
+        .build()
+        .expect("pool");
+    let out = pool
+        .starmap_async_chunked(sleep_then_pid, (0..60u64).map(|x| (x, 3)), 1)
+        .expect("submit")
+        .get_timeout(Duration::from_secs(60))
+        .expect("map");
+    assert_eq!(
+        out.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
+        (0..60).collect::<Vec<_>>()
+    );
+    let mut per_pid = std::collections::HashMap::<u32, usize>::new();
+    for (_, pid) in &out {
+        *per_pid.entry(*pid).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|n| *n <= 7), "{per_pid:?}");
+}
+
+#[test]
+fn a_worker_killed_while_it_holds_long_tasks_ahead_fails_the_map_and_is_replaced() {
+    let pool = pool2();
+    let err = pool
+        .starmap_async_chunked(sleep_or_die_at, (0..60u64).map(|x| (x, 3, 45)), 1)
+        .expect("submit")
+        .get_timeout(Duration::from_secs(60))
+        .expect_err("item 45 kills its worker");
+    assert!(
+        matches!(
+            err,
+            Error::WorkerDied {
+                signal: Some(9),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Its replacement and the other worker serve the same map in full.
+    let out = pool
+        .starmap_async_chunked(sleep_or_die_at, (0..60u64).map(|x| (x, 3, u64::MAX)), 1)
+        .expect("submit")
+        .get_timeout(Duration::from_secs(60))
+        .expect("map");
+    assert_eq!(out, (0..60).collect::<Vec<_>>());
+    assert_eq!(pool.worker_pids().len(), 2);
+}
