@@ -50,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::registry::{Fingerprint, PanicRecord};
 use crate::wire::Channel;
 
-const TAG_START: u32 = 1;
+pub(super) const TAG_START: u32 = 1;
 const TAG_RETURNED: u32 = 2;
 const TAG_PANICKED: u32 = 3;
 const TAG_FAILED: u32 = 4;
@@ -176,10 +176,6 @@ pub(crate) fn start_head(start: &Start) -> Result<Vec<u8>> {
     head.extend_from_slice(&header);
     Ok(head)
 }
-
-/// The tag a [`Message::Start`] is sent with (a forked child's start
-/// rides in the server's request and gets it back).
-pub(crate) const START_TAG: u32 = TAG_START;
 
 /// The error a child sent in a [`Message::Failed`].
 fn refusal(bytes: &[u8]) -> Error {

@@ -60,8 +60,8 @@ use nix::unistd::Pid;
 use super::Message;
 use super::proc::exit_code;
 use super::protocol::{
-    FORKSERVER, Preloads, START_TAG, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED,
-    TAG_READY,
+    FORKSERVER, Preloads, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED, TAG_READY,
+    TAG_START,
 };
 use crate::codec;
 use crate::error::{Error, Result};
@@ -352,7 +352,7 @@ fn fork_request(frame: Frame) -> Option<(Option<OwnedFd>, OwnedFd, Option<Frame>
             let mut bytes = frame.bytes;
             bytes.remove(0);
             let start = Frame {
-                tag: START_TAG,
+                tag: TAG_START,
                 bytes,
                 fds: fds.collect(),
             };
@@ -393,11 +393,11 @@ mod tests {
         assert_eq!(parts(TAG_FORK, b"x", 2), None);
         assert_eq!(
             parts(TAG_FORK_START, b"\0start", 3),
-            Some((false, Some((START_TAG, b"start".to_vec(), 2))))
+            Some((false, Some((TAG_START, b"start".to_vec(), 2))))
         );
         assert_eq!(
             parts(TAG_FORK_START, b"\x01start", 3),
-            Some((true, Some((START_TAG, b"start".to_vec(), 1))))
+            Some((true, Some((TAG_START, b"start".to_vec(), 1))))
         );
         assert_eq!(parts(TAG_FORK_START, b"\x01start", 1), None);
         assert_eq!(parts(TAG_FORK_START, b"\x02start", 2), None);
