@@ -98,6 +98,16 @@ pub fn pid_alive(pid: u32) -> bool {
     }
 }
 
+/// The children of process `pid` (of its main thread), from `/proc`;
+/// empty when it is gone.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Polls `cond` every millisecond until it holds or `limit` passes.
 /// Returns whether it held.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -249,16 +249,62 @@ pub(super) fn run_forked(
     requester: u32,
     server: u32,
 ) -> i32 {
-    // The death signal follows the server's only thread, that is the
-    // server, which dies with the program (it sees its socket close).
+    match arm_forked(server) {
+        Ok(()) => run_assigned(socket, start, requester),
+        Err(code) => code,
+    }
+}
+
+/// The forkserver's spare, just forked (see `server`): armed as any forked
+/// child, it waits on `link` for what to run, then runs it as
+/// [`run_forked`] does. A server that drops it closes `link`: it exits 0.
+pub(super) fn run_spare(mut link: Channel, requester: u32, server: u32) -> i32 {
+    if let Err(code) = arm_forked(server) {
+        return code;
+    }
+    let frame = match link.recv(None) {
+        Ok(frame) => frame,
+        Err(_) => return 0,
+    };
+    drop(link);
+    match super::server::assignment(frame) {
+        Some((socket, start)) => run_assigned(socket, start, requester),
+        None => EXIT_REFUSED,
+    }
+}
+
+/// How a forked child ends once it ran, as CPython's forked children do
+/// (`os._exit` after `_bootstrap`): its own children are joined (and the
+/// daemonic ones terminated), stdout and stderr flushed, then `_exit`. The
+/// server's atexit handlers and the loaded objects' destructors are the
+/// server's: they do not run again in every child, and the child does not
+/// free the server's heap page by page (every page it touches is a
+/// copy-on-write fault).
+pub(super) fn exit_forked(code: i32) -> ! {
+    let _ = registry::catch(crate::process::shutdown);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let _ = std::io::Write::flush(&mut std::io::stderr());
+    sys::flush_c_stdio();
+    sys::exit_now(code)
+}
+
+/// What every forked child does first: its death signal follows the
+/// server's only thread (it dies with the server, which dies with the
+/// program). `Err(code)`: exit with it.
+fn arm_forked(server: u32) -> Result<(), i32> {
     if sys::set_parent_death_signal().is_err() {
-        return EXIT_REFUSED;
+        return Err(EXIT_REFUSED);
     }
     if sys::parent_pid() != server {
         // The server died before the death signal was armed.
-        return 1;
+        return Err(1);
     }
     super::FORKED_BY.store(server, Ordering::Relaxed);
+    Ok(())
+}
+
+/// A forked child's start: from `start` or read on `socket`.
+fn run_assigned(socket: Option<OwnedFd>, start: Option<Frame>, requester: u32) -> i32 {
     let read = || match (socket, start) {
         (socket, Some(frame)) => {
             registry::install_panic_hook();

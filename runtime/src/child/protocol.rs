@@ -30,6 +30,7 @@
 //! | fork and start | program → server | 20 | `socket: u8` (1: the child has a socket), then the child's start message (the bytes of a [`Message::Start`]) | the write end of its status pipe, the child's end of its socket when `socket` is 1, then the start's descriptors |
 //! | forked | server → program | 18 | `pid: u32` | a pidfd of the child |
 //! | fork failed | server → program | 19 | `errno: i32` | none |
+//! | assign | server → spare | 21 | `socket: u8`, `start: u8` (1: present), then the start message's bytes when `start` is 1 | the child's end of its socket when `socket` is 1, then the start's descriptors |
 //!
 //! A fork and start carries the child's start message in the request
 //! itself: the child finds it in the memory it got from the server, with
@@ -38,6 +39,10 @@
 //! (its exit status comes by the status pipe); a `spawn` child or a pool
 //! worker has one for its answers. A start message too long to ride in a
 //! request goes the old way: a fork, then the start on the child's socket.
+//!
+//! The server keeps one child forked ahead, its spare, which waits on a
+//! socket of its own (its link) for an assign: the request's socket and
+//! start, passed on as they came (the status pipe stays with the server).
 //!
 //! [`CHILD_FD`]: super::CHILD_FD
 
@@ -64,6 +69,7 @@ pub(super) const TAG_FORK: u32 = 17;
 pub(super) const TAG_FORKED: u32 = 18;
 pub(super) const TAG_FORK_FAILED: u32 = 19;
 pub(super) const TAG_FORK_START: u32 = 20;
+pub(super) const TAG_ASSIGN: u32 = 21;
 
 /// The forkserver's preloads: what it runs before it is ready, registered
 /// names and their encoded (empty) arguments.

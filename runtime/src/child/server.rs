@@ -60,8 +60,8 @@ use nix::unistd::Pid;
 use super::Message;
 use super::proc::exit_code;
 use super::protocol::{
-    FORKSERVER, Preloads, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED, TAG_READY,
-    TAG_START,
+    FORKSERVER, Preloads, TAG_ASSIGN, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED,
+    TAG_READY, TAG_START,
 };
 use crate::codec;
 use crate::error::{Error, Result};
@@ -90,11 +90,30 @@ struct Kid {
     status: OwnedFd,
 }
 
+/// A child forked ahead of the next request, waiting on its link for
+/// what to run: a start then costs the server one message instead of a
+/// fork, and the fork of the next spare comes after the answer, while
+/// the child just started runs (see the module docs).
+#[derive(Debug)]
+struct Spare {
+    pid: Pid,
+    pidfd: OwnedFd,
+    link: Channel,
+}
+
+/// A forked child's pid and the server's pidfd of it.
+type Started = (Pid, OwnedFd);
+
+/// What a spare runs: the child's socket and its start message, either
+/// or both.
+type Assigned = (Option<OwnedFd>, Option<Frame>);
+
 #[derive(Debug)]
 struct Server {
     /// `None` only in a forked child, which drops it at once.
     control: Option<Channel>,
     kids: Vec<Kid>,
+    spare: Option<Spare>,
     requester: u32,
     me: u32,
 }
@@ -183,9 +202,11 @@ fn server_main(channel: Channel, args: Vec<u8>, fds: Vec<OwnedFd>) -> i32 {
     let mut server = Server {
         control: Some(channel),
         kids: Vec::new(),
+        spare: None,
         requester,
         me: std::process::id(),
     };
+    server.refill();
     server.serve()
 }
 
@@ -199,12 +220,17 @@ impl Server {
             };
             let request_waiting = control.has_buffered_outcome();
             let events = {
-                let mut fds = Vec::with_capacity(1 + self.kids.len());
+                let mut fds = Vec::with_capacity(2 + self.kids.len());
                 fds.push((control.fd(), PollFlags::POLLIN | sys::POLLRDHUP));
                 fds.extend(
                     self.kids
                         .iter()
                         .map(|k| (k.pidfd.as_fd(), PollFlags::POLLIN)),
+                );
+                fds.extend(
+                    self.spare
+                        .as_ref()
+                        .map(|s| (s.pidfd.as_fd(), PollFlags::POLLIN)),
                 );
                 let timeout = request_waiting.then_some(Duration::ZERO);
                 match sys::poll_many(&fds, timeout) {
@@ -212,6 +238,15 @@ impl Server {
                     Err(_) => return 1,
                 }
             };
+            // A spare that died waiting (killed by someone) is reaped and
+            // not replaced until the next request: no fork loop.
+            if self.spare.is_some()
+                && events
+                    .get(1 + self.kids.len())
+                    .is_some_and(|e| !e.is_empty())
+            {
+                self.drop_spare();
+            }
             // Reap first: a pid is never reused while its kid is listed.
             for at in (0..self.kids.len()).rev() {
                 if !events[at + 1].is_empty() {
@@ -270,64 +305,178 @@ impl Server {
         }
     }
 
-    /// Forks a child that starts with `start` (or on `socket` when the
-    /// request did not carry it); tells the program its pid and sends a
-    /// pidfd, or why the fork failed.
+    /// Starts a child with `start` (or on `socket` when the request did
+    /// not carry it): the spare if there is one, else a fork. Tells the
+    /// program its pid and sends a pidfd, or why the fork failed; then
+    /// forks the next spare.
     fn fork(
         &mut self,
         socket: Option<OwnedFd>,
         status: OwnedFd,
         start: Option<Frame>,
     ) -> std::result::Result<(), i32> {
+        let started = match self.spare.take() {
+            Some(spare) => match assign(&spare, socket, start) {
+                Ok(()) => Ok((spare.pid, spare.pidfd)),
+                Err((socket, start)) => {
+                    // The spare is gone or broken: it gets nothing, and this
+                    // start a fork of its own.
+                    self.spare = Some(spare);
+                    self.drop_spare();
+                    self.fork_now(socket, start)
+                }
+            },
+            None => self.fork_now(socket, start),
+        };
+        let Some(control) = self.control.as_ref() else {
+            return Err(0);
+        };
+        let sent = match started {
+            Ok((pid, pidfd)) => {
+                let pid_bytes = (pid.as_raw() as u32).to_le_bytes();
+                // The program gets its own copy of the pidfd (SCM_RIGHTS),
+                // and the server keeps this one.
+                let sent = control.send(TAG_FORKED, &[&pid_bytes], std::slice::from_ref(&pidfd));
+                // Listed even if the program is gone: it is reaped.
+                self.kids.push(Kid { pid, pidfd, status });
+                sent
+            }
+            Err(err) => {
+                let errno = err.raw_os_error().unwrap_or(libc::EIO).to_le_bytes();
+                control.send(TAG_FORK_FAILED, &[&errno], &[])
+            }
+        };
+        sent.map_err(|_| 0)?;
+        self.refill();
+        Ok(())
+    }
+
+    /// Forks a child that starts with `start` or on `socket`.
+    fn fork_now(
+        &mut self,
+        socket: Option<OwnedFd>,
+        start: Option<Frame>,
+    ) -> std::io::Result<Started> {
+        let (requester, me) = (self.requester, self.me);
+        self.fork_child((), move || {
+            super::boot::run_forked(socket, start, requester, me)
+        })
+        .map(|(pid, pidfd, ())| (pid, pidfd))
+    }
+
+    /// Forks the next spare, if there is none; a fork refused now is the
+    /// next start's error (it forks for itself).
+    fn refill(&mut self) {
+        if self.spare.is_some() {
+            return;
+        }
+        let Ok((here, there)) = sys::socketpair() else {
+            return;
+        };
+        let (requester, me) = (self.requester, self.me);
+        let forked = self.fork_child(here, move || {
+            super::boot::run_spare(Channel::new(there), requester, me)
+        });
+        if let Ok((pid, pidfd, here)) = forked {
+            self.spare = Some(Spare {
+                pid,
+                pidfd,
+                link: Channel::new(here),
+            });
+        }
+    }
+
+    /// Ends the spare (killed through its pidfd, so never a reused pid)
+    /// and reaps it.
+    fn drop_spare(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            let _ = sys::pidfd_send_signal(spare.pidfd.as_fd(), nix::sys::signal::Signal::SIGKILL);
+            let _ = sys::reap(spare.pid);
+        }
+    }
+
+    /// Forks a child that runs `run` and exits with the code it returns;
+    /// `keep` is the server's, closed in the child. Returns the child's pid
+    /// and a pidfd of it, and `keep`.
+    fn fork_child<T>(
+        &mut self,
+        keep: T,
+        run: impl FnOnce() -> i32,
+    ) -> std::io::Result<(Pid, OwnedFd, T)> {
         // SAFETY: this process is the forkserver, single-threaded by
         // construction (it runs on the loader's thread and starts none),
         // checked at its start and after its preload (`single_threaded`).
         match unsafe { sys::fork::fork() } {
             Ok(Forked::Child) => {
                 // The server's descriptors are not the child's: the
-                // socket to the program (whose close ends the server) and
-                // the other children's status pipes (whose close tells the
-                // program the server is gone).
+                // socket to the program (whose close ends the server), the
+                // other children's status pipes (whose close tells the
+                // program the server is gone) and the spare's link.
                 self.control = None;
                 self.kids.clear();
-                drop(status);
-                let code = super::boot::run_forked(socket, start, self.requester, self.me);
-                std::process::exit(code)
+                self.spare = None;
+                drop(keep);
+                super::boot::exit_forked(run())
             }
-            Ok(Forked::Parent(pid)) => {
-                // The child's copies are the child's.
-                drop((socket, start));
-                let Some(control) = self.control.as_ref() else {
-                    return Err(0);
-                };
-                match sys::pidfd_open(pid) {
-                    Ok(pidfd) => {
-                        let pid_bytes = (pid.as_raw() as u32).to_le_bytes();
-                        // The program gets its own copy of the pidfd
-                        // (SCM_RIGHTS), and the server keeps this one.
-                        let sent =
-                            control.send(TAG_FORKED, &[&pid_bytes], std::slice::from_ref(&pidfd));
-                        // Listed even if the program is gone: it is reaped.
-                        self.kids.push(Kid { pid, pidfd, status });
-                        sent.map_err(|_| 0)
-                    }
-                    Err(err) => {
-                        // Not reaped yet, so the pid is still this child's.
-                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                        let _ = sys::reap(pid);
-                        let errno = err.raw_os_error().unwrap_or(libc::EIO).to_le_bytes();
-                        control.send(TAG_FORK_FAILED, &[&errno], &[]).map_err(|_| 0)
-                    }
+            Ok(Forked::Parent(pid)) => match sys::pidfd_open(pid) {
+                // `run` is dropped here: what it holds is the child's.
+                Ok(pidfd) => Ok((pid, pidfd, keep)),
+                Err(err) => {
+                    // Not reaped yet, so the pid is still this child's.
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = sys::reap(pid);
+                    Err(err)
                 }
-            }
-            Err(err) => {
-                let Some(control) = self.control.as_ref() else {
-                    return Err(0);
-                };
-                let errno = err.raw_os_error().unwrap_or(libc::EIO).to_le_bytes();
-                control.send(TAG_FORK_FAILED, &[&errno], &[]).map_err(|_| 0)
-            }
+            },
+            Err(err) => Err(err),
         }
+    }
+}
+
+/// Sends the spare what it runs: `[socket, start]` flags (0 or 1), the
+/// start message's bytes, and the child's socket then the start's
+/// descriptors. Gives them back when the spare cannot take them.
+fn assign(
+    spare: &Spare,
+    socket: Option<OwnedFd>,
+    start: Option<Frame>,
+) -> std::result::Result<(), Assigned> {
+    let flags = [u8::from(socket.is_some()), u8::from(start.is_some())];
+    let sent = {
+        let mut fds: Vec<std::os::fd::BorrowedFd<'_>> = socket.iter().map(AsFd::as_fd).collect();
+        fds.extend(start.iter().flat_map(|s| s.fds.iter().map(AsFd::as_fd)));
+        let bytes = start.as_ref().map_or(&[][..], |s| &s.bytes[..]);
+        spare.link.send_borrowed(TAG_ASSIGN, &[&flags, bytes], &fds)
+    };
+    // Once sent, the spare has its own copies.
+    sent.map_err(|_| (socket, start))
+}
+
+/// What a spare was sent ([`assign`]): its socket, if any, and its start
+/// message, if the request carried it. `None`: malformed.
+pub(super) fn assignment(frame: Frame) -> Option<Assigned> {
+    if frame.tag != TAG_ASSIGN {
+        return None;
+    }
+    let (flags, bytes) = frame.bytes.split_at_checked(2)?;
+    let mut fds = frame.fds.into_iter();
+    let socket = match flags[0] {
+        0 => None,
+        1 => Some(fds.next()?),
+        _ => return None,
+    };
+    let start = match flags[1] {
+        0 if bytes.is_empty() && fds.len() == 0 => None,
+        1 => Some(Frame {
+            tag: TAG_START,
+            bytes: bytes.to_vec(),
+            fds: fds.collect(),
+        }),
+        _ => return None,
+    };
+    match (&socket, &start) {
+        (None, None) => None,
+        _ => Some((socket, start)),
     }
 }
 
@@ -404,5 +553,35 @@ mod tests {
         assert_eq!(parts(TAG_FORK_START, b"", 1), None);
         assert_eq!(parts(TAG_FORK_START, b"\0", 0), None);
         assert_eq!(parts(TAG_READY, b"", 2), None);
+    }
+
+    #[test]
+    fn assignments_are_checked_whole() {
+        let parts = |tag, bytes: &[u8], fds| {
+            assignment(frame(tag, bytes, fds)).map(|(socket, start)| {
+                (
+                    socket.is_some(),
+                    start.map(|s| (s.tag, s.bytes, s.fds.len())),
+                )
+            })
+        };
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 1), Some((true, None)));
+        assert_eq!(
+            parts(TAG_ASSIGN, b"\x01\x01start", 3),
+            Some((true, Some((TAG_START, b"start".to_vec(), 2))))
+        );
+        assert_eq!(
+            parts(TAG_ASSIGN, b"\0\x01start", 2),
+            Some((false, Some((TAG_START, b"start".to_vec(), 2))))
+        );
+        // Nothing to run, stray bytes or descriptors, bad flags, short.
+        assert_eq!(parts(TAG_ASSIGN, b"\0\0", 0), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0x", 1), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 2), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 0), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x02\x01start", 2), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\0\x02start", 2), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01", 1), None);
+        assert_eq!(parts(TAG_FORK_START, b"\x01\x01start", 3), None);
     }
 }
