@@ -146,6 +146,14 @@ fn server_state(server: u32) -> (u64, usize) {
     (rss, zombies)
 }
 
+/// Time process `pid`'s main thread has been on a CPU (schedstat, ns).
+fn on_cpu(pid: u32) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_nanos)
+}
+
 /// CPU time (user + system) of this process and of its reaped children.
 fn cpu_now() -> Duration {
     use nix::sys::resource::{UsageWho, getrusage};
@@ -375,12 +383,21 @@ fn pool_and_loop() {
         .join()
         .expect("join");
     let (fds_before, (rss_before, _)) = (open_fds(), server_state(server));
+    let busy = on_cpu(server);
     for _ in 0..1000 {
         forkserver_process();
     }
     let (fds_after, (rss_after, zombies)) = (open_fds(), server_state(server));
+    let idle = on_cpu(server);
     println!(
         "1000 forkserver Process starts: descriptors {fds_before} -> {fds_after}, server \
          VmRSS {rss_before} -> {rss_after} kB, zombies under the server {zombies}"
+    );
+    // Its spins back off: an idle server sleeps (`child/spin.rs`).
+    std::thread::sleep(Duration::from_secs(1));
+    println!(
+        "  server CPU: {:.1} us per start in the loop, {:.1} us in the next 1 s idle",
+        (idle - busy).as_secs_f64() * 1e6 / 1000.0,
+        (on_cpu(server) - idle).as_secs_f64() * 1e6
     );
 }

@@ -6,6 +6,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use nix::poll::PollFlags;
 use nix::unistd::Pid;
 
 use super::proc::{ChildProc, recv_or_death};
@@ -21,6 +22,9 @@ use crate::wire::Channel;
 /// preload first) and for an answer to a fork.
 const READY_WAIT: Duration = Duration::from_secs(60);
 const FORK_WAIT: Duration = Duration::from_secs(30);
+
+/// The spin before the program sleeps for an answer (`spin`).
+static ANSWER_SPIN: super::spin::Shared = super::spin::Shared::new();
 
 /// The program's link to its server.
 #[derive(Debug)]
@@ -159,6 +163,11 @@ fn ask(
             return Err(ForkError::ServerGone(err));
         }
         Err(err) => return Err(ForkError::Failed(err)),
+    }
+    // The answer comes within a fork: a short spin spares the wake-up.
+    if !client.channel.has_buffered_outcome() {
+        let fds = [(client.channel.fd(), PollFlags::POLLIN)];
+        let _ = ANSWER_SPIN.poll(&fds, crate::wire::deadline(Some(FORK_WAIT)));
     }
     let frame = match client.channel.recv(Some(FORK_WAIT)) {
         Ok(frame) => frame,

@@ -62,6 +62,7 @@ mod protocol;
 pub(crate) mod ranks;
 mod server;
 mod spawn;
+mod spin;
 mod start;
 
 pub(crate) use boot::main_dispatches;

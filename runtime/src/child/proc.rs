@@ -56,6 +56,10 @@ pub(crate) struct ChildProc {
 /// it: the server's death killed it (its death signal is SIGKILL).
 const LOST_WITH_SERVER: i32 = -(Signal::SIGKILL as i32);
 
+/// The spin before the program sleeps for a forked child's status
+/// (`super::spin`): a short child's status comes soon after the start.
+static STATUS_SPIN: super::spin::Shared = super::spin::Shared::new();
+
 impl ChildProc {
     /// A child of this process: its pid and pidfd.
     pub(super) fn spawned(pid: Pid, pidfd: OwnedFd) -> ChildProc {
@@ -132,8 +136,9 @@ impl ChildProc {
         if let Some(relay) = &self.relay {
             // Readable once the server wrote the status, or died.
             let deadline = crate::wire::deadline(timeout);
-            let ev = sys::poll_one(relay.as_fd(), PollFlags::POLLIN, timeout)
-                .map_err(|e| Error::io("poll", e))?;
+            let ev = STATUS_SPIN
+                .poll(&[(relay.as_fd(), PollFlags::POLLIN)], deadline)
+                .map_err(|e| Error::io("poll", e))?[0];
             if ev.is_empty() {
                 return Ok(None);
             }

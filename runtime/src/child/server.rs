@@ -63,6 +63,7 @@ use super::protocol::{
     FORKSERVER, Preloads, TAG_ASSIGN, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED,
     TAG_READY, TAG_START,
 };
+use super::spin;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, Call};
@@ -214,6 +215,9 @@ impl Server {
     /// The loop: forks on request, relays exit statuses, ends when the
     /// program's end of the socket closes. Returns the exit code.
     fn serve(&mut self) -> i32 {
+        // Its waits spin a little first (`spin`): the next event of a
+        // start usually comes within a vCPU's wake-up time.
+        let mut budget = spin::Budget::START;
         loop {
             let Some(control) = self.control.as_ref() else {
                 return 0;
@@ -232,8 +236,12 @@ impl Server {
                         .as_ref()
                         .map(|s| (s.pidfd.as_fd(), PollFlags::POLLIN)),
                 );
-                let timeout = request_waiting.then_some(Duration::ZERO);
-                match sys::poll_many(&fds, timeout) {
+                let polled = if request_waiting {
+                    sys::poll_many(&fds, Some(Duration::ZERO))
+                } else {
+                    spin::poll(&mut budget, &fds, None)
+                };
+                match polled {
                     Ok(events) => events,
                     Err(_) => return 1,
                 }
