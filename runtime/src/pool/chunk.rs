@@ -151,6 +151,19 @@ pub(super) fn decode_chunk<R: DeserializeOwned + 'static>(
             Err(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
         },
     };
+    decode_outcomes(info, bytes, fds, pid, out)
+}
+
+/// [`decode_chunk`] of outcomes read where they lie (`bytes`: a chunk's
+/// encoded outcomes, `fds`: the descriptors of their handles), from the
+/// worker `pid`.
+pub(super) fn decode_outcomes<R: DeserializeOwned + 'static>(
+    info: ChunkInfo,
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    pid: u32,
+    out: &mut Vec<R>,
+) -> Vec<(usize, Error)> {
     let mut errors = Vec::new();
     let mut pos = 0usize;
     let result = codec::with_fd_source(fds, || -> Result<()> {
