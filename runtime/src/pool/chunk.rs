@@ -89,8 +89,20 @@ impl ChunkEncoder {
         items: &mut impl Iterator<Item = T>,
         max: usize,
     ) -> Option<(usize, Result<Encoded>)> {
+        let buf = Vec::with_capacity(self.hint.max(64));
+        self.next_in(items, max, buf)
+    }
+
+    /// [`next`](ChunkEncoder::next), encoding into `buf` (cleared first:
+    /// a buffer kept for its allocation).
+    pub(super) fn next_in<T: Serialize + 'static>(
+        &mut self,
+        items: &mut impl Iterator<Item = T>,
+        max: usize,
+        mut buf: Vec<u8>,
+    ) -> Option<(usize, Result<Encoded>)> {
         let first = items.next()?;
-        let mut buf = Vec::with_capacity(self.hint.max(64));
+        buf.clear();
         let mut fds = Vec::new();
         // Items taken so far (the first one, even if it fails to encode).
         let mut count = 1usize;

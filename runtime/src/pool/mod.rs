@@ -524,10 +524,15 @@ impl Pool {
     where
         F: PoolFn<T>,
     {
+        thread_local! {
+            /// The last task run alone's buffer, for the next one's
+            /// arguments.
+            static PAYLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
         let args = <F as Encodes<T>>::encoded(args);
         let encoded =
             ChunkEncoder::new::<F>(self.core.peer()).and_then(|mut encoder| {
-                match encoder.next(&mut std::iter::once(args), 1) {
+                match encoder.next_in(&mut std::iter::once(args), 1, PAYLOAD.take()) {
                     Some((count, encoded)) => encoded.map(|encoded| (count, encoded)),
                     None => Err(Error::internal("an apply without its arguments")),
                 }
@@ -571,6 +576,10 @@ impl Pool {
                 });
             });
             if ran {
+                // A small one's buffer serves the next.
+                if payload.capacity() <= 4096 {
+                    PAYLOAD.set(payload);
+                }
                 return value
                     .unwrap_or_else(|| Err(Error::internal("an apply without its answer")));
             }

@@ -884,7 +884,9 @@ impl RemoteWorker for RankSession {
         // DRIVE_SPIN passed (other threads' frames and answers go through
         // its rounds meanwhile): the round trip is one thread's send and
         // receive, as a raw ping-pong's.
-        let until = Instant::now() + DRIVE_SPIN;
+        // The clock is first read after a few turns: an answer that came
+        // by then cost no read.
+        let mut until = None;
         let mut turn = 0u32;
         loop {
             link.round_taking(&mut calls, None, &mut take);
@@ -896,8 +898,11 @@ impl RemoteWorker for RankSession {
                 return Alone::Failed(Error::Closed);
             }
             turn = turn.wrapping_add(1);
-            if turn % 16 == 0 && Instant::now() >= until {
-                break;
+            if turn % 16 == 0 {
+                let now = Instant::now();
+                if now >= *until.get_or_insert(now + DRIVE_SPIN) {
+                    break;
+                }
             }
             std::hint::spin_loop();
         }
