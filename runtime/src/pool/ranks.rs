@@ -54,6 +54,19 @@
 //!   two threads (the round trip of one task is one thread's send and
 //!   receive, as in a raw ping-pong), and its job skips the condition
 //!   variable's wake-up, since nobody sleeps on it;
+//! - a synchronous `apply` with a ready rank that holds nothing of its
+//!   pool (nothing queued, no task limit) runs its task *alone*
+//!   ([`RankSession::run_alone`], from [`Core::run_alone`]): no job,
+//!   queue, dispatch or outbox. Under `calls` it sends the task (a
+//!   blocking `MPI_Send` up to [`EAGER`] bytes, which returns once the
+//!   bytes are copied out; `MPI_Isend` above) and makes the rounds itself
+//!   ([`Link::round_taking`]): its answer is decoded where it was received,
+//!   any other answer delivered as usual. Past [`DRIVE_SPIN`] it leaves a
+//!   [`Claim`] (session, chunk id) in the link's state, which whoever
+//!   receives the answer fills ([`Link::deliver`]), and sleeps on
+//!   `claimed`; a stopped session ends the wait with [`Error::Closed`]
+//!   (its late answer is dropped). With `calls` held by another thread
+//!   for long (its own wait), the task takes the queued path;
 //! - otherwise the transport's thread: while answers are due it spins
 //!   (yielding) for [`DUE_SPIN`] after the last message, then sleeps in
 //!   growing steps up to [`DUE_NAP`]. While a thread drives, or for one
