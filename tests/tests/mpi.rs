@@ -422,6 +422,34 @@ fn apply_while_a_map_runs_and_from_several_threads() {
     });
 }
 
+/// A result whose reading panics (on the caller's side).
+#[derive(Debug, serde::Serialize)]
+struct Fragile(u64);
+
+impl<'de> serde::Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fragile, D::Error> {
+        let x = <u64 as serde::Deserialize>::deserialize(d)?;
+        panic!("Fragile({x}) cannot be read");
+    }
+}
+
+#[process_fn]
+fn fragile(x: u64) -> Fragile {
+    Fragile(x)
+}
+
+#[test]
+fn a_result_that_panics_as_it_is_read_leaves_the_pool_whole() {
+    let pool = pool();
+    assert_eq!(pool.map(cube, 0..8u64).expect("map").len(), 8);
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.apply(fragile, (7,))));
+    assert!(read.is_err(), "the reading panicked in the caller");
+    assert_eq!(pool.apply(cube, (2,)).expect("after"), 8);
+    // No worker is left counted busy.
+    pool.close();
+    pool.join().expect("join");
+}
+
 /// Creates the file `path` (the task has started), then sleeps `ms`.
 #[process_fn]
 fn mark_then_sleep(path: String, ms: u64) -> u64 {

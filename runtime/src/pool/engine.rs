@@ -833,24 +833,43 @@ impl Core {
             st.next_id += 1;
             (remote, key, pid, id)
         };
+        /// Gives the worker back, also if the caller's decoding of the
+        /// answer panics (a worker left counted busy would hold `join`).
+        struct Release<'a> {
+            core: &'a Core,
+            key: u64,
+            sent: bool,
+        }
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let queued = {
+                    let mut st = lock(&self.core.state);
+                    if let Some(w) = st.workers.iter_mut().find(|w| w.key == self.key) {
+                        w.alone -= 1;
+                        if !self.sent {
+                            w.sent -= 1;
+                        }
+                    }
+                    !st.queue.is_empty()
+                };
+                // `wait_idle` counts it; chunks queued meanwhile may go to
+                // it now.
+                self.core.changed.notify_all();
+                if queued {
+                    self.core.dispatch();
+                }
+            }
+        }
+        let mut release = Release {
+            core: self,
+            key,
+            sent: true,
+        };
         let ran = remote.run_alone(id, payload, &mut |tag, bytes| {
             take(Core::alone_outcome(tag, bytes, pid));
         });
-        let queued = {
-            let mut st = lock(&self.state);
-            if let Some(w) = st.workers.iter_mut().find(|w| w.key == key) {
-                w.alone -= 1;
-                if matches!(ran, Alone::NotSent) {
-                    w.sent -= 1;
-                }
-            }
-            !st.queue.is_empty()
-        };
-        // `wait_idle` counts it; chunks queued meanwhile may go to it now.
-        self.changed.notify_all();
-        if queued {
-            self.dispatch();
-        }
+        release.sent = !matches!(ran, Alone::NotSent);
+        drop(release);
         match ran {
             Alone::Answered => true,
             Alone::NotSent => false,
