@@ -330,6 +330,166 @@ fn terminate_with_work_running_then_a_new_pool_serves() {
     pool.join().expect("join");
 }
 
+/// What `apply` and `apply_async` (whose task always goes through the
+/// pool's queue) give for `f(args)`, as text (the value or the error).
+macro_rules! both_ways {
+    ($pool:expr, $f:expr, $args:expr) => {{
+        let alone = format!("{:?}", $pool.apply($f, $args));
+        let queued = $pool
+            .apply_async($f, $args)
+            .and_then(|mut r| r.get_timeout(LONG));
+        (alone, format!("{queued:?}"))
+    }};
+}
+
+#[process_fn]
+fn zeros(n: usize) -> Vec<u8> {
+    vec![0; n]
+}
+
+#[test]
+fn apply_on_a_free_rank_gives_what_a_queued_task_gives() {
+    let pool = pool();
+    // Every rank has answered its start: later applies find them free.
+    assert_eq!(pool.map(cube, 0..8u64).expect("map").len(), 8);
+    for i in 0..300u64 {
+        assert_eq!(pool.apply(add, (i, 1)).expect("apply"), i + 1);
+    }
+    let (alone, queued) = both_ways!(pool, fail_on, (37u64, 37u64));
+    assert!(alone.contains("item 37 is bad"), "{alone}");
+    // The same error (the pid may differ: another rank may have run it).
+    let no_pid = |s: &str| s.split("pid").next().unwrap_or("").to_string();
+    assert_eq!(no_pid(&alone), no_pid(&queued));
+    let (alone, queued) = both_ways!(pool, make_lock, (1u64,));
+    assert_eq!(alone.starts_with("Ok"), !under_mpi(), "{alone}");
+    if under_mpi() {
+        assert_eq!(no_pid(&alone), no_pid(&queued));
+    }
+    // Not sent at all: the argument cannot travel.
+    let lock = Lock::new().expect("lock");
+    let alone = pool.apply(holds_lock, (lock.clone(), 7));
+    let queued = pool
+        .apply_async(holds_lock, (lock, 7))
+        .and_then(|mut r| r.get_timeout(LONG));
+    assert_eq!(format!("{alone:?}"), format!("{queued:?}"));
+    // A large argument and result travel as on the queued path.
+    let blob: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+    let mut expect = blob.clone();
+    expect.reverse();
+    assert_eq!(pool.apply(reversed, (blob,)).expect("large"), expect);
+    // A small task's large result.
+    assert_eq!(
+        pool.apply(zeros, (300_000,)).expect("large result"),
+        vec![0u8; 300_000]
+    );
+    assert_eq!(pool.apply(cube, (5,)).expect("after"), 125);
+}
+
+#[test]
+fn apply_while_a_map_runs_and_from_several_threads() {
+    let pool = pool();
+    assert_eq!(pool.map(cube, 0..8u64).expect("map").len(), 8);
+    // A map's answers arrive while applies wait for theirs (and go to
+    // the map), on two threads at once.
+    let running = pool
+        .map_async_chunked(sleep_ms, vec![1u64; 60], 1)
+        .expect("map_async");
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..2u64)
+            .map(|t| {
+                let pool = &pool;
+                scope.spawn(move || {
+                    for i in 0..300u64 {
+                        let x = t * 1000 + i;
+                        assert_eq!(pool.apply(cube, (x,)).expect("apply"), x * x * x);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("an applying thread");
+        }
+    });
+    assert_eq!(running.get().expect("the map"), vec![1u64; 60]);
+    // A task longer than a spin hands its answer over to whoever makes
+    // the calls; another thread's applies go on meanwhile.
+    std::thread::scope(|scope| {
+        let long = scope.spawn(|| pool.apply(sleep_ms, (30,)));
+        for i in 0..100u64 {
+            assert_eq!(pool.apply(add, (i, i)).expect("apply"), 2 * i);
+        }
+        assert_eq!(long.join().expect("the long apply").expect("slept"), 30);
+    });
+}
+
+/// A result whose reading panics (on the caller's side).
+#[derive(Debug, serde::Serialize)]
+struct Fragile(u64);
+
+impl<'de> serde::Deserialize<'de> for Fragile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Fragile, D::Error> {
+        let x = <u64 as serde::Deserialize>::deserialize(d)?;
+        panic!("Fragile({x}) cannot be read");
+    }
+}
+
+#[process_fn]
+fn fragile(x: u64) -> Fragile {
+    Fragile(x)
+}
+
+#[test]
+fn a_result_that_panics_as_it_is_read_leaves_the_pool_whole() {
+    let pool = pool();
+    assert_eq!(pool.map(cube, 0..8u64).expect("map").len(), 8);
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool.apply(fragile, (7,))));
+    assert!(read.is_err(), "the reading panicked in the caller");
+    assert_eq!(pool.apply(cube, (2,)).expect("after"), 8);
+    // No worker is left counted busy.
+    pool.close();
+    pool.join().expect("join");
+}
+
+/// Creates the file `path` (the task has started), then sleeps `ms`.
+#[process_fn]
+fn mark_then_sleep(path: String, ms: u64) -> u64 {
+    let _ = std::fs::write(&path, b"started");
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn terminate_during_a_long_apply_ends_it() {
+    {
+        let pool = pool();
+        assert_eq!(pool.map(cube, 0..8u64).expect("map").len(), 8);
+        let mark =
+            std::env::temp_dir().join(format!("multiproc-mpi-test-{}-started", std::process::id()));
+        let _ = std::fs::remove_file(&mark);
+        std::thread::scope(|scope| {
+            let pool = &pool;
+            let path = mark.to_string_lossy().into_owned();
+            let long = scope.spawn(move || pool.apply(mark_then_sleep, (path, 500)));
+            // The task runs (its apply waits for the answer) when the
+            // mark exists.
+            let started = Instant::now();
+            while !mark.exists() && started.elapsed() < LONG {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            pool.terminate();
+            let outcome = long.join().expect("the apply returned");
+            assert!(
+                matches!(outcome, Err(Error::Closed) | Ok(500)),
+                "{outcome:?}"
+            );
+        });
+        let _ = std::fs::remove_file(&mark);
+        assert!(matches!(pool.apply(cube, (2,)), Err(Error::Closed)));
+    }
+    let pool = pool();
+    assert_eq!(pool.apply(cube, (3,)).expect("a new pool"), 27);
+}
+
 /// Started by `a_dead_rank_ends_the_job_with_an_error` under `mpirun`:
 /// a task kills its rank.
 #[test]
@@ -337,6 +497,17 @@ fn terminate_with_work_running_then_a_new_pool_serves() {
 fn helper_a_task_kills_its_rank() {
     let pool = pool();
     let _ = pool.map_chunked(raise_sigkill, 0..4u64, 1);
+    // The launcher ends the job before this line is reached.
+    std::thread::sleep(LONG);
+}
+
+/// As `helper_a_task_kills_its_rank`, with `apply` on a free rank.
+#[test]
+#[ignore = "runs as rank 0 of a job that a_dead_rank_ends_the_job_with_an_error starts"]
+fn helper_an_apply_kills_its_rank() {
+    let pool = pool();
+    assert_eq!(pool.map(cube, 0..8u64).expect("map").len(), 8);
+    let _ = pool.apply(raise_sigkill, (0,));
     // The launcher ends the job before this line is reached.
     std::thread::sleep(LONG);
 }
@@ -349,13 +520,22 @@ fn a_dead_rank_ends_the_job_with_an_error() {
     if under_mpi() || Command::new("mpirun").arg("--version").output().is_err() {
         return;
     }
+    for helper in [
+        "helper_a_task_kills_its_rank",
+        "helper_an_apply_kills_its_rank",
+    ] {
+        a_dead_rank_ends_the_job(helper);
+    }
+}
+
+fn a_dead_rank_ends_the_job(helper: &str) {
     let exe = std::env::current_exe().expect("exe");
     let mut child = Command::new("timeout")
         .arg("120")
         .arg("mpirun")
         .args(["-n", "3", "--oversubscribe"])
         .arg(exe)
-        .args(["--exact", "helper_a_task_kills_its_rank", "--ignored"])
+        .args(["--exact", helper, "--ignored"])
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .stdout(Stdio::piped())

@@ -89,8 +89,20 @@ impl ChunkEncoder {
         items: &mut impl Iterator<Item = T>,
         max: usize,
     ) -> Option<(usize, Result<Encoded>)> {
+        let buf = Vec::with_capacity(self.hint.max(64));
+        self.next_in(items, max, buf)
+    }
+
+    /// [`next`](ChunkEncoder::next), encoding into `buf` (cleared first:
+    /// a buffer kept for its allocation).
+    pub(super) fn next_in<T: Serialize + 'static>(
+        &mut self,
+        items: &mut impl Iterator<Item = T>,
+        max: usize,
+        mut buf: Vec<u8>,
+    ) -> Option<(usize, Result<Encoded>)> {
         let first = items.next()?;
-        let mut buf = Vec::with_capacity(self.hint.max(64));
+        buf.clear();
         let mut fds = Vec::new();
         // Items taken so far (the first one, even if it fails to encode).
         let mut count = 1usize;
@@ -151,6 +163,19 @@ pub(super) fn decode_chunk<R: DeserializeOwned + 'static>(
             Err(err) => return (0..info.count).map(|i| (i, err.clone())).collect(),
         },
     };
+    decode_outcomes(info, bytes, fds, pid, out)
+}
+
+/// [`decode_chunk`] of outcomes read where they lie (`bytes`: a chunk's
+/// encoded outcomes, `fds`: the descriptors of their handles), from the
+/// worker `pid`.
+pub(super) fn decode_outcomes<R: DeserializeOwned + 'static>(
+    info: ChunkInfo,
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+    pid: u32,
+    out: &mut Vec<R>,
+) -> Vec<(usize, Error)> {
     let mut errors = Vec::new();
     let mut pos = 0usize;
     let result = codec::with_fd_source(fds, || -> Result<()> {

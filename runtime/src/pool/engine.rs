@@ -206,6 +206,37 @@ pub(crate) trait RemoteWorker: std::marker::Send + Sync + std::fmt::Debug {
     fn send_task(&self, id: u64, body: &Arc<Vec<u8>>) -> Result<()>;
     /// Ends it: its late answers are dropped. Later calls do nothing.
     fn stop(&self);
+    /// Runs chunk `id` (`body`) alone: sends it and waits for its answer
+    /// on the calling thread, which makes the transport's calls itself
+    /// meanwhile (delivering other answers that arrive to their workers)
+    /// and gives the answer's frame (tag, bytes) to `answer`, with no
+    /// queue, dispatch or job between (see [`Core::run_alone`]).
+    fn run_alone(&self, id: u64, body: &[u8], answer: &mut dyn FnMut(u32, &[u8])) -> Alone;
+}
+
+/// How [`RemoteWorker::run_alone`] ended.
+#[cfg(feature = "mpi")]
+#[derive(Debug)]
+pub(crate) enum Alone {
+    /// The answer came and went to the caller's closure.
+    Answered,
+    /// Not sent (the transport is busy with another thread's calls, or
+    /// the chunk needs more than one message): the caller takes the
+    /// normal path.
+    NotSent,
+    /// The task cannot be answered: the worker was stopped, or the
+    /// transport is ending.
+    Failed(Error),
+}
+
+/// A task's answer on the one-task path ([`Core::run_alone`]).
+#[cfg(feature = "mpi")]
+#[derive(Debug)]
+pub(crate) enum AloneOutcome<'a> {
+    /// The chunk's encoded outcomes, from the worker `pid`.
+    Outcomes { bytes: &'a [u8], pid: u32 },
+    /// The chunk failed as a whole.
+    Failed(Error),
 }
 
 /// Where a pool's remote workers are opened (the serving ranks of an MPI
@@ -281,6 +312,9 @@ struct Worker {
     task_time: Option<Duration>,
     timed: std::sync::Weak<Job>,
     ready: bool,
+    /// Tasks it runs on the one-task path ([`Core::run_alone`]), not in
+    /// `in_flight`: they count as held chunks.
+    alone: usize,
     /// Shared-memory arenas for large payloads (`None`: socket only).
     input: Option<InArena>,
     output: Option<Arc<OutArena>>,
@@ -293,7 +327,7 @@ impl Worker {
         if max_tasks.is_some_and(|m| self.sent >= m) {
             return false;
         }
-        let n = self.in_flight.len();
+        let n = self.in_flight.len() + self.alone;
         if n < self.slots {
             return true;
         }
@@ -601,6 +635,7 @@ impl Core {
             task_time: None,
             timed: std::sync::Weak::new(),
             ready: false,
+            alone: 0,
             input,
             output,
         });
@@ -646,6 +681,7 @@ impl Core {
                 task_time: None,
                 timed: std::sync::Weak::new(),
                 ready: false,
+                alone: 0,
                 input: None,
                 output: None,
             });
@@ -750,6 +786,118 @@ impl Core {
         }
         self.dispatch();
         Ok(())
+    }
+
+    /// Whether [`run_alone`](Core::run_alone) may take a task: the
+    /// workers are remote, and their transport answers on the calling
+    /// thread.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn runs_alone(&self) -> bool {
+        matches!(&self.config.transport, Transport::Remote(hosts) if hosts.driver().is_some())
+    }
+
+    /// The one-task path of a synchronous `apply`: chunk `payload` goes to
+    /// a remote worker that holds nothing, sent and answered on the
+    /// calling thread ([`RemoteWorker::run_alone`]), without the queue,
+    /// the dispatch, a job or a hand-off between threads; its outcome goes
+    /// to `take`. `false` (and `take` is not called) when the pool takes
+    /// no work now, has queued work (which goes first), renews its workers
+    /// after a number of tasks, or no ready worker is free: the caller
+    /// then submits the chunk as usual, and gets the same error, result or
+    /// failure it would have got.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn run_alone(&self, payload: &[u8], take: &mut dyn FnMut(AloneOutcome<'_>)) -> bool {
+        if self.config.init.max_tasks.is_some() {
+            return false;
+        }
+        let (remote, key, pid, id) = {
+            let mut st = lock(&self.state);
+            if Core::refuse(&st).is_some() || !st.queue.is_empty() {
+                return false;
+            }
+            let id = st.next_id;
+            let Some(w) = st
+                .workers
+                .iter_mut()
+                .find(|w| w.ready && w.alone == 0 && w.in_flight.is_empty())
+            else {
+                return false;
+            };
+            let Tx::Remote(remote) = &w.conn.tx else {
+                return false;
+            };
+            let remote = Arc::clone(remote);
+            w.alone += 1;
+            w.sent += 1;
+            let (key, pid) = (w.key, w.conn.pid);
+            st.next_id += 1;
+            (remote, key, pid, id)
+        };
+        /// Gives the worker back, also if the caller's decoding of the
+        /// answer panics (a worker left counted busy would hold `join`).
+        struct Release<'a> {
+            core: &'a Core,
+            key: u64,
+            sent: bool,
+        }
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                let queued = {
+                    let mut st = lock(&self.core.state);
+                    if let Some(w) = st.workers.iter_mut().find(|w| w.key == self.key) {
+                        w.alone -= 1;
+                        if !self.sent {
+                            w.sent -= 1;
+                        }
+                    }
+                    !st.queue.is_empty()
+                };
+                // `wait_idle` counts it; chunks queued meanwhile may go to
+                // it now.
+                self.core.changed.notify_all();
+                if queued {
+                    self.core.dispatch();
+                }
+            }
+        }
+        let mut release = Release {
+            core: self,
+            key,
+            sent: true,
+        };
+        let ran = remote.run_alone(id, payload, &mut |tag, bytes| {
+            take(Core::alone_outcome(tag, bytes, pid));
+        });
+        release.sent = !matches!(ran, Alone::NotSent);
+        drop(release);
+        match ran {
+            Alone::Answered => true,
+            Alone::NotSent => false,
+            Alone::Failed(err) => {
+                take(AloneOutcome::Failed(err));
+                true
+            }
+        }
+    }
+
+    /// What a task's answer on the one-task path says, as
+    /// [`on_frame`](Core::on_frame) reads it for a job.
+    #[cfg(feature = "mpi")]
+    fn alone_outcome(tag: u32, bytes: &[u8], pid: u32) -> AloneOutcome<'_> {
+        match FromWorker::parse(tag, bytes) {
+            Ok(FromWorker::Result { outcomes, .. }) => AloneOutcome::Outcomes {
+                bytes: outcomes,
+                pid,
+            },
+            Ok(FromWorker::TaskFailed { failure, .. }) => {
+                AloneOutcome::Failed(failure.into_error(pid, None))
+            }
+            Err(Malformed { error, .. }) => AloneOutcome::Failed(error),
+            // A remote worker answers a task with one of the two above.
+            Ok(_) => AloneOutcome::Failed(Error::Decode {
+                message: "a pool result frame is malformed".into(),
+            }),
+        }
     }
 
     /// Assigns queued chunks to workers with a free slot and sends them.
@@ -901,7 +1049,12 @@ impl Core {
     /// Waits until nothing is queued or in flight.
     pub(crate) fn wait_idle(&self) {
         let mut st = lock(&self.state);
-        while !(st.queue.is_empty() && st.workers.iter().all(|w| w.in_flight.is_empty())) {
+        while !(st.queue.is_empty()
+            && st
+                .workers
+                .iter()
+                .all(|w| w.in_flight.is_empty() && w.alone == 0))
+        {
             st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
     }

@@ -508,7 +508,100 @@ impl Pool {
     where
         F: PoolFn<T>,
     {
+        #[cfg(feature = "mpi")]
+        if self.core.runs_alone() {
+            return self.apply_alone::<F, T>(args);
+        }
         self.apply_async(f, args)?.get()
+    }
+
+    /// `apply` on remote workers: the task is sent and answered on this
+    /// thread when a worker is free ([`Core::run_alone`]: no job, queue or
+    /// dispatch), otherwise submitted as [`apply_async`](Pool::apply_async)
+    /// does. The same result, and the same error, in either case.
+    #[cfg(feature = "mpi")]
+    fn apply_alone<F, T>(&self, args: T) -> Result<F::Output>
+    where
+        F: PoolFn<T>,
+    {
+        thread_local! {
+            /// The last task run alone's buffer, for the next one's
+            /// arguments.
+            static PAYLOAD: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let args = <F as Encodes<T>>::encoded(args);
+        let encoded =
+            ChunkEncoder::new::<F>(self.core.peer()).and_then(|mut encoder| {
+                match encoder.next_in(&mut std::iter::once(args), 1, PAYLOAD.take()) {
+                    Some((count, encoded)) => encoded.map(|encoded| (count, encoded)),
+                    None => Err(Error::internal("an apply without its arguments")),
+                }
+            });
+        let (count, (payload, fds)) = match encoded {
+            Ok(encoded) => encoded,
+            // A closed pool says so first, as `apply_async`.
+            Err(err) => {
+                self.core.check_open()?;
+                return Err(err);
+            }
+        };
+        let info = ChunkInfo {
+            index: 0,
+            first: 0,
+            count,
+        };
+        if fds.is_empty() {
+            let mut value = None;
+            let ran = self.core.run_alone(&payload, &mut |outcome| {
+                value = Some(match outcome {
+                    engine::AloneOutcome::Outcomes { bytes, pid } => {
+                        let mut out = Vec::with_capacity(1);
+                        match chunk::decode_outcomes::<F::Output>(
+                            info,
+                            bytes,
+                            Vec::new(),
+                            pid,
+                            &mut out,
+                        )
+                        .into_iter()
+                        .next()
+                        {
+                            Some((_, err)) => Err(err),
+                            None => out.pop().ok_or_else(|| Error::Decode {
+                                message: "a pool task returned no result".into(),
+                            }),
+                        }
+                    }
+                    engine::AloneOutcome::Failed(err) => Err(err),
+                });
+            });
+            if ran {
+                // A small one's buffer serves the next.
+                if payload.capacity() <= 4096 {
+                    PAYLOAD.set(payload);
+                }
+                return value
+                    .unwrap_or_else(|| Err(Error::internal("an apply without its answer")));
+            }
+        }
+        self.core.check_open()?;
+        let job = JobGuard(Arc::new(Job::default()));
+        self.core
+            .submit([Task::new(Arc::clone(&job.0), info, payload, fds)])?;
+        AsyncResult::new(self, job, 1, count, Pool::finish_one::<F::Output>).get()
+    }
+
+    /// The value of a job of one item (`apply_async`'s).
+    fn finish_one<R: DeserializeOwned + 'static>(
+        job: &Job,
+        chunks: usize,
+        items: usize,
+        deadline: Option<Instant>,
+    ) -> Result<R> {
+        let mut v: Vec<R> = Pool::collect_map(job, chunks, items, deadline)?;
+        v.pop().ok_or_else(|| Error::Decode {
+            message: "a pool task returned no result".into(),
+        })
     }
 
     /// Runs `f(args...)` in a worker; the result comes from the returned
@@ -554,12 +647,7 @@ impl Pool {
             job,
             chunks,
             items,
-            |job, chunks, items, deadline| {
-                let mut v: Vec<F::Output> = Pool::collect_map(job, chunks, items, deadline)?;
-                v.pop().ok_or_else(|| Error::Decode {
-                    message: "a pool task returned no result".into(),
-                })
-            },
+            Pool::finish_one::<F::Output>,
         ))
     }
 

@@ -402,6 +402,16 @@ impl<'a> FromWorker<'a> {
     }
 }
 
+/// The chunk a worker's answer to a task (a result, a failure or an
+/// abort report, tag `tag`, `bytes`) names; `None` for any other frame.
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))] // the MPI transport's
+pub(crate) fn answer_id(tag: u32, bytes: &[u8]) -> Option<u64> {
+    match tag {
+        TAG_RESULT | TAG_RESULT_SHM | TAG_TASK_FAILED | TAG_TASK_ABORTED => chunk_id(bytes),
+        _ => None,
+    }
+}
+
 /// The chunk a [`FromWorker::Result`] frame's bytes name (also when the
 /// rest of the frame is lost).
 pub(crate) fn chunk_id(bytes: &[u8]) -> Option<u64> {

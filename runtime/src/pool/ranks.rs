@@ -54,6 +54,19 @@
 //!   two threads (the round trip of one task is one thread's send and
 //!   receive, as in a raw ping-pong), and its job skips the condition
 //!   variable's wake-up, since nobody sleeps on it;
+//! - a synchronous `apply` with a ready rank that holds nothing of its
+//!   pool (nothing queued, no task limit) runs its task *alone*
+//!   ([`RankSession::run_alone`], from [`Core::run_alone`]): no job,
+//!   queue, dispatch or outbox. Under `calls` it sends the task (a
+//!   blocking `MPI_Send` up to [`EAGER`] bytes, which returns once the
+//!   bytes are copied out; `MPI_Isend` above) and makes the rounds itself
+//!   ([`Link::round_taking`]): its answer is decoded where it was received,
+//!   any other answer delivered as usual. Past [`DRIVE_SPIN`] it leaves a
+//!   [`Claim`] (session, chunk id) in the link's state, which whoever
+//!   receives the answer fills ([`Link::deliver`]), and sleeps on
+//!   `claimed`; a stopped session ends the wait with [`Error::Closed`]
+//!   (its late answer is dropped). With `calls` held by another thread
+//!   for long (its own wait), the task takes the queued path;
 //! - otherwise the transport's thread: while answers are due it spins
 //!   (yielding) for [`DUE_SPIN`] after the last message, then sleeps in
 //!   growing steps up to [`DUE_NAP`]. While a thread drives, or for one
@@ -86,9 +99,9 @@ use mpi::datatype::Equivalence;
 use mpi::point_to_point::{Destination, Source};
 use mpi::topology::Communicator;
 
-use super::engine::{Config, Core, RemoteHosts, RemoteWorker, Task, Transport};
+use super::engine::{Alone, Config, Core, RemoteHosts, RemoteWorker, Task, Transport};
 use super::job::{Drive, lock};
-use super::protocol::{FromWorker, TaskFailure, ToWorker, WorkerInit};
+use super::protocol::{self, FromWorker, TaskFailure, ToWorker, WorkerInit};
 use super::worker;
 use crate::child::ranks::{self as launch, RankInfo, Role, World};
 use crate::codec;
@@ -190,15 +203,29 @@ impl RemoteHosts for Ranks {
 
 /// A frame's bytes, in parts, with the trailer.
 fn pack(tag: u32, session: u32, parts: &[&[u8]]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    pack_into(&mut bytes, tag, session, parts);
+    bytes
+}
+
+/// [`pack`] into `bytes` (cleared first), kept for its allocation.
+fn pack_into(bytes: &mut Vec<u8>, tag: u32, session: u32, parts: &[&[u8]]) {
     let len = parts.iter().map(|p| p.len()).sum::<usize>() + TRAILER;
-    let mut bytes = Vec::with_capacity(len);
+    bytes.clear();
+    bytes.reserve(len);
     for part in parts {
         bytes.extend_from_slice(part);
     }
     bytes.extend_from_slice(&tag.to_le_bytes());
     bytes.extend_from_slice(&session.to_le_bytes());
-    bytes
 }
+
+/// The largest message sent with a blocking send (`MPI_Send`) on the
+/// one-task path: well under the shared-memory transport's eager limit
+/// (OpenMPI's is 4 KiB), so that the send returns once the bytes are
+/// copied out, whatever the receiver does. A larger one is sent as the
+/// others are (`MPI_Isend`, tested in the rounds).
+const EAGER: usize = 1024;
 
 /// A message's frame and trailer: (frame bytes, tag, session).
 fn split(bytes: &[u8]) -> Option<(&[u8], u32, u32)> {
@@ -298,22 +325,34 @@ struct Backoff {
     spin: Duration,
     max_nap: Duration,
     yielding: bool,
+    /// Probes since the last message: the clock is read every
+    /// [`CLOCK_EVERY`] of them while spinning (a probe is a few tens of
+    /// nanoseconds; so is a read of the clock).
+    probes: u32,
 }
+
+/// How many probes a spinning [`Backoff`] makes per look at the clock.
+const CLOCK_EVERY: u32 = 16;
+
+/// A [`Backoff`]'s first nap.
+const FIRST_NAP: Duration = Duration::from_micros(10);
 
 impl Backoff {
     fn new(spin: Duration, max_nap: Duration, yielding: bool) -> Backoff {
         Backoff {
             last: Instant::now(),
-            nap: Duration::from_micros(10),
+            nap: FIRST_NAP,
             spin,
             max_nap,
             yielding,
+            probes: 0,
         }
     }
 
     fn reset(&mut self) {
         self.last = Instant::now();
-        self.nap = Duration::from_micros(10);
+        self.nap = FIRST_NAP;
+        self.probes = 0;
     }
 
     fn spinning(&self) -> bool {
@@ -321,7 +360,11 @@ impl Backoff {
     }
 
     fn snooze(&mut self) {
-        if self.spinning() {
+        self.probes = self.probes.wrapping_add(1);
+        // Not napped since the last message: spinning, until a look at
+        // the clock says the spin is over.
+        let spin = self.nap == FIRST_NAP && (self.probes % CLOCK_EVERY != 0 || self.spinning());
+        if spin {
             if self.yielding {
                 std::thread::yield_now();
             } else {
@@ -366,6 +409,21 @@ struct LinkState {
     /// frames of a caller that will drive its own answer (`apply` in a
     /// loop) cost no wake-up.
     asleep: bool,
+    /// The answers of tasks run alone ([`RankSession::run_alone`]) whose
+    /// threads stopped making the calls themselves (a long task), by
+    /// (session, chunk id): whoever receives one leaves it here.
+    claims: HashMap<(u32, u64), Claim>,
+}
+
+/// A task run alone, whose answer any thread may receive.
+#[derive(Debug)]
+enum Claim {
+    /// Its thread waits for it ([`Link`]'s `claimed`).
+    Waiting,
+    /// Its answer: (tag, frame bytes).
+    Answered(u32, Vec<u8>),
+    /// Its thread left (the session was stopped): the answer is dropped.
+    Abandoned,
 }
 
 /// Rank 0's side of the transport: the queue of frames, the right to make
@@ -385,6 +443,11 @@ struct Link {
     queued: AtomicUsize,
     thread: Mutex<Option<std::thread::JoinHandle<bool>>>,
     next_session: AtomicU32,
+    /// Signalled when a claimed answer arrives or a session stops.
+    claimed: Condvar,
+    /// Rank 0 is exiting (set before the serving ranks are told to
+    /// finish): no task starts alone any more.
+    finishing: AtomicBool,
 }
 
 /// Rank 0's requests in progress (under [`Link`]'s `calls`).
@@ -396,6 +459,9 @@ struct Calls {
     /// The next answer's receive, from any rank (posted at the first
     /// round).
     answer: Option<OwnedRecv>,
+    /// A task run alone is built here when it is sent with a blocking
+    /// send ([`EAGER`]; kept for its allocation).
+    out: Vec<u8>,
 }
 
 static LINK: OnceLock<Link> = OnceLock::new();
@@ -505,6 +571,18 @@ impl Link {
     /// `enough`, stops after the answer that made it `true`). `true` if
     /// anything moved.
     fn round(&self, calls: &mut Calls, enough: Option<&dyn Fn() -> bool>) -> bool {
+        self.round_taking(calls, enough, &mut |_, _, _| false)
+    }
+
+    /// [`round`](Link::round), where each answer goes first to `take`
+    /// (tag, session, frame bytes, read where they were received): one it
+    /// takes (`true`) is not delivered, and the round ends after it.
+    fn round_taking(
+        &self,
+        calls: &mut Calls,
+        enough: Option<&dyn Fn() -> bool>,
+        take: &mut dyn FnMut(u32, u32, &[u8]) -> bool,
+    ) -> bool {
         let comm = launch::comm();
         let mut active = self.start_sends(&comm, calls);
         if !calls.sending.is_empty() {
@@ -515,21 +593,28 @@ impl Link {
         let answer = calls.answer.get_or_insert_with(|| OwnedRecv::new(SMALL));
         answer.post(&comm, None, MPI_TAG);
         while let Some((source, message)) = answer.test() {
+            let mut taken = false;
             let frame = match split(message) {
                 Some((announced, TAG_BULK, session)) => {
                     let mut bytes = Vec::new();
                     receive_bulk(&comm, source, announced, &mut bytes)
                         .map(|tag| (tag, session, bytes))
                 }
-                Some((bytes, tag, session)) => Some((tag, session, bytes.to_vec())),
+                Some((bytes, tag, session)) => {
+                    taken = take(tag, session, bytes);
+                    (!taken).then(|| (tag, session, bytes.to_vec()))
+                }
                 None => None,
             };
             // A malformed answer is dropped (the rank broke the protocol).
             if let Some((tag, session, bytes)) = frame {
-                self.deliver(tag, session, bytes);
+                taken = take(tag, session, &bytes);
+                if !taken {
+                    self.deliver(tag, session, bytes);
+                }
             }
             active = true;
-            if enough.is_some_and(|enough| enough()) {
+            if taken || enough.is_some_and(|enough| enough()) {
                 // The next round posts it again (an answer that comes
                 // meanwhile waits in MPI's queue).
                 break;
@@ -569,6 +654,34 @@ impl Link {
         true
     }
 
+    /// The right to make MPI calls, if the thread that holds it lets it go
+    /// within a few turns (a round of the transport's thread); `None` if
+    /// it does not (another thread waits for its own answer).
+    fn calls_soon(&self) -> Option<std::sync::MutexGuard<'_, Calls>> {
+        for _ in 0..64 {
+            match self.calls.try_lock() {
+                Ok(calls) => return Some(calls),
+                Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+                Err(TryLockError::WouldBlock) => std::hint::spin_loop(),
+            }
+        }
+        None
+    }
+
+    /// Registers the answer of a task run alone, still due, for whoever
+    /// receives it (the caller holds `calls` and lets them go after).
+    fn claim(&self, key: (u32, u64), claim: Claim) {
+        let mut st = lock(&self.state);
+        st.due += 1;
+        st.claims.insert(key, claim);
+        // The transport's thread takes over the calls.
+        let wake = st.drivers == 0;
+        drop(st);
+        if wake {
+            self.changed.notify_all();
+        }
+    }
+
     /// Starts the queued sends now if no other thread is making MPI calls:
     /// a frame leaves at once rather than at the next round.
     fn flush(&self) {
@@ -582,6 +695,26 @@ impl Link {
         let target = {
             let mut st = lock(&self.state);
             st.due = st.due.saturating_sub(1);
+            let claim = match protocol::answer_id(tag, &bytes) {
+                Some(id) if !st.claims.is_empty() => {
+                    Some(id).filter(|id| st.claims.contains_key(&(session, *id)))
+                }
+                _ => None,
+            };
+            if let Some(id) = claim {
+                // A task run alone: its thread takes the answer.
+                let waiting = matches!(st.claims.get(&(session, id)), Some(Claim::Waiting));
+                if waiting {
+                    st.claims.insert((session, id), Claim::Answered(tag, bytes));
+                } else {
+                    st.claims.remove(&(session, id));
+                }
+                drop(st);
+                if waiting {
+                    self.claimed.notify_all();
+                }
+                return;
+            }
             st.sessions.get(&session).map(|s| (s.core.upgrade(), s.key))
         };
         // A stopped session's answer is dropped.
@@ -721,12 +854,100 @@ impl RemoteWorker for RankSession {
         ToWorker::Task { id, body }.with_parts(|tag, parts| self.send_frame(tag, parts, Some(body)))
     }
 
+    fn run_alone(&self, id: u64, body: &[u8], answer: &mut dyn FnMut(u32, &[u8])) -> Alone {
+        let len = ToWorker::Task { id, body }
+            .with_parts(|_, parts| parts.iter().map(|p| p.len()).sum::<usize>() + TRAILER);
+        if len > SMALL {
+            return Alone::NotSent;
+        }
+        let link = link();
+        let Some(mut calls) = link.calls_soon() else {
+            return Alone::NotSent;
+        };
+        // Seen under `calls`: a finish that set it may have told the
+        // ranks already (the answer would never come).
+        if link.finishing.load(Ordering::SeqCst) || self.closed.load(Ordering::SeqCst) {
+            return Alone::Failed(Error::Closed);
+        }
+        let comm = launch::comm();
+        let task = ToWorker::Task { id, body };
+        if len <= EAGER {
+            let out = &mut calls.out;
+            task.with_parts(|tag, parts| pack_into(out, tag, self.session, parts));
+            comm.process_at_rank(self.rank)
+                .send_with_tag(&calls.out[..], MPI_TAG);
+        } else {
+            let message = task.with_parts(|tag, parts| pack(tag, self.session, parts));
+            calls
+                .sending
+                .push(OwnedSend::start(&comm, self.rank, MPI_TAG, message));
+            link.sending.store(calls.sending.len(), Ordering::Release);
+        }
+        let key = (self.session, id);
+        let got = std::cell::Cell::new(false);
+        let mut take = |tag: u32, session: u32, bytes: &[u8]| {
+            let mine = session == key.0 && protocol::answer_id(tag, bytes) == Some(key.1);
+            if mine {
+                answer(tag, bytes);
+                got.set(true);
+            }
+            mine
+        };
+        // This thread makes every call until its answer came, or
+        // DRIVE_SPIN passed (other threads' frames and answers go through
+        // its rounds meanwhile): the round trip is one thread's send and
+        // receive, as a raw ping-pong's.
+        // The clock is first read after a few turns: an answer that came
+        // by then cost no read.
+        let mut until = None;
+        let mut turn = 0u32;
+        loop {
+            link.round_taking(&mut calls, None, &mut take);
+            if got.get() {
+                return Alone::Answered;
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                link.claim(key, Claim::Abandoned);
+                return Alone::Failed(Error::Closed);
+            }
+            turn = turn.wrapping_add(1);
+            if turn % 16 == 0 {
+                let now = Instant::now();
+                if now >= *until.get_or_insert(now + DRIVE_SPIN) {
+                    break;
+                }
+            }
+            std::hint::spin_loop();
+        }
+        // A long task: the transport's thread (or whoever makes the
+        // calls) receives the answer and leaves it here.
+        link.claim(key, Claim::Waiting);
+        drop(calls);
+        let mut st = lock(&link.state);
+        loop {
+            if let Some(Claim::Answered(..)) = st.claims.get(&key) {
+                if let Some(Claim::Answered(tag, bytes)) = st.claims.remove(&key) {
+                    drop(st);
+                    answer(tag, &bytes);
+                    return Alone::Answered;
+                }
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                st.claims.insert(key, Claim::Abandoned);
+                return Alone::Failed(Error::Closed);
+            }
+            st = link.claimed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
     fn stop(&self) {
         if self.closed.swap(true, Ordering::SeqCst) {
             return;
         }
         let link = link();
         lock(&link.state).sessions.remove(&self.session);
+        // A thread waiting for a task of this session run alone leaves.
+        link.claimed.notify_all();
         let stop = Outgoing {
             rank: self.rank,
             message: pack(TAG_STOP, self.session, &[]),
@@ -782,6 +1003,7 @@ fn finish() {
     let running = lock(&link.thread).take();
     match running {
         Some(thread) => {
+            link.finishing.store(true, Ordering::SeqCst);
             {
                 let mut st = lock(&link.state);
                 for info in &world.serving {
@@ -884,10 +1106,21 @@ fn serve(world: &World) -> i32 {
 /// Sends a serving rank's answer to rank 0 (blocking: rank 0 keeps
 /// receiving while answers are due).
 fn answer(session: u32, reply: &FromWorker<'_>) {
+    thread_local! {
+        /// The serving rank's small answers are built here (one thread).
+        static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     let root = launch::comm();
     let root = root.process_at_rank(0);
     // Only a start refusal has no parts, and it is never sent here.
     let _ = reply.with_parts(|tag, parts| {
+        if parts.iter().map(|p| p.len()).sum::<usize>() + TRAILER <= SMALL {
+            OUT.with_borrow_mut(|out| {
+                pack_into(out, tag, session, parts);
+                root.send_with_tag(&out[..], MPI_TAG);
+            });
+            return;
+        }
         let (message, bulk) = messages(tag, session, parts);
         root.send_with_tag(&message[..], MPI_TAG);
         if let Some(bulk) = bulk {
