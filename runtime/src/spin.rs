@@ -1,4 +1,5 @@
-//! A bounded, adaptive spin before a forkserver wait sleeps.
+//! A bounded, adaptive spin before a wait sleeps: the forkserver's waits
+//! and a Pipe end's receive (`connection/link.rs`).
 //!
 //! A forkserver start is a short chain of hand-offs: the program's
 //! request wakes the server, the server's answer wakes the program, the
@@ -36,6 +37,7 @@ use std::time::{Duration, Instant};
 use nix::poll::PollFlags;
 
 use crate::sys;
+use crate::wire::remaining;
 
 /// The longest spin: a little more than the wake-up it saves.
 pub(crate) const MAX: Duration = Duration::from_micros(200);
@@ -98,36 +100,85 @@ fn several_cpus() -> bool {
     *SEVERAL.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() > 1))
 }
 
+/// What a spinning wait waits for: something to [`look`](Self::look) at
+/// without blocking, and a way to [`sleep`](Self::sleep) until it may be
+/// there.
+pub(crate) trait Wait {
+    type Found;
+    type Error;
+    /// Looks without blocking: `Some` if it is there.
+    fn look(&mut self) -> Result<Option<Self::Found>, Self::Error>;
+    /// Blocks until it may be there or `left` passes (`None`: no limit),
+    /// then looks: `None` if it was not there (a timeout, or another
+    /// reader took it first).
+    fn sleep(&mut self, left: Option<Duration>) -> Result<Option<Self::Found>, Self::Error>;
+}
+
+/// Waits for `what` until `deadline` (`Ok(None)`: it passed): one look,
+/// then, if the budget and the CPUs allow, looks between yields for up to
+/// the budget, then sleeps (see the module docs). The budget learns from
+/// every wait that did not find it at the first look.
+pub(crate) fn wait<W: Wait>(
+    budget: &mut Budget,
+    deadline: Option<Instant>,
+    what: &mut W,
+) -> Result<Option<W::Found>, W::Error> {
+    if let Some(found) = what.look()? {
+        return Ok(Some(found));
+    }
+    // A wait about to time out (`is_alive`'s look) is not a spin that
+    // failed: it neither spins nor counts.
+    if remaining(deadline).is_some_and(|left| left < MIN) {
+        return what.sleep(remaining(deadline));
+    }
+    let start = Instant::now();
+    if budget.0 > Duration::ZERO && several_cpus() {
+        let until = deadline.map_or(start + budget.0, |d| d.min(start + budget.0));
+        while Instant::now() < until {
+            std::thread::yield_now();
+            if let Some(found) = what.look()? {
+                *budget = budget.after(Some(start.elapsed()), true);
+                return Ok(Some(found));
+            }
+        }
+    }
+    loop {
+        if let Some(found) = what.sleep(remaining(deadline))? {
+            *budget = budget.after(Some(start.elapsed()), false);
+            return Ok(Some(found));
+        }
+        if remaining(deadline).is_some_and(|left| left.is_zero()) {
+            *budget = budget.after(None, false);
+            return Ok(None);
+        }
+    }
+}
+
+/// Descriptors to poll: found when any shows one of its events.
+struct Poll<'a, 'fd>(&'a [(BorrowedFd<'fd>, PollFlags)]);
+
+impl Wait for Poll<'_, '_> {
+    type Found = Vec<PollFlags>;
+    type Error = std::io::Error;
+
+    fn look(&mut self) -> std::io::Result<Option<Vec<PollFlags>>> {
+        self.sleep(Some(Duration::ZERO))
+    }
+
+    fn sleep(&mut self, left: Option<Duration>) -> std::io::Result<Option<Vec<PollFlags>>> {
+        let events = sys::poll_many(self.0, left)?;
+        Ok(events.iter().any(|e| !e.is_empty()).then_some(events))
+    }
+}
+
 /// [`Shared::poll`] with a budget of the caller's own.
 pub(crate) fn poll(
     budget: &mut Budget,
     fds: &[(BorrowedFd<'_>, PollFlags)],
     deadline: Option<Instant>,
 ) -> std::io::Result<Vec<PollFlags>> {
-    // A wait about to time out (`is_alive`'s look) is not a spin that
-    // failed: it neither spins nor counts.
-    if crate::wire::remaining(deadline).is_some_and(|left| left < MIN) {
-        return sys::poll_many(fds, crate::wire::remaining(deadline));
-    }
-    let start = Instant::now();
-    if budget.0 > Duration::ZERO && several_cpus() {
-        let until = deadline.map_or(start + budget.0, |d| d.min(start + budget.0));
-        loop {
-            let events = sys::poll_many(fds, Some(Duration::ZERO))?;
-            if events.iter().any(|e| !e.is_empty()) {
-                *budget = budget.after(Some(start.elapsed()), true);
-                return Ok(events);
-            }
-            if Instant::now() >= until {
-                break;
-            }
-            std::thread::yield_now();
-        }
-    }
-    let events = sys::poll_many(fds, crate::wire::remaining(deadline))?;
-    let seen = events.iter().any(|e| !e.is_empty());
-    *budget = budget.after(seen.then(|| start.elapsed()), false);
-    Ok(events)
+    let found = wait(budget, deadline, &mut Poll(fds))?;
+    Ok(found.unwrap_or_else(|| vec![PollFlags::empty(); fds.len()]))
 }
 
 #[cfg(test)]
