@@ -393,7 +393,7 @@ fn pool_and_loop() {
         "1000 forkserver Process starts: descriptors {fds_before} -> {fds_after}, server \
          VmRSS {rss_before} -> {rss_after} kB, zombies under the server {zombies}"
     );
-    // Its spins back off: an idle server sleeps (`child/spin.rs`).
+    // Its spins back off: an idle server sleeps (`spin.rs`).
     std::thread::sleep(Duration::from_secs(1));
     println!(
         "  server CPU: {:.1} us per start in the loop, {:.1} us in the next 1 s idle",

@@ -175,6 +175,8 @@ pub mod registry;
 #[cfg(target_os = "linux")]
 pub mod shared;
 #[cfg(target_os = "linux")]
+mod spin;
+#[cfg(target_os = "linux")]
 pub mod sync;
 #[cfg(target_os = "linux")]
 mod sys;

@@ -24,7 +24,7 @@ const READY_WAIT: Duration = Duration::from_secs(60);
 const FORK_WAIT: Duration = Duration::from_secs(30);
 
 /// The spin before the program sleeps for an answer (`spin`).
-static ANSWER_SPIN: super::spin::Shared = super::spin::Shared::new();
+static ANSWER_SPIN: crate::spin::Shared = crate::spin::Shared::new();
 
 /// The program's link to its server.
 #[derive(Debug)]

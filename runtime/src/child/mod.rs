@@ -62,7 +62,6 @@ mod protocol;
 pub(crate) mod ranks;
 mod server;
 mod spawn;
-mod spin;
 mod start;
 
 pub(crate) use boot::main_dispatches;

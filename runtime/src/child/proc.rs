@@ -57,8 +57,8 @@ pub(crate) struct ChildProc {
 const LOST_WITH_SERVER: i32 = -(Signal::SIGKILL as i32);
 
 /// The spin before the program sleeps for a forked child's status
-/// (`super::spin`): a short child's status comes soon after the start.
-static STATUS_SPIN: super::spin::Shared = super::spin::Shared::new();
+/// (`crate::spin`): a short child's status comes soon after the start.
+static STATUS_SPIN: crate::spin::Shared = crate::spin::Shared::new();
 
 impl ChildProc {
     /// A child of this process: its pid and pidfd.

@@ -63,10 +63,10 @@ use super::protocol::{
     FORKSERVER, Preloads, TAG_ASSIGN, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED,
     TAG_READY, TAG_START,
 };
-use super::spin;
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{self, Call};
+use crate::spin;
 use crate::sys;
 use crate::sys::fork::Forked;
 use crate::wire::{Channel, Frame};

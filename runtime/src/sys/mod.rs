@@ -127,6 +127,35 @@ pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> std::result::Result<us
     }
 }
 
+/// A read that never waits, whatever the descriptor's own mode:
+/// `preadv2(fd, buf, -1, RWF_NOWAIT)`, retried on `EINTR`. `Ok(None)` when
+/// nothing is there (`EAGAIN`); `Ok(Some(0))` at end of stream. A kernel
+/// or file without `RWF_NOWAIT` reports `EOPNOTSUPP` (Linux before 5.x for
+/// pipes) or `EINVAL`, and the caller falls back to `poll` and `read`.
+pub(crate) fn read_nowait(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> std::result::Result<Option<usize>, Errno> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    loop {
+        // SAFETY: `iov` describes `buf`, valid for writes of its length for
+        // the duration of the call, and `fd` is a live descriptor borrowed
+        // for it; offset -1 reads at (and moves) the file's own position.
+        let n = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+        match usize::try_from(n) {
+            Ok(n) => return Ok(Some(n)),
+            Err(_) => match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EAGAIN => return Ok(None),
+                e => return Err(e),
+            },
+        }
+    }
+}
+
 /// `write(2)` of `buf`, retried on `EINTR`. Returns how many bytes went
 /// out. A write of at most `PIPE_BUF` bytes to a pipe is atomic.
 pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> std::result::Result<usize, Errno> {
