@@ -267,7 +267,7 @@ pub(super) fn run_spare(mut link: Channel, requester: u32, server: u32) -> i32 {
         Err(_) => return 0,
     };
     drop(link);
-    match super::server::assignment(frame) {
+    match super::protocol::assignment(frame) {
         Some((socket, start)) => run_assigned(socket, start, requester),
         None => EXIT_REFUSED,
     }

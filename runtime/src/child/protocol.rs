@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::registry::{Fingerprint, PanicRecord};
-use crate::wire::Channel;
+use crate::wire::{Channel, Frame};
 
 pub(super) const TAG_START: u32 = 1;
 const TAG_RETURNED: u32 = 2;
@@ -199,10 +199,84 @@ fn split_start(bytes: &[u8]) -> Option<(Start, usize)> {
     Some((start, end))
 }
 
+/// What a spare runs: the child's socket and its start message, either
+/// or both.
+pub(super) type Assigned = (Option<OwnedFd>, Option<Frame>);
+
+/// What a spare was sent (the server's `assign`): its socket, if any, and its start
+/// message, if the request carried it. `None`: malformed.
+pub(super) fn assignment(frame: Frame) -> Option<Assigned> {
+    if frame.tag != TAG_ASSIGN {
+        return None;
+    }
+    let (flags, bytes) = frame.bytes.split_at_checked(2)?;
+    let mut fds = frame.fds.into_iter();
+    let socket = match flags[0] {
+        0 => None,
+        1 => Some(fds.next()?),
+        _ => return None,
+    };
+    let start = match flags[1] {
+        0 if bytes.is_empty() && fds.len() == 0 => None,
+        1 => Some(Frame {
+            tag: TAG_START,
+            bytes: bytes.to_vec(),
+            fds: fds.collect(),
+        }),
+        _ => return None,
+    };
+    match (&socket, &start) {
+        (None, None) => None,
+        _ => Some((socket, start)),
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::registry;
+
+    /// A frame with `fds` descriptors (read ends of fresh pipes).
+    pub(in crate::child) fn frame(tag: u32, bytes: &[u8], fds: usize) -> Frame {
+        let fds = (0..fds)
+            .map(|_| crate::sys::pipe().map(|(r, _)| r).expect("pipe"))
+            .collect();
+        Frame {
+            tag,
+            bytes: bytes.to_vec(),
+            fds,
+        }
+    }
+
+    #[test]
+    fn assignments_are_checked_whole() {
+        let parts = |tag, bytes: &[u8], fds| {
+            assignment(frame(tag, bytes, fds)).map(|(socket, start)| {
+                (
+                    socket.is_some(),
+                    start.map(|s| (s.tag, s.bytes, s.fds.len())),
+                )
+            })
+        };
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 1), Some((true, None)));
+        assert_eq!(
+            parts(TAG_ASSIGN, b"\x01\x01start", 3),
+            Some((true, Some((TAG_START, b"start".to_vec(), 2))))
+        );
+        assert_eq!(
+            parts(TAG_ASSIGN, b"\0\x01start", 2),
+            Some((false, Some((TAG_START, b"start".to_vec(), 2))))
+        );
+        // Nothing to run, stray bytes or descriptors, bad flags, short.
+        assert_eq!(parts(TAG_ASSIGN, b"\0\0", 0), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0x", 1), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 2), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 0), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x02\x01start", 2), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\0\x02start", 2), None);
+        assert_eq!(parts(TAG_ASSIGN, b"\x01", 1), None);
+        assert_eq!(parts(TAG_FORK_START, b"\x01\x01start", 3), None);
+    }
 
     #[test]
     fn a_start_message_that_lies_about_its_length_is_malformed() {

@@ -60,8 +60,8 @@ use nix::unistd::Pid;
 use super::Message;
 use super::proc::exit_code;
 use super::protocol::{
-    FORKSERVER, Preloads, TAG_ASSIGN, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START, TAG_FORKED,
-    TAG_READY, TAG_START,
+    Assigned, FORKSERVER, Preloads, TAG_ASSIGN, TAG_FORK, TAG_FORK_FAILED, TAG_FORK_START,
+    TAG_FORKED, TAG_READY, TAG_START,
 };
 use crate::codec;
 use crate::error::{Error, Result};
@@ -104,10 +104,6 @@ struct Spare {
 
 /// A forked child's pid and the server's pidfd of it.
 type Started = (Pid, OwnedFd);
-
-/// What a spare runs: the child's socket and its start message, either
-/// or both.
-type Assigned = (Option<OwnedFd>, Option<Frame>);
 
 #[derive(Debug)]
 struct Server {
@@ -460,34 +456,6 @@ fn assign(
     sent.map_err(|_| (socket, start))
 }
 
-/// What a spare was sent ([`assign`]): its socket, if any, and its start
-/// message, if the request carried it. `None`: malformed.
-pub(super) fn assignment(frame: Frame) -> Option<Assigned> {
-    if frame.tag != TAG_ASSIGN {
-        return None;
-    }
-    let (flags, bytes) = frame.bytes.split_at_checked(2)?;
-    let mut fds = frame.fds.into_iter();
-    let socket = match flags[0] {
-        0 => None,
-        1 => Some(fds.next()?),
-        _ => return None,
-    };
-    let start = match flags[1] {
-        0 if bytes.is_empty() && fds.len() == 0 => None,
-        1 => Some(Frame {
-            tag: TAG_START,
-            bytes: bytes.to_vec(),
-            fds: fds.collect(),
-        }),
-        _ => return None,
-    };
-    match (&socket, &start) {
-        (None, None) => None,
-        _ => Some((socket, start)),
-    }
-}
-
 /// A fork request's parts: the child's socket (if it has one), the write
 /// end of its status pipe, and its start message when the request carries
 /// it. `None`: a malformed request.
@@ -521,18 +489,8 @@ fn fork_request(frame: Frame) -> Option<(Option<OwnedFd>, OwnedFd, Option<Frame>
 
 #[cfg(test)]
 mod tests {
+    use super::super::protocol::tests::frame;
     use super::*;
-
-    fn frame(tag: u32, bytes: &[u8], fds: usize) -> Frame {
-        let fds = (0..fds)
-            .map(|_| sys::pipe().map(|(r, _)| r).expect("pipe"))
-            .collect();
-        Frame {
-            tag,
-            bytes: bytes.to_vec(),
-            fds,
-        }
-    }
 
     #[test]
     fn fork_requests_are_checked_whole() {
@@ -561,35 +519,5 @@ mod tests {
         assert_eq!(parts(TAG_FORK_START, b"", 1), None);
         assert_eq!(parts(TAG_FORK_START, b"\0", 0), None);
         assert_eq!(parts(TAG_READY, b"", 2), None);
-    }
-
-    #[test]
-    fn assignments_are_checked_whole() {
-        let parts = |tag, bytes: &[u8], fds| {
-            assignment(frame(tag, bytes, fds)).map(|(socket, start)| {
-                (
-                    socket.is_some(),
-                    start.map(|s| (s.tag, s.bytes, s.fds.len())),
-                )
-            })
-        };
-        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 1), Some((true, None)));
-        assert_eq!(
-            parts(TAG_ASSIGN, b"\x01\x01start", 3),
-            Some((true, Some((TAG_START, b"start".to_vec(), 2))))
-        );
-        assert_eq!(
-            parts(TAG_ASSIGN, b"\0\x01start", 2),
-            Some((false, Some((TAG_START, b"start".to_vec(), 2))))
-        );
-        // Nothing to run, stray bytes or descriptors, bad flags, short.
-        assert_eq!(parts(TAG_ASSIGN, b"\0\0", 0), None);
-        assert_eq!(parts(TAG_ASSIGN, b"\x01\0x", 1), None);
-        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 2), None);
-        assert_eq!(parts(TAG_ASSIGN, b"\x01\0", 0), None);
-        assert_eq!(parts(TAG_ASSIGN, b"\x02\x01start", 2), None);
-        assert_eq!(parts(TAG_ASSIGN, b"\0\x02start", 2), None);
-        assert_eq!(parts(TAG_ASSIGN, b"\x01", 1), None);
-        assert_eq!(parts(TAG_FORK_START, b"\x01\x01start", 3), None);
     }
 }
