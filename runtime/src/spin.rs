@@ -130,22 +130,6 @@ impl Budget {
             ..self
         }
     }
-
-    fn pack(self) -> u64 {
-        let nanos = u64::try_from(self.spin.as_nanos()).unwrap_or(u64::MAX);
-        nanos.min(u64::from(u32::MAX))
-            | (u64::from(self.skip) << 32)
-            | (u64::from(self.strikes) << 48)
-    }
-
-    fn unpack(word: u64) -> Budget {
-        Budget {
-            spin: Duration::from_nanos(word & u64::from(u32::MAX)),
-            skip: ((word >> 32) & 0xffff) as u32,
-            strikes: ((word >> 48) & 0xffff) as u32,
-            needs_room: false,
-        }
-    }
 }
 
 /// Spinning pays only when the peer has a CPU of its own: with more
@@ -194,7 +178,9 @@ fn runnable() -> Option<usize> {
 
 /// A budget several threads share (the program's side: any thread may
 /// start a process or join one). Updates race benignly: a lost update
-/// costs one spin more or less.
+/// costs one spin more or less. It holds the spin's length only: the
+/// back-off after a spin that lost its CPU is a Pipe end's rule, and a
+/// Pipe end's budget is its own.
 #[derive(Debug)]
 pub(crate) struct Shared(AtomicU64);
 
@@ -210,9 +196,10 @@ impl Shared {
         fds: &[(BorrowedFd<'_>, PollFlags)],
         deadline: Option<Instant>,
     ) -> std::io::Result<Vec<PollFlags>> {
-        let mut budget = Budget::unpack(self.0.load(Ordering::Relaxed));
+        let mut budget = Budget::of(Duration::from_nanos(self.0.load(Ordering::Relaxed)));
         let events = poll(&mut budget, fds, deadline);
-        self.0.store(budget.pack(), Ordering::Relaxed);
+        let nanos = u64::try_from(budget.spin.as_nanos()).unwrap_or(u64::MAX);
+        self.0.store(nanos, Ordering::Relaxed);
         events
     }
 }
@@ -389,8 +376,6 @@ mod tests {
         assert_eq!(&skips[..4], &[2, 4, 8, 16]);
         assert_eq!(skips[13], MAX_SKIP, "the back-off is bounded");
         assert_eq!(b.spin, MAX, "the spin's length is kept for later");
-        // The packed form (a budget threads share) keeps all of it.
-        assert_eq!(Budget::unpack(b.pack()), b);
         // A sleeping wait keeps the back-off; a spin that paid ends it.
         let slept = b.after(Some(30 * US), false);
         assert_eq!((slept.skip, slept.strikes), (b.skip, b.strikes));
