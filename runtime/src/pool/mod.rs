@@ -567,9 +567,7 @@ impl Pool {
                         .next()
                         {
                             Some((_, err)) => Err(err),
-                            None => out.pop().ok_or_else(|| Error::Decode {
-                                message: "a pool task returned no result".into(),
-                            }),
+                            None => Pool::the_one(out),
                         }
                     }
                     engine::AloneOutcome::Failed(err) => Err(err),
@@ -598,8 +596,12 @@ impl Pool {
         items: usize,
         deadline: Option<Instant>,
     ) -> Result<R> {
-        let mut v: Vec<R> = Pool::collect_map(job, chunks, items, deadline)?;
-        v.pop().ok_or_else(|| Error::Decode {
+        Pool::the_one(Pool::collect_map(job, chunks, items, deadline)?)
+    }
+
+    /// The one result of a one-item job.
+    fn the_one<R>(mut results: Vec<R>) -> Result<R> {
+        results.pop().ok_or_else(|| Error::Decode {
             message: "a pool task returned no result".into(),
         })
     }
